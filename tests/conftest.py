@@ -1,0 +1,17 @@
+"""Shared pytest set-up.
+
+* Four fake CPU devices (set before jax is imported) so data-parallel code is exercised on any machine.
+* absl flags marked as parsed: grain worker processes read absl flags and crash otherwise.
+* Quiet absl logging (orbax logs ~50 INFO lines per save).
+"""
+
+import os
+
+_flag = "--xla_force_host_platform_device_count=4"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+from absl import flags, logging  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+logging.set_verbosity(logging.WARNING)
