@@ -19,3 +19,7 @@ class WeightsError(ClipsError):
 
 class ConfigError(ClipsError):
     """A configuration value is invalid or two values contradict each other."""
+
+
+class ShapeError(ClipsError, ValueError):
+    """An array handed to a network or function has a shape it cannot take (e.g. U-Net size not divisible by 16)."""

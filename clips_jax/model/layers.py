@@ -1,0 +1,137 @@
+"""Building blocks of TMTV-Net in Flax NNX, channels-last `(N, D, H, W, C)`.
+
+Each block reproduces the PyTorch original exactly (reference: tmtv-net.md section 2.1 and 7.1):
+
+* convolutions use explicit symmetric padding `k // 2` on every side (never 'SAME': XLA pads stride-2 convs
+  asymmetrically, PyTorch does not);
+* InstanceNorm is affine with epsilon 1e-5 and two-pass variance (Flax defaults 1e-6 / fast variance differ);
+* LeakyReLU slope 0.01;
+* x2 trilinear upsampling with align_corners=False.
+
+Curriculum by smoothing (Sinha et al. 2020): every block takes an optional `sigma`. With `sigma=None` (the
+default, used at inference) no smoothing op exists in the graph. With a (traced) scalar sigma, a fixed
+depthwise 3x3x3 Gaussian is applied after every convolution of kernel size > 1, before normalisation; at
+sigma < 1e-3 it is exactly the identity. Because sigma is an ordinary array argument, changing it never
+recompiles a jitted step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LEAKY_SLOPE = 0.01
+NORM_EPS = 1e-5
+SIGMA_MIN = 1e-3
+
+
+def gaussian_smooth(x: jax.Array, sigma: jax.Array | float) -> jax.Array:
+    """Depthwise separable 3x3x3 Gaussian smoothing of a `(N, D, H, W, C)` tensor, zero padding 1.
+
+    The 1-D kernel is `[a, 1, a] / (1 + 2a)` with `a = exp(-1 / (2 sigma^2))` (sigma in voxels), i.e. the
+    normalised Gaussian sampled at -1, 0, 1; the 3-D kernel is its outer product. For `sigma < 1e-3` the input
+    is returned unchanged (exactly), selected with `lax.cond` so sigma may be a traced scalar.
+    """
+    sigma = jnp.asarray(sigma, jnp.float32)
+
+    def smooth(v):
+        s = jnp.maximum(sigma, SIGMA_MIN)
+        a = jnp.exp(-1.0 / (2.0 * s * s)).astype(v.dtype)
+        norm = (1.0 + 2.0 * a)
+        for axis in (1, 2, 3):
+            pad = [(0, 0)] * v.ndim
+            pad[axis] = (1, 1)
+            p = jnp.pad(v, pad)
+            n = v.shape[axis]
+            lo = jax.lax.slice_in_dim(p, 0, n, axis=axis)
+            hi = jax.lax.slice_in_dim(p, 2, n + 2, axis=axis)
+            v = (v + a * (lo + hi)) / norm
+        return v
+
+    return jax.lax.cond(sigma < SIGMA_MIN, lambda v: v, smooth, x)
+
+
+def upsample2x_linear(x: jax.Array) -> jax.Array:
+    """x2 trilinear upsampling of `(N, D, H, W, C)`, align_corners=False (PyTorch `Upsample(scale_factor=2,
+    mode='trilinear')`).
+
+    Per axis: `out[2i] = 0.75 x[i] + 0.25 x[i-1]`, `out[2i+1] = 0.75 x[i] + 0.25 x[i+1]`, with the border
+    index clamped. Exact, elementwise, and cheaper than a general resize.
+    """
+    for axis in (1, 2, 3):
+        n = x.shape[axis]
+        prev = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis),
+                                jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
+        nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis),
+                               jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
+        even = 0.75 * x + 0.25 * prev
+        odd = 0.75 * x + 0.25 * nxt
+        x = jnp.stack([even, odd], axis=axis + 1)
+        shape = list(x.shape)
+        shape[axis:axis + 2] = [2 * n]
+        x = x.reshape(shape)
+    return x
+
+
+def conv3d(cin: int, cout: int, kernel: int, *, stride: int = 1, use_bias: bool = True, dtype=None,
+           rngs: nnx.Rngs) -> nnx.Conv:
+    """A 3-D convolution with PyTorch's symmetric padding `kernel // 2` (kernel odd)."""
+    p = kernel // 2
+    return nnx.Conv(cin, cout, (kernel,) * 3, strides=(stride,) * 3, padding=((p, p),) * 3,
+                    use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def instance_norm(channels: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.InstanceNorm:
+    """PyTorch `InstanceNorm3d(C, affine=True)`: per sample and channel over D, H, W; eps 1e-5; biased var."""
+    return nnx.InstanceNorm(channels, epsilon=NORM_EPS, use_fast_variance=False, dtype=dtype,
+                            param_dtype=jnp.float32, rngs=rngs)
+
+
+class ConvNormAct(nnx.Module):
+    """Conv3d(k, stride, pad k//2) -> [Gaussian smoothing] -> InstanceNorm(affine) -> [LeakyReLU(0.01)].
+
+    `(N, D, H, W, cin) -> (N, ceil(D/stride), ..., cout)`. `activation=False` drops the LeakyReLU (used by the
+    second conv of a residual block).
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, *, stride: int = 1, use_bias: bool = True,
+                 activation: bool = True, dtype=None, rngs: nnx.Rngs):
+        self.conv = conv3d(cin, cout, kernel, stride=stride, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.norm = instance_norm(cout, dtype=dtype, rngs=rngs)
+        self.activation = activation
+        self.smoothable = kernel > 1
+
+    def __call__(self, x: jax.Array, sigma: jax.Array | None = None) -> jax.Array:
+        x = self.conv(x)
+        if sigma is not None and self.smoothable:
+            x = gaussian_smooth(x, sigma)
+        x = self.norm(x)
+        return jax.nn.leaky_relu(x, LEAKY_SLOPE) if self.activation else x
+
+
+class UpBlock(nnx.Module):
+    """Decoder level: x2 trilinear upsample -> ConvNormAct(3) (cin -> cout) -> concat([skip, x]) ->
+    ConvNormAct(3) (skip_ch + cout -> cout). The skip comes first in the concatenation, as in the original."""
+
+    def __init__(self, cin: int, skip_ch: int, cout: int, *, use_bias: bool = True, dtype=None,
+                 rngs: nnx.Rngs):
+        self.up_conv = ConvNormAct(cin, cout, 3, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.conv = ConvNormAct(skip_ch + cout, cout, 3, use_bias=use_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, skip: jax.Array, sigma: jax.Array | None = None) -> jax.Array:
+        x = self.up_conv(upsample2x_linear(x), sigma)
+        x = jnp.concatenate([skip, x.astype(skip.dtype)], axis=-1)
+        return self.conv(x, sigma)
+
+
+class ResBlock(nnx.Module):
+    """Post-activation residual block with identity shortcut: LReLU(x + IN(conv(LReLU(IN(conv(x))))))."""
+
+    def __init__(self, channels: int, *, use_bias: bool = False, dtype=None, rngs: nnx.Rngs):
+        self.block_1 = ConvNormAct(channels, channels, 3, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.block_2 = ConvNormAct(channels, channels, 3, use_bias=use_bias, activation=False, dtype=dtype,
+                                   rngs=rngs)
+
+    def __call__(self, x: jax.Array, sigma: jax.Array | None = None) -> jax.Array:
+        return jax.nn.leaky_relu(x + self.block_2(self.block_1(x, sigma), sigma), LEAKY_SLOPE)
