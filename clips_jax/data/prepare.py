@@ -1,0 +1,212 @@
+"""Preprocess a PET/CT dataset once into a case store (the read side is `clips_jax.data.store.CaseStore`).
+
+    python -m clips_jax.data.prepare --input DATA --output CACHE [--spacing 6] [--split split.json] \
+        [--seed 0] [--dtype float32]
+
+For every study found under DATA (`study.find_studies`: autoPET NIfTI folders or DICOM):
+`load_study` -> difficulty measures on the NATIVE grid (`store.difficulty_measures`) -> `resample_case`
+to the training grid (TMTV-Net: 6 mm) -> `store.write_case_arrays` (atomic per case) -> the manifest
+`CACHE/manifest.json` is rewritten atomically after each finished case. Re-running skips finished cases
+(arrays present and listed in the manifest); a study that fails is reported on one line and skipped, the
+others carry on; the command ends with a one-screen summary and exits with status 1 if any case failed.
+
+Case ids and patients: a study folder at `DATA/A/B` gets the id `A__B` (its path relative to DATA with "/"
+replaced by "__"); its patient is the first component `A` (autoPET: `PETCT_xxx/<date>` -> patient
+`PETCT_xxx`; phantoms: one folder per case -> patient = case).
+
+Splits (recomputed on every run over all studies found, so stable for a fixed dataset):
+* default: patients sorted, permuted with `np.random.default_rng(seed)`, then cut at round(0.7 P) and
+  round(0.85 P) into train / val / test; all studies of a patient share the split.
+* `--split JSON` `{"train": [...], "val": [...], "test": [...]}` listing case ids or patient ids; studies
+  listed nowhere get the split "unused" (a warning line says how many).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from clips_jax.data import store as st
+from clips_jax.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
+
+
+def study_id(root: str | Path, study: str | Path) -> tuple[str, str]:
+    """(case id, patient id) of a study folder (see the module docstring); DATA itself -> its own name."""
+    rel = Path(study).resolve().relative_to(Path(root).resolve())
+    parts = rel.parts or (Path(root).resolve().name,)
+    cid = "__".join(re.sub(r"[^A-Za-z0-9._-]+", "_", p) for p in parts)
+    return cid, re.sub(r"[^A-Za-z0-9._-]+", "_", parts[0])
+
+
+def assign_splits(patients: Mapping[str, str], seed: int = 0,
+                  fractions: Sequence[float] = DEFAULT_FRACTIONS, split_json: Mapping | None = None) -> dict:
+    """Split name per case id, by patient.
+
+    Args:
+      patients: case id -> patient id.
+      seed: permutation seed of the default split.
+      fractions: (train, val, test) fractions of the patients (default 0.7 / 0.15 / 0.15).
+      split_json: optional explicit `{"train": [ids], "val": [...], "test": [...]}` (case or patient ids).
+    Returns:
+      case id -> "train" | "val" | "test" | "unused" ("unused" only with `split_json`).
+    Raises:
+      ConfigError if `split_json` has unknown keys or puts one id in two splits, or fractions are invalid.
+    """
+    if split_json is not None:
+        bad = set(split_json) - set(SPLITS)
+        if bad:
+            raise ConfigError(f"split file: unknown keys {sorted(bad)}; use only {list(SPLITS)}")
+        where: dict[str, str] = {}
+        for name in SPLITS:
+            for x in split_json.get(name, []):
+                if where.get(str(x), name) != name:
+                    raise ConfigError(f"split file: {x!r} is listed in both {where[str(x)]!r} and {name!r}")
+                where[str(x)] = name
+        return {c: where.get(c, where.get(p, "unused")) for c, p in patients.items()}
+    f = np.asarray(fractions, dtype=np.float64)
+    if f.shape != (3,) or np.any(f < 0) or f.sum() <= 0:
+        raise ConfigError(f"split fractions {fractions!r}: need three non-negative numbers")
+    f = f / f.sum()
+    pats = sorted(set(patients.values()))
+    order = [pats[i] for i in np.random.default_rng(seed).permutation(len(pats))]
+    b1 = int(round(f[0] * len(pats)))
+    b2 = int(round((f[0] + f[1]) * len(pats)))
+    psplit = {p: ("train" if k < b1 else "val" if k < b2 else "test") for k, p in enumerate(order)}
+    return {c: psplit[p] for c, p in patients.items()}
+
+
+def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm=6.0, seed: int = 0,
+                    split_json: Mapping | None = None, dtype=np.float32,
+                    find_fn: Callable | None = None, load_fn: Callable | None = None,
+                    resample_fn: Callable | None = None, log: Callable[[str], None] = print) -> dict:
+    """Build or update the case store `output_dir` from the studies under `input_dir` (see module docstring).
+
+    Args:
+      input_dir: dataset root. output_dir: cache folder (created).
+      spacing_mm: training grid spacing (one number or (z, y, x)), mm.
+      seed / split_json: see `assign_splits`.
+      dtype: storage dtype of ct/suv (np.float32 or np.float16).
+      find_fn, load_fn, resample_fn: overrides of `study.find_studies`, `study.load_study` and
+        `resample.resample_case` (tests; other dataset layouts).
+      log: one-line progress/failure sink.
+    Returns:
+      summary dict: `prepared`, `skipped`, `failed` (lists of case ids), `errors` (id -> message), `total`.
+    """
+    if find_fn is None or load_fn is None:
+        from clips_jax.data import study
+        find_fn = find_fn or study.find_studies
+        load_fn = load_fn or study.load_study
+    if resample_fn is None:
+        from clips_jax.data.resample import resample_case as resample_fn
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    studies = [Path(p) for p in find_fn(input_dir)]
+    ids = [study_id(input_dir, p) for p in studies]
+    dup = {c for c, _ in ids if sum(1 for d, _ in ids if d == c) > 1}
+    if dup:
+        raise ConfigError(f"{input_dir}: several studies map to the same case id {sorted(dup)[:3]}")
+    patients = {c: p for c, p in ids}
+    splits = assign_splits(patients, seed, split_json=split_json)
+    if split_json is not None:
+        n_unused = sum(1 for s in splits.values() if s == "unused")
+        listed = {str(x) for v in split_json.values() for x in v}
+        missing = listed - set(patients) - set(patients.values())
+        if n_unused:
+            log(f"warning: {n_unused} studies are in no split of the split file (split 'unused')")
+        if missing:
+            log(f"warning: {len(missing)} ids of the split file were not found, e.g. {sorted(missing)[:3]}")
+
+    old = {}
+    try:
+        old = {c["id"]: c for c in st.CaseStore(out).cases}
+    except Exception:  # no or unreadable manifest: start afresh (cases are re-done)
+        old = {}
+    extra = {"spacing_mm": list(np.broadcast_to(np.asarray(spacing_mm, float), (3,))),
+             "dtype": np.dtype(dtype).name, "seed": int(seed),
+             "split_source": "json" if split_json is not None else "seed"}
+    done: dict[str, dict] = {}
+    summary = {"prepared": [], "skipped": [], "failed": [], "errors": {}, "total": len(studies)}
+
+    def flush():
+        entries = []
+        for cid in sorted(done):
+            entries.append({**done[cid], "split": splits[cid]})
+        st.write_manifest(out, entries, extra)
+
+    t0 = time.time()
+    for k, (path, (cid, pat)) in enumerate(zip(studies, ids)):
+        prefix = f"[{k + 1}/{len(studies)}] {cid}"
+        if cid in old and st.case_complete(out, cid):
+            done[cid] = old[cid]
+            summary["skipped"].append(cid)
+            continue
+        try:
+            case = load_fn(path)
+            native = case.geometry
+            meas = st.difficulty_measures(case.seg, case.suv, case.ct, native.spacing_mm)
+            rs = resample_fn(case, spacing_mm)
+            st.write_case_arrays(out, cid, rs.ct, rs.suv, rs.seg, dtype=dtype)
+            done[cid] = {"id": cid, "patient": pat, "source": Path(path).resolve().relative_to(
+                Path(input_dir).resolve()).as_posix(), "has_seg": case.seg is not None,
+                "shape": list(rs.geometry.shape), "geometry": rs.geometry.to_json(),
+                "native_geometry": native.to_json(), **meas}
+            flush()
+            summary["prepared"].append(cid)
+            log(f"{prefix}: ok, {rs.geometry.shape} voxels, {meas['n_lesions']} lesions, "
+                f"TMTV {meas['tmtv_ml']:.1f} ml ({time.time() - t0:.0f} s)")
+        except Exception as e:  # noqa: BLE001 - a batch command reports the case and carries on
+            msg = f"{type(e).__name__}: {e}".splitlines()[0]
+            summary["failed"].append(cid)
+            summary["errors"][cid] = msg
+            log(f"{prefix}: FAILED, skipped ({msg})")
+    flush()
+    counts = {s: sum(1 for c in done if splits[c] == s) for s in (*SPLITS, "unused")}
+    log(f"summary: {len(studies)} studies, {len(summary['prepared'])} prepared, {len(summary['skipped'])} "
+        f"already done, {len(summary['failed'])} failed; splits {counts}; store {out}")
+    for cid in summary["failed"]:
+        log(f"  failed {cid}: {summary['errors'][cid]}")
+    return summary
+
+
+def _main(argv):
+    from absl import flags
+    del argv
+    f = flags.FLAGS
+    split = None
+    if f.split:
+        try:
+            split = json.loads(Path(f.split).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{f.split}: cannot read the split file ({e})") from e
+    sp = [float(v) for v in f.spacing.split(",")]
+    summary = prepare_dataset(f.input, f.output, spacing_mm=sp[0] if len(sp) == 1 else sp, seed=f.seed,
+                              split_json=split, dtype=np.dtype(f.dtype))
+    if summary["failed"]:
+        sys.exit(1)
+
+
+def _define_flags():
+    # Defined only when run as a program: importing this module defines no global absl flags.
+    from absl import flags
+    flags.DEFINE_string("input", None, "dataset root (autoPET NIfTI folders or DICOM studies)")
+    flags.DEFINE_string("output", None, "cache folder to create or update")
+    flags.DEFINE_string("spacing", "6", "training grid spacing in mm: one number or z,y,x")
+    flags.DEFINE_string("split", None, "optional JSON {train: [ids], val: [...], test: [...]}")
+    flags.DEFINE_integer("seed", 0, "seed of the patient-level train/val/test split")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "storage dtype of ct and suv")
+    flags.mark_flags_as_required(["input", "output"])
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(_main)

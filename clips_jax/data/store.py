@@ -1,0 +1,259 @@
+"""The preprocessed case store (nnU-Net style cache) and the per-case difficulty measures of the curricula.
+
+A dataset is preprocessed once by `python -m clips_jax.data.prepare` (see `clips_jax/data/prepare.py`) into
+
+    CACHE/manifest.json              one entry per finished case (written atomically after every case)
+    CACHE/cases/<id>/ct.npy          (z, y, x) CT in HU on the resampled grid (float32 or float16)
+    CACHE/cases/<id>/suv.npy         (z, y, x) SUVbw on the resampled grid (same dtype)
+    CACHE/cases/<id>/seg.npy         (z, y, x) uint8 0/1 lesion mask (all zeros when the study has no SEG)
+    CACHE/cases/<id>/fg.npy          (K, 3) int32 (z, y, x) indices of the lesion voxels (foreground oversampling)
+
+Arrays are plain `.npy`, so training reads a random crop through `np.load(path, mmap_mode="r")` without
+decompressing whole volumes. `CaseStore` is the read side used by the grain pipeline and the curricula: it
+pickles cheaply (a path and the manifest) and opens memory maps on demand.
+
+Manifest entry per case (JSON; NaN is written as `null` and read back as NaN):
+  `id`, `patient`, `source` (study folder relative to the input root), `split` ("train"/"val"/"test"/"unused"),
+  `has_seg`, `geometry` (resampled grid) and `native_geometry` (`Geometry.to_json()`), `shape`, and the
+  difficulty measures computed on the NATIVE grid by `difficulty_measures`:
+  `tmtv_ml`, `n_lesions`, `smallest_lesion_ml`, `suv_max`, `tbr`, `dmax_mm`, `body_ml`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import scipy.ndimage as ndi
+from scipy.spatial.distance import pdist
+
+from clips_jax.data.geometry import Geometry
+from clips_jax.errors import DataError
+from clips_jax.fileio import atomic_dir, write_text_atomic
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+STRUCT18 = ndi.generate_binary_structure(3, 2)
+"""18-connectivity (faces + edges), the autoPET lesion definition (reference C6)."""
+
+BODY_HU = -500.0
+"""Body mask threshold: voxels with CT > -500 HU are body (reference A1, lesion-to-body ratio)."""
+
+MEASURES = ("tmtv_ml", "n_lesions", "smallest_lesion_ml", "suv_max", "tbr", "dmax_mm", "body_ml")
+"""Difficulty fields of a manifest entry (see `difficulty_measures`)."""
+
+ARRAY_NAMES = ("ct", "suv", "seg")
+
+
+def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """18-connected components of `mask > 0`: (int32 label volume (z, y, x), number of components)."""
+    lab, n = ndi.label(np.asarray(mask) > 0, structure=STRUCT18)
+    return lab, int(n)
+
+
+def dmax_mm(mask: np.ndarray, spacing_mm) -> float:
+    """Lesion dissemination Dmax in mm: the largest distance between the centroids of two lesions.
+
+    Definition (a) of reference C11 (Cottereau et al. 2020), NOT the original TMTV-Net code's (which mixes
+    units for single lesions) nor the all-voxel-pairs variant.
+
+    Args:
+      mask: (z, y, x) lesion mask (any dtype, > 0 is lesion).
+      spacing_mm: voxel size (z, y, x) in mm (or one number). Centroids are voxel-index centroids times the
+        spacing, so distances are exact for any orthonormal direction matrix (rotations do not change them).
+    Returns:
+      max Euclidean distance (mm) between centroids of the 18-connected components;
+      0.0 for exactly one component; NaN for an empty mask.
+    """
+    lab, n = label_lesions(mask)
+    if n == 0:
+        return float("nan")
+    if n == 1:
+        return 0.0
+    cent = np.asarray(ndi.center_of_mass(np.ones(lab.shape, np.float32), lab, np.arange(1, n + 1)))
+    sp = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
+    return float(pdist(cent * sp[None, :]).max())
+
+
+def difficulty_measures(seg: np.ndarray | None, suv: np.ndarray, ct: np.ndarray, spacing_mm) -> dict:
+    """Per-case difficulty measures (reference curricula A1), computed on the native grid.
+
+    Args:
+      seg: (z, y, x) lesion mask (> 0 is lesion) or None for an unlabeled study.
+      suv: (z, y, x) SUVbw; ct: (z, y, x) CT in HU; all on the same grid.
+      spacing_mm: voxel size (z, y, x) in mm.
+    Returns:
+      dict with
+        `tmtv_ml`            lesion voxels x voxel volume (ml);
+        `n_lesions`          number of 18-connected components (int);
+        `smallest_lesion_ml` volume of the smallest component (ml);
+        `suv_max`            max SUV inside the mask;
+        `tbr`                suv_max / mean SUV of (body minus lesions), body = CT > -500 HU;
+        `dmax_mm`            `dmax_mm(seg, spacing_mm)`;
+        `body_ml`            body volume (ml), defined for every case.
+      Lesion-free mask: tmtv 0, n 0, the others NaN. `seg is None`: every lesion measure NaN (n_lesions NaN
+      too). tbr is NaN if the background region is empty.
+    """
+    sp = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
+    vox_ml = float(np.prod(sp)) / 1000.0
+    body = np.asarray(ct) > BODY_HU
+    out: dict[str, Any] = {k: float("nan") for k in MEASURES}
+    out["body_ml"] = float(np.count_nonzero(body)) * vox_ml
+    if seg is None:
+        return out
+    fg = np.asarray(seg) > 0
+    lab, n = label_lesions(fg)
+    out["tmtv_ml"] = float(np.count_nonzero(fg)) * vox_ml
+    out["n_lesions"] = n
+    if n == 0:
+        return out
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    out["smallest_lesion_ml"] = float(sizes.min()) * vox_ml
+    suv = np.asarray(suv, dtype=np.float32)
+    out["suv_max"] = float(suv[fg].max())
+    bg = body & ~fg
+    out["tbr"] = float(out["suv_max"] / suv[bg].mean(dtype=np.float64)) if bg.any() else float("nan")
+    out["dmax_mm"] = dmax_mm(fg, sp)
+    return out
+
+
+def _json_safe(v):
+    """NaN/inf -> None, numpy scalars -> Python, recursively (strict JSON)."""
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+def write_manifest(cache_dir: str | Path, cases: list[dict], extra: Mapping[str, Any] | None = None) -> Path:
+    """Write `cache_dir/manifest.json` atomically: `{"version", **extra, "cases": cases}` (NaN -> null)."""
+    path = Path(cache_dir) / MANIFEST
+    doc = {"version": MANIFEST_VERSION, **(extra or {}), "cases": list(cases)}
+    write_text_atomic(path, json.dumps(_json_safe(doc), indent=1, allow_nan=False))
+    return path
+
+
+def write_case_arrays(cache_dir: str | Path, case_id: str, ct: np.ndarray, suv: np.ndarray,
+                      seg: np.ndarray | None, dtype=np.float32) -> Path:
+    """Store one resampled case as `cache_dir/cases/<case_id>/{ct,suv,seg,fg}.npy`, atomically (whole folder).
+
+    Args:
+      ct, suv: (z, y, x) HU / SUV, stored as `dtype` (float32 or float16).
+      seg: (z, y, x) 0/1 mask or None (then an all-zero uint8 mask is stored).
+    An existing folder of that case is replaced only once the new one is complete.
+    """
+    if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise DataError(f"case store dtype {dtype}: use float32 or float16")
+    seg_u8 = np.zeros(np.shape(ct), np.uint8) if seg is None else (np.asarray(seg) > 0).astype(np.uint8)
+    target = Path(cache_dir) / "cases" / case_id
+    with atomic_dir(target, overwrite=True) as tmp:
+        np.save(tmp / "ct.npy", np.ascontiguousarray(ct, dtype=dtype))
+        np.save(tmp / "suv.npy", np.ascontiguousarray(suv, dtype=dtype))
+        np.save(tmp / "seg.npy", seg_u8)
+        np.save(tmp / "fg.npy", np.argwhere(seg_u8 > 0).astype(np.int32))
+    return target
+
+
+def case_complete(cache_dir: str | Path, case_id: str) -> bool:
+    """True if all array files of `case_id` exist in the store."""
+    d = Path(cache_dir) / "cases" / case_id
+    return all((d / f"{n}.npy").is_file() for n in (*ARRAY_NAMES, "fg"))
+
+
+class CaseStore:
+    """Read side of a prepared cache: manifest, memory-mapped arrays, splits and difficulty vectors.
+
+    Cheap to pickle (holds the folder path and the parsed manifest), so it can be handed to grain workers.
+    Case `i` is the i-th manifest entry (sorted by id by `prepare`); every per-case vector is in that order.
+
+    Raises DataError (naming the folder) if the manifest is missing or unreadable.
+    """
+
+    def __init__(self, cache_dir: str | Path):
+        self.cache_dir = Path(cache_dir)
+        path = self.cache_dir / MANIFEST
+        try:
+            self.manifest: dict = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"{path}: no manifest; run `python -m clips_jax.data.prepare --input DATA "
+                            f"--output {self.cache_dir}` first") from None
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: unreadable manifest ({e}); delete it and run prepare again") from e
+        self.cases: list[dict] = list(self.manifest.get("cases", []))
+        self.ids: list[str] = [c["id"] for c in self.cases]
+        self._index = {cid: i for i, cid in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"CaseStore({str(self.cache_dir)!r}, n={len(self)})"
+
+    def index(self, case: int | str) -> int:
+        """Index of a case given its index or id (DataError if unknown)."""
+        if isinstance(case, str):
+            if case not in self._index:
+                raise DataError(f"case {case!r} is not in the store {self.cache_dir}")
+            return self._index[case]
+        i = int(case)
+        if not 0 <= i < len(self):
+            raise DataError(f"case index {i} out of range for the store {self.cache_dir} ({len(self)} cases)")
+        return i
+
+    def case_dir(self, case: int | str) -> Path:
+        return self.cache_dir / "cases" / self.ids[self.index(case)]
+
+    def case_arrays(self, case: int | str, mmap: bool = True) -> dict[str, np.ndarray]:
+        """`{"ct", "suv", "seg"}` (z, y, x) arrays of one case: read-only memory maps (or in-memory copies).
+
+        ct/suv have the stored dtype (float32 or float16), seg is uint8 (all zeros if `has_seg` is false).
+        """
+        d = self.case_dir(case)
+        mode = "r" if mmap else None
+        try:
+            return {n: np.load(d / f"{n}.npy", mmap_mode=mode) for n in ARRAY_NAMES}
+        except (OSError, ValueError) as e:
+            raise DataError(f"{d}: cannot read the cached arrays ({e}); run prepare again") from e
+
+    def foreground(self, case: int | str) -> np.ndarray:
+        """(K, 3) int32 (z, y, x) indices of the lesion voxels on the stored grid (K = 0 if none)."""
+        return np.load(self.case_dir(case) / "fg.npy")
+
+    def geometry(self, case: int | str) -> Geometry:
+        """The stored (resampled) grid of a case."""
+        return Geometry.from_json(self.cases[self.index(case)]["geometry"])
+
+    def native_geometry(self, case: int | str) -> Geometry:
+        """The case's original PET grid."""
+        return Geometry.from_json(self.cases[self.index(case)]["native_geometry"])
+
+    def split_indices(self, name: str) -> np.ndarray:
+        """int64 indices of the cases whose split is `name` ("train", "val", "test", "unused"), ascending."""
+        return np.array([i for i, c in enumerate(self.cases) if c.get("split") == name], dtype=np.int64)
+
+    def difficulty(self, name: str) -> np.ndarray:
+        """(N,) float64 vector of one manifest measure (e.g. "tmtv_ml", "dmax_mm"); NaN where undefined."""
+        if self.cases and name not in self.cases[0]:
+            raise DataError(f"{self.cache_dir}: no measure {name!r} in the manifest; known: {list(MEASURES)}")
+        return np.array([np.nan if c.get(name) is None else float(c[name]) for c in self.cases], np.float64)
+
+    @property
+    def has_seg(self) -> np.ndarray:
+        """(N,) bool: the case has a ground-truth mask."""
+        return np.array([bool(c.get("has_seg")) for c in self.cases], dtype=bool)
+
+    @property
+    def has_lesion(self) -> np.ndarray:
+        """(N,) bool: the case has a ground-truth mask with at least one lesion voxel."""
+        return np.array([bool(c.get("has_seg")) and (c.get("tmtv_ml") or 0) > 0 for c in self.cases], bool)

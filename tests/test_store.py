@@ -1,0 +1,170 @@
+"""Tests of the case store: difficulty measures vs hand counts, prepare (skip, failures, splits), CaseStore."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from clips_jax.data.case import Case
+from clips_jax.data.geometry import Geometry
+from clips_jax.data.nifti import load_nifti, save_nifti
+from clips_jax.data.phantoms import write_phantoms
+from clips_jax.data.prepare import assign_splits, prepare_dataset, study_id
+from clips_jax.data.store import CaseStore, difficulty_measures, dmax_mm
+from clips_jax.errors import ConfigError, DataError
+
+
+def _hand_case():
+    """A (20, 16, 16) grid, spacing (2, 3, 4) mm, with 3 lesions under 18-connectivity (hand-made)."""
+    seg = np.zeros((20, 16, 16), np.uint8)
+    seg[2:4, 2:4, 2:4] = 1            # A: 8 voxels, centroid (2.5, 2.5, 2.5)
+    seg[10, 10, 10] = 1               # B: 2 voxels joined by an edge (18-connected), centroid (10.5, 10.5, 10)
+    seg[11, 11, 10] = 1
+    seg[15, 5, 12:15] = 1             # C: 3 voxels, centroid (15, 5, 13)
+    seg[16, 6, 15] = 1                # D: touches C only by a corner -> separate under 18-conn; (16, 6, 15)
+    ct = np.full(seg.shape, -1000.0, np.float32)
+    ct[:, 1:15, 1:15] = 40.0          # body: 20 * 14 * 14 voxels
+    suv = np.where(ct > -500, 1.0, 0.0).astype(np.float32)
+    suv[seg > 0] = 4.0
+    suv[2, 2, 2] = 9.0
+    return seg, suv, ct, (2.0, 3.0, 4.0)
+
+
+def test_difficulty_measures_hand_case():
+    seg, suv, ct, sp = _hand_case()
+    m = difficulty_measures(seg, suv, ct, sp)
+    vox = 2 * 3 * 4 / 1000.0
+    assert m["n_lesions"] == 4
+    assert m["tmtv_ml"] == pytest.approx(14 * vox)
+    assert m["smallest_lesion_ml"] == pytest.approx(1 * vox)
+    assert m["suv_max"] == pytest.approx(9.0)
+    assert m["tbr"] == pytest.approx(9.0 / 1.0)  # body background is exactly 1
+    assert m["body_ml"] == pytest.approx(20 * 14 * 14 * vox)
+    cents = np.array([(2.5, 2.5, 2.5), (10.5, 10.5, 10.0), (15, 5, 13), (16, 6, 15)]) * np.array(sp)
+    far = max(np.linalg.norm(a - b) for a in cents for b in cents)
+    assert m["dmax_mm"] == pytest.approx(far)
+
+
+def test_dmax_edge_cases():
+    z = np.zeros((8, 8, 8), np.uint8)
+    assert math.isnan(dmax_mm(z, 2.0))
+    z[2:4, 2:4, 2:4] = 1
+    assert dmax_mm(z, (2.0, 3.0, 4.0)) == 0.0
+    z[7, 7, 7] = 1  # centroid distance (4.5, 4.5, 4.5) voxels
+    assert dmax_mm(z, (1.0, 2.0, 3.0)) == pytest.approx(4.5 * math.sqrt(1 + 4 + 9))
+    m = difficulty_measures(np.zeros((4, 4, 4)), np.ones((4, 4, 4)), np.zeros((4, 4, 4)), 1.0)
+    assert m["n_lesions"] == 0 and m["tmtv_ml"] == 0.0
+    assert all(math.isnan(m[k]) for k in ("smallest_lesion_ml", "suv_max", "tbr", "dmax_mm"))
+    u = difficulty_measures(None, np.ones((4, 4, 4)), np.zeros((4, 4, 4)), 1.0)
+    assert math.isnan(u["tmtv_ml"]) and u["body_ml"] == pytest.approx(64 / 1000)
+
+
+def test_assign_splits():
+    pats = {f"c{i}": f"p{i // 2}" for i in range(40)}  # 20 patients, 2 studies each
+    s = assign_splits(pats, seed=3)
+    assert s == assign_splits(pats, seed=3)
+    assert s != assign_splits(pats, seed=4)
+    for i in range(0, 40, 2):
+        assert s[f"c{i}"] == s[f"c{i + 1}"]  # by patient
+    n = {k: sum(v == k for v in s.values()) for k in ("train", "val", "test")}
+    assert n == {"train": 28, "val": 6, "test": 6}  # 14 / 3 / 3 patients
+    j = assign_splits(pats, split_json={"train": ["p0"], "val": ["c2"], "test": []})
+    assert j["c0"] == j["c1"] == "train" and j["c2"] == "val" and j["c3"] == "unused"
+    with pytest.raises(ConfigError):
+        assign_splits(pats, split_json={"train": ["p0"], "val": ["p0"]})
+    with pytest.raises(ConfigError):
+        assign_splits(pats, split_json={"training": []})
+
+
+# ---- prepare + CaseStore on tiny phantoms -------------------------------------------------------------
+
+def _find(root):
+    return sorted(p for p in root.iterdir() if (p / "CTres.nii.gz").exists())
+
+
+def _load(path):
+    ct, g = load_nifti(path / "CTres.nii.gz")
+    suv, _ = load_nifti(path / "SUV.nii.gz")
+    seg = load_nifti(path / "SEG.nii.gz", dtype=np.uint8)[0] if (path / "SEG.nii.gz").exists() else None
+    return Case(path.name, ct, suv, seg, g)
+
+
+def _loaders():
+    """The real study loader when it exists, else the minimal NIfTI loader above (same layout)."""
+    try:
+        from clips_jax.data.study import find_studies, load_study
+        return find_studies, load_study
+    except ImportError:
+        return _find, _load
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    data = tmp_path / "data"
+    paths = write_phantoms(data, 4, seed=2, size=(36, 24, 24), spacing_mm=(4.0, 4.0, 4.0))
+    return data, paths
+
+
+def test_prepare_store_and_rerun(dataset, tmp_path):
+    data, paths = dataset
+    (paths[3] / "SEG.nii.gz").unlink()  # an unlabeled study
+    find_fn, load_fn = _loaders()
+    cache = tmp_path / "cache"
+    lines = []
+    s = prepare_dataset(data, cache, spacing_mm=6.0, seed=0, find_fn=find_fn, load_fn=load_fn, log=lines.append)
+    assert len(s["prepared"]) == 4 and not s["failed"]
+    assert "summary" in lines[-1]
+    store = CaseStore(cache)
+    assert store.ids == sorted(p.name for p in paths)
+    for i, p in enumerate(paths[:3]):
+        truth = json.loads((p / "truth.json").read_text())
+        seg, g = load_nifti(p / "SEG.nii.gz", dtype=np.uint8)
+        c = store.cases[store.index(p.name)]
+        assert c["has_seg"] and c["n_lesions"] == truth["n_lesions"]
+        assert c["tmtv_ml"] == pytest.approx(truth["tmtv_ml"])
+        assert Geometry.from_json(c["native_geometry"]).same_grid(g)
+        if truth["n_lesions"]:
+            assert c["smallest_lesion_ml"] == pytest.approx(min(l["volume_ml"] for l in truth["lesions"]))
+            assert c["suv_max"] == pytest.approx(max(l["suv_max"] for l in truth["lesions"]), rel=1e-5)
+        arr = store.case_arrays(p.name)
+        rg = g.resampled(6.0)
+        assert store.geometry(p.name).same_grid(rg)
+        assert arr["ct"].shape == arr["suv"].shape == arr["seg"].shape == rg.shape
+        assert isinstance(arr["ct"], np.memmap) and arr["seg"].dtype == np.uint8
+        np.testing.assert_array_equal(np.argwhere(arr["seg"] > 0), store.foreground(p.name))
+    un = store.index(paths[3].name)
+    assert not store.has_seg[un] and not store.has_lesion[un]
+    assert np.isnan(store.difficulty("tmtv_ml")[un])
+    assert store.case_arrays(un)["seg"].max() == 0
+    np.testing.assert_array_equal(store.has_lesion, [bool(store.cases[i]["has_seg"]) and
+                                                     store.cases[i]["tmtv_ml"] > 0 for i in range(4)])
+    allidx = np.sort(np.concatenate([store.split_indices(k) for k in ("train", "val", "test")]))
+    np.testing.assert_array_equal(allidx, np.arange(4))
+    json.loads((cache / "manifest.json").read_text())  # strict JSON (NaN written as null)
+    # re-run: everything skipped, arrays untouched
+    mt = (cache / "cases" / store.ids[0] / "ct.npy").stat().st_mtime_ns
+    s2 = prepare_dataset(data, cache, find_fn=find_fn, load_fn=load_fn, log=lambda m: None)
+    assert len(s2["skipped"]) == 4 and not s2["prepared"]
+    assert (cache / "cases" / store.ids[0] / "ct.npy").stat().st_mtime_ns == mt
+    assert CaseStore(cache).manifest["cases"] == store.manifest["cases"]
+    with pytest.raises(DataError):
+        CaseStore(tmp_path / "nothing")
+
+
+def test_prepare_reports_corrupt_case(dataset, tmp_path):
+    data, paths = dataset
+    bad = paths[1] / "SUV.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated gzip
+    find_fn, load_fn = _loaders()
+    lines = []
+    s = prepare_dataset(data, tmp_path / "c", find_fn=find_fn, load_fn=load_fn, log=lines.append)
+    assert s["failed"] == [paths[1].name] and len(s["prepared"]) == 3
+    assert sum("FAILED" in m and paths[1].name in m for m in lines) == 1
+    assert paths[1].name not in CaseStore(tmp_path / "c").ids
+    assert not (tmp_path / "c" / "cases" / paths[1].name).exists()
+
+
+def test_study_id(tmp_path):
+    (tmp_path / "PETCT_a" / "2001-01").mkdir(parents=True)
+    assert study_id(tmp_path, tmp_path / "PETCT_a" / "2001-01") == ("PETCT_a__2001-01", "PETCT_a")
