@@ -1,0 +1,153 @@
+"""Study loading: one entry point for NIfTI (autoPET layout) and DICOM study folders, and study discovery.
+
+NIfTI study folder (autoPET layout, also what `clips_jax.data.export` writes):
+    <case_id>/CTres.nii.gz   CT in HU (or CT.nii.gz; `.nii` also accepted)
+    <case_id>/SUV.nii.gz     SUVbw (defines the PET grid)
+    <case_id>/SEG.nii.gz     optional lesion mask (> 0 = lesion), must be on the PET grid
+    <case_id>/meta.json      optional metadata (copied into Case.meta)
+DICOM study folder: any folder whose files (recursively) include a PT and a CT series (see `dicom.py`).
+
+Unlike TMTV-Net (which compared array shapes only), the CT is resampled onto the PET grid whenever the two
+grids differ by geometry (shape or affine), trilinear with outside value -1024 HU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from clips_jax.data.case import Case
+from clips_jax.data.dicom import CT_OUTSIDE_HU, dicom_modalities, read_dicom_study
+from clips_jax.data.nifti import load_nifti
+from clips_jax.data.resample import resample_to_grid
+from clips_jax.errors import DataError
+
+CT_NAMES = ("CTres.nii.gz", "CT.nii.gz", "CTres.nii", "CT.nii")
+SUV_NAMES = ("SUV.nii.gz", "SUV.nii")
+SEG_NAMES = ("SEG.nii.gz", "SEG.nii")
+META_NAME = "meta.json"
+LAYOUT_HELP = ("expected either a NIfTI study folder (CTres.nii.gz or CT.nii.gz, SUV.nii.gz, optional "
+               "SEG.nii.gz) or a folder holding a PET (PT) and a CT DICOM series")
+
+
+def _first(folder: Path, names) -> Path | None:
+    for n in names:
+        if (folder / n).is_file():
+            return folder / n
+    return None
+
+
+def is_nifti_study(folder: str | os.PathLike) -> bool:
+    """True if `folder` holds a CT (CTres/CT) and an SUV NIfTI file."""
+    folder = Path(folder)
+    return folder.is_dir() and _first(folder, CT_NAMES) is not None and _first(folder, SUV_NAMES) is not None
+
+
+def is_dicom_study(folder: str | os.PathLike) -> bool:
+    """True if the DICOM files found recursively in `folder` include both a PT and a CT image."""
+    folder = Path(folder)
+    return folder.is_dir() and {"PT", "CT"} <= dicom_modalities(folder)
+
+
+def load_nifti_study(folder: str | os.PathLike) -> Case:
+    """Load an autoPET-style NIfTI study folder into a Case on the PET (SUV) grid.
+
+    Args:
+      folder: directory with CTres.nii.gz (or CT.nii.gz), SUV.nii.gz, optional SEG.nii.gz and meta.json.
+    Returns:
+      Case(case_id=folder name, ct float32 HU on the SUV grid, suv float32, seg uint8 {0,1} or None,
+      geometry=SUV grid, meta = meta.json contents (or {}) plus "source" (default "nifti") and
+      "ct_resampled_to_pet").
+    Raises:
+      DataError naming the file: missing CT/SUV, unreadable/truncated or NaN image (from `load_nifti`),
+      SEG on another grid (both shapes given), SEG with negative or non-integer values, bad meta.json.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a directory; {LAYOUT_HELP}")
+    ct_path, suv_path = _first(folder, CT_NAMES), _first(folder, SUV_NAMES)
+    if ct_path is None or suv_path is None:
+        missing = " and ".join(n for n, p in (("CTres.nii.gz/CT.nii.gz", ct_path), ("SUV.nii.gz", suv_path))
+                               if p is None)
+        raise DataError(f"{folder}: {missing} not found; {LAYOUT_HELP}")
+    suv, geom = load_nifti(suv_path)
+    ct, ct_geom = load_nifti(ct_path)
+    if not ct_geom.same_grid(geom):
+        ct = resample_to_grid(ct, ct_geom, geom, order=1, cval=CT_OUTSIDE_HU)
+    seg = None
+    seg_path = _first(folder, SEG_NAMES)
+    if seg_path is not None:
+        raw, seg_geom = load_nifti(seg_path, dtype=np.float32)
+        if not seg_geom.same_grid(geom):
+            why = "shape" if seg_geom.shape != geom.shape else "affine (position/orientation/spacing)"
+            raise DataError(f"{seg_path}: mask grid differs from the PET grid of {suv_path.name} in {why}: "
+                            f"SEG shape {seg_geom.shape}, SUV shape {geom.shape} (z, y, x); resample the mask "
+                            "onto the PET grid")
+        if raw.size and raw.min() < 0:
+            raise DataError(f"{seg_path}: mask has negative values (min {raw.min()}); expected 0 = background, "
+                            "> 0 = lesion")
+        if not np.all(raw == np.round(raw)):
+            raise DataError(f"{seg_path}: mask has non-integer values; expected a label image (0 = background, "
+                            "> 0 = lesion), not probabilities")
+        seg = (raw > 0).astype(np.uint8)
+    meta: dict = {}
+    meta_path = folder / META_NAME
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{meta_path}: cannot read metadata ({e}); fix or delete the file") from e
+        if not isinstance(meta, dict):
+            raise DataError(f"{meta_path}: expected a JSON object")
+    meta.setdefault("source", "nifti")  # an exported DICOM study keeps "dicom"
+    meta["ct_resampled_to_pet"] = bool(meta.get("ct_resampled_to_pet")) or not ct_geom.same_grid(geom)
+    return Case(folder.name, ct, suv, seg, geom, meta)
+
+
+def load_study(path: str | os.PathLike) -> Case:
+    """Load a study folder of either layout (NIfTI checked first, then DICOM).
+
+    Raises:
+      DataError if `path` is not a directory or is neither layout (message says what is expected).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: not a directory; {LAYOUT_HELP}")
+    if is_nifti_study(path):
+        return load_nifti_study(path)
+    mods = dicom_modalities(path)
+    if mods:
+        return read_dicom_study(path)  # reports which modality is missing
+    raise DataError(f"{path}: not a study folder; {LAYOUT_HELP}")
+
+
+def find_studies(root: str | os.PathLike) -> list[Path]:
+    """Study folders under `root`: `root` itself if it is a study, else its immediate sub-folders that are.
+
+    Rules: a NIfTI study `root` -> [root]. Otherwise the immediate sub-folders that are studies (NIfTI, or
+    DICOM with both PT and CT files somewhere below), sorted by name, if there are at least two. A DICOM
+    `root` whose PT/CT files are spread over its sub-folders (e.g. root/PT, root/CT) -> [root]; so is a
+    DICOM root with a single study sub-folder (one wrapper level). A single non-DICOM study sub-folder ->
+    [that sub-folder].
+
+    Raises:
+      DataError if `root` is not a directory or no study is found (message says the expected layout).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory; {LAYOUT_HELP}")
+    if is_nifti_study(root):
+        return [root]
+    subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    studies = [p for p in subs if is_nifti_study(p) or is_dicom_study(p)]
+    if len(studies) >= 2:
+        return studies
+    if is_dicom_study(root):
+        return [root]
+    if studies:
+        return studies
+    raise DataError(f"no study found in {root}: {LAYOUT_HELP}, either {root} itself or its immediate "
+                    "sub-folders")
