@@ -168,6 +168,11 @@ def test_export_cli(tmp_path):
     r3 = subprocess.run([sys.executable, "-m", "clips_jax.data.export", "--dicom", str(tmp_path / "nothing"),
                          "--out", str(tmp_path / "o2")], capture_output=True, text=True, timeout=120)
     assert r3.returncode == 1 and "nothing" in r3.stderr and not (tmp_path / "o2").exists()
+    write_study(tmp_path / "two" / "p1")
+    write_study(tmp_path / "two" / "p2")
+    r4 = subprocess.run([sys.executable, "-m", "clips_jax.data.export", "--dicom", str(tmp_path / "two"),
+                         "--out", str(tmp_path / "o3")], capture_output=True, text=True, timeout=120)
+    assert r4.returncode == 1 and "holds 2 studies" in r4.stderr and not (tmp_path / "o3").exists()
     h = subprocess.run([sys.executable, "-m", "clips_jax.data.export", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert "--dicom" in h.stdout and "autoPET" in h.stdout  # absl exits 1 after --help

@@ -243,3 +243,12 @@ def test_nonconstant_spacing_and_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no DICOM files in .*empty"):
         read_dicom_study(tmp_path / "empty")
+
+
+def test_pet_and_ct_of_different_patients_is_an_error(tmp_path):
+    p = pet_stored()
+    d = tmp_path / "mixed"
+    write_series(d / "PT", "PT", p, spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS, tags=pet_tags())
+    write_series(d / "CT", "CT", p, spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS, tags={"PatientID": "P999"})
+    with pytest.raises(DataError, match=r"mixed: the PET and CT series belong to different patients.*P999"):
+        read_dicom_study(d)

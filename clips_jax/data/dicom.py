@@ -253,7 +253,11 @@ def _datetime(date, time, what: str, where: str) -> _dt.datetime | None:
 def acquisition_datetime(ds: Dataset) -> _dt.datetime | None:
     """AcquisitionDateTime, else AcquisitionDate + AcquisitionTime of one slice (naive), or None."""
     if ds.get("AcquisitionDateTime"):
-        return DT(str(ds.AcquisitionDateTime)).replace(tzinfo=None)
+        try:
+            return DT(str(ds.AcquisitionDateTime)).replace(tzinfo=None)
+        except (ValueError, TypeError) as e:
+            raise DataError(f"{_series_label(ds)}: cannot parse AcquisitionDateTime "
+                            f"{ds.AcquisitionDateTime!r} ({e})") from e
     date = ds.get("AcquisitionDate") or ds.get("SeriesDate") or ds.get("StudyDate")
     return _datetime(date, ds.get("AcquisitionTime"), "acquisition", _series_label(ds))
 
@@ -376,8 +380,8 @@ def read_dicom_study(folder: str | os.PathLike) -> Case:
       Case(case_id=folder name, ct float32 HU resampled onto the PET grid if needed (outside -1024),
       suv float32, seg=None, geometry=PET grid, meta with patient/series/SUV details).
     Raises:
-      DataError naming the folder/series: no DICOM files, no PT or no CT series, bad geometry, or any SUV
-      check of `suv_factor`.
+      DataError naming the folder/series: no DICOM files, no PT or no CT series, PET and CT of different
+      patients (PatientID), bad geometry, or any SUV check of `suv_factor`.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -388,6 +392,13 @@ def read_dicom_study(folder: str | os.PathLike) -> Case:
     pt_uid = _choose_series(series, "PT", folder)
     ct_uid = _choose_series(series, "CT", folder)
     pet_label = f"{folder}: {_series_label(series[pt_uid][0][1], len(series[pt_uid]))}"
+    pt_h, ct_h = series[pt_uid][0][1], series[ct_uid][0][1]
+    if str(pt_h.get("PatientID", "")) != str(ct_h.get("PatientID", "")):
+        raise DataError(f"{folder}: the PET and CT series belong to different patients (PatientID "
+                        f"{pt_h.get('PatientID', '')!r} vs {ct_h.get('PatientID', '')!r}); give one study per folder")
+    if str(pt_h.get("StudyInstanceUID", "")) != str(ct_h.get("StudyInstanceUID", "")):
+        logging.warning("%s: PET and CT series come from different studies (StudyInstanceUID %s vs %s)", folder,
+                        pt_h.get("StudyInstanceUID", ""), ct_h.get("StudyInstanceUID", ""))
     # Check the SUV tags on a header before reading any pixels (fail fast).
     acq = [t for t in (acquisition_datetime(ds) for _, ds in series[pt_uid]) if t is not None]
     earliest = min(acq) if acq else None

@@ -19,8 +19,8 @@ from absl import app, flags, logging
 
 from clips_jax.data.case import Case
 from clips_jax.data.nifti import save_nifti
-from clips_jax.data.study import META_NAME, load_study
-from clips_jax.errors import ClipsError
+from clips_jax.data.study import META_NAME, find_studies, load_study
+from clips_jax.errors import ClipsError, DataError
 from clips_jax.fileio import atomic_dir
 
 FLAGS = flags.FLAGS
@@ -63,7 +63,11 @@ def main(argv) -> int:
     if not FLAGS.dicom or not FLAGS.out:
         raise app.UsageError("both --dicom and --out are required")
     try:
-        case = load_study(FLAGS.dicom)
+        studies = find_studies(FLAGS.dicom)
+        if len(studies) > 1:
+            raise DataError(f"{FLAGS.dicom} holds {len(studies)} studies ({', '.join(p.name for p in studies[:5])}"
+                            f"{', ...' if len(studies) > 5 else ''}); export them one at a time")
+        case = load_study(studies[0])
         out = export_case(case, FLAGS.out, overwrite=FLAGS.overwrite)
     except (ClipsError, FileExistsError) as e:
         logging.error("%s", e)
