@@ -1,0 +1,254 @@
+"""`python -m clips_jax.evaluate`: score predicted masks against ground truth, per patient and per cohort.
+
+Usage:
+    python -m clips_jax.evaluate --pred DIR --truth DIR [--suv DIR] --out DIR
+        [--tolerance-mm 5] [--lesion-threshold 0.5] [--suv-threshold 4] [--no-mips]
+    python -m clips_jax.evaluate --pred baseline=DIR1 --pred curriculum=DIR2 --truth DIR --out DIR ...
+
+Folder layouts accepted for --truth and --pred (matched by case id):
+    DIR/<case>.nii.gz   DIR/<case>_SEG.nii.gz   DIR/<case>/SEG.nii.gz  (autoPET; nested folders give ids
+    such as "PETCT_x/05-02-2002-NA-PET-CT"); `.nii` works too. For --suv: DIR/<case>_SUV.nii.gz,
+    DIR/<case>.nii.gz or DIR/<case>/SUV.nii.gz. A voxel is foreground when its value is > 0.5.
+
+Outputs (all written atomically), with one --pred in OUT itself, with several in OUT/<name>/:
+    metrics.csv         one row per case, columns `clips_jax.metrics.COLUMNS` (docs/metrics.md)
+    reports/<case>.txt  per-patient text report (the fields of the CLIPS precursor's report)
+    mips/<case>.png     coronal + sagittal PET MIPs with truth/prediction outlines (needs --suv)
+    bland_altman.png    TMTV agreement
+and OUT/summary.md (mean, median, IQR per column, lesion-free cases apart, skipped cases listed) and, with
+several --pred, OUT/boxplots.png (Dice, NSD, TMTV error per experiment).
+
+Problems with single cases (missing on one side, unreadable file, prediction or SUV grid differing from
+the ground-truth grid) are printed on stderr, listed in summary.md, and the case is skipped; the other
+cases go on. Exit status: 0 if at least one case was scored, 1 if none, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from clips_jax.data.geometry import Geometry
+from clips_jax.data.nifti import load_nifti
+from clips_jax.errors import ClipsError, ConfigError, DataError
+from clips_jax.fileio import write_text_atomic
+from clips_jax.metrics.lesions import dmax_mm
+from clips_jax.metrics.report import (case_metrics, case_report_text, summarise, summary_markdown,
+                                      write_metrics_csv)
+
+__all__ = ["find_cases", "parse_pred_args", "evaluate", "main"]
+
+_NIFTI_EXTS = (".nii.gz", ".nii")
+_ROLE_FILE = {"seg": "SEG", "suv": "SUV"}
+# Top-level files with these suffixes belong to another role and are never taken as `<case>.nii.gz`.
+_OTHER_SUFFIXES = {"SEG", "SUV", "CT", "CTres", "PET", "PRED"}
+
+
+def _stem(name: str) -> str | None:
+    for ext in _NIFTI_EXTS:
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def find_cases(folder: str | Path, role: str = "seg") -> dict[str, Path]:
+    """Map case id -> NIfTI file for one folder.
+
+    Args:
+      folder: directory in one of the accepted layouts (see the module docstring).
+      role: "seg" (masks: --truth / --pred) or "suv" (--suv).
+    Returns:
+      {case_id: path}, sorted by case id. `<case>_SEG` (or `_SUV`) and `<case>/SEG` files take precedence
+      over a plain `<case>.nii.gz` with the same id.
+    Raises:
+      DataError naming the folder when it does not exist or holds no usable NIfTI file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    tag = _ROLE_FILE[role]
+    explicit: dict[str, Path] = {}
+    plain: dict[str, Path] = {}
+    for ext in _NIFTI_EXTS:
+        for p in folder.rglob(tag + ext):
+            if p.parent != folder and p.is_file():
+                explicit.setdefault(p.parent.relative_to(folder).as_posix(), p)
+    for p in folder.iterdir():
+        stem = _stem(p.name)
+        if stem is None or not p.is_file() or stem == tag:
+            continue
+        if stem.endswith("_" + tag):
+            explicit.setdefault(stem[: -len(tag) - 1], p)
+        elif "_" not in stem or stem.rsplit("_", 1)[1] not in _OTHER_SUFFIXES:
+            plain.setdefault(stem, p)
+    found = {**plain, **explicit}
+    if not found:
+        raise DataError(f"{folder}: no NIfTI {'masks' if role == 'seg' else 'SUV images'} found; expected "
+                        f"<case>.nii.gz, <case>_{tag}.nii.gz or <case>/{tag}.nii.gz")
+    return dict(sorted(found.items()))
+
+
+def parse_pred_args(values: Sequence[str]) -> dict[str, Path]:
+    """Parse repeated --pred values `NAME=DIR` or `DIR` into {name: folder}.
+
+    An unnamed folder is named after its last path component. Raises ConfigError on duplicate names.
+    """
+    out: dict[str, Path] = {}
+    for v in values:
+        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)=(.+)", v)
+        name, folder = (m.group(1), Path(m.group(2))) if m else (Path(v).name or "pred", Path(v))
+        if name in out:
+            raise ConfigError(f"--pred {v}: experiment name {name!r} given twice; use NAME=DIR with distinct names")
+        out[name] = folder
+    return out
+
+
+def _grid_text(g: Geometry) -> str:
+    sp = ", ".join(f"{s:.4g}" for s in g.spacing_mm)
+    org = ", ".join(f"{o:.4g}" for o in g.origin_mm)
+    return f"shape {g.shape}, spacing ({sp}) mm, origin ({org}) mm"
+
+
+def _load_mask(path: Path) -> tuple[np.ndarray, Geometry]:
+    arr, geom = load_nifti(path, np.float32)
+    return arr > 0.5, geom
+
+
+def _safe(case: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "__", case)
+
+
+def evaluate(preds: dict[str, Path], truth_dir: Path, out_dir: Path, suv_dir: Path | None = None, *,
+             tolerance_mm: float = 5.0, lesion_threshold: float = 0.5, suv_threshold: float = 4.0,
+             mips: bool = True, log=None) -> tuple[dict[str, list[dict]], list[str]]:
+    """Score every experiment's predictions against the ground truth and write all outputs.
+
+    Args:
+      preds: experiment name -> prediction folder. truth_dir, suv_dir: folders (see find_cases).
+      out_dir: output folder (created). Other arguments: metric settings; `mips`: draw MIPs when SUV exists.
+      log: callable taking one message line (default: print to stderr).
+    Returns:
+      ({name: metric rows (dicts with "case" + metric columns)}, [problem messages]).
+    Raises:
+      DataError if a folder is missing or empty (nothing can be scored).
+    """
+    from clips_jax.metrics import plots  # matplotlib only when outputs are drawn
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    problems: list[str] = []
+
+    def problem(msg: str) -> None:
+        problems.append(msg)
+        log(msg)
+
+    truth_cases = find_cases(truth_dir, "seg")
+    suv_cases = find_cases(suv_dir, "suv") if suv_dir is not None else {}
+    pred_cases = {name: find_cases(folder, "seg") for name, folder in preds.items()}
+    exp_dir = {name: (out_dir if len(preds) == 1 else out_dir / _safe(name)) for name in preds}
+    rows: dict[str, list[dict]] = {name: [] for name in preds}
+    for name, cases in pred_cases.items():
+        for case in sorted(set(cases) - set(truth_cases)):
+            problem(f"case {case}: prediction in {name} has no ground truth in {truth_dir}; skipped")
+
+    for case, truth_path in truth_cases.items():
+        try:
+            truth, tgeom = _load_mask(truth_path)
+        except DataError as e:
+            problem(f"case {case}: {e}; skipped")
+            continue
+        suv = None
+        if suv_dir is not None:
+            if case not in suv_cases:
+                problem(f"case {case}: no SUV image in {suv_dir}; SUV columns are NaN and no MIP is drawn")
+            else:
+                try:
+                    suv, sgeom = load_nifti(suv_cases[case], np.float32)
+                except DataError as e:
+                    problem(f"case {case}: {e}; skipped")
+                    continue
+                if not sgeom.same_grid(tgeom):
+                    problem(f"case {case}: SUV grid ({_grid_text(sgeom)}) differs from the ground-truth grid "
+                            f"({_grid_text(tgeom)}); resample onto the PET grid. Case skipped")
+                    continue
+        for name in preds:
+            if case not in pred_cases[name]:
+                problem(f"case {case}: no prediction in {name} ({preds[name]}); skipped")
+                continue
+            try:
+                pred, pgeom = _load_mask(pred_cases[name][case])
+            except DataError as e:
+                problem(f"case {case}: {e}; skipped")
+                continue
+            if not pgeom.same_grid(tgeom):
+                problem(f"case {case}: prediction grid of {name} ({_grid_text(pgeom)}) differs from the "
+                        f"ground-truth grid ({_grid_text(tgeom)}); resample the prediction onto the PET "
+                        "grid. Case skipped")
+                continue
+            sp = tgeom.spacing_mm
+            row = case_metrics(pred, truth, sp, suv, tolerance_mm=tolerance_mm,
+                               lesion_threshold=lesion_threshold, suv_threshold=suv_threshold)
+            rows[name].append({"case": case, **row})
+            text = case_report_text(case, row, tolerance_mm=tolerance_mm, lesion_threshold=lesion_threshold,
+                                    suv_threshold=suv_threshold, dmax_pred_mm=dmax_mm(pred, sp))
+            write_text_atomic(exp_dir[name] / "reports" / f"{_safe(case)}.txt", text)
+            if mips and suv is not None:
+                plots.mip_figure(suv, truth, pred, sp, exp_dir[name] / "mips" / f"{_safe(case)}.png",
+                                 title=f"{case} ({name})")
+
+    for name in preds:
+        write_metrics_csv(exp_dir[name] / "metrics.csv", rows[name])
+        if rows[name]:
+            plots.bland_altman(rows[name], exp_dir[name] / "bland_altman.png", title=f"TMTV, {name}")
+    if len(preds) > 1:
+        plots.boxplots(rows, out_dir / "boxplots.png")
+    settings = (f"Tolerance {tolerance_mm:g} mm (NSD, BJI); lesion-wise IoU threshold {lesion_threshold:g}; "
+                f"SUV threshold {suv_threshold:g} (SUV >= threshold); lesions 18-connected. "
+                "Column definitions: docs/metrics.md.")
+    write_text_atomic(out_dir / "summary.md", summary_markdown({n: summarise(r) for n, r in rows.items()},
+                                                                settings=settings, problems=problems))
+    return rows, problems
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clips_jax.evaluate",
+                                description="Per-patient and cohort metrics of predicted lesion masks.")
+    p.add_argument("--pred", action="append", required=True, metavar="[NAME=]DIR",
+                   help="prediction folder; repeat as NAME=DIR to compare experiments")
+    p.add_argument("--truth", required=True, type=Path, metavar="DIR", help="ground-truth mask folder")
+    p.add_argument("--suv", type=Path, metavar="DIR", help="SUV image folder (SUV columns and MIPs)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument("--tolerance-mm", type=float, default=5.0, help="NSD/BJI tolerance in mm (default 5)")
+    p.add_argument("--lesion-threshold", type=float, default=0.5,
+                   help="IoU threshold of one-to-one lesion matching (default 0.5)")
+    p.add_argument("--suv-threshold", type=float, default=4.0, help="SUV threshold of _thr columns (default 4)")
+    p.add_argument("--no-mips", action="store_true", help="do not draw per-patient MIP PNGs")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (see the module docstring)."""
+    args = _parser().parse_args(argv)
+    try:
+        if not args.tolerance_mm > 0:
+            raise ConfigError(f"--tolerance-mm {args.tolerance_mm}: must be > 0 mm")
+        if not 0.0 <= args.lesion_threshold <= 1.0:
+            raise ConfigError(f"--lesion-threshold {args.lesion_threshold}: must be in [0, 1]")
+        rows, problems = evaluate(parse_pred_args(args.pred), args.truth, args.out, args.suv,
+                                  tolerance_mm=args.tolerance_mm, lesion_threshold=args.lesion_threshold,
+                                  suv_threshold=args.suv_threshold, mips=not args.no_mips)
+    except ClipsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(len(r) for r in rows.values())
+    print(f"scored {n} case(s) in {len(rows)} experiment(s); {len(problems)} problem(s); "
+          f"summary: {args.out / 'summary.md'}")
+    return 0 if n else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
