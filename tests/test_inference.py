@@ -210,3 +210,38 @@ def test_upsample_probability_hand_values_and_scipy():
     assert inside.sum() < inside.size  # the test exercises the outside-band zeros
     with pytest.raises(DataError):
         inf.upsample_probability(p6, shape, (0.0, 2.0, 2.0))
+
+
+def test_nnx_predictor_matches_direct_model_call():
+    from flax import nnx
+
+    model = nnx.Conv(2, 2, kernel_size=(1, 1, 1), rngs=nnx.Rngs(0))
+    vol = np.random.default_rng(8).normal(size=(8, 8, 8, 2)).astype(np.float32)
+    pred, state = inf.nnx_predictor(model)
+    got = inf.tiled_inference(vol, pred, params=state, tile_shape=(8, 8, 8), step=(4, 4, 4), blend="constant")
+    expect = np.asarray(jax.nn.softmax(model(jnp.asarray(vol)[None]), axis=-1))[0]
+    np.testing.assert_allclose(got, expect, atol=1e-6)
+
+
+def test_cascade_finds_a_hot_sphere():
+    from clips_jax.data.geometry import Geometry
+
+    shape, sp = (48, 40, 40), (2.0, 2.0, 2.0)
+    z, y, x = np.meshgrid(*[(np.arange(n) - n / 2) * s for n, s in zip(shape, sp)], indexing="ij")
+    sphere = (z ** 2 + y ** 2 + x ** 2) <= 12.0 ** 2
+    suv = np.where(sphere, 8.0, 1.0).astype(np.float32)
+    ct = np.zeros(shape, np.float32)
+    geom = Geometry.from_spacing(shape, sp)
+    # Stand-ins: the ensemble calls lesion where suv_hot (channel 4) > 0.4; the refiner trusts the cascade
+    # channel (channel 5) above 0.5.
+    ens = lambda v: jnp.stack([jnp.zeros_like(v[..., 0]), 30.0 * (v[..., 4] - 0.4)], -1)  # noqa: E731
+    ref = lambda v: jnp.stack([jnp.zeros_like(v[..., 0]), 30.0 * (v[..., 5] - 0.5)], -1)  # noqa: E731
+    stages = set()
+    res = inf.cascade(ct, suv, geom, ens, ref, stage_a_tile=(8, 8, 8), stage_a_step=(4, 4, 4),
+                      stage_b_tile=(16, 16, 16), stage_b_step=(8, 8, 8), progress=lambda s, d, t: stages.add(s))
+    assert res.stage_a_geometry.shape == geom.resampled(6.0).shape == res.stage_a_prob.shape == (16, 13, 13)
+    assert res.mask.shape == shape and res.mask.dtype == np.uint8 and res.probs.shape == shape + (2,)
+    np.testing.assert_allclose(res.cascade_channel, inf.upsample_probability(res.stage_a_prob, shape, sp), atol=1e-6)
+    dice = 2 * (res.mask.astype(bool) & sphere).sum() / (res.mask.sum() + sphere.sum())
+    assert dice > 0.8, dice
+    assert stages == {"A", "B"}
