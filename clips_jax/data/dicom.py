@@ -134,7 +134,12 @@ def _choose_series(series: dict[str, list[tuple[Path, Dataset]]], modality: str,
 def _floats(ds: Dataset, keyword: str, n: int, label: str, path: Path) -> np.ndarray:
     if keyword not in ds or ds.get(keyword) is None:
         raise DataError(f"{path}: {label}: {keyword} is missing; cannot place the slice in space")
-    v = np.asarray([float(x) for x in ds.get(keyword)], dtype=np.float64)
+    raw = ds.get(keyword)
+    try:
+        v = np.asarray([float(x) for x in (raw if isinstance(raw, (list, tuple)) or hasattr(raw, "__iter__")
+                                           and not isinstance(raw, str) else [raw])], dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: {label}: {keyword} = {raw!r} is not numeric") from e
     if v.shape != (n,) or not np.all(np.isfinite(v)):
         raise DataError(f"{path}: {label}: {keyword} = {list(v)} is invalid (need {n} finite numbers)")
     return v
