@@ -2,13 +2,14 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from clips_jax.data.case import Case
 from clips_jax.data.geometry import Geometry
-from clips_jax.data.nifti import load_nifti, save_nifti
+from clips_jax.data.nifti import load_nifti
 from clips_jax.data.phantoms import write_phantoms
 from clips_jax.data.prepare import assign_splits, prepare_dataset, study_id
 from clips_jax.data.store import CaseStore, difficulty_measures, dmax_mm
@@ -79,26 +80,6 @@ def test_assign_splits():
 
 # ---- prepare + CaseStore on tiny phantoms -------------------------------------------------------------
 
-def _find(root):
-    return sorted(p for p in root.iterdir() if (p / "CTres.nii.gz").exists())
-
-
-def _load(path):
-    ct, g = load_nifti(path / "CTres.nii.gz")
-    suv, _ = load_nifti(path / "SUV.nii.gz")
-    seg = load_nifti(path / "SEG.nii.gz", dtype=np.uint8)[0] if (path / "SEG.nii.gz").exists() else None
-    return Case(path.name, ct, suv, seg, g)
-
-
-def _loaders():
-    """The real study loader when it exists, else the minimal NIfTI loader above (same layout)."""
-    try:
-        from clips_jax.data.study import find_studies, load_study
-        return find_studies, load_study
-    except ImportError:
-        return _find, _load
-
-
 @pytest.fixture()
 def dataset(tmp_path):
     data = tmp_path / "data"
@@ -109,10 +90,9 @@ def dataset(tmp_path):
 def test_prepare_store_and_rerun(dataset, tmp_path):
     data, paths = dataset
     (paths[3] / "SEG.nii.gz").unlink()  # an unlabeled study
-    find_fn, load_fn = _loaders()
     cache = tmp_path / "cache"
     lines = []
-    s = prepare_dataset(data, cache, spacing_mm=6.0, seed=0, find_fn=find_fn, load_fn=load_fn, log=lines.append)
+    s = prepare_dataset(data, cache, spacing_mm=6.0, seed=0, log=lines.append)
     assert len(s["prepared"]) == 4 and not s["failed"]
     assert "summary" in lines[-1]
     store = CaseStore(cache)
@@ -144,7 +124,7 @@ def test_prepare_store_and_rerun(dataset, tmp_path):
     json.loads((cache / "manifest.json").read_text())  # strict JSON (NaN written as null)
     # re-run: everything skipped, arrays untouched
     mt = (cache / "cases" / store.ids[0] / "ct.npy").stat().st_mtime_ns
-    s2 = prepare_dataset(data, cache, find_fn=find_fn, load_fn=load_fn, log=lambda m: None)
+    s2 = prepare_dataset(data, cache, log=lambda m: None)
     assert len(s2["skipped"]) == 4 and not s2["prepared"]
     assert (cache / "cases" / store.ids[0] / "ct.npy").stat().st_mtime_ns == mt
     assert CaseStore(cache).manifest["cases"] == store.manifest["cases"]
@@ -156,9 +136,8 @@ def test_prepare_reports_corrupt_case(dataset, tmp_path):
     data, paths = dataset
     bad = paths[1] / "SUV.nii.gz"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated gzip
-    find_fn, load_fn = _loaders()
     lines = []
-    s = prepare_dataset(data, tmp_path / "c", find_fn=find_fn, load_fn=load_fn, log=lines.append)
+    s = prepare_dataset(data, tmp_path / "c", log=lines.append)
     assert s["failed"] == [paths[1].name] and len(s["prepared"]) == 3
     assert sum("FAILED" in m and paths[1].name in m for m in lines) == 1
     assert paths[1].name not in CaseStore(tmp_path / "c").ids
@@ -168,3 +147,22 @@ def test_prepare_reports_corrupt_case(dataset, tmp_path):
 def test_study_id(tmp_path):
     (tmp_path / "PETCT_a" / "2001-01").mkdir(parents=True)
     assert study_id(tmp_path, tmp_path / "PETCT_a" / "2001-01") == ("PETCT_a__2001-01", "PETCT_a")
+
+
+def test_prepare_cli(dataset, tmp_path):
+    data, paths = dataset
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [paths[0].name, paths[1].name], "val": [paths[2].name], "test": []}))
+    cache = tmp_path / "cli_cache"
+    cmd = [sys.executable, "-m", "clips_jax.data.prepare", "--input", str(data), "--output", str(cache),
+           "--split", str(split), "--dtype", "float16"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "summary: 4 studies, 4 prepared" in r.stdout
+    store = CaseStore(cache)
+    assert [store.cases[i]["split"] for i in range(4)] == ["train", "train", "val", "unused"]
+    assert store.case_arrays(0)["ct"].dtype == np.float16
+    (paths[3] / "CTres.nii.gz").write_bytes(b"not a nifti")
+    (cache / "cases" / paths[3].name / "ct.npy").unlink()  # forces a redo of that case, which now fails
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "1 failed" in r.stdout and "3 already done" in r.stdout
