@@ -20,7 +20,8 @@ several --pred, OUT/boxplots.png (Dice, NSD, TMTV error per experiment).
 
 Problems with single cases (missing on one side, unreadable file, prediction or SUV grid differing from
 the ground-truth grid) are printed on stderr, listed in summary.md, and the case is skipped; the other
-cases go on. Exit status: 0 if at least one case was scored, 1 if none, 2 on a usage error.
+cases go on. Exit status: 0 if at least one case was scored, 1 if none, 2 on a usage error or a missing
+or empty folder.
 """
 
 from __future__ import annotations
