@@ -114,7 +114,7 @@ def predefined_ranks(case_table: CaseTable, cfg: PredefinedConfig) -> tuple[np.n
     ranks = ranks_from_scores(scores, eligible)
     if cfg.order == "anti":
         ranks = np.where(eligible, n_ranked - 1 - ranks, ranks).astype(np.int32)
-    elif cfg.order == "random":
+    elif cfg.order == "random" and n_ranked > 0:
         perm = np.random.default_rng(cfg.seed).permutation(n_ranked).astype(np.int32)
         ranks = np.where(eligible, perm[np.minimum(ranks, max(n_ranked - 1, 0))], ranks).astype(np.int32)
     return ranks, neg, n_ranked
