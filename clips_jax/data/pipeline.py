@@ -166,14 +166,47 @@ def crop_patch(arrays: dict, start, patch_shape, matrix: np.ndarray | None = Non
     ext = np.abs(matrix) @ half
     lo = np.floor(centre - ext).astype(int) - 1
     hi = np.ceil(centre + ext).astype(int) + 2
-    offset = centre - lo - matrix @ half
-    out = []
-    for name, fill, dt, order in (("ct", PAD_HU, np.float32, 1), ("suv", PAD_SUV, np.float32, 1),
-                                  ("seg", 0, np.uint8, 0)):
-        box = _read_box(arrays[name], lo, hi, fill, dt)
-        out.append(ndi.affine_transform(box, matrix, offset=offset, output_shape=tuple(p), order=order,
-                                        mode="constant", cval=fill, prefilter=False).astype(dt, copy=False))
-    return tuple(out)
+    boxes = [_read_box(arrays["ct"], lo, hi, PAD_HU, np.float32),
+             _read_box(arrays["suv"], lo, hi, PAD_SUV, np.float32),
+             _read_box(arrays["seg"], lo, hi, 0, np.uint8)]
+    return _affine_sample(boxes, np.asarray(matrix, np.float64), centre - lo, half, tuple(p))
+
+
+def _affine_sample(boxes, matrix, centre_in_box, half, out_shape):
+    """Sample boxes[0:2] trilinearly and boxes[2] by nearest neighbour at `centre + matrix @ (o - half)`.
+
+    Same result as `scipy.ndimage.affine_transform(order=1 / order=0)` where all sample points lie inside
+    the box (guaranteed by `crop_patch`'s margins), but the coordinates and weights are computed once for
+    all arrays with vectorised NumPy (about 3x faster than three affine_transform calls).
+    """
+    d = [np.arange(n, dtype=np.float64) - h for n, h in zip(out_shape, half)]
+    coords = []
+    for a in range(3):
+        c = (matrix[a, 0] * d[0][:, None, None] + matrix[a, 1] * d[1][None, :, None]
+             + matrix[a, 2] * d[2][None, None, :] + centre_in_box[a])
+        coords.append(c)
+    shape = np.asarray(boxes[0].shape)
+    strides = (shape[1] * shape[2], shape[2], 1)
+    # nearest neighbour (labels)
+    near = sum(np.clip(np.rint(c), 0, n - 1).astype(np.intp) * s for c, n, s in zip(coords, shape, strides))
+    seg = boxes[2].ravel()[near]
+    # trilinear (images); margins keep i0 in [0, n - 2]
+    i0 = [np.clip(np.floor(c), 0, n - 2).astype(np.intp) for c, n in zip(coords, shape)]
+    fr = [(c - i).astype(np.float32) for c, i in zip(coords, i0)]
+    base = i0[0] * strides[0] + i0[1] * strides[1] + i0[2]
+    del coords, near
+    out = [np.zeros(out_shape, np.float32), np.zeros(out_shape, np.float32)]
+    flats = [boxes[0].ravel(), boxes[1].ravel()]
+    for dz in (0, 1):
+        wz = fr[0] if dz else 1.0 - fr[0]
+        for dy in (0, 1):
+            wzy = wz * (fr[1] if dy else 1.0 - fr[1])
+            for dx in (0, 1):
+                w = wzy * (fr[2] if dx else 1.0 - fr[2])
+                idx = base + (dz * strides[0] + dy * strides[1] + dx)
+                for o, fl in zip(out, flats):
+                    o += w * fl[idx]
+    return out[0], out[1], seg
 
 
 def _start_uniform(rng, shape, p) -> np.ndarray:
