@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from clips_jax.curricula.core import (HARDER_WHEN, Array, CaseTable, Curriculum, Observation, State, check,
