@@ -57,7 +57,7 @@ class Ensemble(nnx.Module):
 
     def __call__(self, x: jax.Array, sigma: jax.Array | None = None) -> jax.Array:
         p = self.member_probabilities(x, sigma)
-        return self.stacking(p.astype(self.stacking.kernel.value.dtype if self.stacking.dtype is None
+        return self.stacking(p.astype(self.stacking.kernel[...].dtype if self.stacking.dtype is None
                                       else self.stacking.dtype))
 
     def member(self, i: int) -> UNet:
