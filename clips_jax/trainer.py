@@ -1,0 +1,584 @@
+"""Training: the compiled data-parallel train step, the curriculum-driven loop, validation and checkpoints.
+
+`train_and_evaluate(config, workdir)` is everything `python -m clips_jax.train` does:
+
+1. Data: the case store named by `config.data.store`, or (empty) built-in phantoms generated and prepared
+   into `config.data.phantoms.cache` on first use.
+2. Model: a U-Net (from scratch, or initialised from converted TMTV-Net weights: fine-tuning), the refiner,
+   or only the stacking conv of a converted ensemble (`config.model.kind`).
+3. One pure train step `step(state, batch, sigma) -> (state, metrics)` compiled once with `jax.jit`, the
+   state donated and replicated, the batch sharded over a 1-D `Mesh` of all devices (axis "data"):
+   gradients of the global-mean loss are all-reduced by the compiler (GSPMD). Non-finite loss or gradient:
+   the update is skipped inside the step and counted; after `max_nonfinite` in a row the run stops.
+4. The curriculum (`clips_jax.curricula`) gives per-case sampling weights per stage of
+   `curriculum.stage_steps` steps (the grain pipeline is rebuilt at each stage), a smoothing sigma per step
+   (a traced argument: never recompiles), and is updated after every step with the per-case losses (and, for
+   the bandit, the prediction gain measured by a second forward pass on the same batch).
+5. Validation every `eval.every_steps` steps by whole-volume tiled inference on the validation split
+   (Dice, TMTV error, FP/FN volumes); metrics as JSON lines in `workdir/metrics.jsonl`.
+6. Orbax checkpoints in `workdir/checkpoints/last` (the last `checkpoint.keep`) and
+   `workdir/checkpoints/best` (best validation Dice): parameters, optimizer state, step, curriculum state,
+   data-iterator state and stage. Re-running the same command resumes exactly where the last checkpoint was.
+
+Multi-host: call `maybe_initialize_distributed()` first (train.py does); every process runs this same code,
+reads its slice of each global batch and takes part in every checkpoint save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clips_jax import curricula, losses
+from clips_jax.curricula.core import zero_sigma
+from clips_jax.data.pipeline import make_eval_cases, make_train_iterator
+from clips_jax.data.store import CaseStore
+from clips_jax.errors import ClipsError, ConfigError
+from clips_jax.fileio import write_text_atomic
+from clips_jax.inference import argmax_mask, nnx_predictor, tiled_inference
+from clips_jax.metrics import dice as dice_score
+from clips_jax.metrics.lesions import fpv_fnv_ml, lesion_overlaps
+from clips_jax.model import Ensemble, Refiner, UNet, load_model, read_weights_meta
+
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+class TrainingDiverged(ClipsError):
+    """Raised when the loss or gradient stayed non-finite for `max_nonfinite` steps in a row."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed set-up
+# ---------------------------------------------------------------------------------------------------------
+
+def maybe_initialize_distributed() -> None:
+    """Call `jax.distributed.initialize` when this process is one of several, else do nothing.
+
+    Explicit launch (e.g. two processes on one machine): set `CLIPS_COORDINATOR=host:port`,
+    `CLIPS_NUM_PROCESSES=N` and `CLIPS_PROCESS_ID=i` in each process's environment. On a cluster JAX detects
+    SLURM / Open MPI / Kubernetes itself when `CLIPS_DISTRIBUTED=auto` is set. Must run before any other JAX
+    call.
+    """
+    coord = os.environ.get("CLIPS_COORDINATOR")
+    if coord:
+        if jax.config.read("jax_platforms") in (None, "", "cpu") and not _has_gpu_env():
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coord,
+                                   num_processes=int(os.environ["CLIPS_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["CLIPS_PROCESS_ID"]))
+    elif os.environ.get("CLIPS_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+
+
+def _has_gpu_env() -> bool:
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) and os.environ.get("CUDA_VISIBLE_DEVICES") != "-1"
+
+
+def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh (axis "data") over the first `num_devices` devices (0 = all, all hosts)."""
+    devices = jax.devices()
+    n = len(devices) if num_devices in (0, None) else int(num_devices)
+    if not 1 <= n <= len(devices):
+        raise ConfigError(f"num_devices={num_devices}: {len(devices)} devices available")
+    return jax.sharding.Mesh(np.asarray(devices[:n]), ("data",),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model, optimiser, state
+# ---------------------------------------------------------------------------------------------------------
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Callable]:
+    """The network to train and a filter selecting its trainable parameters.
+
+    `config.model.kind`:
+      "unet": `UNet(5 -> 2)` with `channels`, `init_channels`, `bottleneck_kernel`; or, if `init_weights` names
+        a converted weights directory, its "unet" model or member `init_member` of its "ensemble" (then the
+        architecture comes from the weights). All parameters train.
+      "stacking": the converted "ensemble" of `init_weights`; only the stacking conv trains (the original
+        trains its 4 members separately and freezes them under the stacking conv).
+      "refiner": `Refiner(6 -> 2)` (or the converted "refiner"); the 6th input channel is the stage-A lesion
+        probability stored in the case store (`python -m clips_jax.data.stage_a`). All parameters train.
+    """
+    m = config.model
+    dtype = DTYPES.get(m.dtype)
+    if m.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={m.dtype!r}: use one of {sorted(DTYPES)}")
+    rngs = nnx.Rngs(int(config.seed))
+    weights = m.get("init_weights", "")
+    if m.kind == "unet":
+        if weights:
+            names = read_weights_meta(weights)["models"]
+            if "unet" in names:
+                model = load_model(weights, "unet", dtype=dtype)
+            elif "ensemble" in names:
+                model = load_model(weights, "ensemble", dtype=dtype).member(int(m.init_member))
+            else:
+                raise ConfigError(f"{weights}: has no 'unet' or 'ensemble' model to fine-tune ({sorted(names)})")
+        else:
+            model = UNet(5, 2, channels=tuple(m.channels), init_channels=m.get("init_channels") or None,
+                         bottleneck_kernel=int(m.bottleneck_kernel), dtype=dtype, rngs=rngs)
+        return model, nnx.Param
+    if m.kind == "stacking":
+        if not weights:
+            raise ConfigError("model.kind='stacking' needs model.init_weights: a converted ensemble directory")
+        model = load_model(weights, "ensemble", dtype=dtype)
+        return model, nnx.All(nnx.Param, nnx.PathContains("stacking"))
+    if m.kind == "refiner":
+        if weights:
+            model = load_model(weights, "refiner", dtype=dtype)
+        else:
+            model = Refiner(6, 2, features=int(m.refiner_features), n_blocks=int(m.refiner_blocks),
+                            dtype=dtype, rngs=rngs)
+        return model, nnx.Param
+    raise ConfigError(f"model.kind={m.kind!r}: use 'unet', 'stacking' or 'refiner'")
+
+
+def cosine_restarts_schedule(lr: float, period_steps: int, decay: float = 0.9, warmup_steps: int = 0
+                             ) -> optax.Schedule:
+    """Cosine annealing with warm restarts (reference 5.3): within each period of `period_steps` the rate goes
+    from `lr * decay**k` (k = completed periods) down to 0 along a half cosine; optional linear warm-up."""
+    period = max(1, int(period_steps))
+
+    def schedule(count):
+        t = jnp.maximum(count - warmup_steps, 0)
+        k = t // period
+        frac = (t % period) / period
+        value = lr * (decay ** k) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        if warmup_steps:
+            value = jnp.where(count < warmup_steps, lr * (count + 1) / warmup_steps, value)
+        return value
+
+    return schedule
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 1e-6) after global-norm clipping (1.0), with
+    cosine warm restarts (period `optim.restart_steps`, x0.9 per restart)."""
+    o = config.optim
+    sched = cosine_restarts_schedule(o.lr, o.restart_steps or config.steps, o.restart_decay, o.warmup_steps)
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                       optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """The compiled functions of one run (built once by `make_step_fns`)."""
+
+    train_step: Callable   # (state, batch, sigma) -> (state, metrics)
+    graphdef: Any
+    schedule_lr: Callable
+
+
+def init_train_state(model: nnx.Module, trainable, tx: optax.GradientTransformation) -> tuple[Any, dict]:
+    """Split the model into (graphdef, state). `state` is the pytree the step donates and checkpoints:
+    `{"params": trainable params, "rest": everything else, "opt_state", "step", "nonfinite", "skipped"}`."""
+    graphdef, params, rest = nnx.split(model, trainable, ...)
+    state = {"params": params, "rest": rest, "opt_state": tx.init(params),
+             "step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32)}
+    return graphdef, state
+
+
+def make_loss_fn(graphdef, config: ml_collections.ConfigDict, use_sigma: bool) -> Callable:
+    """`loss_fn(params, rest, batch, sigma) -> (mean loss, (per-sample loss (B,), terms))`."""
+    lc = config.loss
+    kw = dict(alpha=lc.alpha, beta=lc.beta, lam=lc.lam, form=lc.form, eta=lc.eta)
+    deep = config.model.kind == "unet" and lc.deep_supervision
+
+    def loss_fn(params, rest, batch, sigma):
+        model = nnx.merge(graphdef, params, rest)
+        x = batch["image"]
+        s = sigma if use_sigma else None
+        if deep:
+            outs = [o.astype(jnp.float32) for o in model(x, s, deep_supervision=True)]
+            per_sample, terms = losses.deep_supervision_loss(outs, batch["label"], x, batch["labeled"],
+                                                             weights=tuple(lc.ds_weights), **kw)
+        else:
+            logits = model(x, s).astype(jnp.float32)
+            per_sample, terms = losses.combined_loss(logits, batch["label"], x, batch["labeled"], **kw)
+        return jnp.mean(per_sample), (per_sample, terms)
+
+    return loss_fn
+
+
+def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                    use_sigma: bool, with_gain: bool) -> Callable:
+    """The pure train step `(state, batch, sigma) -> (state, metrics)` (not yet jitted).
+
+    batch: `{"image": (B, D, H, W, C) float32, "label": (B, D, H, W) int32, "labeled": (B,) bool}`.
+    metrics: scalar "loss", "grad_norm", "finite" (bool: update applied), "lr"; "per_sample" (B,) losses;
+    "gain" (prediction gain L(theta) - L(theta') on the same batch; only with `with_gain`).
+    A non-finite loss or gradient norm leaves params and optimizer state unchanged (the step still counts).
+    """
+    loss_fn = make_loss_fn(graphdef, config, use_sigma)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, batch, sigma):
+        (loss, (per_sample, _)), grads = grad_fn(state["params"], state["rest"], batch, sigma)
+        gnorm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new = dict(state)
+        new["params"] = keep(params, state["params"])
+        new["opt_state"] = keep(opt_state, state["opt_state"])
+        new["step"] = state["step"] + 1
+        new["nonfinite"] = jnp.where(finite, 0, state["nonfinite"] + 1)
+        new["skipped"] = state["skipped"] + (~finite).astype(jnp.int32)
+        metrics = {"loss": loss, "per_sample": per_sample, "grad_norm": gnorm, "finite": finite}
+        if with_gain:
+            after, _ = loss_fn(new["params"], state["rest"], batch, sigma)
+            metrics["gain"] = loss - after
+        return new, metrics
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+
+def ensure_store(config: ml_collections.ConfigDict, log: Callable[[str], None]) -> CaseStore:
+    """Open `config.data.store`, or generate + prepare the built-in phantoms (cached) when it is empty."""
+    d = config.data
+    if d.store:
+        return CaseStore(d.store)
+    ph = d.phantoms
+    cache = Path(ph.cache).expanduser()
+    store_dir = cache / f"store_{ph.size}_n{ph.cases}_s{ph.seed}_{d.spacing_mm:g}mm"
+    if not (store_dir / "manifest.json").is_file() or len(CaseStore(store_dir)) < ph.cases:
+        from clips_jax.data.phantoms import write_phantoms
+        from clips_jax.data.prepare import prepare_dataset
+        raw = cache / f"phantoms_{ph.size}_s{ph.seed}"
+        if jax.process_index() == 0:
+            log(f"generating {ph.cases} synthetic PET/CT phantoms ({ph.size}) into {raw} (first run only)")
+            write_phantoms(raw, ph.cases, ph.seed, ph.size)
+            prepare_dataset(raw, store_dir, spacing_mm=d.spacing_mm, seed=ph.seed, log=log)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("phantoms")
+    return CaseStore(store_dir)
+
+
+def curriculum_options(config: ml_collections.ConfigDict) -> dict:
+    """Options for `curricula.get_curriculum`: the config's `curriculum.options` plus `steps_per_epoch`."""
+    opts = dict(config.curriculum.options.to_dict() if hasattr(config.curriculum.options, "to_dict")
+                else config.curriculum.options)
+    opts.setdefault("steps_per_epoch", int(config.curriculum.steps_per_epoch))
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------
+
+def evaluate_cases(model: nnx.Module, store: CaseStore, indices, config: ml_collections.ConfigDict) -> dict:
+    """Whole-volume tiled inference on store cases; returns mean metrics and per-case rows.
+
+    Per case (on the store grid, masks = argmax of blended probabilities): Dice (NaN for a lesion-free case),
+    absolute TMTV error (ml), autoPET FP and FN component volumes (ml, 18-connectivity).
+    Returns `{"val_dice": mean Dice over lesion cases, "val_tmtv_abs_err_ml", "val_fpv_ml", "val_fnv_ml",
+    "cases": [...]}`.
+    """
+    e = config.eval
+    predictor, params = nnx_predictor(model)
+    rows = []
+    for case in make_eval_cases(store, np.asarray(indices, dtype=np.int64)):
+        probs = tiled_inference(case["image"], predictor, params=params, tile_shape=tuple(e.tile_shape),
+                                step=tuple(e.tile_step), batch_size=int(e.batch_size))
+        pred = argmax_mask(probs).astype(bool)
+        truth = case["label"] > 0
+        vox_ml = case["geometry"].voxel_volume_ml
+        fpv, fnv = fpv_fnv_ml(lesion_overlaps(pred, truth), vox_ml)
+        rows.append({"id": case["id"], "dice": dice_score(pred, truth) if truth.any() else float("nan"),
+                     "tmtv_pred_ml": float(pred.sum() * vox_ml), "tmtv_true_ml": float(truth.sum() * vox_ml),
+                     "fpv_ml": fpv, "fnv_ml": fnv})
+    mean = lambda k: float(np.nanmean([r[k] for r in rows])) if rows and not all(  # noqa: E731
+        np.isnan(r[k]) for r in rows) else float("nan")
+    for r in rows:
+        r["tmtv_abs_err_ml"] = abs(r["tmtv_pred_ml"] - r["tmtv_true_ml"])
+    return {"val_dice": mean("dice"), "val_tmtv_abs_err_ml": mean("tmtv_abs_err_ml"),
+            "val_fpv_ml": mean("fpv_ml"), "val_fnv_ml": mean("fnv_ml"), "cases": rows}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------------------
+
+class MetricsWriter:
+    """Appends one JSON object per line to `workdir/metrics.jsonl` (process 0 only) and prints progress."""
+
+    def __init__(self, workdir: Path, quiet: bool = False):
+        self.path = workdir / "metrics.jsonl"
+        self.primary = jax.process_index() == 0
+        self.quiet = quiet
+
+    def write(self, row: dict) -> None:
+        if self.primary:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(_jsonable(row)) + "\n")
+
+    def log(self, line: str) -> None:
+        if self.primary and not self.quiet:
+            print(line, flush=True)
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.generic, jax.Array)):
+        v = np.asarray(v).tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def read_metrics(workdir: str | os.PathLike, kind: str | None = None) -> list[dict]:
+    """Rows of `workdir/metrics.jsonl` (optionally only `kind` = "train" / "eval"), the last row per
+    (kind, step) kept: a resumed run re-logs the steps after its last checkpoint."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if kind is None or r.get("kind") == kind:
+                rows[(r.get("kind"), r.get("step"))] = r
+    return sorted(rows.values(), key=lambda r: (r.get("step", 0), str(r.get("kind"))))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------
+
+def _checkpoint_managers(workdir: Path, config) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+    ck = config.checkpoint
+    last = ocp.CheckpointManager(
+        (workdir / "checkpoints" / "last").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=int(ck.keep), create=True,
+                                             enable_async_checkpointing=False))
+    best = ocp.CheckpointManager(
+        (workdir / "checkpoints" / "best").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_dice"], best_mode="max",
+                                             keep_checkpoints_without_metrics=False, create=True,
+                                             enable_async_checkpointing=False))
+    return last, best
+
+
+def _abstract(tree, sharding):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Train as `config` says, writing everything to `workdir`; resume if `workdir` has a checkpoint.
+
+    Returns the final summary dict (also written to `workdir/summary.json`): steps, skipped updates,
+    wall time, step rate, initial and final validation metrics, curriculum name.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    writer = MetricsWriter(workdir, quiet=bool(config.get("quiet", False)))
+    if jax.process_index() == 0:
+        write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=1, sort_keys=True))
+
+    store = ensure_store(config, writer.log)
+    train_idx = store.split_indices("train")
+    val_idx = store.split_indices(config.eval.split)[: int(config.eval.max_cases) or None]
+    if len(train_idx) == 0:
+        raise ConfigError(f"case store {store.cache_dir}: no training cases (split 'train' is empty)")
+    if not config.data.use_unlabeled:
+        train_idx = train_idx[store.has_seg[train_idx]]
+    position = np.full(len(store), -1, np.int64)
+    position[train_idx] = np.arange(len(train_idx))
+
+    # Curriculum over the training cases.
+    table = curricula.case_table_from_manifest(store.manifest["cases"], [store.ids[i] for i in train_idx])
+    cur = curricula.get_curriculum(config.curriculum.name, **curriculum_options(config))
+    cur_state = cur.init(table)
+    if not jax.tree.leaves(cur_state):
+        cur_state = {"_empty": jnp.zeros((), jnp.int32)}
+    use_sigma = cur.sigma is not zero_sigma
+    with_gain = isinstance(cur.config, curricula.Exp3SConfig)  # the bandit's reward is the prediction gain
+    cur_weights = jax.jit(cur.weights)
+    cur_update = jax.jit(cur.update)
+    cur_sigma = jax.jit(cur.sigma)
+
+    # Model, optimiser, compiled step.
+    mesh = make_mesh(int(config.num_devices))
+    if config.data.batch_size % mesh.size:
+        raise ConfigError(f"data.batch_size={config.data.batch_size} must be divisible by the {mesh.size} devices")
+    repl, dsh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    model, trainable = build_model(config)
+    tx = make_optimizer(config)
+    graphdef, state = init_train_state(model, trainable, tx)
+    state = jax.device_put(state, repl)
+    step_fn = jax.jit(make_train_step(graphdef, config, tx, use_sigma, with_gain), donate_argnums=(0,),
+                      out_shardings=(repl, repl))
+
+    last_mgr, best_mgr = _checkpoint_managers(workdir, config)
+    stage_steps = int(config.curriculum.stage_steps)
+    start_step, stage, stage_weights, data_state = 0, 0, None, None
+    if last_mgr.latest_step() is not None:
+        restored = last_mgr.restore(last_mgr.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(state, repl)),
+            curriculum=ocp.args.StandardRestore(_abstract(cur_state, repl)),
+            meta=ocp.args.JsonRestore()))
+        state, cur_state = restored.state, restored.curriculum
+        meta = restored.meta
+        start_step, stage = int(meta["step"]), int(meta["stage"])
+        stage_weights = np.asarray(meta["stage_weights"], np.float64)
+        data_state = meta["data_state"][jax.process_index()] if meta.get("data_state") else None
+        writer.log(f"resumed from {workdir / 'checkpoints' / 'last'} at step {start_step} (stage {stage})")
+
+    def new_iterator(stage_no: int, weights: np.ndarray):
+        return make_train_iterator(store, weights, seed=int(config.seed), stage=stage_no,
+                                   batch_size=int(config.data.batch_size),
+                                   patch_shape=tuple(config.data.patch_shape),
+                                   num_workers=int(config.data.num_workers), case_indices=train_idx,
+                                   p_foreground=float(config.data.p_foreground), augment=bool(config.data.augment),
+                                   num_batches=stage_steps)
+
+    def eval_model(st) -> nnx.Module:
+        return nnx.merge(graphdef, jax.device_get(st["params"]), jax.device_get(st["rest"]))
+
+    def save(step_no: int, it, force=False):
+        if int(jax.device_get(state["nonfinite"])) > 0 and not force:
+            return  # never checkpoint while the run is in a non-finite streak
+        data_states = [it.get_state()["grain"]] if it is not None else None
+        if data_states is not None and jax.process_count() > 1:
+            data_states = multihost_utils.process_allgather(
+                np.asarray([data_states[0]["next_index"]]), tiled=False).reshape(-1).tolist()
+            data_states = [{"next_index": int(v)} for v in data_states]
+        meta = {"step": step_no, "stage": stage, "stage_weights": np.asarray(stage_weights).tolist(),
+                "data_state": data_states, "curriculum": config.curriculum.name}
+        last_mgr.save(step_no, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       curriculum=ocp.args.StandardSave(cur_state),
+                                                       meta=ocp.args.JsonSave(meta)), force=True)
+
+    total = int(config.steps)
+    summary: dict[str, Any] = {"curriculum": config.curriculum.name, "start_step": start_step}
+    if start_step == 0 and config.eval.at_start and len(val_idx):
+        ev = evaluate_cases(eval_model(state), store, val_idx, config)
+        summary["initial"] = {k: v for k, v in ev.items() if k != "cases"}
+        writer.write({"kind": "eval", "step": 0, **ev})
+        writer.log(f"step 0 (untrained): val Dice {ev['val_dice']:.4f}  TMTV |err| {ev['val_tmtv_abs_err_ml']:.1f} ml")
+
+    poison = set(int(s) for s in config.debug.poison_steps)
+    it = None
+    t0, steps_done, step_no = time.time(), 0, start_step
+    while step_no < total:
+        if it is None or step_no % stage_steps == 0:
+            new_stage = step_no // stage_steps
+            if stage_weights is None or new_stage != stage:
+                stage = new_stage
+                stage_weights = np.asarray(jax.device_get(cur_weights(cur_state, jnp.int32(step_no))), np.float64)
+                data_state = None
+                writer.write({"kind": "curriculum", "step": step_no, "stage": stage,
+                              **curricula.summarise_weights(stage_weights, table),
+                              "sigma": float(cur_sigma(cur_state, jnp.int32(step_no)))})
+            it = new_iterator(stage, stage_weights)
+            if data_state is not None:
+                it.grain_iterator.set_state(data_state)
+                data_state = None
+        local = next(it)
+        if step_no in poison:
+            local = dict(local, image=np.full_like(local["image"], np.nan))
+        batch = {k: jax.make_array_from_process_local_data(dsh, np.asarray(local[k]))
+                 for k in ("image", "label", "labeled")}
+        sigma = cur_sigma(cur_state, jnp.int32(step_no))
+        state, metrics = step_fn(state, batch, sigma)
+        step_no += 1
+        steps_done += 1
+
+        case_index = np.asarray(local["case_index"])
+        per_sample = metrics["per_sample"]
+        if jax.process_count() > 1:
+            case_index = multihost_utils.process_allgather(case_index, tiled=True)
+            per_sample = multihost_utils.process_allgather(per_sample, tiled=True)
+        m = jax.device_get({k: v for k, v in metrics.items() if k != "per_sample"})
+        per_sample = np.asarray(jax.device_get(per_sample))
+        obs = curricula.make_observation(position[case_index], np.where(m["finite"], per_sample, np.nan),
+                                         m.get("gain", float("nan")) if m["finite"] else float("nan"),
+                                         step_no - 1)
+        cur_state = cur_update(cur_state, obs)
+        row = {"kind": "train", "step": step_no, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+               "finite": bool(m["finite"]), "sigma": float(sigma), "lr": float(_lr(config, step_no - 1)),
+               "cases": [store.ids[i] for i in case_index], "case_losses": per_sample.tolist()}
+        if "gain" in m:
+            row["gain"] = float(m["gain"])
+        writer.write(row)
+        nonfinite = int(jax.device_get(state["nonfinite"]))
+        if nonfinite >= int(config.max_nonfinite):
+            last_mgr.wait_until_finished()
+            raise TrainingDiverged(
+                f"loss or gradient non-finite for {nonfinite} steps in a row (up to step {step_no}); updates "
+                f"were skipped and the last good checkpoint is kept in {workdir / 'checkpoints' / 'last'} "
+                f"(step {last_mgr.latest_step()}). Lower optim.lr, check the input data, or raise max_nonfinite.")
+        if step_no % int(config.log_every) == 0 or step_no == total:
+            rate = steps_done / max(time.time() - t0, 1e-9)
+            writer.log(f"step {step_no}/{total}  loss {float(m['loss']):.4f}  |g| {float(m['grad_norm']):.3f}  "
+                       f"sigma {float(sigma):.3f}  {rate:.2f} step/s  ETA {_fmt_time((total - step_no) / rate)}")
+        if config.eval.every_steps and (step_no % int(config.eval.every_steps) == 0 or step_no == total) \
+                and len(val_idx):
+            ev = evaluate_cases(eval_model(state), store, val_idx, config)
+            writer.write({"kind": "eval", "step": step_no, **ev})
+            writer.log(f"step {step_no}: val Dice {ev['val_dice']:.4f}  TMTV |err| {ev['val_tmtv_abs_err_ml']:.1f} ml"
+                       f"  FPV {ev['val_fpv_ml']:.1f} ml  FNV {ev['val_fnv_ml']:.1f} ml")
+            summary["final"] = {k: v for k, v in ev.items() if k != "cases"}
+            if np.isfinite(ev["val_dice"]) and int(jax.device_get(state["nonfinite"])) == 0:
+                best_mgr.save(step_no, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]})),
+                    metrics={"val_dice": float(ev["val_dice"])}, force=True)
+        if step_no % int(config.checkpoint.every_steps) == 0 or step_no == total:
+            save(step_no, it)
+        if 0 <= int(config.debug.stop_after_steps) <= step_no - start_step:
+            last_mgr.wait_until_finished()
+            raise SystemExit(f"debug.stop_after_steps: stopping at step {step_no} (simulated interruption)")
+
+    last_mgr.wait_until_finished()
+    best_mgr.wait_until_finished()
+    elapsed = time.time() - t0
+    summary.update({"steps": total, "steps_this_run": steps_done, "skipped_updates":
+                    int(jax.device_get(state["skipped"])), "wall_s": round(elapsed, 2),
+                    "steps_per_s": round(steps_done / max(elapsed, 1e-9), 3), "devices": mesh.size,
+                    "processes": jax.process_count(), "best_checkpoint_step": best_mgr.best_step()})
+    if jax.process_index() == 0:
+        write_text_atomic(workdir / "summary.json", json.dumps(_jsonable(summary), indent=1))
+        if "final" in summary:
+            init = summary.get("initial", {}).get("val_dice", float("nan"))
+            writer.log(f"done: {steps_done} steps in {_fmt_time(elapsed)} ({summary['steps_per_s']} step/s); "
+                       f"val Dice {init:.4f} (untrained) -> {summary['final']['val_dice']:.4f}; "
+                       f"skipped updates {summary['skipped_updates']}; workdir {workdir}")
+    return summary
+
+
+def _lr(config, step: int) -> float:
+    o = config.optim
+    return float(cosine_restarts_schedule(o.lr, o.restart_steps or config.steps, o.restart_decay,
+                                          o.warmup_steps)(step))

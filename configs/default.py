@@ -1,0 +1,106 @@
+"""The embedded default: train a narrow TMTV-Net U-Net on built-in synthetic PET/CT phantoms (CPU, minutes).
+
+    python -m clips_jax.train                                   # this config
+    python -m clips_jax.train --config configs/default.py:tiny  # seconds; what the tests run
+
+Everything that changes a result is here; a run's `workdir/config.json` reproduces it.
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = 300
+    c.num_devices = 0            # 0 = all devices (all hosts)
+    c.log_every = 10
+    c.max_nonfinite = 5          # stop after this many non-finite steps in a row
+    c.quiet = False
+
+    c.data = ml_collections.ConfigDict()
+    c.data.store = ""            # a case store from `python -m clips_jax.data.prepare`; "" = built-in phantoms
+    c.data.spacing_mm = 6.0      # training grid (TMTV-Net stage A: 6 mm isotropic)
+    c.data.patch_shape = (64, 64, 64)   # (z, y, x) voxels, divisible by 16 (TMTV-Net: 128 x 96 x 96)
+    c.data.batch_size = 2        # global batch (all devices)
+    c.data.p_foreground = 0.5    # probability of centring a patch on a lesion voxel (original: 0)
+    c.data.augment = True
+    c.data.num_workers = 0       # grain worker processes (0 = threads in this process)
+    c.data.use_unlabeled = False  # also train on cases without SEG (Mumford-Shah term only)
+    c.data.phantoms = ml_collections.ConfigDict()
+    c.data.phantoms.cases = 16
+    c.data.phantoms.seed = 0
+    c.data.phantoms.size = "full"
+    c.data.phantoms.cache = "cache"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.kind = "unet"        # "unet" | "stacking" | "refiner"
+    c.model.channels = (16, 32, 48, 64)  # TMTV-Net: (64, 96, 128, 156)
+    c.model.init_channels = 8    # TMTV-Net: 32
+    c.model.bottleneck_kernel = 3  # TMTV-Net: 9
+    c.model.refiner_features = 32
+    c.model.refiner_blocks = 4
+    c.model.init_weights = ""    # converted TMTV-Net weights directory (fine-tuning)
+    c.model.init_member = 0      # which ensemble member to fine-tune
+    c.model.dtype = "float32"    # or "bfloat16" (parameters stay float32)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.form = "ms_dice_ce"   # alpha*MumfordShah + beta*Dice + lam*CE; "original" = Dice + 0.5*focal
+    c.loss.alpha = 1e-5
+    c.loss.beta = 1.0
+    c.loss.lam = 2.0
+    c.loss.eta = 1e-3            # Mumford-Shah total-variation weight
+    c.loss.deep_supervision = True
+    c.loss.ds_weights = (0.125, 0.25, 0.5, 1.0)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 1e-6
+    c.optim.clip_norm = 1.0
+    c.optim.restart_steps = 0    # cosine warm-restart period (0 = the whole run)
+    c.optim.restart_decay = 0.9
+    c.optim.warmup_steps = 0
+
+    c.curriculum = ml_collections.ConfigDict()
+    c.curriculum.name = "none"   # a preset of clips_jax.curricula.PRESETS (see docs/curricula.md)
+    c.curriculum.options = ml_collections.ConfigDict()
+    c.curriculum.steps_per_epoch = 10   # the unit curricula count epochs in
+    c.curriculum.stage_steps = 10       # sampling weights are recomputed every stage
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.split = "val"
+    c.eval.every_steps = 100
+    c.eval.at_start = True       # also evaluate the untrained model (step 0)
+    c.eval.max_cases = 0         # 0 = all
+    c.eval.tile_shape = (64, 64, 64)
+    c.eval.tile_step = (32, 32, 32)
+    c.eval.batch_size = 2
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 50
+    c.checkpoint.keep = 3
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.poison_steps = ()    # steps whose batch is replaced by NaN (tests the non-finite guard)
+    c.debug.stop_after_steps = -1  # >= 0: exit after that many steps of this run (simulated interruption)
+
+    if variant == "tiny":
+        c.steps = 6
+        c.log_every = 2
+        c.data.phantoms.cases = 6
+        c.data.phantoms.size = "small"
+        c.data.patch_shape = (32, 16, 16)
+        c.model.channels = (4, 4, 8, 8)
+        c.model.init_channels = 4
+        c.curriculum.steps_per_epoch = 2
+        c.curriculum.stage_steps = 2
+        c.eval.every_steps = 6
+        c.eval.tile_shape = (32, 16, 16)
+        c.eval.tile_step = (16, 8, 8)
+        c.checkpoint.every_steps = 2
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} of configs/default.py (use '' or 'tiny')")
+    return c
