@@ -144,22 +144,43 @@ def _shape(sd: Mapping, key: str) -> tuple | None:
     return tuple(v.shape) if v is not None else None
 
 
+def _count_indexed(sd: Mapping, prefix: str) -> int:
+    """1 + the largest n such that some key starts with `prefix{n}.` (0 if none)."""
+    idx = [int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))]
+    return max(idx) + 1 if idx else 0
+
+
+def _width(sd: Mapping, *keys: str) -> int | None:
+    """Output channels from the first present key: dim 0 of a conv weight, or the length of a 1-D vector."""
+    for k in keys:
+        s = _shape(sd, k)
+        if s:
+            return int(s[0])
+    return None
+
+
 def detect_unet_config(sd: Mapping[str, np.ndarray], prefix: str = "model.") -> dict:
     """UNet constructor config from the shapes of a single-U-Net state_dict (keys under `prefix`).
 
-    Reads in/init channels from the init conv, one width per `downs.{n}` conv (depth = number of consecutive
-    `downs.n` present), the bottleneck kernel size, and the head output channels. Anything absent or not 5-D
-    keeps its pretrained value (the strict check then reports the missing keys).
+    Reads in/init channels from the init conv, one width per `downs.{n}` level (depth = highest `downs.n`
+    present + 1; width from its conv weight, conv bias or norm vectors, whichever is present), the bottleneck
+    kernel size, and the head output channels. Anything absent keeps its pretrained value (the strict check
+    then reports the missing keys).
     """
     cfg = dict(PRETRAINED_UNET)
     b = prefix + "backbone."
     s = _shape(sd, f"{b}init_block.ops.0.ops.0.weight")
     if s and len(s) == 5:
         cfg["init_channels"], cfg["in_channels"] = s[0], s[1]
-    chans = []
-    while (s := _shape(sd, f"{b}downs.{len(chans)}.ops.ops.0.ops.0.weight")) and len(s) == 5:
-        chans.append(s[0])
-    if chans:
+    n_levels = _count_indexed(sd, f"{b}downs.")
+    if n_levels:
+        chans = []
+        for n in range(n_levels):
+            d = f"{b}downs.{n}.ops.ops."
+            w = _width(sd, d + "0.ops.0.weight", d + "0.ops.0.bias", d + "1.weight", d + "1.bias")
+            if w is None:  # this level has no keys at all: guess, the strict check names its keys as missing
+                w = PRETRAINED_UNET["channels"][n] if n < len(PRETRAINED_UNET["channels"]) else chans[-1]
+            chans.append(w)
         cfg["channels"] = chans
     s = _shape(sd, f"{b}middle_block.ops.ops.0.ops.0.weight")
     if s and len(s) == 5:
@@ -184,16 +205,16 @@ def detect_ensemble_config(sd: Mapping[str, np.ndarray]) -> dict:
 
 def detect_refiner_config(sd: Mapping[str, np.ndarray]) -> dict:
     """Refiner config from shapes: features / in channels / kernel of the first conv, number of residual blocks
-    (consecutive `model.ops.{i}.block_1` for i >= 1), out channels of the last conv."""
+    (highest i with a `model.ops.{i}.block_*` key), out channels of the last conv."""
     cfg = dict(PRETRAINED_REFINER)
     s = _shape(sd, "model.ops.0.ops.0.ops.0.weight")
     if s and len(s) == 5:
         cfg["features"], cfg["in_channels"], cfg["first_kernel"] = s[0], s[1], s[2]
-    n = 0
-    while _shape(sd, f"model.ops.{n + 1}.block_1.ops.0.ops.0.weight"):
-        n += 1
-    if n or any(re.match(r"model\.ops\.\d+\.", k) for k in sd):
-        cfg["n_blocks"] = n
+    blocks = [int(m.group(1)) for k in sd if (m := re.match(r"model\.ops\.(\d+)\.block_", k))]
+    if blocks:
+        cfg["n_blocks"] = max(blocks)
+    elif any(k.startswith("model.ops.") for k in sd):
+        cfg["n_blocks"] = 0
     s = _shape(sd, f"model.ops.{cfg['n_blocks'] + 1}.ops.0.ops.0.weight")
     if s and len(s) == 5:
         cfg["out_channels"] = s[0]

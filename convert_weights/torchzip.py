@@ -98,6 +98,9 @@ class SafeUnpickler(pickle.Unpickler):
             return _StorageType(name, bf16=name == "BFloat16Storage")
         if module == "torch.storage" and name == "UntypedStorage":
             return _StorageType("UntypedStorage")
+        if module == "torch" and name.endswith("Storage"):
+            raise WeightsError(f"{self._source}: tensors of type {name} are not supported; only fp32, fp16 and "
+                               "bf16 state_dicts are (convert the file with tensor.float() first)")
         raise WeightsError(f"{self._source}: refused to load: the pickle references {module}.{name}, which is "
                            "not a tensor storage or a dict (only plain state_dicts of fp32/fp16/bf16 tensors "
                            "are accepted; nothing in the file was executed)")
