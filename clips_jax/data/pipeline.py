@@ -31,6 +31,14 @@ Each element is a pure function of `(seed, stage, weights, g)`:
 Batches: `{"image": (B, D, H, W, 5) float32, "label": (B, D, H, W) int32, "case_index": (B,) int32
 (index in the CaseStore), "labeled": (B,) bool}` where B is the per-process batch.
 
+Extra input channels (the refiner): `extra_channels=("stage_a",)` reads the optional per-case array
+`cases/<id>/stage_a.npy` (the stage-A lesion probability on the stored grid, written by
+`python -m clips_jax.data.stage_a`) and appends it after the 5 image channels, so "image" is
+(B, D, H, W, 5 + len(extra_channels)). Extra arrays go through exactly the same crop, affine (linear
+interpolation, 0 outside the volume) and flips as CT/SUV; the SUV intensity augmentation does not touch them,
+and they are not windowed. A case without the file is a ConfigError when the pipeline is built. With the
+default `extra_channels=()` nothing changes (same random draws, same batches, same iterator state).
+
 Curriculum stages and weight changes. The weights are frozen into a pipeline when it is built (grain
 pickles the dataset into spawned workers; later changes never reach them). The trainer therefore works in
 stages of N batches: at a stage boundary it computes new weights and calls `make_train_iterator(...,
@@ -143,7 +151,7 @@ def _read_box(arr: np.ndarray, lo, hi, fill, dtype) -> np.ndarray:
     return out
 
 
-def crop_patch(arrays: dict, start, patch_shape, matrix: np.ndarray | None = None):
+def crop_patch(arrays: dict, start, patch_shape, matrix: np.ndarray | None = None, extra: Sequence[str] = ()):
     """Cut one patch out of a case's (z, y, x) `ct`, `suv`, `seg` arrays (memory maps are fine).
 
     Args:
@@ -151,8 +159,11 @@ def crop_patch(arrays: dict, start, patch_shape, matrix: np.ndarray | None = Non
       patch_shape: (D, H, W) voxels.
       matrix: optional 3x3 sampling matrix (`augment.affine_matrix`) applied about the patch centre
         `start + (patch_shape - 1) / 2`: output offset d reads input offset `matrix @ d`.
+      extra: names of further (z, y, x) arrays in `arrays` (e.g. "stage_a") cropped the same way, linearly
+        interpolated under `matrix`, 0 outside the volume.
     Returns:
-      (ct float32 HU, suv float32, seg uint8), each (D, H, W); outside the volume -1024 HU, 0, 0.
+      (ct float32 HU, suv float32, seg uint8, *extra float32), each (D, H, W); outside the volume -1024 HU,
+      0, 0 and 0 for the extras.
     """
     p = np.asarray(patch_shape, int)
     start = np.asarray(start, int)
@@ -160,7 +171,8 @@ def crop_patch(arrays: dict, start, patch_shape, matrix: np.ndarray | None = Non
         hi = start + p
         return (_read_box(arrays["ct"], start, hi, PAD_HU, np.float32),
                 _read_box(arrays["suv"], start, hi, PAD_SUV, np.float32),
-                _read_box(arrays["seg"], start, hi, 0, np.uint8))
+                _read_box(arrays["seg"], start, hi, 0, np.uint8),
+                *(_read_box(arrays[n], start, hi, 0.0, np.float32) for n in extra))
     half = (p - 1) / 2.0
     centre = start + half
     ext = np.abs(matrix) @ half
@@ -168,12 +180,15 @@ def crop_patch(arrays: dict, start, patch_shape, matrix: np.ndarray | None = Non
     hi = np.ceil(centre + ext).astype(int) + 2
     boxes = [_read_box(arrays["ct"], lo, hi, PAD_HU, np.float32),
              _read_box(arrays["suv"], lo, hi, PAD_SUV, np.float32),
-             _read_box(arrays["seg"], lo, hi, 0, np.uint8)]
+             _read_box(arrays["seg"], lo, hi, 0, np.uint8),
+             *(_read_box(arrays[n], lo, hi, 0.0, np.float32) for n in extra)]
     return _affine_sample(boxes, np.asarray(matrix, np.float64), centre - lo, half, tuple(p))
 
 
 def _affine_sample(boxes, matrix, centre_in_box, half, out_shape):
-    """Sample boxes[0:2] trilinearly and boxes[2] by nearest neighbour at `centre + matrix @ (o - half)`.
+    """Sample boxes[2] by nearest neighbour and every other box trilinearly at `centre + matrix @ (o - half)`.
+
+    Returns (linear boxes[0], linear boxes[1], nearest boxes[2], linear boxes[3], ...).
 
     Same result as `scipy.ndimage.affine_transform(order=1 / order=0)` where all sample points lie inside
     the box (guaranteed by `crop_patch`'s margins), but the coordinates and weights are computed once for
@@ -195,8 +210,8 @@ def _affine_sample(boxes, matrix, centre_in_box, half, out_shape):
     fr = [(c - i).astype(np.float32) for c, i in zip(coords, i0)]
     base = i0[0] * strides[0] + i0[1] * strides[1] + i0[2]
     del coords, near
-    out = [np.zeros(out_shape, np.float32), np.zeros(out_shape, np.float32)]
-    flats = [boxes[0].ravel(), boxes[1].ravel()]
+    flats = [b.ravel() for k, b in enumerate(boxes) if k != 2]
+    out = [np.zeros(out_shape, np.float32) for _ in flats]
     for dz in (0, 1):
         wz = fr[0] if dz else 1.0 - fr[0]
         for dy in (0, 1):
@@ -206,7 +221,7 @@ def _affine_sample(boxes, matrix, centre_in_box, half, out_shape):
                 idx = base + (dz * strides[0] + dy * strides[1] + dx)
                 for o, fl in zip(out, flats):
                     o += w * fl[idx]
-    return out[0], out[1], seg
+    return (out[0], out[1], seg, *out[2:])
 
 
 def _start_uniform(rng, shape, p) -> np.ndarray:
@@ -235,7 +250,8 @@ class PatchSampler:
 
     def __init__(self, store: CaseStore, weights, *, seed: int, stage: int, patch_shape, batch_size: int,
                  local_batch: int, process_index: int, case_indices=None, p_foreground: float = 0.0,
-                 augment: bool = True, p_affine: float = 0.5, p_intensity: float = 0.1, p_flip: float = 0.5):
+                 augment: bool = True, p_affine: float = 0.5, p_intensity: float = 0.1, p_flip: float = 0.5,
+                 extra_channels: Sequence[str] = ()):
         self.store = store
         self.case_indices = (np.arange(len(store)) if case_indices is None
                              else np.asarray(case_indices, dtype=np.int64))
@@ -252,6 +268,7 @@ class PatchSampler:
             process_index)
         self.p_foreground, self.augment = float(p_foreground), bool(augment)
         self.p_affine, self.p_intensity, self.p_flip = float(p_affine), float(p_intensity), float(p_flip)
+        self.extra_channels = _check_extra(store, extra_channels, self.case_indices[self.weights > 0])
         self.spacings = [store.geometry(int(i)).spacing_mm for i in self.case_indices]
         self.labeled = store.has_seg
 
@@ -265,7 +282,7 @@ class PatchSampler:
         rng = element_rng(self.seed, self.stage, g)
         pos = case_for_element(rng, self.cdf)
         case = int(self.case_indices[pos])
-        arrays = self.store.case_arrays(case)
+        arrays = self.store.case_arrays(case, extra=self.extra_channels)
         shape = arrays["ct"].shape
         start = None
         if self.p_foreground > 0 and rng.random() < self.p_foreground:
@@ -277,12 +294,38 @@ class PatchSampler:
         matrix = None
         if self.augment and rng.random() < self.p_affine:
             matrix = aug.affine_matrix(rng, self.spacings[pos])
-        ct, suv, seg = crop_patch(arrays, start, self.patch_shape, matrix)
+        ct, suv, seg, *extra = crop_patch(arrays, start, self.patch_shape, matrix, self.extra_channels)
         if self.augment:
             suv = aug.augment_suv(suv, rng, self.p_intensity)
-            ct, suv, seg = aug.random_flips([ct, suv, seg], rng, self.p_flip)
-        return {"image": make_channels(ct, suv), "label": seg.astype(np.int32),
+            ct, suv, seg, *extra = aug.random_flips([ct, suv, seg, *extra], rng, self.p_flip)
+        return {"image": _stack_channels(ct, suv, extra), "label": seg.astype(np.int32),
                 "case_index": np.int32(case), "labeled": np.bool_(self.labeled[case])}
+
+
+def _check_extra(store: CaseStore, extra_channels, indices) -> tuple[str, ...]:
+    """Validated tuple of extra channel names; ConfigError if a case in `indices` lacks one of the files."""
+    if isinstance(extra_channels, str):
+        extra_channels = (extra_channels,)
+    names = tuple(str(n) for n in extra_channels)
+    reserved = {"ct", "suv", "seg", "fg", "image", "label", "labeled", "id", "case_index", "geometry",
+                "native_geometry"}
+    bad = [n for n in names if not n.isidentifier() or n in reserved]
+    if bad or len(set(names)) != len(names):
+        raise ConfigError(f"extra_channels {names!r}: need distinct names of optional case arrays such as "
+                          f"'stage_a' (not {sorted(reserved)})")
+    store.require_extra(names, indices)
+    return names
+
+
+def _stack_channels(ct: np.ndarray, suv: np.ndarray, extra) -> np.ndarray:
+    """(..., 5 + len(extra)) float32: the 5 windowed channels, then the extra arrays unchanged."""
+    if not extra:
+        return make_channels(ct, suv)
+    out = np.empty(ct.shape + (len(CHANNELS) + len(extra),), np.float32)
+    out[..., :len(CHANNELS)] = make_channels(ct, suv)
+    for k, e in enumerate(extra):
+        out[..., len(CHANNELS) + k] = e
+    return out
 
 
 def _resolve_processes(batch_size, process_index, process_count):
@@ -300,8 +343,8 @@ def _resolve_processes(batch_size, process_index, process_count):
 def make_train_dataset(store: CaseStore, weights, *, seed: int, stage: int = 0, batch_size: int = 2,
                        patch_shape: Sequence[int] = DEFAULT_PATCH_SHAPE, num_batches: int | None = None,
                        case_indices=None, p_foreground: float = 0.0, augment: bool = True,
-                       process_index: int | None = None, process_count: int | None = None
-                       ) -> grain.MapDataset:
+                       process_index: int | None = None, process_count: int | None = None,
+                       extra_channels: Sequence[str] = ()) -> grain.MapDataset:
     """The stage's batched `grain.MapDataset` (random access; batch b is a pure function of the arguments).
 
     Args: see `make_train_iterator`. Returns a MapDataset of `num_batches` (default 2**40, effectively
@@ -310,7 +353,8 @@ def make_train_dataset(store: CaseStore, weights, *, seed: int, stage: int = 0, 
     pidx, pcount, local = _resolve_processes(batch_size, process_index, process_count)
     sampler = PatchSampler(store, weights, seed=seed, stage=stage, patch_shape=patch_shape,
                            batch_size=batch_size, local_batch=local, process_index=pidx,
-                           case_indices=case_indices, p_foreground=p_foreground, augment=augment)
+                           case_indices=case_indices, p_foreground=p_foreground, augment=augment,
+                           extra_channels=extra_channels)
     n = (1 << 40) if num_batches is None else int(num_batches)
     if n < 1:
         raise ConfigError(f"num_batches {num_batches}: need >= 1")
@@ -349,7 +393,8 @@ def make_train_iterator(store: CaseStore, weights, *, seed: int, stage: int = 0,
                         patch_shape: Sequence[int] = DEFAULT_PATCH_SHAPE, num_workers: int = 0,
                         num_batches: int | None = None, case_indices=None, p_foreground: float = 0.0,
                         augment: bool = True, read_threads: int = 2, prefetch: int = 2,
-                        process_index: int | None = None, process_count: int | None = None) -> TrainIterator:
+                        process_index: int | None = None, process_count: int | None = None,
+                        extra_channels: Sequence[str] = ()) -> TrainIterator:
     """Training batches of one curriculum stage.
 
     Args:
@@ -366,15 +411,18 @@ def make_train_iterator(store: CaseStore, weights, *, seed: int, stage: int = 0,
       augment: apply the §5.2 augmentations (False: crops only).
       read_threads, prefetch: grain ReadOptions (threads per process/worker, batches buffered).
       process_index, process_count: multi-host slicing (default from jax).
+      extra_channels: names of optional per-case arrays appended after the 5 channels, e.g. `("stage_a",)`
+        for the refiner (see the module docstring). Every case with a positive weight must have them
+        (ConfigError naming the cases and `python -m clips_jax.data.stage_a` otherwise).
     Returns:
-      `TrainIterator` yielding `{"image": (B, D, H, W, 5) float32, "label": (B, D, H, W) int32,
-      "case_index": (B,) int32, "labeled": (B,) bool}`, B = per-process batch.
+      `TrainIterator` yielding `{"image": (B, D, H, W, 5 + len(extra_channels)) float32, "label":
+      (B, D, H, W) int32, "case_index": (B,) int32, "labeled": (B,) bool}`, B = per-process batch.
     """
     pidx, pcount, local = _resolve_processes(batch_size, process_index, process_count)
     ds = make_train_dataset(store, weights, seed=seed, stage=stage, batch_size=batch_size,
                             patch_shape=patch_shape, num_batches=num_batches, case_indices=case_indices,
                             p_foreground=p_foreground, augment=augment, process_index=pidx,
-                            process_count=pcount)
+                            process_count=pcount, extra_channels=extra_channels)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(read_threads)),
                                                  prefetch_buffer_size=max(1, int(prefetch))))
     if num_workers > 0:
@@ -383,28 +431,39 @@ def make_train_iterator(store: CaseStore, weights, *, seed: int, stage: int = 0,
     info = {"seed": int(seed), "stage": int(stage), "weights_md5": weights_md5(weights),
             "batch_size": int(batch_size), "process_index": pidx, "process_count": pcount,
             "patch_shape": [int(v) for v in patch_shape], "num_cases": len(store)}
+    extra = (extra_channels,) if isinstance(extra_channels, str) else tuple(extra_channels)
+    if extra:  # only then: states of 5-channel pipelines stay as before
+        info["extra_channels"] = [str(n) for n in extra]
     return TrainIterator(iter(it_ds), info)
 
 
-def make_eval_cases(store: CaseStore, split: str | Sequence[int] = "val") -> Iterator[dict]:
+def make_eval_cases(store: CaseStore, split: str | Sequence[int] = "val",
+                    extra_channels: Sequence[str] = ()) -> Iterator[dict]:
     """Whole preprocessed volumes for validation, one case at a time (loaded lazily).
 
     Args:
       split: a split name ("val", "test", "train") or explicit store indices.
+      extra_channels: optional per-case arrays appended after the 5 channels (`("stage_a",)` for the
+        refiner); checked for every case of the split before the first is yielded (ConfigError naming the
+        cases and the command that makes them).
     Yields:
-      `{"case_index": int, "id": str, "image": (z, y, x, 5) float32 channels, "ct": (z, y, x) float32 HU,
-      "suv": (z, y, x) float32, "label": (z, y, x) int32, "labeled": bool, "geometry": Geometry (stored
-      grid), "native_geometry": Geometry}`. An empty split yields nothing.
+      `{"case_index": int, "id": str, "image": (z, y, x, 5 + len(extra_channels)) float32 channels, "ct":
+      (z, y, x) float32 HU, "suv": (z, y, x) float32, "label": (z, y, x) int32, "labeled": bool, "geometry":
+      Geometry (stored grid), "native_geometry": Geometry}`, plus each extra array under its name as
+      (z, y, x) float32. An empty split yields nothing.
     """
     idx = store.split_indices(split) if isinstance(split, str) else np.asarray(split, dtype=np.int64)
+    extra = _check_extra(store, extra_channels, idx)
     has_seg = store.has_seg
     for i in idx:
-        a = store.case_arrays(int(i))
+        a = store.case_arrays(int(i), extra=extra)
         ct = np.asarray(a["ct"], dtype=np.float32)
         suv = np.asarray(a["suv"], dtype=np.float32)
-        yield {"case_index": int(i), "id": store.ids[int(i)], "image": make_channels(ct, suv), "ct": ct,
-               "suv": suv, "label": np.asarray(a["seg"], dtype=np.int32), "labeled": bool(has_seg[int(i)]),
-               "geometry": store.geometry(int(i)), "native_geometry": store.native_geometry(int(i))}
+        ex = {n: np.asarray(a[n], dtype=np.float32) for n in extra}
+        yield {"case_index": int(i), "id": store.ids[int(i)], "image": _stack_channels(ct, suv, list(ex.values())),
+               "ct": ct, "suv": suv, "label": np.asarray(a["seg"], dtype=np.int32),
+               "labeled": bool(has_seg[int(i)]), "geometry": store.geometry(int(i)),
+               "native_geometry": store.native_geometry(int(i)), **ex}
 
 
 __all__ = ["CHANNELS", "DEFAULT_PATCH_SHAPE", "PatchSampler", "TrainIterator", "crop_patch", "element_rng",

@@ -1,6 +1,6 @@
 """Preprocess a PET/CT dataset once into a case store (the read side is `clips_jax.data.store.CaseStore`).
 
-    python -m clips_jax.data.prepare --input DATA --output CACHE [--spacing 6] [--split split.json] \
+    python -m clips_jax.data.prepare --input DATA --output CACHE [--spacing 6|native] [--split split.json] \
         [--seed 0] [--dtype float32]
 
 For every study found under DATA (`study.find_studies`: autoPET NIfTI folders or DICOM):
@@ -9,6 +9,12 @@ to the training grid (TMTV-Net: 6 mm) -> `store.write_case_arrays` (atomic per c
 `CACHE/manifest.json` is rewritten atomically after each finished case. Re-running skips finished cases
 (arrays present and listed in the manifest); a study that fails is reported on one line and skipped, the
 others carry on; the command ends with a one-screen summary and exits with status 1 if any case failed.
+
+Native grid: `--spacing native` (or 0) keeps every case on its own PET grid (no resampling; the manifest's
+`geometry` equals `native_geometry`, top-level `spacing_mm` is null and `grid` is "native"). That is the store
+the refiner (stage B) trains on, after `python -m clips_jax.data.stage_a` has added the stage-A probabilities.
+A store is built for one grid: re-running into an existing store with another spacing is a ConfigError (use a
+new output folder).
 
 Case ids and patients: a study folder at `DATA/A/B` gets the id `A__B` (its path relative to DATA with "/"
 replaced by "__"); its patient is the first component `A` (autoPET: `PETCT_xxx/<date>` -> patient
@@ -84,6 +90,36 @@ def assign_splits(patients: Mapping[str, str], seed: int = 0,
     return {c: psplit[p] for c, p in patients.items()}
 
 
+NATIVE = "native"
+"""`spacing_mm` value (also None or 0) meaning: keep each case on its native PET grid."""
+
+
+def is_native(spacing_mm) -> bool:
+    """True if `spacing_mm` asks for the native grid: None, "native" (any case) or the number 0."""
+    if spacing_mm is None:
+        return True
+    if isinstance(spacing_mm, str):
+        return spacing_mm.strip().lower() in (NATIVE, "0", "0.0")
+    arr = np.asarray(spacing_mm, dtype=np.float64)
+    return arr.size == 1 and float(arr.reshape(-1)[0]) == 0.0
+
+
+def parse_spacing(text: str):
+    """CLI spacing: "native"/"0" -> "native"; "6" -> 6.0; "3,4,4" -> [3.0, 4.0, 4.0] (z, y, x) mm.
+
+    Raises ConfigError for anything else (non-numbers, not 1 or 3 values, non-positive values).
+    """
+    if is_native(text):
+        return NATIVE
+    try:
+        sp = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        sp = []
+    if len(sp) not in (1, 3) or not all(np.isfinite(v) and v > 0 for v in sp):
+        raise ConfigError(f"--spacing {text!r}: use 'native' (or 0), one positive number of mm, or z,y,x")
+    return sp[0] if len(sp) == 1 else sp
+
+
 def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm=6.0, seed: int = 0,
                     split_json: Mapping | None = None, dtype=np.float32,
                     find_fn: Callable | None = None, load_fn: Callable | None = None,
@@ -92,7 +128,8 @@ def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm
 
     Args:
       input_dir: dataset root. output_dir: cache folder (created).
-      spacing_mm: training grid spacing (one number or (z, y, x)), mm.
+      spacing_mm: training grid spacing (one number or (z, y, x)), mm; "native", None or 0 keep each case on
+        its native PET grid (no resampling, `resample_fn` unused).
       seed / split_json: see `assign_splits`.
       dtype: storage dtype of ct/suv (np.float32 or np.float16).
       find_fn, load_fn, resample_fn: overrides of `study.find_studies`, `study.load_study` and
@@ -125,12 +162,20 @@ def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm
         if missing:
             log(f"warning: {len(missing)} ids of the split file were not found, e.g. {sorted(missing)[:3]}")
 
+    native_grid = is_native(spacing_mm)
+    spacing_list = None if native_grid else list(np.broadcast_to(np.asarray(spacing_mm, float), (3,)))
     old = {}
     try:
-        old = {c["id"]: c for c in st.CaseStore(out).cases}
+        old_store = st.CaseStore(out)
+        old = {c["id"]: c for c in old_store.cases}
     except Exception:  # no or unreadable manifest: start afresh (cases are re-done)
-        old = {}
-    extra = {"spacing_mm": list(np.broadcast_to(np.asarray(spacing_mm, float), (3,))),
+        old_store, old = None, {}
+    if old_store is not None and old and "spacing_mm" in old_store.manifest:
+        was = old_store.manifest["spacing_mm"]
+        if (was is None) != (spacing_list is None) or (was is not None and not np.allclose(was, spacing_list)):
+            raise ConfigError(f"{out}: this store was prepared with spacing {was or NATIVE} mm, not "
+                              f"{spacing_list or NATIVE}; use another --output folder")
+    extra = {"spacing_mm": spacing_list, "grid": NATIVE if native_grid else "resampled",
              "dtype": np.dtype(dtype).name, "seed": int(seed),
              "split_source": "json" if split_json is not None else "seed"}
     done: dict[str, dict] = {}
@@ -153,7 +198,7 @@ def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm
             case = load_fn(path)
             native = case.geometry
             meas = st.difficulty_measures(case.seg, case.suv, case.ct, native.spacing_mm)
-            rs = resample_fn(case, spacing_mm)
+            rs = case if native_grid else resample_fn(case, spacing_mm)
             st.write_case_arrays(out, cid, rs.ct, rs.suv, rs.seg, dtype=dtype)
             done[cid] = {"id": cid, "patient": pat, "source": Path(path).resolve().relative_to(
                 Path(input_dir).resolve()).as_posix(), "has_seg": case.seg is not None,
@@ -187,8 +232,7 @@ def _main(argv):
             split = json.loads(Path(f.split).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise ConfigError(f"{f.split}: cannot read the split file ({e})") from e
-    sp = [float(v) for v in f.spacing.split(",")]
-    summary = prepare_dataset(f.input, f.output, spacing_mm=sp[0] if len(sp) == 1 else sp, seed=f.seed,
+    summary = prepare_dataset(f.input, f.output, spacing_mm=parse_spacing(f.spacing), seed=f.seed,
                               split_json=split, dtype=np.dtype(f.dtype))
     if summary["failed"]:
         sys.exit(1)
@@ -199,7 +243,8 @@ def _define_flags():
     from absl import flags
     flags.DEFINE_string("input", None, "dataset root (autoPET NIfTI folders or DICOM studies)")
     flags.DEFINE_string("output", None, "cache folder to create or update")
-    flags.DEFINE_string("spacing", "6", "training grid spacing in mm: one number or z,y,x")
+    flags.DEFINE_string("spacing", "6", "training grid spacing in mm: one number or z,y,x; 'native' (or 0) "
+                        "keeps each case on its PET grid (refiner training)")
     flags.DEFINE_string("split", None, "optional JSON {train: [ids], val: [...], test: [...]}")
     flags.DEFINE_integer("seed", 0, "seed of the patient-level train/val/test split")
     flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "storage dtype of ct and suv")

@@ -7,6 +7,13 @@ A dataset is preprocessed once by `python -m clips_jax.data.prepare` (see `clips
     CACHE/cases/<id>/suv.npy         (z, y, x) SUVbw on the resampled grid (same dtype)
     CACHE/cases/<id>/seg.npy         (z, y, x) uint8 0/1 lesion mask (all zeros when the study has no SEG)
     CACHE/cases/<id>/fg.npy          (K, 3) int32 (z, y, x) indices of the lesion voxels (foreground oversampling)
+    CACHE/cases/<id>/stage_a.npy     optional (z, y, x) float16/float32 stage-A lesion probability on the stored
+                                     grid, written by `python -m clips_jax.data.stage_a` (the refiner's 6th
+                                     input channel; see `clips_jax/data/stage_a.py`)
+
+The stored grid is the TMTV-Net 6 mm grid by default, or the native PET grid (`prepare --spacing native`, for
+training the refiner at native resolution). Optional per-case arrays such as `stage_a` are "extra arrays":
+`CaseStore.case_arrays(i, extra=("stage_a",))` reads them, `CaseStore.missing_extra` lists the cases lacking one.
 
 Arrays are plain `.npy`, so training reads a random crop through `np.load(path, mmap_mode="r")` without
 decompressing whole volumes. `CaseStore` is the read side used by the grain pipeline and the curricula: it
@@ -16,7 +23,10 @@ Manifest entry per case (JSON; NaN is written as `null` and read back as NaN):
   `id`, `patient`, `source` (study folder relative to the input root), `split` ("train"/"val"/"test"/"unused"),
   `has_seg`, `geometry` (resampled grid) and `native_geometry` (`Geometry.to_json()`), `shape`, and the
   difficulty measures computed on the NATIVE grid by `difficulty_measures`:
-  `tmtv_ml`, `n_lesions`, `smallest_lesion_ml`, `suv_max`, `tbr`, `dmax_mm`, `body_ml`.
+  `tmtv_ml`, `n_lesions`, `smallest_lesion_ml`, `suv_max`, `tbr`, `dmax_mm`, `body_ml`; optionally
+  `stage_a` (provenance of `stage_a.npy`: weights, model, spacing, tiles; written by `clips_jax.data.stage_a`).
+Top-level keys: `version`, `spacing_mm` (list of 3, or null for a native-grid store), `grid` ("resampled" or
+"native"), `dtype`, `seed`, `split_source`.
 """
 
 from __future__ import annotations
@@ -24,14 +34,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import scipy.ndimage as ndi
 from scipy.spatial.distance import pdist
 
 from clips_jax.data.geometry import Geometry
-from clips_jax.errors import DataError
+from clips_jax.errors import ConfigError, DataError
 from clips_jax.fileio import atomic_dir, write_text_atomic
 
 MANIFEST = "manifest.json"
@@ -46,6 +56,8 @@ MEASURES = ("tmtv_ml", "n_lesions", "smallest_lesion_ml", "suv_max", "tbr", "dma
 """Difficulty fields of a manifest entry (see `difficulty_measures`)."""
 
 ARRAY_NAMES = ("ct", "suv", "seg")
+EXTRA_HINTS = {"stage_a": "run `python -m clips_jax.data.stage_a --store {store} --weights WEIGHTS_DIR` first"}
+"""How to produce each known optional per-case array (used in the error for a missing one)."""
 
 
 def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -214,17 +226,53 @@ class CaseStore:
     def case_dir(self, case: int | str) -> Path:
         return self.cache_dir / "cases" / self.ids[self.index(case)]
 
-    def case_arrays(self, case: int | str, mmap: bool = True) -> dict[str, np.ndarray]:
+    def case_arrays(self, case: int | str, mmap: bool = True, extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
         """`{"ct", "suv", "seg"}` (z, y, x) arrays of one case: read-only memory maps (or in-memory copies).
 
         ct/suv have the stored dtype (float32 or float16), seg is uint8 (all zeros if `has_seg` is false).
+
+        Args:
+          extra: names of optional per-case arrays to add (e.g. `("stage_a",)` -> `cases/<id>/stage_a.npy`),
+            returned under their names with their stored dtype; default none (only ct, suv, seg).
+        Raises:
+          ConfigError naming the case and how to produce it if an `extra` array is missing; DataError if an
+          array is unreadable or an extra array's shape differs from the case's grid.
         """
         d = self.case_dir(case)
         mode = "r" if mmap else None
+        for n in extra:
+            if not (d / f"{n}.npy").is_file():
+                raise ConfigError(self._missing_message(n, [self.ids[self.index(case)]]))
         try:
-            return {n: np.load(d / f"{n}.npy", mmap_mode=mode) for n in ARRAY_NAMES}
+            out = {n: np.load(d / f"{n}.npy", mmap_mode=mode) for n in (*ARRAY_NAMES, *extra)}
         except (OSError, ValueError) as e:
             raise DataError(f"{d}: cannot read the cached arrays ({e}); run prepare again") from e
+        for n in extra:
+            if out[n].shape != out["ct"].shape:
+                raise DataError(f"{d / (n + '.npy')}: shape {out[n].shape} differs from the case grid "
+                                f"{out['ct'].shape}; delete it and compute it again")
+        return out
+
+    def has_array(self, case: int | str, name: str) -> bool:
+        """True if the case folder holds `<name>.npy` (e.g. "stage_a")."""
+        return (self.case_dir(case) / f"{name}.npy").is_file()
+
+    def missing_extra(self, names: Sequence[str], indices=None) -> list[str]:
+        """Ids of the cases (all, or store `indices`) lacking any of the optional arrays `names`."""
+        idx = range(len(self)) if indices is None else [int(i) for i in np.asarray(indices).reshape(-1)]
+        return [self.ids[i] for i in idx if not all(self.has_array(i, n) for n in names)]
+
+    def require_extra(self, names: Sequence[str], indices=None) -> None:
+        """Raise ConfigError (naming the first cases and the command to run) if a case lacks one of `names`."""
+        for n in names:
+            missing = self.missing_extra((n,), indices)
+            if missing:
+                raise ConfigError(self._missing_message(n, missing))
+
+    def _missing_message(self, name: str, ids: Sequence[str]) -> str:
+        hint = EXTRA_HINTS.get(name, "compute it for every case first").format(store=self.cache_dir)
+        more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
+        return (f"store {self.cache_dir}: case {', '.join(ids[:3])}{more} has no {name}.npy; {hint}")
 
     def foreground(self, case: int | str) -> np.ndarray:
         """(K, 3) int32 (z, y, x) indices of the lesion voxels on the stored grid (K = 0 if none)."""
