@@ -1,0 +1,127 @@
+"""The named experiment presets of `compare_curricula`, defined in this one place.
+
+An *experiment* is one curriculum setting compared against the others: a curriculum preset of
+`clips_jax.curricula.PRESETS` plus option overrides. The table covers every curriculum family (reference
+curricula-losses-metrics.md, part A): the uniform baseline, the anti and random controls, a predefined
+(difficulty x pacing) curriculum, baby steps, self-paced learning, the transfer-teacher / bootstrapping
+curriculum (A3, the winner of Yousefirizi et al. 2022, A6), the Exp3.S bandit and curriculum by smoothing.
+
+Short runs need short schedules: the library defaults grow the training set over 100 epochs, which a
+comparison of a few hundred steps never reaches. `curriculum_options` therefore rescales every
+step-dependent schedule to the run length (`steps`): the pacing reaches the whole training set at
+`GROW_FRACTION` of the run, CBS's sigma falls below 0.2 at the same point (the reference's A5
+recommendation), and seeded curricula (random order, bandit draws) take the run's seed so that seeds differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from clips_jax.curricula.registry import PRESETS
+from clips_jax.errors import ConfigError
+
+#: Training steps per run of the default comparison (`--steps`): sized so that the whole default run
+#: (every experiment x 3 seeds on the default phantoms) takes about 30 minutes on a 2-core CPU
+#: (measured: see docs/experiments.md).
+DEFAULT_STEPS = 60
+
+#: Validation passes (and checkpoints) per run when `--steps` sets the run length.
+EVALS_PER_RUN = 3
+
+#: Fraction of the run after which paced curricula sample from the whole training set.
+GROW_FRACTION = 0.5
+
+#: sigma of CBS at GROW_FRACTION of the run (reference A5: "sigma < 0.2 by ~50 % of training").
+CBS_SIGMA_AT_GROW = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One row of the experiment table.
+
+    Attributes:
+      preset: a key of `clips_jax.curricula.PRESETS`.
+      options: fixed option overrides (merged over the preset by `get_curriculum`).
+      paced: the family has a pacing schedule (`grow_epochs`) rescaled to the run length.
+      seeded: the curriculum has its own `seed` option (random order, bandit draws), set to the run's seed.
+      smoothing: CBS schedule rescaled to the run length.
+      needs_teacher: ranks cases by `teacher_loss` (filled from the first finished baseline seed).
+      family: a short description for the docs and results.md.
+    """
+
+    preset: str
+    options: dict = dataclasses.field(default_factory=dict)
+    paced: bool = False
+    seeded: bool = False
+    smoothing: bool = False
+    needs_teacher: bool = False
+    family: str = ""
+
+
+#: Experiment name -> Experiment. The order is the default `--curricula` order (baseline first: the
+#: transfer teacher needs a finished baseline run).
+EXPERIMENTS: dict[str, Experiment] = {
+    "none": Experiment("none", family="baseline: uniform sampling"),
+    "anti": Experiment("anti", paced=True, family="control: hardest first (composite), root pacing"),
+    "random": Experiment("random", paced=True, seeded=True, family="control: random order, root pacing"),
+    "predefined": Experiment("predefined_composite_root", paced=True,
+                             family="predefined: easiest first (composite), root pacing"),
+    "baby_step": Experiment("baby_step", paced=True, family="predefined: composite, 5 baby-step buckets"),
+    "self_paced_hard": Experiment("self_paced_hard", paced=True,
+                                  family="self-paced (Kumar 2010), hard regulariser, quantile lambda"),
+    "transfer_teacher": Experiment("transfer_teacher", paced=True, needs_teacher=True,
+                                   family="transfer teacher / bootstrapping: baseline model's soft-Dice loss"),
+    # eta: Graves et al.'s 1e-3 assumes ~1e5 updates; a few hundred updates would leave the policy uniform.
+    "exp3s": Experiment("exp3s", options={"eta": 0.05}, seeded=True,
+                        family="Exp3.S bandit (Graves 2017), 5 composite buckets, prediction gain"),
+    "cbs": Experiment("cbs", smoothing=True, family="curriculum by smoothing (Sinha 2020), uniform sampling"),
+}
+
+#: The default `--curricula` list: every experiment.
+DEFAULT_CURRICULA: tuple[str, ...] = tuple(EXPERIMENTS)
+BASELINE = "none"
+
+
+def get_experiment(name: str) -> Experiment:
+    """The `Experiment` named `name`; ConfigError listing the valid names if unknown."""
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; use one of {list(EXPERIMENTS)}")
+    exp = EXPERIMENTS[name]
+    if exp.preset not in PRESETS:  # pragma: no cover - the table and the registry drifted apart
+        raise ConfigError(f"experiment {name!r} names curriculum preset {exp.preset!r}, which is not in PRESETS")
+    return exp
+
+
+def curriculum_options(name: str, steps: int, steps_per_epoch: int, seed: int) -> dict[str, Any]:
+    """Option overrides of experiment `name` for a run of `steps` steps (to put in `config.curriculum.options`).
+
+    Args:
+      name: an experiment name (key of EXPERIMENTS).
+      steps: total optimisation steps of the run (> 0).
+      steps_per_epoch: the config's `curriculum.steps_per_epoch` (> 0).
+      seed: the run's seed (used by seeded curricula).
+    Returns:
+      dict of options: the experiment's fixed options, plus
+        paced: `grow_epochs = GROW_FRACTION * steps / steps_per_epoch` (float epochs);
+        seeded: `seed`;
+        smoothing: `sigma_every_epochs = 1` and `sigma_decay` such that sigma0 * decay^(grow epochs) =
+          CBS_SIGMA_AT_GROW (decay = 0.9, the paper's, if the run is long enough for that).
+    Raises: ConfigError for an unknown name or non-positive steps / steps_per_epoch.
+    """
+    exp = get_experiment(name)
+    if int(steps) <= 0 or int(steps_per_epoch) <= 0:
+        raise ConfigError(f"experiment {name!r}: steps={steps} and steps_per_epoch={steps_per_epoch} must be > 0")
+    opts: dict[str, Any] = dict(exp.options)
+    grow_epochs = GROW_FRACTION * int(steps) / int(steps_per_epoch)
+    if exp.paced:
+        opts["grow_epochs"] = float(grow_epochs)
+    if exp.seeded:
+        opts["seed"] = int(seed)
+    if exp.smoothing:
+        decays = max(1, math.floor(grow_epochs))
+        sigma0 = float(PRESETS[exp.preset].get("sigma0", 1.0))
+        opts["sigma_every_epochs"] = 1
+        opts["sigma_decay"] = float(min(0.9, (CBS_SIGMA_AT_GROW / sigma0) ** (1.0 / decays)))
+    return opts

@@ -1,0 +1,177 @@
+"""Tests of `clips_jax.experiments`: the statistics of the comparison against NumPy/SciPy and hand counts,
+the preset table, and a tiny end-to-end comparison (2 curricula x 1 seed x 4 steps on tiny phantoms) with an
+interruption and resume.
+"""
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import wilcoxon
+
+from clips_jax import curricula
+from clips_jax.errors import ConfigError
+from clips_jax.experiments import compare_curricula as cc
+from clips_jax.experiments import presets
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from configs import default as default_config  # noqa: E402
+
+
+# ---- pure statistics -------------------------------------------------------------------------------------
+
+def _row(case, dice, tp=1, fn=0, pred=1.0, true=2.0, fpv=0.5, nsd=0.5):
+    return {"case": case, "dice": dice, "nsd": nsd, "a1_tp": tp, "a1_fn": fn, "tmtv_pred_ml": pred,
+            "tmtv_true_ml": true, "fpv_ml": fpv}
+
+
+def test_hard_cases_is_bottom_tertile_of_lesion_cases():
+    rows = [_row("a", 0.9), _row("b", 0.1), _row("c", float("nan")), _row("d", 0.5), _row("e", 0.3)]
+    # 4 lesion cases -> ceil(4/3) = 2 lowest: b (0.1), e (0.3)
+    assert cc.hard_cases(rows) == {"b", "e"}
+    assert cc.hard_cases([_row("x", float("nan"))]) == set()
+
+
+def test_paired_wilcoxon_matches_scipy_and_edge_cases():
+    a = [0.5, 0.7, 0.2, 0.9, 0.4, float("nan")]
+    b = [0.4, 0.5, 0.3, 0.6, 0.1, 0.3]
+    w = cc.paired_wilcoxon(a, b)
+    assert w["n"] == 5
+    assert w["p"] == pytest.approx(wilcoxon(a[:5], b[:5]).pvalue)
+    assert w["mean_diff"] == pytest.approx(np.mean(np.subtract(a[:5], b[:5])))
+    same = cc.paired_wilcoxon([0.3, 0.4, 0.5], [0.3, 0.4, 0.5])
+    assert same["p"] == 1.0 and same["note"] == "all differences zero"
+    one = cc.paired_wilcoxon([0.3], [0.1])
+    assert math.isnan(one["p"]) and one["n"] == 1
+
+
+def test_seed_means_and_mean_sd():
+    rows = [_row("a", 0.8, tp=2, fn=2, pred=5.0, true=3.0, fpv=1.0),
+            _row("b", float("nan"), tp=0, fn=0, pred=4.0, true=0.0, fpv=3.0, nsd=float("nan"))]
+    m = cc.seed_means(rows)
+    assert m["dice"] == pytest.approx(0.8)
+    assert m["lesion_sensitivity"] == pytest.approx(0.5)      # 2 / (2 + 2); case b has no lesion
+    assert m["tmtv_abs_err_ml"] == pytest.approx((2.0 + 4.0) / 2)
+    assert m["fpv_ml"] == pytest.approx(2.0)
+    assert cc.seed_means(rows, {"b"})["n_cases"] == 1
+    mean, sd = cc.mean_sd([0.1, 0.4, float("nan"), 0.7])
+    assert mean == pytest.approx(0.4) and sd == pytest.approx(np.std([0.1, 0.4, 0.7], ddof=1))
+    assert math.isnan(cc.mean_sd([0.3])[1])
+
+
+def test_soft_dice_loss_closed_form():
+    p = np.zeros((4, 4, 4), np.float32)
+    t = np.zeros((4, 4, 4), bool)
+    t[0, 0, :2] = True
+    p[0, 0, 0] = 1.0
+    p[0, 0, 2] = 0.5
+    # 1 - 2 * 1 / (1.5 + 2)
+    assert cc.soft_dice_loss(p, t) == pytest.approx(1 - 2 / 3.5)
+    assert math.isnan(cc.soft_dice_loss(p, np.zeros_like(t)))
+
+
+# ---- presets ---------------------------------------------------------------------------------------------
+
+def test_presets_cover_every_family_and_build():
+    families = {curricula.PRESETS[e.preset]["family"] for e in presets.EXPERIMENTS.values()}
+    assert families == set(curricula.registry.FAMILIES)
+    assert {"none", "anti", "random", "transfer_teacher", "cbs", "exp3s", "baby_step"} <= set(presets.EXPERIMENTS)
+    assert presets.DEFAULT_CURRICULA[0] == presets.BASELINE
+    for name in presets.EXPERIMENTS:
+        opts = presets.curriculum_options(name, steps=60, steps_per_epoch=10, seed=2)
+        cur = curricula.get_curriculum(presets.EXPERIMENTS[name].preset, steps_per_epoch=10, **opts)
+        assert cur is not None
+    # pacing reaches the whole set at half the run: 30 steps = 3 epochs
+    assert presets.curriculum_options("predefined", 60, 10, 0)["grow_epochs"] == pytest.approx(3.0)
+    assert presets.curriculum_options("random", 60, 10, 7)["seed"] == 7
+    cbs = presets.curriculum_options("cbs", 60, 10, 0)
+    assert 1.0 * cbs["sigma_decay"] ** 3 == pytest.approx(presets.CBS_SIGMA_AT_GROW)
+    with pytest.raises(ConfigError):
+        presets.get_experiment("nope")
+
+
+# ---- end to end ------------------------------------------------------------------------------------------
+
+def _tiny(cache, **debug):
+    cfg = default_config.get_config("tiny")
+    cfg.data.phantoms.cache = str(cache)
+    cfg.num_devices = 1
+    cfg.quiet = True
+    cc.apply_run_defaults(cfg, 4)
+    for k, v in debug.items():
+        cfg.debug[k] = v
+    return cfg
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_interrupt_and_resume(tmp_path):
+    cache, wd = tmp_path / "cache", tmp_path / "exp"
+    names = ["none", "transfer_teacher"]
+    logs = []
+
+    # 1. the baseline alone, to completion
+    out1 = cc.run_comparison(_tiny(cache), wd, ["none"], seeds=1, log=logs.append)
+    assert out1["runs"] == {"none": {0: "trained"}}
+    base_run = wd / "runs" / "none" / "seed0"
+    stamps = {p: p.stat().st_mtime_ns for p in (base_run / "summary.json", base_run / "test_metrics.csv")}
+
+    # 2. both curricula, the transfer-teacher run interrupted after 2 of its 4 steps
+    with pytest.raises(SystemExit):
+        cc.run_comparison(_tiny(cache, stop_after_steps=2), wd, names, seeds=1, log=logs.append)
+    tt_run = wd / "runs" / "transfer_teacher" / "seed0"
+    assert not (tt_run / "summary.json").exists()
+    assert (tt_run / "checkpoints" / "last").is_dir()
+
+    # 3. re-run: the baseline is skipped (files untouched), the interrupted run resumes and finishes
+    logs.clear()
+    out = cc.run_comparison(_tiny(cache), wd, names, seeds=1, log=logs.append)
+    assert out["runs"] == {"none": {0: "skipped"}, "transfer_teacher": {0: "trained"}}
+    assert any("none seed 0] finished earlier: skipped" in line for line in logs)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    summary = json.loads((tt_run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["start_step"] == 2
+
+    # teacher scores: a teacher_loss column for the training lesion cases, in [0, 1]
+    manifest = json.loads((wd / "teacher_store" / "manifest.json").read_text())
+    scored = [c["teacher_loss"] for c in manifest["cases"] if c["split"] == "train" and (c["tmtv_ml"] or 0) > 0]
+    assert scored and all(0.0 <= s <= 1.0 for s in scored)
+
+    # results.csv: columns, and means recomputed from the per-run test CSVs
+    rows = _read_csv(wd / "results.csv")
+    assert tuple(rows[0]) == cc.RESULT_COLUMNS
+    assert [(r["curriculum"], r["subset"]) for r in rows] == [
+        ("none", "all"), ("none", "hard"), ("transfer_teacher", "all"), ("transfer_teacher", "hard")]
+    per_case = {n: _read_csv(wd / "runs" / n / "seed0" / "test_metrics.csv") for n in names}
+    for r in rows:
+        if r["subset"] != "all":
+            continue
+        cases = per_case[r["curriculum"]]
+        dice = [float(c["dice"]) for c in cases if float(c["tmtv_true_ml"]) > 0]
+        err = [abs(float(c["tmtv_pred_ml"]) - float(c["tmtv_true_ml"])) for c in cases]
+        fpv = [float(c["fpv_ml"]) for c in cases]
+        assert int(r["n_cases"]) == len(cases) > 0
+        assert float(r["dice_mean"]) == pytest.approx(np.mean(dice), rel=1e-5, abs=1e-6)
+        assert float(r["tmtv_abs_err_ml_mean"]) == pytest.approx(np.mean(err), rel=1e-5, abs=1e-6)
+        assert float(r["fpv_ml_mean"]) == pytest.approx(np.mean(fpv), rel=1e-5, abs=1e-6)
+        assert r["dice_sd"] == "nan"  # one seed
+    tt_all = [r for r in rows if r["curriculum"] == "transfer_teacher" and r["subset"] == "all"][0]
+    d = [float(a["dice"]) - float(b["dice"]) for a, b in zip(per_case["transfer_teacher"], per_case["none"])
+         if float(b["tmtv_true_ml"]) > 0]
+    assert float(tt_all["dice_diff_vs_baseline"]) == pytest.approx(np.mean(d), abs=1e-6)
+    for f in ("results.md", "learning_curves.png", "boxplots.png"):
+        assert (wd / f).stat().st_size > 0
+    assert "transfer_teacher" in (wd / "results.md").read_text()
+
+    # --noresume refuses an existing experiment (nothing deleted)
+    with pytest.raises(ConfigError, match="noresume"):
+        cc.run_comparison(_tiny(cache), wd, names, seeds=1, resume=False, log=logs.append)
+    assert (base_run / "summary.json").is_file()
