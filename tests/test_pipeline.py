@@ -214,3 +214,108 @@ def test_affine_crop_matches_scipy_affine_transform():
         big = np.pad(vol[k], pad, constant_values=fill)
         exp = ndi.affine_transform(big, m, offset=offset, output_shape=tuple(shape), order=order)
         np.testing.assert_allclose(g, exp, atol=1e-3 if k == "ct" else 1e-5)
+
+
+# ---- extra input channels (the refiner's stage-A probability) -------------------------------------------
+
+def _ct_code(ct):
+    """A fake stage-A map that is a LINEAR function of the raw CT and is 0 where the CT is padding (-1024)."""
+    return ((np.asarray(ct, np.float32) + 1024.0) / 4000.0).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def extra_store(store):
+    """The shared store with stage_a.npy = _ct_code(ct) for every case except the last (ids sorted)."""
+    for i in range(len(store) - 1):
+        np.save(store.case_dir(i) / "stage_a.npy", _ct_code(store.case_arrays(i)["ct"]))
+    return store
+
+
+def test_extra_channel_is_the_crop_of_stage_a(extra_store):
+    s = extra_store
+    idx = np.arange(len(s) - 1)
+    it = _it(s, np.ones(len(idx)), case_indices=idx, augment=False, patch_shape=(8, 6, 6), batch_size=4,
+             extra_channels=("stage_a",))
+    b = next(it)
+    assert b["image"].shape == (4, 8, 6, 6, 6) and b["image"].dtype == np.float32
+    assert it.get_state()["extra_channels"] == ["stage_a"]
+    for k in range(4):
+        a = s.case_arrays(int(b["case_index"][k]))
+        ch = make_channels(a["ct"], a["suv"])
+        sa = np.load(s.case_dir(int(b["case_index"][k])) / "stage_a.npy")
+        p = b["image"][k]
+        Z, Y, X = sa.shape
+        hits = [(z, y, x) for z in range(Z - 7) for y in range(Y - 5) for x in range(X - 5)
+                if np.array_equal(ch[z:z + 8, y:y + 6, x:x + 6], p[..., :5])
+                and np.array_equal(a["seg"][z:z + 8, y:y + 6, x:x + 6], b["label"][k])]
+        assert hits and any(np.array_equal(sa[z:z + 8, y:y + 6, x:x + 6], p[..., 5]) for z, y, x in hits)
+
+
+def test_extra_channel_follows_augmentation_and_leaves_the_rest_unchanged(extra_store):
+    s = extra_store
+    idx = np.arange(len(s) - 1)
+    w = np.array([1.0, 2.0, 1.0, 1.0])
+    five = _it(s, w, case_indices=idx, p_foreground=0.5, batch_size=4)
+    six = _it(s, w, case_indices=idx, p_foreground=0.5, batch_size=4, extra_channels=("stage_a",))
+    n_checked = 0
+    for _ in range(3):
+        x, y = next(five), next(six)
+        np.testing.assert_array_equal(y["image"][..., :5], x["image"])  # same draws, same 5 channels
+        for key in ("label", "case_index", "labeled"):
+            np.testing.assert_array_equal(y[key], x[key])
+        # where the CT window is not clipped, HU = ch0 * 450 - 150 exactly; the 6th channel was resampled with
+        # the same (affine, linear) weights and flips from a linear function of HU, so it must agree there
+        c0 = y["image"][..., 0]
+        inside = (c0 > 1e-3) & (c0 < 1 - 1e-3)
+        np.testing.assert_allclose(y["image"][..., 5][inside], _ct_code(c0[inside] * 450.0 - 150.0), atol=2e-4)
+        n_checked += int(inside.sum())
+        assert 0.0 <= y["image"][..., 5].min() and y["image"][..., 5].max() <= 1.0
+    assert n_checked > 500
+
+
+def test_crop_patch_extra_is_linear_with_zero_outside():
+    import scipy.ndimage as ndi
+
+    r = np.random.default_rng(2)
+    vol = {"ct": r.uniform(-1000, 500, (20, 18, 16)).astype(np.float32),
+           "suv": r.uniform(0, 5, (20, 18, 16)).astype(np.float32),
+           "seg": (r.random((20, 18, 16)) > 0.5).astype(np.uint8),
+           "stage_a": r.random((20, 18, 16)).astype(np.float32)}
+    m = aug.affine_matrix(np.random.default_rng(4), (6.0, 4.0, 4.0))
+    start, shape, pad = np.array((-4, 3, 5)), np.array((14, 12, 12)), 12
+    ct, suv, seg, sa = crop_patch(vol, start, shape, m, extra=("stage_a",))
+    base = crop_patch(vol, start, shape, m)
+    for got, ref in zip((ct, suv, seg), base):
+        np.testing.assert_array_equal(got, ref)
+    half = (shape - 1) / 2
+    exp = ndi.affine_transform(np.pad(vol["stage_a"], pad), m, offset=start + half + pad - m @ half,
+                               output_shape=tuple(shape), order=1)
+    np.testing.assert_allclose(sa, exp, atol=1e-5)
+    plain = crop_patch(vol, start, shape, extra=("stage_a",))[3]
+    assert plain[:4].max() == 0.0 and plain[:, :, 11].max() == 0.0  # outside the volume
+    np.testing.assert_array_equal(plain[4:, :, :11], vol["stage_a"][0:10, 3:15, 5:16])
+
+
+def test_missing_stage_a_is_a_config_error(extra_store):
+    s = extra_store
+    last = s.ids[-1]
+    for make in (lambda: _it(s, np.ones(len(s)), extra_channels=("stage_a",)),
+                 lambda: list(make_eval_cases(s, [0, len(s) - 1], extra_channels=("stage_a",)))):
+        with pytest.raises(ConfigError, match="clips_jax.data.stage_a") as e:
+            make()
+        assert last in str(e.value)
+    # a zero weight on the case without the file is fine (it is never drawn)
+    next(_it(s, np.r_[np.ones(len(s) - 1), 0.0], extra_channels=("stage_a",), augment=False))
+    with pytest.raises(ConfigError):
+        _it(s, np.ones(len(s) - 1), case_indices=np.arange(len(s) - 1), extra_channels=("ct",))
+
+
+def test_eval_cases_with_extra(extra_store):
+    s = extra_store
+    items = list(make_eval_cases(s, [0, 1], extra_channels=("stage_a",)))
+    for it in items:
+        a = s.case_arrays(it["case_index"], extra=("stage_a",))
+        assert it["image"].shape == (*s.geometry(it["case_index"]).shape, 6)
+        np.testing.assert_array_equal(it["image"][..., :5], make_channels(a["ct"], a["suv"]))
+        np.testing.assert_array_equal(it["image"][..., 5], a["stage_a"])
+        np.testing.assert_array_equal(it["stage_a"], a["stage_a"])

@@ -11,7 +11,7 @@ import pytest
 from clips_jax.data.geometry import Geometry
 from clips_jax.data.nifti import load_nifti
 from clips_jax.data.phantoms import write_phantoms
-from clips_jax.data.prepare import assign_splits, prepare_dataset, study_id
+from clips_jax.data.prepare import assign_splits, is_native, parse_spacing, prepare_dataset, study_id
 from clips_jax.data.store import CaseStore, difficulty_measures, dmax_mm
 from clips_jax.errors import ConfigError, DataError
 
@@ -166,3 +166,59 @@ def test_prepare_cli(dataset, tmp_path):
     (cache / "cases" / paths[3].name / "ct.npy").unlink()  # forces a redo of that case, which now fails
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "1 failed" in r.stdout and "3 already done" in r.stdout
+
+
+def test_prepare_native_grid_keeps_the_pet_grid(dataset, tmp_path):
+    from clips_jax.data.study import load_study
+
+    data, paths = dataset
+    cache = tmp_path / "native"
+    s = prepare_dataset(data, cache, spacing_mm="native", log=lambda m: None)
+    assert len(s["prepared"]) == 4 and not s["failed"]
+    store = CaseStore(cache)
+    assert store.manifest["spacing_mm"] is None and store.manifest["grid"] == "native"
+    for p in paths[:2]:
+        case = load_study(p)
+        assert store.geometry(p.name).same_grid(case.geometry)
+        assert store.native_geometry(p.name).same_grid(case.geometry)
+        arr = store.case_arrays(p.name)
+        np.testing.assert_array_equal(arr["ct"], case.ct)  # no resampling at all
+        np.testing.assert_array_equal(arr["suv"], case.suv)
+        np.testing.assert_array_equal(arr["seg"], case.seg)
+    # the same store cannot be continued at another spacing; the same spacing (0 == native) just skips
+    with pytest.raises(ConfigError, match="another --output"):
+        prepare_dataset(data, cache, spacing_mm=6.0, log=lambda m: None)
+    assert len(prepare_dataset(data, cache, spacing_mm=0, log=lambda m: None)["skipped"]) == 4
+
+
+def test_parse_spacing():
+    assert parse_spacing("native") == "native" and parse_spacing("NATIVE") == "native"
+    assert parse_spacing("0") == "native"
+    assert parse_spacing("6") == 6.0 and parse_spacing("3,4,4") == [3.0, 4.0, 4.0]
+    for bad in ("", "x", "1,2", "-6", "6,0,6"):
+        with pytest.raises(ConfigError):
+            parse_spacing(bad)
+    assert is_native(None) and is_native(0.0) and not is_native(6.0) and not is_native((6.0, 6.0, 6.0))
+
+
+def test_case_arrays_extra(dataset, tmp_path):
+    data, paths = dataset
+    prepare_dataset(data, tmp_path / "c", log=lambda m: None)
+    store = CaseStore(tmp_path / "c")
+    shape = store.geometry(0).shape
+    p = np.linspace(0, 1, int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    np.save(store.case_dir(0) / "stage_a.npy", p.astype(np.float16))
+    a = store.case_arrays(0, extra=("stage_a",))
+    assert set(a) == {"ct", "suv", "seg", "stage_a"} and a["stage_a"].dtype == np.float16
+    np.testing.assert_array_equal(a["stage_a"], p.astype(np.float16))
+    assert set(store.case_arrays(0)) == {"ct", "suv", "seg"}  # default unchanged
+    assert store.missing_extra(("stage_a",)) == store.ids[1:]
+    with pytest.raises(ConfigError, match="clips_jax.data.stage_a") as e:
+        store.case_arrays(1, extra=("stage_a",))
+    assert store.ids[1] in str(e.value)
+    store.require_extra(("stage_a",), [0])
+    with pytest.raises(ConfigError):
+        store.require_extra(("stage_a",))
+    np.save(store.case_dir(0) / "stage_a.npy", np.zeros((2, 2, 2), np.float32))
+    with pytest.raises(DataError, match="shape"):
+        store.case_arrays(0, extra=("stage_a",))
