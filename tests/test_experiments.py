@@ -102,6 +102,7 @@ def _tiny(cache, **debug):
     cfg.data.phantoms.cache = str(cache)
     cfg.num_devices = 1
     cfg.quiet = True
+    cfg.eval.at_start = False
     cc.apply_run_defaults(cfg, 4)
     for k, v in debug.items():
         cfg.debug[k] = v
