@@ -517,21 +517,24 @@ def run_comparison(base_config, workdir: str | os.PathLike, curricula: Sequence[
 
     teacher_store = None
     for name in names:
-        exp = presets.get_experiment(name)
-        used[name] = exp.preset
-        store_dir = store.cache_dir.absolute()
-        if exp.needs_teacher:
-            if teacher_store is None:
-                # Bootstrapping (A3/A6): the teacher is the first seed's baseline model, trained first if needed.
-                tcfg, trun, _ = train_one(presets.BASELINE, seed_list[0], store.cache_dir.absolute())
-                teacher_store = make_teacher_store(store, tcfg, trun, workdir / "teacher_store", log)
-            store_dir = teacher_store.cache_dir.absolute()
-        for seed in seed_list:
+        used[name] = presets.get_experiment(name).preset
+        runs[name], per_run_rows[name], curves[name] = {}, {}, []
+    # Seed-major order: an interrupted comparison has every curriculum of the first seeds.
+    for seed in seed_list:
+        for name in names:
+            store_dir = store.cache_dir.absolute()
+            if presets.get_experiment(name).needs_teacher:
+                if teacher_store is None:
+                    # Bootstrapping (A3/A6): the teacher is the first seed's baseline model (trained first if
+                    # needed).
+                    tcfg, trun, _ = train_one(presets.BASELINE, seed_list[0], store.cache_dir.absolute())
+                    teacher_store = make_teacher_store(store, tcfg, trun, workdir / "teacher_store", log)
+                store_dir = teacher_store.cache_dir.absolute()
             cfg, run_dir, status = train_one(name, seed, store_dir)
-            runs.setdefault(name, {})[seed] = status
+            runs[name][seed] = status
             rows = evaluate_test(cfg, run_dir, store)
-            per_run_rows.setdefault(name, {})[seed] = rows
-            curves.setdefault(name, []).append(trainer.read_metrics(run_dir))
+            per_run_rows[name][seed] = rows
+            curves[name].append(trainer.read_metrics(run_dir))
             log(f"[{name} seed {seed}] test Dice {seed_means(rows)['dice']:.4f} over {len(rows)} cases")
 
     rows, notes = compare(per_run_rows, used)
