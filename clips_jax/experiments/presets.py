@@ -73,19 +73,20 @@ class Experiment:
     family: str = ""
 
 
-#: Experiment name -> Experiment. The order is the default `--curricula` order (baseline first: the
-#: transfer teacher needs a finished baseline run).
+#: Experiment name -> Experiment. The order is the default `--curricula` order: the baseline first (the
+#: transfer teacher needs a finished baseline run), then the comparison of Yousefirizi et al. 2022 (A6:
+#: bootstrapping, random, anti, self-paced), then the other families.
 EXPERIMENTS: dict[str, Experiment] = {
     "none": Experiment("none", family="baseline: uniform sampling"),
-    "anti": Experiment("anti", paced=True, family="control: hardest first (composite), root pacing"),
+    "transfer_teacher": Experiment("transfer_teacher", paced=True, needs_teacher=True,
+                                   family="transfer teacher / bootstrapping: baseline model's soft-Dice loss"),
     "random": Experiment("random", paced=True, seeded=True, family="control: random order, root pacing"),
+    "anti": Experiment("anti", paced=True, family="control: hardest first (composite), root pacing"),
+    "self_paced_hard": Experiment("self_paced_hard", paced=True,
+                                  family="self-paced (Kumar 2010), hard regulariser, quantile lambda"),
     "predefined": Experiment("predefined_composite_root", paced=True,
                              family="predefined: easiest first (composite), root pacing"),
     "baby_step": Experiment("baby_step", paced=True, family="predefined: composite, 5 baby-step buckets"),
-    "self_paced_hard": Experiment("self_paced_hard", paced=True,
-                                  family="self-paced (Kumar 2010), hard regulariser, quantile lambda"),
-    "transfer_teacher": Experiment("transfer_teacher", paced=True, needs_teacher=True,
-                                   family="transfer teacher / bootstrapping: baseline model's soft-Dice loss"),
     # eta: Graves et al.'s 1e-3 assumes ~1e5 updates; a few hundred updates would leave the policy uniform.
     "exp3s": Experiment("exp3s", options={"eta": 0.05}, seeded=True,
                         family="Exp3.S bandit (Graves 2017), 5 composite buckets, prediction gain"),
