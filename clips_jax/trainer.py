@@ -78,17 +78,13 @@ def maybe_initialize_distributed() -> None:
     """
     coord = os.environ.get("CLIPS_COORDINATOR")
     if coord:
-        if jax.config.read("jax_platforms") in (None, "", "cpu") and not _has_gpu_env():
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Cross-process collectives of the CPU backend (only used when the devices are CPUs).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coord,
                                    num_processes=int(os.environ["CLIPS_NUM_PROCESSES"]),
                                    process_id=int(os.environ["CLIPS_PROCESS_ID"]))
     elif os.environ.get("CLIPS_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
-
-
-def _has_gpu_env() -> bool:
-    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) and os.environ.get("CUDA_VISIBLE_DEVICES") != "-1"
 
 
 def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
@@ -425,15 +421,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         cur_state = {"_empty": jnp.zeros((), jnp.int32)}
     use_sigma = cur.sigma is not zero_sigma
     with_gain = isinstance(cur.config, curricula.Exp3SConfig)  # the bandit's reward is the prediction gain
-    cur_weights = jax.jit(cur.weights)
-    cur_update = jax.jit(cur.update)
-    cur_sigma = jax.jit(cur.sigma)
 
     # Model, optimiser, compiled step.
     mesh = make_mesh(int(config.num_devices))
     if config.data.batch_size % mesh.size:
         raise ConfigError(f"data.batch_size={config.data.batch_size} must be divisible by the {mesh.size} devices")
     repl, dsh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    # Curriculum state lives replicated on the mesh like the train state (global arrays: checkpointable on
+    # every host); its small functions are compiled once.
+    cur_state = jax.device_put(cur_state, repl)
+    cur_weights = jax.jit(cur.weights)
+    cur_update = jax.jit(cur.update, out_shardings=repl)
+    cur_sigma = jax.jit(cur.sigma)
     model, trainable = build_model(config)
     tx = make_optimizer(config)
     graphdef, state = init_train_state(model, trainable, tx)
@@ -501,6 +500,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 data_state = None
                 writer.write({"kind": "curriculum", "step": step_no, "stage": stage,
                               **curricula.summarise_weights(stage_weights, table),
+                              "weights": stage_weights.tolist() if len(stage_weights) <= 1000 else None,
                               "sigma": float(cur_sigma(cur_state, jnp.int32(step_no)))})
             it = new_iterator(stage, stage_weights)
             if data_state is not None:
