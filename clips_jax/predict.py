@@ -1,0 +1,564 @@
+"""Whole-body lesion segmentation of PET/CT studies: mask, TMTV report and MIP figure per study.
+
+    python -m clips_jax.predict --input PATH --weights DIR --out DIR [--tta] [--dtype float32|bfloat16]
+        [--batch-size N] [--stage-a-only] [--overwrite]
+
+Example (convert the TMTV-Net weights once, then segment one study or a folder of studies):
+
+    python -m convert_weights --ensemble e_latest.model --refiner r_latest.model --out weights/tmtv-net
+    python -m clips_jax.predict --input studies/ --weights weights/tmtv-net --out results/
+
+PATH is one study folder or a folder of studies (`clips_jax.data.study.find_studies`):
+  * a DICOM study folder: a PET (PT, Bq/ml) and a CT series anywhere below it (converted to SUVbw);
+  * an autoPET-style NIfTI folder: CTres.nii.gz (or CT.nii.gz) + SUV.nii.gz (+ optional SEG.nii.gz, drawn
+    in green on the MIP figure, and meta.json);
+  * a folder whose immediate sub-folders are such studies (batch mode: one progress line per study, a failing
+    study is reported and the others go on; studies whose outputs all exist are skipped, so re-running a
+    batch resumes; --overwrite redoes them).
+Per study `<id>` (the study folder name) it writes into --out, each file atomically:
+  <id>_SEG.nii.gz     uint8 lesion mask (0/1) on the PET grid (same shape and affine as the PET/SUV image)
+  <id>_report.json    TMTV (ml), lesion count, Dmax (mm), SUVmax, SUVmean, TLG, patient meta, model,
+                      runtimes per stage, software versions
+  <id>_report.md      the same as a readable report
+  <id>_mip.png        coronal and sagittal PET MIPs with the mask outline (red)
+Exit status: 0 if every study succeeded (or was skipped), 1 if any failed, 2 on a usage error (no --weights,
+bad weights directory, no study found). Field definitions, options and memory use: docs/predict.md.
+
+The pipeline is TMTV-Net's two-stage cascade (reference tmtv-net.md §1.4-1.5, §4): stage A runs the stage-A
+network (4-U-Net ensemble, or a single fine-tuned "unet") by tiled inference on the 6 mm grid; stage B
+runs the refiner on the native PET grid with the upsampled stage-A probability as 6th channel; the mask is
+the argmax. `--stage-a-only` skips the refiner: mask = (stage-A probability upsampled to the PET grid) > 0.5.
+The stages are composed here from the same building blocks as `clips_jax.inference.cascade` (identical
+results, tested), so each stage can be timed and the large native-grid arrays freed as soon as possible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clips_jax.errors import ClipsError, ConfigError, WeightsError
+
+WEIGHTS_HELP = (
+    "no --weights given. Get the pretrained TMTV-Net weights: download e_latest.model and r_latest.model from "
+    "the Google Drive link in the README of github.com/qurit-frizi/TMTV-Net, convert them with "
+    "`python -m convert_weights --ensemble e_latest.model --refiner r_latest.model --out weights/tmtv-net`, "
+    "then pass `--weights weights/tmtv-net` (details: docs/weights.md, docs/predict.md).")
+
+STAGE_A_NAMES = ("ensemble", "unet")
+"""Model names a weights directory may use for the stage-A network, in order of preference."""
+
+OUTPUT_SUFFIXES = {"seg": "_SEG.nii.gz", "json": "_report.json", "md": "_report.md", "png": "_mip.png"}
+"""Output file name = `<study id>` + suffix, in the --out folder."""
+
+Progress = Callable[[str, int, int], None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Options and models
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Inference settings of one run.
+
+    Attributes:
+      tta: average the 8 flip combinations in both stages (8x the time).
+      dtype: compute dtype of the networks, "float32" or "bfloat16".
+      batch_size: tiles per model call (>= 1).
+      stage_a_only: skip the refiner; mask = upsampled stage-A probability > 0.5.
+      stage_a_tile, stage_b_tile: tile sizes (z, y, x) in voxels; the step is half the tile (50 % overlap).
+        Originals 128x96x96 and 96^3; stage-A tiles must be divisible by 16 (U-Net).
+      spacing_mm: stage-A grid spacing (6 mm).
+      overwrite: redo studies whose outputs exist (else they are skipped).
+    """
+
+    tta: bool = False
+    dtype: str = "float32"
+    batch_size: int = 1
+    stage_a_only: bool = False
+    stage_a_tile: tuple[int, int, int] = (128, 96, 96)
+    stage_b_tile: tuple[int, int, int] = (96, 96, 96)
+    spacing_mm: float = 6.0
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: need at least 1 tile per call")
+        for name in ("stage_a_tile", "stage_b_tile"):
+            t = tuple(int(v) for v in getattr(self, name))
+            if len(t) != 3 or min(t) < 4:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: need three sizes >= 4 (z, y, x)")
+            object.__setattr__(self, name, t)
+        if any(v % 16 for v in self.stage_a_tile):
+            raise ConfigError(f"--stage-a-tile {self.stage_a_tile}: every size must be divisible by 16 (U-Net)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The networks of one run, as (predictor, params) pairs for `clips_jax.inference.tiled_inference`.
+
+    Attributes:
+      stage_a: (predictor, params) of the stage-A network (5 channels at 6 mm -> 2 logits).
+      refiner: (predictor, params) of the refiner (6 channels native -> 2 logits), or None.
+      info: JSON-friendly description for the report: weights dir, model names/classes/configs, source.
+    """
+
+    stage_a: tuple[Any, Any]
+    refiner: tuple[Any, Any] | None
+    info: dict
+
+    @classmethod
+    def from_modules(cls, stage_a: Any, refiner: Any | None = None, info: dict | None = None) -> "Models":
+        """Wrap NNX modules (e.g. an `Ensemble`/`UNet` and a `Refiner`) already in memory."""
+        from clips_jax.inference import nnx_predictor
+
+        desc = dict(info or {})
+        desc.setdefault("stage_a", {"class": type(stage_a).__name__, "config": getattr(stage_a, "config", {})})
+        if refiner is not None:
+            desc.setdefault("stage_b", {"class": type(refiner).__name__, "config": getattr(refiner, "config", {})})
+        return cls(nnx_predictor(stage_a), None if refiner is None else nnx_predictor(refiner), desc)
+
+
+def load_models(weights_dir: str | Path, *, dtype: str = "float32", stage_a_only: bool = False) -> Models:
+    """Load the networks of a CLIPS-JAX weights directory (`clips_jax.model.save_weights` / convert_weights).
+
+    Accepted model sets: {"ensemble", "refiner"} (converted TMTV-Net) or {"unet"} (+ optional "refiner"),
+    e.g. a fine-tuned single U-Net. "ensemble" wins over "unet" when both exist.
+
+    Args:
+      weights_dir: the directory holding `clips_weights.json`.
+      dtype: "float32" or "bfloat16" computation dtype of the networks (parameters stay float32).
+      stage_a_only: do not load the refiner (and do not require one).
+    Returns:
+      `Models`.
+    Raises:
+      WeightsError (one line) if the directory is not a weights directory, has no stage-A model, has no
+      refiner while one is needed, or a checkpoint cannot be restored.
+    """
+    import jax.numpy as jnp
+
+    from clips_jax.model import load_model, read_weights_meta
+
+    d = Path(weights_dir)
+    if not d.is_dir():
+        raise WeightsError(f"--weights {d}: no such directory; give the folder written by convert_weights")
+    meta = read_weights_meta(d)
+    names = meta.get("models", {})
+    a_name = next((n for n in STAGE_A_NAMES if n in names), None)
+    if a_name is None:
+        raise WeightsError(f"{d}: no stage-A model (need 'ensemble' or 'unet', found {sorted(names)})")
+    if not stage_a_only and "refiner" not in names:
+        raise WeightsError(f"{d}: no 'refiner' model (found {sorted(names)}); pass --stage-a-only to segment "
+                           "with the stage-A network alone")
+    mdtype = jnp.bfloat16 if dtype == "bfloat16" else None
+    stage_a = load_model(d, a_name, dtype=mdtype)
+    refiner = None if stage_a_only else load_model(d, "refiner", dtype=mdtype)
+    info = {"weights_dir": str(weights_dir), "source": meta.get("source", {}),
+            "stage_a": {"name": a_name, **names[a_name]}}
+    if refiner is not None:
+        info["stage_b"] = {"name": "refiner", **names["refiner"]}
+    return Models.from_modules(stage_a, refiner, info)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two stages
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Segmentation:
+    """Result of `segment`.
+
+    mask: (z, y, x) uint8 {0, 1} on the PET grid. stage_a_prob: (d, h, w) float32 on the coarse grid.
+    seconds: wall time per stage {"stage_a": s, "stage_b": s or None}.
+    """
+
+    mask: np.ndarray
+    stage_a_prob: np.ndarray
+    seconds: dict
+
+
+def stage_b_input(ct_hu: np.ndarray, suv: np.ndarray, cascade_channel: np.ndarray, *,
+                  round_fp16: bool = True, slab: int = 16) -> np.ndarray:
+    """The refiner input `(z, y, x, 6)` float32: the 5 channels (rounded to float16 first, as the original
+    stage B) + the upsampled stage-A probability. Built in z-slabs of `slab` slices so no full-size
+    temporary besides the output is allocated (same values as `inference.cascade`)."""
+    from clips_jax.data.channels import make_channels
+
+    out = np.empty(tuple(suv.shape) + (6,), np.float32)
+    dt = np.float16 if round_fp16 else np.float32
+    for z0 in range(0, suv.shape[0], slab):
+        out[z0:z0 + slab, ..., :5] = make_channels(ct_hu[z0:z0 + slab], suv[z0:z0 + slab], dtype=dt)
+    out[..., 5] = cascade_channel
+    return out
+
+
+def segment(ct_hu: np.ndarray, suv: np.ndarray, geometry: Any, models: Models, options: Options = Options(),
+            progress: Progress | None = None) -> Segmentation:
+    """Run stage A (and B unless `options.stage_a_only`) on one study on its PET grid.
+
+    Args:
+      ct_hu, suv: (z, y, x) float32 CT (HU) and SUVbw on `geometry` (a `clips_jax.data.Geometry`).
+      models: `Models` (refiner required unless stage_a_only).
+      options: `Options`.
+      progress: optional `progress(stage, tiles_done, tiles_total)`, stage "A" or "B".
+    Returns:
+      `Segmentation` (mask uint8 (z, y, x) with `geometry.shape`).
+    Raises:
+      ConfigError if the refiner is needed but missing; DataError for non-finite inputs.
+    """
+    from clips_jax.data.case import Case
+    from clips_jax.data.channels import make_channels
+    from clips_jax.data.resample import resample_case
+    from clips_jax.inference import argmax_mask, tiled_inference, upsample_probability
+
+    if not options.stage_a_only and models.refiner is None:
+        raise ConfigError("no refiner loaded; use --stage-a-only or a weights directory with a 'refiner'")
+    common = dict(batch_size=options.batch_size, dtype=options.dtype, tta=options.tta)
+    t0 = time.perf_counter()
+    coarse = resample_case(Case("predict", ct_hu, suv, None, geometry), options.spacing_mm)
+    pred_a, params_a = models.stage_a
+    prob6 = tiled_inference(make_channels(coarse.ct, coarse.suv), pred_a, params=params_a,
+                            tile_shape=options.stage_a_tile, step=tuple(t // 2 for t in options.stage_a_tile),
+                            progress=None if progress is None else (lambda d, t: progress("A", d, t)),
+                            **common)[..., 1]
+    prob6 = np.ascontiguousarray(prob6)
+    channel = upsample_probability(prob6, geometry.shape, geometry.spacing_mm, coarse.geometry.spacing_mm)
+    seconds = {"stage_a": time.perf_counter() - t0, "stage_b": None}
+    if options.stage_a_only:
+        return Segmentation((channel > 0.5).astype(np.uint8), prob6, seconds)
+    t1 = time.perf_counter()
+    volume = stage_b_input(ct_hu, suv, channel)
+    del channel
+    pred_b, params_b = models.refiner
+    probs = tiled_inference(volume, pred_b, params=params_b, tile_shape=options.stage_b_tile,
+                            step=tuple(t // 2 for t in options.stage_b_tile),
+                            progress=None if progress is None else (lambda d, t: progress("B", d, t)), **common)
+    del volume
+    mask = argmax_mask(probs)
+    del probs
+    seconds["stage_b"] = time.perf_counter() - t1
+    return Segmentation(mask, prob6, seconds)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------
+
+def mask_statistics(mask: np.ndarray, suv: np.ndarray, spacing_mm: Sequence[float]) -> dict:
+    """The report numbers of a lesion mask (definitions in docs/predict.md).
+
+    Args:
+      mask: (z, y, x) lesion mask (> 0 = lesion). suv: (z, y, x) SUVbw on the same grid.
+      spacing_mm: (z, y, x) voxel size in mm.
+    Returns:
+      {"tmtv_ml": voxels x voxel volume / 1000, "lesion_count": 18-connected components,
+       "dmax_mm": `clips_jax.metrics.dmax_mm` (largest distance between two lesion voxel centres),
+       "suv_max", "suv_mean": over the mask voxels, "tlg": SUVmean x TMTV (SUV x ml), "voxels": int}.
+      Empty mask: tmtv 0, count 0, tlg 0, and dmax/suv_max/suv_mean None (undefined).
+    """
+    from clips_jax.metrics import dmax_mm, label_lesions, volume_ml
+
+    m = np.asarray(mask) > 0
+    n_vox = int(np.count_nonzero(m))
+    tmtv = volume_ml(m, spacing_mm)
+    if n_vox == 0:
+        return {"tmtv_ml": 0.0, "lesion_count": 0, "dmax_mm": None, "suv_max": None, "suv_mean": None,
+                "tlg": 0.0, "voxels": 0}
+    vals = np.asarray(suv)[m].astype(np.float64)
+    suv_mean = float(vals.mean())
+    return {"tmtv_ml": tmtv, "lesion_count": label_lesions(m)[1], "dmax_mm": float(dmax_mm(m, spacing_mm)),
+            "suv_max": float(vals.max()), "suv_mean": suv_mean, "tlg": suv_mean * tmtv, "voxels": n_vox}
+
+
+_PATIENT_KEYS = ("patient_id", "patient_sex", "patient_birth_date", "patient_weight_kg", "study_date",
+                 "injected_dose_bq", "injection_time", "manufacturer", "source")
+
+
+def _jsonable(v: Any) -> Any:
+    """NaN/Inf -> None, numpy scalars -> Python, recursively (strict JSON)."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    return "n/a" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def report_markdown(report: dict) -> str:
+    """The Markdown report of one study from its JSON dict (see `predict_study`)."""
+    s, r = report["results"], report
+    lines = [f"# Lesion segmentation report: {r['study_id']}", "",
+             f"Input: `{r['input']}`  ", f"Mask: `{r['outputs']['seg']}` (PET grid {r['grid']['shape']} voxels "
+             f"(z, y, x), spacing {r['grid']['spacing_mm']} mm)", "", "## Results", "",
+             "| quantity | value | unit |", "|---|---|---|",
+             f"| TMTV (total metabolic tumour volume) | {_fmt(s['tmtv_ml'], 3)} | ml |",
+             f"| lesion count (18-connected components) | {s['lesion_count']} | |",
+             f"| Dmax (largest distance between two lesion voxels) | {_fmt(s['dmax_mm'], 1)} | mm |",
+             f"| SUVmax in the mask | {_fmt(s['suv_max'])} | g/ml |",
+             f"| SUVmean in the mask | {_fmt(s['suv_mean'])} | g/ml |",
+             f"| TLG = SUVmean x TMTV | {_fmt(s['tlg'], 1)} | g (SUV x ml) |", ""]
+    if r["patient"]:
+        lines += ["## Patient and study", "", "| field | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in r["patient"].items()] + [""]
+    m = r["model"]
+    lines += ["## Model and run", "",
+              f"- weights: `{m.get('weights_dir', 'in memory')}`; stage A: {m['stage_a'].get('name', '')} "
+              f"({m['stage_a'].get('class', '')}); stage B: "
+              + (f"{m['stage_b'].get('name', '')} ({m['stage_b'].get('class', '')})" if m.get("stage_b")
+                 else "skipped (--stage-a-only: mask = stage-A probability > 0.5)"),
+              f"- options: {json.dumps(r['options'])}",
+              "- runtime (s): " + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in r["seconds"].items()),
+              f"- software: {json.dumps(r['software'])}", "",
+              "Definitions: docs/predict.md. Research use only; not a medical device.", ""]
+    return "\n".join(lines)
+
+
+def safe_id(name: str) -> str:
+    """A file-name-safe study id: characters other than letters, digits, '.', '-', '_' become '_'."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._")
+    return s or "study"
+
+
+def output_paths(out_dir: str | Path, study_id: str) -> dict[str, Path]:
+    """{"seg", "json", "md", "png"} -> path of that output of `study_id` in `out_dir`."""
+    return {k: Path(out_dir) / f"{safe_id(study_id)}{v}" for k, v in OUTPUT_SUFFIXES.items()}
+
+
+def _software() -> dict:
+    import flax
+    import jax
+
+    import clips_jax
+    return {"clips_jax": clips_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+            "backend": jax.default_backend(), "python": sys.version.split()[0]}
+
+
+def predict_study(study: str | Path, out_dir: str | Path, models: Models, options: Options = Options(),
+                  progress: Progress | None = None) -> dict:
+    """Segment one study folder and write its four outputs (atomically) into `out_dir`.
+
+    Args:
+      study: a NIfTI or DICOM study folder (`clips_jax.data.study.load_study`).
+      out_dir: output folder (created).
+      models, options, progress: see `segment`.
+    Returns:
+      the report dict also written as `<id>_report.json` (keys: study_id, input, outputs, grid, patient,
+      results (`mask_statistics`), model, options, seconds (load, stage_a, stage_b, report, total; the first
+      study's stage times include compilation), software).
+    Raises:
+      DataError for unreadable studies (from the loaders), ConfigError for bad options.
+    """
+    from clips_jax.data.nifti import save_nifti
+    from clips_jax.fileio import write_text_atomic
+    from clips_jax.metrics.plots import mip_figure
+
+    t0 = time.perf_counter()
+    case = load_study(study)
+    study_id = safe_id(case.case_id)
+    paths = output_paths(out_dir, study_id)
+    geometry, suv, truth = case.geometry, case.suv, case.seg
+    meta = dict(case.meta)
+    ct = case.ct
+    del case
+    t_load = time.perf_counter() - t0
+    seg = segment(ct, suv, geometry, models, options, progress)
+    del ct
+    t1 = time.perf_counter()
+    save_nifti(paths["seg"], seg.mask, geometry, dtype=np.uint8)
+    stats = mask_statistics(seg.mask, suv, geometry.spacing_mm)
+    title = f"{study_id}: TMTV {stats['tmtv_ml']:.1f} ml, {stats['lesion_count']} lesion(s)"
+    mip_figure(suv, np.zeros(seg.mask.shape, bool) if truth is None else truth, seg.mask, geometry.spacing_mm,
+               paths["png"], title=title)
+    report = {
+        "study_id": study_id, "input": str(study),
+        "outputs": {k: p.name for k, p in paths.items()},
+        "grid": {"shape": list(geometry.shape), "spacing_mm": [round(float(s), 4) for s in geometry.spacing_mm]},
+        "patient": {k: meta[k] for k in _PATIENT_KEYS if meta.get(k) not in (None, "")},
+        "results": stats,
+        "model": models.info,
+        "options": {"tta": options.tta, "dtype": options.dtype, "batch_size": options.batch_size,
+                    "stage_a_only": options.stage_a_only, "stage_a_tile": list(options.stage_a_tile),
+                    "stage_b_tile": list(options.stage_b_tile), "stage_a_spacing_mm": options.spacing_mm},
+        "seconds": {"load": t_load, **seg.seconds},
+        "software": _software(),
+    }
+    report["seconds"]["report"] = time.perf_counter() - t1
+    report["seconds"]["total"] = time.perf_counter() - t0
+    report = _jsonable(report)
+    write_text_atomic(paths["md"], report_markdown(report))
+    write_text_atomic(paths["json"], json.dumps(report, indent=1, allow_nan=False))
+    return report
+
+
+def load_study(path: str | Path):
+    """`clips_jax.data.study.load_study` (indirection kept so the loader is imported lazily)."""
+    from clips_jax.data.study import load_study as _load
+
+    return _load(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch driver and command line
+# ----------------------------------------------------------------------------------------------------------
+
+def _tile_progress(stream) -> Progress | None:
+    """A one-line tile progress bar on an interactive `stream`, None otherwise (logs stay clean)."""
+    if not getattr(stream, "isatty", lambda: False)():
+        return None
+
+    def show(stage: str, done: int, total: int) -> None:
+        n = 30 * done // max(total, 1)
+        stream.write(f"\r  stage {stage} [{'#' * n}{'.' * (30 - n)}] {done}/{total} tiles")
+        if done >= total:
+            stream.write("\r" + " " * 60 + "\r")
+        stream.flush()
+
+    return show
+
+
+def run_batch(input_path: str | Path, out_dir: str | Path, models: Models, options: Options = Options(),
+              out=None, err=None) -> dict:
+    """Segment every study found under `input_path` (`find_studies`), one progress line per study.
+
+    A failing study prints one line `[i/n] <id> FAILED: <error>` and the others go on; studies whose four
+    outputs exist are skipped unless `options.overwrite`.
+
+    Returns:
+      {"ok": [ids], "skipped": [ids], "failed": {id: message}}.
+    Raises:
+      DataError if no study is found under `input_path`.
+    """
+    from clips_jax.data.study import find_studies
+
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    studies = find_studies(input_path)
+    n = len(studies)
+    result: dict = {"ok": [], "skipped": [], "failed": {}}
+    progress = _tile_progress(err)
+    for i, study in enumerate(studies, 1):
+        sid = safe_id(study.name)
+        paths = output_paths(out_dir, sid)
+        if not options.overwrite and all(p.is_file() for p in paths.values()):
+            print(f"[{i}/{n}] {sid} skipped (outputs exist; --overwrite to redo)", file=out, flush=True)
+            result["skipped"].append(sid)
+            continue
+        t0 = time.perf_counter()
+        try:
+            rep = predict_study(study, out_dir, models, options, progress)
+        except Exception as e:  # noqa: BLE001 - one bad study must not stop the batch; reported below
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not isinstance(e, ClipsError):
+                msg = f"{type(e).__name__}: {msg}"
+            print(f"[{i}/{n}] {sid} FAILED: {msg}", file=out, flush=True)
+            result["failed"][sid] = msg
+            continue
+        s = rep["results"]
+        print(f"[{i}/{n}] {sid} ok, TMTV {s['tmtv_ml']:.1f} ml, {s['lesion_count']} lesion(s), "
+              f"{time.perf_counter() - t0:.1f} s", file=out, flush=True)
+        result["ok"].append(sid)
+    print(f"done: {len(result['ok'])} ok, {len(result['skipped'])} skipped, {len(result['failed'])} failed "
+          f"of {n} stud{'y' if n == 1 else 'ies'}; outputs in {out_dir}", file=out, flush=True)
+    return result
+
+
+def _triple_flag(text: str, name: str) -> tuple[int, int, int]:
+    try:
+        t = tuple(int(v) for v in str(text).replace("x", ",").split(","))
+    except ValueError:
+        t = ()
+    if len(t) == 1:
+        t = t * 3
+    if len(t) != 3:
+        raise ConfigError(f"--{name} {text!r}: give Z,Y,X voxels (e.g. 128,96,96) or one number")
+    return t  # type: ignore[return-value]
+
+
+def define_flags(fv) -> None:
+    """Define the command-line flags on the absl `FlagValues` `fv` (global FLAGS or a private one)."""
+    from absl import flags
+
+    kw = dict(flag_values=fv)
+    flags.DEFINE_string("input", None, "study folder (DICOM PET+CT or autoPET NIfTI) or folder of studies", **kw)
+    flags.DEFINE_string("weights", None, "CLIPS-JAX weights directory (from `python -m convert_weights`); "
+                        "models {ensemble, refiner} or {unet} (+ optional refiner)", **kw)
+    flags.DEFINE_string("out", None, "output folder (created)", **kw)
+    flags.DEFINE_boolean("tta", False, "test-time augmentation: average the 8 flip combinations (8x slower)", **kw)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "network compute dtype", **kw)
+    flags.DEFINE_integer("batch-size", 1, "tiles per model call (more = faster on GPU, more memory)", **kw)
+    flags.DEFINE_boolean("stage-a-only", False, "skip the refiner: mask = stage-A probability > 0.5 on the PET "
+                         "grid (for a fine-tuned 'unet' weights dir without refiner)", **kw)
+    flags.DEFINE_boolean("overwrite", False, "redo studies whose outputs exist (default: skip them)", **kw)
+    flags.DEFINE_string("stage-a-tile", "128,96,96", "(advanced) stage-A tile Z,Y,X voxels at 6 mm, "
+                        "multiples of 16; step = tile / 2", **kw)
+    flags.DEFINE_string("stage-b-tile", "96,96,96", "(advanced) stage-B tile Z,Y,X voxels; step = tile / 2", **kw)
+
+
+def run_from_flags(fv, out=None, err=None) -> int:
+    """Run with parsed flags `fv`; returns the exit status (0 all ok, 1 some study failed, 2 usage error).
+    `out`/`err` default to the current sys.stdout/sys.stderr."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    if not fv["weights"].value:
+        print(f"error: {WEIGHTS_HELP}", file=err)
+        return 2
+    try:
+        if not fv["input"].value or not fv["out"].value:
+            raise ConfigError("--input and --out are required (see --help)")
+        options = Options(tta=fv["tta"].value, dtype=fv["dtype"].value, batch_size=fv["batch-size"].value,
+                          stage_a_only=fv["stage-a-only"].value, overwrite=fv["overwrite"].value,
+                          stage_a_tile=_triple_flag(fv["stage-a-tile"].value, "stage-a-tile"),
+                          stage_b_tile=_triple_flag(fv["stage-b-tile"].value, "stage-b-tile"))
+        from clips_jax.data.study import find_studies
+
+        find_studies(fv["input"].value)  # fail before loading weights when the input is wrong
+        models = load_models(fv["weights"].value, dtype=options.dtype, stage_a_only=options.stage_a_only)
+        result = run_batch(fv["input"].value, fv["out"].value, models, options, out=out, err=err)
+    except ClipsError as e:
+        print(f"error: {e}", file=err)
+        return 2
+    return 1 if result["failed"] else 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """In-process entry point: parse `argv` (argv[0] = program name) on private flags and run.
+
+    Returns the exit status (see module docstring). `python -m clips_jax.predict` uses absl's `app.run`
+    with the global flags instead (for --help).
+    """
+    from absl import flags
+
+    fv = flags.FlagValues()
+    define_flags(fv)
+    try:
+        fv(list(argv))
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_from_flags(fv)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    define_flags(flags.FLAGS)
+    app.run(lambda argv: run_from_flags(flags.FLAGS))
