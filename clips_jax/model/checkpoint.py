@@ -120,17 +120,17 @@ def load_model(weights_dir: str | os.PathLike, name: str, *, dtype=None) -> nnx.
     if name not in meta["models"]:
         raise WeightsError(f"{d}: no model {name!r} (has {sorted(meta['models'])})")
     spec = meta["models"][name]
-    model = build_model(spec["class"], spec["config"], dtype=dtype)
-    target = param_dict(model)
+    # Build the module abstractly (shapes only: no random initialisation, which takes tens of seconds for the
+    # full ensemble on a CPU), then fill it with the restored arrays.
+    graphdef, state = nnx.split(abstract_model(spec["class"], spec["config"], dtype=dtype))
+    target = nnx.to_pure_dict(state)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), _stringify(target))
     try:
         restored = ocp.StandardCheckpointer().restore((d / name).absolute(), abstract)
     except Exception as e:  # orbax raises several types for missing/damaged/mismatched trees
         raise WeightsError(f"{d / name}: cannot restore {spec['class']} parameters ({type(e).__name__}: {e})") from e
-    state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, _restore_keys(restored, target))
-    nnx.update(model, state)
-    return model
+    return nnx.merge(graphdef, state)
 
 
 def load_pretrained(weights_dir: str | os.PathLike, *, dtype=None) -> tuple[Ensemble, Refiner]:
