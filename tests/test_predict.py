@@ -32,7 +32,7 @@ from clips_jax.model import Ensemble, Refiner, UNet, save_weights
 
 UNET_KW = dict(channels=(4, 4, 8, 8), init_channels=4, bottleneck_kernel=3)
 TILES = ["--stage-a-tile", "32,32,32", "--stage-b-tile", "32,32,32"]
-SMALL = (40, 36, 36)  # native PET grid of the CLI phantoms (z, y, x) at 3 x 2.04 x 2.04 mm
+SMALL = (24, 40, 32)  # native PET grid of the CLI phantoms (z, y, x) at 3 x 2.04 x 2.04 mm
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_mask_statistics_against_hand_counts():
 
 
 def test_segment_equals_inference_cascade():
-    ph = make_phantom(2, (40, 36, 36))
+    ph = make_phantom(2, SMALL)
     ens = Ensemble(4, unet_kwargs=UNET_KW, rngs=nnx.Rngs(3))
     ref = Refiner(features=4, n_blocks=1, rngs=nnx.Rngs(4))
     models = predict.Models.from_modules(ens, ref)
