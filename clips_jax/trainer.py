@@ -111,7 +111,9 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Callable
       "stacking": the converted "ensemble" of `init_weights`; only the stacking conv trains (the original
         trains its 4 members separately and freezes them under the stacking conv).
       "refiner": `Refiner(6 -> 2)` (or the converted "refiner"); the 6th input channel is the stage-A lesion
-        probability stored in the case store (`python -m clips_jax.data.stage_a`). All parameters train.
+        probability stored in the case store: prepare it at native resolution (`python -m
+        clips_jax.data.prepare ... --spacing native`) and add the stage-A maps (`python -m clips_jax.data.stage_a
+        --store CACHE --weights W`). All parameters train.
     """
     m = config.model
     dtype = DTYPES.get(m.dtype)
@@ -260,7 +262,8 @@ def ensure_store(config: ml_collections.ConfigDict, log: Callable[[str], None]) 
         return CaseStore(d.store)
     ph = d.phantoms
     cache = Path(ph.cache).expanduser()
-    store_dir = cache / f"store_{ph.size}_n{ph.cases}_s{ph.seed}_{d.spacing_mm:g}mm"
+    grid = "native" if not d.spacing_mm else f"{float(d.spacing_mm):g}mm"
+    store_dir = cache / f"store_{ph.size}_n{ph.cases}_s{ph.seed}_{grid}"
     if not (store_dir / "manifest.json").is_file() or len(CaseStore(store_dir)) < ph.cases:
         from clips_jax.data.phantoms import write_phantoms
         from clips_jax.data.prepare import prepare_dataset
@@ -268,7 +271,7 @@ def ensure_store(config: ml_collections.ConfigDict, log: Callable[[str], None]) 
         if jax.process_index() == 0:
             log(f"generating {ph.cases} synthetic PET/CT phantoms ({ph.size}) into {raw} (first run only)")
             write_phantoms(raw, ph.cases, ph.seed, ph.size)
-            prepare_dataset(raw, store_dir, spacing_mm=d.spacing_mm, seed=ph.seed, log=log)
+            prepare_dataset(raw, store_dir, spacing_mm=d.spacing_mm or "native", seed=ph.seed, log=log)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("phantoms")
     return CaseStore(store_dir)
@@ -286,6 +289,11 @@ def curriculum_options(config: ml_collections.ConfigDict) -> dict:
 # Validation
 # ---------------------------------------------------------------------------------------------------------
 
+def extra_channels(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Input channels beyond the 5 image channels: the refiner's stage-A probability ("stage_a")."""
+    return ("stage_a",) if config.model.kind == "refiner" else ()
+
+
 def evaluate_cases(model: nnx.Module, store: CaseStore, indices, config: ml_collections.ConfigDict) -> dict:
     """Whole-volume tiled inference on store cases; returns mean metrics and per-case rows.
 
@@ -297,7 +305,7 @@ def evaluate_cases(model: nnx.Module, store: CaseStore, indices, config: ml_coll
     e = config.eval
     predictor, params = nnx_predictor(model)
     rows = []
-    for case in make_eval_cases(store, np.asarray(indices, dtype=np.int64)):
+    for case in make_eval_cases(store, np.asarray(indices, dtype=np.int64), extra_channels=extra_channels(config)):
         probs = tiled_inference(case["image"], predictor, params=params, tile_shape=tuple(e.tile_shape),
                                 step=tuple(e.tile_step), batch_size=int(e.batch_size))
         pred = argmax_mask(probs).astype(bool)
@@ -461,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                    patch_shape=tuple(config.data.patch_shape),
                                    num_workers=int(config.data.num_workers), case_indices=train_idx,
                                    p_foreground=float(config.data.p_foreground), augment=bool(config.data.augment),
-                                   num_batches=stage_steps)
+                                   num_batches=stage_steps, extra_channels=extra_channels(config))
 
     def eval_model(st) -> nnx.Module:
         return nnx.merge(graphdef, jax.device_get(st["params"]), jax.device_get(st["rest"]))

@@ -189,3 +189,49 @@ def test_default_config_end_to_end_cli(phantom_cache, tmp_path):
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["model"]["channels"] == [4, 4, 8, 8]
     assert (tmp_path / "run" / "checkpoints" / "best").is_dir()
+
+
+def _tiny_ensemble_weights(path):
+    from clips_jax.model import Ensemble, save_weights
+    ens = Ensemble(unet_kwargs=dict(channels=(4, 4, 8, 8), init_channels=4, bottleneck_kernel=3), rngs=nnx.Rngs(3))
+    return save_weights(path, {"ensemble": ens}), ens
+
+
+def test_stacking_conv_training_changes_only_the_stacking_conv(phantom_cache, tmp_path):
+    weights, ens = _tiny_ensemble_weights(tmp_path / "w")
+    cfg = tiny_config(phantom_cache, **{"model.kind": "stacking", "model.init_weights": str(weights), "steps": 2,
+                                        "eval.every_steps": 0, "eval.at_start": False, "checkpoint.every_steps": 2})
+    trainer.train_and_evaluate(cfg, tmp_path / "run")
+    import orbax.checkpoint as ocp
+    mgr = ocp.CheckpointManager((tmp_path / "run" / "checkpoints" / "last").absolute())
+    restored = mgr.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    params, rest = restored.state["params"], restored.state["rest"]
+    assert list(params) == ["stacking"]                       # only the stacking conv is trainable
+    before = nnx.to_pure_dict(nnx.state(ens, nnx.Param))
+    # (orbax stores each nnx Variable as {"value": array})
+    assert not np.allclose(params["stacking"]["kernel"]["value"], before["stacking"]["kernel"])
+    np.testing.assert_array_equal(rest["members"]["init_block"]["conv"]["kernel"]["value"],
+                                  before["members"]["init_block"]["conv"]["kernel"])
+
+
+def test_refiner_trains_on_native_store_with_stage_a_channel(tmp_path):
+    from clips_jax.data.stage_a import compute_stage_a
+    from clips_jax.data.store import CaseStore
+    from clips_jax.model import load_model
+    cache = tmp_path / "cache"
+    cfg = tiny_config(cache, **{"model.kind": "refiner", "data.spacing_mm": 0.0, "model.refiner_features": 4,
+                                "model.refiner_blocks": 1, "steps": 2, "data.patch_shape": (16, 16, 16),
+                                "eval.tile_shape": (32, 32, 32), "eval.tile_step": (16, 16, 16),
+                                "eval.every_steps": 2, "eval.at_start": False})
+    store = trainer.ensure_store(cfg, lambda s: None)
+    assert store.geometry(0).same_grid(store.native_geometry(0))
+    with pytest.raises(Exception, match="stage_a"):
+        trainer.train_and_evaluate(cfg, tmp_path / "no_stage_a")
+    weights, _ = _tiny_ensemble_weights(tmp_path / "w")
+    summary = compute_stage_a(CaseStore(store.cache_dir), load_model(weights, "ensemble"), tile_shape=(16, 16, 16),
+                              step=(8, 8, 8), log=lambda s: None)
+    assert not summary["failed"]
+    s = trainer.train_and_evaluate(cfg, tmp_path / "run")
+    assert s["steps"] == 2 and "val_dice" in s["final"]
+    rows = trainer.read_metrics(tmp_path / "run", "train")
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)

@@ -49,11 +49,13 @@ class Ensemble(nnx.Module):
     def member_probabilities(self, x: jax.Array, sigma: jax.Array | None = None) -> jax.Array:
         """Lesion probability of every member, `(N, D, H, W, n_members)` float32."""
 
-        @nnx.vmap(in_axes=(0, None, None), out_axes=0)
-        def run(m, x, sigma):
-            return jax.nn.softmax(m(x, sigma).astype(jnp.float32), axis=-1)[..., 1]
+        # Plain jax.vmap over the split member state (works inside an outer jit/grad, tree-mode clean).
+        graphdef, state = nnx.split(self.members)
 
-        return jnp.moveaxis(run(self.members, x, sigma), 0, -1)
+        def run(s, x, sigma):
+            return jax.nn.softmax(nnx.merge(graphdef, s)(x, sigma).astype(jnp.float32), axis=-1)[..., 1]
+
+        return jnp.moveaxis(jax.vmap(run, in_axes=(0, None, None))(state, x, sigma), 0, -1)
 
     def __call__(self, x: jax.Array, sigma: jax.Array | None = None) -> jax.Array:
         p = self.member_probabilities(x, sigma)
