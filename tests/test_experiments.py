@@ -64,6 +64,13 @@ def test_seed_means_and_mean_sd():
     assert math.isnan(cc.mean_sd([0.3])[1])
 
 
+def test_settings_conflicts_ignores_added_keys():
+    old = {"steps": 4, "model": {"channels": [4, 8]}}
+    new = {"steps": 4, "model": {"channels": [4, 16], "new_option": True}}
+    assert cc.settings_conflicts(old, new) == ["model.channels"]
+    assert cc.settings_conflicts(old, {"steps": 4, "model": {"channels": [4, 8], "x": 1}}) == []
+
+
 def test_soft_dice_loss_closed_form():
     p = np.zeros((4, 4, 4), np.float32)
     t = np.zeros((4, 4, 4), bool)

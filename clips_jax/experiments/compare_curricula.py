@@ -41,7 +41,7 @@ from clips_jax.fileio import write_text_atomic
 
 #: Per-seed summary metrics of results.csv: (column stem, title).
 SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
-    ("dice", "Dice"), ("nsd", "NSD (5 mm)"), ("tmtv_abs_err_ml", "|TMTV error| (ml)"),
+    ("dice", "Dice"), ("nsd", "NSD (5 mm)"), ("tmtv_abs_err_ml", "abs. TMTV error (ml)"),
     ("lesion_sensitivity", "lesion sensitivity"), ("fpv_ml", "FP volume (ml)"))
 
 #: Columns of results.csv, in order.
@@ -238,7 +238,7 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], notes: Sequence[str], he
                        + f" | {diff} | {p} |")
         out.append("")
     out += ["Mean ± s.d. over seeds of the per-seed means over test cases (Dice, NSD and lesion sensitivity over "
-            "lesion cases only; |TMTV error| and FP volume over all cases). ΔDice: mean paired per-case "
+            "lesion cases only; absolute TMTV error and FP volume over all cases). ΔDice: mean paired per-case "
             "difference to the baseline; Wilcoxon signed-rank test, two-sided (all: per-case Dice averaged over "
             "seeds; hard: pooled (seed, case) pairs).", ""]
     if notes:
@@ -441,6 +441,19 @@ def _settings_key(cfg) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
+def settings_conflicts(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """Dotted config keys whose values differ between two config dicts. Keys present in only one of them
+    are not conflicts (a config option added to the code later keeps its default, which old runs had)."""
+    out = []
+    for k in sorted(set(old) & set(new)):
+        a, b = old[k], new[k]
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += settings_conflicts(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def run_comparison(base_config, workdir: str | os.PathLike, curricula: Sequence[str] = presets.DEFAULT_CURRICULA,
                    seeds: int = 3, data: str = "", resume: bool = True,
                    log: Callable[[str], None] = print) -> dict:
@@ -490,8 +503,10 @@ def run_comparison(base_config, workdir: str | os.PathLike, curricula: Sequence[
     key = _settings_key(base)
     if exp_file.exists():
         old = json.loads(exp_file.read_text())
-        if old.get("settings_key") != key or old.get("store") != str(store.cache_dir.absolute()):
-            raise ConfigError(f"{exp_file}: this workdir was made with another base config or data; use a new "
+        conflicts = settings_conflicts(json.loads(old.get("settings_key", "{}")), json.loads(key))
+        if conflicts or old.get("store") != str(store.cache_dir.absolute()):
+            what = ", ".join(conflicts[:5]) if conflicts else f"data {old.get('store')}"
+            raise ConfigError(f"{exp_file}: this workdir was made with other settings ({what}); use a new "
                               "--workdir (results of different settings must not be mixed)")
     write_text_atomic(exp_file, json.dumps({"settings_key": key, "store": str(store.cache_dir.absolute()),
                                             "curricula": names, "seeds": int(seeds),

@@ -22,9 +22,10 @@ from typing import Any
 from clips_jax.curricula.registry import PRESETS
 from clips_jax.errors import ConfigError
 
-#: Training steps per run of the default comparison (`--steps`): sized so that the whole default run
-#: (every experiment x 3 seeds on the default phantoms) takes about 30 minutes on a 2-core CPU
-#: (measured: see docs/experiments.md).
+#: Training steps per run of the default comparison (`--steps`), with the sizes of RUN_OVERRIDES. Aimed at
+#: ~30 minutes for the whole default run (9 experiments x 3 seeds) on an idle 2-core CPU, i.e. about a
+#: minute per run; on the shared, heavily loaded development machine a run took ~6 minutes instead (measured
+#: numbers in docs/experiments.md). Lower it (or --seeds) when that is too slow.
 DEFAULT_STEPS = 40
 
 #: Validation passes (and checkpoints) per run when `--steps` sets the run length.
