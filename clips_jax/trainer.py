@@ -121,6 +121,10 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Callable
         raise ConfigError(f"model.dtype={m.dtype!r}: use one of {sorted(DTYPES)}")
     rngs = nnx.Rngs(int(config.seed))
     weights = m.get("init_weights", "")
+    if m.get("require_init_weights", False) and not weights:
+        raise ConfigError("this config fine-tunes converted TMTV-Net weights: set --config.model.init_weights=DIR "
+                          "(convert them with `python -m convert_weights --ensemble e_latest.model --refiner "
+                          "r_latest.model --out DIR`; see docs/weights.md)")
     if m.kind == "unet":
         if weights:
             names = read_weights_meta(weights)["models"]
@@ -405,6 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Returns the final summary dict (also written to `workdir/summary.json`): steps, skipped updates,
     wall time, step rate, initial and final validation metrics, curriculum name.
     """
+    if config.model.get("require_init_weights", False) and not config.model.get("init_weights", ""):
+        build_model(config)  # raises the explanatory ConfigError before any data work
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     writer = MetricsWriter(workdir, quiet=bool(config.get("quiet", False)))

@@ -12,7 +12,7 @@ import ml_collections
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.steps = 300
+    c.steps = 200
     c.num_devices = 0            # 0 = all devices (all hosts)
     c.log_every = 10
     c.max_nonfinite = 5          # stop after this many non-finite steps in a row
@@ -21,7 +21,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.store = ""            # a case store from `python -m clips_jax.data.prepare`; "" = built-in phantoms
     c.data.spacing_mm = 6.0      # phantom store grid (TMTV-Net stage A: 6 mm isotropic; 0 = native, refiner)
-    c.data.patch_shape = (64, 64, 64)   # (z, y, x) voxels, divisible by 16 (TMTV-Net: 128 x 96 x 96)
+    c.data.patch_shape = (32, 32, 32)   # (z, y, x) voxels, divisible by 16 (TMTV-Net: 128 x 96 x 96)
     c.data.batch_size = 2        # global batch (all devices)
     c.data.p_foreground = 0.5    # probability of centring a patch on a lesion voxel (original: 0)
     c.data.augment = True
@@ -35,13 +35,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.kind = "unet"        # "unet" | "stacking" | "refiner"
-    c.model.channels = (16, 32, 48, 64)  # TMTV-Net: (64, 96, 128, 156)
+    c.model.channels = (8, 16, 32, 32)  # TMTV-Net: (64, 96, 128, 156)
     c.model.init_channels = 8    # TMTV-Net: 32
     c.model.bottleneck_kernel = 3  # TMTV-Net: 9
     c.model.refiner_features = 32
     c.model.refiner_blocks = 4
     c.model.init_weights = ""    # converted TMTV-Net weights directory (fine-tuning)
     c.model.init_member = 0      # which ensemble member to fine-tune
+    c.model.require_init_weights = False  # True: refuse to start without init_weights (fine-tuning configs)
     c.model.dtype = "float32"    # or "bfloat16" (parameters stay float32)
 
     c.loss = ml_collections.ConfigDict()
@@ -72,7 +73,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "val"
-    c.eval.every_steps = 100
+    c.eval.every_steps = 50
     c.eval.at_start = True       # also evaluate the untrained model (step 0)
     c.eval.max_cases = 0         # 0 = all
     c.eval.tile_shape = (64, 64, 64)
