@@ -172,50 +172,77 @@ def _make_prob_fn(predictor: Callable, params: Any, dtype: str) -> Callable[[np.
     return lambda x: _tile_probs(predictor, dtype, with_params, params, x)
 
 
+def _overlap(origin: Sequence[int], tile: Sequence[int], left: Sequence[int],
+             shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Where a tile at `origin` (padded-grid coordinates) meets the unpadded volume.
+
+    The padded grid is the volume shifted by `left` (centred zero padding, `pad_to_multiple`). Returns
+    (volume slices, tile slices), one per axis, selecting the same voxels in the volume and in the tile;
+    the rest of the tile lies in the zero padding. An empty overlap gives empty slices.
+    """
+    vol_sl, tile_sl = [], []
+    for o, t, lo, n in zip(origin, tile, left, shape):
+        a, b = max(o - lo, 0), min(o - lo + t, n)
+        b = max(a, b)
+        vol_sl.append(slice(a, b))
+        tile_sl.append(slice(a - (o - lo), b - (o - lo)))
+    return tuple(vol_sl), tuple(tile_sl)
+
+
 def _tiled_pass(volume: np.ndarray, prob_fn, tile: tuple, step: tuple, batch_size: int, w: np.ndarray,
                 cover_end: bool, progress: Progress | None, done: int, total: int) -> tuple[np.ndarray, int]:
-    """One blended pass over `volume` (D, H, W, C); returns (probabilities (D, H, W, K) float32, done)."""
-    pads = pad_to_multiple(volume.shape[:3], tile)
-    padded = np.pad(volume, pads + [(0, 0)])
-    origins = tile_origins(padded.shape[:3], tile, step, cover_end)
+    """One blended pass over `volume` (D, H, W, C); returns (probabilities (D, H, W, K) float32, done).
+
+    Memory: the padded volume is never built. Each tile is cut from `volume` (which may be a non-contiguous
+    view, e.g. a TTA flip) into a zero-filled batch buffer, so the part of a tile reaching into the centred
+    padding reads zeros exactly as `np.pad` would; the accumulators cover only the unpadded volume (padding
+    voxels are cropped anyway), float32 `(D, H, W, K)` + `(D, H, W)`, and the first one is returned as the
+    result. Every voxel of the volume receives the same float32 terms in the same order as with a padded
+    accumulator, so the values are bit-identical to pad -> accumulate -> crop.
+    """
+    shape = volume.shape[:3]
+    pads = pad_to_multiple(shape, tile)
+    left = [p[0] for p in pads]
+    padded_shape = [n + a + b for n, (a, b) in zip(shape, pads)]
+    origins = tile_origins(padded_shape, tile, step, cover_end)
     acc = None
-    wsum = np.zeros(padded.shape[:3], np.float32)
+    wsum = np.zeros(shape, np.float32)
     expect = (batch_size,) + tile
 
-    def accumulate(out, batch_origins):
+    def accumulate(out, batch_overlaps):
         nonlocal acc, done
         probs = np.asarray(out)
         if acc is None:
-            acc = np.zeros(padded.shape[:3] + (probs.shape[-1],), np.float32)
-        for j, (oz, oy, ox) in enumerate(batch_origins):
-            sl = (slice(oz, oz + tile[0]), slice(oy, oy + tile[1]), slice(ox, ox + tile[2]))
-            acc[sl] += probs[j] * w[..., None]
-            wsum[sl] += w
-        done += len(batch_origins)
+            acc = np.zeros(shape + (probs.shape[-1],), np.float32)
+        for j, (vol_sl, tile_sl) in enumerate(batch_overlaps):
+            wt = w[tile_sl]
+            acc[vol_sl] += probs[j][tile_sl] * wt[..., None]
+            wsum[vol_sl] += wt
+        done += len(batch_overlaps)
         if progress is not None:
             progress(done, total)
 
     pending = None
     for b in range(0, len(origins), batch_size):
-        batch_origins = origins[b:b + batch_size]
-        batch = np.zeros(expect + (volume.shape[-1],), np.float32)  # last batch padded with zero tiles
-        for j, (oz, oy, ox) in enumerate(batch_origins):
-            batch[j] = padded[oz:oz + tile[0], oy:oy + tile[1], ox:ox + tile[2]]
+        overlaps = [_overlap(o, tile, left, shape) for o in origins[b:b + batch_size]]
+        # A fresh buffer per batch: the previous one may still be read by the asynchronous model call.
+        batch = np.zeros(expect + (volume.shape[-1],), np.float32)  # padding and the last batch's spare tiles: 0
+        for j, (vol_sl, tile_sl) in enumerate(overlaps):
+            batch[j][tile_sl] = volume[vol_sl]
         out = prob_fn(batch)  # dispatched asynchronously; host work on the previous batch overlaps it
         if out.ndim != 5 or tuple(out.shape[:4]) != expect:
             raise ConfigError(f"predictor returned shape {tuple(out.shape)} for input {batch.shape}; "
                               f"expected logits {expect + ('K',)}")
         if pending is not None:
             accumulate(*pending)
-        pending = (out, batch_origins)
+        pending = (out, overlaps)
     if pending is not None:
         accumulate(*pending)
     zero = wsum <= 0
     wsum[zero] = 1.0
     acc /= wsum[..., None]
     acc[zero] = 0.0  # zero-weight rule: probabilities (0, 0) -> background
-    crop = tuple(slice(left, n - right) for (left, right), n in zip(pads, padded.shape[:3]))
-    return np.ascontiguousarray(acc[crop]), done
+    return acc, done
 
 
 def tiled_inference(volume: np.ndarray, predictor: Callable, *, tile_shape: Sequence[int] = (128, 96, 96),
@@ -254,7 +281,7 @@ def tiled_inference(volume: np.ndarray, predictor: Callable, *, tile_shape: Sequ
     vol = np.asarray(volume, dtype=np.float32)
     if vol.ndim != 4:
         raise DataError(f"tiled_inference: volume shape {vol.shape} must be (D, H, W, C)")
-    if not np.all(np.isfinite(vol)):
+    if not all(np.isfinite(vol[z:z + 16]).all() for z in range(0, vol.shape[0], 16)):  # slabs: no full-size mask
         raise DataError("tiled_inference: volume contains NaN or Inf; check the input images")
     tile = _triple(tile_shape, "tile_shape")
     stp = _triple(step, "step")
@@ -271,10 +298,14 @@ def tiled_inference(volume: np.ndarray, predictor: Callable, *, tile_shape: Sequ
         v = np.flip(vol, axes) if axes else vol
         p, done = _tiled_pass(v, prob_fn, tile, stp, int(batch_size), w, cover_end, progress, done, total)
         p = np.flip(p, axes) if axes else p
-        result = p.copy() if result is None else result + p
+        if result is None:
+            result = np.ascontiguousarray(p)  # the pass's own accumulator: no copy (the first pass is unflipped)
+        else:
+            result += p  # in place: same float32 sums as result + p
+        del p
     if len(flips) > 1:
         result /= len(flips)
-    return np.ascontiguousarray(result)
+    return result
 
 
 def sliding_window_inference(inputs: np.ndarray, roi_size: Sequence[int], sw_batch_size: int,
