@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from clips_jax.curricula.teacher import soft_dice_loss  # noqa: F401 - one implementation, re-exported
 from clips_jax.errors import ClipsError, ConfigError, DataError
 from clips_jax.experiments import presets
 from clips_jax.fileio import write_text_atomic
@@ -316,36 +317,11 @@ def run_finished(run_dir: str | os.PathLike, steps: int) -> bool:
 
 def load_trained_model(cfg, run_dir: str | os.PathLike):
     """The trained model of a run: parameters of the best-validation checkpoint (`checkpoints/best`), else of
-    the latest `checkpoints/last`. Raises ClipsError if the run has no checkpoint."""
-    import jax
-    import orbax.checkpoint as ocp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    the latest `checkpoints/last` (`clips_jax.curricula.teacher.load_run_model` with the run's config `cfg`).
+    Raises ConfigError (a ClipsError) if the run has no checkpoint."""
+    from clips_jax.curricula.teacher import load_run_model
 
-    from clips_jax import trainer
-
-    run_dir = Path(run_dir).absolute()
-    model, trainable = trainer.build_model(cfg)
-    repl = NamedSharding(trainer.make_mesh(1), P())
-    abstract = lambda t: jax.tree.map(  # noqa: E731
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), t)
-    best_dir, last_dir = run_dir / "checkpoints" / "best", run_dir / "checkpoints" / "last"
-    if best_dir.is_dir() and ocp.CheckpointManager(best_dir).latest_step() is not None:
-        mgr = ocp.CheckpointManager(best_dir)
-        graphdef, params, rest = nnx.split(model, trainable, ...)
-        target = {"params": params, "rest": rest}
-        step = mgr.best_step() if mgr.best_step() is not None else mgr.latest_step()
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(target))))
-        st = restored.state
-    elif last_dir.is_dir() and ocp.CheckpointManager(last_dir).latest_step() is not None:
-        mgr = ocp.CheckpointManager(last_dir)
-        graphdef, state = trainer.init_train_state(model, trainable, trainer.make_optimizer(cfg))
-        restored = mgr.restore(mgr.latest_step(),
-                               args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(state))))
-        st = restored.state
-    else:
-        raise ClipsError(f"{run_dir}: no checkpoint to evaluate; re-run to train it")
-    return nnx.merge(graphdef, jax.device_get(st["params"]), jax.device_get(st["rest"]))
+    return load_run_model(run_dir, "best", config=cfg)[0]
 
 
 def predict_cases(model, store, indices, cfg):
@@ -380,16 +356,6 @@ def evaluate_test(cfg, run_dir: str | os.PathLike, store) -> list[dict]:
     return rows
 
 
-def soft_dice_loss(prob: np.ndarray, truth: np.ndarray) -> float:
-    """1 - soft Dice = 1 - 2 sum(p t) / (sum(p) + sum(t)) of a probability map against a mask; NaN when the
-    mask is empty (a lesion-free case has no Dice; it is sampled outside the ordering, reference A0 rule 3)."""
-    t = np.asarray(truth, dtype=np.float64) > 0
-    if not t.any():
-        return float("nan")
-    p = np.asarray(prob, dtype=np.float64)
-    return float(1.0 - 2.0 * (p * t).sum() / (p.sum() + t.sum()))
-
-
 def make_teacher_store(store, teacher_cfg, teacher_run: str | os.PathLike, out_dir: str | os.PathLike,
                        log: Callable[[str], None] = print):
     """A case store identical to `store` plus a `teacher_loss` column scored by a trained teacher run.
@@ -399,7 +365,7 @@ def make_teacher_store(store, teacher_cfg, teacher_run: str | os.PathLike, out_d
     copy of the manifest with that column, `teacher_scores.csv`, and a `cases` symbolic link to the original
     arrays. Reused when `out_dir/manifest.json` exists. Returns the new `CaseStore`.
     """
-    from clips_jax.curricula import teacher_difficulty
+    from clips_jax.curricula import teacher
     from clips_jax.data.store import CaseStore, write_manifest
 
     out_dir = Path(out_dir)
@@ -407,13 +373,19 @@ def make_teacher_store(store, teacher_cfg, teacher_run: str | os.PathLike, out_d
         return CaseStore(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"scoring the training cases with the teacher {teacher_run} (transfer-teacher curriculum)")
-    model = load_trained_model(teacher_cfg, teacher_run)
-    idx = store.split_indices("train")
-    scores = {case["id"]: soft_dice_loss(prob, case["label"]) for case, prob in predict_cases(model, store, idx,
-                                                                                             teacher_cfg)}
-    checked = teacher_difficulty(np.array(list(scores.values()), np.float64))
-    scores = dict(zip(scores, checked.tolist()))
-    cases = [dict(c, teacher_loss=scores[c["id"]]) if c["id"] in scores else dict(c) for c in store.cases]
+    model, info = teacher.load_run_model(teacher_run, "best", config=teacher_cfg)
+    e = teacher_cfg.eval
+    tile, step = tuple(e.tile_shape), tuple(e.tile_step)
+    failed: dict[str, str] = {}
+    scores = teacher.score_cases(store, model, indices=store.split_indices("train"), tile_shape=tile, step=step,
+                                 batch_size=int(e.batch_size), loss="soft_dice", failed=failed,
+                                 log=lambda _: None)
+    if failed:
+        cid = next(iter(failed))
+        raise DataError(f"teacher scoring failed for {len(failed)} training case(s), first {cid}: {failed[cid]}")
+    record = teacher.make_record(Path(teacher_run).absolute().as_posix(), str(teacher_cfg.model.kind),
+                                 "soft_dice", tile, step, **info)
+    cases = teacher.apply_scores(store.cases, scores, record)
     link = out_dir / "cases"
     if not link.exists():
         tmp = out_dir / f".cases.tmp{os.getpid()}"
@@ -424,7 +396,7 @@ def make_teacher_store(store, teacher_cfg, teacher_run: str | os.PathLike, out_d
     write_text_atomic(out_dir / "teacher_scores.csv",
                       "case,teacher_loss\n" + "".join(f"{k},{_num(v)}\n" for k, v in scores.items()))
     extra = {k: v for k, v in store.manifest.items() if k not in ("version", "cases")}
-    extra["teacher"] = str(Path(teacher_run).absolute())
+    extra[teacher.RECORD_KEY] = record
     write_manifest(out_dir, cases, extra)
     return CaseStore(out_dir)
 
