@@ -74,17 +74,25 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def timed_steps(step: Callable[[], None], warmup: int, repeats: int) -> list[float]:
+def progress(msg: str) -> None:
+    """One progress line on stderr (full-width CPU steps take minutes; stdout keeps only the results)."""
+    print(f"  ... {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+def timed_steps(step: Callable[[], None], warmup: int, repeats: int, name: str = "") -> list[float]:
     """Run `step` (which must end in a device sync) `warmup` times untimed, then `repeats` times timed.
 
     Returns the `repeats` wall times in seconds."""
-    for _ in range(warmup):
+    for i in range(warmup):
+        t0 = time.perf_counter()
         step()
+        progress(f"{name} warm-up step {i + 1}/{warmup}: {time.perf_counter() - t0:.2f} s")
     times = []
-    for _ in range(repeats):
+    for i in range(repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+        progress(f"{name} timed step {i + 1}/{repeats}: {times[-1]:.2f} s")
     return times
 
 
@@ -128,6 +136,7 @@ def bench_ours(arch: dict, image, label, dtype: str, alpha: float, warmup: int, 
     del model
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state["params"]))
     init_s = time.perf_counter() - t0
+    progress(f"ours {dtype}: model + optimiser state built in {init_s:.1f} s; compiling")
 
     dev = jax.devices()[0]
     state = jax.device_put(state, dev)
@@ -139,6 +148,7 @@ def bench_ours(arch: dict, image, label, dtype: str, alpha: float, warmup: int, 
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch, sigma).compile()
     compile_s = time.perf_counter() - t0
+    progress(f"ours {dtype}: compiled in {compile_s:.1f} s")
     gflop = float("nan")
     try:
         ca = compiled.cost_analysis()
@@ -153,7 +163,7 @@ def bench_ours(arch: dict, image, label, dtype: str, alpha: float, warmup: int, 
         holder["state"], holder["metrics"] = compiled(holder["state"], batch, sigma)
         jax.block_until_ready((holder["state"], holder["metrics"]))
 
-    times = timed_steps(step, warmup, repeats)
+    times = timed_steps(step, warmup, repeats, f"ours {dtype}")
     m = jax.device_get(holder["metrics"])
     out = {"init": init_s, "compile": compile_s, "times": times, "loss": float(m["loss"]),
            "finite": bool(m["finite"]), "n_params": n_params, "gflop": gflop}
@@ -211,7 +221,7 @@ def bench_torch(arch: dict, image, label, amp: bool, warmup: int, repeats: int) 
         if cuda:
             torch.cuda.synchronize()
 
-    times = timed_steps(step, warmup, repeats)
+    times = timed_steps(step, warmup, repeats, "torch amp" if amp else "torch fp32")
     out = {"times": times, "loss": last["loss"], "n_params": tr.n_params(net)}
     del net, opt, x, y, y1
     gc.collect()
