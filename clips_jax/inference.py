@@ -15,6 +15,9 @@ The algorithm reproduces the original TMTV-Net "dense" inference (`reference/tmt
    map `w` (`central_weight_map`, §4.2);
 4. zero-weight rule: where `wsum <= 0` the probabilities are (0, 0) (=> background);
 5. `acc / wsum`, un-padded.
+Steps 1 and 5 are done without building the padded volume: tiles are cut from the unpadded volume into
+zero-filled buffers and only the unpadded region is accumulated, with bit-identical results (host memory of
+one pass: the input, the (D, H, W, K) result and a (D, H, W) weight sum, float32; `benchmarks/inference_memory.py`).
 Deliberate differences: accumulation is float32 (the original used float16), tiles are batched (`batch_size`)
 through ONE jit-compiled function (the last batch is padded to the fixed size, so it compiles once), and the
 predictor may be run in bfloat16. Optional test-time augmentation averages the 8 flip combinations (§4.3).
@@ -355,7 +358,10 @@ def argmax_mask(probs: np.ndarray) -> np.ndarray:
     p = np.asarray(probs)
     if p.ndim != 4:
         raise DataError(f"argmax_mask: probabilities shape {p.shape} must be (D, H, W, K)")
-    return np.argmax(p, axis=-1).astype(np.uint8)
+    out = np.empty(p.shape[:3], np.uint8)
+    for z in range(0, p.shape[0], 16):  # slabs: no full-size int64 index array
+        out[z:z + 16] = np.argmax(p[z:z + 16], axis=-1)
+    return out
 
 
 def _linear_axis(x: np.ndarray, axis: int, n_out: int, scale: float) -> np.ndarray:
@@ -490,8 +496,9 @@ def cascade(ct_hu: np.ndarray, suv: np.ndarray, geometry: Any, ensemble_fn: Call
                             step=stage_a_step, params=ensemble_params, progress=prog_a, **common)[..., 1]
     spacing_c = coarse.geometry.spacing_mm
     channel = upsample_probability(prob6, geometry.shape, geometry.spacing_mm, spacing_c)
-    native = make_channels(case.ct, case.suv, dtype=np.float16 if round_stage_b_fp16 else np.float32)
-    volume_b = np.concatenate([native.astype(np.float32), channel[..., None]], axis=-1)
+    volume_b = np.empty(case.suv.shape + (6,), np.float32)  # filled in place: no float32 copy of the 5
+    volume_b[..., :5] = make_channels(case.ct, case.suv, dtype=np.float16 if round_stage_b_fp16 else np.float32)
+    volume_b[..., 5] = channel
     prog_b = None if progress is None else (lambda d, t: progress("B", d, t))
     probs = tiled_inference(volume_b, refiner_fn, tile_shape=stage_b_tile, step=stage_b_step,
                             params=refiner_params, progress=prog_b, **common)

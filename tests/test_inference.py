@@ -188,6 +188,8 @@ def test_argmax_mask_ties_go_to_background():
     p = np.array([[0, 0], [0.5, 0.5], [0.4, 0.6], [0.6, 0.4]], np.float32).reshape(1, 1, 4, 2)
     m = inf.argmax_mask(p)
     assert m.dtype == np.uint8 and m.ravel().tolist() == [0, 0, 1, 0]
+    q = np.random.default_rng(9).random((37, 5, 4, 3)).astype(np.float32)  # several z-slabs, K = 3
+    np.testing.assert_array_equal(inf.argmax_mask(q), np.argmax(q, axis=-1))
 
 
 def test_upsample_probability_hand_values_and_scipy():
