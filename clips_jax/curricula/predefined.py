@@ -146,7 +146,7 @@ def predefined_curriculum(cfg: PredefinedConfig, name: str = "predefined") -> Cu
 
 
 # ----------------------------------------------------------------------------------------------------
-# Transfer-teacher helpers (the scoring command itself lives with the trainer)
+# Transfer-teacher helpers (the scoring command: `python -m clips_jax.curricula.teacher`)
 # ----------------------------------------------------------------------------------------------------
 
 

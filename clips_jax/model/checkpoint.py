@@ -40,7 +40,7 @@ def build_model(class_name: str, config: Mapping, *, dtype=None, seed: int = 0) 
     """Instantiate a network from its class name and constructor config (as stored in `clips_weights.json`)."""
     if class_name not in MODEL_CLASSES:
         raise WeightsError(f"unknown model class {class_name!r}; expected one of {sorted(MODEL_CLASSES)}")
-    cfg = dict(config)
+    cfg = config.to_json() if hasattr(config, "to_json") else dict(config)
     if class_name == "Ensemble":
         return Ensemble(cfg.get("n_members", 4), unet_kwargs=cfg.get("unet_kwargs"), dtype=dtype,
                         rngs=nnx.Rngs(seed))
@@ -86,7 +86,7 @@ def save_weights(out_dir: str | os.PathLike, models: Mapping[str, nnx.Module | t
             if isinstance(m, tuple):
                 class_name, config, params = m
             else:
-                class_name, config, params = type(m).__name__, m.config, param_dict(m)
+                class_name, config, params = type(m).__name__, m.config.to_json(), param_dict(m)
             params = jax.tree.map(lambda a: np.asarray(a, dtype=np.float32), params)
             ckptr.save(tmp / name, _stringify(params))
             meta["models"][name] = {"class": class_name, "config": config}

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clips_jax.model.layers import conv3d
+from clips_jax.model.layers import ModelConfig, conv3d
 from clips_jax.model.unet import PRETRAINED_CHANNELS, UNet
 
 
@@ -34,8 +34,7 @@ class Ensemble(nnx.Module):
         unet_kwargs = dict(unet_kwargs or {})
         unet_kwargs.setdefault("channels", PRETRAINED_CHANNELS)
         self.n_members = n_members
-        self.config = dict(n_members=n_members, unet_kwargs={k: (list(v) if isinstance(v, tuple) else v)
-                                                             for k, v in unet_kwargs.items()})
+        self.config = ModelConfig(n_members=n_members, unet_kwargs=unet_kwargs)
 
         @nnx.split_rngs(splits=n_members)
         @nnx.vmap(in_axes=(0,), out_axes=0)

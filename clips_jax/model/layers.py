@@ -26,6 +26,70 @@ NORM_EPS = 1e-5
 SIGMA_MIN = 1e-3
 
 
+class ModelConfig:
+    """Hashable, immutable constructor arguments of a network (a read-only mapping name -> value).
+
+    Models keep their config as a static attribute; NNX puts static attributes into the graph definition, which
+    must be hashable so that a jitted function keyed by it (e.g. the tile predictor of `tiled_inference`) compiles
+    once. Lists become tuples, dicts nested `ModelConfig`s. `to_json()` gives plain dicts and lists back.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, mapping=None, **kwargs):
+        items = dict(mapping or {}, **kwargs)
+        object.__setattr__(self, "_items", tuple(sorted((k, _freeze(v)) for k, v in items.items())))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("ModelConfig is immutable")
+
+    def __getitem__(self, key: str):
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def get(self, key: str, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def items(self):
+        return self._items
+
+    def __eq__(self, other):
+        return isinstance(other, ModelConfig) and self._items == other._items
+
+    def __hash__(self):
+        return hash(self._items)
+
+    def __repr__(self):
+        return f"ModelConfig({self.to_json()!r})"
+
+    def to_json(self) -> dict:
+        """Plain JSON-friendly dict (tuples -> lists, nested configs -> dicts)."""
+        return {k: _thaw(v) for k, v in self._items}
+
+
+def _freeze(v):
+    if isinstance(v, ModelConfig):
+        return v
+    if isinstance(v, dict):
+        return ModelConfig(v)
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def _thaw(v):
+    if isinstance(v, ModelConfig):
+        return v.to_json()
+    if isinstance(v, tuple):
+        return [_thaw(x) for x in v]
+    return v
+
+
 def gaussian_smooth(x: jax.Array, sigma: jax.Array | float) -> jax.Array:
     """Depthwise separable 3x3x3 Gaussian smoothing of a `(N, D, H, W, C)` tensor, zero padding 1.
 

@@ -12,7 +12,7 @@ import jax
 from flax import nnx
 
 from clips_jax.errors import ShapeError
-from clips_jax.model.layers import ConvNormAct, ResBlock
+from clips_jax.model.layers import ConvNormAct, ModelConfig, ResBlock
 
 
 class Refiner(nnx.Module):
@@ -21,7 +21,7 @@ class Refiner(nnx.Module):
 
     def __init__(self, in_channels: int = 6, out_channels: int = 2, features: int = 32, n_blocks: int = 4,
                  first_kernel: int = 9, *, dtype=None, rngs: nnx.Rngs):
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, features=features,
+        self.config = ModelConfig(in_channels=in_channels, out_channels=out_channels, features=features,
                            n_blocks=n_blocks, first_kernel=first_kernel)
         self.first = ConvNormAct(in_channels, features, first_kernel, use_bias=False, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([ResBlock(features, use_bias=False, dtype=dtype, rngs=rngs)

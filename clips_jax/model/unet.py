@@ -18,7 +18,7 @@ import jax
 from flax import nnx
 
 from clips_jax.errors import ShapeError
-from clips_jax.model.layers import ConvNormAct, UpBlock, conv3d
+from clips_jax.model.layers import ConvNormAct, ModelConfig, UpBlock, conv3d
 
 PRETRAINED_CHANNELS = (64, 96, 128, 156)
 
@@ -45,8 +45,8 @@ class UNet(nnx.Module):
                  bottleneck_kernel: int = 9, *, dtype=None, rngs: nnx.Rngs):
         channels = tuple(int(c) for c in channels)
         init_channels = int(init_channels or channels[0] // 2)
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, channels=list(channels),
-                           init_channels=init_channels, bottleneck_kernel=bottleneck_kernel)
+        self.config = ModelConfig(in_channels=in_channels, out_channels=out_channels, channels=channels,
+                                  init_channels=init_channels, bottleneck_kernel=bottleneck_kernel)
         self.levels = len(channels)
         self.init_block = ConvNormAct(in_channels, init_channels, 3, dtype=dtype, rngs=rngs)
         widths = (init_channels,) + channels
