@@ -542,23 +542,12 @@ def run_from_flags(fv, out=None, err=None) -> int:
 def main(argv: Sequence[str]) -> int:
     """In-process entry point: parse `argv` (argv[0] = program name) on private flags and run.
 
-    Returns the exit status (see module docstring). `python -m clips_jax.predict` uses absl's `app.run`
-    with the global flags instead (for --help).
+    Returns the exit status (see module docstring); `python -m` runs exactly this.
     """
-    from absl import flags
+    from clips_jax.cli import run_tool
 
-    fv = flags.FlagValues()
-    define_flags(fv)
-    try:
-        fv(list(argv))
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run_from_flags(fv)
+    return run_tool(argv, define_flags, run_from_flags, __doc__)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
-    define_flags(flags.FLAGS)
-    app.run(lambda argv: run_from_flags(flags.FLAGS))
+    sys.exit(main(sys.argv))

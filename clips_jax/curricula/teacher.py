@@ -572,20 +572,9 @@ def main(argv: Sequence[str]) -> int:
     in-process (tests). `-h` / `--help` prints the module docstring and the flags and returns 0; 2 for invalid
     flags; otherwise as `run_from_flags`.
     """
-    from absl import flags
+    from clips_jax.cli import run_tool
 
-    fv = flags.FlagValues()
-    define_flags(fv)
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in list(argv)[1:]):
-        print(__doc__)
-        print("flags:\n" + fv.get_help(include_special_flags=False))
-        return 0
-    try:
-        fv(list(argv))
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run_from_flags(fv)
+    return run_tool(argv, define_flags, run_from_flags, __doc__)
 
 
 if __name__ == "__main__":

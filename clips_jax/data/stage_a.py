@@ -297,22 +297,12 @@ def main(argv: Sequence[str]) -> int:
 
     Uses a private absl FlagValues (importing or calling this defines no global flags), so it can also be
     called in-process (tests). 2 for invalid flags, otherwise as `run_from_flags`. `python -m
-    clips_jax.data.stage_a` uses absl's `app.run` with the global flags instead (for --help).
+    clips_jax.data.stage_a` runs exactly this.
     """
-    from absl import flags
+    from clips_jax.cli import run_tool
 
-    fv = flags.FlagValues()
-    define_flags(fv)
-    try:
-        fv(list(argv))
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run_from_flags(fv)
+    return run_tool(argv, define_flags, run_from_flags, __doc__)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
-    define_flags(flags.FLAGS)
-    app.run(lambda argv: run_from_flags(flags.FLAGS))
+    sys.exit(main(sys.argv))
