@@ -565,6 +565,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             writer.log(f"step {step_no}: val Dice {ev['val_dice']:.4f}  TMTV |err| {ev['val_tmtv_abs_err_ml']:.1f} ml"
                        f"  FPV {ev['val_fpv_ml']:.1f} ml  FNV {ev['val_fnv_ml']:.1f} ml")
             summary["final"] = {k: v for k, v in ev.items() if k != "cases"}
+            if np.isfinite(ev["val_dice"]) and ev["val_dice"] > summary.get("best", {}).get("val_dice", -1.0):
+                summary["best"] = {"step": step_no, **summary["final"]}
             if np.isfinite(ev["val_dice"]) and int(jax.device_get(state["nonfinite"])) == 0:
                 best_mgr.save(step_no, args=ocp.args.Composite(
                     state=ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]})),
@@ -586,9 +588,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         write_text_atomic(workdir / "summary.json", json.dumps(_jsonable(summary), indent=1))
         if "final" in summary:
             init = summary.get("initial", {}).get("val_dice", float("nan"))
+            best = summary.get("best", {})
             writer.log(f"done: {steps_done} steps in {_fmt_time(elapsed)} ({summary['steps_per_s']} step/s); "
-                       f"val Dice {init:.4f} (untrained) -> {summary['final']['val_dice']:.4f}; "
-                       f"skipped updates {summary['skipped_updates']}; workdir {workdir}")
+                       f"val Dice {init:.4f} (untrained) -> {summary['final']['val_dice']:.4f} (final), "
+                       f"{best.get('val_dice', float('nan')):.4f} (best, step {best.get('step')}, kept in "
+                       f"checkpoints/best); skipped updates {summary['skipped_updates']}; workdir {workdir}")
     return summary
 
 
