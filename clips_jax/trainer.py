@@ -282,10 +282,18 @@ def ensure_store(config: ml_collections.ConfigDict, log: Callable[[str], None]) 
 
 
 def curriculum_options(config: ml_collections.ConfigDict) -> dict:
-    """Options for `curricula.get_curriculum`: the config's `curriculum.options` plus `steps_per_epoch`."""
+    """Options for `curricula.get_curriculum`: the config's `curriculum.options` plus `steps_per_epoch`, and,
+    for families with a minimum selection size, `k_min` = the batch size unless given (the reference's rule
+    "k_min >= batch size"; the family default of 8 would select every case of a small dataset from the start)."""
     opts = dict(config.curriculum.options.to_dict() if hasattr(config.curriculum.options, "to_dict")
                 else config.curriculum.options)
     opts.setdefault("steps_per_epoch", int(config.curriculum.steps_per_epoch))
+    name = config.curriculum.name
+    family = curricula.PRESETS.get(name, {}).get("family", name)
+    if family in curricula.FAMILIES:
+        fields = {f.name for f in dataclasses.fields(curricula.FAMILIES[family][0])}
+        if "k_min" in fields:
+            opts.setdefault("k_min", int(config.data.batch_size))
     return opts
 
 
@@ -439,7 +447,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # Model, optimiser, compiled step.
     mesh = make_mesh(int(config.num_devices))
     if config.data.batch_size % mesh.size:
-        raise ConfigError(f"data.batch_size={config.data.batch_size} must be divisible by the {mesh.size} devices")
+        raise ConfigError(f"data.batch_size={config.data.batch_size} must be divisible by the {mesh.size} devices: "
+                          f"set --config.data.batch_size to a multiple of {mesh.size} or --config.num_devices")
     repl, dsh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     # Curriculum state lives replicated on the mesh like the train state (global arrays: checkpointable on
     # every host); its small functions are compiled once.

@@ -23,12 +23,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.data.spacing_mm = 6.0      # phantom store grid (TMTV-Net stage A: 6 mm isotropic; 0 = native, refiner)
     c.data.patch_shape = (32, 32, 32)   # (z, y, x) voxels, divisible by 16 (TMTV-Net: 128 x 96 x 96)
     c.data.batch_size = 2        # global batch (all devices)
-    c.data.p_foreground = 0.33   # probability of centring a patch on a lesion voxel (original: 0; nnU-Net: 0.33)
+    c.data.p_foreground = 0.75   # probability of centring a patch on a lesion voxel (original: 0)
     c.data.augment = True
     c.data.num_workers = 0       # grain worker processes (0 = threads in this process)
     c.data.use_unlabeled = False  # also train on cases without SEG (Mumford-Shah term only)
     c.data.phantoms = ml_collections.ConfigDict()
-    c.data.phantoms.cases = 16
+    c.data.phantoms.cases = 24
     c.data.phantoms.seed = 0
     c.data.phantoms.size = "full"
     c.data.phantoms.cache = "cache"
@@ -73,7 +73,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "val"
-    c.eval.every_steps = 100
+    c.eval.every_steps = 50
     c.eval.at_start = True       # also evaluate the untrained model (step 0)
     c.eval.max_cases = 0         # 0 = all
     c.eval.tile_shape = (96, 80, 80)   # phantoms at 6 mm are ~163 x 68 x 68: 3 tiles per case

@@ -179,9 +179,10 @@ def test_two_process_distributed_matches_single_process(phantom_cache, tmp_path)
 
 def test_default_config_end_to_end_cli(phantom_cache, tmp_path):
     """`python -m clips_jax.train` as a user runs it (tiny variant), including the untrained baseline."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, as a user has
     r = subprocess.run([sys.executable, "-m", "clips_jax.train", "--config", f"{REPO}/configs/default.py:tiny",
                         f"--config.data.phantoms.cache={phantom_cache}", f"--workdir={tmp_path / 'run'}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+                       cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "val Dice" in r.stdout and "done:" in r.stdout
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
