@@ -43,22 +43,13 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_model  # noqa: E402
 sys.path.insert(0, str(REPO / "tests"))
 
 FULL = {"channels": (64, 96, 128, 156), "init_channels": 32, "bottleneck_kernel": 9, "patch": (128, 96, 96)}
 SMALL = {"channels": (8, 16, 32, 32), "init_channels": 8, "bottleneck_kernel": 3, "patch": (32, 32, 32)}
 DS_WEIGHTS = (0.125, 0.25, 0.5, 1.0)
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (Linux) or platform."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_avg() -> str:
