@@ -235,7 +235,7 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
 
     def step(state, batch, sigma):
         (loss, (per_sample, _)), grads = grad_fn(state["params"], state["rest"], batch, sigma)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
