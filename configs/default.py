@@ -12,7 +12,7 @@ import ml_collections
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.steps = 200
+    c.steps = 300
     c.num_devices = 0            # 0 = all devices (all hosts)
     c.log_every = 10
     c.max_nonfinite = 5          # stop after this many non-finite steps in a row
@@ -23,7 +23,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.data.spacing_mm = 6.0      # phantom store grid (TMTV-Net stage A: 6 mm isotropic; 0 = native, refiner)
     c.data.patch_shape = (32, 32, 32)   # (z, y, x) voxels, divisible by 16 (TMTV-Net: 128 x 96 x 96)
     c.data.batch_size = 2        # global batch (all devices)
-    c.data.p_foreground = 0.75   # probability of centring a patch on a lesion voxel (original: 0)
+    c.data.p_foreground = 0.5    # probability of centring a patch on a lesion voxel (original: 0)
     c.data.augment = True
     c.data.num_workers = 0       # grain worker processes (0 = threads in this process)
     c.data.use_unlabeled = False  # also train on cases without SEG (Mumford-Shah term only)
