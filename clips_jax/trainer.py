@@ -175,18 +175,14 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     """AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 1e-6) after global-norm clipping (1.0), with
     cosine warm restarts (period `optim.restart_steps`, x0.9 per restart)."""
     o = config.optim
-    sched = cosine_restarts_schedule(o.lr, o.restart_steps or config.steps, o.restart_decay, o.warmup_steps)
     return optax.chain(optax.clip_by_global_norm(o.clip_norm),
-                       optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+                       optax.adamw(make_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
 
 
-@dataclasses.dataclass(frozen=True)
-class StepFns:
-    """The compiled functions of one run (built once by `make_step_fns`)."""
-
-    train_step: Callable   # (state, batch, sigma) -> (state, metrics)
-    graphdef: Any
-    schedule_lr: Callable
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The run's learning-rate schedule (step -> lr) from `config.optim` (see `cosine_restarts_schedule`)."""
+    o = config.optim
+    return cosine_restarts_schedule(o.lr, o.restart_steps or config.steps, o.restart_decay, o.warmup_steps)
 
 
 def init_train_state(model: nnx.Module, trainable, tx: optax.GradientTransformation) -> tuple[Any, dict]:
@@ -458,6 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     cur_sigma = jax.jit(cur.sigma)
     model, trainable = build_model(config)
     tx = make_optimizer(config)
+    schedule = make_schedule(config)
     graphdef, state = init_train_state(model, trainable, tx)
     state = jax.device_put(state, repl)
     step_fn = jax.jit(make_train_step(graphdef, config, tx, use_sigma, with_gain), donate_argnums=(0,),
@@ -551,7 +548,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                          step_no - 1)
         cur_state = cur_update(cur_state, obs)
         row = {"kind": "train", "step": step_no, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-               "finite": bool(m["finite"]), "sigma": float(sigma), "lr": float(_lr(config, step_no - 1)),
+               "finite": bool(m["finite"]), "sigma": float(sigma), "lr": float(schedule(step_no - 1)),
                "cases": [store.ids[i] for i in case_index], "case_losses": per_sample.tolist()}
         if "gain" in m:
             row["gain"] = float(m["gain"])
@@ -603,9 +600,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                        f"{best.get('val_dice', float('nan')):.4f} (best, step {best.get('step')}, kept in "
                        f"checkpoints/best); skipped updates {summary['skipped_updates']}; workdir {workdir}")
     return summary
-
-
-def _lr(config, step: int) -> float:
-    o = config.optim
-    return float(cosine_restarts_schedule(o.lr, o.restart_steps or config.steps, o.restart_decay,
-                                          o.warmup_steps)(step))

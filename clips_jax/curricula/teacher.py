@@ -216,23 +216,6 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None)
 # Scoring
 # ---------------------------------------------------------------------------------------------------------
 
-class _GraphPredictor:
-    """Predictor `(params, x) -> logits` of one NNX graph definition, hashed by identity.
-
-    `tiled_inference` compiles once per hashable predictor object; an `NNXPredictor` whose graph definition
-    holds a dict attribute (our models keep their constructor `config` dict) is unhashable, and then every
-    `tiled_inference` call compiles again. Using this one object for all cases of a scoring run compiles once.
-    """
-
-    def __init__(self, graphdef: Any):
-        self.graphdef = graphdef
-
-    def __call__(self, params: Any, x):
-        from flax import nnx
-
-        return nnx.merge(self.graphdef, params)(x)
-
-
 def _predictor(model) -> tuple[Callable, Any, tuple[str, ...]]:
     """(predictor, params, extra input channels) of an NNX module or a (predictor, params) pair."""
     if isinstance(model, tuple) and len(model) == 2:
@@ -244,11 +227,7 @@ def _predictor(model) -> tuple[Callable, Any, tuple[str, ...]]:
 
     if not isinstance(model, nnx.Module):
         raise ConfigError(f"teacher model {type(model).__name__}: pass an NNX module or a (predictor, params) pair")
-    pred, params = nnx_predictor(model)
-    try:
-        hash(pred)
-    except TypeError:
-        pred = _GraphPredictor(pred.graphdef)
+    pred, params = nnx_predictor(model)   # hashable: one compilation for all cases of a run
     return pred, params, (("stage_a",) if isinstance(model, Refiner) else ())
 
 
