@@ -481,7 +481,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                    patch_shape=tuple(config.data.patch_shape),
                                    num_workers=int(config.data.num_workers), case_indices=train_idx,
                                    p_foreground=float(config.data.p_foreground), augment=bool(config.data.augment),
-                                   num_batches=stage_steps, extra_channels=extra_channels(config))
+                                   num_batches=stage_steps, extra_channels=extra_channels(config),
+                                   p_hot_negative=float(config.data.get("p_hot_negative", 0.0)),
+                                   hot_suv=float(config.data.get("hot_suv", 2.5)))
 
     def eval_model(st) -> nnx.Module:
         return nnx.merge(graphdef, jax.device_get(st["params"]), jax.device_get(st["rest"]))

@@ -33,6 +33,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.data.patch_shape = (128, 96, 96)      # the original's training patch at 6 mm
     c.data.batch_size = 2                   # global; must be divisible by the number of devices
     c.data.p_foreground = 0.0               # the original samples patches uniformly
+    c.data.p_hot_negative = 0.0
     c.data.num_workers = 4
     c.model.kind = "unet"
     c.model.channels = (64, 96, 128, 156)   # used only without init_weights ("scratch")

@@ -117,6 +117,36 @@ def test_foreground_oversampling(store):
         assert all(b["label"][k].sum() > 0 for k in range(4))
 
 
+def test_hot_negative_sampling(store):
+    # threshold: the 99.95th percentile of non-lesion SUV, so hard negatives exist but are rare
+    cases = [store.case_arrays(i) for i in range(len(store))]
+    bg = np.concatenate([np.asarray(a["suv"], np.float32)[np.asarray(a["seg"]) == 0] for a in cases])
+    hot = float(np.quantile(bg, 0.9995))
+    thr = (min(hot, 30.0) - 0.0) / 30.0 - 1e-6  # the "suv" channel's window is [0, 30]
+    suv_c = 1  # CHANNELS index of "suv"
+
+    have = np.array([i for i, a in enumerate(cases)
+                     if ((np.asarray(a["suv"]) >= hot) & (np.asarray(a["seg"]) == 0)).any()])
+    assert len(have) >= 1
+
+    def hot_patches(p):
+        it = _it(store, np.ones(len(have)), case_indices=have, p_hot_negative=p, hot_suv=hot, augment=False,
+                 batch_size=4, patch_shape=(8, 8, 8))
+        n = 0
+        for _ in range(4):
+            b = next(it)
+            n += sum(bool(((b["image"][k, ..., suv_c] >= thr) & (b["label"][k] == 0)).any()) for k in range(4))
+        return n
+
+    assert hot_patches(1.0) == 16  # the chosen voxel is always inside its patch
+    assert hot_patches(0.0) < 16   # uniform crops miss them (else the test says nothing)
+    # no voxel that hot: falls back to the uniform crop
+    a = next(_it(store, np.ones(len(store)), p_hot_negative=1.0, hot_suv=1e9, augment=False))
+    assert a["image"].shape == (2, *PATCH, 5)
+    with pytest.raises(ConfigError, match="p_hot_negative"):
+        _it(store, np.ones(len(store)), p_hot_negative=1.5)
+
+
 def test_resume_gives_identical_batches(store):
     w = np.array([1.0, 2.0, 3.0, 1.0, 1.0])
     it = _it(store, w, stage=4, p_foreground=0.3)

@@ -16,7 +16,11 @@ Each element is a pure function of `(seed, stage, weights, g)`:
 3. Crop of `patch_shape` (default (128, 96, 96) voxels = 768 x 576 x 576 mm at 6 mm) whose start is uniform
    over the positions where the patch fits (if an axis is shorter than the patch, its centre is uniform over
    [0, size] as in the reference). With probability `p_foreground` the patch is centred on a random lesion
-   voxel instead (clamped to fit; cases without lesions fall back to the uniform crop).
+   voxel instead (clamped to fit; cases without lesions fall back to the uniform crop). Otherwise, with
+   probability `p_hot_negative`, it is centred on a random *hard negative*: a voxel with SUV >= `hot_suv`
+   outside the lesions (physiological uptake: brain, heart, kidneys, bladder; the false positives a
+   lesion-centred sampler teaches least about; no such voxel -> uniform crop). Both 0 = the reference's
+   uniform crops; a probability of 0 draws no random number, so the other draws stay as they were.
    Out-of-volume voxels are filled in the RAW arrays with -1024 HU / SUV 0 / label 0; every channel window
    maps those to exactly 0, i.e. the same as the reference's zero padding of the channels.
 4. Augmentation (`clips_jax.data.augment`, reference §5.2): with p = `p_affine` (0.5) a rotation
@@ -250,7 +254,7 @@ class PatchSampler:
 
     def __init__(self, store: CaseStore, weights, *, seed: int, stage: int, patch_shape, batch_size: int,
                  local_batch: int, process_index: int, case_indices=None, p_foreground: float = 0.0,
-                 augment: bool = True, p_affine: float = 0.5, p_intensity: float = 0.1, p_flip: float = 0.5,
+                 p_hot_negative: float = 0.0, hot_suv: float = 2.5, augment: bool = True, p_affine: float = 0.5, p_intensity: float = 0.1, p_flip: float = 0.5,
                  extra_channels: Sequence[str] = ()):
         self.store = store
         self.case_indices = (np.arange(len(store)) if case_indices is None
@@ -267,6 +271,10 @@ class PatchSampler:
         self.batch_size, self.local_batch, self.process_index = int(batch_size), int(local_batch), int(
             process_index)
         self.p_foreground, self.augment = float(p_foreground), bool(augment)
+        self.p_hot_negative, self.hot_suv = float(p_hot_negative), float(hot_suv)
+        for name, p in (("p_foreground", self.p_foreground), ("p_hot_negative", self.p_hot_negative)):
+            if not 0.0 <= p <= 1.0:
+                raise ConfigError(f"{name}={p}: need a probability in [0, 1]")
         self.p_affine, self.p_intensity, self.p_flip = float(p_affine), float(p_intensity), float(p_flip)
         self.extra_channels = _check_extra(store, extra_channels, self.case_indices[self.weights > 0])
         self.spacings = [store.geometry(int(i)).spacing_mm for i in self.case_indices]
@@ -289,6 +297,10 @@ class PatchSampler:
             fg = self.store.foreground(case)
             if len(fg):
                 start = _start_on_voxel(fg[int(rng.integers(len(fg)))], shape, self.patch_shape)
+        elif self.p_hot_negative > 0 and rng.random() < self.p_hot_negative:
+            hot = hot_negative_voxels(arrays["suv"], arrays["seg"], self.hot_suv)
+            if len(hot):
+                start = _start_on_voxel(hot[int(rng.integers(len(hot)))], shape, self.patch_shape)
         if start is None:
             start = _start_uniform(rng, shape, self.patch_shape)
         matrix = None
@@ -300,6 +312,13 @@ class PatchSampler:
             ct, suv, seg, *extra = aug.random_flips([ct, suv, seg, *extra], rng, self.p_flip)
         return {"image": _stack_channels(ct, suv, extra), "label": seg.astype(np.int32),
                 "case_index": np.int32(case), "labeled": np.bool_(self.labeled[case])}
+
+
+def hot_negative_voxels(suv: np.ndarray, seg: np.ndarray, hot_suv: float) -> np.ndarray:
+    """(K, 3) int64 (z, y, x) indices of the hard-negative voxels of one case: SUV >= `hot_suv` (g/ml) and
+    label 0. `suv`, `seg`: (z, y, x) arrays of the stored grid. ~1 ms for a 163 x 68 x 68 case, so it is
+    recomputed per patch instead of cached (nothing per case to keep in every worker)."""
+    return np.argwhere((np.asarray(suv) >= hot_suv) & (np.asarray(seg) == 0))
 
 
 def _check_extra(store: CaseStore, extra_channels, indices) -> tuple[str, ...]:
@@ -344,7 +363,8 @@ def make_train_dataset(store: CaseStore, weights, *, seed: int, stage: int = 0, 
                        patch_shape: Sequence[int] = DEFAULT_PATCH_SHAPE, num_batches: int | None = None,
                        case_indices=None, p_foreground: float = 0.0, augment: bool = True,
                        process_index: int | None = None, process_count: int | None = None,
-                       extra_channels: Sequence[str] = ()) -> grain.MapDataset:
+                       extra_channels: Sequence[str] = (), p_hot_negative: float = 0.0,
+                       hot_suv: float = 2.5) -> grain.MapDataset:
     """The stage's batched `grain.MapDataset` (random access; batch b is a pure function of the arguments).
 
     Args: see `make_train_iterator`. Returns a MapDataset of `num_batches` (default 2**40, effectively
@@ -354,7 +374,7 @@ def make_train_dataset(store: CaseStore, weights, *, seed: int, stage: int = 0, 
     sampler = PatchSampler(store, weights, seed=seed, stage=stage, patch_shape=patch_shape,
                            batch_size=batch_size, local_batch=local, process_index=pidx,
                            case_indices=case_indices, p_foreground=p_foreground, augment=augment,
-                           extra_channels=extra_channels)
+                           extra_channels=extra_channels, p_hot_negative=p_hot_negative, hot_suv=hot_suv)
     n = (1 << 40) if num_batches is None else int(num_batches)
     if n < 1:
         raise ConfigError(f"num_batches {num_batches}: need >= 1")
@@ -394,7 +414,8 @@ def make_train_iterator(store: CaseStore, weights, *, seed: int, stage: int = 0,
                         num_batches: int | None = None, case_indices=None, p_foreground: float = 0.0,
                         augment: bool = True, read_threads: int = 2, prefetch: int = 2,
                         process_index: int | None = None, process_count: int | None = None,
-                        extra_channels: Sequence[str] = ()) -> TrainIterator:
+                        extra_channels: Sequence[str] = (), p_hot_negative: float = 0.0,
+                        hot_suv: float = 2.5) -> TrainIterator:
     """Training batches of one curriculum stage.
 
     Args:
@@ -408,6 +429,8 @@ def make_train_iterator(store: CaseStore, weights, *, seed: int, stage: int = 0,
       num_batches: batches in this stage (None: endless).
       case_indices: optional store indices the weights refer to (default: all cases).
       p_foreground: probability of centring a patch on a lesion voxel (0 = the reference behaviour).
+      p_hot_negative: probability (when no lesion centre was drawn) of centring it on a voxel with
+        SUV >= `hot_suv` (g/ml) outside the lesions: hard negatives (0 = the reference behaviour).
       augment: apply the §5.2 augmentations (False: crops only).
       read_threads, prefetch: grain ReadOptions (threads per process/worker, batches buffered).
       process_index, process_count: multi-host slicing (default from jax).
@@ -422,7 +445,8 @@ def make_train_iterator(store: CaseStore, weights, *, seed: int, stage: int = 0,
     ds = make_train_dataset(store, weights, seed=seed, stage=stage, batch_size=batch_size,
                             patch_shape=patch_shape, num_batches=num_batches, case_indices=case_indices,
                             p_foreground=p_foreground, augment=augment, process_index=pidx,
-                            process_count=pcount, extra_channels=extra_channels)
+                            process_count=pcount, extra_channels=extra_channels,
+                            p_hot_negative=p_hot_negative, hot_suv=hot_suv)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(read_threads)),
                                                  prefetch_buffer_size=max(1, int(prefetch))))
     if num_workers > 0:
@@ -434,6 +458,8 @@ def make_train_iterator(store: CaseStore, weights, *, seed: int, stage: int = 0,
     extra = (extra_channels,) if isinstance(extra_channels, str) else tuple(extra_channels)
     if extra:  # only then: states of 5-channel pipelines stay as before
         info["extra_channels"] = [str(n) for n in extra]
+    if p_hot_negative > 0:  # likewise: a resumed run must use the same sampling
+        info["p_hot_negative"], info["hot_suv"] = float(p_hot_negative), float(hot_suv)
     return TrainIterator(iter(it_ds), info)
 
 

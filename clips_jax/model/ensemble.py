@@ -4,7 +4,8 @@ Forward: for each member, p_i = softmax(logits_i)[..., 1] (lesion probability); 
 member order `(N, D, H, W, 4)` and mapped by a 1x1x1 conv (4 -> 2, with bias) to the ensemble logits.
 
 The members are stored stacked (every parameter has a leading axis of size `n_members`) and run with
-`nnx.vmap`, so the network compiles once instead of four times. `ensemble.member(i)` returns one member as an
+`jax.vmap` (GPU) or `lax.map` (CPU: one member after the other; vmapped kernels would turn every convolution into
+a slow grouped one, and the peak memory is one member's), so the network compiles once instead of four times. `ensemble.member(i)` returns one member as an
 ordinary `UNet` (e.g. to fine-tune it).
 """
 
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clips_jax.model.layers import ModelConfig, conv3d
+from clips_jax.model.layers import ModelConfig, conv3d, prefer_2d_convs
 from clips_jax.model.unet import PRETRAINED_CHANNELS, UNet
 
 
@@ -48,13 +49,17 @@ class Ensemble(nnx.Module):
     def member_probabilities(self, x: jax.Array, sigma: jax.Array | None = None) -> jax.Array:
         """Lesion probability of every member, `(N, D, H, W, n_members)` float32."""
 
-        # Plain jax.vmap over the split member state (works inside an outer jit/grad, tree-mode clean).
+        # Plain jax.vmap / lax.map over the split member state (works inside an outer jit/grad, tree-mode clean).
         graphdef, state = nnx.split(self.members)
 
         def run(s, x, sigma):
             return jax.nn.softmax(nnx.merge(graphdef, s)(x, sigma).astype(jnp.float32), axis=-1)[..., 1]
 
-        return jnp.moveaxis(jax.vmap(run, in_axes=(0, None, None))(state, x, sigma), 0, -1)
+        if prefer_2d_convs():
+            probs = jax.lax.map(lambda s: run(s, x, sigma), state)
+        else:
+            probs = jax.vmap(run, in_axes=(0, None, None))(state, x, sigma)
+        return jnp.moveaxis(probs, 0, -1)
 
     def __call__(self, x: jax.Array, sigma: jax.Array | None = None) -> jax.Array:
         p = self.member_probabilities(x, sigma)
