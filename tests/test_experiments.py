@@ -102,6 +102,21 @@ def test_presets_cover_every_family_and_build():
         presets.get_experiment("nope")
 
 
+def test_run_defaults_respect_command_line_config_keys():
+    argv = ["prog", "--config.log_every=3", "--config.eval.at_start", "True", "--steps=7", "--config", "x.py"]
+    keep = cc.config_keys_in_argv(argv)
+    assert keep == {"log_every", "eval.at_start"}
+    cfg = default_config.get_config()
+    cfg.log_every, cfg.eval.at_start = 3, True
+    cc.apply_run_defaults(cfg, 7, sizes=True, keep=keep)
+    assert cfg.log_every == 3 and cfg.eval.at_start is True  # the user's values win
+    assert cfg.steps == 7 and cfg.eval.every_steps == math.ceil(7 / presets.EVALS_PER_RUN)
+    cfg2 = default_config.get_config()
+    cc.apply_run_defaults(cfg2, 7, sizes=True)
+    assert cfg2.log_every == presets.RUN_OVERRIDES["log_every"]
+    assert cfg2.eval.at_start == presets.RUN_OVERRIDES["eval.at_start"]
+
+
 # ---- end to end ------------------------------------------------------------------------------------------
 
 def _tiny(cache, **debug):

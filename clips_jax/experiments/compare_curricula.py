@@ -550,12 +550,23 @@ def run_comparison(base_config, workdir: str | os.PathLike, curricula: Sequence[
 # CLI
 # ---------------------------------------------------------------------------------------------------------
 
-def apply_run_defaults(cfg, steps: int, sizes: bool = False) -> None:
+def config_keys_in_argv(argv: Sequence[str]) -> set[str]:
+    """Dotted config keys set on the command line: `--config.a.b=1` / `--config.a.b 1` -> {"a.b"}."""
+    keys = set()
+    for arg in argv:
+        if arg.startswith("--config."):
+            keys.add(arg[len("--config."):].split("=", 1)[0])
+    return keys
+
+
+def apply_run_defaults(cfg, steps: int, sizes: bool = False, keep: set[str] | frozenset = frozenset()) -> None:
     """Set the experiment's run length in place: `steps` (> 0; 0 keeps the config's), validation and
-    checkpoints `presets.EVALS_PER_RUN` times per run; with `sizes`, also `presets.RUN_OVERRIDES` (patch and
-    model sizes of the default comparison). Config must be unlocked."""
+    checkpoints `presets.EVALS_PER_RUN` times per run; with `sizes`, also `presets.RUN_OVERRIDES`, except the
+    dotted keys in `keep` (those the user set on the command line). Config must be unlocked."""
     if sizes:
         for key, value in presets.RUN_OVERRIDES.items():
+            if key in keep:
+                continue
             node = cfg
             *parents, leaf = key.split(".")
             for p in parents:
@@ -582,8 +593,9 @@ def _define_flags():
     flags.DEFINE_string("data", "", "Case store from `python -m clips_jax.data.prepare`; empty = built-in phantoms.")
     flags.DEFINE_bool("resume", True, "Continue an existing workdir (finished runs skipped); --noresume refuses an "
                                       "existing experiment workdir.")
-    flags.DEFINE_bool("experiment_defaults", True, "Apply presets.RUN_OVERRIDES (patch and model sizes of the "
-                      "default comparison) over --config; --noexperiment_defaults uses the config as given.")
+    flags.DEFINE_bool("experiment_defaults", True, "Apply presets.RUN_OVERRIDES (settings of the default "
+                      "comparison) over --config, except keys given as --config.KEY; --noexperiment_defaults uses "
+                      "the config as given.")
     flags.DEFINE_integer("steps", presets.DEFAULT_STEPS,
                          "Training steps per run (experiment default, sized for ~30 min of the whole default "
                          "comparison on a 2-core CPU); 0 = the config's own steps/eval/checkpoint settings.")
@@ -599,7 +611,7 @@ def main(argv) -> None:
     cfg = f.config
     try:
         with cfg.unlocked():
-            apply_run_defaults(cfg, int(f.steps), bool(f.experiment_defaults))
+            apply_run_defaults(cfg, int(f.steps), bool(f.experiment_defaults), keep=config_keys_in_argv(sys.argv))
             cfg.quiet = True
         run_comparison(cfg, f.workdir, curricula=f.curricula, seeds=f.seeds, data=f.data, resume=f.resume)
     except (ClipsError, DataError) as e:

@@ -22,25 +22,19 @@ from typing import Any
 from clips_jax.curricula.registry import PRESETS
 from clips_jax.errors import ConfigError
 
-#: Training steps per run of the default comparison (`--steps`), with the sizes of RUN_OVERRIDES. Aimed at
-#: ~30 minutes for the whole default run (9 experiments x 3 seeds) on an idle 2-core CPU, i.e. about a
-#: minute per run; on the shared, heavily loaded development machine a run took ~6 minutes instead (measured
-#: numbers in docs/experiments.md). Lower it (or --seeds) when that is too slow.
-DEFAULT_STEPS = 40
+#: Training steps per run of the default comparison (`--steps`). With configs/default.py (24 phantoms, U-Net
+#: channels (8, 16, 32, 32), 32^3 patches, batch 2) one run of 100 steps took 65 s including its two validations
+#: and the test evaluation on the idle 2-core development CPU (test Dice 0.22, untrained 0.001), so the whole
+#: default comparison (9 experiments x 3 seeds) takes about 30 minutes. 40 steps (the first default) learnt nothing.
+DEFAULT_STEPS = 100
 
 #: Validation passes (and checkpoints) per run when `--steps` sets the run length.
 EVALS_PER_RUN = 2
 
-#: Model/patch sizes of the default comparison, applied over the base config unless
-#: `--noexperiment_defaults` (dotted config key -> value). The default config's 64^3 patches and 16-64
-#: channel U-Net take seconds per step on a shared 2-core CPU, far too slow for 27 runs in ~30 minutes.
+#: Settings of the default comparison applied over the base config unless `--noexperiment_defaults` (dotted
+#: config key -> value). A key also given on the command line (`--config.KEY=...`) keeps the user's value.
 RUN_OVERRIDES: dict = {
-    "data.patch_shape": (32, 32, 32),
-    "model.channels": (8, 8, 16, 16),
-    "model.init_channels": 4,
-    "eval.tile_shape": (32, 32, 32),
-    "eval.tile_step": (24, 24, 24),
-    "eval.at_start": False,
+    "eval.at_start": False,   # the untrained model's validation is the same for every run: skip it
     "log_every": 10,
 }
 
