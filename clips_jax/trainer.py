@@ -403,6 +403,26 @@ def _checkpoint_managers(workdir: Path, config) -> tuple[ocp.CheckpointManager, 
     return last, best
 
 
+#: Config keys that define the training data stream (with the curriculum's). A checkpoint records them; resuming
+#: with other values would continue a different stream than the one checkpointed, so it is refused.
+STREAM_KEYS = ("seed", "data.store", "data.patch_shape", "data.batch_size", "data.p_foreground",
+               "data.p_hot_negative", "data.hot_suv", "data.augment", "data.use_unlabeled", "curriculum.name",
+               "curriculum.steps_per_epoch", "curriculum.stage_steps")
+
+
+def stream_settings(config) -> dict:
+    """{dotted key: JSON value} of `STREAM_KEYS` plus `curriculum.options` (absent keys give None)."""
+    out = {}
+    for key in STREAM_KEYS:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if node is not None and hasattr(node, "get") else None
+        out[key] = list(node) if isinstance(node, tuple) else node
+    opts = config.curriculum.get("options")
+    out["curriculum.options"] = json.loads(opts.to_json_best_effort(sort_keys=True)) if opts is not None else {}
+    return out
+
+
 def _abstract(tree, sharding):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
@@ -418,9 +438,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     writer = MetricsWriter(workdir, quiet=bool(config.get("quiet", False)))
-    if jax.process_index() == 0:
-        write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=1, sort_keys=True))
-
     store = ensure_store(config, writer.log)
     train_idx = store.split_indices("train")
     val_idx = store.split_indices(config.eval.split)[: int(config.eval.max_cases) or None]
@@ -473,7 +490,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         start_step, stage = int(meta["step"]), int(meta["stage"])
         stage_weights = np.asarray(meta["stage_weights"], np.float64)
         data_state = meta["data_state"][jax.process_index()] if meta.get("data_state") else None
+        saved, now = meta.get("stream"), json.loads(json.dumps(stream_settings(config)))
+        if saved is not None and saved != now:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                             if saved.get(k) != now.get(k))
+            raise ConfigError(f"{workdir}: its checkpoint was trained with other data/curriculum settings ({diff}); "
+                              "resume with the same settings, or use a new --workdir")
         writer.log(f"resumed from {workdir / 'checkpoints' / 'last'} at step {start_step} (stage {stage})")
+    if jax.process_index() == 0:  # after the resume check: a refused resume leaves the run's config.json alone
+        write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=1, sort_keys=True))
 
     def new_iterator(stage_no: int, weights: np.ndarray):
         return make_train_iterator(store, weights, seed=int(config.seed), stage=stage_no,
@@ -497,7 +522,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 np.asarray([data_states[0]["next_index"]]), tiled=False).reshape(-1).tolist()
             data_states = [{"next_index": int(v)} for v in data_states]
         meta = {"step": step_no, "stage": stage, "stage_weights": np.asarray(stage_weights).tolist(),
-                "data_state": data_states, "curriculum": config.curriculum.name}
+                "data_state": data_states, "curriculum": config.curriculum.name,
+                "stream": stream_settings(config)}
         last_mgr.save(step_no, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        curriculum=ocp.args.StandardSave(cur_state),
                                                        meta=ocp.args.JsonSave(meta)), force=True)

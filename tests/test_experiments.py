@@ -103,18 +103,24 @@ def test_presets_cover_every_family_and_build():
 
 
 def test_run_defaults_respect_command_line_config_keys():
-    argv = ["prog", "--config.log_every=3", "--config.eval.at_start", "True", "--steps=7", "--config", "x.py"]
-    keep = cc.config_keys_in_argv(argv)
-    assert keep == {"log_every", "eval.at_start"}
+    argv = ["prog", "--config.log_every=3", "--config.eval.at_start=true", "--steps=7", "--config", "x.py",
+            "--noconfig.quiet", "--config.steps", "50"]
+    assert cc.config_keys_in_argv(argv) == {"log_every", "eval.at_start", "quiet", "steps"}
+    keep = {"log_every", "eval.at_start"}
     cfg = default_config.get_config()
     cfg.log_every, cfg.eval.at_start = 3, True
-    cc.apply_run_defaults(cfg, 7, sizes=True, keep=keep)
+    cc.apply_run_defaults(cfg, 7, overrides=True, keep=keep)
     assert cfg.log_every == 3 and cfg.eval.at_start is True  # the user's values win
     assert cfg.steps == 7 and cfg.eval.every_steps == math.ceil(7 / presets.EVALS_PER_RUN)
     cfg2 = default_config.get_config()
-    cc.apply_run_defaults(cfg2, 7, sizes=True)
+    cfg2.log_every, cfg2.eval.at_start = 3, True  # as in a config file: the experiment defaults replace them
+    cc.apply_run_defaults(cfg2, 7, overrides=True)
     assert cfg2.log_every == presets.RUN_OVERRIDES["log_every"]
     assert cfg2.eval.at_start == presets.RUN_OVERRIDES["eval.at_start"]
+    cfg3 = default_config.get_config()
+    cfg3.steps = 50
+    cc.apply_run_defaults(cfg3, 7, overrides=True, keep={"steps"})  # --config.steps=50 beats --steps=7
+    assert cfg3.steps == 50 and cfg3.eval.every_steps == cfg3.checkpoint.every_steps == 25
 
 
 # ---- end to end ------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from scipy import ndimage
 
-from clips_jax.errors import ShapeError
+from clips_jax.errors import ConfigError, ShapeError
 from clips_jax.model import Ensemble, Refiner, UNet, gaussian_smooth, upsample2x_linear
 
 SMALL = dict(channels=(4, 4, 8, 8), init_channels=4, bottleneck_kernel=3)
@@ -122,17 +122,45 @@ def test_conv_as_2d_convolutions_equals_lax_conv_and_its_gradients(kernel, strid
     for a, b in zip(ggot, gref):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * float(jnp.abs(b).max()))  # float32 sums of ~1e3 terms
     monkeypatch.setenv(CONV3D_ENV, "bogus")
-    with pytest.raises(ValueError, match=CONV3D_ENV):
+    with pytest.raises(ConfigError, match=CONV3D_ENV):
         conv(x, w)
+
+
+def test_conv_layers_really_take_the_configured_path(monkeypatch):
+    from clips_jax.model.layers import CONV3D_ENV, conv3d
+
+    layer = conv3d(3, 4, 3, stride=2, rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 8, 8, 8, 3))
+
+    def conv_ranks():
+        jaxpr = jax.make_jaxpr(lambda v: layer(v))(x)
+        return sorted({e.invars[0].aval.ndim for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"})
+
+    monkeypatch.setenv(CONV3D_ENV, "2d")
+    assert conv_ranks() == [4]   # only 2-D convolutions (N, H, W, C)
+    monkeypatch.setenv(CONV3D_ENV, "lax")
+    assert conv_ranks() == [5]   # the native 3-D convolution
 
 
 def test_ensemble_lax_map_and_vmap_paths_agree(monkeypatch):
     from clips_jax.model.layers import CONV3D_ENV
 
     ens = Ensemble(n_members=2, unet_kwargs=dict(SMALL), rngs=nnx.Rngs(4))
+    graphdef, state = nnx.split(ens)
     x = jax.random.normal(jax.random.key(5), (1, 16, 16, 16, 5))
+
+    @jax.jit
+    def value_and_grad(state, sigma):
+        return jax.value_and_grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(x, sigma) ** 2))(state)
+
+    # jit caches by function, not by environment: trace each path in its own jit
     monkeypatch.setenv(CONV3D_ENV, "2d")   # members one after the other (lax.map), 2-D convolutions
-    a = ens(x)
+    a = [value_and_grad(state, jnp.float32(s)) for s in (0.0, 1.0)]
     monkeypatch.setenv(CONV3D_ENV, "lax")  # members vmapped, native 3-D convolutions (the GPU path)
-    b = ens(x)
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(jnp.abs(b).max()))
+    b = [jax.jit(value_and_grad.__wrapped__)(state, jnp.float32(s)) for s in (0.0, 1.0)]
+    for (va, ga), (vb, gb) in zip(a, b):
+        np.testing.assert_allclose(va, vb, rtol=1e-4)
+        # one scale for all leaves: some gradients are mathematically zero (conv biases before InstanceNorm)
+        scale = max(float(jnp.abs(v).max()) for v in jax.tree.leaves(gb))
+        for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+            np.testing.assert_allclose(u, v, rtol=0, atol=1e-3 * scale)

@@ -125,8 +125,8 @@ def test_hot_negative_sampling(store):
     thr = (min(hot, 30.0) - 0.0) / 30.0 - 1e-6  # the "suv" channel's window is [0, 30]
     suv_c = 1  # CHANNELS index of "suv"
 
-    have = np.array([i for i, a in enumerate(cases)
-                     if ((np.asarray(a["suv"]) >= hot) & (np.asarray(a["seg"]) == 0)).any()])
+    have = np.array([i for i, a in enumerate(cases)  # (unlabeled cases are never centred on hard negatives)
+                     if store.has_seg[i] and ((np.asarray(a["suv"]) >= hot) & (np.asarray(a["seg"]) == 0)).any()])
     assert len(have) >= 1
 
     def hot_patches(p):
@@ -145,6 +145,20 @@ def test_hot_negative_sampling(store):
     assert a["image"].shape == (2, *PATCH, 5)
     with pytest.raises(ConfigError, match="p_hot_negative"):
         _it(store, np.ones(len(store)), p_hot_negative=1.5)
+
+
+def test_hot_negative_off_leaves_the_stream_unchanged(store):
+    # p_hot_negative = 0 draws no random number: same batches and state as a pipeline without the option
+    w = np.array([1.0, 2.0, 3.0, 1.0, 1.0])
+    a = _it(store, w, stage=2, p_foreground=0.5)
+    b = _it(store, w, stage=2, p_foreground=0.5, p_hot_negative=0.0, hot_suv=0.5)
+    for _ in range(3):
+        x, y = next(a), next(b)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert a.get_state() == b.get_state()
+    c = _it(store, w, stage=2, p_foreground=0.5, p_hot_negative=0.5, hot_suv=0.5)
+    assert c.get_state() != a.get_state()  # the sampling is part of the iterator's identity
 
 
 def test_resume_gives_identical_batches(store):

@@ -92,6 +92,9 @@ def test_kill_and_resume_gives_identical_losses(phantom_cache, tmp_path):
     with pytest.raises(SystemExit):
         trainer.train_and_evaluate(tiny_config(phantom_cache, **{"debug.stop_after_steps": 3}), broken)
     assert max(losses_by_step(broken)) == 3          # step 3 ran, but the last checkpoint is at step 2
+    # resuming with another data stream (here: hard-negative sampling switched on) is refused, nothing written
+    with pytest.raises(trainer.ConfigError, match="data.p_hot_negative"):
+        trainer.train_and_evaluate(tiny_config(phantom_cache, **{"data.p_hot_negative": 0.5}), broken)
     summary = trainer.train_and_evaluate(tiny_config(phantom_cache), broken)
     assert summary["start_step"] == 2 and summary["steps_this_run"] == 4
     a, b = losses_by_step(full), losses_by_step(broken)

@@ -551,32 +551,42 @@ def run_comparison(base_config, workdir: str | os.PathLike, curricula: Sequence[
 # ---------------------------------------------------------------------------------------------------------
 
 def config_keys_in_argv(argv: Sequence[str]) -> set[str]:
-    """Dotted config keys set on the command line: `--config.a.b=1` / `--config.a.b 1` -> {"a.b"}."""
+    """Dotted config keys set on the command line: `--config.a.b=1`, `--config.a.b 1`, `--noconfig.a.b`
+    (a boolean) -> {"a.b"}. (Keys set through `--flagfile` are not seen.)"""
     keys = set()
     for arg in argv:
-        if arg.startswith("--config."):
-            keys.add(arg[len("--config."):].split("=", 1)[0])
+        name = arg.lstrip("-")
+        if arg.startswith("-") and name.startswith(("config.", "noconfig.")):
+            keys.add(name.split(".", 1)[1].split("=", 1)[0])
     return keys
 
 
-def apply_run_defaults(cfg, steps: int, sizes: bool = False, keep: set[str] | frozenset = frozenset()) -> None:
-    """Set the experiment's run length in place: `steps` (> 0; 0 keeps the config's), validation and
-    checkpoints `presets.EVALS_PER_RUN` times per run; with `sizes`, also `presets.RUN_OVERRIDES`, except the
-    dotted keys in `keep` (those the user set on the command line). Config must be unlocked."""
-    if sizes:
+def apply_run_defaults(cfg, steps: int, overrides: bool = False, keep: set[str] | frozenset = frozenset()) -> None:
+    """Set the experiment's run settings in place (config unlocked), except the dotted keys in `keep` (those the
+    user set on the command line, which always win).
+
+    Args:
+      steps: > 0: `steps` training steps, validation and checkpoints `presets.EVALS_PER_RUN` times per run;
+        0 keeps the config's steps and periods.
+      overrides: also apply `presets.RUN_OVERRIDES`.
+    """
+    def put(key, value):
+        if key in keep:
+            return
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+
+    if overrides:
         for key, value in presets.RUN_OVERRIDES.items():
-            if key in keep:
-                continue
-            node = cfg
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
+            put(key, value)
     if steps > 0:
-        cfg.steps = int(steps)
-        every = max(1, math.ceil(int(steps) / presets.EVALS_PER_RUN))
-        cfg.eval.every_steps = every
-        cfg.checkpoint.every_steps = every
+        put("steps", int(steps))
+        every = max(1, math.ceil(int(cfg.steps) / presets.EVALS_PER_RUN))
+        put("eval.every_steps", every)
+        put("checkpoint.every_steps", every)
 
 
 def _define_flags():

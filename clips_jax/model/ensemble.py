@@ -4,8 +4,9 @@ Forward: for each member, p_i = softmax(logits_i)[..., 1] (lesion probability); 
 member order `(N, D, H, W, 4)` and mapped by a 1x1x1 conv (4 -> 2, with bias) to the ensemble logits.
 
 The members are stored stacked (every parameter has a leading axis of size `n_members`) and run with
-`jax.vmap` (GPU) or `lax.map` (CPU: one member after the other; vmapped kernels would turn every convolution into
-a slow grouped one, and the peak memory is one member's), so the network compiles once instead of four times. `ensemble.member(i)` returns one member as an
+`jax.vmap` (GPU) or `lax.map` (CPU: one member after the other, since vmapped kernels would turn every
+convolution into a slow grouped one; at inference the activations of one member at a time), so the network
+compiles once instead of four times. `ensemble.member(i)` returns one member as an
 ordinary `UNet` (e.g. to fine-tune it).
 """
 
