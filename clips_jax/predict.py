@@ -124,10 +124,15 @@ class Models:
         """Wrap NNX modules (e.g. an `Ensemble`/`UNet` and a `Refiner`) already in memory."""
         from clips_jax.inference import nnx_predictor
 
+        def describe(module) -> dict:
+            config = getattr(module, "config", {})  # a model's ModelConfig -> plain dict for the JSON report
+            return {"class": type(module).__name__,
+                    "config": config.to_json() if hasattr(config, "to_json") else dict(config)}
+
         desc = dict(info or {})
-        desc.setdefault("stage_a", {"class": type(stage_a).__name__, "config": getattr(stage_a, "config", {})})
+        desc.setdefault("stage_a", describe(stage_a))
         if refiner is not None:
-            desc.setdefault("stage_b", {"class": type(refiner).__name__, "config": getattr(refiner, "config", {})})
+            desc.setdefault("stage_b", describe(refiner))
         return cls(nnx_predictor(stage_a), None if refiner is None else nnx_predictor(refiner), desc)
 
 

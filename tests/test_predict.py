@@ -102,6 +102,10 @@ def test_segment_equals_inference_cascade():
     ens = Ensemble(4, unet_kwargs=UNET_KW, rngs=nnx.Rngs(3))
     ref = Refiner(features=4, n_blocks=1, rngs=nnx.Rngs(4))
     models = predict.Models.from_modules(ens, ref)
+    # the report embeds the model description: it must be plain JSON (a ModelConfig is not)
+    info = json.loads(json.dumps(models.info, allow_nan=False))
+    assert info["stage_a"]["class"] == "Ensemble" and info["stage_a"]["config"]["n_members"] == 4
+    assert info["stage_b"]["config"]["features"] == 4
     opts = predict.Options(stage_a_tile=(32, 32, 32), stage_b_tile=(32, 32, 32))
     got = predict.segment(ph.ct, ph.suv, ph.geometry, models, opts)
     (pa, sa), (pb, sb) = models.stage_a, models.refiner
