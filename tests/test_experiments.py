@@ -6,6 +6,7 @@ interruption and resume.
 import csv
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -204,3 +205,68 @@ def test_end_to_end_interrupt_and_resume(tmp_path):
     with pytest.raises(ConfigError, match="noresume"):
         cc.run_comparison(_tiny(cache), wd, names, seeds=1, resume=False, log=logs.append)
     assert (base_run / "summary.json").is_file()
+
+
+# ---- the absl entry point ----------------------------------------------------------------------------------
+
+# Runs the module's real flag definitions and `main`, with `run_comparison` replaced by a recorder, so the
+# command line -> config -> run_comparison wiring is checked without training.
+_ENTRY_DRIVER = """
+import json
+from absl import app
+from clips_jax.experiments import compare_curricula as cc
+
+def recorder(cfg, workdir, curricula, seeds, data, resume):
+    print("CALL " + json.dumps({"steps": cfg.steps, "eval_every": cfg.eval.every_steps,
+        "ckpt_every": cfg.checkpoint.every_steps, "log_every": cfg.log_every, "eval_at_start": cfg.eval.at_start,
+        "batch": cfg.data.batch_size, "quiet": cfg.quiet, "workdir": str(workdir), "curricula": list(curricula),
+        "seeds": seeds, "data": data, "resume": resume}))
+
+cc.run_comparison = recorder
+cc._define_flags()
+app.run(cc.main)
+"""
+
+
+def _entry(args, driver=True):
+    cmd = [sys.executable, "-c", _ENTRY_DRIVER] if driver else [sys.executable, "-m",
+                                                                "clips_jax.experiments.compare_curricula"]
+    r = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    calls = [json.loads(line[5:]) for line in r.stdout.splitlines() if line.startswith("CALL ")]
+    return r, calls
+
+
+def test_command_line_reaches_run_comparison(tmp_path):
+    wd = str(tmp_path / "exp")
+    r, calls = _entry(["--curricula", "none,cbs", "--seeds", "2", "--workdir", wd, "--steps", "40",
+                       "--config.data.batch_size=3", "--config.eval.every_steps=7", "--noresume",
+                       "--data", "some/store"])
+    assert r.returncode == 0, r.stderr
+    assert len(calls) == 1
+    c = calls[0]
+    assert (c["curricula"], c["seeds"], c["workdir"], c["data"], c["resume"]) == (["none", "cbs"], 2, wd,
+                                                                                   "some/store", False)
+    assert c["steps"] == 40 and c["quiet"] is True
+    assert c["batch"] == 3 and c["eval_every"] == 7                                # --config.KEY wins
+    assert c["ckpt_every"] == math.ceil(40 / presets.EVALS_PER_RUN)                # experiment default
+    assert c["log_every"] == presets.RUN_OVERRIDES["log_every"]
+    assert c["eval_at_start"] == presets.RUN_OVERRIDES["eval.at_start"]
+
+    # --steps 0 --noexperiment_defaults: the config file's own settings
+    base = default_config.get_config()
+    r, calls = _entry(["--workdir", wd, "--steps", "0", "--noexperiment_defaults"])
+    assert r.returncode == 0, r.stderr
+    c = calls[0]
+    assert c["curricula"] == list(presets.DEFAULT_CURRICULA) and c["seeds"] == 3 and c["resume"] is True
+    assert (c["steps"], c["eval_every"], c["ckpt_every"], c["log_every"], c["batch"]) == (
+        base.steps, base.eval.every_steps, base.checkpoint.every_steps, base.log_every, base.data.batch_size)
+
+
+def test_command_line_errors_are_clear(tmp_path):
+    wd = tmp_path / "exp"
+    r, _ = _entry(["--curricula", "none,nosuch", "--workdir", str(wd)], driver=False)
+    assert r.returncode == 1
+    assert "unknown experiment 'nosuch'" in r.stderr and "transfer_teacher" in r.stderr
+    assert not wd.exists()                                                         # nothing written
+    r, _ = _entry(["--workdir", str(wd), "stray"], driver=False)
+    assert r.returncode != 0 and "stray" in r.stderr
