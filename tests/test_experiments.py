@@ -90,10 +90,20 @@ def test_presets_cover_every_family_and_build():
     assert families == set(curricula.registry.FAMILIES)
     assert {"none", "anti", "random", "transfer_teacher", "cbs", "exp3s", "baby_step"} <= set(presets.EXPERIMENTS)
     assert presets.DEFAULT_CURRICULA[0] == presets.BASELINE
-    for name in presets.EXPERIMENTS:
+    assert set(presets.DEFAULT_CURRICULA) <= set(presets.EXPERIMENTS)
+    default_families = {curricula.PRESETS[presets.EXPERIMENTS[n].preset]["family"] for n in presets.DEFAULT_CURRICULA}
+    assert default_families == set(curricula.registry.FAMILIES)
+    # every curriculum preset can be compared
+    assert {e.preset for e in presets.EXPERIMENTS.values()} == set(curricula.PRESETS)
+    for name, exp in presets.EXPERIMENTS.items():
         opts = presets.curriculum_options(name, steps=60, steps_per_epoch=10, seed=2)
-        cur = curricula.get_curriculum(presets.EXPERIMENTS[name].preset, steps_per_epoch=10, **opts)
+        cur = curricula.get_curriculum(exp.preset, steps_per_epoch=10, **opts)
         assert cur is not None
+        if exp.paced:  # every pacing reaches the whole training set within the run (at about half of it)
+            cfg = curricula.PacingConfig(**{k: v for k, v in {**curricula.PRESETS[exp.preset], **opts}.items()
+                                            if k in curricula.PacingConfig.__dataclass_fields__},
+                                         steps_per_epoch=10)
+            assert 0 < curricula.full_set_step(cfg) <= 60 * presets.GROW_FRACTION, name
     # pacing reaches the whole set at half the run: 30 steps = 3 epochs
     assert presets.curriculum_options("predefined", 60, 10, 0)["grow_epochs"] == pytest.approx(3.0)
     assert presets.curriculum_options("random", 60, 10, 7)["seed"] == 7

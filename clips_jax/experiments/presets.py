@@ -86,10 +86,21 @@ EXPERIMENTS: dict[str, Experiment] = {
     "exp3s": Experiment("exp3s", options={"eta": 0.05}, seeded=True,
                         family="Exp3.S bandit (Graves 2017), 5 composite buckets, prediction gain"),
     "cbs": Experiment("cbs", smoothing=True, family="curriculum by smoothing (Sinha 2020), uniform sampling"),
+    # Variants outside the default comparison (name them with --curricula): the other curricula.PRESETS.
+    "predefined_tmtv": Experiment("predefined_tmtv_root", paced=True,
+                                  family="predefined: smallest TMTV first, root pacing"),
+    "hacohen": Experiment("predefined_hacohen", paced=True,
+                          family="predefined: composite, exponential pacing (Hacohen & Weinshall 2019)"),
+    "one_pass": Experiment("one_pass", paced=True, family="predefined: composite, 5 buckets visited once"),
+    "self_paced_linear": Experiment("self_paced_linear", paced=True, family="self-paced, linear regulariser"),
+    "self_paced_mixture": Experiment("self_paced_mixture", paced=True, family="self-paced, mixture regulariser"),
+    "self_paced_diversity": Experiment("self_paced_diversity", paced=True,
+                                       family="self-paced with diversity (Jiang 2014), hard regulariser"),
 }
 
-#: The default `--curricula` list: every experiment.
-DEFAULT_CURRICULA: tuple[str, ...] = tuple(EXPERIMENTS)
+#: The default `--curricula` list: one experiment per family and control (the variants above are opt-in).
+DEFAULT_CURRICULA: tuple[str, ...] = ("none", "transfer_teacher", "random", "anti", "self_paced_hard", "predefined",
+                                      "baby_step", "exp3s", "cbs")
 BASELINE = "none"
 
 
@@ -113,7 +124,9 @@ def curriculum_options(name: str, steps: int, steps_per_epoch: int, seed: int) -
       seed: the run's seed (used by seeded curricula).
     Returns:
       dict of options: the experiment's fixed options, plus
-        paced: `grow_epochs = GROW_FRACTION * steps / steps_per_epoch` (float epochs);
+        paced: `grow_epochs = GROW_FRACTION * steps / steps_per_epoch` (float epochs); for the exponential
+          pacing (steps between stages instead of epochs) `step_length_steps` such that the last stage starts
+          by GROW_FRACTION of the run;
         seeded: `seed`;
         smoothing: `sigma_every_epochs = 1` and `sigma_decay` such that sigma0 * decay^(grow epochs) =
           CBS_SIGMA_AT_GROW (decay = 0.9, the paper's, if the run is long enough for that).
@@ -125,7 +138,13 @@ def curriculum_options(name: str, steps: int, steps_per_epoch: int, seed: int) -
     opts: dict[str, Any] = dict(exp.options)
     grow_epochs = GROW_FRACTION * int(steps) / int(steps_per_epoch)
     if exp.paced:
-        opts["grow_epochs"] = float(grow_epochs)
+        preset = {**PRESETS[exp.preset], **exp.options}
+        if preset.get("pacing") == "exponential":
+            start, inc = float(preset.get("start_fraction", 0.1)), float(preset.get("inc", 1.9))
+            stages = max(1, math.ceil(math.log(1.0 / start) / math.log(inc)))
+            opts["step_length_steps"] = max(1, math.floor(GROW_FRACTION * int(steps) / stages))
+        else:
+            opts["grow_epochs"] = float(grow_epochs)
     if exp.seeded:
         opts["seed"] = int(seed)
     if exp.smoothing:
