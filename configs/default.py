@@ -10,6 +10,7 @@ import ml_collections
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """The training config; `variant` "" (the default job) or "tiny" (`--config configs/default.py:tiny`)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.steps = 300

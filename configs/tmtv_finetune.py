@@ -26,6 +26,7 @@ _spec.loader.exec_module(default)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """The fine-tuning config; `variant` one of "", "stacking", "refiner", "scratch" (module docstring)."""
     c = default.get_config()
     c.steps = 20000
     c.log_every = 50

@@ -98,4 +98,5 @@ class Geometry:
 
     @classmethod
     def from_json(cls, d: dict) -> "Geometry":
+        """The Geometry written by `to_json` ({"shape": [z, y, x], "affine": 4x4 nested lists, mm})."""
         return cls(tuple(d["shape"]), tuple(tuple(r) for r in d["affine"]))

@@ -422,9 +422,11 @@ class TrainIterator:
         return next(self.grain_iterator)
 
     def get_state(self) -> dict:
+        """JSON-serialisable position of the stream: grain's iterator state plus the pipeline settings (`info`)."""
         return {"grain": self.grain_iterator.get_state(), **self.info}
 
     def set_state(self, state: dict) -> None:
+        """Restore a `get_state` position; ConfigError if it was saved by a pipeline with other settings."""
         diff = {k: (state.get(k), v) for k, v in self.info.items() if state.get(k) != v}
         if diff:
             raise ConfigError(f"iterator state does not match this pipeline (saved, current): {diff}; rebuild "

@@ -224,6 +224,7 @@ class CaseStore:
         return i
 
     def case_dir(self, case: int | str) -> Path:
+        """Folder of one case's arrays (`cases/<id>/`); `case` is an index or a case id (DataError if unknown)."""
         return self.cache_dir / "cases" / self.ids[self.index(case)]
 
     def case_arrays(self, case: int | str, mmap: bool = True, extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
