@@ -12,7 +12,7 @@ from clips_jax.data.geometry import Geometry
 from clips_jax.data.nifti import load_nifti
 from clips_jax.data.phantoms import write_phantoms
 from clips_jax.data.prepare import assign_splits, is_native, parse_spacing, prepare_dataset, study_id
-from clips_jax.data.store import CaseStore, difficulty_measures, dmax_mm
+from clips_jax.data.store import CaseStore, difficulty_measures, dmax_centroids_mm
 from clips_jax.errors import ConfigError, DataError
 
 
@@ -49,11 +49,11 @@ def test_difficulty_measures_hand_case():
 
 def test_dmax_edge_cases():
     z = np.zeros((8, 8, 8), np.uint8)
-    assert math.isnan(dmax_mm(z, 2.0))
+    assert math.isnan(dmax_centroids_mm(z, 2.0))
     z[2:4, 2:4, 2:4] = 1
-    assert dmax_mm(z, (2.0, 3.0, 4.0)) == 0.0
+    assert dmax_centroids_mm(z, (2.0, 3.0, 4.0)) == 0.0
     z[7, 7, 7] = 1  # centroid distance (4.5, 4.5, 4.5) voxels
-    assert dmax_mm(z, (1.0, 2.0, 3.0)) == pytest.approx(4.5 * math.sqrt(1 + 4 + 9))
+    assert dmax_centroids_mm(z, (1.0, 2.0, 3.0)) == pytest.approx(4.5 * math.sqrt(1 + 4 + 9))
     m = difficulty_measures(np.zeros((4, 4, 4)), np.ones((4, 4, 4)), np.zeros((4, 4, 4)), 1.0)
     assert m["n_lesions"] == 0 and m["tmtv_ml"] == 0.0
     assert all(math.isnan(m[k]) for k in ("smallest_lesion_ml", "suv_max", "tbr", "dmax_mm"))

@@ -66,7 +66,7 @@ def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return lab, int(n)
 
 
-def dmax_mm(mask: np.ndarray, spacing_mm) -> float:
+def dmax_centroids_mm(mask: np.ndarray, spacing_mm) -> float:
     """Lesion dissemination Dmax in mm: the largest distance between the centroids of two lesions.
 
     Definition (a) of reference C11 (Cottereau et al. 2020), NOT the original TMTV-Net code's (which mixes
@@ -104,7 +104,7 @@ def difficulty_measures(seg: np.ndarray | None, suv: np.ndarray, ct: np.ndarray,
         `smallest_lesion_ml` volume of the smallest component (ml);
         `suv_max`            max SUV inside the mask;
         `tbr`                suv_max / mean SUV of (body minus lesions), body = CT > -500 HU;
-        `dmax_mm`            `dmax_mm(seg, spacing_mm)`;
+        `dmax_mm`            `dmax_centroids_mm(seg, spacing_mm)`;
         `body_ml`            body volume (ml), defined for every case.
       Lesion-free mask: tmtv 0, n 0, the others NaN. `seg is None`: every lesion measure NaN (n_lesions NaN
       too). tbr is NaN if the background region is empty.
@@ -128,7 +128,7 @@ def difficulty_measures(seg: np.ndarray | None, suv: np.ndarray, ct: np.ndarray,
     out["suv_max"] = float(suv[fg].max())
     bg = body & ~fg
     out["tbr"] = float(out["suv_max"] / suv[bg].mean(dtype=np.float64)) if bg.any() else float("nan")
-    out["dmax_mm"] = dmax_mm(fg, sp)
+    out["dmax_mm"] = dmax_centroids_mm(fg, sp)
     return out
 
 
