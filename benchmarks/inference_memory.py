@@ -40,7 +40,7 @@ def linear_predictor(x):
 
 
 def _status_gb(key: str) -> float | None:
-    """A memory line of /proc/self/status (e.g. "VmHWM", "VmRSS") in GB, None where unavailable."""
+    """A memory line of /proc/self/status (e.g. "VmHWM", "VmRSS") in GiB, None where unavailable."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -52,7 +52,7 @@ def _status_gb(key: str) -> float | None:
 
 
 def peak_rss_gb() -> float:
-    """Peak resident set size of this process in GB (VmHWM, else getrusage's ru_maxrss in KiB on Linux)."""
+    """Peak resident set size of this process in GiB (VmHWM, else getrusage's ru_maxrss in KiB on Linux)."""
     v = _status_gb("VmHWM")
     return v if v is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
@@ -86,16 +86,16 @@ def main() -> None:
     vol = make_volume(shape, 6)
     before = peak_rss_gb()
     rss_now = _status_gb("VmRSS")
-    print(f"volume {vol.shape} float32 = {vol.nbytes / 1024 ** 3:.2f} GB; tile {tile}, step {step}, "
+    print(f"volume {vol.shape} float32 = {vol.nbytes / 1024 ** 3:.2f} GiB; tile {tile}, step {step}, "
           f"batch {args.batch_size}, tta {args.tta}")
     t0 = time.perf_counter()
     probs = inf.tiled_inference(vol, linear_predictor, **kw)
     seconds = time.perf_counter() - t0
     peak = peak_rss_gb()
-    print(f"output {probs.shape} {probs.dtype} = {probs.nbytes / 1024 ** 3:.2f} GB; pass {seconds:.1f} s")
-    print(f"RSS before the pass (input + runtime): {rss_now if rss_now is not None else before:.2f} GB")
-    print(f"peak RSS (VmHWM) after the pass:       {peak:.2f} GB")
-    print(f"peak increase during the pass:         {peak - (rss_now if rss_now is not None else before):.2f} GB")
+    print(f"output {probs.shape} {probs.dtype} = {probs.nbytes / 1024 ** 3:.2f} GiB; pass {seconds:.1f} s")
+    print(f"RSS before the pass (input + runtime): {rss_now if rss_now is not None else before:.2f} GiB")
+    print(f"peak RSS (VmHWM) after the pass:       {peak:.2f} GiB")
+    print(f"peak increase during the pass:         {peak - (rss_now if rss_now is not None else before):.2f} GiB")
 
 
 if __name__ == "__main__":
