@@ -100,9 +100,11 @@ def test_presets_cover_every_family_and_build():
         cur = curricula.get_curriculum(exp.preset, steps_per_epoch=10, **opts)
         assert cur is not None
         if exp.paced:  # every pacing reaches the whole training set within the run (at about half of it)
-            cfg = curricula.PacingConfig(**{k: v for k, v in {**curricula.PRESETS[exp.preset], **opts}.items()
-                                            if k in curricula.PacingConfig.__dataclass_fields__},
-                                         steps_per_epoch=10)
+            merged = {**curricula.PRESETS[exp.preset], **opts}
+            config_cls = curricula.registry.FAMILIES[merged["family"]][0]   # the family's own pacing defaults
+            assert issubclass(config_cls, curricula.PacingConfig), name
+            cfg = config_cls(**{k: v for k, v in merged.items() if k in config_cls.__dataclass_fields__},
+                             steps_per_epoch=10)
             assert 0 < curricula.full_set_step(cfg) <= 60 * presets.GROW_FRACTION, name
     # pacing reaches the whole set at half the run: 30 steps = 3 epochs
     assert presets.curriculum_options("predefined", 60, 10, 0)["grow_epochs"] == pytest.approx(3.0)

@@ -52,7 +52,8 @@ class Experiment:
     Attributes:
       preset: a key of `clips_jax.curricula.PRESETS`.
       options: fixed option overrides (merged over the preset by `get_curriculum`).
-      paced: the family has a pacing schedule (`grow_epochs`) rescaled to the run length.
+      paced: the family has a pacing schedule rescaled to the run length (`grow_epochs`, or `step_length_steps`
+        for the exponential pacing).
       seeded: the curriculum has its own `seed` option (random order, bandit draws), set to the run's seed.
       smoothing: CBS schedule rescaled to the run length.
       needs_teacher: ranks cases by `teacher_loss` (filled from the first finished baseline seed).
@@ -68,9 +69,9 @@ class Experiment:
     family: str = ""
 
 
-#: Experiment name -> Experiment. The order is the default `--curricula` order: the baseline first (the
-#: transfer teacher needs a finished baseline run), then the comparison of Yousefirizi et al. 2022 (A6:
-#: bootstrapping, random, anti, self-paced), then the other families.
+#: Experiment name -> Experiment. The first nine are the default `--curricula`, in its order: the baseline first
+#: (the transfer teacher needs a finished baseline run), then the comparison of Yousefirizi et al. 2022 (A6:
+#: bootstrapping, random, anti, self-paced), then the other families; opt-in variants follow.
 EXPERIMENTS: dict[str, Experiment] = {
     "none": Experiment("none", family="baseline: uniform sampling"),
     "transfer_teacher": Experiment("transfer_teacher", paced=True, needs_teacher=True,
