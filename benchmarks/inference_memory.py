@@ -19,7 +19,6 @@ import argparse
 import datetime
 import os
 import platform
-import resource
 import sys
 import time
 
@@ -30,6 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clips_jax import inference as inf  # noqa: E402
+from _machine import peak_rss_gib, status_gib  # noqa: E402
 
 _MIX = np.array([[0.3, -0.2], [0.1, 0.4], [-0.5, 0.2], [0.2, 0.1], [0.0, 0.3], [-0.1, 0.6]], np.float32)
 
@@ -37,24 +37,6 @@ _MIX = np.array([[0.3, -0.2], [0.1, 0.4], [-0.5, 0.2], [0.2, 0.1], [0.0, 0.3], [
 def linear_predictor(x):
     """Fixed 6 -> 2 channel linear map (a 1x1x1 convolution): logits (B, D, H, W, 2)."""
     return jnp.einsum("bdhwc,ck->bdhwk", x, jnp.asarray(_MIX))
-
-
-def _status_gb(key: str) -> float | None:
-    """A memory line of /proc/self/status (e.g. "VmHWM", "VmRSS") in GiB, None where unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024 ** 2
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_gb() -> float:
-    """Peak resident set size of this process in GiB (VmHWM, else getrusage's ru_maxrss in KiB on Linux)."""
-    v = _status_gb("VmHWM")
-    return v if v is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
 def make_volume(shape: tuple[int, int, int], channels: int, seed: int = 0, slab: int = 8) -> np.ndarray:
@@ -84,14 +66,14 @@ def main() -> None:
     kw = dict(tile_shape=tile, step=step, batch_size=args.batch_size, tta=args.tta)
     inf.tiled_inference(make_volume(tile, 6), linear_predictor, **kw)  # compile (same tile/batch shapes)
     vol = make_volume(shape, 6)
-    before = peak_rss_gb()
-    rss_now = _status_gb("VmRSS")
+    before = peak_rss_gib()
+    rss_now = status_gib("VmRSS")
     print(f"volume {vol.shape} float32 = {vol.nbytes / 1024 ** 3:.2f} GiB; tile {tile}, step {step}, "
           f"batch {args.batch_size}, tta {args.tta}")
     t0 = time.perf_counter()
     probs = inf.tiled_inference(vol, linear_predictor, **kw)
     seconds = time.perf_counter() - t0
-    peak = peak_rss_gb()
+    peak = peak_rss_gib()
     print(f"output {probs.shape} {probs.dtype} = {probs.nbytes / 1024 ** 3:.2f} GiB; pass {seconds:.1f} s")
     print(f"RSS before the pass (input + runtime): {rss_now if rss_now is not None else before:.2f} GiB")
     print(f"peak RSS (VmHWM) after the pass:       {peak:.2f} GiB")

@@ -16,7 +16,6 @@ import argparse
 import datetime
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -24,16 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def peak_rss_gb() -> float:
-    """Peak resident set size of this process in GiB (VmHWM from /proc, else getrusage)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024 ** 2
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+from _machine import peak_rss_gib  # noqa: E402
 
 
 def main() -> None:
@@ -68,7 +58,7 @@ def main() -> None:
     models = predict.Models.from_modules(Ensemble(4, dtype=mdtype, rngs=nnx.Rngs(0)),
                                          None if a.stage_a_only else Refiner(dtype=mdtype, rngs=nnx.Rngs(1)),
                                          {"weights_dir": "random (benchmark)"})
-    print(f"models built in {time.perf_counter() - t:.1f} s; peak RSS {peak_rss_gb():.2f} GiB")
+    print(f"models built in {time.perf_counter() - t:.1f} s; peak RSS {peak_rss_gib():.2f} GiB")
     opts = predict.Options(dtype=a.dtype, batch_size=a.batch_size, stage_a_only=a.stage_a_only,
                            stage_b_tile=tuple(int(v) for v in a.stage_b_tile.split(",")), overwrite=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,13 +66,13 @@ def main() -> None:
         ph = make_phantom(0, shape, spacing)
         write_phantom(Path(tmp) / "study", ph)
         del ph
-        print(f"phantom written in {time.perf_counter() - t:.1f} s; peak RSS {peak_rss_gb():.2f} GiB")
+        print(f"phantom written in {time.perf_counter() - t:.1f} s; peak RSS {peak_rss_gib():.2f} GiB")
         for r in range(a.repeat):
             rep = predict.predict_study(Path(tmp) / "study", Path(tmp) / "out", models, opts)
             s = rep["seconds"]
             print(f"run {r + 1}: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.items() if v is not None)
-                  + f"; TMTV {rep['results']['tmtv_ml']:.1f} ml; peak RSS {peak_rss_gb():.2f} GiB", flush=True)
-    print(f"peak RSS (VmHWM) of the whole run: {peak_rss_gb():.2f} GiB")
+                  + f"; TMTV {rep['results']['tmtv_ml']:.1f} ml; peak RSS {peak_rss_gib():.2f} GiB", flush=True)
+    print(f"peak RSS (VmHWM) of the whole run: {peak_rss_gib():.2f} GiB")
     del np
 
 

@@ -20,7 +20,8 @@ kernel), summary (logging and plots), registry (presets). User documentation: do
 from clips_jax.curricula.bandit import Exp3SConfig, exp3s_curriculum, exp3s_policy, exp3s_weights_update
 from clips_jax.curricula.core import (HARDER_WHEN, CaseTable, Curriculum, Observation, case_table_from_manifest,
                                       composite_difficulty, make_observation)
-from clips_jax.curricula.pacing import PACINGS, PacingConfig, full_set_step, pacing_window, select_window
+from clips_jax.curricula.pacing import (PACINGS, PacingConfig, exponential_stages, full_set_step, pacing_window,
+                                         select_window)
 from clips_jax.curricula.predefined import (PredefinedConfig, UniformConfig, out_of_fold_difficulty,
                                             predefined_curriculum, teacher_difficulty,
                                             teacher_difficulty_from_dice, uniform_curriculum)
@@ -34,7 +35,7 @@ __all__ = [
     "UniformConfig", "PredefinedConfig", "SelfPacedConfig", "Exp3SConfig", "SmoothingConfig",
     "case_table_from_manifest", "composite_difficulty", "make_observation", "get_curriculum",
     "uniform_curriculum", "predefined_curriculum", "self_paced_curriculum", "exp3s_curriculum", "with_smoothing",
-    "pacing_window", "select_window", "full_set_step", "spl_weights", "spld_select", "exp3s_policy",
-    "exp3s_weights_update", "cbs_sigma", "kernel_1d", "teacher_difficulty", "teacher_difficulty_from_dice",
+    "pacing_window", "select_window", "full_set_step", "exponential_stages", "spl_weights", "spld_select",
+    "exp3s_policy", "exp3s_weights_update", "cbs_sigma", "kernel_1d", "teacher_difficulty", "teacher_difficulty_from_dice",
     "out_of_fold_difficulty", "summarise_weights", "plot_curriculum",
 ]

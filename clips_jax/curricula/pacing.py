@@ -73,14 +73,19 @@ class PacingConfig:
         check(int(self.n_buckets) >= 1, "n_buckets must be >= 1")
 
 
+def exponential_stages(cfg: PacingConfig) -> int:
+    """Number of `step_length_steps` stages after which the exponential pacing gives the whole ordering:
+    ceil(log(1 / start_fraction) / log(inc)), 0 if start_fraction >= 1."""
+    return 0 if cfg.start_fraction >= 1 else math.ceil(math.log(1 / cfg.start_fraction) / math.log(cfg.inc))
+
+
 def full_set_step(cfg: PacingConfig) -> int:
     """First global step at which `pacing_window` gives the whole ordering (closed form, for tests/logs)."""
     spe = int(cfg.steps_per_epoch)
     if cfg.pacing == "none" or cfg.grow_epochs == 0 and cfg.pacing != "exponential":
         return 0
     if cfg.pacing == "exponential":
-        stages = 0 if cfg.start_fraction >= 1 else math.ceil(math.log(1 / cfg.start_fraction) / math.log(cfg.inc))
-        return stages * int(cfg.step_length_steps)
+        return exponential_stages(cfg) * int(cfg.step_length_steps)
     return math.ceil(cfg.grow_epochs * spe)
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import math
 from typing import Any
 
+from clips_jax.curricula.pacing import PacingConfig, exponential_stages
 from clips_jax.curricula.registry import PRESETS
 from clips_jax.errors import ConfigError
 
@@ -143,8 +144,8 @@ def curriculum_options(name: str, steps: int, steps_per_epoch: int, seed: int) -
     if exp.paced:
         preset = {**PRESETS[exp.preset], **exp.options}
         if preset.get("pacing") == "exponential":
-            start, inc = float(preset.get("start_fraction", 0.1)), float(preset.get("inc", 1.9))
-            stages = max(1, math.ceil(math.log(1.0 / start) / math.log(inc)))
+            pacing = PacingConfig(**{k: v for k, v in preset.items() if k in PacingConfig.__dataclass_fields__})
+            stages = max(1, exponential_stages(pacing))
             opts["step_length_steps"] = max(1, math.floor(GROW_FRACTION * int(steps) / stages))
         else:
             opts["grow_epochs"] = float(grow_epochs)
