@@ -46,15 +46,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clips_jax import curricula, losses
-from clips_jax.curricula.core import zero_sigma
-from clips_jax.data.pipeline import make_eval_cases, make_train_iterator
+from clips_jax import curricula, evaluation, losses
+from clips_jax.data.pipeline import make_train_iterator
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ClipsError, ConfigError
 from clips_jax.fileio import write_text_atomic
-from clips_jax.inference import argmax_mask, nnx_predictor, tiled_inference
-from clips_jax.metrics import dice as dice_score
-from clips_jax.metrics.lesions import fpv_fnv_ml, lesion_overlaps
 from clips_jax.model import Ensemble, Refiner, UNet, load_model, read_weights_meta
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
@@ -195,8 +191,28 @@ def init_train_state(model: nnx.Module, trainable, tx: optax.GradientTransformat
     return graphdef, state
 
 
+def supervised_loss(per_sample: jax.Array, terms: dict, config: ml_collections.ConfigDict, deep: bool) -> jax.Array:
+    """Per-sample supervised loss of the full-resolution head: its loss without the alpha * Mumford-Shah term.
+
+    That is beta * Dice + lam * CE ("ms_dice_ce") or Dice + focal terms ("original"): the part that compares
+    the prediction with the label, the difficulty signal of the self-paced and bandit curricula (the MS term
+    follows the CT content of the crop, not how well the lesion is segmented). Args: per_sample (B,) the
+    total loss (used when there is no deep supervision); terms: the loss terms of `losses.combined_loss` /
+    `losses.deep_supervision_loss`. Returns float32 (B,).
+    """
+    lc = config.loss
+    prefix = ""
+    head = per_sample
+    if deep:
+        last = len(tuple(lc.ds_weights)) - 1
+        prefix, head = f"head{last}/", terms[f"head{last}/loss"]
+    ms = terms.get(f"{prefix}ms")
+    return head if ms is None else head - jnp.float32(lc.alpha) * ms
+
+
 def make_loss_fn(graphdef, config: ml_collections.ConfigDict, use_sigma: bool) -> Callable:
-    """`loss_fn(params, rest, batch, sigma) -> (mean loss, (per-sample loss (B,), terms))`."""
+    """`loss_fn(params, rest, batch, sigma) -> (mean loss, (per-sample loss (B,), supervised loss (B,)))`;
+    the supervised loss is `supervised_loss` (full-resolution head, no Mumford-Shah term)."""
     lc = config.loss
     kw = dict(alpha=lc.alpha, beta=lc.beta, lam=lc.lam, form=lc.form, eta=lc.eta)
     deep = config.model.kind == "unet" and lc.deep_supervision
@@ -212,7 +228,7 @@ def make_loss_fn(graphdef, config: ml_collections.ConfigDict, use_sigma: bool) -
         else:
             logits = model(x, s).astype(jnp.float32)
             per_sample, terms = losses.combined_loss(logits, batch["label"], x, batch["labeled"], **kw)
-        return jnp.mean(per_sample), (per_sample, terms)
+        return jnp.mean(per_sample), (per_sample, supervised_loss(per_sample, terms, config, deep))
 
     return loss_fn
 
@@ -222,15 +238,17 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
     """The pure train step `(state, batch, sigma) -> (state, metrics)` (not yet jitted).
 
     batch: `{"image": (B, D, H, W, C) float32, "label": (B, D, H, W) int32, "labeled": (B,) bool}`.
-    metrics: scalar "loss", "grad_norm", "finite" (bool: update applied), "lr"; "per_sample" (B,) losses;
-    "gain" (prediction gain L(theta) - L(theta') on the same batch; only with `with_gain`).
+    metrics: scalar "loss", "grad_norm", "finite" (bool: update applied); "per_sample" (B,) losses;
+    "supervised" (B,) supervised losses (`supervised_loss`); with `with_gain` also "gain" (B,): the
+    per-sample prediction gain of the supervised loss, L(x; theta) - L(x; theta') on the same batch before and
+    after the update (Graves et al. 2017, section 3.1).
     A non-finite loss or gradient norm leaves params and optimizer state unchanged (the step still counts).
     """
     loss_fn = make_loss_fn(graphdef, config, use_sigma)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, batch, sigma):
-        (loss, (per_sample, _)), grads = grad_fn(state["params"], state["rest"], batch, sigma)
+        (loss, (per_sample, supervised)), grads = grad_fn(state["params"], state["rest"], batch, sigma)
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -242,18 +260,48 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
         new["step"] = state["step"] + 1
         new["nonfinite"] = jnp.where(finite, 0, state["nonfinite"] + 1)
         new["skipped"] = state["skipped"] + (~finite).astype(jnp.int32)
-        metrics = {"loss": loss, "per_sample": per_sample, "grad_norm": gnorm, "finite": finite}
+        metrics = {"loss": loss, "per_sample": per_sample, "supervised": supervised, "grad_norm": gnorm,
+                   "finite": finite}
         if with_gain:
-            after, _ = loss_fn(new["params"], state["rest"], batch, sigma)
-            metrics["gain"] = loss - after
+            _, (_, after) = loss_fn(new["params"], state["rest"], batch, sigma)
+            metrics["gain"] = supervised - after
         return new, metrics
 
     return step
 
 
+def curriculum_observation(position: np.ndarray, case_index: np.ndarray, centred: np.ndarray, metrics: dict,
+                           step: int) -> curricula.Observation:
+    """What a curriculum learns from one step (host side, global batch).
+
+    Args: position: int (store size,) training-case position of each store index (-1 outside the training
+      cases); case_index: int (B,) store indices of the batch; centred: bool (B,) lesion-centred crops;
+      metrics: the step's host metrics ("finite", "supervised" (B,), optional "gain" (B,)); step: the step.
+    Returns: `Observation` with losses = the supervised loss of lesion-centred crops (NaN for the others and
+      for a skipped, non-finite step) and reward = the mean prediction gain over the lesion-centred crops
+      (NaN when there is none, no gain was measured, or the step was skipped).
+    """
+    ok = bool(metrics["finite"]) & np.asarray(centred, bool)
+    losses_ = np.where(ok, np.asarray(metrics["supervised"], np.float64), np.nan)
+    reward = float("nan")
+    if "gain" in metrics and ok.any():
+        reward = float(np.mean(np.asarray(metrics["gain"], np.float64)[ok]))
+    return curricula.make_observation(position[case_index], losses_, reward, step)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------
+
+def phantom_dirs(config: ml_collections.ConfigDict) -> tuple[Path, Path]:
+    """(raw phantom folder, case-store folder) of the built-in phantoms of `config.data.phantoms`: the raw
+    studies (`<case_id>/{CTres,SUV,SEG}.nii.gz + truth.json`) and the store prepared from them at
+    `config.data.spacing_mm`, both under `config.data.phantoms.cache`."""
+    d, ph = config.data, config.data.phantoms
+    cache = Path(ph.cache).expanduser()
+    grid = "native" if not d.spacing_mm else f"{float(d.spacing_mm):g}mm"
+    return cache / f"phantoms_{ph.size}_s{ph.seed}", cache / f"store_{ph.size}_n{ph.cases}_s{ph.seed}_{grid}"
+
 
 def ensure_store(config: ml_collections.ConfigDict, log: Callable[[str], None]) -> CaseStore:
     """Open `config.data.store`, or generate + prepare the built-in phantoms (cached) when it is empty."""
@@ -261,13 +309,10 @@ def ensure_store(config: ml_collections.ConfigDict, log: Callable[[str], None]) 
     if d.store:
         return CaseStore(d.store)
     ph = d.phantoms
-    cache = Path(ph.cache).expanduser()
-    grid = "native" if not d.spacing_mm else f"{float(d.spacing_mm):g}mm"
-    store_dir = cache / f"store_{ph.size}_n{ph.cases}_s{ph.seed}_{grid}"
+    raw, store_dir = phantom_dirs(config)
     if not (store_dir / "manifest.json").is_file() or len(CaseStore(store_dir)) < ph.cases:
         from clips_jax.data.phantoms import write_phantoms
         from clips_jax.data.prepare import prepare_dataset
-        raw = cache / f"phantoms_{ph.size}_s{ph.seed}"
         if jax.process_index() == 0:
             log(f"generating {ph.cases} synthetic PET/CT phantoms ({ph.size}) into {raw} (first run only)")
             write_phantoms(raw, ph.cases, ph.seed, ph.size)
@@ -305,28 +350,20 @@ def extra_channels(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def evaluate_cases(model: nnx.Module, store: CaseStore, indices, config: ml_collections.ConfigDict) -> dict:
     """Whole-volume tiled inference on store cases; returns mean metrics and per-case rows.
 
-    Per case (on the store grid, masks = argmax of blended probabilities): Dice (NaN for a lesion-free case),
-    absolute TMTV error (ml), autoPET FP and FN component volumes (ml, 18-connectivity).
+    `clips_jax.evaluation.evaluate_cases` with the `config.eval` tiles (reaching the end of every axis, the
+    coverage checked per case), the model's extra input channels (`extra_channels(config)`) and
+    `clips_jax.evaluation.validation_row`: per case on the store grid, mask = lesion probability > 0.5
+    (argmax of the two blended probabilities), Dice (NaN for a lesion-free case), predicted and true TMTV,
+    absolute TMTV error, autoPET FP and FN component volumes (ml, 18-connectivity).
     Returns `{"val_dice": mean Dice over lesion cases, "val_tmtv_abs_err_ml", "val_fpv_ml", "val_fnv_ml",
-    "cases": [...]}`.
+    "cases": [{"id": case id, **validation_row}, ...]}` (means ignore NaN; NaN when no case defines one).
     """
     e = config.eval
-    predictor, params = nnx_predictor(model)
-    rows = []
-    for case in make_eval_cases(store, np.asarray(indices, dtype=np.int64), extra_channels=extra_channels(config)):
-        probs = tiled_inference(case["image"], predictor, params=params, tile_shape=tuple(e.tile_shape),
-                                step=tuple(e.tile_step), batch_size=int(e.batch_size))
-        pred = argmax_mask(probs).astype(bool)
-        truth = case["label"] > 0
-        vox_ml = case["geometry"].voxel_volume_ml
-        fpv, fnv = fpv_fnv_ml(lesion_overlaps(pred, truth), vox_ml)
-        rows.append({"id": case["id"], "dice": dice_score(pred, truth) if truth.any() else float("nan"),
-                     "tmtv_pred_ml": float(pred.sum() * vox_ml), "tmtv_true_ml": float(truth.sum() * vox_ml),
-                     "fpv_ml": fpv, "fnv_ml": fnv})
+    rows = evaluation.evaluate_cases(model, store, indices, tile_shape=tuple(e.tile_shape), step=tuple(e.tile_step),
+                                     batch_size=int(e.batch_size), row_fn=evaluation.validation_row,
+                                     extra_channels=extra_channels(config), id_key="id")
     mean = lambda k: float(np.nanmean([r[k] for r in rows])) if rows and not all(  # noqa: E731
         np.isnan(r[k]) for r in rows) else float("nan")
-    for r in rows:
-        r["tmtv_abs_err_ml"] = abs(r["tmtv_pred_ml"] - r["tmtv_true_ml"])
     return {"val_dice": mean("dice"), "val_tmtv_abs_err_ml": mean("tmtv_abs_err_ml"),
             "val_fpv_ml": mean("fpv_ml"), "val_fnv_ml": mean("fnv_ml"), "cases": rows}
 
@@ -454,8 +491,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     cur_state = cur.init(table)
     if not jax.tree.leaves(cur_state):
         cur_state = {"_empty": jnp.zeros((), jnp.int32)}
-    use_sigma = cur.sigma is not zero_sigma
-    with_gain = isinstance(cur.config, curricula.Exp3SConfig)  # the bandit's reward is the prediction gain
+    use_sigma, with_gain = cur.smooths, cur.needs_gain  # what the curriculum declares it needs
+    if (cur.needs_losses or cur.needs_gain) and float(config.data.p_foreground) <= 0:
+        raise ConfigError(f"curriculum {config.curriculum.name!r} learns from the supervised loss of lesion-centred "
+                          "crops, and data.p_foreground=0 samples none: set --config.data.p_foreground (e.g. 0.5)")
 
     # Model, optimiser, compiled step.
     mesh = make_mesh(int(config.num_devices))
@@ -468,6 +507,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     cur_state = jax.device_put(cur_state, repl)
     cur_weights = jax.jit(cur.weights)
     cur_update = jax.jit(cur.update, out_shardings=repl)
+    cur_end_stage = jax.jit(cur.end_stage, out_shardings=repl)
     cur_sigma = jax.jit(cur.sigma)
     model, trainable = build_model(config)
     tx = make_optimizer(config)
@@ -543,6 +583,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if it is None or step_no % stage_steps == 0:
             new_stage = step_no // stage_steps
             if stage_weights is None or new_stage != stage:
+                if stage_weights is not None:  # a stage has ended (also when resuming at its boundary)
+                    cur_state = cur_end_stage(cur_state)
                 stage = new_stage
                 stage_weights = np.asarray(jax.device_get(cur_weights(cur_state, jnp.int32(step_no))), np.float64)
                 data_state = None
@@ -564,22 +606,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         step_no += 1
         steps_done += 1
 
-        case_index = np.asarray(local["case_index"])
-        per_sample = metrics["per_sample"]
+        case_index, centred = np.asarray(local["case_index"]), np.asarray(local["lesion_centred"])
+        step_out = {k: metrics[k] for k in ("supervised", "gain", "per_sample") if k in metrics}
         if jax.process_count() > 1:
             case_index = multihost_utils.process_allgather(case_index, tiled=True)
-            per_sample = multihost_utils.process_allgather(per_sample, tiled=True)
-        m = jax.device_get({k: v for k, v in metrics.items() if k != "per_sample"})
-        per_sample = np.asarray(jax.device_get(per_sample))
-        obs = curricula.make_observation(position[case_index], np.where(m["finite"], per_sample, np.nan),
-                                         m.get("gain", float("nan")) if m["finite"] else float("nan"),
-                                         step_no - 1)
+            centred = multihost_utils.process_allgather(centred, tiled=True)
+            step_out = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in step_out.items()}
+        m = jax.device_get({k: v for k, v in metrics.items() if k not in step_out})
+        m.update({k: np.asarray(jax.device_get(v)) for k, v in step_out.items()})
+        obs = curriculum_observation(position, case_index, centred, m, step_no - 1)
         cur_state = cur_update(cur_state, obs)
         row = {"kind": "train", "step": step_no, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                "finite": bool(m["finite"]), "sigma": float(sigma), "lr": float(schedule(step_no - 1)),
-               "cases": [store.ids[i] for i in case_index], "case_losses": per_sample.tolist()}
+               "cases": [store.ids[i] for i in case_index], "case_losses": m["per_sample"].tolist(),
+               "case_supervised": m["supervised"].tolist(), "lesion_centred": centred.tolist()}
         if "gain" in m:
-            row["gain"] = float(m["gain"])
+            row["gain"] = float(obs.reward)
         writer.write(row)
         nonfinite = int(jax.device_get(state["nonfinite"]))
         if nonfinite >= int(config.max_nonfinite):

@@ -70,7 +70,14 @@ def test_exp3s_curriculum_update_matches_formulas():
              "reservoir": np.r_[np.array([0.0, 1.0, 2.0, 3.0, 4.0]), np.full(5, np.nan)].astype(np.float32)}
     # Bucket mode: all mass on bucket 2 (cases 4, 5).
     np.testing.assert_allclose(np.asarray(cur.weights(state, 0)), [0, 0, 0, 0, 0.5, 0.5])
-    new = jax.jit(cur.update)(state, make_observation([4, 5, 4, 5], reward=2.5))
+    # One stage of two steps with gains 2.0 and 3.0: the round's reward is their mean, 2.5; the weights (the
+    # frozen action and policy) do not move within the stage.
+    upd = jax.jit(cur.update)
+    mid = upd(state, make_observation([4, 5], reward=2.0))
+    mid = upd(mid, make_observation([4, 5], reward=3.0))
+    np.testing.assert_array_equal(np.asarray(mid["w"]), w0)
+    np.testing.assert_array_equal(np.asarray(cur.weights(mid, 1)), np.asarray(cur.weights(state, 0)))
+    new = jax.jit(cur.end_stage)(mid)
     # Reservoir gets 2.5 in slot 5 (count 5 < M); quantiles of [0,1,2,3,4,2.5]: q20 = 1.0, q80 = 3.0
     # -> r = 2 (2.5 - 1) / 2 - 1 = 0.5; t = 4.
     vals = np.array([0, 1, 2, 3, 4, 2.5])
@@ -84,10 +91,47 @@ def test_exp3s_curriculum_update_matches_formulas():
     np.testing.assert_allclose(np.asarray(new["pi"]), np.asarray(exp3s_policy(want, 0.05)), atol=1e-6)
     assert int(new["t"]) == 4 and int(new["count"]) == 6 and np.asarray(new["reservoir"])[5] == 2.5
     assert 0 <= int(new["action"]) < 3
-    # A NaN reward changes nothing but the action draw.
-    same = cur.update(state, make_observation([4], reward=float("nan")))
+    assert float(new["gain_sum"]) == 0 and int(new["gain_n"]) == 0 and not np.asarray(new["bucket_hits"]).any()
+    # A stage without a finite gain changes nothing but the action draw.
+    same = cur.end_stage(cur.update(state, make_observation([4], reward=float("nan"))))
     np.testing.assert_array_equal(np.asarray(same["w"]), w0)
     assert int(same["t"]) == 3 and int(same["count"]) == 5
+
+
+def test_exp3s_declares_stage_updates_and_keeps_them_under_smoothing():
+    for cur in (get_curriculum("exp3s"), get_curriculum("exp3s", smoothing=True, steps_per_epoch=5)):
+        assert cur.needs_gain and cur.update_every == "stage" and not cur.needs_losses
+        assert cur.end_stage is not None and cur.end_stage.__name__ == "end_stage"
+    assert get_curriculum("exp3s", smoothing=True, steps_per_epoch=5).smooths
+    assert not get_curriculum("exp3s").smooths
+    none = get_curriculum("none")
+    assert not (none.needs_gain or none.needs_losses or none.smooths) and none.update_every == "step"
+
+
+def _bandit_rounds(cur, state, reward_of_bucket, rounds, steps_per_stage, rng):
+    """Run `rounds` stages: draw the stage's batches from its weights, one gain per step, then end_stage."""
+    upd, end, wts = jax.jit(cur.update), jax.jit(cur.end_stage), jax.jit(cur.weights)
+    bucket = np.asarray(state["bucket"])
+    for _ in range(rounds):
+        w = np.asarray(wts(state, 0), np.float64)
+        for _ in range(steps_per_stage):
+            idx = rng.choice(w.size, size=2, p=w / w.sum())
+            gain = float(np.mean([reward_of_bucket(bucket[i]) for i in idx])) + 0.1 * rng.normal()
+            state = upd(state, make_observation(idx, reward=gain))
+        state = end(state)
+    return state
+
+
+def test_exp3s_concentrates_on_the_most_rewarding_bucket():
+    # Graves et al. 2017: a task whose learning progress is always the largest ends up with most of the policy.
+    # 5 buckets of 4 cases; bucket 3 gives gain 1, the others 0; 10 steps per stage, one update per stage.
+    cur = get_curriculum("exp3s", num_buckets=5, eta=0.1, eps=0.05, reservoir_size=1000, seed=1)
+    state = cur.init(_table(20))
+    state = _bandit_rounds(cur, state, lambda b: 1.0 if b == 3 else 0.0, 300, 10,
+                           np.random.default_rng(0))
+    pi = np.asarray(state["pi"])
+    assert int(state["t"]) == 300  # one update per stage, not per step
+    assert pi[3] > 0.8 and int(np.argmax(pi)) == 3, pi
 
 
 def test_exp3s_mixture_mode_weights_and_learning():
@@ -95,11 +139,11 @@ def test_exp3s_mixture_mode_weights_and_learning():
     state = cur.init(_table(6))  # buckets: cases 0-2 -> 0, 3-5 -> 1
     w = np.asarray(cur.weights(state, 0))
     np.testing.assert_allclose(w, [0.5 / 3] * 6, rtol=1e-6)  # pi = (0.5, 0.5) split over 3 cases each
-    upd = jax.jit(cur.update)
+    upd, end = jax.jit(cur.update), jax.jit(cur.end_stage)
     rng = np.random.default_rng(0)
-    for step in range(300):  # bucket 1 always gives more progress than bucket 0
+    for step in range(300):  # bucket 1 always gives more progress than bucket 0 (one-batch stages)
         b = int(rng.integers(0, 2))
-        state = upd(state, make_observation([3 * b, 3 * b + 1], reward=b + 0.1 * rng.normal(), step=step))
+        state = end(upd(state, make_observation([3 * b, 3 * b + 1], reward=b + 0.1 * rng.normal(), step=step)))
     pi = np.asarray(state["pi"])
     assert pi[1] > 0.6, pi
     np.testing.assert_allclose(np.asarray(cur.weights(state, 0))[3:], pi[1] / 3, rtol=1e-5)

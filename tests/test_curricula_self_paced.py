@@ -109,10 +109,18 @@ def test_self_paced_quantile_mode_and_update():
     sel = losses < np.quantile(losses, 0.75)
     np.testing.assert_allclose(np.asarray(cur.weights(state, 10)), np.where(sel, 1 / sel.sum(), 0), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(cur.weights(state, 20)), 0.1, rtol=1e-6)
-    # NaN, out-of-range and padding (-1) entries are ignored by update.
+    # NaN, out-of-range and padding (-1) entries are ignored by update; a seen case's loss is a moving average
+    # (loss_ema 0.5: 0.5 * 0.3 + 0.5 * 0.05 = 0.175), an unseen case takes its first observation as is.
     obs = make_observation([1, -1, 3, 99], [np.nan, 5.0, 0.05, 7.0])
     new = np.asarray(cur.update(state, obs)["losses"])
-    np.testing.assert_array_equal(new, np.where(np.arange(n) == 3, np.float32(0.05), losses))
+    np.testing.assert_allclose(new, np.where(np.arange(n) == 3, np.float32(0.175), losses), rtol=1e-6)
+    fresh = cur.init(_table(n))
+    first = np.asarray(cur.update(fresh, make_observation([2], [0.4]))["losses"])
+    assert first[2] == np.float32(0.4) and np.isnan(np.delete(first, 2)).all()
+    slow = get_curriculum("self_paced_hard", steps_per_epoch=5, loss_ema=0.9)
+    st = slow.update(slow.update(slow.init(_table(n)), make_observation([0], [1.0])), make_observation([0], [0.0]))
+    assert float(st["losses"][0]) == pytest.approx(0.9)
+    assert cur.needs_losses and not cur.needs_gain and cur.update_every == "step"
 
 
 def test_self_paced_geometric_lambda_and_fallback():

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import wilcoxon
 
 from clips_jax import curricula
 from clips_jax.errors import ConfigError
 from clips_jax.experiments import compare_curricula as cc
-from clips_jax.experiments import presets
+from clips_jax.experiments import presets, results, statistics
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -31,24 +30,96 @@ def _row(case, dice, tp=1, fn=0, pred=1.0, true=2.0, fpv=0.5, nsd=0.5):
             "tmtv_true_ml": true, "fpv_ml": fpv}
 
 
-def test_hard_cases_is_bottom_tertile_of_lesion_cases():
-    rows = [_row("a", 0.9), _row("b", 0.1), _row("c", float("nan")), _row("d", 0.5), _row("e", 0.3)]
-    # 4 lesion cases -> ceil(4/3) = 2 lowest: b (0.1), e (0.3)
-    assert cc.hard_cases(rows) == {"b", "e"}
-    assert cc.hard_cases([_row("x", float("nan"))]) == set()
+def _runs(dice_by_seed, err=None):
+    """seed -> case_metrics-like rows for cases c0..; dice_by_seed: (n_runs, n_cases), NaN = lesion-free."""
+    out = {}
+    for k, dice in enumerate(np.asarray(dice_by_seed, float)):
+        e = np.zeros_like(dice) if err is None else np.asarray(err, float)[k]
+        out[k] = [_row(f"c{j}", d, pred=2.0 + e[j], true=2.0 if np.isfinite(d) else 0.0) for j, d in enumerate(dice)]
+    return out
 
 
-def test_paired_wilcoxon_matches_scipy_and_edge_cases():
-    a = [0.5, 0.7, 0.2, 0.9, 0.4, float("nan")]
-    b = [0.4, 0.5, 0.3, 0.6, 0.1, 0.3]
-    w = cc.paired_wilcoxon(a, b)
-    assert w["n"] == 5
-    assert w["p"] == pytest.approx(wilcoxon(a[:5], b[:5]).pvalue)
-    assert w["mean_diff"] == pytest.approx(np.mean(np.subtract(a[:5], b[:5])))
-    same = cc.paired_wilcoxon([0.3, 0.4, 0.5], [0.3, 0.4, 0.5])
-    assert same["p"] == 1.0 and same["note"] == "all differences zero"
-    one = cc.paired_wilcoxon([0.3], [0.1])
-    assert math.isnan(one["p"]) and one["n"] == 1
+def test_summarise_rows_tests_holm_and_controls():
+    rng = np.random.default_rng(0)
+    n_cases, n_runs = 30, 4
+    case = rng.normal(0.6, 0.15, n_cases)
+    case[0] = np.nan  # a lesion-free case
+    hardness = -np.nan_to_num(case, nan=np.nan)   # lower case effect = harder
+    table = lambda shift=0.0, hard_shift=0.0: np.clip(  # noqa: E731
+        case + shift + hard_shift * (hardness > np.nanquantile(hardness, 2 / 3))
+        + rng.normal(0, 0.02, (n_runs, 1)) + rng.normal(0, 0.03, (n_runs, n_cases)), 0, 1)
+    per_run = {"none": _runs(table()), "better": _runs(table(0.2)), "same": _runs(table()),
+               "control_negative": _runs(table()), "control_positive": _runs(table(0.0, -0.3))}
+    ids = [f"c{j}" for j in range(n_cases)]
+    rows, notes, design = cc.summarise(per_run, ids, hardness)
+    assert tuple(rows[0]) == cc.RESULT_COLUMNS
+    assert [(r["curriculum"], r["subset"]) for r in rows[:4]] == [("none", "all"), ("none", "hard"),
+                                                                ("better", "all"), ("better", "hard")]
+    by = {(r["curriculum"], r["subset"]): r for r in rows}
+    assert by[("none", "all")]["role"] == "baseline" and math.isnan(by[("none", "all")]["dice_p"])
+    assert by[("control_positive", "hard")]["role"] == "positive control"
+    # the same numbers as the statistics module's own test, on the Dice table
+    direct = {(r["curriculum"], r["subset"]): r for r in statistics.compare(
+        {n: results.metric_table(v, ids, "dice") for n, v in per_run.items()}, "none", hardness)}
+    for key in (("better", "all"), ("same", "hard")):
+        assert by[key]["dice_diff"] == pytest.approx(direct[key]["diff"])
+        assert by[key]["dice_p"] == pytest.approx(direct[key]["p"])
+    assert by[("better", "all")]["dice_diff"] == pytest.approx(0.2, abs=0.03) and by[("better", "all")]["dice_p"] < 1e-3
+    # Holm over the two curricula only (controls excluded): min(1, 2 * smaller p), then monotone
+    ps = sorted([by[("better", "hard")]["dice_p"], by[("same", "hard")]["dice_p"]])
+    holm = sorted([by[("better", "hard")]["dice_p_holm"], by[("same", "hard")]["dice_p_holm"]])
+    assert holm[0] == pytest.approx(min(1, 2 * ps[0])) and holm[1] == pytest.approx(max(holm[0], min(1, ps[1])))
+    assert math.isnan(by[("control_negative", "all")]["dice_p_holm"])
+    # |TMTV error|: reported in ml with "smaller is better" undone (identical errors -> 0 difference)
+    assert by[("better", "all")]["tmtv_abs_err_ml_diff"] == pytest.approx(0.0)
+    assert design["hard_by"] == "hardness" and len(design["hard_cases"]) == math.ceil(29 / 3)
+    assert design["mde"]["hard"]["dice"]["mde"] > design["mde"]["all"]["dice"]["mde"] > 0
+    verdicts = results.control_verdicts(rows)
+    assert any(v.startswith("positive control `control_positive`: as expected") for v in verdicts), verdicts
+    assert any(v.startswith("negative control `control_negative`") for v in verdicts), verdicts
+    md = cc.results_markdown(rows, notes, ["- header"], design, "a test hardness")
+    assert "a test hardness" in md and "## Controls" in md and "## Minimal detectable effect" in md
+
+
+def test_summarise_without_hardness_leaves_out_the_choosing_run():
+    rng = np.random.default_rng(1)
+    base = np.clip(rng.normal(0.6, 0.2, 12) + rng.normal(0, 0.05, (3, 12)), 0, 1)
+    rows, notes, design = cc.summarise({"none": _runs(base), "x": _runs(base[::-1])}, [f"c{j}" for j in range(12)],
+                                       None)
+    assert design["hard_by"] == "baseline run 0"
+    hard = {f"c{j}" for j in np.argsort(base[0])[:4]}
+    assert set(design["hard_cases"]) == hard
+    by = {(r["curriculum"], r["subset"]): r for r in rows}
+    assert by[("none", "hard")]["n_seeds"] == 2 and by[("x", "hard")]["n_seeds"] == 3
+
+
+def test_hardness_sources(tmp_path):
+    from clips_jax import trainer
+    from clips_jax.data.store import CaseStore
+    from clips_jax.experiments import hardness as hl
+
+    cfg = _tiny(tmp_path / "cache")
+    store = trainer.ensure_store(cfg, lambda _: None)
+    raw = trainer.phantom_dirs(cfg)[0]
+    test_idx = store.split_indices("test")
+    h = hl.resolve("auto", store, tmp_path / "w1", phantom_raw=raw)
+    assert h.spec == f"phantom:{raw.absolute()}"
+    for i in test_idx:
+        truth = json.loads((raw / store.ids[int(i)] / "truth.json").read_text())
+        want = truth["difficulty"] if store.has_lesion[int(i)] else float("nan")
+        np.testing.assert_equal(h.values[store.ids[int(i)]], want)
+    assert hl.resolve("phantom", store, tmp_path / "w1", phantom_raw=raw).values == h.values  # reused
+    with pytest.raises(ConfigError, match="fixed by"):
+        hl.resolve("manifest:tmtv_ml", store, tmp_path / "w1")
+    m = hl.resolve("manifest:tmtv_ml", CaseStore(store.cache_dir), tmp_path / "w2")
+    lesion = [store.ids[int(i)] for i in test_idx if store.has_lesion[int(i)]]
+    assert all(m.values[c] == -store.cases[store.ids.index(c)]["tmtv_ml"] for c in lesion)  # small TMTV = hard
+    assert hl.resolve("auto", store, tmp_path / "w3").values is None  # not phantoms: the baseline's run 0
+    (tmp_path / "h.csv").write_text("case,hardness\n" + "".join(f"{c},{k}\n" for k, c in enumerate(lesion)))
+    assert hl.resolve(f"csv:{tmp_path / 'h.csv'}", store, tmp_path / "w4").values[lesion[-1]] == len(lesion) - 1
+    for bad in ("nope", "run", "baseline:x"):
+        with pytest.raises(ConfigError):
+            hl.parse_spec(bad)
 
 
 def test_seed_means_and_mean_sd():
@@ -208,7 +279,11 @@ def test_end_to_end_interrupt_and_resume(tmp_path):
     tt_all = [r for r in rows if r["curriculum"] == "transfer_teacher" and r["subset"] == "all"][0]
     d = [float(a["dice"]) - float(b["dice"]) for a, b in zip(per_case["transfer_teacher"], per_case["none"])
          if float(b["tmtv_true_ml"]) > 0]
-    assert float(tt_all["dice_diff_vs_baseline"]) == pytest.approx(np.mean(d), abs=1e-6)
+    assert float(tt_all["dice_diff"]) == pytest.approx(np.mean(d), abs=1e-6)
+    assert tt_all["dice_p"] == "nan"  # one run per arm: no run variance, no test
+    # the hard cases were fixed before the runs, from the phantoms' latent difficulty
+    assert out["hardness"].startswith("phantom:") and (wd / "hardness.csv").is_file()
+    assert "latent difficulty" in (wd / "results.md").read_text()
     for f in ("results.md", "learning_curves.png", "boxplots.png"):
         assert (wd / f).stat().st_size > 0
     assert "transfer_teacher" in (wd / "results.md").read_text()
@@ -228,11 +303,11 @@ import json
 from absl import app
 from clips_jax.experiments import compare_curricula as cc
 
-def recorder(cfg, workdir, curricula, seeds, data, resume):
+def recorder(cfg, workdir, curricula, seeds, data, resume, controls, hardness):
     print("CALL " + json.dumps({"steps": cfg.steps, "eval_every": cfg.eval.every_steps,
         "ckpt_every": cfg.checkpoint.every_steps, "log_every": cfg.log_every, "eval_at_start": cfg.eval.at_start,
         "batch": cfg.data.batch_size, "quiet": cfg.quiet, "workdir": str(workdir), "curricula": list(curricula),
-        "seeds": seeds, "data": data, "resume": resume}))
+        "seeds": seeds, "data": data, "resume": resume, "controls": controls, "hardness": hardness}))
 
 cc.run_comparison = recorder
 cc._define_flags()
@@ -252,13 +327,14 @@ def test_command_line_reaches_run_comparison(tmp_path):
     wd = str(tmp_path / "exp")
     r, calls = _entry(["--curricula", "none,cbs", "--seeds", "2", "--workdir", wd, "--steps", "40",
                        "--config.data.batch_size=3", "--config.eval.every_steps=7", "--noresume",
-                       "--data", "some/store"])
+                       "--data", "some/store", "--controls", "--hardness", "manifest:tmtv_ml"])
     assert r.returncode == 0, r.stderr
     assert len(calls) == 1
     c = calls[0]
     assert (c["curricula"], c["seeds"], c["workdir"], c["data"], c["resume"]) == (["none", "cbs"], 2, wd,
                                                                                    "some/store", False)
     assert c["steps"] == 40 and c["quiet"] is True
+    assert c["controls"] is True and c["hardness"] == "manifest:tmtv_ml"
     assert c["batch"] == 3 and c["eval_every"] == 7                                # --config.KEY wins
     assert c["ckpt_every"] == math.ceil(40 / presets.EVALS_PER_RUN)                # experiment default
     assert c["log_every"] == presets.RUN_OVERRIDES["log_every"]
@@ -270,6 +346,7 @@ def test_command_line_reaches_run_comparison(tmp_path):
     assert r.returncode == 0, r.stderr
     c = calls[0]
     assert c["curricula"] == list(presets.DEFAULT_CURRICULA) and c["seeds"] == 3 and c["resume"] is True
+    assert c["controls"] is False and c["hardness"] == "auto"
     assert (c["steps"], c["eval_every"], c["ckpt_every"], c["log_every"], c["batch"]) == (
         base.steps, base.eval.every_steps, base.checkpoint.every_steps, base.log_every, base.data.batch_size)
 

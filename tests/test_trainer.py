@@ -142,6 +142,40 @@ def test_curriculum_runs_and_resumes_exactly(phantom_cache, tmp_path, curriculum
         assert train_rows[0]["sigma"] == pytest.approx(1.0)
     if curriculum == "exp3s":
         assert all("gain" in r for r in train_rows)
+    if curriculum in ("exp3s", "self_paced_hard"):  # they read the supervised loss of lesion-centred crops
+        assert all(len(r["case_supervised"]) == len(r["lesion_centred"]) == 2 for r in train_rows)
+
+
+def _restored_curriculum_state(run_dir):
+    import orbax.checkpoint as ocp
+
+    mgr = ocp.CheckpointManager((run_dir / "checkpoints" / "last").absolute())
+    return mgr.restore(mgr.latest_step(), args=ocp.args.Composite(curriculum=ocp.args.StandardRestore())).curriculum
+
+
+def test_exp3s_with_smoothing_learns_once_per_stage(phantom_cache, tmp_path):
+    # 7 steps in stages of 2: stages end at steps 2, 4 and 6 -> three bandit rounds, each with the stage's mean
+    # prediction gain (the composed curriculum keeps the bandit's needs: the old loop never measured the gain).
+    import ml_collections
+
+    over = {"curriculum.name": "exp3s", "curriculum.options": ml_collections.ConfigDict({"smoothing": True}), "steps": 7,
+            "eval.every_steps": 0, "eval.at_start": False, "checkpoint.every_steps": 7}
+    trainer.train_and_evaluate(tiny_config(phantom_cache, **over), tmp_path / "run")
+    state = _restored_curriculum_state(tmp_path / "run")
+    train_rows = trainer.read_metrics(tmp_path / "run", "train")
+    assert train_rows[0]["sigma"] > 0 and all("gain" in r for r in train_rows)
+    finite_gains = [r["gain"] for r in train_rows if r["gain"] is not None]
+    assert finite_gains, "no lesion-centred crop in 7 steps: the bandit got no reward"
+    assert int(state["t"]) <= 3 and int(state["count"]) == int(state["t"])
+    assert int(state["t"]) >= 1 and np.isfinite(np.asarray(state["reservoir"])[0])
+    # The 7th step is in an unfinished stage: its gain waits in the accumulator.
+    assert float(np.asarray(state["bucket_hits"]).sum()) > 0
+
+
+def test_loss_reading_curricula_need_lesion_centred_crops(phantom_cache, tmp_path):
+    cfg = tiny_config(phantom_cache, **{"curriculum.name": "self_paced_hard", "data.p_foreground": 0.0})
+    with pytest.raises(trainer.ConfigError, match="p_foreground"):
+        trainer.train_and_evaluate(cfg, tmp_path / "r")
 
 
 def _free_port():

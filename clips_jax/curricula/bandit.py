@@ -1,26 +1,37 @@
-"""RL teacher: the Exp3.S bandit of Graves et al. (2017) over difficulty buckets (reference A4).
+"""RL teacher: the Exp3.S bandit of Graves et al. (2017) over difficulty buckets.
+
+Graves, Bellemare, Menick, Munos & Kavukcuoglu, "Automated Curriculum Learning for Neural Networks", ICML
+2017 (arXiv:1704.03003), Algorithm 1: at each round the teacher draws one task (here: a difficulty bucket) from
+its policy pi, the learner trains on that task, the observed learning progress is rescaled to [-1, 1] and the
+task's weight gets the importance-weighted reward r / pi(task).
 
 How it fits: ``init`` splits the (positive) cases into K equal-count buckets by rank of a difficulty measure
-(quantile bins; K is reduced to the number of ranked cases when there are fewer). The state holds the
-bandit weights w (K,), the reservoir of raw rewards, and the action a (bucket) and policy pi under which
-the *next* batch is drawn. ``weights(state, step)`` returns either uniform sampling inside bucket a
-(``mode="bucket"``: Graves' one task per batch, default) or the mixture pi_b / |b| over all buckets
-(``mode="mixture"``). After the step the trainer reports the raw learning progress (e.g. prediction gain
-L(x; theta) - L(x; theta')) as ``Observation.reward``; ``update``
+(quantile bins; K is reduced to the number of ranked cases when there are fewer). A bandit *round* is one
+sampling stage of the training loop (`Curriculum.update_every == "stage"`):
+
+  * stage start: ``weights(state, step)`` samples uniformly inside the drawn bucket a (``mode="bucket"``:
+    Graves' one task per round, default) or the mixture pi_b / |b| over all buckets (``mode="mixture"``).
+    The action a and the policy pi it was drawn from stay frozen for the whole stage;
+  * every step: ``update`` only accumulates the step's learning progress (`Observation.reward`: the
+    prediction gain L(x; theta) - L(x; theta') of the supervised loss on the lesion-centred crops of the
+    batch) and the bucket mix of the batch;
+  * stage end: ``end_stage`` makes the one update of the round with the stage's *mean* prediction gain:
 
   1. inserts the raw reward into the reservoir (Algorithm R: slot j ~ U{0..n}, replaced if j < M),
   2. rescales it with the 20th/80th percentiles q_lo, q_hi of the reservoir:
      r = -1 if r_hat < q_lo, +1 if r_hat > q_hi, else 2 (r_hat - q_lo)/(q_hi - q_lo) - 1 (0 when q_hi = q_lo),
-  3. applies Exp3.S with alpha_t = 1/t in log-sum-exp form:
+  3. applies Exp3.S with alpha_t = 1/t in log-sum-exp form, with the frozen pi of the stage:
      r~_k = (r f_k + beta) / pi_k,  z_k = w_k + eta r~_k,
      w'_k = log[(1 - alpha) exp(z_k) + alpha/(K - 1) sum_{j != k} exp(z_j)],
      then subtracts max_k w'_k (pi is invariant to the shift; keeps w bounded in float32),
-  4. draws the next action from pi' = (1 - eps) softmax(w') + eps/K with a key carried in the state.
+  4. draws the next stage's action from pi' = (1 - eps) softmax(w') + eps/K with a key carried in the state.
 
-f_k is the fraction of the batch's (positive, in-range) cases that belong to bucket k: one-hot(a) in
+f_k is the fraction of the stage's (positive, in-range) cases that belong to bucket k: one-hot(a) in
 "bucket" mode, the observed mix in "mixture" mode (our generalisation; it equals Graves' estimator for
-single-bucket batches). A NaN reward leaves w, the reservoir and t unchanged (the action is still redrawn).
-Lesion-free cases are sampled at proportion q outside the bandit (A0 rule 3).
+single-bucket rounds). A stage without a finite reward leaves w, the reservoir and t unchanged (the action is
+still redrawn). Lesion-free cases are sampled at proportion q outside the bandit (as in
+`clips_jax.curricula.core.stratify`). All state, the stage accumulators included, is in the checkpointed
+pytree, so a run interrupted mid-stage resumes exactly.
 """
 
 from __future__ import annotations
@@ -139,11 +150,13 @@ def reservoir_insert(reservoir: Array, count: Array, value: Array, key: Array) -
 
 
 def exp3s_curriculum(cfg: Exp3SConfig, name: str = "exp3s") -> Curriculum:
-    """The Exp3.S teacher as a `Curriculum` (see the module docstring for the algorithm).
+    """The Exp3.S teacher as a stage-wise `Curriculum` (see the module docstring for the algorithm).
 
-    State: {"w": float32 (K,), "pi": float32 (K,), "action": int32, "reservoir": float32 (M,) NaN-padded,
-    "count": int32, "t": int32 (updates done), "key": uint32 (2,), "bucket": int32 (N,) (-1 = outside the
-    bandit), "bucket_size": float32 (K,), "is_negative": bool (N,), "neg_fraction": float32}.
+    State: {"w": float32 (K,), "pi": float32 (K,) policy of the current stage, "action": int32 bucket of the
+    current stage, "reservoir": float32 (M,) NaN-padded, "count": int32, "t": int32 (rounds learnt from),
+    "key": uint32 (2,), "gain_sum": float32, "gain_n": int32 (finite gains of the stage), "bucket_hits":
+    float32 (K,) (cases of the stage per bucket), "bucket": int32 (N,) (-1 = outside the bandit),
+    "bucket_size": float32 (K,), "is_negative": bool (N,), "neg_fraction": float32}.
     Raises ConfigError for invalid options.
     """
     cfg.validate()
@@ -164,7 +177,9 @@ def exp3s_curriculum(cfg: Exp3SConfig, name: str = "exp3s") -> Curriculum:
         key, sub = jax.random.split(jax.random.PRNGKey(cfg.seed))
         return {"w": w, "pi": pi, "action": np.asarray(draw(sub, jnp.asarray(pi))), "key": np.asarray(key),
                 "reservoir": np.full(int(cfg.reservoir_size), np.nan, np.float32), "count": np.int32(0),
-                "t": np.int32(0), "bucket": bucket, "bucket_size": size, "is_negative": neg, "neg_fraction": q}
+                "t": np.int32(0), "gain_sum": np.float32(0.0), "gain_n": np.int32(0),
+                "bucket_hits": np.zeros(k, np.float32), "bucket": bucket, "bucket_size": size,
+                "is_negative": neg, "neg_fraction": q}
 
     def weights(state: State, step: Array) -> jax.Array:
         del step
@@ -179,27 +194,36 @@ def exp3s_curriculum(cfg: Exp3SConfig, name: str = "exp3s") -> Curriculum:
         return stratify(w_pos, state["is_negative"], state["neg_fraction"])
 
     def update(state: State, obs: Observation) -> State:
+        """Accumulate one step of the stage: its finite gain and the bucket mix of its cases."""
         bucket = jnp.asarray(state["bucket"])
-        n = bucket.shape[0]
-        k = state["w"].shape[0]
-        key, k_res, k_act = jax.random.split(jnp.asarray(state["key"]), 3)
-        raw = jnp.asarray(obs.reward, jnp.float32)
-        ok = jnp.isfinite(raw)
-        # f_k: bucket mix of the observed batch (positive, in-range indices only).
+        n, k = bucket.shape[0], state["w"].shape[0]
         idx = jnp.asarray(obs.indices, jnp.int32).reshape(-1)
         b_obs = jnp.where((idx >= 0) & (idx < n), bucket[jnp.clip(idx, 0, n - 1)], -1)
-        counts = jnp.sum(b_obs[:, None] == jnp.arange(k)[None, :], axis=0).astype(jnp.float32)
-        attribution = counts / jnp.maximum(jnp.sum(counts), 1.0)
+        hits = jnp.sum(b_obs[:, None] == jnp.arange(k)[None, :], axis=0).astype(jnp.float32)
+        raw = jnp.asarray(obs.reward, jnp.float32)
+        ok = jnp.isfinite(raw)
+        return {**state, "gain_sum": state["gain_sum"] + jnp.where(ok, raw, 0.0),
+                "gain_n": state["gain_n"] + ok.astype(jnp.int32),
+                "bucket_hits": state["bucket_hits"] + hits}
 
+    def end_stage(state: State) -> State:
+        """The round's Exp3.S update with the stage's mean gain, then the next stage's action."""
+        key, k_res, k_act = jax.random.split(jnp.asarray(state["key"]), 3)
+        n_gain = jnp.asarray(state["gain_n"], jnp.int32)
+        raw = jnp.where(n_gain > 0, state["gain_sum"] / jnp.maximum(n_gain, 1).astype(jnp.float32), jnp.nan)
+        ok = jnp.isfinite(raw)
+        hits = jnp.asarray(state["bucket_hits"], jnp.float32)
+        attribution = hits / jnp.maximum(jnp.sum(hits), 1.0)
         reservoir, count = reservoir_insert(state["reservoir"], state["count"], raw, k_res)
         r = rescale_reward(raw, reservoir, cfg.q_lo, cfg.q_hi)
         t = jnp.asarray(state["t"], jnp.int32) + 1
         w_new = exp3s_weights_update(state["w"], state["pi"], attribution, r, t, cfg.eta, cfg.beta)
-        w_new = w_new - jnp.max(w_new)
-        w = jnp.where(ok, w_new, state["w"])
+        w = jnp.where(ok, w_new - jnp.max(w_new), state["w"])
         pi = exp3s_policy(w, cfg.eps)
         return {**state, "w": w, "pi": pi, "action": draw(k_act, pi), "key": key,
                 "reservoir": jnp.where(ok, reservoir, state["reservoir"]),
-                "count": jnp.where(ok, count, state["count"]), "t": jnp.where(ok, t, state["t"])}
+                "count": jnp.where(ok, count, state["count"]), "t": jnp.where(ok, t, state["t"]),
+                "gain_sum": jnp.float32(0.0), "gain_n": jnp.int32(0), "bucket_hits": jnp.zeros_like(hits)}
 
-    return Curriculum(name, cfg, init, weights, update, zero_sigma)
+    return Curriculum(name, cfg, init, weights, update, zero_sigma, end_stage=end_stage, needs_gain=True,
+                      update_every="stage")

@@ -1,16 +1,19 @@
-"""Shared types and helpers of every curriculum: case table, observation, the `Curriculum` interface.
+"""Shared types and helpers of every curriculum: case table, observation, the `Curriculum` protocol.
 
 How it fits: the case store (``clips_jax.data``) writes a manifest with per-case difficulty facts;
 `case_table_from_manifest` turns the rows of the training split into a `CaseTable` of NumPy arrays. A
 `Curriculum` (built by `clips_jax.curricula.get_curriculum`) turns that table into a state pytree once
-(``init``, NumPy, not traced), and the trainer then calls the pure, ``jax.jit``-compatible functions
+(``init``, NumPy, not traced), and the training loop then calls the pure, ``jax.jit``-compatible functions
 
-    w     = curriculum.weights(state, step)       # (N,) float32 sampling distribution over cases
-    state = curriculum.update(state, observation) # after each step (per-case losses, bandit reward)
-    sigma = curriculum.sigma(state, step)         # curriculum-by-smoothing sigma, float32 scalar
+    w     = curriculum.weights(state, step)       # at each stage start: (N,) float32 sampling distribution
+    sigma = curriculum.sigma(state, step)         # every step: curriculum-by-smoothing sigma, float32 scalar
+    state = curriculum.update(state, observation) # after every step (per-case losses, prediction gain)
+    state = curriculum.end_stage(state)           # when a sampling stage ends (stage-wise learners)
 
-A batch is then drawn with ``jax.random.choice(key, N, (B,), p=w)``. Steps are *global optimisation
-steps*; every curriculum that works in epochs converts with an explicit ``steps_per_epoch`` config value.
+A stage's batches are drawn from its ``w``. Steps are *global optimisation steps*; every curriculum that
+works in epochs converts with an explicit ``steps_per_epoch`` config value. The loop never tests config
+classes: a curriculum *declares* what it needs (`Curriculum.needs_losses`, `needs_gain`, `smooths`) and how
+often it learns (`update_every`), and the loop provides exactly that (docs/curricula.md, "The protocol").
 
 Difficulty convention: each manifest measure has a direction ("harder when larger/smaller", see
 `HARDER_WHEN`); `oriented_difficulty` flips signs so that larger always means harder. Lesion-free
@@ -107,15 +110,27 @@ def make_observation(indices: Array, losses: Array | None = None, reward: float 
 
 
 class Curriculum(NamedTuple):
-    """A curriculum: one (static) config and four functions.
+    """A curriculum: one (static) config, four pure functions, and what it asks of the training loop.
 
     Attributes:
       name: registry name (preset or family) it was built from.
       config: the frozen dataclass of static options (plain Python values; closed over by the functions).
       init: ``init(case_table) -> State`` (NumPy work, not traced; the config is bound at construction).
-      weights: ``weights(state, step) -> float32 (N,)``, >= 0, sums to 1; pure and jit-compatible.
-      update: ``update(state, observation) -> State``; pure and jit-compatible (identity for static ones).
+      weights: ``weights(state, step) -> float32 (N,)``, >= 0, sums to 1; pure and jit-compatible. The loop
+        calls it once at the start of every sampling stage (`config.curriculum.stage_steps` steps) and samples
+        the whole stage from it.
+      update: ``update(state, observation) -> State``; pure and jit-compatible; called after *every* step with
+        that step's `Observation` (identity for static curricula; an accumulator for stage-wise ones).
       sigma: ``sigma(state, step) -> float32 ()`` curriculum-by-smoothing sigma (0.0 = no smoothing).
+      end_stage: ``end_stage(state) -> State``; pure and jit-compatible; called once when a sampling stage
+        ends, before the next stage's ``weights`` (identity unless `update_every == "stage"`).
+      needs_losses: ``update`` reads `Observation.losses` (the per-case supervised loss of lesion-centred
+        crops): the loop must sample lesion-centred crops (``data.p_foreground > 0``).
+      needs_gain: ``update`` reads `Observation.reward`, the prediction gain of the step (the loop then runs
+        a second forward pass after the update; Graves et al. 2017, section 3.1).
+      smooths: ``sigma`` is not always 0: the model takes sigma as a traced argument.
+      update_every: "step" (the state learns from every observation) or "stage" (``update`` only accumulates,
+        ``end_stage`` learns once per sampling stage, e.g. one Exp3.S draw and update per stage).
     """
 
     name: str
@@ -124,6 +139,11 @@ class Curriculum(NamedTuple):
     weights: Callable[[State, Array], jax.Array]
     update: Callable[[State, Observation], State]
     sigma: Callable[[State, Array], jax.Array]
+    end_stage: Callable[[State], State] = lambda state: state  # noqa: E731 - identity
+    needs_losses: bool = False
+    needs_gain: bool = False
+    smooths: bool = False
+    update_every: str = "step"
 
 
 # ----------------------------------------------------------------------------------------------------

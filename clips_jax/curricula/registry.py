@@ -45,6 +45,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "self_paced_diversity": {"family": "self_paced", "regularizer": "hard", "diversity_gamma": 0.1},
     "exp3s": {"family": "exp3s"},
     "cbs": {"family": "uniform", "smoothing": True},
+    # A deliberately harmful curriculum (the positive control of a comparison): the easiest two thirds of the
+    # ordering (composite difficulty) for the whole run, i.e. the hardest third of the lesion cases is never
+    # sampled (single_step pacing whose step never comes).
+    "never_hardest_third": {"family": "predefined", "measure": "composite", "pacing": "single_step",
+                            "start_fraction": 2.0 / 3.0, "grow_epochs": 1e12},
 }
 
 #: Options handled by the smoothing wrapper rather than the family config (name -> SmoothingConfig field).

@@ -1,7 +1,13 @@
 """Self-paced learning (Kumar et al. 2010) with hard and soft regularisers, and self-paced with diversity.
 
 How it fits: the state holds a per-case loss table, filled by ``update`` from the per-case losses the
-trainer observes on each batch (`Observation.indices`, `Observation.losses`). ``weights`` computes the
+training loop observes on each batch (`Observation.indices`, `Observation.losses`): the *supervised* loss
+(Dice + CE of the full-resolution head, no Mumford-Shah term, whose size follows the CT content rather than
+the lesion) of *lesion-centred* crops only (a lesion-free crop is predicted well by predicting nothing and
+would look easy), kept per case as an exponential moving average over the crops seen (``loss_ema``), since
+one random crop is a noisy sample of a whole case. Lesion-free cases never get a loss: they are sampled at a
+fixed proportion outside the selection (``stratify_negatives``, `clips_jax.curricula.core.stratify`).
+``weights`` computes the
 closed-form optimal v*(l; lambda) of the chosen regulariser (reference A2) and uses it as the sampling
 distribution w_i = v*_i / sum_j v*_j (A0 rule 4: sampling, not loss re-weighting; `spl_weights` is public so
 a trainer could use v* as loss weights instead). The "age" lambda grows either geometrically,
@@ -122,8 +128,11 @@ class SelfPacedConfig(PacingConfig):
       gamma_growth: gamma(t) = gamma0 * gamma_growth^floor(e / every_epochs). Default 1.1.
       unseen_weight: weight v of cases whose loss was never observed (NaN). Default 1.0.
       k_min: fallback size (A0 rule 1), set >= batch size. Default 8.
-      stratify_negatives: sample lesion-free cases outside the self-paced selection. Default False (the loss
-        is defined for every case). neg_fraction: as in `PredefinedConfig`.
+      loss_ema: weight of the previous value in the per-case moving average of the observed losses,
+        l <- loss_ema * l + (1 - loss_ema) * observed (the first observation is taken as is), in [0, 1).
+        Default 0.5.
+      stratify_negatives: sample lesion-free cases outside the self-paced selection (they never get a loss:
+        only lesion-centred crops are observed). Default True. neg_fraction: as in `PredefinedConfig`.
     """
 
     pacing: str = "linear"
@@ -139,7 +148,8 @@ class SelfPacedConfig(PacingConfig):
     gamma_growth: float = 1.1
     unseen_weight: float = 1.0
     k_min: int = 8
-    stratify_negatives: bool = False
+    loss_ema: float = 0.5
+    stratify_negatives: bool = True
     neg_fraction: float | None = None
 
     def validate(self) -> None:
@@ -158,6 +168,7 @@ class SelfPacedConfig(PacingConfig):
         check(self.gamma_growth > 0, "gamma_growth must be > 0")
         check(self.unseen_weight >= 0, "unseen_weight must be >= 0")
         check(int(self.k_min) >= 1, "k_min must be >= 1")
+        check(0.0 <= self.loss_ema < 1.0, "loss_ema must be in [0, 1)")
         check(self.neg_fraction is None or 0.0 <= self.neg_fraction <= 1.0, "neg_fraction must be in [0, 1]")
 
 
@@ -186,10 +197,11 @@ def self_paced_lambda(state: State, step: Array, cfg: SelfPacedConfig) -> jax.Ar
 def self_paced_curriculum(cfg: SelfPacedConfig, name: str = "self_paced") -> Curriculum:
     """Self-paced learning as a `Curriculum`.
 
-    State: {"losses": float32 (N,) last observed loss (NaN = unseen), "groups": int32 (N,),
-    "is_negative": bool (N,), "neg_fraction": float32}. ``update`` writes the finite observed losses of
-    in-range indices into the table (duplicate indices in one batch: one of them wins). Raises ConfigError
-    for invalid options.
+    State: {"losses": float32 (N,) moving average of the observed losses (NaN = unseen), "groups": int32 (N,),
+    "is_negative": bool (N,), "neg_fraction": float32}. ``update`` folds the finite observed losses of
+    in-range indices into the moving average (duplicate indices in one batch: one of them wins). The
+    curriculum declares ``needs_losses`` (the loop must sample lesion-centred crops). Raises ConfigError for
+    invalid options.
     """
     cfg.validate()
 
@@ -222,7 +234,9 @@ def self_paced_curriculum(cfg: SelfPacedConfig, name: str = "self_paced") -> Cur
         idx = jnp.asarray(obs.indices, jnp.int32).reshape(-1)
         loss = jnp.asarray(obs.losses, jnp.float32).reshape(-1)
         ok = jnp.isfinite(loss) & (idx >= 0) & (idx < n)
-        table = jnp.asarray(state["losses"]).at[jnp.where(ok, idx, n)].set(loss, mode="drop")
+        old = jnp.asarray(state["losses"])[jnp.clip(idx, 0, n - 1)]
+        mixed = jnp.where(jnp.isfinite(old), cfg.loss_ema * old + (1.0 - cfg.loss_ema) * loss, loss)
+        table = jnp.asarray(state["losses"]).at[jnp.where(ok, idx, n)].set(mixed, mode="drop")
         return {**state, "losses": table}
 
-    return Curriculum(name, cfg, init, weights, update, zero_sigma)
+    return Curriculum(name, cfg, init, weights, update, zero_sigma, needs_losses=True)

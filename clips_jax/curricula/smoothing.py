@@ -85,8 +85,9 @@ def kernel_1d(sigma: Array, size: int = 3) -> jax.Array:
 def with_smoothing(curriculum: Curriculum, cfg: SmoothingConfig) -> Curriculum:
     """Return `curriculum` with its ``sigma`` replaced by the CBS schedule of `cfg` (other fields unchanged).
 
-    The returned Curriculum's config is the pair (data config, smoothing config); init/weights/update are
-    the original functions, so the data curriculum is unaffected. Raises ConfigError for invalid options.
+    The returned Curriculum's config is the pair (data config, smoothing config); init/weights/update/end_stage
+    and what the data curriculum declares it needs (losses, prediction gain, update cadence) are kept, so the
+    data curriculum is unaffected (an Exp3.S bandit with smoothing still gets its reward); `smooths` is True. Raises ConfigError for invalid options.
     """
     cfg.validate()
 
@@ -94,4 +95,4 @@ def with_smoothing(curriculum: Curriculum, cfg: SmoothingConfig) -> Curriculum:
         del state
         return cbs_sigma(step, cfg.sigma0, cfg.decay, cfg.every_epochs, cfg.steps_per_epoch)
 
-    return curriculum._replace(name=curriculum.name, config=(curriculum.config, cfg), sigma=sigma)
+    return curriculum._replace(name=curriculum.name, config=(curriculum.config, cfg), sigma=sigma, smooths=True)

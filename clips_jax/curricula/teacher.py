@@ -18,8 +18,10 @@ them like any predefined curriculum. This module fills that column once, before 
    unless the store is a native-grid store with stage-A maps (`python -m clips_jax.data.stage_a`): it refines
    a stage-A probability it is given as 6th channel, so without one there is nothing to score, and with one its
    loss measures how hard the case is *after* stage A, not for the student being trained;
-2. whole-volume tiled inference on the store grid (`clips_jax.inference.tiled_inference`, central blending, the
-   original TMTV-Net tiling) of every case of `--split` (default "train"): lesion probability p (z, y, x);
+2. whole-volume tiled inference on the store grid (`clips_jax.evaluation.predict_cases`, the evaluator shared
+   with validation and test: central blending, the original TMTV-Net tiles plus a last tile flush with the end
+   of each axis, coverage checked per case) of every case of `--split` (default "train"): lesion probability
+   p (z, y, x);
 3. the per-case loss against the stored label t (`case_loss`), higher = harder:
    * `soft_dice` (default): 1 - 2 sum(p t) / (sum(p) + sum(t)), in [0, 1]; continuous, so a teacher whose
      hard Dice is 0 on several cases still orders them;
@@ -62,19 +64,15 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from clips_jax.errors import ClipsError, ConfigError, DataError
+from clips_jax.metrics.case_losses import (CASE_LOSSES, CE_WEIGHT, PROB_CLIP, case_loss,  # noqa: F401 - re-exported
+                                           combined_case_loss, soft_dice_of_probs)
 
-LOSSES = ("soft_dice", "combined")
+LOSSES = CASE_LOSSES
 """Per-case teacher loss kinds (see the module docstring)."""
 
 LOSS_KEY = "teacher_loss"
 RECORD_KEY = "teacher"
 """Manifest keys: the per-case loss, and the provenance record (per case and top-level)."""
-
-PROB_CLIP = 1e-7
-"""Probability clip of the `combined` loss's cross-entropy (keeps it finite for p = 0 or 1)."""
-
-CE_WEIGHT = 2.0
-"""Weight of the cross-entropy in the `combined` loss (lambda of the TMTV-Net paper's Eq. 1)."""
 
 DEFAULT_TILE = (128, 96, 96)
 DEFAULT_STEP = (64, 48, 48)
@@ -82,66 +80,14 @@ DEFAULT_STEP = (64, 48, 48)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-case losses (pure NumPy / JAX, no I/O)
+# Per-case losses: `clips_jax.metrics.case_losses` (below the evaluation and the curricula), re-exported here
+# under the names this module has always had: soft_dice_loss = soft_dice_of_probs (probabilities, not the
+# logits-based training loss `clips_jax.losses.soft_dice_loss`), combined_teacher_loss = combined_case_loss,
+# case_loss, LOSSES, PROB_CLIP, CE_WEIGHT.
 # ---------------------------------------------------------------------------------------------------------
 
-def soft_dice_loss(prob: np.ndarray, truth: np.ndarray) -> float:
-    """1 - soft Dice = 1 - 2 sum(p t) / (sum(p) + sum(t)) of a probability map against a mask.
-
-    Args: prob: (z, y, x) lesion probability in [0, 1] (any float dtype; summed in float64); truth: same-shape
-      mask (> 0 is lesion).
-    Returns: float in [0, 1]; NaN when the mask is empty (a lesion-free case has no Dice; it is sampled outside
-      the ordering, reference A0 rule 3).
-    """
-    t = np.asarray(truth, dtype=np.float64) > 0
-    if not t.any():
-        return float("nan")
-    p = np.asarray(prob, dtype=np.float64)
-    return float(1.0 - 2.0 * (p * t).sum() / (p.sum() + t.sum()))
-
-
-def combined_teacher_loss(prob: np.ndarray, truth: np.ndarray) -> float:
-    """Supervised TMTV-Net loss of a whole volume: soft Dice (training form) + `CE_WEIGHT` * cross-entropy.
-
-    Dice: `clips_jax.losses.soft_dice_loss` (1 - (2 sum(p t) + 1e-3) / (sum(p) + sum(t) + 1e-5 + 1e-3)); CE: the
-    voxel mean of -log p(true class) with class probabilities (1 - p, p), p clipped to [PROB_CLIP, 1 - PROB_CLIP]
-    (`clips_jax.losses.cross_entropy` of the logits log(1 - p), log(p)).
-
-    Args: prob: (z, y, x) lesion probability in [0, 1]; truth: same-shape mask (> 0 is lesion).
-    Returns: float >= 0 (finite for any p in [0, 1]); NaN when the mask is empty (as `soft_dice_loss`).
-    """
-    import jax.numpy as jnp
-
-    from clips_jax import losses
-
-    t = np.asarray(truth) > 0
-    if not t.any():
-        return float("nan")
-    p = np.clip(np.asarray(prob, dtype=np.float32), PROB_CLIP, 1.0 - PROB_CLIP)
-    logits = jnp.asarray(np.log(np.stack([1.0 - p, p], axis=-1))[None])
-    labels = jnp.asarray(t.astype(np.int32)[None])
-    dice = float(losses.soft_dice_loss(logits, labels)[0])
-    ce = float(losses.cross_entropy(logits, labels)[0])
-    return dice + CE_WEIGHT * ce
-
-
-def case_loss(prob: np.ndarray, truth: np.ndarray | None, loss: str = "soft_dice") -> float:
-    """The teacher loss of one case (`loss` in `LOSSES`); NaN for an unlabeled (`truth` None) or lesion-free case.
-
-    Args: prob: (z, y, x) lesion probability; truth: same-shape mask or None.
-    Returns: float (higher = harder). Raises: ConfigError for an unknown `loss`; DataError when `prob` holds a
-      non-finite value (a broken teacher) or its shape differs from the mask's.
-    """
-    if loss not in LOSSES:
-        raise ConfigError(f"teacher loss {loss!r} unknown; use one of {LOSSES}")
-    if truth is None or not np.any(np.asarray(truth) > 0):
-        return float("nan")
-    p = np.asarray(prob)
-    if p.shape != np.shape(truth):
-        raise DataError(f"teacher probability shape {p.shape} differs from the label's {np.shape(truth)}")
-    if not np.all(np.isfinite(p)):
-        raise DataError(f"teacher output has {int((~np.isfinite(p)).sum())} non-finite voxels; check the weights")
-    return soft_dice_loss(p, truth) if loss == "soft_dice" else combined_teacher_loss(p, truth)
+soft_dice_loss = soft_dice_of_probs
+combined_teacher_loss = combined_case_loss
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,21 +162,6 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None)
 # Scoring
 # ---------------------------------------------------------------------------------------------------------
 
-def _predictor(model) -> tuple[Callable, Any, tuple[str, ...]]:
-    """(predictor, params, extra input channels) of an NNX module or a (predictor, params) pair."""
-    if isinstance(model, tuple) and len(model) == 2:
-        return model[0], model[1], ()
-    from flax import nnx
-
-    from clips_jax.inference import nnx_predictor
-    from clips_jax.model import Refiner
-
-    if not isinstance(model, nnx.Module):
-        raise ConfigError(f"teacher model {type(model).__name__}: pass an NNX module or a (predictor, params) pair")
-    pred, params = nnx_predictor(model)   # hashable: one compilation for all cases of a run
-    return pred, params, (("stage_a",) if isinstance(model, Refiner) else ())
-
-
 def score_cases(store, model, *, indices=None, tile_shape: Sequence[int] = DEFAULT_TILE,
                 step: Sequence[int] = DEFAULT_STEP, batch_size: int = 1, loss: str = "soft_dice",
                 dtype: str = "float32", extra_channels: Sequence[str] | None = None,
@@ -238,13 +169,18 @@ def score_cases(store, model, *, indices=None, tile_shape: Sequence[int] = DEFAU
                 log: Callable[[str], None] = print) -> dict[str, float]:
     """The teacher loss of store cases (steps 2-3 of the module docstring); writes nothing itself.
 
+    Each lesion case goes through `clips_jax.evaluation.predict_cases` (tiles reaching the end of every axis;
+    a tiling that leaves voxels without weight fails the case, see `clips_jax.evaluation.check_coverage`) and
+    `clips_jax.evaluation.teacher_row`.
+
     Args:
       store: a `CaseStore` (or its folder).
       model: the teacher: an NNX module (`x (N, D, H, W, C) -> logits (N, D, H, W, 2)`; a `Refiner` gets the
         stored stage-A map as 6th channel) or a `(predictor, params)` pair as for `tiled_inference`.
       indices: store indices to score (int sequence); None = the "train" split.
       tile_shape, step, batch_size, dtype: tiles (z, y, x voxels of the store grid; multiples of 16 for a
-        U-Net), tile step, tiles per model call, compute dtype ("float32"/"bfloat16"), as `tiled_inference`.
+        U-Net), tile step (at most tile - 2 per axis), tiles per model call, compute dtype
+        ("float32"/"bfloat16"), as `tiled_inference`.
       loss: "soft_dice" or "combined" (`case_loss`).
       extra_channels: input arrays after the 5 image channels; None = ("stage_a",) for a Refiner, else none.
       on_case: called as `on_case(case_id, loss)` after each scored case (e.g. to write the manifest); its
@@ -259,16 +195,15 @@ def score_cases(store, model, *, indices=None, tile_shape: Sequence[int] = DEFAU
       ConfigError for an unknown loss or, before any case is run, when a required extra channel (stage_a) is
       missing for a selected case.
     """
-    from clips_jax.data.pipeline import make_eval_cases
+    from clips_jax import evaluation
     from clips_jax.data.store import CaseStore
-    from clips_jax.inference import tiled_inference
 
     if loss not in LOSSES:
         raise ConfigError(f"teacher loss {loss!r} unknown; use one of {LOSSES}")
     store = store if isinstance(store, CaseStore) else CaseStore(store)
     idx = [int(i) for i in (store.split_indices("train") if indices is None else np.asarray(indices).reshape(-1))]
-    predictor, params, auto_extra = _predictor(model)
-    extra = tuple(auto_extra if extra_channels is None else extra_channels)
+    pair = evaluation.as_predictor(model)  # split once: one compilation for all cases of a run
+    extra = tuple(evaluation.model_channels(model) if extra_channels is None else extra_channels)
     has_seg, has_lesion = store.has_seg, store.has_lesion
     store.require_extra(extra, [i for i in idx if has_lesion[i]])  # only lesion cases go through the network
     scores: dict[str, float] = {}
@@ -282,10 +217,10 @@ def score_cases(store, model, *, indices=None, tile_shape: Sequence[int] = DEFAU
                 value = float("nan")
                 log(f"{prefix}: {'unlabeled' if not has_seg[i] else 'lesion-free'}, no teacher loss (NaN)")
             else:
-                case = next(make_eval_cases(store, np.array([i], np.int64), extra_channels=extra))
-                probs = tiled_inference(case["image"], predictor, params=params, tile_shape=tuple(tile_shape),
-                                        step=tuple(step), batch_size=int(batch_size), dtype=dtype)
-                value = case_loss(probs[..., 1], case["label"], loss)
+                case, prob = next(evaluation.predict_cases(pair, store, [i], tile_shape=tile_shape, step=step,
+                                                           batch_size=int(batch_size), dtype=dtype,
+                                                           extra_channels=extra))
+                value = evaluation.teacher_row(prob, case, loss=loss)[LOSS_KEY]
                 log(f"{prefix}: {loss} {value:.4f} ({time.time() - t0:.0f} s)")
         except Exception as e:  # noqa: BLE001 - a batch command reports the case and carries on
             msg = f"{type(e).__name__}: {e}".splitlines()[0]

@@ -33,7 +33,8 @@ Each element is a pure function of `(seed, stage, weights, g)`:
    a window edge.
 
 Batches: `{"image": (B, D, H, W, 5) float32, "label": (B, D, H, W) int32, "case_index": (B,) int32
-(index in the CaseStore), "labeled": (B,) bool}` where B is the per-process batch.
+(index in the CaseStore), "labeled": (B,) bool, "lesion_centred": (B,) bool (the crop was centred on a lesion
+voxel: the crops whose loss the self-paced and bandit curricula read)}` where B is the per-process batch.
 
 Extra input channels (the refiner): `extra_channels=("stage_a",)` reads the optional per-case array
 `cases/<id>/stage_a.npy` (the stage-A lesion probability on the stored grid, written by
@@ -310,10 +311,12 @@ class PatchSampler:
         arrays = self.store.case_arrays(case, extra=self.extra_channels)
         shape = arrays["ct"].shape
         start = None
+        centred = False
         if self.p_foreground > 0 and rng.random() < self.p_foreground:
             fg = self.store.foreground(case)
             if len(fg):
                 start = _start_on_voxel(fg[int(rng.integers(len(fg)))], shape, self.patch_shape)
+                centred = True
         elif self.p_hot_negative > 0 and rng.random() < self.p_hot_negative and self.labeled[case]:
             hot = self._hot_voxels(case, arrays)  # (unlabeled cases: their lesions would count as negatives)
             if len(hot):
@@ -329,7 +332,8 @@ class PatchSampler:
             suv = aug.augment_suv(suv, rng, self.p_intensity)
             ct, suv, seg, *extra = aug.random_flips([ct, suv, seg, *extra], rng, self.p_flip)
         return {"image": _stack_channels(ct, suv, extra), "label": seg.astype(np.int32),
-                "case_index": np.int32(case), "labeled": np.bool_(self.labeled[case])}
+                "case_index": np.int32(case), "labeled": np.bool_(self.labeled[case]),
+                "lesion_centred": np.bool_(centred)}
 
 
 #: Cases whose hard-negative voxel lists a sampler keeps (at 4 bytes per hot voxel).

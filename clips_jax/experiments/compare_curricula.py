@@ -1,18 +1,25 @@
-"""`python -m clips_jax.experiments.compare_curricula`: compare curricula in one command (issue 7).
+"""`python -m clips_jax.experiments.compare_curricula`: compare curricula in one command.
 
-For every experiment of `--curricula` (named settings of `presets.py`) and every seed 0..`--seeds`-1 it
+For every experiment of `--curricula` (named settings of `presets.py`; `--controls` adds a negative and a
+positive control) and every seed 0..`--seeds`-1 it
 
+0. fixes which test patients are "hard" before any run is compared (`hardness.py`, `--hardness`: on the
+   built-in phantoms their latent difficulty; on real data a reference model or a manifest measure), kept in
+   `WORKDIR/hardness.csv`;
 1. trains `trainer.train_and_evaluate(cfg, WORKDIR/runs/<curriculum>/seed<k>)` with the base config
    (`--config`) plus `seed=k`, the curriculum preset and its options, and `data.store` (`--data`, or the
    built-in phantoms). A run is *finished* when its `summary.json` exists with `steps` equal to the config's;
    finished runs are skipped, unfinished ones call the trainer again (it resumes from its last checkpoint);
 2. evaluates the run's best-validation checkpoint (the last one if it never validated) on the store's
-   held-out "test" split: tiled inference on the store grid and `clips_jax.metrics.case_metrics` per case,
-   written to `<run>/test_metrics.csv` (skipped when it exists);
+   held-out "test" split (`clips_jax.evaluation`: tiled inference on the store grid with the model's own input
+   channels, `clips_jax.metrics.case_metrics` per case), written to `<run>/test_metrics.csv` (skipped when it
+   exists);
 3. writes `WORKDIR/results.csv`, `WORKDIR/results.md`, `WORKDIR/learning_curves.png` and
-   `WORKDIR/boxplots.png`: per curriculum the mean +- s.d. over seeds of Dice, NSD, |TMTV error|, lesion
-   sensitivity and FP volume, on all test cases and on the hard ones (bottom tertile of the same seed's
-   baseline Dice), and a paired per-case Wilcoxon signed-rank test against the baseline.
+   `WORKDIR/boxplots.png` (`results.py`): per curriculum the mean +- s.d. over seeds of Dice, NSD, |TMTV error|,
+   lesion sensitivity and FP volume on all test cases and on the hard third, and, against the baseline, the
+   difference in Dice and in |TMTV error| with its 95 % interval, p-value and Holm-adjusted p-value from a
+   mixed model whose unit is the patient and which accounts for run-to-run variance (`statistics.py`,
+   docs/statistics.md); the minimal detectable effect; and whether the controls behaved as expected.
 
 The transfer-teacher (bootstrapping) curriculum ranks the training cases by the soft-Dice loss of the first
 seed's baseline model (`none`, trained first, without curriculum): those scores are added as `teacher_loss`
@@ -23,8 +30,6 @@ All outputs are written atomically. The library entry point is `run_comparison`;
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -37,214 +42,11 @@ import numpy as np
 
 from clips_jax.curricula.teacher import soft_dice_loss  # noqa: F401 - one implementation, re-exported
 from clips_jax.errors import ClipsError, ConfigError, DataError
+from clips_jax.experiments import hardness as hardness_lib
 from clips_jax.experiments import presets
+from clips_jax.experiments.results import (RESULT_COLUMNS, SUMMARY_METRICS, case_summary_values,  # noqa: F401
+                                           mean_sd, results_markdown, seed_means, summarise, write_results_csv)
 from clips_jax.fileio import write_text_atomic
-
-#: Per-seed summary metrics of results.csv: (column stem, title).
-SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
-    ("dice", "Dice"), ("nsd", "NSD (5 mm)"), ("tmtv_abs_err_ml", "abs. TMTV error (ml)"),
-    ("lesion_sensitivity", "lesion sensitivity"), ("fpv_ml", "FP volume (ml)"))
-
-#: Columns of results.csv, in order.
-RESULT_COLUMNS: tuple[str, ...] = (
-    "curriculum", "preset", "subset", "n_seeds", "n_cases",
-    *[f"{m}_{s}" for m, _ in SUMMARY_METRICS for s in ("mean", "sd")],
-    "dice_diff_vs_baseline", "wilcoxon_n", "wilcoxon_p")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Statistics (pure)
-# ---------------------------------------------------------------------------------------------------------
-
-def _nanmean(values) -> float:
-    a = np.asarray(list(values), dtype=np.float64)
-    a = a[np.isfinite(a)]
-    return float(a.mean()) if a.size else float("nan")
-
-
-def case_summary_values(row: Mapping[str, float]) -> dict[str, float]:
-    """The five summary metrics of one `case_metrics` row (floats; NaN where undefined).
-
-    dice, nsd: as in the row (NaN for a lesion-free case); tmtv_abs_err_ml = |tmtv_pred_ml - tmtv_true_ml|;
-    lesion_sensitivity = a1_tp / (a1_tp + a1_fn) (any-overlap matching; NaN without true lesions);
-    fpv_ml: autoPET false-positive component volume (defined for every case).
-    """
-    tp, fn = float(row["a1_tp"]), float(row["a1_fn"])
-    return {"dice": float(row["dice"]), "nsd": float(row["nsd"]),
-            "tmtv_abs_err_ml": abs(float(row["tmtv_pred_ml"]) - float(row["tmtv_true_ml"])),
-            "lesion_sensitivity": tp / (tp + fn) if tp + fn > 0 else float("nan"),
-            "fpv_ml": float(row["fpv_ml"])}
-
-
-def seed_means(rows: Sequence[Mapping[str, float]], cases: set[str] | None = None) -> dict[str, float]:
-    """Mean of each summary metric over the rows (optionally only the rows whose "case" is in `cases`),
-    ignoring undefined (NaN) values. Returns {metric: mean} plus "n_cases"."""
-    sel = [r for r in rows if cases is None or r["case"] in cases]
-    vals = [case_summary_values(r) for r in sel]
-    out = {m: _nanmean(v[m] for v in vals) for m, _ in SUMMARY_METRICS}
-    out["n_cases"] = len(sel)
-    return out
-
-
-def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample s.d. (ddof 1) of the finite values; s.d. NaN with fewer than two values."""
-    a = np.asarray(values, dtype=np.float64)
-    a = a[np.isfinite(a)]
-    if a.size == 0:
-        return float("nan"), float("nan")
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else float("nan")
-
-
-def hard_cases(baseline_rows: Sequence[Mapping[str, float]]) -> set[str]:
-    """The bottom tertile of the baseline's Dice: the ceil(n/3) lesion cases with the lowest Dice.
-
-    Args: baseline_rows: one seed's `case_metrics` rows with "case" (lesion-free cases, Dice NaN, are ignored).
-    Returns: the case ids (empty when no lesion case). Ties at the cut are broken by case id (deterministic).
-    """
-    scored = sorted(((float(r["dice"]), str(r["case"])) for r in baseline_rows if math.isfinite(float(r["dice"]))))
-    return {c for _, c in scored[: math.ceil(len(scored) / 3)]}
-
-
-def paired_wilcoxon(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
-    """Paired two-sided Wilcoxon signed-rank test of a against b (scipy.stats.wilcoxon).
-
-    Args: a, b: paired values (same length); pairs with a NaN are dropped.
-    Returns: {"n": pairs used, "mean_diff": mean(a - b), "p": p-value, "note": ""}. Edge cases: n < 2 gives
-      p NaN ("fewer than 2 pairs"); all differences zero gives p = 1.0 ("all differences zero": the two are
-      identical on these cases, the test statistic is undefined).
-    """
-    from scipy.stats import wilcoxon
-
-    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if x.shape != y.shape:
-        raise ValueError(f"paired_wilcoxon: {x.shape} and {y.shape} differ")
-    ok = np.isfinite(x) & np.isfinite(y)
-    d = x[ok] - y[ok]
-    out = {"n": int(d.size), "mean_diff": float(d.mean()) if d.size else float("nan"), "p": float("nan"),
-           "note": ""}
-    if d.size < 2:
-        out["note"] = "fewer than 2 pairs"
-    elif not np.any(d != 0):
-        out["p"], out["note"] = 1.0, "all differences zero"
-    else:
-        out["p"] = float(wilcoxon(x[ok], y[ok], zero_method="wilcox").pvalue)
-    return out
-
-
-def compare(per_run_rows: Mapping[str, Mapping[int, Sequence[Mapping[str, float]]]],
-            presets_used: Mapping[str, str], baseline: str = presets.BASELINE) -> tuple[list[dict], list[str]]:
-    """The rows of results.csv from the per-run test metrics.
-
-    Args:
-      per_run_rows: curriculum -> seed -> `case_metrics` rows (with "case") of that run on the test split.
-      presets_used: curriculum -> curriculum preset name (for the table).
-      baseline: the curriculum the others are compared with and whose Dice defines the hard cases.
-    Returns:
-      (rows, notes). One row per (curriculum, subset) with RESULT_COLUMNS; subset "all" (every test case) and
-      "hard" (per seed k: the bottom Dice tertile of baseline seed k; only seeds the baseline has). Means and
-      s.d. are over the seeds' means. Paired test: "all" pairs each lesion case's Dice averaged over the seeds
-      both curricula have; "hard" pools the (seed, hard case) pairs. The baseline's own rows have no test.
-      notes: human-readable remarks (missing baseline, degenerate tests).
-    """
-    notes: list[str] = []
-    base = per_run_rows.get(baseline, {})
-    hard = {k: hard_cases(rows) for k, rows in base.items()}
-    if not base:
-        notes.append(f"no finished baseline ({baseline!r}) run: hard cases and paired tests are not computed")
-    out = []
-    for name, seeds in per_run_rows.items():
-        for subset in ("all", "hard"):
-            if subset == "hard" and not base:
-                continue
-            ks = sorted(seeds) if subset == "all" else sorted(k for k in seeds if k in hard)
-            means = [seed_means(seeds[k], None if subset == "all" else hard[k]) for k in ks]
-            row: dict[str, Any] = {"curriculum": name, "preset": presets_used.get(name, name), "subset": subset,
-                                   "n_seeds": len(ks), "n_cases": means[0]["n_cases"] if means else 0}
-            for m, _ in SUMMARY_METRICS:
-                row[f"{m}_mean"], row[f"{m}_sd"] = mean_sd([s[m] for s in means])
-            row.update({"dice_diff_vs_baseline": float("nan"), "wilcoxon_n": 0, "wilcoxon_p": float("nan")})
-            if base and name != baseline:
-                common = [k for k in ks if k in base]
-                if subset == "all":
-                    cases = sorted({r["case"] for k in common for r in seeds[k]})
-                    a = [_nanmean(_dice_of(seeds[k], c) for k in common) for c in cases]
-                    b = [_nanmean(_dice_of(base[k], c) for k in common) for c in cases]
-                else:
-                    pairs = [(k, c) for k in common for c in sorted(hard[k])]
-                    a = [_dice_of(seeds[k], c) for k, c in pairs]
-                    b = [_dice_of(base[k], c) for k, c in pairs]
-                w = paired_wilcoxon(a, b)
-                row.update({"dice_diff_vs_baseline": w["mean_diff"], "wilcoxon_n": w["n"], "wilcoxon_p": w["p"]})
-                if w["note"]:
-                    notes.append(f"{name} ({subset}): Wilcoxon test {w['note']}")
-            out.append(row)
-    return out, notes
-
-
-def _dice_of(rows: Sequence[Mapping[str, float]], case: str) -> float:
-    for r in rows:
-        if r["case"] == case:
-            return float(r["dice"])
-    return float("nan")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Writers
-# ---------------------------------------------------------------------------------------------------------
-
-def _num(v) -> str:
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, str):
-        return v
-    v = float(v)
-    return "nan" if math.isnan(v) else f"{v:.6g}"
-
-
-def write_results_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write the comparison rows with exactly RESULT_COLUMNS (NaN as "nan"), atomically."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(RESULT_COLUMNS)
-    for r in rows:
-        w.writerow([_num(r[c]) for c in RESULT_COLUMNS])
-    write_text_atomic(path, buf.getvalue())
-    return Path(path)
-
-
-def _pm(mean: float, sd: float, digits: int = 3) -> str:
-    if math.isnan(mean):
-        return "—"
-    return f"{mean:.{digits}f}" + ("" if math.isnan(sd) else f" ± {sd:.{digits}f}")
-
-
-def results_markdown(rows: Sequence[Mapping[str, Any]], notes: Sequence[str], header: Sequence[str]) -> str:
-    """Render the comparison rows as Markdown (one table per subset) with a header and notes."""
-    out = ["# Curriculum comparison", "", *header, ""]
-    titles = {"all": "All test cases", "hard": "Hard test cases (bottom tertile of the same seed's baseline Dice)"}
-    for subset in ("all", "hard"):
-        sel = [r for r in rows if r["subset"] == subset]
-        if not sel:
-            continue
-        out += [f"## {titles[subset]}", "",
-                "| curriculum | seeds | cases | " + " | ".join(t for _, t in SUMMARY_METRICS)
-                + " | ΔDice vs baseline | Wilcoxon p (n) |",
-                "|---|---|---|" + "---|" * (len(SUMMARY_METRICS) + 2)]
-        for r in sel:
-            digits = {"tmtv_abs_err_ml": 1, "fpv_ml": 1}
-            cells = [_pm(r[f"{m}_mean"], r[f"{m}_sd"], digits.get(m, 3)) for m, _ in SUMMARY_METRICS]
-            diff = "—" if math.isnan(r["dice_diff_vs_baseline"]) else f"{r['dice_diff_vs_baseline']:+.3f}"
-            p = "—" if math.isnan(r["wilcoxon_p"]) else f"{r['wilcoxon_p']:.3g} ({r['wilcoxon_n']})"
-            out.append(f"| {r['curriculum']} | {r['n_seeds']} | {r['n_cases']} | " + " | ".join(cells)
-                       + f" | {diff} | {p} |")
-        out.append("")
-    out += ["Mean ± s.d. over seeds of the per-seed means over test cases (Dice, NSD and lesion sensitivity over "
-            "lesion cases only; absolute TMTV error and FP volume over all cases). ΔDice: mean paired per-case "
-            "difference to the baseline; Wilcoxon signed-rank test, two-sided (all: per-case Dice averaged over "
-            "seeds; hard: pooled (seed, case) pairs).", ""]
-    if notes:
-        out += ["## Notes", "", *[f"- {n}" for n in notes], ""]
-    return "\n".join(out)
 
 
 def learning_curves_png(curves: Mapping[str, Sequence[Sequence[Mapping]]], path: str | os.PathLike) -> Path:
@@ -292,15 +94,17 @@ def learning_curves_png(curves: Mapping[str, Sequence[Sequence[Mapping]]], path:
 # ---------------------------------------------------------------------------------------------------------
 
 def run_config(base, name: str, seed: int, store_dir: str | os.PathLike):
-    """The training config of one (experiment, seed): a copy of `base` with `seed`, the curriculum preset,
-    its options (`presets.curriculum_options`) and `data.store = store_dir`. `base` is not modified."""
+    """The training config of one (experiment, seed): a copy of `base` with `seed` (+ the experiment's
+    `seed_offset`), the curriculum preset, its options (`presets.curriculum_options`) and `data.store =
+    store_dir`. `base` is not modified."""
     import ml_collections
 
     exp = presets.get_experiment(name)
     cfg = ml_collections.ConfigDict(base.to_dict())  # a deep, unlocked copy
-    cfg.seed = int(seed)
+    cfg.seed = int(seed) + exp.seed_offset
     cfg.curriculum.name = exp.preset
-    opts = presets.curriculum_options(name, int(cfg.steps), int(cfg.curriculum.steps_per_epoch), int(seed))
+    opts = presets.curriculum_options(name, int(cfg.steps), int(cfg.curriculum.steps_per_epoch), int(seed),
+                                      stage_steps=int(cfg.curriculum.stage_steps))
     cfg.curriculum.options = ml_collections.ConfigDict(opts)
     cfg.data.store = str(store_dir)
     return cfg
@@ -326,32 +130,32 @@ def load_trained_model(cfg, run_dir: str | os.PathLike):
 
 def predict_cases(model, store, indices, cfg):
     """Yield (case dict of `make_eval_cases`, lesion probability (z, y, x) float32) for store cases, by the
-    same tiled inference as the trainer's validation (`cfg.eval` tiles)."""
-    from clips_jax.data.pipeline import make_eval_cases
-    from clips_jax.inference import nnx_predictor, tiled_inference
+    same tiled inference as the trainer's validation: `clips_jax.evaluation.predict_cases` with the `cfg.eval`
+    tiles (reaching the end of every axis) and the model's own extra input channels (the refiner's stage-A
+    probability)."""
+    from clips_jax import evaluation
 
     e = cfg.eval
-    predictor, params = nnx_predictor(model)
-    for case in make_eval_cases(store, np.asarray(indices, dtype=np.int64)):
-        probs = tiled_inference(case["image"], predictor, params=params, tile_shape=tuple(e.tile_shape),
-                                step=tuple(e.tile_step), batch_size=int(e.batch_size))
-        yield case, np.asarray(probs[..., 1], np.float32)
+    yield from evaluation.predict_cases(model, store, indices, tile_shape=tuple(e.tile_shape),
+                                        step=tuple(e.tile_step), batch_size=int(e.batch_size))
 
 
 def evaluate_test(cfg, run_dir: str | os.PathLike, store) -> list[dict]:
     """`case_metrics` rows (with "case") of a run's trained model on the store's "test" split, also written to
-    `run_dir/test_metrics.csv`; read back instead when that file exists. Masks: lesion probability > 0.5
-    (= argmax of two classes), on the store grid (its spacing)."""
-    from clips_jax.metrics import case_metrics, read_metrics_csv, write_metrics_csv
+    `run_dir/test_metrics.csv`; read back instead when that file exists. `clips_jax.evaluation.evaluate_cases`
+    with the `cfg.eval` tiles and `clips_jax.evaluation.test_row`: mask = lesion probability > 0.5 (= argmax
+    of two classes), on the store grid (its spacing)."""
+    from clips_jax import evaluation
+    from clips_jax.metrics import read_metrics_csv, write_metrics_csv
 
     path = Path(run_dir) / "test_metrics.csv"
     if path.is_file():
         return read_metrics_csv(path)
     model = load_trained_model(cfg, run_dir)
-    rows = []
-    for case, prob in predict_cases(model, store, store.split_indices("test"), cfg):
-        row = case_metrics(prob > 0.5, case["label"] > 0, case["geometry"].spacing_mm, case["suv"])
-        rows.append({"case": case["id"], **row})
+    e = cfg.eval
+    rows = evaluation.evaluate_cases(model, store, store.split_indices("test"), tile_shape=tuple(e.tile_shape),
+                                     step=tuple(e.tile_step), batch_size=int(e.batch_size),
+                                     row_fn=evaluation.test_row)
     write_metrics_csv(path, rows)
     return rows
 
@@ -393,8 +197,8 @@ def make_teacher_store(store, teacher_cfg, teacher_run: str | os.PathLike, out_d
             tmp.unlink()
         tmp.symlink_to((store.cache_dir / "cases").absolute(), target_is_directory=True)
         os.replace(tmp, link)
-    write_text_atomic(out_dir / "teacher_scores.csv",
-                      "case,teacher_loss\n" + "".join(f"{k},{_num(v)}\n" for k, v in scores.items()))
+    write_text_atomic(out_dir / "teacher_scores.csv", "case,teacher_loss\n" + "".join(
+        f"{k},{'nan' if not math.isfinite(v) else f'{v:.6g}'}\n" for k, v in scores.items()))
     extra = {k: v for k, v in store.manifest.items() if k not in ("version", "cases")}
     extra[teacher.RECORD_KEY] = record
     write_manifest(out_dir, cases, extra)
@@ -426,52 +230,28 @@ def settings_conflicts(old: Mapping, new: Mapping, prefix: str = "") -> list[str
     return out
 
 
-def run_comparison(base_config, workdir: str | os.PathLike, curricula: Sequence[str] = presets.DEFAULT_CURRICULA,
-                   seeds: int = 3, data: str = "", resume: bool = True,
-                   log: Callable[[str], None] = print) -> dict:
-    """Train, evaluate and compare; the whole of `python -m clips_jax.experiments.compare_curricula`.
-
-    Args:
-      base_config: the training ConfigDict (steps, sizes, ...); not modified.
-      workdir: output folder (runs/, results.*, plots, experiment.json).
-      curricula: experiment names of `presets.EXPERIMENTS`; the baseline is run first when listed.
-      seeds: number of seeds (0..seeds-1, >= 1).
-      data: a case-store folder; "" = the built-in phantoms of `base_config.data.phantoms`.
-      resume: True continues an existing workdir (finished runs skipped, others resumed); False refuses a
-        workdir that already holds an experiment (nothing is deleted).
-      log: progress printer.
-    Returns: {"rows": results rows, "notes": [...], "runs": {curriculum: {seed: "trained"|"skipped"}},
-      "wall_s": seconds}.
-    Raises: ConfigError for bad arguments, a refused or inconsistent workdir, or a store without test cases.
-    """
-    from clips_jax import trainer
-    from clips_jax.data.store import CaseStore
-
-    t0 = time.time()
+def experiment_names(curricula: Sequence[str], controls: bool = False) -> list[str]:
+    """The experiments to run, in order: the baseline first (the transfer teacher and every test need it), the
+    others as given, then the controls when `controls` (once each). ConfigError for unknown or no names."""
     names = list(dict.fromkeys(curricula))
-    for n in names:
-        presets.get_experiment(n)
     if not names:
         raise ConfigError("--curricula is empty: name at least one experiment")
-    if int(seeds) < 1:
-        raise ConfigError(f"--seeds={seeds}: need at least one seed")
+    for n in names:
+        presets.get_experiment(n)
+    if controls:
+        names += [c for c in presets.CONTROLS if c not in names]
+        if presets.BASELINE not in names:
+            names.insert(0, presets.BASELINE)  # controls are judged against the baseline
     if presets.BASELINE in names:
         names.remove(presets.BASELINE)
         names.insert(0, presets.BASELINE)
-    workdir = Path(workdir)
-    exp_file = workdir / "experiment.json"
-    if exp_file.exists() and not resume:
-        raise ConfigError(f"{workdir} already holds an experiment and --noresume was given; choose a new --workdir "
-                          "(or drop --noresume to continue it)")
-    workdir.mkdir(parents=True, exist_ok=True)
+    return names
 
-    base = base_config
-    if data:
-        store = CaseStore(data)
-    else:
-        store = trainer.ensure_store(base, log)
-    if len(store.split_indices("test")) == 0:
-        raise ConfigError(f"case store {store.cache_dir}: no 'test' cases; prepare it with a test split")
+
+def open_experiment(base, workdir: Path, store, names: Sequence[str], seeds: int, hardness: str) -> None:
+    """Create or re-open `workdir/experiment.json`, refusing one made with other settings or data (results of
+    different settings must not be mixed)."""
+    exp_file = workdir / "experiment.json"
     key = _settings_key(base)
     if exp_file.exists():
         old = json.loads(exp_file.read_text())
@@ -481,69 +261,134 @@ def run_comparison(base_config, workdir: str | os.PathLike, curricula: Sequence[
             raise ConfigError(f"{exp_file}: this workdir was made with other settings ({what}); use a new "
                               "--workdir (results of different settings must not be mixed)")
     write_text_atomic(exp_file, json.dumps({"settings_key": key, "store": str(store.cache_dir.absolute()),
-                                            "curricula": names, "seeds": int(seeds),
+                                            "curricula": list(names), "seeds": int(seeds), "hardness": hardness,
                                             "base_config": json.loads(base.to_json_best_effort())}, indent=1))
 
-    seed_list = list(range(int(seeds)))
-    runs: dict[str, dict[int, str]] = {}
-    per_run_rows: dict[str, dict[int, list[dict]]] = {}
-    curves: dict[str, list[list[dict]]] = {}
-    used: dict[str, str] = {}
 
-    def train_one(name: str, seed: int, store_dir) -> tuple[Any, Path, str]:
-        cfg = run_config(base, name, seed, store_dir)
-        run_dir = workdir / "runs" / name / f"seed{seed}"
+class _Runner:
+    """Trains and evaluates the runs of one comparison (seed-major), remembering what it did."""
+
+    def __init__(self, base, workdir: Path, store, log: Callable[[str], None]):
+        self.base, self.workdir, self.store, self.log = base, workdir, store, log
+        self.status: dict[str, dict[int, str]] = {}
+        self.rows: dict[str, dict[int, list[dict]]] = {}
+        self.curves: dict[str, list[list[dict]]] = {}
+        self.teacher_store = None
+
+    def train(self, name: str, seed: int, store_dir) -> tuple[Any, Path, str]:
+        """Train (or skip, when finished) one run; returns (config, run folder, "trained"|"skipped")."""
+        from clips_jax import trainer
+
+        cfg = run_config(self.base, name, seed, store_dir)
+        run_dir = self.workdir / "runs" / name / f"seed{seed}"
         if run_finished(run_dir, cfg.steps):
-            log(f"[{name} seed {seed}] finished earlier: skipped")
+            self.log(f"[{name} seed {seed}] finished earlier: skipped")
             return cfg, run_dir, "skipped"
-        log(f"[{name} seed {seed}] training ({cfg.steps} steps, curriculum {cfg.curriculum.name}) in {run_dir}")
+        self.log(f"[{name} seed {seed}] training ({cfg.steps} steps, curriculum {cfg.curriculum.name}, seed "
+                 f"{cfg.seed}) in {run_dir}")
         t = time.time()
         trainer.train_and_evaluate(cfg, run_dir)
-        log(f"[{name} seed {seed}] trained in {time.time() - t:.0f} s")
+        self.log(f"[{name} seed {seed}] trained in {time.time() - t:.0f} s")
         return cfg, run_dir, "trained"
 
-    teacher_store = None
-    for name in names:
-        used[name] = presets.get_experiment(name).preset
-        runs[name], per_run_rows[name], curves[name] = {}, {}, []
-    # Seed-major order: an interrupted comparison has every curriculum of the first seeds.
-    for seed in seed_list:
-        for name in names:
-            store_dir = store.cache_dir.absolute()
-            if presets.get_experiment(name).needs_teacher:
-                if teacher_store is None:
-                    # Bootstrapping (A3/A6): the teacher is the first seed's baseline model (trained first if
-                    # needed).
-                    tcfg, trun, _ = train_one(presets.BASELINE, seed_list[0], store.cache_dir.absolute())
-                    teacher_store = make_teacher_store(store, tcfg, trun, workdir / "teacher_store", log)
-                store_dir = teacher_store.cache_dir.absolute()
-            cfg, run_dir, status = train_one(name, seed, store_dir)
-            runs[name][seed] = status
-            rows = evaluate_test(cfg, run_dir, store)
-            per_run_rows[name][seed] = rows
-            curves[name].append(trainer.read_metrics(run_dir))
-            log(f"[{name} seed {seed}] test Dice {seed_means(rows)['dice']:.4f} over {len(rows)} cases")
+    def store_for(self, name: str, first_seed: int):
+        """The store a run trains on: the teacher-scored copy for the transfer teacher (made once, from the
+        first seed's baseline model, trained first if needed), else the comparison's store."""
+        if not presets.get_experiment(name).needs_teacher:
+            return self.store.cache_dir.absolute()
+        if self.teacher_store is None:
+            tcfg, trun, _ = self.train(presets.BASELINE, first_seed, self.store.cache_dir.absolute())
+            self.teacher_store = make_teacher_store(self.store, tcfg, trun, self.workdir / "teacher_store", self.log)
+        return self.teacher_store.cache_dir.absolute()
 
-    rows, notes = compare(per_run_rows, used)
-    write_results_csv(workdir / "results.csv", rows)
+    def run(self, name: str, seed: int, first_seed: int) -> None:
+        """Train one run, evaluate it on the test split and keep its rows and learning curves."""
+        from clips_jax import trainer
+
+        cfg, run_dir, status = self.train(name, seed, self.store_for(name, first_seed))
+        rows = evaluate_test(cfg, run_dir, self.store)
+        self.status.setdefault(name, {})[seed] = status
+        self.rows.setdefault(name, {})[seed] = rows
+        self.curves.setdefault(name, []).append(trainer.read_metrics(run_dir))
+        self.log(f"[{name} seed {seed}] test Dice {seed_means(rows)['dice']:.4f} over {len(rows)} cases")
+
+
+def write_report(runner: _Runner, names: Sequence[str], seeds: int, hard: "hardness_lib.Hardness",
+                 wall: float) -> tuple[list[dict], list[str]]:
+    """Compute the comparison (`results.summarise`) and write results.csv/md and the two figures."""
     from clips_jax.metrics import plots
 
-    plots.boxplots({n: [r for k in sorted(v) for r in v[k]] for n, v in per_run_rows.items()},
-                   workdir / "boxplots.png")
-    learning_curves_png(curves, workdir / "learning_curves.png")
-    wall = time.time() - t0
+    store, base, workdir = runner.store, runner.base, runner.workdir
+    case_ids = [store.ids[int(i)] for i in store.split_indices("test")]
+    rows, notes, design = summarise(runner.rows, case_ids, hard.array(case_ids))
+    if hard.values is None:
+        notes.append("the hard cases were chosen by the baseline's first run (no independent --hardness); give "
+                     "--hardness=run:DIR, weights:DIR or manifest:KEY for a hard subset fixed before the runs")
+    write_results_csv(workdir / "results.csv", rows)
+    plots.boxplots({n: [r for k in sorted(v) for r in v[k]] for n, v in runner.rows.items()}, workdir / "boxplots.png")
+    learning_curves_png(runner.curves, workdir / "learning_curves.png")
+    count = lambda what: sum(s == what for r in runner.status.values() for s in r.values())  # noqa: E731
     header = [f"- base config: steps {base.steps}, batch {base.data.batch_size}, patch {tuple(base.data.patch_shape)}, "
               f"model channels {tuple(base.model.channels)}",
               f"- data: {store.cache_dir} ({len(store.split_indices('train'))} train, "
-              f"{len(store.split_indices('val'))} val, {len(store.split_indices('test'))} test cases)",
-              f"- seeds: {seed_list}; evaluated checkpoint: best validation Dice (else last)",
-              f"- curricula: " + ", ".join(f"{n} ({presets.EXPERIMENTS[n].family})" for n in names),
-              f"- this invocation: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall "
-              f"({sum(s == 'trained' for r in runs.values() for s in r.values())} runs trained, "
-              f"{sum(s == 'skipped' for r in runs.values() for s in r.values())} skipped)"]
-    write_text_atomic(workdir / "results.md", results_markdown(rows, notes, header))
+              f"{len(store.split_indices('val'))} val, {len(case_ids)} test cases)",
+              f"- seeds: {list(range(int(seeds)))}; evaluated checkpoint: best validation Dice (else last)",
+              "- curricula: " + ", ".join(f"{n} ({presets.EXPERIMENTS[n].family})" for n in names),
+              f"- hardness: {hard.spec}",
+              f"- this invocation: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall ({count('trained')} runs "
+              f"trained, {count('skipped')} skipped)"]
+    write_text_atomic(workdir / "results.md", results_markdown(rows, notes, header, design, hard.description))
+    return rows, notes
+
+
+def run_comparison(base_config, workdir: str | os.PathLike, curricula: Sequence[str] = presets.DEFAULT_CURRICULA,
+                   seeds: int = 3, data: str = "", resume: bool = True, *, controls: bool = False,
+                   hardness: str = "auto", log: Callable[[str], None] = print) -> dict:
+    """Train, evaluate and compare; the whole of `python -m clips_jax.experiments.compare_curricula`.
+
+    Args:
+      base_config: the training ConfigDict (steps, sizes, ...); not modified.
+      workdir: output folder (runs/, results.*, plots, experiment.json, hardness.*).
+      curricula: experiment names of `presets.EXPERIMENTS`; the baseline is run first when listed.
+      seeds: number of seeds (0..seeds-1, >= 1).
+      data: a case-store folder; "" = the built-in phantoms of `base_config.data.phantoms`.
+      resume: True continues an existing workdir (finished runs skipped, others resumed); False refuses a
+        workdir that already holds an experiment (nothing is deleted).
+      controls: also run the negative and positive controls (`presets.CONTROLS`, and the baseline).
+      hardness: source of the test cases' hardness (`hardness.resolve`: auto, baseline, phantom[:DIR],
+        run:DIR, weights:DIR, manifest:KEY, csv:PATH).
+      log: progress printer.
+    Returns: {"rows": results rows, "notes": [...], "runs": {curriculum: {seed: "trained"|"skipped"}},
+      "wall_s": seconds, "hardness": the resolved source}.
+    Raises: ConfigError for bad arguments, a refused or inconsistent workdir, or a store without test cases.
+    """
+    from clips_jax import trainer
+    from clips_jax.data.store import CaseStore
+
+    t0 = time.time()
+    names = experiment_names(curricula, controls)
+    if int(seeds) < 1:
+        raise ConfigError(f"--seeds={seeds}: need at least one seed")
+    hardness_lib.parse_spec(hardness)  # a bad spec fails before anything is created
+    workdir = Path(workdir)
+    if (workdir / "experiment.json").exists() and not resume:
+        raise ConfigError(f"{workdir} already holds an experiment and --noresume was given; choose a new --workdir "
+                          "(or drop --noresume to continue it)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = CaseStore(data) if data else trainer.ensure_store(base_config, log)
+    if len(store.split_indices("test")) == 0:
+        raise ConfigError(f"case store {store.cache_dir}: no 'test' cases; prepare it with a test split")
+    open_experiment(base_config, workdir, store, names, seeds, hardness)
+    hard = hardness_lib.resolve(hardness, store, workdir, log=log,
+                                phantom_raw=None if data else trainer.phantom_dirs(base_config)[0])
+    runner = _Runner(base_config, workdir, store, log)
+    for seed in range(int(seeds)):  # seed-major: an interrupted comparison has every curriculum of the first seeds
+        for name in names:
+            runner.run(name, seed, first_seed=0)
+    rows, notes = write_report(runner, names, seeds, hard, time.time() - t0)
+    wall = time.time() - t0
     log(f"results: {workdir / 'results.md'} ({wall:.0f} s)")
-    return {"rows": rows, "notes": notes, "runs": runs, "wall_s": wall}
+    return {"rows": rows, "notes": notes, "runs": runner.status, "wall_s": wall, "hardness": hard.spec}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -606,6 +451,13 @@ def _define_flags():
     flags.DEFINE_bool("experiment_defaults", True, "Apply presets.RUN_OVERRIDES (settings of the default "
                       "comparison) over --config, except keys given as --config.KEY; --noexperiment_defaults uses "
                       "the config as given.")
+    flags.DEFINE_bool("controls", False, "Also run a negative control (the baseline again with independent seeds) "
+                      "and a positive control (never samples the hardest third of the training cases), and report "
+                      "whether each behaved as expected.")
+    flags.DEFINE_string("hardness", "auto", "Source of the test cases' hardness, fixed before the compared runs: "
+                        "auto (phantom on built-in phantoms, else baseline), phantom[:DIR], run:DIR (a trained run "
+                        "of another study), weights:DIR (converted TMTV-Net weights), manifest:KEY, csv:PATH, or "
+                        "baseline (the baseline's first run picks them and is left out of the hard-case test).")
     flags.DEFINE_integer("steps", presets.DEFAULT_STEPS,
                          "Training steps per run (experiment default, sized for ~30 min of the whole default "
                          "comparison on a 2-core CPU); 0 = the config's own steps/eval/checkpoint settings.")
@@ -623,7 +475,8 @@ def main(argv) -> None:
         with cfg.unlocked():
             apply_run_defaults(cfg, int(f.steps), bool(f.experiment_defaults), keep=config_keys_in_argv(sys.argv))
             cfg.quiet = True
-        run_comparison(cfg, f.workdir, curricula=f.curricula, seeds=f.seeds, data=f.data, resume=f.resume)
+        run_comparison(cfg, f.workdir, curricula=f.curricula, seeds=f.seeds, data=f.data, resume=f.resume,
+                       controls=f.controls, hardness=f.hardness)
     except (ClipsError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -60,6 +60,11 @@ class Experiment:
       seeded: the curriculum has its own `seed` option (random order, bandit draws), set to the run's seed.
       smoothing: CBS schedule rescaled to the run length.
       needs_teacher: ranks cases by `teacher_loss` (filled from the first finished baseline seed).
+      seed_offset: added to the comparison's seed k for the run's `seed` (the negative control: the baseline
+        again with seeds no other run uses).
+      stage_rounds: the curriculum learns once per sampling stage (Exp3.S): its learning rate eta is set from
+        the run's number of stages (`curriculum_options`).
+      control: "" for a curriculum; "negative" or "positive" for the two controls of `--controls`.
       family: a short description for the docs and results.md.
     """
 
@@ -69,6 +74,9 @@ class Experiment:
     seeded: bool = False
     smoothing: bool = False
     needs_teacher: bool = False
+    seed_offset: int = 0
+    stage_rounds: bool = False
+    control: str = ""
     family: str = ""
 
 
@@ -86,13 +94,15 @@ EXPERIMENTS: dict[str, Experiment] = {
     "predefined": Experiment("predefined_composite_root", paced=True,
                              family="predefined: easiest first (composite), root pacing"),
     "baby_step": Experiment("baby_step", paced=True, family="predefined: composite, 5 baby-step buckets"),
-    # eta: Graves et al.'s 1e-3 assumes ~1e5 updates; a few hundred updates would leave the policy uniform.
-    "exp3s": Experiment("exp3s", options={"eta": 0.05}, seeded=True,
-                        family="Exp3.S bandit (Graves 2017), 5 composite buckets, prediction gain"),
+    # eta: Graves et al.'s 1e-3 assumes ~1e5 rounds; set from the run's number of rounds (`exp3s_eta`).
+    "exp3s": Experiment("exp3s", seeded=True, stage_rounds=True,
+                        family="Exp3.S bandit (Graves 2017), 5 composite buckets, one round per stage, "
+                               "mean prediction gain"),
     "cbs": Experiment("cbs", smoothing=True, family="curriculum by smoothing (Sinha 2020), uniform sampling"),
     # Variants outside the default comparison (name them with --curricula): the other curricula.PRESETS.
+    # TMTV is "harder when smaller" (core.HARDER_WHEN), so easiest-first samples the LARGEST volumes first.
     "predefined_tmtv": Experiment("predefined_tmtv_root", paced=True,
-                                  family="predefined: smallest TMTV first, root pacing"),
+                                  family="predefined: largest TMTV first (small TMTV is hard), root pacing"),
     "hacohen": Experiment("predefined_hacohen", paced=True,
                           family="predefined: composite, exponential pacing (Hacohen & Weinshall 2019)"),
     "one_pass": Experiment("one_pass", paced=True, family="predefined: composite, 5 buckets visited once"),
@@ -100,7 +110,17 @@ EXPERIMENTS: dict[str, Experiment] = {
     "self_paced_mixture": Experiment("self_paced_mixture", paced=True, family="self-paced, mixture regulariser"),
     "self_paced_diversity": Experiment("self_paced_diversity", paced=True,
                                        family="self-paced with diversity (Jiang 2014), hard regulariser"),
+    # The controls of `--controls` (compare_curricula): how the comparison behaves when the truth is known.
+    "control_negative": Experiment("none", seed_offset=1000, control="negative",
+                                   family="negative control: the baseline again, independent seeds "
+                                          "(must not differ)"),
+    "control_positive": Experiment("never_hardest_third", control="positive",
+                                   family="positive control: never samples the hardest third of the "
+                                          "training lesion cases (must be worse on hard cases)"),
 }
+
+#: The experiments `--controls` adds to a comparison.
+CONTROLS: tuple[str, ...] = ("control_negative", "control_positive")
 
 #: The default `--curricula` list: one experiment per family and control (the variants above are opt-in).
 DEFAULT_CURRICULA: tuple[str, ...] = ("none", "transfer_teacher", "random", "anti", "self_paced_hard", "predefined",
@@ -118,7 +138,17 @@ def get_experiment(name: str) -> Experiment:
     return exp
 
 
-def curriculum_options(name: str, steps: int, steps_per_epoch: int, seed: int) -> dict[str, Any]:
+def exp3s_eta(rounds: int, num_buckets: int = 5) -> float:
+    """Exp3.S learning rate for a run of `rounds` bandit rounds (sampling stages) over K = `num_buckets` arms:
+    eta = sqrt(ln K / (K T)) (the horizon-tuned rate of Exp3; Auer, Cesa-Bianchi, Freund & Schapire 2002,
+    SIAM J. Comput. 32:48-77, Corollary 3.2, up to its constant), at most 1. Graves et al.'s eta = 1e-3 is this
+    rule's value for their ~3e5 rounds; a 100-step run of 10 stages gets 0.18."""
+    k = max(2, int(num_buckets))
+    return float(min(1.0, math.sqrt(math.log(k) / (k * max(1, int(rounds))))))
+
+
+def curriculum_options(name: str, steps: int, steps_per_epoch: int, seed: int,
+                       stage_steps: int | None = None) -> dict[str, Any]:
     """Option overrides of experiment `name` for a run of `steps` steps (to put in `config.curriculum.options`).
 
     Args:
@@ -126,6 +156,8 @@ def curriculum_options(name: str, steps: int, steps_per_epoch: int, seed: int) -
       steps: total optimisation steps of the run (> 0).
       steps_per_epoch: the config's `curriculum.steps_per_epoch` (> 0).
       seed: the run's seed (used by seeded curricula).
+      stage_steps: the config's `curriculum.stage_steps` (steps per sampling stage; default `steps_per_epoch`),
+        which sets the number of bandit rounds of a stage-wise curriculum.
     Returns:
       dict of options: the experiment's fixed options, plus
         paced: `grow_epochs = GROW_FRACTION * steps / steps_per_epoch` (float epochs); for the exponential
@@ -133,7 +165,8 @@ def curriculum_options(name: str, steps: int, steps_per_epoch: int, seed: int) -
           by GROW_FRACTION of the run;
         seeded: `seed`;
         smoothing: `sigma_every_epochs = 1` and `sigma_decay` such that sigma0 * decay^(grow epochs) =
-          CBS_SIGMA_AT_GROW (decay = 0.9, the paper's, if the run is long enough for that).
+          CBS_SIGMA_AT_GROW (decay = 0.9, the paper's, if the run is long enough for that);
+        stage_rounds: `eta = exp3s_eta(steps // stage_steps)` unless the experiment fixes eta.
     Raises: ConfigError for an unknown name or non-positive steps / steps_per_epoch.
     """
     exp = get_experiment(name)
@@ -156,4 +189,8 @@ def curriculum_options(name: str, steps: int, steps_per_epoch: int, seed: int) -
         sigma0 = float(PRESETS[exp.preset].get("sigma0", 1.0))
         opts["sigma_every_epochs"] = 1
         opts["sigma_decay"] = float(min(0.9, (CBS_SIGMA_AT_GROW / sigma0) ** (1.0 / decays)))
+    if exp.stage_rounds and "eta" not in opts:
+        rounds = int(steps) // max(1, int(stage_steps or steps_per_epoch))
+        buckets = {**PRESETS[exp.preset], **exp.options}.get("num_buckets", 5)
+        opts["eta"] = exp3s_eta(rounds, buckets)
     return opts
