@@ -41,12 +41,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clips_jax import curricula, evaluation, losses
+from clips_jax import curricula, evaluation, losses, runs
+from clips_jax.runs import MetricsWriter, read_metrics  # noqa: F401 - re-exported (tests, scripts)
 from clips_jax.data.pipeline import make_train_iterator
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ClipsError, ConfigError
@@ -372,73 +372,14 @@ def evaluate_cases(model: nnx.Module, store: CaseStore, indices, config: ml_coll
 # Logging
 # ---------------------------------------------------------------------------------------------------------
 
-class MetricsWriter:
-    """Appends one JSON object per line to `workdir/metrics.jsonl` (process 0 only) and prints progress."""
-
-    def __init__(self, workdir: Path, quiet: bool = False):
-        self.path = workdir / "metrics.jsonl"
-        self.primary = jax.process_index() == 0
-        self.quiet = quiet
-
-    def write(self, row: dict) -> None:
-        if self.primary:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(_jsonable(row)) + "\n")
-
-    def log(self, line: str) -> None:
-        if self.primary and not self.quiet:
-            print(line, flush=True)
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (np.generic, jax.Array)):
-        v = np.asarray(v).tolist()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def _fmt_time(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def read_metrics(workdir: str | os.PathLike, kind: str | None = None) -> list[dict]:
-    """Rows of `workdir/metrics.jsonl` (optionally only `kind` = "train" / "eval"), the last row per
-    (kind, step) kept: a resumed run re-logs the steps after its last checkpoint."""
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if kind is None or r.get("kind") == kind:
-                rows[(r.get("kind"), r.get("step"))] = r
-    return sorted(rows.values(), key=lambda r: (r.get("step", 0), str(r.get("kind"))))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------
-
-def _checkpoint_managers(workdir: Path, config) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
-    ck = config.checkpoint
-    last = ocp.CheckpointManager(
-        (workdir / "checkpoints" / "last").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=int(ck.keep), create=True,
-                                             enable_async_checkpointing=False))
-    best = ocp.CheckpointManager(
-        (workdir / "checkpoints" / "best").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_dice"], best_mode="max",
-                                             keep_checkpoints_without_metrics=False, create=True,
-                                             enable_async_checkpointing=False))
-    return last, best
-
 
 #: Config keys that define the training data stream (with the curriculum's). A checkpoint records them; resuming
 #: with other values would continue a different stream than the one checkpointed, so it is refused.
@@ -460,10 +401,6 @@ def stream_settings(config) -> dict:
     return out
 
 
-def _abstract(tree, sharding):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Train as `config` says, writing everything to `workdir`; resume if `workdir` has a checkpoint.
 
@@ -472,8 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """
     if config.model.get("require_init_weights", False) and not config.model.get("init_weights", ""):
         build_model(config)  # raises the explanatory ConfigError before any data work
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = runs.open_for_training(workdir)
     writer = MetricsWriter(workdir, quiet=bool(config.get("quiet", False)))
     store = ensure_store(config, writer.log)
     train_idx = store.split_indices("train")
@@ -517,16 +453,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     step_fn = jax.jit(make_train_step(graphdef, config, tx, use_sigma, with_gain), donate_argnums=(0,),
                       out_shardings=(repl, repl))
 
-    last_mgr, best_mgr = _checkpoint_managers(workdir, config)
+    last_mgr, best_mgr = runs.checkpoint_managers(workdir, int(config.checkpoint.keep))
     stage_steps = int(config.curriculum.stage_steps)
     start_step, stage, stage_weights, data_state = 0, 0, None, None
     if last_mgr.latest_step() is not None:
-        restored = last_mgr.restore(last_mgr.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(state, repl)),
-            curriculum=ocp.args.StandardRestore(_abstract(cur_state, repl)),
-            meta=ocp.args.JsonRestore()))
-        state, cur_state = restored.state, restored.curriculum
-        meta = restored.meta
+        state, cur_state, meta = runs.restore_last(last_mgr, state, cur_state, repl)
         start_step, stage = int(meta["step"]), int(meta["stage"])
         stage_weights = np.asarray(meta["stage_weights"], np.float64)
         data_state = meta["data_state"][jax.process_index()] if meta.get("data_state") else None
@@ -564,9 +495,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         meta = {"step": step_no, "stage": stage, "stage_weights": np.asarray(stage_weights).tolist(),
                 "data_state": data_states, "curriculum": config.curriculum.name,
                 "stream": stream_settings(config)}
-        last_mgr.save(step_no, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       curriculum=ocp.args.StandardSave(cur_state),
-                                                       meta=ocp.args.JsonSave(meta)), force=True)
+        runs.save_last(last_mgr, step_no, state, cur_state, meta)
 
     total = int(config.steps)
     summary: dict[str, Any] = {"curriculum": config.curriculum.name, "start_step": start_step}
@@ -644,9 +573,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if np.isfinite(ev["val_dice"]) and ev["val_dice"] > summary.get("best", {}).get("val_dice", -1.0):
                 summary["best"] = {"step": step_no, **summary["final"]}
             if np.isfinite(ev["val_dice"]) and int(jax.device_get(state["nonfinite"])) == 0:
-                best_mgr.save(step_no, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]})),
-                    metrics={"val_dice": float(ev["val_dice"])}, force=True)
+                runs.save_best(best_mgr, step_no, state, ev["val_dice"])
         if step_no % int(config.checkpoint.every_steps) == 0 or step_no == total:
             save(step_no, it)
         if 0 <= int(config.debug.stop_after_steps) <= step_no - start_step:
@@ -661,7 +588,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     "steps_per_s": round(steps_done / max(elapsed, 1e-9), 3), "devices": mesh.size,
                     "processes": jax.process_count(), "best_checkpoint_step": best_mgr.best_step()})
     if jax.process_index() == 0:
-        write_text_atomic(workdir / "summary.json", json.dumps(_jsonable(summary), indent=1))
+        runs.write_json(workdir, "summary.json", summary)
         if "final" in summary:
             init = summary.get("initial", {}).get("val_dice", float("nan"))
             best = summary.get("best", {})

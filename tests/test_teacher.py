@@ -217,8 +217,7 @@ def test_out_manifest_leaves_the_store_untouched(world, store_dir, tmp_path):
 
 def test_run_teacher_best_and_last_checkpoints(world, store_dir, tmp_path):
     """--run: a run folder with the trainer's own checkpoint managers (no training: a known model is saved)."""
-    from clips_jax import trainer
-    import orbax.checkpoint as ocp
+    from clips_jax import runs, trainer
 
     run = tmp_path / "run"
     run.mkdir()
@@ -227,12 +226,11 @@ def test_run_teacher_best_and_last_checkpoints(world, store_dir, tmp_path):
     cfg.eval.tile_shape, cfg.eval.tile_step = TILE, STEP
     (run / "config.json").write_text(cfg.to_json_best_effort())
     best_model, last_model = UNet(5, 2, **UNET, rngs=nnx.Rngs(11)), UNet(5, 2, **UNET, rngs=nnx.Rngs(12))
-    last_mgr, best_mgr = trainer._checkpoint_managers(run, cfg)
+    last_mgr, best_mgr = runs.checkpoint_managers(run, cfg.checkpoint.keep)
     _, params, rest = nnx.split(best_model, nnx.Param, ...)
-    best_mgr.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "rest": rest})),
-                  metrics={"val_dice": 0.5}, force=True)
+    runs.save_best(best_mgr, 4, {"params": params, "rest": rest}, 0.5)
     _, state = trainer.init_train_state(last_model, nnx.Param, trainer.make_optimizer(cfg))
-    last_mgr.save(6, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    runs.save_last(last_mgr, 6, state, {"_empty": np.zeros((), np.int32)}, {"step": 6})
     for m in (best_mgr, last_mgr):
         m.wait_until_finished()
         m.close()

@@ -273,3 +273,20 @@ def test_refiner_trains_on_native_store_with_stage_a_channel(tmp_path):
     assert s["steps"] == 2 and "val_dice" in s["final"]
     rows = trainer.read_metrics(tmp_path / "run", "train")
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_run_folder_format_is_recorded_and_checked(tmp_path):
+    from clips_jax import runs
+
+    new = runs.open_for_training(tmp_path / "new")
+    assert runs.run_format(new) == runs.RUN_FORMAT and json.loads((new / "run.json").read_text())["format"] == 2
+    assert runs.open_for_training(new) == new  # the same format: accepted (resume)
+    old = tmp_path / "old"
+    (old / "checkpoints" / "last").mkdir(parents=True)  # a folder of the first format: checkpoints, no run.json
+    assert runs.run_format(old) == 1
+    with pytest.raises(trainer.ConfigError, match="format 1.*new --workdir"):
+        runs.open_for_training(old)
+    (tmp_path / "future").mkdir()
+    (tmp_path / "future" / "run.json").write_text('{"format": 99}')
+    with pytest.raises(trainer.ConfigError, match="newer than this clips-jax"):
+        runs.open_for_training(tmp_path / "future")

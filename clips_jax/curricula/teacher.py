@@ -95,67 +95,10 @@ combined_teacher_loss = combined_case_loss
 # ---------------------------------------------------------------------------------------------------------
 
 def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None) -> tuple[Any, dict]:
-    """The trained network of a training run (`clips_jax.trainer.train_and_evaluate` workdir).
+    """The trained network of a training run: `clips_jax.runs.load_run_model` (kept here under its old name)."""
+    from clips_jax import runs
 
-    Args:
-      run_dir: the run's workdir (holds `config.json` and `checkpoints/{best,last}`).
-      which: "best": the best-validation checkpoint `checkpoints/best`, or the latest of `checkpoints/last` when
-        the run has no best one (it never validated); "last": the latest of `checkpoints/last`.
-      config: the run's ConfigDict; default: read from `run_dir/config.json`.
-    Returns:
-      (nnx model with the restored parameters, info `{"checkpoint": "best"|"last", "checkpoint_step": int}`).
-    Raises:
-      ConfigError for an unknown `which`, a missing or unreadable `config.json`, or a run without the requested
-      checkpoint (naming the folder).
-    """
-    import jax
-    import ml_collections
-    import orbax.checkpoint as ocp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from clips_jax import trainer
-
-    if which not in ("best", "last"):
-        raise ConfigError(f"which={which!r}: use 'best' or 'last'")
-    run_dir = Path(run_dir).absolute()
-    if config is None:
-        path = run_dir / "config.json"
-        try:
-            config = ml_collections.ConfigDict(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: not a training run (no config.json); pass the workdir of "
-                              "`python -m clips_jax.train`") from None
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: unreadable run config ({e})") from e
-    model, trainable = trainer.build_model(config)
-    repl = NamedSharding(trainer.make_mesh(1), P())
-    abstract = lambda t: jax.tree.map(  # noqa: E731
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), t)
-
-    def latest(d: Path):
-        return ocp.CheckpointManager(d).latest_step() if d.is_dir() else None
-
-    best_dir, last_dir = run_dir / "checkpoints" / "best", run_dir / "checkpoints" / "last"
-    if which == "best" and latest(best_dir) is not None:
-        mgr = ocp.CheckpointManager(best_dir)
-        graphdef, params, rest = nnx.split(model, trainable, ...)
-        step = mgr.best_step() if mgr.best_step() is not None else mgr.latest_step()
-        restored = mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract({"params": params, "rest": rest}))))
-        kind = "best"
-    elif latest(last_dir) is not None:
-        mgr = ocp.CheckpointManager(last_dir)
-        graphdef, state = trainer.init_train_state(model, trainable, trainer.make_optimizer(config))
-        step = mgr.latest_step()
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(state))))
-        kind = "last"
-    else:
-        raise ConfigError(f"{run_dir}: no {'checkpoint' if which == 'best' else 'last checkpoint'} to load; "
-                          "train the run first (or check the folder)")
-    st = restored.state
-    model = nnx.merge(graphdef, jax.device_get(st["params"]), jax.device_get(st["rest"]))
-    return model, {"checkpoint": kind, "checkpoint_step": int(step)}
+    return runs.load_run_model(run_dir, which, config)
 
 
 # ---------------------------------------------------------------------------------------------------------

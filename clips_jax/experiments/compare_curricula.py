@@ -121,9 +121,9 @@ def run_finished(run_dir: str | os.PathLike, steps: int) -> bool:
 
 def load_trained_model(cfg, run_dir: str | os.PathLike):
     """The trained model of a run: parameters of the best-validation checkpoint (`checkpoints/best`), else of
-    the latest `checkpoints/last` (`clips_jax.curricula.teacher.load_run_model` with the run's config `cfg`).
+    the latest `checkpoints/last` (`clips_jax.runs.load_run_model` with the run's config `cfg`).
     Raises ConfigError (a ClipsError) if the run has no checkpoint."""
-    from clips_jax.curricula.teacher import load_run_model
+    from clips_jax.runs import load_run_model
 
     return load_run_model(run_dir, "best", config=cfg)[0]
 

@@ -130,7 +130,7 @@ def model_hardness(model, store, indices: Sequence[int], tile_shape: Sequence[in
 
 
 def _run_model_hardness(run_dir: str, store, indices, log) -> dict[str, float]:
-    from clips_jax.curricula.teacher import load_run_model
+    from clips_jax.runs import load_run_model
 
     model, info = load_run_model(run_dir, "best")
     cfg = json.loads((Path(run_dir) / "config.json").read_text())

@@ -1,0 +1,255 @@
+"""A training run's folder and its formats, in one place: what is written where, how it is read back.
+
+Layout of a run folder (`python -m clips_jax.train --workdir W`, `trainer.train_and_evaluate(cfg, W)`):
+
+    W/run.json             {"format": RUN_FORMAT, "created": date, ...}: the folder's format version
+    W/config.json          the full config of the run (reproduces it)
+    W/metrics.jsonl        one JSON object per line: kind "train" (per step), "eval", "curriculum" (per stage)
+    W/summary.json         written when the run finishes (steps, wall time, validation metrics)
+    W/checkpoints/last/S/  orbax, every `checkpoint.every_steps`: items "state" (parameters, optimizer state,
+                           step, counters), "curriculum" (the curriculum's state pytree), "meta" (JSON: step,
+                           stage, stage weights, data-stream state and settings, the PRNG key of the device path)
+    W/checkpoints/best/S/  orbax, the best validation Dice: item "state" with "params" and "rest" only
+
+Formats: 1 = folders written before run.json existed (2026-11-26 and earlier): their curriculum states of
+Exp3.S and self-paced learning have another layout, so they are not resumed (the message says what to do),
+but their trained model loads (`load_run_model`). 2 = this version. A folder of a newer format is refused.
+
+Everything here is plain I/O around orbax (`orbax.checkpoint.CheckpointManager`, Composite items) and JSON;
+the trainer decides *when* to save, this module decides *how*. `load_run_model` is what the transfer-teacher
+scoring, the comparison and the hardness scoring use to get a trained network back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from clips_jax.errors import ConfigError
+from clips_jax.fileio import write_text_atomic
+
+RUN_FORMAT = 2
+"""Format version of run folders written by this code (see the module docstring)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Format version
+# ---------------------------------------------------------------------------------------------------------
+
+def run_format(workdir: str | os.PathLike) -> int | None:
+    """The format of a run folder: RUN_FORMAT-like int from run.json, 1 for a folder with checkpoints but no
+    run.json (written before formats were recorded), None for a new (empty) folder."""
+    workdir = Path(workdir)
+    path = workdir / "run.json"
+    if path.is_file():
+        try:
+            return int(json.loads(path.read_text())["format"])
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{path}: unreadable run format ({e}); restore the file or use a new --workdir") from e
+    return 1 if (workdir / "checkpoints").is_dir() else None
+
+
+def open_for_training(workdir: str | os.PathLike) -> Path:
+    """Create `workdir` (or accept an existing one of this format) and record its format in run.json.
+
+    Raises ConfigError for a folder of another format: format 1 cannot be resumed (its curriculum state has
+    another layout) and a newer format needs a newer clips-jax; the message says what to do.
+    """
+    workdir = Path(workdir)
+    fmt = run_format(workdir)
+    if fmt is not None and fmt != RUN_FORMAT:
+        if fmt < RUN_FORMAT:
+            raise ConfigError(f"{workdir}: a run folder of format {fmt} (written by an older clips-jax); it cannot be "
+                              "resumed with this version (the curriculum state changed), but its model still loads "
+                              "for prediction and teacher scoring. Train in a new --workdir")
+        raise ConfigError(f"{workdir}: a run folder of format {fmt}, newer than this clips-jax ({RUN_FORMAT}); "
+                          "upgrade clips-jax or use a new --workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if fmt is None and jax.process_index() == 0:
+        write_text_atomic(workdir / "run.json", json.dumps({"format": RUN_FORMAT,
+                                                            "created": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    return workdir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------
+
+def jsonable(v):
+    """A JSON-ready copy of `v`: NumPy/JAX scalars and arrays as lists, non-finite floats as None."""
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, (np.generic, np.ndarray, jax.Array)):
+        v = np.asarray(v).tolist()
+        return jsonable(v) if isinstance(v, list) else (None if isinstance(v, float) and not math.isfinite(v) else v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to `workdir/metrics.jsonl` (process 0 only) and prints progress."""
+
+    def __init__(self, workdir: Path, quiet: bool = False):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.primary = jax.process_index() == 0
+        self.quiet = quiet
+
+    def write(self, row: dict) -> None:
+        """Append one row (a dict; made JSON-ready with `jsonable`)."""
+        self.write_many([row])
+
+    def write_many(self, rows) -> None:
+        """Append several rows with one open (the device path writes a chunk of steps at once)."""
+        if self.primary:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(jsonable(r)) + "\n" for r in rows))
+
+    def log(self, line: str) -> None:
+        """Print one progress line (process 0, unless quiet)."""
+        if self.primary and not self.quiet:
+            print(line, flush=True)
+
+
+def read_metrics(workdir: str | os.PathLike, kind: str | None = None) -> list[dict]:
+    """Rows of `workdir/metrics.jsonl` (optionally only `kind` = "train" / "eval"), the last row per
+    (kind, step) kept: a resumed run re-logs the steps after its last checkpoint."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if kind is None or r.get("kind") == kind:
+                rows[(r.get("kind"), r.get("step"))] = r
+    return sorted(rows.values(), key=lambda r: (r.get("step", 0), str(r.get("kind"))))
+
+
+def write_json(workdir: str | os.PathLike, name: str, doc: Any) -> None:
+    """Write `workdir/name` as indented JSON (process 0, atomically)."""
+    if jax.process_index() == 0:
+        write_text_atomic(Path(workdir) / name, json.dumps(jsonable(doc), indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+def abstract(tree, sharding):
+    """ShapeDtypeStructs of `tree`'s leaves with `sharding` (the restore target of orbax)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def checkpoint_managers(workdir: Path, keep: int) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+    """(last, best) managers of `workdir/checkpoints/{last,best}` (synchronous saves; best by "val_dice")."""
+    last = ocp.CheckpointManager(
+        (Path(workdir) / "checkpoints" / "last").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True, enable_async_checkpointing=False))
+    best = ocp.CheckpointManager(
+        (Path(workdir) / "checkpoints" / "best").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_dice"], best_mode="max",
+                                             keep_checkpoints_without_metrics=False, create=True,
+                                             enable_async_checkpointing=False))
+    return last, best
+
+
+def save_last(mgr: ocp.CheckpointManager, step: int, state, cur_state, meta: dict) -> None:
+    """Save the whole training state at `step` (every process takes part)."""
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           curriculum=ocp.args.StandardSave(cur_state),
+                                           meta=ocp.args.JsonSave(jsonable(meta))), force=True)
+
+
+def restore_last(mgr: ocp.CheckpointManager, state_like, cur_like, sharding) -> tuple[Any, Any, dict]:
+    """(state, curriculum state, meta) of the latest `last` checkpoint, placed with `sharding`."""
+    restored = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract(state_like, sharding)),
+        curriculum=ocp.args.StandardRestore(abstract(cur_like, sharding)),
+        meta=ocp.args.JsonRestore()))
+    return restored.state, restored.curriculum, restored.meta
+
+
+def save_best(mgr: ocp.CheckpointManager, step: int, state, val_dice: float) -> None:
+    """Save the model part of `state` as a best-validation candidate (orbax keeps the best one)."""
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": state["params"],
+                                                                         "rest": state["rest"]})),
+             metrics={"val_dice": float(val_dice)}, force=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A trained run's model
+# ---------------------------------------------------------------------------------------------------------
+
+def read_config(run_dir: str | os.PathLike):
+    """The ConfigDict of a run (`run_dir/config.json`); ConfigError when missing or unreadable."""
+    import ml_collections
+
+    path = Path(run_dir) / "config.json"
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not a training run (no config.json); pass the workdir of "
+                          "`python -m clips_jax.train`") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable run config ({e})") from e
+
+
+def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None) -> tuple[Any, dict]:
+    """The trained network of a training run (any format: only its parameters are read).
+
+    Args:
+      run_dir: the run's workdir (holds `config.json` and `checkpoints/{best,last}`).
+      which: "best": the best-validation checkpoint `checkpoints/best`, or the latest of `checkpoints/last` when
+        the run has no best one (it never validated); "last": the latest of `checkpoints/last`.
+      config: the run's ConfigDict; default: read from `run_dir/config.json`.
+    Returns:
+      (nnx model with the restored parameters, info `{"checkpoint": "best"|"last", "checkpoint_step": int}`).
+    Raises:
+      ConfigError for an unknown `which`, a missing or unreadable `config.json`, or a run without the requested
+      checkpoint (naming the folder).
+    """
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from clips_jax import trainer
+
+    if which not in ("best", "last"):
+        raise ConfigError(f"which={which!r}: use 'best' or 'last'")
+    run_dir = Path(run_dir).absolute()
+    config = read_config(run_dir) if config is None else config
+    model, trainable = trainer.build_model(config)
+    repl = NamedSharding(trainer.make_mesh(1), P())
+
+    def latest(d: Path):
+        return ocp.CheckpointManager(d).latest_step() if d.is_dir() else None
+
+    best_dir, last_dir = run_dir / "checkpoints" / "best", run_dir / "checkpoints" / "last"
+    graphdef, params, rest = nnx.split(model, trainable, ...)
+    if which == "best" and latest(best_dir) is not None:
+        mgr, kind = ocp.CheckpointManager(best_dir), "best"
+        step = mgr.best_step() if mgr.best_step() is not None else mgr.latest_step()
+    elif latest(last_dir) is not None:
+        mgr, kind = ocp.CheckpointManager(last_dir), "last"
+        step = mgr.latest_step()
+    else:
+        raise ConfigError(f"{run_dir}: no {'checkpoint' if which == 'best' else 'last checkpoint'} to load; "
+                          "train the run first (or check the folder)")
+    # Only the model part is read (a partial restore of the "state" item), so optimizer or curriculum states of
+    # other formats do not matter.
+    target = abstract({"params": params, "rest": rest}, repl)
+    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    st = restored.state
+    model = nnx.merge(graphdef, jax.device_get(st["params"]), jax.device_get(st["rest"]))
+    return model, {"checkpoint": kind, "checkpoint_step": int(step)}
