@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import grain
 import jax
@@ -401,126 +401,255 @@ def stream_settings(config) -> dict:
     return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Train as `config` says, writing everything to `workdir`; resume if `workdir` has a checkpoint.
+def choose_pipeline(config: ml_collections.ConfigDict, store: CaseStore, train_idx: np.ndarray) -> str:
+    """"device" or "host": the data path of a run (`config.data.pipeline`).
 
-    Returns the final summary dict (also written to `workdir/summary.json`): steps, skipped updates,
-    wall time, step rate, initial and final validation metrics, curriculum name.
+    "auto" takes the device path (`clips_jax.data.device`: the store on the accelerator, crops and augmentation
+    inside the compiled step) when the store is on a resampled grid and its training cases fit
+    `data.device_store_gb` GiB per device; otherwise (native-resolution refiner stores, very large cohorts) the
+    host grain pipeline. ConfigError for an unknown value.
     """
-    if config.model.get("require_init_weights", False) and not config.model.get("init_weights", ""):
-        build_model(config)  # raises the explanatory ConfigError before any data work
-    workdir = runs.open_for_training(workdir)
-    writer = MetricsWriter(workdir, quiet=bool(config.get("quiet", False)))
-    store = ensure_store(config, writer.log)
-    train_idx = store.split_indices("train")
-    val_idx = store.split_indices(config.eval.split)[: int(config.eval.max_cases) or None]
-    if len(train_idx) == 0:
-        raise ConfigError(f"case store {store.cache_dir}: no training cases (split 'train' is empty)")
-    if not config.data.use_unlabeled:
-        train_idx = train_idx[store.has_seg[train_idx]]
-    position = np.full(len(store), -1, np.int64)
-    position[train_idx] = np.arange(len(train_idx))
+    choice = str(config.data.get("pipeline", "auto"))
+    if choice not in ("auto", "device", "host"):
+        raise ConfigError(f"data.pipeline={choice!r}: use 'auto', 'device' or 'host'")
+    if choice != "auto":
+        return choice
+    from clips_jax.data import device
 
-    # Curriculum over the training cases.
-    table = curricula.case_table_from_manifest(store.manifest["cases"], [store.ids[i] for i in train_idx])
-    cur = curricula.get_curriculum(config.curriculum.name, **curriculum_options(config))
-    cur_state = cur.init(table)
-    if not jax.tree.leaves(cur_state):
-        cur_state = {"_empty": jnp.zeros((), jnp.int32)}
-    use_sigma, with_gain = cur.smooths, cur.needs_gain  # what the curriculum declares it needs
-    if (cur.needs_losses or cur.needs_gain) and float(config.data.p_foreground) <= 0:
-        raise ConfigError(f"curriculum {config.curriculum.name!r} learns from the supervised loss of lesion-centred "
-                          "crops, and data.p_foreground=0 samples none: set --config.data.p_foreground (e.g. 0.5)")
+    if store.manifest.get("spacing_mm") is None:  # a native-grid store: large, varying shapes
+        return "host"
+    need = device.device_store_bytes(store, train_idx, extra_channels=extra_channels(config))
+    return "device" if need <= float(config.data.get("device_store_gb", 4.0)) * 2**30 else "host"
 
-    # Model, optimiser, compiled step.
-    mesh = make_mesh(int(config.num_devices))
-    if config.data.batch_size % mesh.size:
-        raise ConfigError(f"data.batch_size={config.data.batch_size} must be divisible by the {mesh.size} devices: "
-                          f"set --config.data.batch_size to a multiple of {mesh.size} or --config.num_devices")
-    repl, dsh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    # Curriculum state lives replicated on the mesh like the train state (global arrays: checkpointable on
-    # every host); its small functions are compiled once.
-    cur_state = jax.device_put(cur_state, repl)
-    cur_weights = jax.jit(cur.weights)
-    cur_update = jax.jit(cur.update, out_shardings=repl)
-    cur_end_stage = jax.jit(cur.end_stage, out_shardings=repl)
-    cur_sigma = jax.jit(cur.sigma)
-    model, trainable = build_model(config)
-    tx = make_optimizer(config)
-    schedule = make_schedule(config)
-    graphdef, state = init_train_state(model, trainable, tx)
-    state = jax.device_put(state, repl)
-    step_fn = jax.jit(make_train_step(graphdef, config, tx, use_sigma, with_gain), donate_argnums=(0,),
-                      out_shardings=(repl, repl))
 
-    last_mgr, best_mgr = runs.checkpoint_managers(workdir, int(config.checkpoint.keep))
-    stage_steps = int(config.curriculum.stage_steps)
-    start_step, stage, stage_weights, data_state = 0, 0, None, None
-    if last_mgr.latest_step() is not None:
-        state, cur_state, meta = runs.restore_last(last_mgr, state, cur_state, repl)
-        start_step, stage = int(meta["step"]), int(meta["stage"])
-        stage_weights = np.asarray(meta["stage_weights"], np.float64)
+class _Run:
+    """Everything one training run holds: data, curriculum, model, compiled functions, checkpoints, summary.
+
+    Built by `train_and_evaluate` step by step; the loops (`_host_loop`, `_device_loop`) advance `state`,
+    `cur_state` and `step`, and share evaluation, logging, checkpointing and the stop rules below.
+    """
+
+    def __init__(self, config, workdir: Path):
+        self.config, self.workdir = config, workdir
+        self.writer = MetricsWriter(workdir, quiet=bool(config.get("quiet", False)))
+        self.summary: dict[str, Any] = {"curriculum": config.curriculum.name}
+        self.steps_done, self.t0 = 0, time.time()
+
+    # -- set-up steps ---------------------------------------------------------------------------------------
+    def open_data(self) -> None:
+        """The case store and the training / validation cases."""
+        c = self.config
+        self.store = ensure_store(c, self.writer.log)
+        train_idx = self.store.split_indices("train")
+        self.val_idx = self.store.split_indices(c.eval.split)[: int(c.eval.max_cases) or None]
+        if len(train_idx) == 0:
+            raise ConfigError(f"case store {self.store.cache_dir}: no training cases (split 'train' is empty)")
+        if not c.data.use_unlabeled:
+            train_idx = train_idx[self.store.has_seg[train_idx]]
+        self.train_idx = train_idx
+        self.position = np.full(len(self.store), -1, np.int64)
+        self.position[train_idx] = np.arange(len(train_idx))
+
+    def make_curriculum(self) -> None:
+        """The curriculum over the training cases, and what it needs from the loop."""
+        c = self.config
+        self.table = curricula.case_table_from_manifest(self.store.manifest["cases"],
+                                                        [self.store.ids[i] for i in self.train_idx])
+        self.cur = curricula.get_curriculum(c.curriculum.name, **curriculum_options(c))
+        cur_state = self.cur.init(self.table)
+        self.cur_state = cur_state if jax.tree.leaves(cur_state) else {"_empty": np.zeros((), np.int32)}
+        if (self.cur.needs_losses or self.cur.needs_gain) and float(c.data.p_foreground) <= 0:
+            raise ConfigError(f"curriculum {c.curriculum.name!r} learns from the supervised loss of lesion-centred "
+                              "crops, and data.p_foreground=0 samples none: set --config.data.p_foreground (e.g. 0.5)")
+
+    def make_model(self) -> None:
+        """Mesh, model, optimiser and the pure train step (the state replicated on the mesh)."""
+        c = self.config
+        self.mesh = make_mesh(int(c.num_devices))
+        if c.data.batch_size % self.mesh.size:
+            raise ConfigError(f"data.batch_size={c.data.batch_size} must be divisible by the {self.mesh.size} "
+                              f"devices: set --config.data.batch_size to a multiple of {self.mesh.size} or "
+                              "--config.num_devices")
+        self.repl, self.dsh = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
+        model, trainable = build_model(c)
+        self.tx, self.schedule = make_optimizer(c), make_schedule(c)
+        self.graphdef, state = init_train_state(model, trainable, self.tx)
+        self.state = jax.device_put(state, self.repl)
+        self.cur_state = jax.device_put(self.cur_state, self.repl)
+        self.step_fn = make_train_step(self.graphdef, c, self.tx, self.cur.smooths, self.cur.needs_gain)
+
+    def restore(self, pipeline: str) -> dict | None:
+        """Resume from the latest `last` checkpoint, if any; returns its meta (None for a fresh run)."""
+        self.last_mgr, self.best_mgr = runs.checkpoint_managers(self.workdir, int(self.config.checkpoint.keep))
+        self.step = 0
+        meta = None
+        if self.last_mgr.latest_step() is not None:
+            self.state, self.cur_state, meta = runs.restore_last(self.last_mgr, self.state, self.cur_state, self.repl)
+            saved, now = meta.get("stream"), json.loads(json.dumps(stream_settings(self.config)))
+            if meta.get("pipeline", "host") != pipeline:
+                raise ConfigError(f"{self.workdir}: its checkpoint was written by the {meta.get('pipeline', 'host')} "
+                                  f"data path and this run would use the {pipeline} one (data.pipeline): resume "
+                                  "with the same data.pipeline, or use a new --workdir")
+            if saved is not None and saved != now:
+                diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                                 if saved.get(k) != now.get(k))
+                raise ConfigError(f"{self.workdir}: its checkpoint was trained with other data/curriculum settings "
+                                  f"({diff}); resume with the same settings, or use a new --workdir")
+            self.step = int(meta["step"])
+            self.writer.log(f"resumed from {self.workdir / 'checkpoints' / 'last'} at step {self.step}")
+        self.start_step = self.summary["start_step"] = self.step
+        if jax.process_index() == 0:  # after the resume check: a refused resume leaves the run's config.json alone
+            write_text_atomic(self.workdir / "config.json", self.config.to_json_best_effort(indent=1, sort_keys=True))
+        return meta
+
+    # -- shared by both loops -------------------------------------------------------------------------------
+    def model_for_eval(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, jax.device_get(self.state["params"]), jax.device_get(self.state["rest"]))
+
+    def evaluate(self, step_no: int, initial: bool = False) -> None:
+        """Validate, log, and keep the best checkpoint."""
+        ev = evaluate_cases(self.model_for_eval(), self.store, self.val_idx, self.config)
+        self.writer.write({"kind": "eval", "step": step_no, **ev})
+        head = {k: v for k, v in ev.items() if k != "cases"}
+        if initial:
+            self.summary["initial"] = head
+            self.writer.log(f"step 0 (untrained): val Dice {ev['val_dice']:.4f}  TMTV |err| "
+                            f"{ev['val_tmtv_abs_err_ml']:.1f} ml")
+            return
+        self.writer.log(f"step {step_no}: val Dice {ev['val_dice']:.4f}  TMTV |err| {ev['val_tmtv_abs_err_ml']:.1f} ml"
+                        f"  FPV {ev['val_fpv_ml']:.1f} ml  FNV {ev['val_fnv_ml']:.1f} ml")
+        self.summary["final"] = head
+        if np.isfinite(ev["val_dice"]) and ev["val_dice"] > self.summary.get("best", {}).get("val_dice", -1.0):
+            self.summary["best"] = {"step": step_no, **head}
+        if np.isfinite(ev["val_dice"]) and int(jax.device_get(self.state["nonfinite"])) == 0:
+            runs.save_best(self.best_mgr, step_no, self.state, ev["val_dice"])
+
+    def save(self, meta: dict) -> None:
+        """Checkpoint the whole state (never during a non-finite streak)."""
+        if int(jax.device_get(self.state["nonfinite"])) > 0:
+            return
+        meta = {"step": self.step, "curriculum": self.config.curriculum.name, "stream": stream_settings(self.config),
+                **meta}
+        runs.save_last(self.last_mgr, self.step, self.state, self.cur_state, meta)
+
+    def after_steps(self, last_loss: float, last_gnorm: float, last_sigma: float, save_meta: Callable[[], dict]
+                    ) -> None:
+        """The bookkeeping due at `self.step`: divergence stop, progress line, validation, checkpoint, debug stop."""
+        c, step_no, total = self.config, self.step, int(self.config.steps)
+        self.check_diverged(int(jax.device_get(self.state["nonfinite"])), step_no)
+        if step_no % int(c.log_every) == 0 or step_no == total:
+            rate = self.steps_done / max(time.time() - self.t0, 1e-9)
+            self.writer.log(f"step {step_no}/{total}  loss {last_loss:.4f}  |g| {last_gnorm:.3f}  sigma "
+                            f"{last_sigma:.3f}  {rate:.2f} step/s  ETA {_fmt_time((total - step_no) / rate)}")
+        if c.eval.every_steps and (step_no % int(c.eval.every_steps) == 0 or step_no == total) and len(self.val_idx):
+            self.evaluate(step_no)
+        if step_no % int(c.checkpoint.every_steps) == 0 or step_no == total:
+            self.save(save_meta())
+        if 0 <= int(c.debug.stop_after_steps) <= step_no - self.start_step:
+            self.last_mgr.wait_until_finished()
+            raise SystemExit(f"debug.stop_after_steps: stopping at step {step_no} (simulated interruption)")
+
+    def check_diverged(self, nonfinite: int, step_no: int) -> None:
+        """Raise TrainingDiverged when `nonfinite` (non-finite steps in a row up to `step_no`) reached the limit."""
+        if nonfinite >= int(self.config.max_nonfinite):
+            self.last_mgr.wait_until_finished()
+            raise TrainingDiverged(
+                f"loss or gradient non-finite for {nonfinite} steps in a row (up to step {step_no}); updates "
+                f"were skipped and the last good checkpoint is kept in {self.workdir / 'checkpoints' / 'last'} "
+                f"(step {self.last_mgr.latest_step()}). Lower optim.lr, check the input data, or raise max_nonfinite.")
+
+    def next_stop(self) -> int:
+        """The next step at which `after_steps` has work (log, eval, checkpoint, debug stop) or the run ends."""
+        c, s = self.config, self.step
+        periods = [int(c.log_every), int(c.checkpoint.every_steps)] + ([int(c.eval.every_steps)]
+                                                                         if c.eval.every_steps else [])
+        stops = [int(c.steps)] + [(s // p + 1) * p for p in periods if p > 0]
+        if int(c.debug.stop_after_steps) >= 0:
+            stops.append(self.start_step + int(c.debug.stop_after_steps))
+        return max(s + 1, min(stops))
+
+    def stage_row(self, step_no: int, weights: np.ndarray, sigma: float) -> dict:
+        """The "curriculum" metrics row of a stage that starts at `step_no`."""
+        return {"kind": "curriculum", "step": step_no, "stage": step_no // int(self.config.curriculum.stage_steps),
+                **curricula.summarise_weights(weights, self.table),
+                "weights": weights.tolist() if len(weights) <= 1000 else None, "sigma": float(sigma)}
+
+    def train_row(self, step_no: int, m: Mapping[str, Any], case_index, centred, reward: float) -> dict:
+        """The "train" metrics row of step `step_no` (1-based: the state after it)."""
+        row = {"kind": "train", "step": step_no, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+               "finite": bool(m["finite"]), "sigma": float(m["sigma"]), "lr": float(self.schedule(step_no - 1)),
+               "cases": [self.store.ids[i] for i in case_index], "case_losses": np.asarray(m["per_sample"]).tolist(),
+               "case_supervised": np.asarray(m["supervised"]).tolist(), "lesion_centred": np.asarray(centred).tolist()}
+        if self.cur.needs_gain:
+            row["gain"] = reward
+        return row
+
+    def finish(self) -> dict:
+        """Wait for the checkpoints, write summary.json and the final line."""
+        self.last_mgr.wait_until_finished()
+        self.best_mgr.wait_until_finished()
+        elapsed = time.time() - self.t0
+        s = self.summary
+        s.update({"steps": int(self.config.steps), "steps_this_run": self.steps_done, "skipped_updates":
+                  int(jax.device_get(self.state["skipped"])), "wall_s": round(elapsed, 2),
+                  "steps_per_s": round(self.steps_done / max(elapsed, 1e-9), 3), "devices": self.mesh.size,
+                  "processes": jax.process_count(), "best_checkpoint_step": self.best_mgr.best_step(),
+                  "pipeline": self.pipeline})
+        runs.write_json(self.workdir, "summary.json", s)
+        if "final" in s:
+            init = s.get("initial", {}).get("val_dice", float("nan"))
+            best = s.get("best", {})
+            self.writer.log(f"done: {self.steps_done} steps in {_fmt_time(elapsed)} ({s['steps_per_s']} step/s); "
+                            f"val Dice {init:.4f} (untrained) -> {s['final']['val_dice']:.4f} (final), "
+                            f"{best.get('val_dice', float('nan')):.4f} (best, step {best.get('step')}, kept in "
+                            f"checkpoints/best); skipped updates {s['skipped_updates']}; workdir {self.workdir}")
+        return s
+
+
+def _host_loop(run: _Run, meta: dict | None) -> None:
+    """Train with the host grain pipeline: weights per stage on the host, one jitted step per batch."""
+    c, cur = run.config, run.cur
+    stage_steps = int(c.curriculum.stage_steps)
+    cur_weights, cur_sigma = jax.jit(cur.weights), jax.jit(cur.sigma)
+    cur_update = jax.jit(cur.update, out_shardings=run.repl)
+    cur_end_stage = jax.jit(cur.end_stage, out_shardings=run.repl)
+    step_fn = jax.jit(run.step_fn, donate_argnums=(0,), out_shardings=(run.repl, run.repl))
+    stage, stage_weights, data_state = 0, None, None
+    if meta is not None:
+        stage, stage_weights = int(meta["stage"]), np.asarray(meta["stage_weights"], np.float64)
         data_state = meta["data_state"][jax.process_index()] if meta.get("data_state") else None
-        saved, now = meta.get("stream"), json.loads(json.dumps(stream_settings(config)))
-        if saved is not None and saved != now:
-            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-                             if saved.get(k) != now.get(k))
-            raise ConfigError(f"{workdir}: its checkpoint was trained with other data/curriculum settings ({diff}); "
-                              "resume with the same settings, or use a new --workdir")
-        writer.log(f"resumed from {workdir / 'checkpoints' / 'last'} at step {start_step} (stage {stage})")
-    if jax.process_index() == 0:  # after the resume check: a refused resume leaves the run's config.json alone
-        write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=1, sort_keys=True))
 
     def new_iterator(stage_no: int, weights: np.ndarray):
-        return make_train_iterator(store, weights, seed=int(config.seed), stage=stage_no,
-                                   batch_size=int(config.data.batch_size),
-                                   patch_shape=tuple(config.data.patch_shape),
-                                   num_workers=int(config.data.num_workers), case_indices=train_idx,
-                                   p_foreground=float(config.data.p_foreground), augment=bool(config.data.augment),
-                                   num_batches=stage_steps, extra_channels=extra_channels(config),
-                                   p_hot_negative=float(config.data.get("p_hot_negative", 0.0)),
-                                   hot_suv=float(config.data.get("hot_suv", 2.5)))
+        d = c.data
+        return make_train_iterator(run.store, weights, seed=int(c.seed), stage=stage_no, batch_size=int(d.batch_size),
+                                   patch_shape=tuple(d.patch_shape), num_workers=int(d.num_workers),
+                                   case_indices=run.train_idx, p_foreground=float(d.p_foreground),
+                                   augment=bool(d.augment), num_batches=stage_steps, extra_channels=extra_channels(c),
+                                   p_hot_negative=float(d.get("p_hot_negative", 0.0)),
+                                   hot_suv=float(d.get("hot_suv", 2.5)))
 
-    def eval_model(st) -> nnx.Module:
-        return nnx.merge(graphdef, jax.device_get(st["params"]), jax.device_get(st["rest"]))
-
-    def save(step_no: int, it, force=False):
-        if int(jax.device_get(state["nonfinite"])) > 0 and not force:
-            return  # never checkpoint while the run is in a non-finite streak
+    def save_meta():
         data_states = [it.get_state()["grain"]] if it is not None else None
         if data_states is not None and jax.process_count() > 1:
             data_states = multihost_utils.process_allgather(
                 np.asarray([data_states[0]["next_index"]]), tiled=False).reshape(-1).tolist()
             data_states = [{"next_index": int(v)} for v in data_states]
-        meta = {"step": step_no, "stage": stage, "stage_weights": np.asarray(stage_weights).tolist(),
-                "data_state": data_states, "curriculum": config.curriculum.name,
-                "stream": stream_settings(config)}
-        runs.save_last(last_mgr, step_no, state, cur_state, meta)
+        return {"pipeline": "host", "stage": stage, "stage_weights": np.asarray(stage_weights).tolist(),
+                "data_state": data_states}
 
-    total = int(config.steps)
-    summary: dict[str, Any] = {"curriculum": config.curriculum.name, "start_step": start_step}
-    if start_step == 0 and config.eval.at_start and len(val_idx):
-        ev = evaluate_cases(eval_model(state), store, val_idx, config)
-        summary["initial"] = {k: v for k, v in ev.items() if k != "cases"}
-        writer.write({"kind": "eval", "step": 0, **ev})
-        writer.log(f"step 0 (untrained): val Dice {ev['val_dice']:.4f}  TMTV |err| {ev['val_tmtv_abs_err_ml']:.1f} ml")
-
-    poison = set(int(s) for s in config.debug.poison_steps)
+    poison = set(int(s) for s in c.debug.poison_steps)
     it = None
-    t0, steps_done, step_no = time.time(), 0, start_step
-    while step_no < total:
+    while run.step < int(c.steps):
+        step_no = run.step
         if it is None or step_no % stage_steps == 0:
             new_stage = step_no // stage_steps
             if stage_weights is None or new_stage != stage:
                 if stage_weights is not None:  # a stage has ended (also when resuming at its boundary)
-                    cur_state = cur_end_stage(cur_state)
+                    run.cur_state = cur_end_stage(run.cur_state)
                 stage = new_stage
-                stage_weights = np.asarray(jax.device_get(cur_weights(cur_state, jnp.int32(step_no))), np.float64)
+                stage_weights = np.asarray(jax.device_get(cur_weights(run.cur_state, jnp.int32(step_no))), np.float64)
                 data_state = None
-                writer.write({"kind": "curriculum", "step": step_no, "stage": stage,
-                              **curricula.summarise_weights(stage_weights, table),
-                              "weights": stage_weights.tolist() if len(stage_weights) <= 1000 else None,
-                              "sigma": float(cur_sigma(cur_state, jnp.int32(step_no)))})
+                run.writer.write(run.stage_row(step_no, stage_weights, cur_sigma(run.cur_state, jnp.int32(step_no))))
             it = new_iterator(stage, stage_weights)
             if data_state is not None:
                 it.grain_iterator.set_state(data_state)
@@ -528,12 +657,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         local = next(it)
         if step_no in poison:
             local = dict(local, image=np.full_like(local["image"], np.nan))
-        batch = {k: jax.make_array_from_process_local_data(dsh, np.asarray(local[k]))
+        batch = {k: jax.make_array_from_process_local_data(run.dsh, np.asarray(local[k]))
                  for k in ("image", "label", "labeled")}
-        sigma = cur_sigma(cur_state, jnp.int32(step_no))
-        state, metrics = step_fn(state, batch, sigma)
-        step_no += 1
-        steps_done += 1
+        sigma = cur_sigma(run.cur_state, jnp.int32(step_no))
+        run.state, metrics = step_fn(run.state, batch, sigma)
+        run.step, run.steps_done = step_no + 1, run.steps_done + 1
 
         case_index, centred = np.asarray(local["case_index"]), np.asarray(local["lesion_centred"])
         step_out = {k: metrics[k] for k in ("supervised", "gain", "per_sample") if k in metrics}
@@ -543,57 +671,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             step_out = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in step_out.items()}
         m = jax.device_get({k: v for k, v in metrics.items() if k not in step_out})
         m.update({k: np.asarray(jax.device_get(v)) for k, v in step_out.items()})
-        obs = curriculum_observation(position, case_index, centred, m, step_no - 1)
-        cur_state = cur_update(cur_state, obs)
-        row = {"kind": "train", "step": step_no, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-               "finite": bool(m["finite"]), "sigma": float(sigma), "lr": float(schedule(step_no - 1)),
-               "cases": [store.ids[i] for i in case_index], "case_losses": m["per_sample"].tolist(),
-               "case_supervised": m["supervised"].tolist(), "lesion_centred": centred.tolist()}
-        if "gain" in m:
-            row["gain"] = float(obs.reward)
-        writer.write(row)
-        nonfinite = int(jax.device_get(state["nonfinite"]))
-        if nonfinite >= int(config.max_nonfinite):
-            last_mgr.wait_until_finished()
-            raise TrainingDiverged(
-                f"loss or gradient non-finite for {nonfinite} steps in a row (up to step {step_no}); updates "
-                f"were skipped and the last good checkpoint is kept in {workdir / 'checkpoints' / 'last'} "
-                f"(step {last_mgr.latest_step()}). Lower optim.lr, check the input data, or raise max_nonfinite.")
-        if step_no % int(config.log_every) == 0 or step_no == total:
-            rate = steps_done / max(time.time() - t0, 1e-9)
-            writer.log(f"step {step_no}/{total}  loss {float(m['loss']):.4f}  |g| {float(m['grad_norm']):.3f}  "
-                       f"sigma {float(sigma):.3f}  {rate:.2f} step/s  ETA {_fmt_time((total - step_no) / rate)}")
-        if config.eval.every_steps and (step_no % int(config.eval.every_steps) == 0 or step_no == total) \
-                and len(val_idx):
-            ev = evaluate_cases(eval_model(state), store, val_idx, config)
-            writer.write({"kind": "eval", "step": step_no, **ev})
-            writer.log(f"step {step_no}: val Dice {ev['val_dice']:.4f}  TMTV |err| {ev['val_tmtv_abs_err_ml']:.1f} ml"
-                       f"  FPV {ev['val_fpv_ml']:.1f} ml  FNV {ev['val_fnv_ml']:.1f} ml")
-            summary["final"] = {k: v for k, v in ev.items() if k != "cases"}
-            if np.isfinite(ev["val_dice"]) and ev["val_dice"] > summary.get("best", {}).get("val_dice", -1.0):
-                summary["best"] = {"step": step_no, **summary["final"]}
-            if np.isfinite(ev["val_dice"]) and int(jax.device_get(state["nonfinite"])) == 0:
-                runs.save_best(best_mgr, step_no, state, ev["val_dice"])
-        if step_no % int(config.checkpoint.every_steps) == 0 or step_no == total:
-            save(step_no, it)
-        if 0 <= int(config.debug.stop_after_steps) <= step_no - start_step:
-            last_mgr.wait_until_finished()
-            raise SystemExit(f"debug.stop_after_steps: stopping at step {step_no} (simulated interruption)")
+        m["sigma"] = float(sigma)
+        obs = curriculum_observation(run.position, case_index, centred, m, step_no)
+        run.cur_state = cur_update(run.cur_state, obs)
+        run.writer.write(run.train_row(run.step, m, case_index, centred, float(obs.reward)))
+        run.after_steps(float(m["loss"]), float(m["grad_norm"]), float(sigma), save_meta)
 
-    last_mgr.wait_until_finished()
-    best_mgr.wait_until_finished()
-    elapsed = time.time() - t0
-    summary.update({"steps": total, "steps_this_run": steps_done, "skipped_updates":
-                    int(jax.device_get(state["skipped"])), "wall_s": round(elapsed, 2),
-                    "steps_per_s": round(steps_done / max(elapsed, 1e-9), 3), "devices": mesh.size,
-                    "processes": jax.process_count(), "best_checkpoint_step": best_mgr.best_step()})
-    if jax.process_index() == 0:
-        runs.write_json(workdir, "summary.json", summary)
-        if "final" in summary:
-            init = summary.get("initial", {}).get("val_dice", float("nan"))
-            best = summary.get("best", {})
-            writer.log(f"done: {steps_done} steps in {_fmt_time(elapsed)} ({summary['steps_per_s']} step/s); "
-                       f"val Dice {init:.4f} (untrained) -> {summary['final']['val_dice']:.4f} (final), "
-                       f"{best.get('val_dice', float('nan')):.4f} (best, step {best.get('step')}, kept in "
-                       f"checkpoints/best); skipped updates {summary['skipped_updates']}; workdir {workdir}")
-    return summary
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Train as `config` says, writing everything to `workdir`; resume if `workdir` has a checkpoint.
+
+    Steps: open the run folder (`clips_jax.runs`), the data, the curriculum, the model and its train step;
+    restore the last checkpoint if there is one; validate the untrained model (optional); train with the device
+    or the host data path (`choose_pipeline`); write the summary. Returns the summary dict (also
+    `workdir/summary.json`): steps, skipped updates, wall time, step rate, initial, final and best validation
+    metrics, curriculum name, data path.
+    """
+    if config.model.get("require_init_weights", False) and not config.model.get("init_weights", ""):
+        build_model(config)  # raises the explanatory ConfigError before any data work
+    run = _Run(config, runs.open_for_training(workdir))
+    run.open_data()
+    run.make_curriculum()
+    run.make_model()
+    run.pipeline = choose_pipeline(config, run.store, run.train_idx)
+    meta = run.restore(run.pipeline)
+    if run.step == 0 and config.eval.at_start and len(run.val_idx):
+        run.evaluate(0, initial=True)
+    run.t0 = time.time()
+    if run.pipeline == "device":
+        from clips_jax import device_loop
+
+        device_loop.run(run, meta)
+    else:
+        _host_loop(run, meta)
+    return run.finish()

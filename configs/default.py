@@ -16,6 +16,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.steps = 300
     c.num_devices = 0            # 0 = all devices (all hosts)
     c.log_every = 10
+    c.steps_per_call = 10        # device data path: training steps per compiled call (lax.scan); logging,
+                                 # validation and checkpoints happen between calls
     c.max_nonfinite = 5          # stop after this many non-finite steps in a row
     c.quiet = False
 
@@ -28,7 +30,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.data.p_hot_negative = 0.0  # else: probability of centring it on SUV >= hot_suv outside lesions (hard negatives)
     c.data.hot_suv = 2.5         # g/ml
     c.data.augment = True
-    c.data.num_workers = 0       # grain worker processes (0 = threads in this process)
+    c.data.num_workers = 0       # grain worker processes (0 = threads in this process; host path only)
+    c.data.pipeline = "auto"     # "device": store on the accelerator, crops + augmentation in the compiled step;
+                                 # "host": grain pipeline; "auto": device when the store fits device_store_gb
+    c.data.device_store_gb = 4.0  # per-device memory budget (GiB) for the device path's case store
     c.data.use_unlabeled = False  # also train on cases without SEG (Mumford-Shah term only)
     c.data.phantoms = ml_collections.ConfigDict()
     c.data.phantoms.cases = 24

@@ -222,3 +222,16 @@ def test_case_arrays_extra(dataset, tmp_path):
     np.save(store.case_dir(0) / "stage_a.npy", np.zeros((2, 2, 2), np.float32))
     with pytest.raises(DataError, match="shape"):
         store.case_arrays(0, extra=("stage_a",))
+
+
+def test_store_of_a_newer_format_is_refused(tmp_path):
+    import json as _json
+
+    from clips_jax.data.store import MANIFEST_VERSION, CaseStore
+    from clips_jax.errors import DataError
+
+    (tmp_path / "manifest.json").write_text(_json.dumps({"version": MANIFEST_VERSION + 1, "cases": []}))
+    with pytest.raises(DataError, match="newer than this clips-jax"):
+        CaseStore(tmp_path)
+    (tmp_path / "manifest.json").write_text(_json.dumps({"version": MANIFEST_VERSION, "cases": []}))
+    assert len(CaseStore(tmp_path)) == 0

@@ -202,6 +202,10 @@ class CaseStore:
                             f"--output {self.cache_dir}` first") from None
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: unreadable manifest ({e}); delete it and run prepare again") from e
+        version = self.manifest.get("version", MANIFEST_VERSION)
+        if not isinstance(version, int) or version > MANIFEST_VERSION:
+            raise DataError(f"{path}: case-store format {version!r}, newer than this clips-jax reads "
+                            f"({MANIFEST_VERSION}); upgrade clips-jax or prepare the store again with this version")
         self.cases: list[dict] = list(self.manifest.get("cases", []))
         self.ids: list[str] = [c["id"] for c in self.cases]
         self._index = {cid: i for i, cid in enumerate(self.ids)}
