@@ -123,9 +123,12 @@ def test_nonfinite_guard_skips_updates_and_stops(phantom_cache, tmp_path):
     assert s2["start_step"] == 2 and np.isfinite(s2["final"]["val_dice"])
 
 
-@pytest.mark.parametrize("curriculum", ["self_paced_hard", "exp3s", "cbs", "predefined_composite_root"])
-def test_curriculum_runs_and_resumes_exactly(phantom_cache, tmp_path, curriculum):
-    over = {"curriculum.name": curriculum, "steps": 4, "eval.every_steps": 0, "eval.at_start": False}
+@pytest.mark.parametrize("curriculum,pipeline", [("self_paced_hard", "device"), ("exp3s", "device"),
+                                                 ("cbs", "device"), ("predefined_composite_root", "device"),
+                                                 ("exp3s", "host"), ("self_paced_hard", "host")])
+def test_curriculum_runs_and_resumes_exactly(phantom_cache, tmp_path, curriculum, pipeline):
+    over = {"curriculum.name": curriculum, "steps": 4, "eval.every_steps": 0, "eval.at_start": False,
+            "data.pipeline": pipeline}
     full = tmp_path / "full"
     trainer.train_and_evaluate(tiny_config(phantom_cache, **over), full)
     part = tmp_path / "part"
@@ -290,3 +293,32 @@ def test_run_folder_format_is_recorded_and_checked(tmp_path):
     (tmp_path / "future" / "run.json").write_text('{"format": 99}')
     with pytest.raises(trainer.ConfigError, match="newer than this clips-jax"):
         runs.open_for_training(tmp_path / "future")
+
+
+def test_device_path_global_batch_is_the_same_on_4_devices(phantom_cache, tmp_path):
+    # Each element's key folds in its global index: 4 devices train on the same global batches as 1 device.
+    over = {"steps": 3, "eval.every_steps": 0, "eval.at_start": False, "data.batch_size": 4,
+            "data.pipeline": "device", "checkpoint.every_steps": 3}
+    one = trainer.train_and_evaluate(tiny_config(phantom_cache, **over), tmp_path / "one")
+    four = trainer.train_and_evaluate(tiny_config(phantom_cache, **over, num_devices=4), tmp_path / "four")
+    assert one["pipeline"] == four["pipeline"] == "device" and four["devices"] == 4
+    a, b = trainer.read_metrics(tmp_path / "one", "train"), trainer.read_metrics(tmp_path / "four", "train")
+    assert [r["cases"] for r in a] == [r["cases"] for r in b]
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=2e-4)
+
+
+def test_pipeline_choice_and_resume_across_paths_refused(phantom_cache, tmp_path):
+    cfg = tiny_config(phantom_cache)
+    store = trainer.ensure_store(cfg, lambda _: None)
+    idx = store.split_indices("train")
+    assert trainer.choose_pipeline(cfg, store, idx) == "device"          # 6 mm phantoms fit the budget
+    cfg.data.device_store_gb = 1e-6
+    assert trainer.choose_pipeline(cfg, store, idx) == "host"            # over budget: the grain pipeline
+    cfg.data.pipeline = "gpu"
+    with pytest.raises(trainer.ConfigError, match="data.pipeline"):
+        trainer.choose_pipeline(cfg, store, idx)
+    over = {"steps": 4, "eval.every_steps": 0, "eval.at_start": False, "data.pipeline": "host"}
+    with pytest.raises(SystemExit):
+        trainer.train_and_evaluate(tiny_config(phantom_cache, **over, **{"debug.stop_after_steps": 2}), tmp_path / "r")
+    with pytest.raises(trainer.ConfigError, match="data.pipeline"):
+        trainer.train_and_evaluate(tiny_config(phantom_cache, **{**over, "data.pipeline": "device"}), tmp_path / "r")
