@@ -29,7 +29,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from clips_jax.errors import ConfigError
 
@@ -46,6 +45,42 @@ def _spatial_sum(x: Array) -> Array:
 def _spatial_mean(x: Array) -> Array:
     """Mean over every axis but the first (batch)."""
     return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+# The class axis K is tiny (2): reductions over it are written as K-1 elementwise operations on class slices, so
+# that XLA fuses them into the surrounding elementwise kernels (a reduction over a minor axis of size 2 becomes a
+# separate, slow kernel on CPU; measured in BENCHMARKS.md, "CPU training step of the default job"). Same
+# formulas as jax.nn.softmax / logsumexp; sums over K > 2 classes run left to right (float32 round-off only).
+
+
+def _class_max(x: Array) -> Array:
+    """Max over the last (class) axis, unrolled."""
+    m = x[..., 0]
+    for k in range(1, x.shape[-1]):
+        m = jnp.maximum(m, x[..., k])
+    return m
+
+
+def _class_sum(x: Array) -> Array:
+    """Sum over the last (class) axis, unrolled."""
+    s = x[..., 0]
+    for k in range(1, x.shape[-1]):
+        s = s + x[..., k]
+    return s
+
+
+@jax.custom_jvp
+def _softmax(x: Array) -> Array:
+    """`jax.nn.softmax(x, axis=-1)` (same formula and derivative rule) with the class reductions unrolled."""
+    e = jnp.exp(x - _class_max(x)[..., None])
+    return e / _class_sum(e)[..., None]
+
+
+@_softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    y = _softmax(x)
+    return y, y * (x_dot - _class_sum(y * x_dot)[..., None])
 
 
 def _check_logits_labels(logits: Array, labels: Array) -> None:
@@ -70,17 +105,27 @@ def soft_dice_loss(logits: Array, labels: Array, smooth: float = 1e-3, eps: floa
       i.e. a false-positive penalty that pushes p1 to 0 (about 0 when the prediction is also empty).
     """
     _check_logits_labels(logits, labels)
-    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]
+    p = _softmax(logits.astype(jnp.float32))[..., 1]
     y = (labels == 1).astype(jnp.float32)
     inter = _spatial_sum(p * y)
     return 1.0 - (2.0 * inter + smooth) / (_spatial_sum(p) + _spatial_sum(y) + eps + smooth)
 
 
 def _voxel_ce(logits: Array, labels: Array) -> Array:
-    """Per-voxel softmax cross-entropy `(N, D, H, W)` float32 (labels clipped into the valid range)."""
+    """Per-voxel softmax cross-entropy `(N, D, H, W)` float32 (labels clipped into the valid range).
+
+    `logsumexp(logits) - logits[label]`, as `optax.softmax_cross_entropy_with_integer_labels` (max-shifted
+    logsumexp, the max a constant for differentiation), with the class reductions and the label pick unrolled.
+    """
     k = logits.shape[-1]
     lab = jnp.clip(labels.astype(jnp.int32), 0, k - 1)
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), lab)
+    x = logits.astype(jnp.float32)
+    m = jax.lax.stop_gradient(_class_max(x))
+    lse = jnp.log(_class_sum(jnp.exp(x - m[..., None]))) + m
+    picked = x[..., 0]
+    for c in range(1, k):
+        picked = jnp.where(lab == c, x[..., c], picked)
+    return lse - picked
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
@@ -124,7 +169,7 @@ def sensitivity_loss(logits: Array, labels: Array) -> Array:
     Returns `(N,)` float32 in [0, 1]; 0 for samples without lesion voxels.
     """
     _check_logits_labels(logits, labels)
-    p1 = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]
+    p1 = _softmax(logits.astype(jnp.float32))[..., 1]
     y = (labels == 1).astype(jnp.float32)
     return _spatial_sum(jnp.abs(p1 - y) * y) / (1e-4 + _spatial_sum(y))
 
@@ -158,19 +203,27 @@ def mumford_shah_loss(logits: Array, image: Array, eta: float = 1e-3, eps: float
     if logits.ndim != 5 or image.ndim != 5 or image.shape[:4] != logits.shape[:4]:
         raise ConfigError(f"mumford_shah_loss: logits {logits.shape} and image {image.shape} must be "
                           f"(N, D, H, W, K) and (N, D, H, W, M) with equal N, D, H, W")
-    y = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)          # (N, D, H, W, K)
+    y = _softmax(logits.astype(jnp.float32))                           # (N, D, H, W, K)
     x = image.astype(jnp.float32)
     if channels is not None:
         x = x[..., tuple(int(c) for c in channels)]
-    mass = jnp.sum(y, axis=(1, 2, 3))                                  # (N, K)
-    mu = jnp.einsum("ndhwm,ndhwk->nmk", x, y) / (mass[:, None, :] + eps)  # (N, M, K)
+    # Per class c and channel m (K, M are small): elementwise products and full-volume sums that XLA fuses,
+    # instead of an einsum over the channel/class axes (a badly shaped matrix product on CPU, forward and
+    # backward).
+    xs = [x[..., m] for m in range(x.shape[-1])]                         # M x (N, D, H, W)
     level = jnp.zeros(logits.shape[0], jnp.float32)
-    for c in range(logits.shape[-1]):
-        diff2 = jnp.sum((x - mu[:, None, None, None, :, c]) ** 2, axis=-1)  # (N, D, H, W)
-        level = level + _spatial_sum(diff2 * y[..., c])
     tv = jnp.zeros(logits.shape[0], jnp.float32)
-    for axis in (1, 2, 3):
-        tv = tv + _spatial_sum(jnp.abs(jnp.diff(y, axis=axis)))
+    for c in range(logits.shape[-1]):
+        yc = y[..., c]
+        mass = _spatial_sum(yc)                                          # (N,)
+        diff2 = None
+        for xm in xs:
+            mu = _spatial_sum(xm * yc) / (mass + eps)                    # (N,)
+            d2 = (xm - mu[:, None, None, None]) ** 2
+            diff2 = d2 if diff2 is None else diff2 + d2
+        level = level + _spatial_sum(diff2 * yc)
+        for axis in (1, 2, 3):
+            tv = tv + _spatial_sum(jnp.abs(jnp.diff(yc, axis=axis)))
     return level + eta * tv
 
 

@@ -224,3 +224,38 @@ def test_deep_supervision_weighted_sum_of_resized_heads():
     assert "head3/dice" in terms and float(terms["head2/ce"][1]) == 0.0
     with pytest.raises(ConfigError):
         losses.deep_supervision_loss(heads[:3], labels, image, lab)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_unrolled_class_reductions_match_jax_optax_and_einsum_forms_with_gradients(k):
+    """The losses' unrolled softmax / CE / Mumford-Shah equal the library forms they replace (values and
+    gradients, float32 round-off): jax.nn.softmax, optax's integer-label CE, the einsum-based MS means."""
+    import optax
+
+    rng = np.random.default_rng(7 + k)
+    logits = jnp.asarray(3 * rng.normal(size=(2, 6, 5, 4, k)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, k, size=(2, 6, 5, 4)), jnp.int32)
+    image = jnp.asarray(rng.random((2, 6, 5, 4, 3)), jnp.float32)
+
+    def ms_einsum(z, eta=1e-3, eps=1e-6):
+        y = jax.nn.softmax(z, axis=-1)
+        mu = jnp.einsum("ndhwm,ndhwk->nmk", image, y) / (jnp.sum(y, axis=(1, 2, 3))[:, None, :] + eps)
+        level = sum(jnp.sum(jnp.sum((image - mu[:, None, None, None, :, c]) ** 2, -1) * y[..., c], axis=(1, 2, 3))
+                    for c in range(k))
+        tv = sum(jnp.sum(jnp.abs(jnp.diff(y, axis=a)), axis=(1, 2, 3, 4)) for a in (1, 2, 3))
+        return level + eta * tv
+
+    pairs = [
+        (lambda z: losses._softmax(z) ** 2, lambda z: jax.nn.softmax(z, axis=-1) ** 2),
+        (lambda z: losses._voxel_ce(z, labels),
+         lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels)),
+        (lambda z: losses.mumford_shah_loss(z, image), ms_einsum),
+        (lambda z: losses.soft_dice_loss(z, labels),
+         lambda z: 1.0 - (2.0 * jnp.sum(jax.nn.softmax(z)[..., 1] * (labels == 1), (1, 2, 3)) + 1e-3)
+         / (jnp.sum(jax.nn.softmax(z)[..., 1], (1, 2, 3)) + jnp.sum(labels == 1, (1, 2, 3)) + 1e-5 + 1e-3)),
+    ]
+    for new, ref in pairs:
+        np.testing.assert_allclose(new(logits), ref(logits), rtol=2e-6, atol=1e-6)
+        g_new = jax.grad(lambda z: jnp.sum(jnp.sin(new(z))))(logits)
+        g_ref = jax.grad(lambda z: jnp.sum(jnp.sin(ref(z))))(logits)
+        np.testing.assert_allclose(g_new, g_ref, rtol=0, atol=1e-5 * float(jnp.abs(g_ref).max()))

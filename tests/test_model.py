@@ -110,17 +110,18 @@ def test_conv_as_2d_convolutions_equals_lax_conv_and_its_gradients(kernel, strid
     def loss(x, w):
         return jnp.sum(jnp.sin(conv(x, w)))
 
-    monkeypatch.setenv(CONV3D_ENV, "2d")
-    got, ggot = conv(x, w), jax.grad(loss, argnums=(0, 1))(x, w)
     monkeypatch.setenv(CONV3D_ENV, "lax")  # the same function now calls lax.conv_general_dilated
     ref, gref = conv(x, w), jax.grad(loss, argnums=(0, 1))(x, w)
     direct = jax.lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=dn)
     np.testing.assert_array_equal(ref, direct)
-    assert got.shape == ref.shape
     scale = float(jnp.abs(ref).max())
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * scale)
-    for a, b in zip(ggot, gref):
-        np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * float(jnp.abs(b).max()))  # float32 sums of ~1e3 terms
+    for mode in ("2d", "fold", "auto"):  # per-tap sum, depth taps folded into channels, the CPU default
+        monkeypatch.setenv(CONV3D_ENV, mode)
+        got, ggot = conv(x, w), jax.grad(loss, argnums=(0, 1))(x, w)
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * scale)
+        for a, b in zip(ggot, gref):
+            np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * float(jnp.abs(b).max()))  # float32 sums, ~1e3 terms
     monkeypatch.setenv(CONV3D_ENV, "bogus")
     with pytest.raises(ConfigError, match=CONV3D_ENV):
         conv(x, w)
@@ -138,6 +139,16 @@ def test_conv_layers_really_take_the_configured_path(monkeypatch):
 
     monkeypatch.setenv(CONV3D_ENV, "2d")
     assert conv_ranks() == [4]   # only 2-D convolutions (N, H, W, C)
+    monkeypatch.setenv(CONV3D_ENV, "fold")
+    assert conv_ranks() == [4]
+
+    def n_convs():
+        jaxpr = jax.make_jaxpr(lambda v: layer(v))(x)
+        return sum(e.primitive.name == "conv_general_dilated" for e in jaxpr.jaxpr.eqns)
+
+    assert n_convs() == 1        # the three depth taps folded into one 2-D convolution
+    monkeypatch.setenv(CONV3D_ENV, "2d")
+    assert n_convs() == 3        # one 2-D convolution per depth tap
     monkeypatch.setenv(CONV3D_ENV, "lax")
     assert conv_ranks() == [5]   # the native 3-D convolution
 

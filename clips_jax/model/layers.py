@@ -10,8 +10,11 @@ Each block reproduces the PyTorch original exactly (reference: tmtv-net.md secti
 
 On CPU, every 3-D convolution runs as a sum over the kernel's depth taps of 2-D convolutions (`conv_general_3d`):
 XLA:CPU's 2-D convolutions are ~2x faster than its 3-D ones (measured on a 2-core Xeon: 65 vs 26-31 GFLOP/s for
-32 -> 32 channels, 3^3, 64^3 voxels). Same parameters, same maths up to float32 summation order; GPUs keep the
-native 3-D convolution (cuDNN). `CLIPS_CONV3D=lax|2d|auto` (environment, read at trace time) overrides the choice.
+32 -> 32 channels, 3^3, 64^3 voxels). Small tensors (the default job's narrow U-Net on 32^3 patches) instead fold
+the depth taps into the channels: one 2-D convolution with kD * Cin input channels, ~2x faster there than the
+per-tap sum, forward and backward (see `conv_general_3d`). Same parameters, same maths up to float32 summation
+order; GPUs keep the native 3-D convolution (cuDNN). `CLIPS_CONV3D=auto|lax|2d|fold` (environment, read at trace
+time) overrides the choice: `lax` native, `2d` always the per-tap sum, `fold` always the folded form.
 
 Curriculum by smoothing (Sinha et al. 2020): every block takes an optional `sigma`. With `sigma=None` (the
 default, used at inference) no smoothing op exists in the graph. With a (traced) scalar sigma, a fixed
@@ -150,12 +153,26 @@ def upsample2x_linear(x: jax.Array) -> jax.Array:
 CONV3D_ENV = "CLIPS_CONV3D"
 
 
-def prefer_2d_convs() -> bool:
-    """True where 3-D convolutions run as 2-D ones: `CLIPS_CONV3D=2d`, or `auto` (default) on the CPU backend."""
+CONV3D_MODES = ("auto", "lax", "2d", "fold")
+# auto on CPU: fold the depth taps into the channels when the folded input has at most this many elements and
+# kD * Cin channels at most FOLD_MAX_CHANNELS (the default job's convolutions; measured 2026-11-30, BENCHMARKS.md
+# "CPU training step of the default job"); larger tensors keep the per-tap sum measured for the full-width net.
+FOLD_MAX_ELEMENTS = 1 << 22
+FOLD_MAX_CHANNELS = 256
+
+
+def conv3d_mode() -> str:
+    """`CLIPS_CONV3D` (default "auto"), validated. Raises ConfigError for an unknown value."""
     mode = os.environ.get(CONV3D_ENV, "auto").strip().lower()
-    if mode not in ("auto", "lax", "2d"):
-        raise ConfigError(f"environment variable {CONV3D_ENV}={mode!r}: use auto, lax or 2d (or unset it)")
-    return mode == "2d" or (mode == "auto" and jax.default_backend() == "cpu")
+    if mode not in CONV3D_MODES:
+        raise ConfigError(f"environment variable {CONV3D_ENV}={mode!r}: use auto, lax, 2d or fold (or unset it)")
+    return mode
+
+
+def prefer_2d_convs() -> bool:
+    """True where 3-D convolutions run as 2-D ones: `CLIPS_CONV3D=2d|fold`, or `auto` (default) on CPU."""
+    mode = conv3d_mode()
+    return mode in ("2d", "fold") or (mode == "auto" and jax.default_backend() == "cpu")
 
 
 def _use_2d_convs(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
@@ -184,7 +201,8 @@ def conv_general_3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
     lhs `(N, D, H, W, Cin)`, rhs `(kD, kH, kW, Cin, Cout)`, explicit `padding` ((lo, hi) per axis) ->
     `(N, D', H', W', Cout)`. On CPU (see the module docstring) it computes
     `sum_a conv2d(x_pad[:, a + s*j], rhs[a])` over the kD depth taps a, with the depth axis folded into the batch
-    (float32 in, float32 out); anything else (GPU, dilation, groups, 'SAME' padding, non-float32, an
+    (float32 in, float32 out), or for small tensors (`_fold_depth`) one 2-D convolution over the taps
+    concatenated along the channels (`_conv3d_folded`); anything else (GPU, dilation, groups, 'SAME' padding, non-float32, an
     `out_sharding` or `preferred_element_type`) goes to `lax.conv_general_dilated` unchanged.
     Raises: ConfigError if `CLIPS_CONV3D` holds an unknown value.
     """
@@ -195,8 +213,26 @@ def conv_general_3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
                                             feature_group_count=feature_group_count, precision=precision, **kwargs)
     # (Training memory: XLA's temporary buffers are ~2x those of the native conv, forward and backward alike,
     # measured on a small U-Net; jax.checkpoint around this path did not change that.)
-    return _conv3d_as_2d(lhs, rhs, tuple(int(v) for v in window_strides),
-                         tuple(tuple(int(v) for v in pr) for pr in padding), precision)
+    strides = tuple(int(v) for v in window_strides)
+    padding = tuple(tuple(int(v) for v in pr) for pr in padding)
+    if _fold_depth(lhs.shape, rhs.shape, strides, padding):
+        return _conv3d_folded(lhs, rhs, strides, padding, precision)
+    return _conv3d_as_2d(lhs, rhs, strides, padding, precision)
+
+
+def _fold_depth(lhs_shape, rhs_shape, strides, padding) -> bool:
+    """Whether the 2-D path folds the depth taps into the channels (`_conv3d_folded`) rather than summing
+    per-tap 2-D convolutions (`_conv3d_as_2d`): always under `CLIPS_CONV3D=fold`, never under `2d`; under `auto`
+    for small tensors (folded input <= FOLD_MAX_ELEMENTS elements, kD * Cin <= FOLD_MAX_CHANNELS)."""
+    mode = conv3d_mode()
+    if mode != "auto":
+        return mode == "fold"
+    n, d, h, w, c = lhs_shape
+    kd = rhs_shape[0]
+    if kd == 1:
+        return False  # a single tap: both forms are one 2-D convolution
+    d_out = (d + sum(padding[0]) - kd) // strides[0] + 1
+    return kd * c <= FOLD_MAX_CHANNELS and n * d_out * h * w * kd * c <= FOLD_MAX_ELEMENTS
 
 
 def _conv3d_as_2d(lhs, rhs, window_strides, padding, precision):
@@ -214,6 +250,29 @@ def _conv3d_as_2d(lhs, rhs, window_strides, padding, precision):
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
         out = y if out is None else out + y
     return out.reshape(n, d_out, *out.shape[1:])
+
+
+def _conv3d_folded(lhs, rhs, window_strides, padding, precision):
+    """The small-tensor CPU path of `conv_general_3d`: the kD depth taps (strided depth slices of the padded
+    input) concatenated along the channels, `(N * D', H, W, kD * Cin)`, convolved in ONE 2-D convolution with
+    the kernel reshaped to `(kH, kW, kD * Cin, Cout)` (tap-major channels, matching the concatenation).
+
+    Fewer, larger kernels than `_conv3d_as_2d` (one convolution and one weight-gradient convolution instead of
+    kD of each, no partial-sum additions); the concatenated input is kD times the input, so it is only chosen
+    for small tensors. Same result up to float32 summation order.
+    """
+    n, d, h, w, c = lhs.shape
+    kd, kh, kw, _, cout = rhs.shape
+    sd, sh, sw = window_strides
+    (p0, p1), *pad_hw = padding
+    x = jnp.pad(lhs, ((0, 0), (p0, p1), (0, 0), (0, 0), (0, 0))) if (p0 or p1) else lhs
+    d_out = (d + p0 + p1 - kd) // sd + 1
+    taps = jnp.concatenate([jax.lax.slice_in_dim(x, a, a + sd * (d_out - 1) + 1, stride=sd, axis=1)
+                            for a in range(kd)], axis=-1)                     # (N, D', H, W, kD * Cin)
+    kernel = jnp.transpose(rhs, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, cout)
+    y = jax.lax.conv_general_dilated(taps.reshape(n * d_out, h, w, kd * c), kernel, (sh, sw), pad_hw,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    return y.reshape(n, d_out, *y.shape[1:])
 
 
 def conv3d(cin: int, cout: int, kernel: int, *, stride: int = 1, use_bias: bool = True, dtype=None,
