@@ -79,10 +79,26 @@ def make_chunk_fn(run, n_steps: int):
 
     def chunk(state, cur_state, weights, key, dstore):
         body = lambda carry, x: one_step(carry, x, key, dstore)  # noqa: E731 - the store is closed over, not carried
+        if n_steps == 1:  # no loop at all (see `steps_per_call`: XLA:CPU runs loop bodies far slower)
+            (state, cur_state, weights), out = body((state, cur_state, weights), None)
+            return state, cur_state, weights, jax.tree.map(lambda a: a[None], out)
         (state, cur_state, weights), out = jax.lax.scan(body, (state, cur_state, weights), None, length=n_steps)
         return state, cur_state, weights, out
 
     return chunk
+
+
+def steps_per_call(config) -> int:
+    """Steps per compiled call: `config.steps_per_call`, or with 0 ("auto") 1 on CPU and 10 on accelerators.
+
+    On XLA:CPU a training step inside `lax.scan` (a while loop) ran ~12x slower than the same step compiled on
+    its own (narrow U-Net, 32^3, measured 2026-11-30: 1,683 ms vs 139 ms; BENCHMARKS.md), so the CPU calls one
+    step at a time; everything else (sampling, augmentation, curriculum) stays inside the compiled step.
+    """
+    k = int(config.get("steps_per_call", 0))
+    if k > 0:
+        return k
+    return 1 if jax.default_backend() == "cpu" else 10
 
 
 def _chunk_rows(run, out: dict, first_step: int) -> list[dict]:
@@ -112,7 +128,7 @@ def run(run, meta: dict | None) -> None:
     weights = np.zeros(n, np.float32) if meta is None else np.asarray(meta["weights"], np.float32)
     weights = jax.device_put(jnp.asarray(weights), run.repl)
     key = jax.device_put(jax.random.PRNGKey(int(c.seed)), run.repl)
-    k_max = max(1, int(c.get("steps_per_call", 10)))
+    k_max = steps_per_call(c)
     compiled: dict[int, Any] = {}
 
     def chunk_fn(length: int):

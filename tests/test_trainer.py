@@ -322,3 +322,14 @@ def test_pipeline_choice_and_resume_across_paths_refused(phantom_cache, tmp_path
         trainer.train_and_evaluate(tiny_config(phantom_cache, **over, **{"debug.stop_after_steps": 2}), tmp_path / "r")
     with pytest.raises(trainer.ConfigError, match="data.pipeline"):
         trainer.train_and_evaluate(tiny_config(phantom_cache, **{**over, "data.pipeline": "device"}), tmp_path / "r")
+
+
+def test_device_path_scan_chunks_equal_single_steps(phantom_cache, tmp_path):
+    # K steps per compiled call (lax.scan, the accelerator default) give the same run as one step per call.
+    over = {"steps": 3, "eval.every_steps": 0, "eval.at_start": False, "data.pipeline": "device",
+            "checkpoint.every_steps": 3, "log_every": 3, "curriculum.name": "exp3s"}
+    trainer.train_and_evaluate(tiny_config(phantom_cache, **over, steps_per_call=1), tmp_path / "k1")
+    trainer.train_and_evaluate(tiny_config(phantom_cache, **over, steps_per_call=3), tmp_path / "k3")
+    a, b = trainer.read_metrics(tmp_path / "k1", "train"), trainer.read_metrics(tmp_path / "k3", "train")
+    assert [r["cases"] for r in a] == [r["cases"] for r in b]
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=2e-4)
