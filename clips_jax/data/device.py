@@ -1,7 +1,8 @@
 """The device data path: the 6 mm case store on the accelerator and a pure JAX `(key, weights, store) -> batch`.
 
-Why: the host pipeline (`clips_jax.data.pipeline`, NumPy/SciPy in grain workers) cuts and augments about
-4 training crops of 128 x 96 x 96 voxels per second on 2 CPU cores, far too slow to feed a GPU. The 6 mm store
+Why: the host pipeline (`clips_jax.data.pipeline`, NumPy/SciPy in grain workers) cuts and augments 4-11
+training crops of 128 x 96 x 96 voxels per second on 2 CPU cores (BENCHMARKS.md), far too slow to feed a GPU
+training step (target <= 10 ms per batch). The 6 mm store
 is small (a 163 x 136 x 136 case is 12 MB per float32 array), so it can live on the accelerator, and every
 crop of a batch becomes one compiled function of a PRNG key and the curriculum weights:
 
@@ -15,8 +16,8 @@ numbers: the host uses NumPy's Philox, this path `jax.random`):
 1. Element b of the batch uses `jax.random.fold_in(key, first_element + b)` only, so a data-parallel caller
    that passes its global element offset gets exactly the slice of the global batch a single device would
    have produced (the analogue of the host pipeline's multi-host slicing).
-2. Case: `jax.random.categorical(log(weights))`; a zero weight is never drawn. Weights are a traced argument:
-   changing them never recompiles.
+2. Case: inverse CDF of the weights at a uniform draw, as the host's `pipeline.case_for_element`; a zero
+   weight is never drawn. Weights are a traced argument: changing them never recompiles.
 3. Crop start (`pipeline._start_uniform` / `pipeline._start_on_voxel`): with probability `p_foreground` the
    patch is centred on a uniformly drawn lesion voxel of the case (clamped to fit; a lesion-free case falls
    back to the uniform crop); otherwise, with probability `p_hot_negative`, on a uniformly drawn hard-negative
@@ -34,8 +35,10 @@ numbers: the host uses NumPy's Philox, this path `jax.random`):
    Then the 5 channels (`channels.make_channels_jnp`) and the extra channels (not windowed, not
    intensity-augmented).
 
-Deviations from the host pipeline, all in the augmentation (with `augment=False` a crop is bit-identical to
-`pipeline.crop_patch` + `channels.make_channels` for the same start):
+Deviations from the host pipeline, all in the augmentation. With `augment=False` the raw crop (HU, SUV, label,
+extras) is bit-identical to `pipeline.crop_patch` for the same start, and the channels are
+`channels.make_channels_jnp` of it (XLA:CPU turns the window's division into a multiplication by the
+reciprocal, so they can differ from the NumPy `make_channels` by 1 ulp, <= 6e-8).
 * Low-resolution simulation up-samples LINEARLY (the host: cubic spline, `scipy.ndimage.zoom(order=3)`);
   the nearest down-sampling is the same (`grid_mode=True` pixel-centre mapping).
 * Flips are applied to the sampling grid (reversed index vectors; a negated column of the affine matrix)
@@ -46,6 +49,10 @@ Deviations from the host pipeline, all in the augmentation (with `augment=False`
   ~1e-3 HU, and a nearest-neighbour label can differ where a coordinate lies within ~1e-5 voxel of a half
   voxel.
 * Means and standard deviations of the intensity augmentations are float32 sums (host: float64).
+* Random numbers: the same distributions, not the same stream (tests/test_device_data.py compares both
+  samplers' case, crop-centre and augmentation statistics). Across differently compiled programs (another
+  batch size, a shard_map over devices) the draws and crops are identical and the intensity-augmented SUV
+  may differ by float rounding (~1e-7).
 
 Layout of a `DeviceStore` (built once by `device_store_from`): every case padded to one common shape, the
 maximum over the cases, plus a border of 1 fill voxel before and 2 after each axis (so trilinear corners of
@@ -54,10 +61,14 @@ clamped coordinates stay inside the array); ct, suv and the extra channels are p
 `device_store_bytes` estimates it from the manifest before building.
 
 Per-element branches (affine or plain crop, each intensity augmentation) run inside `lax.map` over the batch
-with `lax.cond`, so a crop pays only for the augmentations it draws (measured on 2 CPU cores, 128 x 96 x 96:
-a plain crop ~2 ms, an affine crop ~25 ms, the 5 channels ~10 ms; computing every path for every element with
-`vmap` + `jnp.where` would cost the affine sampling and all six intensity augmentations for every crop).
-See `benchmarks/data_pipeline.py --compare` for the throughput against the host pipeline.
+with `lax.cond`, so a crop pays only for the augmentations it draws. Measured on 2 (shared) CPU cores for
+128 x 96 x 96 (each stage jitted alone, ms per element): plain crop 1-4, affine (trilinear) crop 11-18, blur
+10-16, low-resolution 17-22, gamma 7-11, contrast ~1, the 5 channels 5-11; `vmap` (which turns every
+`lax.cond` into a select that computes both sides) costs the affine crop and all six intensity augmentations
+for every element, and batches the gathers: 13x the CPU time of `lax.map` + `lax.cond` (B = 2, default
+probabilities). On a CPU backend a call that returns a batch also pays page faults for its fresh ~90 MB of
+output and temporaries (about as much as the compute); inside a compiled multi-step loop the buffers are reused.
+`benchmarks/data_pipeline.py --compare` measures the throughput against the host pipeline.
 
 jax + numpy only (plus the other `clips_jax.data` modules); no trainer, inference or curriculum imports.
 """
@@ -76,7 +87,7 @@ from clips_jax.data.channels import make_channels_jnp
 from clips_jax.data.pipeline import (DEFAULT_PATCH_SHAPE, PAD_HU, PAD_SUV, _check_extra, _check_weights,
                                      hot_negative_voxels)
 from clips_jax.data.store import CaseStore
-from clips_jax.errors import ConfigError
+from clips_jax.errors import ConfigError, DataError
 
 BORDER_LO, BORDER_HI = 1, 2
 """Fill voxels before / after each axis of the padded case arrays (interpolation guard)."""
@@ -243,6 +254,9 @@ def device_store_from(store: CaseStore, case_indices=None, *, hot_suv: float = 2
     Returns:
       `DeviceStore`. Built one case at a time (the host holds one padded case; the device arrays are updated
       in place), so host memory stays at one case.
+    Raises:
+      ConfigError for bad indices, dtype, hot_suv or a missing extra array (naming the cases and the command
+      that makes it); DataError if a case's arrays do not match its manifest grid.
     """
     idx = _case_indices(store, case_indices)
     dt = _image_dtype(dtype)
@@ -261,6 +275,7 @@ def device_store_from(store: CaseStore, case_indices=None, *, hot_suv: float = 2
                     **({} if place is None else {"out_shardings": place}))
         return f()
 
+    put = (lambda x: jax.device_put(x, place)) if place is not None else jax.device_put
     images = alloc((n_cases, *full, c), fill, dt)
     seg = alloc((n_cases, *full), np.uint8(0), np.uint8)
     lesions, hots, spacing = [], [], []
@@ -269,8 +284,8 @@ def device_store_from(store: CaseStore, case_indices=None, *, hot_suv: float = 2
         a = store.case_arrays(i, extra=extra)
         shp = tuple(a["ct"].shape)
         if shp != tuple(shapes[n]):
-            raise ConfigError(f"case {store.ids[i]}: arrays {shp} differ from the manifest grid {tuple(shapes[n])}; "
-                              "run prepare again")
+            raise DataError(f"case {store.ids[i]}: arrays {shp} differ from the manifest grid {tuple(shapes[n])}; "
+                            "run prepare again")
         inner = tuple(slice(BORDER_LO, BORDER_LO + s) for s in shp)
         buf = np.empty(full + (c,), dt)
         buf[...] = fill
@@ -279,8 +294,8 @@ def device_store_from(store: CaseStore, case_indices=None, *, hot_suv: float = 2
         sbuf = np.zeros(full, np.uint8)
         seg_arr = np.asarray(a["seg"])
         sbuf[inner] = seg_arr
-        images = _set_case(images, np.int32(n), buf)
-        seg = _set_case(seg, np.int32(n), sbuf)
+        images = _set_case(images, np.int32(n), put(buf))
+        seg = _set_case(seg, np.int32(n), put(sbuf))
         fg = store.foreground(i)
         lesions.append(np.ravel_multi_index(tuple(fg.T), shp).astype(np.int32) if len(fg) else np.zeros(0, np.int32))
         hots.append(hot_negative_voxels(np.asarray(a["suv"], np.float32), seg_arr, hot_suv).astype(np.int32)
@@ -295,7 +310,6 @@ def device_store_from(store: CaseStore, case_indices=None, *, hot_suv: float = 2
 
     les, les_n = padded(lesions)
     hot, hot_n = padded(hots)
-    put = (lambda x: jax.device_put(x, place)) if place is not None else jax.device_put
     return DeviceStore(images=images, seg=seg, shape=put(shapes.astype(np.int32)),
                        spacing=put(np.asarray(spacing, np.float32)), labeled=put(labeled.astype(bool)),
                        lesion_voxels=put(les), lesion_count=put(les_n), hot_voxels=put(hot), hot_count=put(hot_n),
@@ -312,7 +326,8 @@ def rotation_matrix_jnp(angles_xyz):
     rx = jnp.array([[cx, -sx, zero], [sx, cx, zero], [zero, zero, one]])
     ry = jnp.array([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
     rz = jnp.array([[one, zero, zero], [zero, cz, -sz], [zero, sz, cz]])
-    return rz @ ry @ rx
+    hi = lax.Precision.HIGHEST  # no TF32 / bf16 passes on accelerators
+    return jnp.matmul(rz, jnp.matmul(ry, rx, precision=hi), precision=hi)
 
 
 def affine_matrix_jnp(angles_xyz, scale, spacing_mm):
@@ -338,40 +353,54 @@ def _check_patch(patch_shape) -> tuple[int, int, int]:
     return p
 
 
-def _draw_one(key, logits, dstore: DeviceStore, patch, p_foreground, p_hot_negative, augment, p_affine,
+_N_BITS = 28
+"""32-bit words drawn per element by one `jax.random.bits` call (one threefry evaluation instead of a dozen
+`jax.random` calls cut the compilation of `draw_params` ~4x on CPU): case, 2 mode decisions, lesion / hot
+voxel index, 3 start offsets, 3 angles, scale, 6 intensity parameters, affine decision, 3 flips, 6 intensity
+decisions."""
+
+
+def _u01(bits):
+    """Uniform float32 in [0, 1) from uint32 words (the top 24 bits, exact in float32)."""
+    return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+
+
+def _below(bits, n):
+    """Uniform integer in [0, n) from uint32 words (n >= 1 int32; modulo bias <= n / 2**32)."""
+    return (bits % jnp.maximum(n, 1).astype(jnp.uint32)).astype(jnp.int32)
+
+
+def _draw_one(key, cdf, last, dstore: DeviceStore, patch, p_foreground, p_hot_negative, augment, p_affine,
               p_intensity, p_flip) -> CropParams:
-    k = jax.random.split(key, 10)
-    case = jax.random.categorical(k[0], logits).astype(jnp.int32)
+    bits = jax.random.bits(key, (_N_BITS,), jnp.uint32)
+    u = _u01(bits)
+    # case: inverse CDF (a zero weight spans an empty interval; `last` = the last positive weight)
+    case = jnp.minimum(jnp.searchsorted(cdf, u[0] * cdf[-1], side="right"), last).astype(jnp.int32)
     n = dstore.shape[case]
     q = jnp.asarray(patch, jnp.int32)
-    u = jax.random.uniform(k[1], (2,))
-    want_fg = u[0] < p_foreground
+    want_fg = u[1] < p_foreground
     les_n, hot_n = dstore.lesion_count[case], dstore.hot_count[case]
     use_fg = want_fg & (les_n > 0)
-    use_hot = (~want_fg) & (u[1] < p_hot_negative) & dstore.labeled[case] & (hot_n > 0)
-    i_les = jax.random.randint(k[2], (), 0, jnp.maximum(les_n, 1))
-    i_hot = jax.random.randint(k[3], (), 0, jnp.maximum(hot_n, 1))
-    flat = jnp.where(use_fg, dstore.lesion_voxels[case, i_les], dstore.hot_voxels[case, i_hot])
+    use_hot = (~want_fg) & (u[2] < p_hot_negative) & dstore.labeled[case] & (hot_n > 0)
+    flat = jnp.where(use_fg, dstore.lesion_voxels[case, _below(bits[3], les_n)],
+                     dstore.hot_voxels[case, _below(bits[4], hot_n)])
     v = _unravel(flat, n)
     fits = n >= q
     s_vox = v - q // 2
     s_vox = jnp.where(fits, jnp.clip(s_vox, 0, n - q), s_vox)           # pipeline._start_on_voxel
-    r = jax.random.randint(k[4], (3,), 0, jnp.where(fits, n - q + 1, n + 1))
+    r = _below(bits[5:8], jnp.where(fits, n - q + 1, n + 1))
     s_uni = jnp.where(fits, r, r - q // 2)                               # pipeline._start_uniform
     centred = use_fg | use_hot
     start = jnp.where(centred, s_vox, s_uni).astype(jnp.int32)
     mode = jnp.where(use_fg, 1, jnp.where(use_hot, 2, 0)).astype(jnp.int32)
     voxel = jnp.where(centred, v, -1).astype(jnp.int32)
-    angles = jax.random.uniform(k[5], (3,), jnp.float32, -MAX_ANGLE, MAX_ANGLE)
-    scale = jax.random.uniform(k[6], (), jnp.float32, *SCALE_RANGE)
+    angles = -MAX_ANGLE + 2.0 * MAX_ANGLE * u[8:11]
+    scale = SCALE_RANGE[0] + (SCALE_RANGE[1] - SCALE_RANGE[0]) * u[11]
     lo = jnp.asarray([r_[0] for r_ in INTENSITY_RANGES], jnp.float32)
     hi = jnp.asarray([r_[1] for r_ in INTENSITY_RANGES], jnp.float32)
-    iparam = lo + (hi - lo) * jax.random.uniform(k[7], (6,), jnp.float32)
+    iparam = lo + (hi - lo) * u[12:18]
     if augment:
-        ka = jax.random.split(k[8], 3)
-        affine = jax.random.uniform(ka[0], ()) < p_affine
-        flips = jax.random.uniform(ka[1], (3,)) < p_flip
-        intensity = jax.random.uniform(ka[2], (6,)) < p_intensity
+        affine, flips, intensity = u[18] < p_affine, u[19:22] < p_flip, u[22:28] < p_intensity
     else:
         affine, flips, intensity = jnp.bool_(False), jnp.zeros(3, bool), jnp.zeros(6, bool)
     m = affine_matrix_jnp(angles, scale, dstore.spacing[case])
@@ -385,7 +414,7 @@ def draw_params(key, weights, dstore: DeviceStore, *, batch_size: int, patch_sha
                 p_flip=0.5, first_element=0) -> CropParams:
     """The random draws of `sample_batch` (same arguments), without cutting any patch. Pure, jit-able.
 
-    Element b uses only `jax.random.fold_in(key, first_element + b)`.
+    Element b uses only `jax.random.fold_in(key, first_element + b)` (28 uint32 words of `jax.random.bits`).
     Args:
       key: a PRNG key (typed `jax.random.key` or legacy uint32).
       weights: (N,) float sampling weights over the DeviceStore's cases, >= 0, not all zero (traced; with
@@ -396,10 +425,12 @@ def draw_params(key, weights, dstore: DeviceStore, *, batch_size: int, patch_sha
     patch = _check_patch(patch_shape)
     if isinstance(weights, (np.ndarray, list, tuple)):
         _check_weights(weights, dstore.num_cases)
-    w = jnp.asarray(weights, jnp.float32).reshape(-1)
-    logits = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
-    keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(first_element + jnp.arange(int(batch_size), dtype=jnp.int32))
-    draw = functools.partial(_draw_one, logits=logits, dstore=dstore, patch=patch, p_foreground=p_foreground,
+    w = jnp.maximum(jnp.asarray(weights, jnp.float32).reshape(-1), 0.0)
+    cdf = jnp.cumsum(w)
+    last = w.shape[0] - 1 - jnp.argmax(w[::-1] > 0)
+    elements = first_element + jnp.arange(int(batch_size), dtype=jnp.int32)
+    keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(elements)
+    draw = functools.partial(_draw_one, cdf=cdf, last=last, dstore=dstore, patch=patch, p_foreground=p_foreground,
                              p_hot_negative=p_hot_negative, augment=bool(augment), p_affine=p_affine,
                              p_intensity=p_intensity, p_flip=p_flip)
     return jax.vmap(lambda k: draw(k))(keys)
@@ -581,20 +612,26 @@ def _render_one(dstore: DeviceStore, p: CropParams, patch, augment: bool):
     return jnp.concatenate([img[..., :1], suv[..., None], img[..., 2:]], axis=-1), seg
 
 
+def _window(raw, label):
+    """(D, H, W, 2 + E) raw patch -> (D, H, W, 5 + E) network input; label -> int32."""
+    chans = make_channels_jnp(raw[..., 0], raw[..., 1])
+    if raw.shape[-1] > 2:
+        chans = jnp.concatenate([chans, raw[..., 2:]], axis=-1)
+    return chans, label.astype(jnp.int32)
+
+
 def render_batch(params: CropParams, dstore: DeviceStore, *, patch_shape=DEFAULT_PATCH_SHAPE,
                  augment: bool = True) -> dict:
     """Cut, augment and window the patches described by `params` (from `draw_params`). Pure, jit-able.
 
-    The raw patches are cut one element after another (`lax.map`; each element pays only for the branches it
-    drew); the windowing into the 5 channels then runs once over the whole batch.
+    Elements are processed one after another (`lax.map`), each paying only for the branches it drew, and
+    each written straight into the batch (measured on 2 CPU cores: ~15 % less CPU time than windowing the
+    stacked raw patches afterwards, which needs one more batch-sized buffer).
     Returns the batch dict of `sample_batch`.
     """
     patch = _check_patch(patch_shape)
-    raw, label = lax.map(lambda p: _render_one(dstore, p, patch, bool(augment)), params)
-    image = make_channels_jnp(raw[..., 0], raw[..., 1])
-    if raw.shape[-1] > 2:
-        image = jnp.concatenate([image, raw[..., 2:]], axis=-1)
-    return {"image": image, "label": label.astype(jnp.int32), "case_index": params.case,
+    image, label = lax.map(lambda p: _window(*_render_one(dstore, p, patch, bool(augment))), params)
+    return {"image": image, "label": label, "case_index": params.case,
             "labeled": dstore.labeled[params.case], "lesion_centred": params.mode == 1}
 
 
