@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 from pathlib import Path
@@ -33,3 +34,11 @@ def peak_rss_gib() -> float:
     """Peak resident set size of this process in GiB (VmHWM, else getrusage's ru_maxrss in KiB on Linux)."""
     v = status_gib("VmHWM")
     return v if v is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def load_avg() -> str:
+    """The 1/5/15-minute load averages as a string ("n/a" where the OS has none)."""
+    try:
+        return "%.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "n/a"

@@ -99,7 +99,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "tests"))
 import train_step as ts  # noqa: E402  (puts the repo and tests/ on sys.path too)
-from _machine import cpu_model, peak_rss_gib  # noqa: E402
+from _machine import cpu_model, load_avg, peak_rss_gib  # noqa: E402
 
 ALPHA = 1e-5
 """Mumford-Shah weight of the loss (the paper's Eq. 1)."""
@@ -632,10 +632,7 @@ def _machine() -> dict:
     import jax
 
     d = jax.devices()[0]
-    try:
-        load = "%.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        load = "n/a"
+    load = load_avg()
     return {"node": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
             "backend": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
             "gpu": d.device_kind if d.platform == "gpu" else None, "load_avg_start": load}

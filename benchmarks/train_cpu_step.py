@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_model  # noqa: E402
+from _machine import cpu_model, load_avg  # noqa: E402
 
 
 # ---- the losses' previous forms (before 2026-11-30), for the OLD path only -------------------------------------
@@ -105,13 +105,6 @@ def code_path(old: bool):
             os.environ.pop(CONV3D_ENV, None)
         else:
             os.environ[CONV3D_ENV] = saved_env
-
-
-def load_avg() -> str:
-    try:
-        return "%.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        return "n/a"
 
 
 def main() -> None:

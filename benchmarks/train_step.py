@@ -44,20 +44,12 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_model  # noqa: E402
+from _machine import cpu_model, load_avg  # noqa: E402
 sys.path.insert(0, str(REPO / "tests"))
 
 FULL = {"channels": (64, 96, 128, 156), "init_channels": 32, "bottleneck_kernel": 9, "patch": (128, 96, 96)}
 SMALL = {"channels": (8, 16, 32, 32), "init_channels": 8, "bottleneck_kernel": 3, "patch": (32, 32, 32)}
 DS_WEIGHTS = (0.125, 0.25, 0.5, 1.0)
-
-
-def load_avg() -> str:
-    """The 1/5/15-minute load averages as a string ("n/a" where the OS has none)."""
-    try:
-        return "%.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        return "n/a"
 
 
 def peak_rss_gib() -> float:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clips_jax import curricula
+from clips_jax import trainer
 
 
 def make_chunk_fn(run, n_steps: int):
@@ -65,13 +65,10 @@ def make_chunk_fn(run, n_steps: int):
             xb = jax.lax.with_sharding_constraint(xb, run.dsh)
         sigma = cur.sigma(cs, step)
         st, m = run.step_fn(st, xb, sigma)
-        centred = b["lesion_centred"] & m["finite"]
-        losses = jnp.where(centred, m["supervised"], jnp.nan)
-        reward = jnp.float32(jnp.nan)
-        if "gain" in m:
-            n = jnp.sum(centred)
-            reward = jnp.where(n > 0, jnp.sum(jnp.where(centred, m["gain"], 0.0)) / jnp.maximum(n, 1), jnp.nan)
-        cs = cur.update(cs, curricula.make_observation(b["case_index"], losses, reward, step))
+        obs = trainer.curriculum_observation(b["case_index"], b["lesion_centred"], m["finite"], m["supervised"],
+                                             m.get("gain"), step)
+        cs = cur.update(cs, obs)
+        reward = obs.reward
         out = {"loss": m["loss"], "grad_norm": m["grad_norm"], "finite": m["finite"], "sigma": sigma,
                "per_sample": m["per_sample"], "supervised": m["supervised"], "case_index": b["case_index"],
                "centred": b["lesion_centred"], "reward": reward, "weights": w, "nonfinite": st["nonfinite"]}
@@ -122,7 +119,7 @@ def run(run, meta: dict | None) -> None:
 
     c = run.config
     dstore = device.device_store_from(run.store, run.train_idx, hot_suv=float(c.data.get("hot_suv", 2.5)),
-                                      extra_channels=_extra(c))
+                                      extra_channels=trainer.extra_channels(c))
     dstore = jax.device_put(dstore, run.repl)
     n = len(run.train_idx)
     weights = np.zeros(n, np.float32) if meta is None else np.asarray(meta["weights"], np.float32)
@@ -154,7 +151,3 @@ def run(run, meta: dict | None) -> None:
         run.after_steps(float(out["loss"][-1]), float(out["grad_norm"][-1]), float(out["sigma"][-1]), save_meta)
 
 
-def _extra(config) -> tuple[str, ...]:
-    from clips_jax.trainer import extra_channels
-
-    return extra_channels(config)

@@ -40,7 +40,8 @@ import numpy as np
 from clips_jax.data.pipeline import make_eval_cases
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ConfigError
-from clips_jax.inference import nnx_predictor, pad_to_multiple, tile_origins, tiled_inference, weight_map
+from clips_jax.inference import (nnx_predictor, pad_to_multiple, tile_origins, tile_overlap, tiled_inference,
+                                 weight_map)
 from clips_jax.metrics import case_metrics, dice
 from clips_jax.metrics.case_losses import case_loss
 from clips_jax.metrics.lesions import fpv_fnv_ml, lesion_overlaps
@@ -176,13 +177,8 @@ def _coverage_gaps(shape: tuple[int, int, int], tile: tuple[int, int, int], step
     pos = w > 0
     covered = np.zeros(shape, bool)
     for o in tile_origins(padded, tile, step, cover_end):
-        vol_sl, tile_sl = [], []
-        for oa, t, lo, n in zip(o, tile, left, shape):
-            lo_v, hi_v = max(oa - lo, 0), min(oa - lo + t, n)
-            hi_v = max(lo_v, hi_v)
-            vol_sl.append(slice(lo_v, hi_v))
-            tile_sl.append(slice(lo_v - (oa - lo), hi_v - (oa - lo)))
-        covered[tuple(vol_sl)] |= pos[tuple(tile_sl)]
+        vol_sl, tile_sl = tile_overlap(o, tile, left, shape)
+        covered[vol_sl] |= pos[tile_sl]
     bad = ~covered
     bad &= ~allowed[0][:, None, None]
     bad &= ~allowed[1][None, :, None]

@@ -175,7 +175,7 @@ def _make_prob_fn(predictor: Callable, params: Any, dtype: str) -> Callable[[np.
     return lambda x: _tile_probs(predictor, dtype, with_params, params, x)
 
 
-def _overlap(origin: Sequence[int], tile: Sequence[int], left: Sequence[int],
+def tile_overlap(origin: Sequence[int], tile: Sequence[int], left: Sequence[int],
              shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """Where a tile at `origin` (padded-grid coordinates) meets the unpadded volume.
 
@@ -227,7 +227,7 @@ def _tiled_pass(volume: np.ndarray, prob_fn, tile: tuple, step: tuple, batch_siz
 
     pending = None
     for b in range(0, len(origins), batch_size):
-        overlaps = [_overlap(o, tile, left, shape) for o in origins[b:b + batch_size]]
+        overlaps = [tile_overlap(o, tile, left, shape) for o in origins[b:b + batch_size]]
         # A fresh buffer per batch: the previous one may still be read by the asynchronous model call.
         batch = np.zeros(expect + (volume.shape[-1],), np.float32)  # padding and the last batch's spare tiles: 0
         for j, (vol_sl, tile_sl) in enumerate(overlaps):

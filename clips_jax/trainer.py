@@ -270,23 +270,25 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
     return step
 
 
-def curriculum_observation(position: np.ndarray, case_index: np.ndarray, centred: np.ndarray, metrics: dict,
-                           step: int) -> curricula.Observation:
-    """What a curriculum learns from one step (host side, global batch).
+def curriculum_observation(positions, centred, finite, supervised, gain, step) -> curricula.Observation:
+    """What a curriculum learns from one step of the global batch (jit-compatible; host arrays work too).
 
-    Args: position: int (store size,) training-case position of each store index (-1 outside the training
-      cases); case_index: int (B,) store indices of the batch; centred: bool (B,) lesion-centred crops;
-      metrics: the step's host metrics ("finite", "supervised" (B,), optional "gain" (B,)); step: the step.
+    Args: positions: int (B,) training-case positions of the batch; centred: bool (B,) lesion-centred crops;
+      finite: bool scalar, the update was applied; supervised: float (B,) supervised losses
+      (`supervised_loss`); gain: float (B,) per-sample prediction gains, or None when not measured; step: the
+      step the batch was drawn at.
     Returns: `Observation` with losses = the supervised loss of lesion-centred crops (NaN for the others and
       for a skipped, non-finite step) and reward = the mean prediction gain over the lesion-centred crops
       (NaN when there is none, no gain was measured, or the step was skipped).
     """
-    ok = bool(metrics["finite"]) & np.asarray(centred, bool)
-    losses_ = np.where(ok, np.asarray(metrics["supervised"], np.float64), np.nan)
-    reward = float("nan")
-    if "gain" in metrics and ok.any():
-        reward = float(np.mean(np.asarray(metrics["gain"], np.float64)[ok]))
-    return curricula.make_observation(position[case_index], losses_, reward, step)
+    ok = jnp.asarray(centred, bool) & jnp.asarray(finite, bool)
+    losses_ = jnp.where(ok, jnp.asarray(supervised, jnp.float32), jnp.nan)
+    reward = jnp.float32(jnp.nan)
+    if gain is not None:
+        n = jnp.sum(ok)
+        reward = jnp.where(n > 0, jnp.sum(jnp.where(ok, jnp.asarray(gain, jnp.float32), 0.0)) / jnp.maximum(n, 1),
+                           jnp.nan)
+    return curricula.make_observation(positions, losses_, reward, step)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -672,7 +674,8 @@ def _host_loop(run: _Run, meta: dict | None) -> None:
         m = jax.device_get({k: v for k, v in metrics.items() if k not in step_out})
         m.update({k: np.asarray(jax.device_get(v)) for k, v in step_out.items()})
         m["sigma"] = float(sigma)
-        obs = curriculum_observation(run.position, case_index, centred, m, step_no)
+        obs = curriculum_observation(run.position[case_index], centred, m["finite"], m["supervised"], m.get("gain"),
+                                     step_no)
         run.cur_state = cur_update(run.cur_state, obs)
         run.writer.write(run.train_row(run.step, m, case_index, centred, float(obs.reward)))
         run.after_steps(float(m["loss"]), float(m["grad_norm"]), float(sigma), save_meta)

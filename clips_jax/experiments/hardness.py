@@ -177,28 +177,25 @@ def read_hardness_csv(path: str | Path) -> dict[str, float]:
 
 def _compute(kind: str, arg: str, store, indices, phantom_raw: Path | None, log) -> tuple[dict | None, str, str]:
     """(values, resolved spec, description) of a parsed source."""
+    spec = _resolved_spec(kind, arg, phantom_raw)
     if kind == "baseline":
-        return None, "baseline", ("the baseline's first run (seed 0) picks the hard cases (lowest Dice) and is "
-                                  "left out of the hard-case test")
+        return None, spec, ("the baseline's first run (seed 0) picks the hard cases (lowest Dice) and is left out "
+                            "of the hard-case test")
     if kind == "phantom":
-        raw = Path(arg) if arg else phantom_raw
-        if raw is None:
+        if spec is None:
             raise ConfigError("--hardness=phantom: give the raw phantom folder of this store (phantom:DIR)")
-        return (phantom_difficulty(store, indices, raw), f"phantom:{Path(raw).absolute()}",
+        return (phantom_difficulty(store, indices, spec.partition(":")[2]), spec,
                 "the phantoms' latent difficulty (truth.json), known before any run")
     if kind == "manifest":
-        return (manifest_hardness(store, indices, arg), f"manifest:{arg}",
+        return (manifest_hardness(store, indices, arg), spec,
                 f"the case-store measure {arg!r} (larger = harder after orientation)")
+    path = spec.partition(":")[2]
     if kind == "csv":
-        path = Path(arg).absolute()
-        return read_hardness_csv(path), f"csv:{path}", f"the hardness file {path}"
-    if kind == "run":
-        path = Path(arg).absolute()
-        return (_run_model_hardness(str(path), store, indices, log), f"run:{path}",
-                f"1 - Dice of the reference run {path} on each test case, computed before the comparison")
-    path = Path(arg).absolute()
-    return (_weights_model_hardness(str(path), store, indices, log), f"weights:{path}",
-            f"1 - Dice of the reference weights {path} on each test case, computed before the comparison")
+        return read_hardness_csv(path), spec, f"the hardness file {path}"
+    score = _run_model_hardness if kind == "run" else _weights_model_hardness
+    return (score(path, store, indices, log), spec,
+            f"1 - Dice of the reference {'run' if kind == 'run' else 'weights'} {path} on each test case, computed "
+            "before the comparison")
 
 
 def resolve(spec: str, store, workdir: str | Path, *, phantom_raw: Path | None = None,
