@@ -248,10 +248,128 @@ def _tiled_pass(volume: np.ndarray, prob_fn, tile: tuple, step: tuple, batch_siz
     return acc, done
 
 
+TILE_BATCHES_PER_CALL = 8
+"""Tile batches per compiled call of the device pass (`_device_pass`): progress is reported between calls."""
+
+
+def tiles_on_device_default() -> bool:
+    """Whether `tiled_inference(tiles_on_device=None)` keeps the volume on the device: on accelerators only.
+
+    On a GPU the host path's per-tile cutting, transfers and numpy blending cost more than the network
+    (measured on an H200, BENCHMARKS.md "GPU suite": ~10 of the 16 s of stage B); on CPU the host path is
+    the lighter one (no padded copy of the volume, accumulators over the unpadded volume only).
+    """
+    return jax.default_backend() != "cpu"
+
+
+def _device_chunk_impl(predictor, dtype_name, with_params, tile, params, acc, wsum, vol, w, origins, valid, n):
+    """`n` tile batches of the device pass: cut, predict, blend, all on the device.
+
+    vol `(Dp, Hp, Wp, C)` the zero-padded volume; acc `(Dp, Hp, Wp, K)` and wsum `(Dp, Hp, Wp)` float32
+    accumulators (donated); w `tile` float32 weight map; origins `(n_max, B, 3)` int32 padded-grid tile
+    origins, valid `(n_max, B)` float32 (0 for the spare tiles of the last batch); n <= n_max batches run.
+    Tiles are blended one after another in origin order, as in the host pass.
+    """
+    c = vol.shape[-1]
+
+    def cut(o):
+        return jax.lax.dynamic_slice(vol, (o[0], o[1], o[2], 0), (*tile, c))
+
+    def body(i, carry):
+        acc, wsum = carry
+        probs = _tile_probs_impl(predictor, dtype_name, with_params, params, jax.vmap(cut)(origins[i]))
+        for j in range(origins.shape[1]):
+            o = origins[i, j]
+            wt = w * valid[i, j]
+            a = jax.lax.dynamic_slice(acc, (o[0], o[1], o[2], 0), (*tile, acc.shape[-1]))
+            acc = jax.lax.dynamic_update_slice(acc, a + probs[j] * wt[..., None], (o[0], o[1], o[2], 0))
+            s = jax.lax.dynamic_slice(wsum, (o[0], o[1], o[2]), tile)
+            wsum = jax.lax.dynamic_update_slice(wsum, s + wt, (o[0], o[1], o[2]))
+        return acc, wsum
+
+    return jax.lax.fori_loop(0, n, body, (acc, wsum))
+
+
+@functools.lru_cache(maxsize=32)
+def _device_chunk_cached(predictor, dtype_name, with_params, tile):
+    return jax.jit(functools.partial(_device_chunk_impl, predictor, dtype_name, with_params, tile),
+                   donate_argnums=(1, 2))
+
+
+def _device_chunk_fn(predictor, dtype_name: str, with_params: bool, tile: tuple) -> Callable:
+    """The compiled chunk function, shared across calls for a hashable predictor (one compile per shape)."""
+    try:
+        return _device_chunk_cached(predictor, dtype_name, with_params, tile)
+    except TypeError:  # unhashable predictor: a private jit for this call
+        return _device_chunk_cached.__wrapped__(predictor, dtype_name, with_params, tile)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _device_finish(acc, wsum, crop):
+    """acc / wsum with the zero-weight rule, cropped to the unpadded volume: `(D, H, W, K)` float32."""
+    sl = tuple(slice(a, a + n) for a, n in crop)
+    acc, wsum = acc[sl], wsum[sl]
+    zero = wsum <= 0
+    return jnp.where(zero[..., None], 0.0, acc / jnp.where(zero, 1.0, wsum)[..., None])
+
+
+def _probe_probs(predictor, params, dtype: str, shape: tuple) -> jax.ShapeDtypeStruct:
+    """The predictor's probability shape for a tile batch of `shape`, without running it (through the jitted
+    `_tile_probs`, whose trace cache makes repeated probes free for a hashable predictor)."""
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    with_params = params is not None
+    try:
+        hash(predictor)
+    except TypeError:
+        return jax.eval_shape(lambda p, v: _tile_probs_impl(predictor, dtype, with_params, p, v), params, x)
+    return jax.eval_shape(lambda p, v: _tile_probs(predictor, dtype, with_params, p, v), params, x)
+
+
+def _device_pass(volume: np.ndarray, predictor, params, dtype: str, tile: tuple, step: tuple, batch_size: int,
+                 w: np.ndarray, cover_end: bool, progress: Progress | None, done: int,
+                 total: int) -> tuple[np.ndarray, int]:
+    """`_tiled_pass` with the padded volume and the accumulators on the default device: the same tiles,
+    weights and tile order (so the same result up to float32 rounding), cut and blended inside compiled
+    calls of TILE_BATCHES_PER_CALL batches. Device memory: the padded volume, `(Dp, Hp, Wp, K)` + `(Dp, Hp, Wp)`
+    float32 accumulators and the model's activations. Returns (probabilities (D, H, W, K) float32, done)."""
+    shape = volume.shape[:3]
+    pads = pad_to_multiple(shape, tile)
+    padded_shape = tuple(n + a + b for n, (a, b) in zip(shape, pads))
+    origins = np.asarray(tile_origins(padded_shape, tile, step, cover_end), np.int32).reshape(-1, 3)
+    n_batches = -(-len(origins) // batch_size)
+    per_call = TILE_BATCHES_PER_CALL
+    n_calls = -(-n_batches // per_call)
+    slots = n_calls * per_call * batch_size
+    o = np.zeros((slots, 3), np.int32)
+    o[:len(origins)] = origins
+    valid = np.zeros(slots, np.float32)
+    valid[:len(origins)] = 1.0
+    o = o.reshape(n_calls, per_call, batch_size, 3)
+    valid = valid.reshape(n_calls, per_call, batch_size)
+    vol = jnp.pad(jnp.asarray(volume), tuple(pads) + ((0, 0),))
+    probe = _probe_probs(predictor, params, dtype, (batch_size, *tile, volume.shape[-1]))
+    if probe.ndim != 5 or tuple(probe.shape[:4]) != (batch_size, *tile):
+        raise ConfigError(f"predictor returned shape {tuple(probe.shape)} for input "
+                          f"{(batch_size, *tile, volume.shape[-1])}; expected logits {(batch_size, *tile, 'K')}")
+    acc = jnp.zeros(padded_shape + (probe.shape[-1],), jnp.float32)
+    wsum = jnp.zeros(padded_shape, jnp.float32)
+    chunk = _device_chunk_fn(predictor, dtype, params is not None, tile)
+    w_dev = jnp.asarray(w)
+    for k in range(n_calls):
+        n = min(per_call, n_batches - k * per_call)
+        acc, wsum = chunk(params, acc, wsum, vol, w_dev, o[k], valid[k], np.int32(n))
+        done += int(valid[k].sum())
+        if progress is not None:
+            progress(done, total)
+    out = _device_finish(acc, wsum, tuple((a, n) for (a, _), n in zip(pads, shape)))
+    return np.array(jax.device_get(out)), done  # a writable host copy (TTA sums into it)
+
+
 def tiled_inference(volume: np.ndarray, predictor: Callable, *, tile_shape: Sequence[int] = (128, 96, 96),
                     step: Sequence[int] = (64, 48, 48), batch_size: int = 1, blend: str = "central",
                     dtype: str = "float32", tta: bool = False, progress: Progress | None = None,
-                    params: Any = None, cover_end: bool = False) -> np.ndarray:
+                    params: Any = None, cover_end: bool = False,
+                    tiles_on_device: bool | None = None) -> np.ndarray:
     """Whole-volume class probabilities by overlapping tiles (the original TMTV-Net dense inference).
 
     Args:
@@ -271,6 +389,10 @@ def tiled_inference(volume: np.ndarray, predictor: Callable, *, tile_shape: Sequ
       params: optional pytree passed to the predictor as a traced argument (model weights).
       cover_end: add a last tile flush with the end of each axis when `step` does not reach it (not in the
         original; irrelevant when step divides the padded size minus the tile, e.g. step = tile / 2).
+      tiles_on_device: keep the padded volume and the accumulators on the default device and cut, predict and
+        blend inside compiled calls (`_device_pass`); False: cut and blend on the host (`_tiled_pass`, the
+        lighter one in memory); None (default): `tiles_on_device_default()`, i.e. on accelerators. Both give
+        the same result up to float32 rounding (tested).
     Returns:
       `(D, H, W, K)` float32 probabilities; each voxel sums to 1, except zero-weight voxels which are all 0:
       with blend="central" these are the outer planes of the *padded* volume (z-planes for 128x96x96, all
@@ -292,6 +414,7 @@ def tiled_inference(volume: np.ndarray, predictor: Callable, *, tile_shape: Sequ
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     w = weight_map(tile, blend)
     prob_fn = _make_prob_fn(predictor, params, dtype)
+    on_device = tiles_on_device_default() if tiles_on_device is None else bool(tiles_on_device)
     flips = list(itertools.product((False, True), repeat=3)) if tta else [(False, False, False)]
     padded_shape = [n + left + right for n, (left, right) in zip(vol.shape[:3], pad_to_multiple(vol.shape[:3], tile))]
     total = len(flips) * len(tile_origins(padded_shape, tile, stp, cover_end))
@@ -299,7 +422,11 @@ def tiled_inference(volume: np.ndarray, predictor: Callable, *, tile_shape: Sequ
     for flip in flips:
         axes = tuple(a for a in range(3) if flip[a])
         v = np.flip(vol, axes) if axes else vol
-        p, done = _tiled_pass(v, prob_fn, tile, stp, int(batch_size), w, cover_end, progress, done, total)
+        if on_device:
+            p, done = _device_pass(np.ascontiguousarray(v), predictor, params, dtype, tile, stp, int(batch_size),
+                                   w, cover_end, progress, done, total)
+        else:
+            p, done = _tiled_pass(v, prob_fn, tile, stp, int(batch_size), w, cover_end, progress, done, total)
         p = np.flip(p, axes) if axes else p
         if result is None:
             result = np.ascontiguousarray(p)  # the pass's own accumulator: no copy (the first pass is unflipped)

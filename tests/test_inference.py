@@ -317,3 +317,46 @@ def _tile_dependent_3d(x):
     pos = sum(jnp.arange(n, dtype=x.dtype).reshape([-1 if a == ax else 1 for a in range(3)]) * (ax + 1) / n
               for ax, n in enumerate(x.shape[1:4]))
     return jnp.stack([x[..., 1] - 0.3 * pos, 2.0 * x[..., 0] + pos], axis=-1)
+
+
+@pytest.mark.parametrize("shape, tile, step, batch_size, blend, cover_end, tta", [
+    ((13, 11, 9), (8, 8, 8), (4, 4, 4), 3, "central", False, True),      # TTA, odd pads, partial last batch
+    ((17, 10, 7), (8, 8, 8), (3, 5, 6), 4, "gaussian", True, False),     # cover_end
+    ((9, 15, 12), (8, 12, 8), (5, 4, 3), 5, "constant", True, True),     # non-cubic tile, TTA + cover_end
+    ((20, 20, 20), (8, 8, 8), (4, 4, 4), 1, "central", False, False),    # 125 tiles: 16 compiled calls
+])
+def test_device_pass_equals_host_pass(shape, tile, step, batch_size, blend, cover_end, tta):
+    """The accelerator path (volume and accumulators on the device, tiles cut and blended inside compiled
+    calls) gives the host path's probabilities, tile count and progress, on the same tiles."""
+    rng = np.random.default_rng(sum(shape) + 7 * batch_size)
+    vol = rng.normal(size=shape + (2,)).astype(np.float32)
+    kw = dict(tile_shape=tile, step=step, batch_size=batch_size, blend=blend, cover_end=cover_end, tta=tta)
+    host_calls, dev_calls = [], []
+    host = inf.tiled_inference(vol, _tile_dependent_3d, tiles_on_device=False,
+                               progress=lambda d, t: host_calls.append((d, t)), **kw)
+    dev = inf.tiled_inference(vol, _tile_dependent_3d, tiles_on_device=True,
+                              progress=lambda d, t: dev_calls.append((d, t)), **kw)
+    assert dev.shape == host.shape and dev.dtype == np.float32 and dev.flags.writeable
+    np.testing.assert_allclose(dev, host, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(dev.sum(-1) == 0, host.sum(-1) == 0)  # the same zero-weight voxels
+    assert dev_calls[-1] == host_calls[-1]  # every tile counted once
+    assert len(dev_calls) == -(-host_calls[-1][1] // (batch_size * inf.TILE_BATCHES_PER_CALL * (8 if tta else 1))) \
+        * (8 if tta else 1)
+
+
+def test_device_pass_params_compile_once_and_errors():
+    traces = []
+
+    def counted(p, x):
+        traces.append(x.shape)
+        return _pointwise(x) * p["scale"]
+
+    vol = np.random.default_rng(8).normal(size=(20, 20, 20, 1)).astype(np.float32)
+    kw = dict(tile_shape=(8, 8, 8), step=(4, 4, 4), batch_size=4, tiles_on_device=True)
+    out = inf.tiled_inference(vol, counted, params={"scale": 1.5}, **kw)
+    n = len(traces)
+    inf.tiled_inference(vol, counted, params={"scale": 0.5}, tta=True, **kw)  # new weights: no new compile
+    assert len(traces) == n
+    np.testing.assert_allclose(out[2:-2, 2:-2, 2:-2, 1], _sigmoid(1.5 * vol[2:-2, 2:-2, 2:-2, 0]), atol=1e-6)
+    with pytest.raises(ConfigError):
+        inf.tiled_inference(vol, lambda x: x[:, :4], tile_shape=(8, 8, 8), tiles_on_device=True)
