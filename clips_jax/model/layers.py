@@ -194,6 +194,32 @@ def _use_2d_convs(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbe
         lhs.shape, rhs.shape, dimension_numbers) == want
 
 
+FOLD_FEW_CHANNELS = 8
+"""On accelerators, a 3-D convolution with fewer input channels than this (the first layers: 5 CT/PET channels
+into the U-Nets, 6 into the refiner) runs with its depth taps folded into the channels (`_conv3d_folded`):
+measured on an H200 (BENCHMARKS.md, "Where the GPU time goes"), the refiner's 9^3 6 -> 32 convolution took
+2.4 ms folded against 6.7 ms native in bfloat16 (2.5 / 4.1 ms in float32), the U-Net's 3^3 5 -> 32 one 1.6
+against 3.1 ms with its gradients (batch 2, 128x96x96); padding the channels to 8 or 16 did not help."""
+
+
+def _fold_few_channels(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                       feature_group_count, **kwargs) -> bool:
+    """True for the accelerator rule above (`CLIPS_CONV3D=auto`, not on CPU, where `_use_2d_convs` decides)."""
+    if conv3d_mode() != "auto" or jax.default_backend() == "cpu":
+        return False
+    if any(v is not None for v in kwargs.values()) or feature_group_count != 1 or isinstance(padding, str):
+        return False
+    if lhs.ndim != 5 or rhs.ndim != 5 or rhs.shape[3] >= FOLD_FEW_CHANNELS or rhs.shape[0] == 1:
+        return False
+    if any(int(v) != 1 for v in window_strides):
+        return False
+    if any(v not in (None, 1) for v in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+        return False
+    want = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NDHWC", "DHWIO", "NDHWC"))
+    return dimension_numbers is not None and jax.lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, dimension_numbers) == want
+
+
 def conv_general_3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                     dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """Drop-in `lax.conv_general_dilated` for channels-last 3-D convolutions (what `nnx.Conv` calls).
@@ -202,10 +228,16 @@ def conv_general_3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
     `(N, D', H', W', Cout)`. On CPU (see the module docstring) it computes
     `sum_a conv2d(x_pad[:, a + s*j], rhs[a])` over the kD depth taps a, with the depth axis folded into the batch
     (float32 in, float32 out), or for small tensors (`_fold_depth`) one 2-D convolution over the taps
-    concatenated along the channels (`_conv3d_folded`); anything else (GPU, dilation, groups, 'SAME' padding, non-float32, an
-    `out_sharding` or `preferred_element_type`) goes to `lax.conv_general_dilated` unchanged.
+    concatenated along the channels (`_conv3d_folded`). On accelerators, convolutions with fewer than
+    FOLD_FEW_CHANNELS input channels (stride 1) take the folded form too. Anything else (dilation, groups,
+    'SAME' padding, non-float32 on CPU, an `out_sharding` or `preferred_element_type`) goes to
+    `lax.conv_general_dilated` unchanged.
     Raises: ConfigError if `CLIPS_CONV3D` holds an unknown value.
     """
+    if _fold_few_channels(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                          feature_group_count, **kwargs):
+        return _conv3d_folded(lhs, rhs, tuple(int(v) for v in window_strides),
+                              tuple(tuple(int(v) for v in pr) for pr in padding), precision)
     if not _use_2d_convs(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
                          **kwargs):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
