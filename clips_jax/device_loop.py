@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clips_jax import trainer
+from clips_jax import curricula, trainer
 
 
 def make_chunk_fn(run, n_steps: int):
@@ -65,7 +65,7 @@ def make_chunk_fn(run, n_steps: int):
             xb = jax.lax.with_sharding_constraint(xb, run.dsh)
         sigma = cur.sigma(cs, step)
         st, m = run.step_fn(st, xb, sigma)
-        obs = trainer.curriculum_observation(b["case_index"], b["lesion_centred"], m["finite"], m["supervised"],
+        obs = curricula.observation_from_step(b["case_index"], b["lesion_centred"], m["finite"], m["supervised"],
                                              m.get("gain"), step)
         cs = cur.update(cs, obs)
         reward = obs.reward

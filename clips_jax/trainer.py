@@ -26,7 +26,6 @@ reads its slice of each global batch and takes part in every checkpoint save.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -270,27 +269,6 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
     return step
 
 
-def curriculum_observation(positions, centred, finite, supervised, gain, step) -> curricula.Observation:
-    """What a curriculum learns from one step of the global batch (jit-compatible; host arrays work too).
-
-    Args: positions: int (B,) training-case positions of the batch; centred: bool (B,) lesion-centred crops;
-      finite: bool scalar, the update was applied; supervised: float (B,) supervised losses
-      (`supervised_loss`); gain: float (B,) per-sample prediction gains, or None when not measured; step: the
-      step the batch was drawn at.
-    Returns: `Observation` with losses = the supervised loss of lesion-centred crops (NaN for the others and
-      for a skipped, non-finite step) and reward = the mean prediction gain over the lesion-centred crops
-      (NaN when there is none, no gain was measured, or the step was skipped).
-    """
-    ok = jnp.asarray(centred, bool) & jnp.asarray(finite, bool)
-    losses_ = jnp.where(ok, jnp.asarray(supervised, jnp.float32), jnp.nan)
-    reward = jnp.float32(jnp.nan)
-    if gain is not None:
-        n = jnp.sum(ok)
-        reward = jnp.where(n > 0, jnp.sum(jnp.where(ok, jnp.asarray(gain, jnp.float32), 0.0)) / jnp.maximum(n, 1),
-                           jnp.nan)
-    return curricula.make_observation(positions, losses_, reward, step)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------
@@ -322,22 +300,6 @@ def ensure_store(config: ml_collections.ConfigDict, log: Callable[[str], None]) 
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("phantoms")
     return CaseStore(store_dir)
-
-
-def curriculum_options(config: ml_collections.ConfigDict) -> dict:
-    """Options for `curricula.get_curriculum`: the config's `curriculum.options` plus `steps_per_epoch`, and,
-    for families with a minimum selection size, `k_min` = the batch size unless given (the reference's rule
-    "k_min >= batch size"; the family default of 8 would select every case of a small dataset from the start)."""
-    opts = dict(config.curriculum.options.to_dict() if hasattr(config.curriculum.options, "to_dict")
-                else config.curriculum.options)
-    opts.setdefault("steps_per_epoch", int(config.curriculum.steps_per_epoch))
-    name = config.curriculum.name
-    family = curricula.PRESETS.get(name, {}).get("family", name)
-    if family in curricula.FAMILIES:
-        fields = {f.name for f in dataclasses.fields(curricula.FAMILIES[family][0])}
-        if "k_min" in fields:
-            opts.setdefault("k_min", int(config.data.batch_size))
-    return opts
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -457,7 +419,7 @@ class _Run:
         c = self.config
         self.table = curricula.case_table_from_manifest(self.store.manifest["cases"],
                                                         [self.store.ids[i] for i in self.train_idx])
-        self.cur = curricula.get_curriculum(c.curriculum.name, **curriculum_options(c))
+        self.cur = curricula.get_curriculum(c.curriculum.name, **curricula.options_from_config(c))
         cur_state = self.cur.init(self.table)
         self.cur_state = cur_state if jax.tree.leaves(cur_state) else {"_empty": np.zeros((), np.int32)}
         if (self.cur.needs_losses or self.cur.needs_gain) and float(c.data.p_foreground) <= 0:
@@ -674,7 +636,7 @@ def _host_loop(run: _Run, meta: dict | None) -> None:
         m = jax.device_get({k: v for k, v in metrics.items() if k not in step_out})
         m.update({k: np.asarray(jax.device_get(v)) for k, v in step_out.items()})
         m["sigma"] = float(sigma)
-        obs = curriculum_observation(run.position[case_index], centred, m["finite"], m["supervised"], m.get("gain"),
+        obs = curricula.observation_from_step(run.position[case_index], centred, m["finite"], m["supervised"], m.get("gain"),
                                      step_no)
         run.cur_state = cur_update(run.cur_state, obs)
         run.writer.write(run.train_row(run.step, m, case_index, centred, float(obs.reward)))

@@ -153,6 +153,36 @@ def test_conv_layers_really_take_the_configured_path(monkeypatch):
     assert conv_ranks() == [5]   # the native 3-D convolution
 
 
+def test_accelerators_fold_the_few_channel_first_layers(monkeypatch):
+    """On accelerators (`auto`), convolutions with < 8 input channels run as one depth-folded 2-D convolution
+    (faster on an H200, BENCHMARKS.md); wider ones stay native 3-D; values and gradients equal lax's."""
+    from clips_jax.model import layers
+
+    monkeypatch.setenv(layers.CONV3D_ENV, "auto")
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    conv3d = layers.conv3d
+    narrow, wide = conv3d(6, 4, 3, rngs=nnx.Rngs(0)), conv3d(8, 4, 3, rngs=nnx.Rngs(1))
+    xn, xw = jax.random.normal(jax.random.key(2), (1, 8, 6, 5, 6)), jnp.ones((1, 8, 6, 5, 8))
+
+    def ranks(layer, x):
+        jaxpr = jax.make_jaxpr(lambda v: layer(v))(x)
+        return [e.invars[0].aval.ndim for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+
+    assert ranks(narrow, xn) == [4] and ranks(wide, xw) == [5]
+    assert ranks(conv3d(6, 4, 3, stride=2, rngs=nnx.Rngs(0)), xn) == [5]  # strided: native
+
+    def value_and_grad(layer, x):
+        g, st = nnx.split(layer)
+        return jax.value_and_grad(lambda s, v: jnp.sum(nnx.merge(g, s)(v) ** 2), argnums=(0, 1))(st, x)
+
+    folded = value_and_grad(narrow, xn)
+    monkeypatch.setenv(layers.CONV3D_ENV, "lax")
+    assert ranks(narrow, xn) == [5]
+    native = value_and_grad(narrow, xn)
+    for a, b in zip(jax.tree.leaves(folded), jax.tree.leaves(native)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(jnp.abs(b).max()))
+
+
 def test_ensemble_lax_map_and_vmap_paths_agree(monkeypatch):
     from clips_jax.model.layers import CONV3D_ENV
 

@@ -109,6 +109,28 @@ def make_observation(indices: Array, losses: Array | None = None, reward: float 
     return Observation(idx, loss, jnp.asarray(reward, dtype=jnp.float32), jnp.asarray(step, dtype=jnp.int32))
 
 
+def observation_from_step(positions, centred, finite, supervised, gain, step) -> Observation:
+    """What a curriculum learns from one training step of the global batch: the one rule both training loops
+    (host and device) use (jit-compatible; host arrays work too).
+
+    Args: positions: int (B,) training-case positions of the batch; centred: bool (B,) lesion-centred crops;
+      finite: bool scalar, the update was applied; supervised: float (B,) supervised losses
+      (`clips_jax.trainer.supervised_loss`); gain: float (B,) per-sample prediction gains, or None when not measured; step: the
+      step the batch was drawn at.
+    Returns: `Observation` with losses = the supervised loss of lesion-centred crops (NaN for the others and
+      for a skipped, non-finite step) and reward = the mean prediction gain over the lesion-centred crops
+      (NaN when there is none, no gain was measured, or the step was skipped).
+    """
+    ok = jnp.asarray(centred, bool) & jnp.asarray(finite, bool)
+    losses_ = jnp.where(ok, jnp.asarray(supervised, jnp.float32), jnp.nan)
+    reward = jnp.float32(jnp.nan)
+    if gain is not None:
+        n = jnp.sum(ok)
+        reward = jnp.where(n > 0, jnp.sum(jnp.where(ok, jnp.asarray(gain, jnp.float32), 0.0)) / jnp.maximum(n, 1),
+                           jnp.nan)
+    return make_observation(positions, losses_, reward, step)
+
+
 class Curriculum(NamedTuple):
     """A curriculum: one (static) config, four pure functions, and what it asks of the training loop.
 
