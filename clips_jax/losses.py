@@ -12,7 +12,10 @@ Conventions (the whole module):
 * Every function is pure `jax.numpy`, jit-able and differentiable; sums run over the spatial axes of one
   sample; nothing is averaged over the batch.
 
-Formulas follow `reference/curricula-losses-metrics.md` part B and `reference/tmtv-net.md` §5.1 / §2.3:
+Formulas follow the TMTV-Net paper (Yousefirizi et al. 2024, EJNMMI, Eq. 1-2), Kim & Ye 2019 ("Mumford-Shah
+loss functional for image segmentation with deep learning", IEEE TIP) and the public TMTV-Net code
+(`LossDiceCrossEntropyFocal2` in `main/src/model_unet_multiclass_deepsupervision.py`, `LossDiceMulticlass` in
+`main/src/losses.py`, `DeepSupervision` in `main/src/layers/deep_supervision.py`, qurit-frizi/TMTV-Net):
 * `soft_dice_loss`: the original TMTV-Net form (softmax, background dropped, per sample).
 * `cross_entropy`, `focal_loss`: per-sample voxel means.
 * `mumford_shah_loss`: Kim & Ye 2019 level-set term + anisotropic L1 TV, plain sums per sample.
@@ -327,7 +330,8 @@ def resize_align_corners(x: Array, shape: Sequence[int]) -> Array:
 def deep_supervision_loss(logits_list: Sequence[Array], labels: Array, image: Array, labeled: Array,
                           weights: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
                           **kw) -> tuple[Array, dict[str, Array]]:
-    """Weighted sum over deep-supervision heads of `combined_loss` (original: §2.3 of tmtv-net.md).
+    """Weighted sum over deep-supervision heads of `combined_loss` (original: `DeepSupervision`,
+    `main/src/layers/deep_supervision.py` of qurit-frizi/TMTV-Net).
 
     Each head's logits are resized to the label size with `resize_align_corners` (trilinear,
     align_corners=True, applied to the logits before the softmax, as the original), then scored against the

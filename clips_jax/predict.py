@@ -24,7 +24,8 @@ Per study `<id>` (the study folder name) it writes into --out, each file atomica
 Exit status: 0 if every study succeeded (or was skipped), 1 if any failed, 2 on a usage error (no --weights,
 bad weights directory, no study found). Field definitions, options and memory use: docs/predict.md.
 
-The pipeline is TMTV-Net's two-stage cascade (reference tmtv-net.md §1.4-1.5, §4): stage A runs the stage-A
+The pipeline is TMTV-Net's two-stage cascade (`inference_fn` in `main/main.py` of qurit-frizi/TMTV-Net, with
+its tiled `inference_process_wholebody_3d`): stage A runs the stage-A
 network (4-U-Net ensemble, or a single fine-tuned "unet") by tiled inference on the 6 mm grid; stage B
 runs the refiner on the native PET grid with the upsampled stage-A probability as 6th channel; the mask is
 the argmax. `--stage-a-only` skips the refiner: mask = (stage-A probability upsampled to the PET grid) > 0.5.

@@ -150,7 +150,8 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Callable
 
 def cosine_restarts_schedule(lr: float, period_steps: int, decay: float = 0.9, warmup_steps: int = 0
                              ) -> optax.Schedule:
-    """Cosine annealing with warm restarts (reference 5.3): within each period of `period_steps` the rate goes
+    """Cosine annealing with warm restarts (the original's `CosineAnnealingWarmRestartsDecayed`,
+    `main/corelib/src/optimizers_v2.py` of qurit-frizi/TMTV-Net): within each period of `period_steps` the rate goes
     from `lr * decay**k` (k = completed periods) down to 0 along a half cosine; optional linear warm-up."""
     period = max(1, int(period_steps))
 

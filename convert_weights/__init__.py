@@ -31,7 +31,8 @@ from convert_weights.torchzip import read_state_dict, write_state_dict  # noqa: 
 #: model name -> our class (the CLI flags --ensemble / --refiner / --unet).
 MODEL_CLASS = {"ensemble": "Ensemble", "refiner": "Refiner", "unet": "UNet"}
 
-#: sha256 and size of the released TMTV-Net files (reference tmtv-net.md section 3, Git-LFS pointers).
+#: sha256 and size of the released TMTV-Net files (the Git-LFS pointers of `main/src/models/e_latest.model` and
+#: `r_latest.model` in the history of qurit-frizi/TMTV-Net).
 PRETRAINED_FILES = {
     "0792262f82abafdf2ffbb277a92d65849e63f0e97eceeb1c2991650398c00004": ("e_latest.model", 345642925),
     "d25082f4698915a9bc1d49ea2bde06870569a1ec1df5ff460891edaef53d92de": ("r_latest.model", 1459659),

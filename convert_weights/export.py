@@ -4,8 +4,9 @@
 
 writes one torch zip file per model, named like the originals: `ensemble` -> `e_latest.model`, `refiner` ->
 `r_latest.model`, any other model NAME -> `NAME.model`. Each loads with `torch.load(f, weights_only=True)` and
-`load_state_dict(strict=True)` into the original TMTV-Net classes (keys and layouts of reference section 3), so a
-network fine-tuned here can go back to the PyTorch pipeline. The output directory is written atomically.
+`load_state_dict(strict=True)` into the original TMTV-Net classes (their state_dict keys and layouts:
+`convert_weights.keymap`, docs/weights.md "5. Mapping"), so a network fine-tuned here can go back to the PyTorch
+pipeline. The output directory is written atomically.
 """
 
 from __future__ import annotations

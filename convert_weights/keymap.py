@@ -4,7 +4,8 @@ Every parameter is one `Entry(torch_key, path, kind, member)`: `torch_key` is th
 `path` the key path in our pure parameter dict (`clips_jax.model.param_dict(model)`; `nnx.List` children are
 int keys), `kind` says how the array is transformed, `member` is the ensemble member index (the member axis of
 our stacked ensemble parameters) or None. The entries are GENERATED for a given depth / block count, so narrow
-or fine-tuned variants convert as well as the pretrained networks (reference: tmtv-net.md sections 2, 3, 7.2).
+or fine-tuned variants convert as well as the pretrained networks (the mapping in words: docs/weights.md,
+"5. Mapping").
 
 Transforms (`to_ours` / `to_torch`):
   "conv":   Conv3d weight (O, I, kD, kH, kW) <-> Flax kernel (kD, kH, kW, I, O)   (transpose (2,3,4,1,0))

@@ -169,7 +169,7 @@ def test_cbs_sigma_schedule_values():
 def test_kernel_1d():
     a = math.exp(-0.5)
     np.testing.assert_allclose(np.asarray(kernel_1d(1.0)), np.array([a, 1, a]) / (1 + 2 * a), rtol=1e-6)
-    # Reference A5: the 3-D centre weight at sigma = 1 is 0.092.
+    # Curriculum by smoothing (Sinha et al. 2020), kernel size 3: the 3-D centre weight at sigma = 1 is 0.092.
     assert float(kernel_1d(1.0)[1]) ** 3 == pytest.approx(0.092, abs=5e-4)
     np.testing.assert_array_equal(np.asarray(kernel_1d(0.0)), [0.0, 1.0, 0.0])
     np.testing.assert_array_equal(np.asarray(jax.jit(kernel_1d)(5e-4)), [0.0, 1.0, 0.0])

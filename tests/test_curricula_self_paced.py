@@ -1,4 +1,4 @@
-"""Self-paced regularisers (closed forms vs the reference formulas and a grid minimisation) and SPLD."""
+"""Self-paced regularisers (closed forms vs the published formulas and a grid minimisation) and SPLD."""
 
 import math
 
@@ -13,7 +13,8 @@ LAM = 0.3
 
 
 def _reference(reg: str, loss: float, lam: float, ratio: float = 0.5, t: float = 3.0) -> float:
-    """Reference A2 table, evaluated in plain Python."""
+    """The closed forms of docs/curricula.md, "Self-paced options" (Kumar et al. 2010; Jiang et al. 2014), in
+    plain Python."""
     if reg == "hard":
         return 1.0 if loss < lam else 0.0
     if reg == "linear":
@@ -31,7 +32,7 @@ def _reference(reg: str, loss: float, lam: float, ratio: float = 0.5, t: float =
 
 
 def _objective(reg: str, v: np.ndarray, loss: float, lam: float, ratio: float = 0.5, t: float = 3.0) -> np.ndarray:
-    """v * l + g(v; lam) for one case, g from the reference A2 table."""
+    """v * l + g(v; lam) for one case, g the regulariser of Kumar et al. 2010 / Jiang et al. 2014."""
     if reg == "hard":
         g = -lam * v
     elif reg == "linear":

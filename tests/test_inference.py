@@ -27,7 +27,7 @@ def _closed_form_weights(tile):
 def test_central_weight_map_matches_reference_table():
     w = inf.central_weight_map((128, 96, 96))
     assert w.dtype == np.float32 and w.shape == (128, 96, 96)
-    profile = [0, 0.065, 0.134, 0.209, 0.293, 0.388, 0.5, 0.646, 1, 1]  # z = 0, 4, ..., 36 (reference §4.2)
+    profile = [0, 0.065, 0.134, 0.209, 0.293, 0.388, 0.5, 0.646, 1, 1]  # z = 0, 4, ..., 36 (original central_weighting)
     np.testing.assert_allclose(w[0:40:4, 48, 48], profile, atol=1e-3)
     assert np.all(w[0] == 0) and np.all(w[127] == 0)                        # the two z-faces
     np.testing.assert_allclose(w[64, 0, 48], 1 - np.sqrt(24 / 32), rtol=1e-6)  # y-face centre ~0.134
@@ -250,7 +250,8 @@ def test_cascade_finds_a_hot_sphere():
 
 
 def _reference_tiled(vol, predictor, tile, step, batch_size, blend, cover_end, tta):
-    """The straightforward algorithm (reference §4): np.pad centred, every tile through `predictor` one batch
+    """The straightforward algorithm (the original's `inference_process_wholebody_3d`, `main/main.py` of
+    qurit-frizi/TMTV-Net): np.pad centred, every tile through `predictor` one batch
     at a time, float32 accumulation on the padded grid, zero-weight rule, crop; TTA averages the 8 flips.
     Written independently of `inference._tiled_pass` (only the weight map and the tile grid are shared,
     both tested above), as the pre-memory-optimisation implementation was."""

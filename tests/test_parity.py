@@ -31,7 +31,7 @@ from torch_reference import TorchEnsemble, TorchRefiner, TorchUNet, n_params, ra
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "reference" / "tmtv-net-state-dict.json"
 TOL = 1e-4
-COUNTS = (21_594_530, 86_378_130, 361_796)  # reference section 3.1: U-Net, ensemble, refiner
+COUNTS = (21_594_530, 86_378_130, 361_796)  # of the original PyTorch classes: U-Net, ensemble, refiner
 
 
 def _spec() -> dict:

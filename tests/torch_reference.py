@@ -1,5 +1,7 @@
-"""A plain-PyTorch reference of TMTV-Net's three networks, written from the reference spec (tmtv-net.md sections
-2.1-2.6), used by the parity tests and the forward benchmark. Not the original code (research-use-only).
+"""A plain-PyTorch reference of TMTV-Net's three networks, written from a description of the original models
+(qurit-frizi/TMTV-Net: `main/src/layers/`, `main/src/model_stacking.py`,
+`main/src/model_refiner_multiclass_deepsupervision_configured_v1.py`), used by the parity tests and the forward
+benchmark. Not the original code (research-use-only).
 
 The module nesting reproduces the original state_dict names exactly (checked against tmtv-net-state-dict.json by
 tests/test_parity.py): e.g. `model.backbone.downs.0.ops.ops.0.ops.0.weight` comes from

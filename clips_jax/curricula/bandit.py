@@ -101,7 +101,8 @@ def exp3s_policy(w: Array, eps: float) -> jax.Array:
 
 def exp3s_weights_update(w: Array, pi: Array, attribution: Array, reward: Array, t: Array, eta: float,
                          beta: float) -> jax.Array:
-    """One Exp3.S update of the log-weights (reference A4), in log-sum-exp form, before any shift.
+    """One Exp3.S update of the log-weights (Graves et al. 2017, "Automated curriculum learning for neural
+    networks"), in log-sum-exp form, before any shift.
 
     Args:
       w: float (K,) log-weights; pi: float (K,) policy the batch was drawn with; attribution: float (K,)

@@ -18,7 +18,7 @@ often it learns (`update_every`), and the loop provides exactly that (docs/curri
 Difficulty convention: each manifest measure has a direction ("harder when larger/smaller", see
 `HARDER_WHEN`); `oriented_difficulty` flips signs so that larger always means harder. Lesion-free
 (negative) cases have NaN lesion measures; curricula sample them at a fixed proportion outside the
-ordering (`stratify_negatives`, reference A0 rule 3).
+ordering (`stratify_negatives`, curriculum rule 3 of docs/curricula.md).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ Array = Any  # a jax.Array or np.ndarray
 State = dict[str, Any]  # a flat dict of arrays: a pytree orbax can checkpoint as is
 
 #: Manifest difficulty keys and the direction in which a case is *harder* (+1: larger is harder,
-#: -1: smaller is harder). Reference A1 table; TMTV "smaller is harder" because small lesions dominate
-#: Dice errors (choose the other sign via a custom measure if the target is TMTV error).
+#: -1: smaller is harder); docs/curricula.md, "Case table and difficulty measures". TMTV "smaller is harder"
+#: because small lesions dominate Dice errors (choose the other sign via a custom measure if the target is TMTV
+#: error).
 HARDER_WHEN: dict[str, int] = {
     "tmtv_ml": -1,  # total metabolic tumour volume (ml): smaller is harder
     "n_lesions": +1,  # number of 18-connected lesions: more is harder
@@ -334,7 +335,7 @@ def finalise(w: Array) -> jax.Array:
 
 
 def stratify(w_pos: Array, is_negative: Array, neg_fraction: Array) -> jax.Array:
-    """Mix a distribution over positives with uniform sampling of negatives (reference A0 rule 3).
+    """Mix a distribution over positives with uniform sampling of negatives (curriculum rule 3, docs/curricula.md).
 
     w = (1 - q) * w_pos + q * uniform_over_negatives. With no negatives the result is w_pos; with no
     positives it is uniform over the negatives.

@@ -2,8 +2,9 @@
 
 How it fits: predefined, transfer-teacher and random/anti curricula rank cases once; at every step the
 pacing function gives a window [lo(t), hi(t)) of *fractions* of that ordering (lo = 0 except for
-one-pass); `select_window` turns it into hard 0/1 membership with the k_min fallback (reference A0 rule 1,
-A1). Self-paced learning reuses hi(t) as the loss quantile q(t).
+one-pass); `select_window` turns it into hard 0/1 membership with the k_min fallback (curriculum rule 1 of
+docs/curricula.md; selection as in Bengio et al. 2009 and Hacohen & Weinshall 2019). Self-paced learning reuses
+hi(t) as the loss quantile q(t).
 
 Units: t is the fractional epoch step / steps_per_epoch for the survey schedulers (`grow_epochs` in
 epochs); the Hacohen & Weinshall exponential pacing counts optimisation steps (`step_length_steps`), as in
@@ -134,11 +135,11 @@ def pacing_window(step: Array, cfg: PacingConfig) -> tuple[jax.Array, jax.Array]
 
 
 def select_window(ranks: Array, n_ranked: Array, lo: Array, hi: Array, k_min: int) -> jax.Array:
-    """Hard selection of the ranks inside the pacing window, uniform over the members (reference A1).
+    """Hard selection of the ranks inside the pacing window, uniform over the members (Hacohen & Weinshall 2019).
 
     n_hi = clip(max(k_min, ceil(hi * n)), 1, n), n_lo = clip(floor(lo * n), 0, n_hi - min(k_min, n));
     w_i = 1[n_lo <= r_i < n_hi] / (n_hi - n_lo). So at least min(k_min, n) cases are always selected
-    (A0 rule 1) and ranks of ineligible cases (sentinel >= n) are never selected.
+    (curriculum rule 1, docs/curricula.md) and ranks of ineligible cases (sentinel >= n) are never selected.
 
     Args:
       ranks: int32 (N,) ranks (0 = easiest); n_ranked: int scalar n >= 0 of ranked cases;

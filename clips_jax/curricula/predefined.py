@@ -1,13 +1,17 @@
 """Uniform sampling, predefined curricula (difficulty measure x pacing) and their controls.
 
-How it fits: the ordering is computed once in ``init`` from a `CaseTable` column (reference A1): cases are
+How it fits: the ordering is computed once in ``init`` from a `CaseTable` column (a difficulty measure of
+docs/curricula.md; predefined curricula as in Wang, Chen & Zhu 2022, "A survey on curriculum learning"): cases are
 ranked easy -> hard by the oriented measure (`HARDER_WHEN`), or by the reverse order ("anti", Hacohen &
 Weinshall control), or by a seeded random permutation ("random" control). ``weights`` then selects the
 n(t) easiest (hard selection, `select_window`) with the k_min fallback, and mixes in lesion-free cases at a
-fixed proportion q outside the ordering (A0 rule 3). The transfer-teacher / bootstrapping curriculum (A3)
-is the same thing with measure "teacher_loss"; `teacher_difficulty` and friends prepare that column.
+fixed proportion q outside the ordering (curriculum rule 3 of docs/curricula.md). The transfer-teacher /
+bootstrapping curriculum (Hacohen & Weinshall 2019, "On the power of curriculum learning in training deep
+networks") is the same thing with measure "teacher_loss"; `teacher_difficulty` and friends prepare that
+column.
 
-Selection is used as a *sampling* distribution (A0 rule 4: we sample, we do not re-weight the loss).
+Selection is used as a *sampling* distribution (curriculum rule 4 of docs/curricula.md: we sample, we do not
+re-weight the loss).
 """
 
 from __future__ import annotations
@@ -154,7 +158,7 @@ def teacher_difficulty(losses: Array) -> np.ndarray:
     """Validate per-case teacher losses for the "teacher_loss" manifest column (higher = harder).
 
     Args: losses: (N,) per-case loss of a trained teacher w.r.t. the ground truth (e.g. the combined loss
-      of reference B4, or 1 - Dice via `teacher_difficulty_from_dice`); NaN = not scored.
+      of the TMTV-Net paper's Eq. 1, or 1 - Dice via `teacher_difficulty_from_dice`); NaN = not scored.
     Returns: float64 (N,) copy. Raises DataError for +-inf or negative losses (a broken scoring run).
     """
     d = np.array(losses, dtype=np.float64).reshape(-1)

@@ -98,8 +98,9 @@ def get_curriculum(name: str, **options: Any) -> Curriculum:
 def options_from_config(config) -> dict:
     """Options for `get_curriculum` from a training config (an ml_collections ConfigDict with `curriculum`
     and `data.batch_size`): its `curriculum.options` plus `steps_per_epoch`, and,
-    for families with a minimum selection size, `k_min` = the batch size unless given (the reference's rule
-    "k_min >= batch size"; the family default of 8 would select every case of a small dataset from the start)."""
+    for families with a minimum selection size, `k_min` = the batch size unless given (curriculum rule 1 of
+    docs/curricula.md, "k_min >= batch size"; the family default of 8 would select every case of a small dataset
+    from the start)."""
     opts = dict(config.curriculum.options.to_dict() if hasattr(config.curriculum.options, "to_dict")
                 else config.curriculum.options)
     opts.setdefault("steps_per_epoch", int(config.curriculum.steps_per_epoch))

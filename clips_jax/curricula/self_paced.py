@@ -8,9 +8,10 @@ would look easy), kept per case as an exponential moving average over the crops 
 one random crop is a noisy sample of a whole case. Lesion-free cases never get a loss: they are sampled at a
 fixed proportion outside the selection (``stratify_negatives``, `clips_jax.curricula.core.stratify`).
 ``weights`` computes the
-closed-form optimal v*(l; lambda) of the chosen regulariser (reference A2) and uses it as the sampling
-distribution w_i = v*_i / sum_j v*_j (A0 rule 4: sampling, not loss re-weighting; `spl_weights` is public so
-a trainer could use v* as loss weights instead). The "age" lambda grows either geometrically,
+closed-form optimal v*(l; lambda) of the chosen regulariser (Kumar, Packer & Koller 2010; Jiang et al. 2014) and
+uses it as the sampling distribution w_i = v*_i / sum_j v*_j (curriculum rule 4 of docs/curricula.md: sampling,
+not loss re-weighting; `spl_weights` is public so a trainer could use v* as loss weights instead). The "age"
+lambda grows either geometrically,
 lambda(t) = lambda0 * mu^floor(e / E), or as the quantile of the current losses at q(t) from a pacing
 function ("quantile" mode, scale-free: the losses shrink during training, the quantile follows them).
 
@@ -27,7 +28,7 @@ of within-group rank r (1-based) is selected iff l < lambda + gamma / (sqrt(r) +
 
 Cases whose loss has not been observed yet (NaN) get weight `unseen_weight` (default 1: every case is
 visited before the curriculum can exclude it). If nothing is selected, the k_min cases of lowest loss are
-used (A0 rule 1).
+used (curriculum rule 1, docs/curricula.md).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class SelfPacedConfig(PacingConfig):
         (default). Groups come from `CaseTable.groups` (or has_lesion when the table has none).
       gamma_growth: gamma(t) = gamma0 * gamma_growth^floor(e / every_epochs). Default 1.1.
       unseen_weight: weight v of cases whose loss was never observed (NaN). Default 1.0.
-      k_min: fallback size (A0 rule 1), set >= batch size. Default 8.
+      k_min: fallback size (curriculum rule 1, docs/curricula.md), set >= batch size. Default 8.
       loss_ema: weight of the previous value in the per-case moving average of the observed losses,
         l <- loss_ema * l + (1 - loss_ema) * observed (the first observation is taken as is), in [0, 1).
         Default 0.5.

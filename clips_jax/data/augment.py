@@ -1,4 +1,5 @@
-"""Training-time augmentations of TMTV-Net (reference tmtv-net.md §5.2), as pure NumPy/SciPy functions.
+"""Training-time augmentations of TMTV-Net, as pure NumPy/SciPy functions (original: the deleted `main/train.py`
+with `main/src/src_transforms.py` and `transforms_augmentation_affine.py` of qurit-frizi/TMTV-Net).
 
 Every function takes the arrays and an explicit `np.random.Generator` (no hidden RNG) and returns new
 arrays; the caller (`clips_jax.data.pipeline`) derives the generator from (seed, stage, element index), so

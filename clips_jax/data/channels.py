@@ -1,4 +1,5 @@
-"""The 5 normalised network input channels of TMTV-Net (reference tmtv-net.md §1.4).
+"""The 5 normalised network input channels of TMTV-Net (original: `PreprocessDataV4_lung_soft_tissues_hot` in
+`main/src/preprocess.py` of qurit-frizi/TMTV-Net).
 
 Every channel is a clipped linear window of the raw CT (HU) or SUVbw, mapped to [0, 1]:
 

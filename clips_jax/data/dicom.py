@@ -1,7 +1,10 @@
 """DICOM PET/CT study reader: series discovery, slice stacking, geometry, and checked SUVbw conversion.
 
 `read_dicom_study(folder)` turns a folder of DICOM files (any depth, any file names) into a `Case` on the PET
-grid. Compared with TMTV-Net's converter (reference tmtv-net.md §1.1-1.2, §6 items 6-7) it:
+grid. Compared with TMTV-Net's converter (`list_of_modality_dirs`, `dicomToNifti` and `bqml_to_suv` in
+`main/src/DicomNiftiConversion.py` of qurit-frizi/TMTV-Net: `.dcm` files only, SUV parameters from the first file,
+no Units (0054,1001) or DecayCorrection (0054,1102) check; CT resampled onto the PET grid only when the array
+shapes differ, in `main/main.py`) it:
 
 * finds DICOM files by content, not by the `.dcm` extension (files without the 128-byte preamble + "DICM"
   magic are skipped as non-DICOM; a file with the magic that cannot be parsed raises DataError);

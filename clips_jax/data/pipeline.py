@@ -1,7 +1,7 @@
 """grain training pipeline: curriculum-weighted case sampling -> random crop -> augmentation -> batches.
 
-Built on grain's Dataset API (reference jax-stack.md §4.1), whose output stream does not depend on the
-number of worker processes:
+Built on grain's Dataset API (grain documentation, "Choosing an API", `docs/api_choice.md`), whose output
+stream does not depend on the number of worker processes:
 
     MapDataset.range(num_batches * local_batch)          local element j of this process
       .map(PatchSampler)                                 j -> global index g -> one augmented patch
@@ -23,7 +23,7 @@ Each element is a pure function of `(seed, stage, weights, g)`:
    uniform crops; a probability of 0 draws no random number, so the other draws stay as they were.
    Out-of-volume voxels are filled in the RAW arrays with -1024 HU / SUV 0 / label 0; every channel window
    maps those to exactly 0, i.e. the same as the reference's zero padding of the channels.
-4. Augmentation (`clips_jax.data.augment`, reference §5.2): with p = `p_affine` (0.5) a rotation
+4. Augmentation (`clips_jax.data.augment`, as the original's training code): with p = `p_affine` (0.5) a rotation
    U(-0.3, 0.3) rad about each axis and scale U(0.9, 1.1), folded into the crop (linear for CT/SUV, nearest
    for the label; the rotated patch samples the real volume around it, not padding); SUV intensity
    augmentations each with p = `p_intensity` (0.1); flips of each axis with p = 0.5; then the 5 input
@@ -83,7 +83,7 @@ from clips_jax.data.store import CaseStore
 from clips_jax.errors import ConfigError
 
 DEFAULT_PATCH_SHAPE = (128, 96, 96)
-"""TMTV-Net training patch (z, y, x) voxels at 6 mm (reference §5.2)."""
+"""TMTV-Net training patch (z, y, x) voxels at 6 mm (`fov_half_size` (64, 48, 48) x 2 of the original training)."""
 
 PAD_HU = -1024.0
 PAD_SUV = 0.0
@@ -95,7 +95,8 @@ def _check_weights(weights, n: int) -> np.ndarray:
     if w.shape != (n,):
         raise ConfigError(f"curriculum weights: got {w.size} values for {n} cases")
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ConfigError("curriculum weights must be finite, >= 0 and not all zero (rule A0.1: fall back to "
+        raise ConfigError("curriculum weights must be finite, >= 0 and not all zero (curriculum rule 1 of "
+                          "docs/curricula.md: fall back to "
                           "the easiest cases instead of an empty selection)")
     return w
 
@@ -460,7 +461,7 @@ def make_train_iterator(store: CaseStore, weights, *, seed: int, stage: int = 0,
       p_foreground: probability of centring a patch on a lesion voxel (0 = the reference behaviour).
       p_hot_negative: probability (when no lesion centre was drawn) of centring it on a voxel with
         SUV >= `hot_suv` (g/ml) outside the lesions: hard negatives (0 = the reference behaviour).
-      augment: apply the §5.2 augmentations (False: crops only).
+      augment: apply the TMTV-Net training augmentations of `clips_jax.data.augment` (False: crops only).
       read_threads, prefetch: grain ReadOptions (threads per process/worker, batches buffered).
       process_index, process_count: multi-host slicing (default from jax).
       extra_channels: names of optional per-case arrays appended after the 5 channels, e.g. `("stage_a",)`

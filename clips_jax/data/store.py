@@ -47,10 +47,10 @@ from clips_jax.fileio import atomic_dir, write_text_atomic
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 STRUCT18 = ndi.generate_binary_structure(3, 2)
-"""18-connectivity (faces + edges), the autoPET lesion definition (reference C6)."""
+"""18-connectivity (faces + edges), the autoPET lesion definition (Gatidis et al. 2022; lab-midas/autoPET)."""
 
 BODY_HU = -500.0
-"""Body mask threshold: voxels with CT > -500 HU are body (reference A1, lesion-to-body ratio)."""
+"""Body mask threshold: voxels with CT > -500 HU are body (`body_ml` and the background of `tbr`; our choice)."""
 
 MEASURES = ("tmtv_ml", "n_lesions", "smallest_lesion_ml", "suv_max", "tbr", "dmax_mm", "body_ml")
 """Difficulty fields of a manifest entry (see `difficulty_measures`)."""
@@ -69,7 +69,7 @@ def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
 def dmax_centroids_mm(mask: np.ndarray, spacing_mm) -> float:
     """Lesion dissemination Dmax in mm: the largest distance between the centroids of two lesions.
 
-    Definition (a) of reference C11 (Cottereau et al. 2020), NOT the original TMTV-Net code's (which mixes
+    The definition of Cottereau et al. 2020 (J Nucl Med), NOT the original TMTV-Net code's (which mixes
     units for single lesions) nor the all-voxel-pairs variant.
 
     Args:
@@ -91,7 +91,8 @@ def dmax_centroids_mm(mask: np.ndarray, spacing_mm) -> float:
 
 
 def difficulty_measures(seg: np.ndarray | None, suv: np.ndarray, ct: np.ndarray, spacing_mm) -> dict:
-    """Per-case difficulty measures (reference curricula A1), computed on the native grid.
+    """Per-case difficulty measures (docs/curricula.md, "Case table and difficulty measures"), computed on the
+    native grid.
 
     Args:
       seg: (z, y, x) lesion mask (> 0 is lesion) or None for an unlabeled study.

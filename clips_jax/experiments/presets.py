@@ -1,16 +1,17 @@
 """The named experiment presets of `compare_curricula`, defined in this one place.
 
 An *experiment* is one curriculum setting compared against the others: a curriculum preset of
-`clips_jax.curricula.PRESETS` plus option overrides. The table covers every curriculum family (reference
-curricula-losses-metrics.md, part A): the uniform baseline, the anti and random controls, a predefined
-(difficulty x pacing) curriculum, baby steps, self-paced learning, the transfer-teacher / bootstrapping
-curriculum (A3, the winner of Yousefirizi et al. 2022, A6), the Exp3.S bandit and curriculum by smoothing.
+`clips_jax.curricula.PRESETS` plus option overrides. The table covers every curriculum family of
+docs/curricula.md: the uniform baseline, the anti and random controls, a predefined (difficulty x pacing)
+curriculum, baby steps, self-paced learning, the transfer-teacher / bootstrapping curriculum (Hacohen &
+Weinshall 2019; the winner of Yousefirizi, Uribe & Rahmim 2022, "Curriculum learning for improved tumor
+segmentation in PET imaging"), the Exp3.S bandit and curriculum by smoothing.
 
 Short runs need short schedules: the library defaults grow the training set over 100 epochs, which a
 comparison of a few hundred steps never reaches. `curriculum_options` therefore rescales every
 step-dependent schedule to the run length (`steps`): the pacing reaches the whole training set at
-`GROW_FRACTION` of the run, CBS's sigma falls below 0.2 at the same point (the reference's A5
-recommendation), and seeded curricula (random order, bandit draws) take the run's seed so that seeds differ.
+`GROW_FRACTION` of the run, CBS's sigma falls below 0.2 at the same point (our recommendation for long
+runs, docs/curricula.md, "Curriculum by smoothing"), and seeded curricula (random order, bandit draws) take the run's seed so that seeds differ.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ RUN_OVERRIDES: dict = {
 #: Fraction of the run after which paced curricula sample from the whole training set.
 GROW_FRACTION = 0.5
 
-#: sigma of CBS at GROW_FRACTION of the run (reference A5: "sigma < 0.2 by ~50 % of training").
+#: sigma of CBS at GROW_FRACTION of the run ("sigma < 0.2 by mid-training": docs/curricula.md, "Curriculum by
+#: smoothing").
 CBS_SIGMA_AT_GROW = 0.2
 
 
@@ -81,8 +83,8 @@ class Experiment:
 
 
 #: Experiment name -> Experiment. The first nine are the default `--curricula`, in its order: the baseline first
-#: (the transfer teacher needs a finished baseline run), then the comparison of Yousefirizi et al. 2022 (A6:
-#: bootstrapping, random, anti, self-paced), then the other families; opt-in variants follow.
+#: (the transfer teacher needs a finished baseline run), then the comparison of Yousefirizi et al. 2022 (IEEE
+#: NSS/MIC: bootstrapping, random, anti, self-paced), then the other families; opt-in variants follow.
 EXPERIMENTS: dict[str, Experiment] = {
     "none": Experiment("none", family="baseline: uniform sampling"),
     "transfer_teacher": Experiment("transfer_teacher", paced=True, needs_teacher=True,

@@ -14,7 +14,8 @@ autoPET and microsoft/lymphoma-segmentation-dnn; `scipy.ndimage.label` with
   threshold (and IoU > 0) are candidates; a maximum-cardinality one-to-one matching is found with the
   Hungarian algorithm (`scipy.optimize.linear_sum_assignment`), ties broken by the larger total IoU.
   a2_tp = matched pairs, a2_fn = true lesions unmatched, a2_fp = predicted components unmatched.
-* Dmax (section C11, definition (b), microsoft/lymphoma-segmentation-dnn): the largest Euclidean distance
+* Dmax (the definition of microsoft/lymphoma-segmentation-dnn, not the lesion-centroid distance of Cottereau
+  et al. 2020): the largest Euclidean distance
   in mm between the centres of any two foreground voxels of one mask (spacing-aware). A single voxel gives
   0; an empty mask gives NaN. Computed exactly on the convex hull of the per-row extreme voxels.
 """

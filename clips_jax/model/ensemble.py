@@ -1,4 +1,5 @@
-"""TMTV-Net's stage-A ensemble: 4 identical U-Nets fused by a learned 1x1x1 "stacking" conv (reference 2.5).
+"""TMTV-Net's stage-A ensemble: 4 identical U-Nets fused by a learned 1x1x1 "stacking" conv (original:
+`ModelStacking` in `main/src/model_stacking.py` of qurit-frizi/TMTV-Net).
 
 Forward: for each member, p_i = softmax(logits_i)[..., 1] (lesion probability); the 4 maps are concatenated in
 member order `(N, D, H, W, 4)` and mapped by a 1x1x1 conv (4 -> 2, with bias) to the ensemble logits.

@@ -1,6 +1,7 @@
 """Building blocks of TMTV-Net in Flax NNX, channels-last `(N, D, H, W, C)`.
 
-Each block reproduces the PyTorch original exactly (reference: tmtv-net.md section 2.1 and 7.1):
+Each block reproduces the PyTorch original exactly (`main/src/layers/blocks.py` and `layer_config.py` of
+qurit-frizi/TMTV-Net; layout conversion: docs/weights.md, "5. Mapping"):
 
 * convolutions use explicit symmetric padding `k // 2` on every side (never 'SAME': XLA pads stride-2 convs
   asymmetrically, PyTorch does not);

@@ -1,4 +1,5 @@
-"""TMTV-Net's residual refiner (stage B) in Flax NNX (reference: tmtv-net.md section 2.6).
+"""TMTV-Net's residual refiner (stage B) in Flax NNX (original: `Refiner` in qurit-frizi/TMTV-Net,
+`main/src/model_refiner_multiclass_deepsupervision_configured_v1.py`).
 
 Fully convolutional at native PET resolution: ConvNormAct(9) 6->32 (no conv bias) -> 4 residual blocks (32) ->
 ConvNormAct(1) 32->2 whose InstanceNorm(2) + LeakyReLU are applied to the logits (unusual, reproduced).

@@ -1,4 +1,6 @@
-"""TMTV-Net's large-FOV 3-D U-Net (stage A) in Flax NNX (reference: tmtv-net.md sections 2.2-2.4).
+"""TMTV-Net's large-FOV 3-D U-Net (stage A) in Flax NNX (original: `UNetBase` with `DeepSupervision` heads in
+`SimpleMulticlassUNet_dice_ce_fov_v9_ds_lung_soft_hot_boundary`, qurit-frizi/TMTV-Net
+`main/src/model_unet_multiclass_deepsupervision_configured_v1.py`).
 
 Pretrained shape (the default): input 5 channels `[ct, suv, ct_lung, ct_soft, suv_hot]` at 6 mm;
 init ConvNormAct(3) 5->32; 4 encoder levels, each ONE stride-2 ConvNormAct(3) (32->64->96->128->156); a 9x9x9
@@ -60,7 +62,8 @@ class UNet(nnx.Module):
             heads.append(conv3d(cout, out_channels, 1, dtype=dtype, rngs=rngs))
         self.ups = nnx.List(ups)
         self.heads = nnx.List(heads)
-        # Present in the pretrained state_dict, never evaluated (reference 2.2): kept for strict conversion.
+        # Present in the pretrained state_dict, never evaluated (the original backbone's `output` conv): kept for
+        # strict conversion.
         self.output = conv3d(init_channels, out_channels, 3, dtype=dtype, rngs=rngs)
 
     def check_input(self, x: jax.Array) -> None:
