@@ -307,7 +307,7 @@ def fig_train_no_data(ctx: Context, dtype: str) -> dict:
 
 
 def _train_config(ctx: Context, dtype: str):
-    from configs import default as default_config
+    from clips_jax.configs import default as default_config
 
     p = ctx.p
     c = default_config.get_config()

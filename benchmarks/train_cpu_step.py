@@ -1,4 +1,4 @@
-"""CPU training-step time of the default job (`configs/default.py`), OLD vs NEW code paths, interleaved.
+"""CPU training-step time of the default job (`clips_jax/configs/default.py`), OLD vs NEW code paths, interleaved.
 
     .venv/bin/python benchmarks/train_cpu_step.py                 # 15 rounds, each times one OLD and one NEW step
     .venv/bin/python benchmarks/train_cpu_step.py --rounds 30 --warmup 3
@@ -119,7 +119,7 @@ def main() -> None:
     import numpy as np
 
     from clips_jax import trainer
-    from configs import default as default_config
+    from clips_jax.configs import default as default_config
 
     print(f"command   {' '.join([Path(sys.executable).name] + sys.argv)}")
     print(f"date      {datetime.datetime.now().isoformat(timespec='seconds')}")

@@ -101,7 +101,7 @@ def bench_ours(arch: dict, image, label, dtype: str, alpha: float, warmup: int, 
     from flax import nnx
 
     from clips_jax import trainer
-    from configs import default as default_config
+    from clips_jax.configs import default as default_config
 
     cfg = default_config.get_config()
     cfg.model.kind = "unet"

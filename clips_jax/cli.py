@@ -1,8 +1,20 @@
-"""Shared plumbing of the command-line tools (predict, stage_a, teacher): absl flags without global state.
+"""The one command-line convention of CLIPS-JAX: every command parses, reports and exits the same way.
 
-Each tool defines `define_flags(fv)` and `run_from_flags(fv) -> exit status`. `run_tool` parses argv into a
-private `absl.flags.FlagValues`, so a tool can be called in-process (tests) without defining global flags, and
-prints usage for -h/--help (exit 0) or a one-line error for bad flags (exit 2).
+Every command (`clips-train`, `clips-predict`, ... or `python -m <module>`; the README lists them) is a module
+with `define_flags(fv)`, `run_from_flags(fv) -> exit status` and a docstring whose "Examples" show real
+command lines, and a `main(argv=None)` that calls `run_tool`. The convention, documented once in the README
+("Command-line convention"):
+
+- flags: absl flags in a private `absl.flags.FlagValues` (so a command can also be called in-process, as the
+  tests do, without global state); `--flag=value` or `--flag value`; booleans `--flag` / `--noflag`;
+  a Z,Y,X triple is written `z,y,x` (or `zxyxx`) and read by `parse_zyx`;
+- `-h` / `--help`: the module docstring (with its examples) and the flags, on stdout, exit 0;
+- errors: ONE line `error: <what went wrong, which file or case, what to do>` on stderr, no traceback;
+- exit status: 0 success; 1 an input error (a file, case or study that cannot be used: `DataError`,
+  `WeightsError`, or a batch command where some cases failed); 2 a usage error (unknown or malformed flag,
+  contradictory or invalid settings: absl's `flags.Error`, `ConfigError`, `UsageError`).
+
+Only the command-line modules parse flags or print; the library below raises `clips_jax.errors` exceptions.
 """
 
 from __future__ import annotations
@@ -10,22 +22,85 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
+from clips_jax.errors import ClipsError, ConfigError
 
-def run_tool(argv: Sequence[str], define_flags: Callable, run_from_flags: Callable, doc: str | None) -> int:
-    """Parse `argv` (argv[0] = program name) with the tool's flags and run it; return the exit status."""
+EXIT_OK = 0
+EXIT_INPUT = 1
+"""A file, case or study could not be used (or some cases of a batch failed)."""
+EXIT_USAGE = 2
+"""The command line or the settings are wrong."""
+
+HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
+
+
+class UsageError(ClipsError):
+    """The command line itself is wrong (e.g. a missing required flag, stray arguments): exit 2."""
+
+
+def error(message: object) -> None:
+    """Print `error: <message>` as one line on stderr (newlines folded; an embedded traceback, as absl's
+    config-flag errors carry, is cut down to its last line: the exception itself)."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
+        head = str(message).split("Traceback (most recent call last)")[0].strip()
+        lines = [head, lines[-1]] if head else [lines[-1]]
+    text = " ".join(lines)
+    print(f"error: {text}", file=sys.stderr)
+
+
+def parse_zyx(text: str, name: str, kind: type = int) -> tuple:
+    """`"z,y,x"` (or `"zxyxx"`, or one value for all three axes) -> a (z, y, x) tuple of `kind` (int or float).
+
+    Args: text: the flag's value; name: the flag's name, for the message; kind: int (voxels) or float (mm).
+    Raises: UsageError naming the flag when the value is not 1 or 3 positive numbers.
+    """
+    parts = [p for p in str(text).replace("x", ",").split(",") if p.strip()]
+    try:
+        vals = [kind(p) for p in parts]
+    except ValueError:
+        vals = []
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3 or any(v <= 0 for v in vals):
+        unit = "voxels" if kind is int else "mm"
+        raise UsageError(f"--{name}={text!r}: expected three positive {kind.__name__} values z,y,x ({unit}), "
+                         f"e.g. --{name}={'96,96,96' if kind is int else '6,6,6'}")
+    return tuple(vals)
+
+
+def exit_status(exc: BaseException) -> int:
+    """The exit status of an error under the convention: 2 for usage/config errors, 1 for the rest."""
     from absl import flags
 
+    if isinstance(exc, (flags.Error, ConfigError, UsageError)):
+        return EXIT_USAGE
+    return EXIT_INPUT
+
+
+def run_tool(argv: Sequence[str] | None, define_flags: Callable, run_from_flags: Callable,
+             doc: str | None) -> int:
+    """Parse `argv` (argv[0] = program name; None = sys.argv) with the command's flags and run it.
+
+    Returns the exit status (never raises for a user error): help -> 0; a flag error, `ConfigError` or
+    `UsageError` -> one `error:` line, 2; any other `ClipsError` -> one `error:` line, 1; otherwise what
+    `run_from_flags` returns.
+    """
+    from absl import flags
+
+    argv = list(sys.argv if argv is None else argv)
     if not flags.FLAGS.is_parsed():  # libraries that read global absl flags (grain) must not crash
         flags.FLAGS.mark_as_parsed()
     fv = flags.FlagValues()
     define_flags(fv)
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in list(argv)[1:]):
-        print(doc or "")
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        print((doc or "").strip() + "\n")
         print("flags:\n" + fv.get_help(include_special_flags=False))
-        return 0
+        return EXIT_OK
     try:
-        fv(list(argv))
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run_from_flags(fv)
+        rest = fv(argv)
+        if len(rest) > 1:
+            raise UsageError(f"unexpected arguments {rest[1:]}; every input is a --flag (see --help)")
+        return int(run_from_flags(fv) or 0)
+    except (flags.Error, ClipsError) as e:
+        error(e)
+        return exit_status(e)

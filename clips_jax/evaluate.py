@@ -1,9 +1,9 @@
-"""`python -m clips_jax.evaluate`: score predicted masks against ground truth, per patient and per cohort.
+"""Score predicted masks against ground truth, per patient and per cohort: `clips-evaluate`.
 
-Usage:
-    python -m clips_jax.evaluate --pred DIR --truth DIR [--suv DIR] --out DIR
-        [--tolerance-mm 5] [--lesion-threshold 0.5] [--suv-threshold 4] [--no-mips]
-    python -m clips_jax.evaluate --pred baseline=DIR1 --pred curriculum=DIR2 --truth DIR --out DIR ...
+Examples:
+    clips-evaluate --pred results/ --truth data/ --suv data/ --out eval/
+    clips-evaluate --pred baseline=runs/a/pred --pred spl=runs/b/pred --truth data/ --out eval/ --tolerance_mm=3
+    python -m clips_jax.evaluate --pred results/ --truth data/ --out eval/ --nomips   # without the script
 
 Folder layouts accepted for --truth and --pred (matched by case id):
     DIR/<case>.nii.gz   DIR/<case>_SEG.nii.gz   DIR/<case>/SEG.nii.gz  (autoPET; nested folders give ids
@@ -20,13 +20,12 @@ several --pred, OUT/boxplots.png (Dice, NSD, TMTV error per experiment).
 
 Problems with single cases (missing on one side, unreadable file, prediction or SUV grid differing from
 the ground-truth grid) are printed on stderr, listed in summary.md, and the case is skipped; the other
-cases go on. Exit status: 0 if at least one case was scored, 1 if none, 2 on a usage error or a missing
-or empty folder.
+cases go on. Exit status (README, "Command-line convention"): 0 if at least one case was scored, 1 if none
+or on an input error (a missing or empty folder), 2 on a usage error.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 
 from clips_jax.data.geometry import Geometry
 from clips_jax.data.nifti import load_nifti
-from clips_jax.errors import ClipsError, ConfigError, DataError
+from clips_jax.errors import ConfigError, DataError
 from clips_jax.fileio import write_text_atomic
 from clips_jax.metrics.lesions import dmax_mm
 from clips_jax.metrics.report import (case_metrics, case_report_text, summarise, summary_markdown,
@@ -215,40 +214,49 @@ def evaluate(preds: dict[str, Path], truth_dir: Path, out_dir: Path, suv_dir: Pa
     return rows, problems
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clips_jax.evaluate",
-                                description="Per-patient and cohort metrics of predicted lesion masks.")
-    p.add_argument("--pred", action="append", required=True, metavar="[NAME=]DIR",
-                   help="prediction folder; repeat as NAME=DIR to compare experiments")
-    p.add_argument("--truth", required=True, type=Path, metavar="DIR", help="ground-truth mask folder")
-    p.add_argument("--suv", type=Path, metavar="DIR", help="SUV image folder (SUV columns and MIPs)")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    p.add_argument("--tolerance-mm", type=float, default=5.0, help="NSD/BJI tolerance in mm (default 5)")
-    p.add_argument("--lesion-threshold", type=float, default=0.5,
-                   help="IoU threshold of one-to-one lesion matching (default 0.5)")
-    p.add_argument("--suv-threshold", type=float, default=4.0, help="SUV threshold of _thr columns (default 4)")
-    p.add_argument("--no-mips", action="store_true", help="do not draw per-patient MIP PNGs")
-    return p
+def define_flags(fv) -> None:
+    """The command's flags (module docstring)."""
+    from absl import flags
+
+    flags.DEFINE_multi_string("pred", None, "Prediction folder; repeat as NAME=DIR to compare experiments.",
+                              flag_values=fv)
+    flags.DEFINE_string("truth", None, "Ground-truth mask folder.", flag_values=fv)
+    flags.DEFINE_string("suv", None, "SUV image folder (SUV columns and MIPs).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output folder.", flag_values=fv)
+    flags.DEFINE_float("tolerance_mm", 5.0, "NSD/BJI tolerance in mm.", flag_values=fv)
+    flags.DEFINE_float("lesion_threshold", 0.5, "IoU threshold of one-to-one lesion matching.", flag_values=fv)
+    flags.DEFINE_float("suv_threshold", 4.0, "SUV threshold of the _thr columns (SUV >= threshold).",
+                       flag_values=fv)
+    flags.DEFINE_bool("mips", True, "Draw per-patient MIP PNGs (needs --suv); --nomips to skip them.",
+                      flag_values=fv)
+    for name in ("pred", "truth", "out"):
+        flags.mark_flag_as_required(name, flag_values=fv)
+
+
+def run_from_flags(fv) -> int:
+    """Score every case; returns 0 if at least one case was scored, 1 if none (errors: `cli.run_tool`)."""
+    tol, thr = fv["tolerance_mm"].value, fv["lesion_threshold"].value
+    if not tol > 0:
+        raise ConfigError(f"--tolerance_mm={tol}: must be > 0 mm")
+    if not 0.0 <= thr <= 1.0:
+        raise ConfigError(f"--lesion_threshold={thr}: must be in [0, 1]")
+    out = Path(fv["out"].value)
+    rows, problems = evaluate(parse_pred_args(fv["pred"].value), Path(fv["truth"].value), out,
+                              Path(fv["suv"].value) if fv["suv"].value else None, tolerance_mm=tol,
+                              lesion_threshold=thr, suv_threshold=fv["suv_threshold"].value,
+                              mips=fv["mips"].value)
+    n = sum(len(r) for r in rows.values())
+    print(f"scored {n} case(s) in {len(rows)} experiment(s); {len(problems)} problem(s); "
+          f"summary: {out / 'summary.md'}")
+    return 0 if n else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (see the module docstring)."""
-    args = _parser().parse_args(argv)
-    try:
-        if not args.tolerance_mm > 0:
-            raise ConfigError(f"--tolerance-mm {args.tolerance_mm}: must be > 0 mm")
-        if not 0.0 <= args.lesion_threshold <= 1.0:
-            raise ConfigError(f"--lesion-threshold {args.lesion_threshold}: must be in [0, 1]")
-        rows, problems = evaluate(parse_pred_args(args.pred), args.truth, args.out, args.suv,
-                                  tolerance_mm=args.tolerance_mm, lesion_threshold=args.lesion_threshold,
-                                  suv_threshold=args.suv_threshold, mips=not args.no_mips)
-    except ClipsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    n = sum(len(r) for r in rows.values())
-    print(f"scored {n} case(s) in {len(rows)} experiment(s); {len(problems)} problem(s); "
-          f"summary: {args.out / 'summary.md'}")
-    return 0 if n else 1
+    """Command-line entry point (`clips-evaluate`); `argv` as `sys.argv` (program name first; None = sys.argv).
+    Returns the exit status (module docstring)."""
+    from clips_jax import cli
+
+    return cli.run_tool(argv, define_flags, run_from_flags, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Whole-body lesion segmentation of PET/CT studies: mask, TMTV report and MIP figure per study.
 
-    python -m clips_jax.predict --input PATH --weights DIR --out DIR [--tta] [--dtype float32|bfloat16]
-        [--batch-size N] [--stage-a-only] [--overwrite]
+    clips-predict --input PATH --weights DIR --out DIR [--tta] [--dtype float32|bfloat16]
+        [--batch_size N] [--stage_a_only] [--overwrite]          (or: python -m clips_jax.predict ...)
 
-Example (convert the TMTV-Net weights once, then segment one study or a folder of studies):
+Examples (convert the TMTV-Net weights once, then segment one study or a folder of studies):
 
-    python -m convert_weights --ensemble e_latest.model --refiner r_latest.model --out weights/tmtv-net
-    python -m clips_jax.predict --input studies/ --weights weights/tmtv-net --out results/
+    clips-convert-weights --ensemble e_latest.model --refiner r_latest.model --out weights/tmtv-net
+    clips-predict --input studies/ --weights weights/tmtv-net --out results/
+    clips-predict --input study_001/ --weights weights/tmtv-net --out results/ --dtype bfloat16 --batch_size 4
 
 PATH is one study folder or a folder of studies (`clips_jax.data.study.find_studies`):
   * a DICOM study folder: a PET (PT, Bq/ml) and a CT series anywhere below it (converted to SUVbw);
@@ -21,15 +22,16 @@ Per study `<id>` (the study folder name) it writes into --out, each file atomica
                       runtimes per stage, software versions
   <id>_report.md      the same as a readable report
   <id>_mip.png        coronal and sagittal PET MIPs with the mask outline (red)
-Exit status: 0 if every study succeeded (or was skipped), 1 if any failed, 2 on a usage error (no --weights,
-bad weights directory, no study found). Field definitions, options and memory use: docs/predict.md.
+Exit status (README, "Command-line convention"): 0 if every study succeeded (or was skipped), 1 if any
+failed or on an input error (a weights directory that cannot be used, no study found), 2 on a usage error
+(no --weights, a malformed flag). Field definitions, options and memory use: docs/predict.md.
 
 The pipeline is TMTV-Net's two-stage cascade (`inference_fn` in `main/main.py` of qurit-frizi/TMTV-Net, with
 its tiled `inference_process_wholebody_3d`): stage A runs the stage-A
 network (4-U-Net ensemble, or a single fine-tuned "unet") by tiled inference on the 6 mm grid; stage B
 runs the refiner on the native PET grid with the upsampled stage-A probability as 6th channel; the mask is
-the argmax. `--stage-a-only` skips the refiner: mask = (stage-A probability upsampled to the PET grid) > 0.5.
-The stages are composed here from the same building blocks as `clips_jax.inference.cascade` (identical
+the argmax. `--stage_a_only` skips the refiner: mask = (stage-A probability upsampled to the PET grid) > 0.5.
+The stages are composed here from the same building blocks as `clips_jax.cascade.cascade` (identical
 results, tested), so each stage can be timed and the large native-grid arrays freed as soon as possible.
 """
 
@@ -96,14 +98,14 @@ class Options:
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
         if int(self.batch_size) < 1:
-            raise ConfigError(f"--batch-size {self.batch_size}: need at least 1 tile per call")
+            raise ConfigError(f"--batch_size {self.batch_size}: need at least 1 tile per call")
         for name in ("stage_a_tile", "stage_b_tile"):
             t = tuple(int(v) for v in getattr(self, name))
             if len(t) != 3 or min(t) < 4:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: need three sizes >= 4 (z, y, x)")
+                raise ConfigError(f"--{name} {getattr(self, name)!r}: need three sizes >= 4 (z, y, x)")
             object.__setattr__(self, name, t)
         if any(v % 16 for v in self.stage_a_tile):
-            raise ConfigError(f"--stage-a-tile {self.stage_a_tile}: every size must be divisible by 16 (U-Net)")
+            raise ConfigError(f"--stage_a_tile {self.stage_a_tile}: every size must be divisible by 16 (U-Net)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +168,7 @@ def load_models(weights_dir: str | Path, *, dtype: str = "float32", stage_a_only
     if a_name is None:
         raise WeightsError(f"{d}: no stage-A model (need 'ensemble' or 'unet', found {sorted(names)})")
     if not stage_a_only and "refiner" not in names:
-        raise WeightsError(f"{d}: no 'refiner' model (found {sorted(names)}); pass --stage-a-only to segment "
+        raise WeightsError(f"{d}: no 'refiner' model (found {sorted(names)}); pass --stage_a_only to segment "
                            "with the stage-A network alone")
     mdtype = jnp.bfloat16 if dtype == "bfloat16" else None
     stage_a = load_model(d, a_name, dtype=mdtype)
@@ -199,7 +201,7 @@ def stage_b_input(ct_hu: np.ndarray, suv: np.ndarray, cascade_channel: np.ndarra
                   round_fp16: bool = True, slab: int = 16) -> np.ndarray:
     """The refiner input `(z, y, x, 6)` float32: the 5 channels (rounded to float16 first, as the original
     stage B) + the upsampled stage-A probability. Built in z-slabs of `slab` slices so no full-size
-    temporary besides the output is allocated (same values as `inference.cascade`)."""
+    temporary besides the output is allocated (same values as `cascade.cascade`)."""
     from clips_jax.data.channels import make_channels
 
     out = np.empty(tuple(suv.shape) + (6,), np.float32)
@@ -230,7 +232,7 @@ def segment(ct_hu: np.ndarray, suv: np.ndarray, geometry: Any, models: Models, o
     from clips_jax.inference import argmax_mask, tiled_inference, upsample_probability
 
     if not options.stage_a_only and models.refiner is None:
-        raise ConfigError("no refiner loaded; use --stage-a-only or a weights directory with a 'refiner'")
+        raise ConfigError("no refiner loaded; use --stage_a_only or a weights directory with a 'refiner'")
     common = dict(batch_size=options.batch_size, dtype=options.dtype, tta=options.tta)
     t0 = time.perf_counter()
     coarse = resample_case(Case("predict", ct_hu, suv, None, geometry), options.spacing_mm)
@@ -330,7 +332,7 @@ def report_markdown(report: dict) -> str:
               f"- weights: `{m.get('weights_dir', 'in memory')}`; stage A: {m['stage_a'].get('name', '')} "
               f"({m['stage_a'].get('class', '')}); stage B: "
               + (f"{m['stage_b'].get('name', '')} ({m['stage_b'].get('class', '')})" if m.get("stage_b")
-                 else "skipped (--stage-a-only: mask = stage-A probability > 0.5)"),
+                 else "skipped (--stage_a_only: mask = stage-A probability > 0.5)"),
               f"- options: {json.dumps(r['options'])}",
               "- runtime (s): " + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in r["seconds"].items()),
               f"- software: {json.dumps(r['software'])}", "",
@@ -487,18 +489,6 @@ def run_batch(input_path: str | Path, out_dir: str | Path, models: Models, optio
     return result
 
 
-def _triple_flag(text: str, name: str) -> tuple[int, int, int]:
-    try:
-        t = tuple(int(v) for v in str(text).replace("x", ",").split(","))
-    except ValueError:
-        t = ()
-    if len(t) == 1:
-        t = t * 3
-    if len(t) != 3:
-        raise ConfigError(f"--{name} {text!r}: give Z,Y,X voxels (e.g. 128,96,96) or one number")
-    return t  # type: ignore[return-value]
-
-
 def define_flags(fv) -> None:
     """Define the command-line flags on the absl `FlagValues` `fv` (global FLAGS or a private one)."""
     from absl import flags
@@ -510,50 +500,44 @@ def define_flags(fv) -> None:
     flags.DEFINE_string("out", None, "output folder (created)", **kw)
     flags.DEFINE_boolean("tta", False, "test-time augmentation: average the 8 flip combinations (8x slower)", **kw)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "network compute dtype", **kw)
-    flags.DEFINE_integer("batch-size", 1, "tiles per model call (more = faster on GPU, more memory)", **kw)
-    flags.DEFINE_boolean("stage-a-only", False, "skip the refiner: mask = stage-A probability > 0.5 on the PET "
+    flags.DEFINE_integer("batch_size", 1, "tiles per model call (more = faster on GPU, more memory)", **kw)
+    flags.DEFINE_boolean("stage_a_only", False, "skip the refiner: mask = stage-A probability > 0.5 on the PET "
                          "grid (for a fine-tuned 'unet' weights dir without refiner)", **kw)
     flags.DEFINE_boolean("overwrite", False, "redo studies whose outputs exist (default: skip them)", **kw)
-    flags.DEFINE_string("stage-a-tile", "128,96,96", "(advanced) stage-A tile Z,Y,X voxels at 6 mm, "
+    flags.DEFINE_string("stage_a_tile", "128,96,96", "(advanced) stage-A tile Z,Y,X voxels at 6 mm, "
                         "multiples of 16; step = tile / 2", **kw)
-    flags.DEFINE_string("stage-b-tile", "96,96,96", "(advanced) stage-B tile Z,Y,X voxels; step = tile / 2", **kw)
+    flags.DEFINE_string("stage_b_tile", "96,96,96", "(advanced) stage-B tile Z,Y,X voxels; step = tile / 2", **kw)
 
 
 def run_from_flags(fv, out=None, err=None) -> int:
-    """Run with parsed flags `fv`; returns the exit status (0 all ok, 1 some study failed, 2 usage error).
-    `out`/`err` default to the current sys.stdout/sys.stderr."""
+    """Run with parsed flags `fv`; returns 0 when every study went through, 1 when some failed (a bad flag or
+    unusable weights raise: `cli.run_tool` reports them). `out`/`err` default to sys.stdout/sys.stderr."""
+    from clips_jax.cli import UsageError, parse_zyx
+    from clips_jax.data.study import find_studies
+
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     if not fv["weights"].value:
-        print(f"error: {WEIGHTS_HELP}", file=err)
-        return 2
-    try:
-        if not fv["input"].value or not fv["out"].value:
-            raise ConfigError("--input and --out are required (see --help)")
-        options = Options(tta=fv["tta"].value, dtype=fv["dtype"].value, batch_size=fv["batch-size"].value,
-                          stage_a_only=fv["stage-a-only"].value, overwrite=fv["overwrite"].value,
-                          stage_a_tile=_triple_flag(fv["stage-a-tile"].value, "stage-a-tile"),
-                          stage_b_tile=_triple_flag(fv["stage-b-tile"].value, "stage-b-tile"))
-        from clips_jax.data.study import find_studies
-
-        find_studies(fv["input"].value)  # fail before loading weights when the input is wrong
-        models = load_models(fv["weights"].value, dtype=options.dtype, stage_a_only=options.stage_a_only)
-        result = run_batch(fv["input"].value, fv["out"].value, models, options, out=out, err=err)
-    except ClipsError as e:
-        print(f"error: {e}", file=err)
-        return 2
+        raise UsageError(WEIGHTS_HELP)
+    if not fv["input"].value or not fv["out"].value:
+        raise UsageError("--input and --out are required (see --help)")
+    options = Options(tta=fv["tta"].value, dtype=fv["dtype"].value, batch_size=fv["batch_size"].value,
+                      stage_a_only=fv["stage_a_only"].value, overwrite=fv["overwrite"].value,
+                      stage_a_tile=parse_zyx(fv["stage_a_tile"].value, "stage_a_tile"),
+                      stage_b_tile=parse_zyx(fv["stage_b_tile"].value, "stage_b_tile"))
+    find_studies(fv["input"].value)  # fail before loading weights when the input is wrong
+    models = load_models(fv["weights"].value, dtype=options.dtype, stage_a_only=options.stage_a_only)
+    result = run_batch(fv["input"].value, fv["out"].value, models, options, out=out, err=err)
     return 1 if result["failed"] else 0
 
 
-def main(argv: Sequence[str]) -> int:
-    """In-process entry point: parse `argv` (argv[0] = program name) on private flags and run.
-
-    Returns the exit status (see module docstring); `python -m` runs exactly this.
-    """
+def main(argv: Sequence[str] | None = None) -> int:
+    """`clips-predict`: parse `argv` (as `sys.argv`, program name first; None = sys.argv) on private flags and
+    run. Returns the exit status (module docstring); `python -m clips_jax.predict` runs exactly this."""
     from clips_jax.cli import run_tool
 
     return run_tool(argv, define_flags, run_from_flags, __doc__)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main())

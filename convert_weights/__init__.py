@@ -2,7 +2,7 @@
 
     python -m convert_weights --ensemble e_latest.model --refiner r_latest.model --out weights/tmtv-net
     python -m convert_weights --unet finetuned_unet.model --out weights/my-unet
-    python -m convert_weights.export --weights weights/tmtv-net --out-dir back_to_torch/
+    python -m convert_weights.export --weights weights/tmtv-net --out_dir back_to_torch/
 
 From Python:
 

@@ -1,6 +1,8 @@
 """Export a CLIPS-JAX weights directory back to PyTorch state_dict files (no torch needed).
 
-    python -m convert_weights.export --weights weights/tmtv-net --out-dir torch_files
+Examples:
+    clips-export-weights --weights weights/tmtv-net --out_dir torch_files
+    python -m convert_weights.export --weights weights/tmtv-net --out_dir torch_files --models ensemble
 
 writes one torch zip file per model, named like the originals: `ensemble` -> `e_latest.model`, `refiner` ->
 `r_latest.model`, any other model NAME -> `NAME.model`. Each loads with `torch.load(f, weights_only=True)` and
@@ -11,12 +13,11 @@ pipeline. The output directory is written atomically.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-from clips_jax.errors import ClipsError, WeightsError
+from clips_jax.errors import WeightsError
 from clips_jax.fileio import atomic_dir
 from convert_weights.keymap import to_torch_state_dict
 from convert_weights.torchzip import write_state_dict
@@ -55,32 +56,35 @@ def export_weights(weights_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                 write_state_dict(tmp / fname, sd, archive_name=Path(fname).stem)
                 written.append(out / fname)
     except FileExistsError as e:
-        raise WeightsError(f"{out}: already exists; choose another --out-dir or pass --overwrite") from e
+        raise WeightsError(f"{out}: already exists; choose another --out_dir or pass --overwrite") from e
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 1 error)."""
-    p = argparse.ArgumentParser(
-        prog="python -m convert_weights.export",
-        description="Export a CLIPS-JAX weights directory to PyTorch state_dict files (torch.load-able, "
-                    "strict-loadable into the original TMTV-Net classes). torch is not needed.",
-        epilog="example:\n  python -m convert_weights.export --weights weights/tmtv-net --out-dir torch_files\n"
-               "  -> torch_files/e_latest.model, torch_files/r_latest.model",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", metavar="DIR", required=True, help="CLIPS-JAX weights directory")
-    p.add_argument("--out-dir", metavar="D", required=True, help="output directory to create")
-    p.add_argument("--models", nargs="*", metavar="NAME", help="models to export (default: all)")
-    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
-    args = p.parse_args(argv)
-    try:
-        files = export_weights(args.weights, args.out_dir, names=args.models, overwrite=args.overwrite)
-    except ClipsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def define_flags(fv) -> None:
+    """The command's flags (module docstring)."""
+    from absl import flags
+
+    flags.DEFINE_string("weights", None, "CLIPS-JAX weights directory.", flag_values=fv)
+    flags.DEFINE_string("out_dir", None, "Output directory to create.", flag_values=fv)
+    flags.DEFINE_list("models", [], "Models to export, comma-separated (default: all).", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace the output directory if it exists.", flag_values=fv)
+    flags.mark_flags_as_required(["weights", "out_dir"], flag_values=fv)
+
+
+def run_from_flags(fv) -> int:
+    """Export; returns 0 (errors: `clips_jax.cli.run_tool`)."""
+    files = export_weights(fv["weights"].value, fv["out_dir"].value, names=fv["models"].value or None,
+                           overwrite=fv["overwrite"].value)
     for f in files:
         print(f"wrote {f}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`clips-export-weights`; `argv` as `sys.argv` (None = sys.argv). Returns the exit status."""
+    from clips_jax.cli import run_tool
+
+    return run_tool(argv, define_flags, run_from_flags, __doc__)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/curriculum_plots.py --out docs/img --workdir runs/curriculum_plots [--steps 60]
 
-For each curriculum it trains the tiny U-Net of `configs/default.py:tiny` on tiny phantoms with the sampling
+For each curriculum it trains the tiny U-Net of `clips_jax/configs/default.py:tiny` on tiny phantoms with the sampling
 weights recomputed every 2 steps, then plots the logged rows (`kind="curriculum"` in metrics.jsonl: mass per
 difficulty decile, effective number of cases, sigma) with `clips_jax.curricula.plot_curriculum`.
 """
@@ -19,7 +19,7 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 from clips_jax import curricula, trainer  # noqa: E402
-from configs import default  # noqa: E402
+from clips_jax.configs import default  # noqa: E402
 
 CURRICULA = ["predefined_composite_root", "baby_step", "anti", "self_paced_hard", "exp3s", "cbs"]
 

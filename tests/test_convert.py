@@ -169,7 +169,7 @@ def test_narrow_unet_file_converts_and_matches_torch(tmp_path):
     net = ref.TorchUNet(**NARROW_UNET).eval()
     ref.randomize_norms(net, torch.Generator().manual_seed(4))
     torch.save(net.state_dict(), tmp_path / "unet.model")
-    assert cli_main(["--unet", str(tmp_path / "unet.model"), "--out", str(tmp_path / "w")]) == 0
+    assert cli_main(["convert_weights", "--unet", str(tmp_path / "unet.model"), "--out", str(tmp_path / "w")]) == 0
     meta = read_weights_meta(tmp_path / "w")
     assert meta["models"]["unet"]["class"] == "UNet"
     assert meta["models"]["unet"]["config"]["channels"] == [6, 8]
@@ -205,7 +205,7 @@ def test_cli_pair_is_read_by_load_pretrained(tmp_path):
     refi = _narrow_refiner_sd(seed=8)
     write_state_dict(tmp_path / "e.model", ens)
     write_state_dict(tmp_path / "r.model", refi)
-    assert cli_main(["--ensemble", str(tmp_path / "e.model"), "--refiner", str(tmp_path / "r.model"),
+    assert cli_main(["convert_weights", "--ensemble", str(tmp_path / "e.model"), "--refiner", str(tmp_path / "r.model"),
                      "--out", str(tmp_path / "w")]) == 0
     e, r = load_pretrained(tmp_path / "w")
     assert e.n_members == 2 and r.config["n_blocks"] == 2
@@ -241,7 +241,7 @@ def test_export_is_torch_loadable_and_strict_loads_into_reference(tmp_path):
     torch.save(refiner.state_dict(), tmp_path / "r.model")
     convert_files({"ensemble": tmp_path / "e.model", "refiner": tmp_path / "r.model"}, tmp_path / "w")
     from convert_weights.export import main as export_main
-    assert export_main(["--weights", str(tmp_path / "w"), "--out-dir", str(tmp_path / "back")]) == 0
+    assert export_main(["export", "--weights", str(tmp_path / "w"), "--out_dir", str(tmp_path / "back")]) == 0
     for fname, orig, fresh in [("e_latest.model", ens, ref.TorchEnsemble(n_members=2, **NARROW_UNET)),
                                ("r_latest.model", refiner, ref.TorchRefiner())]:
         loaded = torch.load(tmp_path / "back" / fname, weights_only=True)
@@ -257,7 +257,7 @@ def test_export_is_torch_loadable_and_strict_loads_into_reference(tmp_path):
 
 def _cli_fails(tmp_path, capsys, *args) -> str:
     out = tmp_path / "out"
-    rc = cli_main([*args, "--out", str(out)])
+    rc = cli_main(["convert_weights", *args, "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 1
     assert not out.exists() and not list(tmp_path.glob(".out.*"))  # no (partial) output directory
@@ -350,7 +350,7 @@ def test_wrong_network_and_existing_output(tmp_path, capsys):
     err = _cli_fails(tmp_path, capsys, "--ensemble", str(f))  # a refiner file given as the ensemble
     assert "missing" in err and "unexpected" in err
     (tmp_path / "taken").mkdir()
-    assert cli_main(["--refiner", str(f), "--out", str(tmp_path / "taken")]) == 1
+    assert cli_main(["convert_weights", "--refiner", str(f), "--out", str(tmp_path / "taken")]) == 1
     assert "already exists" in capsys.readouterr().err
     assert list((tmp_path / "taken").iterdir()) == []
 

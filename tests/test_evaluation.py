@@ -1,6 +1,6 @@
 """Tests of `clips_jax.evaluation`: the one evaluation loop of validation, test evaluation and teacher scoring.
 
-Worlds: the tiny built-in phantom store of `configs/default.py:tiny` (6 cases of 48x22x22 voxels at 6 mm) and
+Worlds: the tiny built-in phantom store of `clips_jax/configs/default.py:tiny` (6 cases of 48x22x22 voxels at 6 mm) and
 the same phantoms at native resolution (96x64x64) with stage-A maps from a simple SUV-driven predictor, for
 the refiner. Independent references: `tiled_inference` called directly (with `cover_end=True`), `argmax_mask`
 and the metric functions.
@@ -18,13 +18,13 @@ from flax import nnx
 
 from clips_jax import evaluation as E
 from clips_jax import trainer
-from clips_jax.curricula import teacher as T
 from clips_jax.data.geometry import Geometry
 from clips_jax.data.phantoms import DEFAULT_SPACING_MM, SIZES
 from clips_jax.data.pipeline import make_eval_cases
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ConfigError
 from clips_jax.experiments import compare_curricula as cc
+from clips_jax.experiments import teacher as T
 from clips_jax.inference import argmax_mask, nnx_predictor, pad_to_multiple, tiled_inference
 from clips_jax.metrics import case_metrics, dice
 from clips_jax.metrics.lesions import fpv_fnv_ml, lesion_overlaps
@@ -32,7 +32,7 @@ from clips_jax.model import Refiner, UNet
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from configs import default as default_config  # noqa: E402
+from clips_jax.configs import default as default_config  # noqa: E402
 
 UNET = dict(channels=(4, 4, 8, 8), init_channels=4, bottleneck_kernel=3)
 QUIET = dict(log=lambda m: None)
@@ -85,7 +85,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def native_store(tmp_path_factory):
     """Native-resolution phantoms with stage-A maps (the refiner's store)."""
-    from clips_jax.data.stage_a import compute_stage_a
+    from clips_jax.cascade import compute_stage_a
 
     cache = tmp_path_factory.mktemp("native")
     st = trainer.ensure_store(_tiny_config(cache, **REFINER), lambda m: None)

@@ -20,7 +20,7 @@ from clips_jax.experiments import presets, results, statistics
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from configs import default as default_config  # noqa: E402
+from clips_jax.configs import default as default_config  # noqa: E402
 
 
 # ---- pure statistics -------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def test_end_to_end_interrupt_and_resume(tmp_path):
 # command line -> config -> run_comparison wiring is checked without training.
 _ENTRY_DRIVER = """
 import json
-from absl import app
+import sys
 from clips_jax.experiments import compare_curricula as cc
 
 def recorder(cfg, workdir, curricula, seeds, data, resume, controls, hardness):
@@ -310,8 +310,7 @@ def recorder(cfg, workdir, curricula, seeds, data, resume, controls, hardness):
         "seeds": seeds, "data": data, "resume": resume, "controls": controls, "hardness": hardness}))
 
 cc.run_comparison = recorder
-cc._define_flags()
-app.run(cc.main)
+sys.exit(cc.main(sys.argv))
 """
 
 
@@ -354,7 +353,8 @@ def test_command_line_reaches_run_comparison(tmp_path):
 def test_command_line_errors_are_clear(tmp_path):
     wd = tmp_path / "exp"
     r, _ = _entry(["--curricula", "none,nosuch", "--workdir", str(wd)], driver=False)
-    assert r.returncode == 1
+    assert r.returncode == 2  # a usage error (README, "Command-line convention")
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
     assert "unknown experiment 'nosuch'" in r.stderr and "transfer_teacher" in r.stderr
     assert not wd.exists()                                                         # nothing written
     r, _ = _entry(["--workdir", str(wd), "stray"], driver=False)

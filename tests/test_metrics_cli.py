@@ -76,8 +76,8 @@ def test_parse_pred_args():
 
 def test_cli_two_experiments(dataset, capsys):
     out = dataset["root"] / "out"
-    rc = main(["--pred", f"A={dataset['A']}", "--pred", f"B={dataset['B']}", "--truth", str(dataset["truth"]),
-               "--suv", str(dataset["suv"]), "--out", str(out), "--tolerance-mm", "3"])
+    rc = main(["clips-evaluate", "--pred", f"A={dataset['A']}", "--pred", f"B={dataset['B']}", "--truth", str(dataset["truth"]),
+               "--suv", str(dataset["suv"]), "--out", str(out), "--tolerance_mm", "3"])
     assert rc == 0
     err = capsys.readouterr().err
     # mismatched grid: a clear line naming the case and both shapes/spacings
@@ -117,7 +117,7 @@ def test_cli_two_experiments(dataset, capsys):
 def test_cli_single_experiment_module_entry(dataset):
     out = dataset["root"] / "single"
     res = subprocess.run([sys.executable, "-m", "clips_jax.evaluate", "--pred", str(dataset["B"]),
-                          "--truth", str(dataset["truth"]), "--out", str(out), "--no-mips"],
+                          "--truth", str(dataset["truth"]), "--out", str(out), "--nomips"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     rows = read_metrics_csv(out / "metrics.csv")
@@ -128,5 +128,6 @@ def test_cli_single_experiment_module_entry(dataset):
 
 
 def test_cli_nothing_to_score(tmp_path, dataset):
-    rc = main(["--pred", str(dataset["A"]), "--truth", str(_empty(tmp_path)), "--out", str(tmp_path / "o")])
-    assert rc == 2
+    rc = main(["clips-evaluate", "--pred", str(dataset["A"]), "--truth", str(_empty(tmp_path)),
+               "--out", str(tmp_path / "o")])
+    assert rc == 1  # an input error (an empty folder), not a usage error

@@ -149,7 +149,7 @@ def test_ensemble_and_refiner_parity_via_cli(tmp_path, highest_precision):
     torch.save(ens.state_dict(), tmp_path / "e_latest.model")
     torch.save(refiner.state_dict(), tmp_path / "r_latest.model")
     out = tmp_path / "weights"
-    rc = cli_main(["--ensemble", str(tmp_path / "e_latest.model"), "--refiner", str(tmp_path / "r_latest.model"),
+    rc = cli_main(["convert_weights", "--ensemble", str(tmp_path / "e_latest.model"), "--refiner", str(tmp_path / "r_latest.model"),
                    "--out", str(out)])
     assert rc == 0
     assert set(read_weights_meta(out)["models"]) == {"ensemble", "refiner"}  # what load_pretrained reads

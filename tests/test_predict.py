@@ -1,5 +1,5 @@
 """Tests of `python -m clips_jax.predict`: report numbers against hand counts, the stage composition against
-`inference.cascade`, a tiny trained U-Net that finds a phantom's large lesions, the CLI on NIfTI and DICOM
+`cascade.cascade`, a tiny trained U-Net that finds a phantom's large lesions, the CLI on NIfTI and DICOM
 studies written here (SEG geometry = PET geometry), batch mode with a corrupt study, resume, weights errors.
 
 Tiny networks (U-Nets with channels (4, 4, 8, 8), refiner with 4 features) and small grids keep it fast.
@@ -19,6 +19,7 @@ from flax import nnx
 from scipy import ndimage
 
 from clips_jax import predict
+from clips_jax.cascade import cascade
 from clips_jax.data.case import Case
 from clips_jax.data.channels import make_channels
 from clips_jax.data.geometry import Geometry
@@ -26,12 +27,11 @@ from clips_jax.data.nifti import save_nifti
 from clips_jax.data.phantoms import make_phantom, write_phantom
 from clips_jax.data.resample import resample_case
 from clips_jax.data.study import load_study
-from clips_jax.inference import cascade
 from clips_jax.losses import soft_dice_loss
 from clips_jax.model import Ensemble, Refiner, UNet, save_weights
 
 UNET_KW = dict(channels=(4, 4, 8, 8), init_channels=4, bottleneck_kernel=3)
-TILES = ["--stage-a-tile", "32,32,32", "--stage-b-tile", "32,32,32"]
+TILES = ["--stage_a_tile", "32,32,32", "--stage_b_tile", "32,32,32"]
 SMALL = (24, 40, 32)  # native PET grid of the CLI phantoms (z, y, x) at 3 x 2.04 x 2.04 mm
 
 
@@ -181,7 +181,7 @@ def test_tiny_trained_unet_finds_large_lesions(tmp_path):
         save_weights(tmp_path / f"w_{name}", {"unet": model})
         out = tmp_path / f"out_{name}"
         rc = predict.main(["predict", "--input", str(study), "--weights", str(tmp_path / f"w_{name}"),
-                           "--out", str(out), "--stage-a-only", "--stage-a-tile", "48,32,32"])
+                           "--out", str(out), "--stage_a_only", "--stage_a_tile", "48,32,32"])
         assert rc == 0
         mask = np.asarray(nib.load(out / "held_out_SEG.nii.gz").dataobj).transpose(2, 1, 0) > 0
         truth = ph.seg > 0
@@ -316,17 +316,18 @@ def test_batch_with_a_corrupt_study_finishes_the_others_and_resumes(tmp_path, we
     assert (out / "a_good_SEG.nii.gz").stat().st_mtime_ns == before
 
 
-def test_weights_errors_exit_2_with_instructions(tmp_path, weights, capsys):
+def test_weights_errors_exit_with_instructions(tmp_path, weights, capsys):
     study = tmp_path / "s"
     _write_nifti_study(study, 1, shape=(24, 32, 32))
-    assert predict.main(["predict", "--input", str(study), "--out", str(tmp_path / "o")]) == 2
+    assert predict.main(["predict", "--input", str(study), "--out", str(tmp_path / "o")]) == 2  # usage
     msg = capsys.readouterr().err
+    assert len(msg.strip().splitlines()) == 1
     assert "e_latest.model" in msg and "python -m convert_weights" in msg and "--weights weights/tmtv-net" in msg
     assert "github.com/qurit-frizi/TMTV-Net" in msg
     for bad, expect in ((tmp_path, "not a CLIPS-JAX weights directory"), (tmp_path / "nope", "no such directory"),
-                        (weights / "unet", "--stage-a-only")):
+                        (weights / "unet", "--stage_a_only")):
         assert predict.main(["predict", "--input", str(study), "--weights", str(bad), "--out",
-                             str(tmp_path / "o")]) == 2
+                             str(tmp_path / "o")]) == 1  # input errors
         err = capsys.readouterr().err
         assert expect in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()

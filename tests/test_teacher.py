@@ -1,6 +1,6 @@
-"""Tests of `clips_jax.curricula.teacher`: the transfer-teacher scoring command.
+"""Tests of `clips_jax.experiments.teacher`: the transfer-teacher scoring command.
 
-World: the tiny built-in phantom store of `configs/default.py:tiny` (6 cases of 48x22x22 voxels at 6 mm; 4
+World: the tiny built-in phantom store of `clips_jax/configs/default.py:tiny` (6 cases of 48x22x22 voxels at 6 mm; 4
 training cases, one of them lesion-free) made by `trainer.ensure_store`, and a tiny random U-Net saved with
 `save_weights`. Independent references: the stored arrays read with `np.load`, `make_channels`,
 `tiled_inference` and the loss formulas written out in NumPy here.
@@ -18,15 +18,14 @@ import pytest
 from flax import nnx
 
 from clips_jax.curricula import case_table_from_manifest, get_curriculum
-from clips_jax.curricula import teacher as T
 from clips_jax.data.channels import make_channels
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ConfigError, DataError
+from clips_jax.experiments import teacher as T
 from clips_jax.inference import nnx_predictor, tiled_inference
 from clips_jax.model import UNet, load_model, save_weights
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "configs"))
-import default as default_config  # noqa: E402
+from clips_jax.configs import default as default_config  # noqa: E402
 
 TILE, STEP = (48, 32, 32), (16, 16, 16)  # one tile per 48x22x22 case (fast); tiling is tested elsewhere
 TILE_ARGS = ["--tile", "48,32,32", "--step", "16,16,16"]
@@ -260,7 +259,7 @@ def test_usage_errors_and_help(world, store_dir, capsys):
     assert T.main(base + ["--weights", str(world["weights"]), "--model", "unet", "--split", "nope"]) == 2
     assert T.main(base + ["--weights", str(world["weights"]), "--loss", "mse"]) == 2
     assert "teacher_loss" not in (store_dir / "manifest.json").read_text()
-    r = subprocess.run([sys.executable, "-m", "clips_jax.curricula.teacher", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "clips_jax.experiments.teacher", "--help"], capture_output=True,
                        text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120)
     assert r.returncode == 0
     for flag in ("--store", "--weights", "--run", "--which", "--loss", "--out-manifest", "--overwrite"):

@@ -1,7 +1,7 @@
 """Trainer tests: data-parallel equivalence, 2-process jax.distributed, kill-and-resume equality, the
 non-finite guard, curricula end to end with exact resume, and the default config at a tiny size.
 
-All runs use `configs/default.py:tiny` (phantoms of 48x22x22 voxels at 6 mm, a 4-8 channel U-Net, few steps).
+All runs use `clips_jax/configs/default.py:tiny` (phantoms of 48x22x22 voxels at 6 mm, a 4-8 channel U-Net, few steps).
 """
 
 import json
@@ -24,7 +24,7 @@ from clips_jax.model import UNet
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from configs import default as default_config  # noqa: E402
+from clips_jax.configs import default as default_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def _run_train(args, env_extra, cwd):
 
 
 def test_two_process_distributed_matches_single_process(phantom_cache, tmp_path):
-    common = ["--config", f"{REPO}/configs/default.py:tiny", f"--config.data.phantoms.cache={phantom_cache}",
+    common = ["--config", f"{REPO}/clips_jax/configs/default.py:tiny", f"--config.data.phantoms.cache={phantom_cache}",
               "--config.steps=4", "--config.eval.every_steps=0", "--config.eval.at_start=False",
               "--config.quiet=True"]
     single = _run_train(common + [f"--workdir={tmp_path / 'single'}", "--config.num_devices=2"],
@@ -220,7 +220,7 @@ def test_two_process_distributed_matches_single_process(phantom_cache, tmp_path)
 def test_default_config_end_to_end_cli(phantom_cache, tmp_path):
     """`python -m clips_jax.train` as a user runs it (tiny variant), including the untrained baseline."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, as a user has
-    r = subprocess.run([sys.executable, "-m", "clips_jax.train", "--config", f"{REPO}/configs/default.py:tiny",
+    r = subprocess.run([sys.executable, "-m", "clips_jax.train", "--config", f"{REPO}/clips_jax/configs/default.py:tiny",
                         f"--config.data.phantoms.cache={phantom_cache}", f"--workdir={tmp_path / 'run'}"],
                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -256,7 +256,7 @@ def test_stacking_conv_training_changes_only_the_stacking_conv(phantom_cache, tm
 
 
 def test_refiner_trains_on_native_store_with_stage_a_channel(tmp_path):
-    from clips_jax.data.stage_a import compute_stage_a
+    from clips_jax.cascade import compute_stage_a
     from clips_jax.data.store import CaseStore
     from clips_jax.model import load_model
     cache = tmp_path / "cache"

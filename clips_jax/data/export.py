@@ -1,6 +1,8 @@
 """Convert a DICOM PET/CT study into an autoPET-style NIfTI study folder.
 
-    python -m clips_jax.data.export --dicom STUDY_DIR --out OUT_DIR [--overwrite]
+Examples:
+    clips-export --dicom /data/dicom/patient_001 --out nifti/patient_001
+    python -m clips_jax.data.export --dicom STUDY_DIR --out OUT_DIR --overwrite
 
 writes OUT_DIR/CTres.nii.gz (CT in HU on the PET grid, float32), OUT_DIR/SUV.nii.gz (SUVbw, float32) and
 OUT_DIR/meta.json (patient/series/SUV-conversion details and the PET geometry). The whole folder is written
@@ -15,21 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-from absl import app, flags, logging
-
 from clips_jax.data.case import Case
 from clips_jax.data.nifti import save_nifti
 from clips_jax.data.study import META_NAME, find_studies, load_study
-from clips_jax.errors import ClipsError, DataError
+from clips_jax.errors import DataError
 from clips_jax.fileio import atomic_dir
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("dicom", None, "Study folder holding one PET (PT) and one CT DICOM series (searched "
-                    "recursively; file names do not matter).")
-flags.DEFINE_string("out", None, "Output folder to create (autoPET layout: CTres.nii.gz, SUV.nii.gz, meta.json; "
-                    "SEG.nii.gz if the study has a mask).")
-flags.DEFINE_boolean("overwrite", False, "Replace --out if it already exists (only after the new folder is "
-                     "complete).")
 
 
 def export_case(case: Case, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -57,26 +49,41 @@ def export_case(case: Case, out_dir: str | os.PathLike, *, overwrite: bool = Fal
     return out_dir
 
 
-def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.dicom or not FLAGS.out:
-        raise app.UsageError("both --dicom and --out are required")
+def define_flags(fv) -> None:
+    """The command's flags (module docstring)."""
+    from absl import flags
+
+    flags.DEFINE_string("dicom", None, "Study folder holding one PET (PT) and one CT DICOM series (searched "
+                        "recursively; file names do not matter).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output folder to create (autoPET layout: CTres.nii.gz, SUV.nii.gz, "
+                        "meta.json; SEG.nii.gz if the study has a mask).", flag_values=fv)
+    flags.DEFINE_boolean("overwrite", False, "Replace --out if it already exists (only after the new folder is "
+                         "complete).", flag_values=fv)
+    flags.mark_flags_as_required(["dicom", "out"], flag_values=fv)
+
+
+def run_from_flags(fv) -> int:
+    """Export the one study under --dicom; returns 0 (errors: `cli.run_tool`)."""
+    studies = find_studies(fv["dicom"].value)
+    if len(studies) > 1:
+        raise DataError(f"{fv['dicom'].value} holds {len(studies)} studies ({', '.join(p.name for p in studies[:5])}"
+                        f"{', ...' if len(studies) > 5 else ''}); export them one at a time")
+    case = load_study(studies[0])
     try:
-        studies = find_studies(FLAGS.dicom)
-        if len(studies) > 1:
-            raise DataError(f"{FLAGS.dicom} holds {len(studies)} studies ({', '.join(p.name for p in studies[:5])}"
-                            f"{', ...' if len(studies) > 5 else ''}); export them one at a time")
-        case = load_study(studies[0])
-        out = export_case(case, FLAGS.out, overwrite=FLAGS.overwrite)
-    except (ClipsError, FileExistsError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        out = export_case(case, fv["out"].value, overwrite=fv["overwrite"].value)
+    except FileExistsError as e:
+        raise DataError(f"{fv['out'].value} exists; choose another --out or add --overwrite") from e
     print(f"{case.case_id}: wrote {out} (grid {case.geometry.shape} (z, y, x), spacing "
           f"{tuple(round(s, 4) for s in case.geometry.spacing_mm)} mm)")
     return 0
 
 
+def main(argv=None) -> int:
+    """`clips-export`; `argv` as `sys.argv` (None = sys.argv). Returns the exit status."""
+    from clips_jax import cli
+
+    return cli.run_tool(argv, define_flags, run_from_flags, __doc__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -25,7 +25,10 @@ near high physiological uptake. About 20 % of cases are lesion-free.
 
 Everything is a deterministic function of the seed (`np.random.default_rng(seed)` only).
 
-    python -m clips_jax.data.phantoms --out DIR --cases 10 --seed 0 [--size small|full|ZxYxX]
+Examples:
+    clips-phantoms --out phantoms/ --cases 10 --seed 0               # small (96x64x64) studies
+    clips-phantoms --out phantoms_full/ --cases 4 --size full        # 326x200x200
+    python -m clips_jax.data.phantoms --out DIR --size 64,48,48      # any z,y,x size
 
 writes `DIR/<case_id>/{CTres.nii.gz, SUV.nii.gz, SEG.nii.gz, truth.json}`, each case atomically (a temporary
 directory renamed at the end); cases already present are skipped.
@@ -370,25 +373,38 @@ def write_phantoms(out: str | Path, n: int, seed: int, size="small",
     return paths
 
 
-def _main(argv):
+def define_flags(fv) -> None:
+    """The command's flags (module docstring)."""
     from absl import flags
-    del argv
-    f = flags.FLAGS
-    paths = write_phantoms(f.out, f.cases, f.seed, f.size, verbose=True)
-    print(f"{len(paths)} phantom studies in {f.out}")
+
+    flags.DEFINE_string("out", None, "Output folder (autoPET layout: <case_id>/{CTres,SUV,SEG}.nii.gz).",
+                        flag_values=fv)
+    flags.DEFINE_integer("cases", 10, "Number of studies.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Dataset seed.", flag_values=fv)
+    flags.DEFINE_string("size", "small", "small (96x64x64), full (326x200x200) or z,y,x voxels.", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
 
 
-def _define_flags():
-    # Flags are defined only when run as a program, so importing this module defines no global absl flags.
-    from absl import flags
-    flags.DEFINE_string("out", None, "output folder (autoPET layout: <case_id>/{CTres,SUV,SEG}.nii.gz)")
-    flags.DEFINE_integer("cases", 10, "number of studies")
-    flags.DEFINE_integer("seed", 0, "dataset seed")
-    flags.DEFINE_string("size", "small", "small (96x64x64), full (326x200x200) or ZxYxX voxels")
-    flags.mark_flag_as_required("out")
+def run_from_flags(fv) -> int:
+    """Write the phantoms; returns 0 (errors: `cli.run_tool`)."""
+    from clips_jax import cli
+
+    size = fv["size"].value
+    if size not in SIZES:
+        size = cli.parse_zyx(size, "size")
+    paths = write_phantoms(fv["out"].value, fv["cases"].value, fv["seed"].value, size, verbose=True)
+    print(f"{len(paths)} phantom studies in {fv['out'].value}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """`clips-phantoms`; `argv` as `sys.argv` (None = sys.argv). Returns the exit status."""
+    from clips_jax import cli
+
+    return cli.run_tool(argv, define_flags, run_from_flags, __doc__)
 
 
 if __name__ == "__main__":
-    from absl import app
-    _define_flags()
-    app.run(_main)
+    import sys
+
+    sys.exit(main())

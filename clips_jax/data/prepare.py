@@ -1,7 +1,9 @@
 """Preprocess a PET/CT dataset once into a case store (the read side is `clips_jax.data.store.CaseStore`).
 
-    python -m clips_jax.data.prepare --input DATA --output CACHE [--spacing 6|native] [--split split.json] \
-        [--seed 0] [--dtype float32]
+Examples:
+    clips-prepare --input /data/autopet --output cache/autopet                 # 6 mm training store
+    clips-prepare --input /data/autopet --output cache/autopet_native --spacing native   # refiner store
+    python -m clips_jax.data.prepare --input DATA --output CACHE --split split.json --seed 0 --dtype float16
 
 For every study found under DATA (`study.find_studies`: autoPET NIfTI folders or DICOM):
 `load_study` -> difficulty measures on the NATIVE grid (`store.difficulty_measures`) -> `resample_case`
@@ -12,7 +14,7 @@ others carry on; the command ends with a one-screen summary and exits with statu
 
 Native grid: `--spacing native` (or 0) keeps every case on its own PET grid (no resampling; the manifest's
 `geometry` equals `native_geometry`, top-level `spacing_mm` is null and `grid` is "native"). That is the store
-the refiner (stage B) trains on, after `python -m clips_jax.data.stage_a` has added the stage-A probabilities.
+the refiner (stage B) trains on, after `python -m clips_jax.stage_a` has added the stage-A probabilities.
 A store is built for one grid: re-running into an existing store with another spacing is a ConfigError (use a
 new output folder).
 
@@ -39,7 +41,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from clips_jax.data import store as st
-from clips_jax.errors import ConfigError
+from clips_jax.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -222,36 +224,40 @@ def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm
     return summary
 
 
-def _main(argv):
+def define_flags(fv) -> None:
+    """The command's flags (module docstring)."""
     from absl import flags
-    del argv
-    f = flags.FLAGS
+
+    flags.DEFINE_string("input", None, "Dataset root (autoPET NIfTI folders or DICOM studies).", flag_values=fv)
+    flags.DEFINE_string("output", None, "Case-store folder to create or update.", flag_values=fv)
+    flags.DEFINE_string("spacing", "6", "Training grid spacing in mm: one number or z,y,x; 'native' (or 0) "
+                        "keeps each case on its PET grid (refiner training).", flag_values=fv)
+    flags.DEFINE_string("split", None, "Optional JSON file {train: [ids], val: [...], test: [...]}.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the patient-level train/val/test split.", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Storage dtype of ct and suv.", flag_values=fv)
+    flags.mark_flags_as_required(["input", "output"], flag_values=fv)
+
+
+def run_from_flags(fv) -> int:
+    """Prepare the store; returns 1 if any case failed, else 0 (errors: `cli.run_tool`)."""
     split = None
-    if f.split:
+    if fv["split"].value:
         try:
-            split = json.loads(Path(f.split).read_text(encoding="utf-8"))
+            split = json.loads(Path(fv["split"].value).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{f.split}: cannot read the split file ({e})") from e
-    summary = prepare_dataset(f.input, f.output, spacing_mm=parse_spacing(f.spacing), seed=f.seed,
-                              split_json=split, dtype=np.dtype(f.dtype))
-    if summary["failed"]:
-        sys.exit(1)
+            raise DataError(f"--split={fv['split'].value}: cannot read the split file ({e}); expected JSON "
+                            '{"train": [ids], "val": [...], "test": [...]}') from e
+    summary = prepare_dataset(fv["input"].value, fv["output"].value, spacing_mm=parse_spacing(fv["spacing"].value),
+                              seed=fv["seed"].value, split_json=split, dtype=np.dtype(fv["dtype"].value))
+    return 1 if summary["failed"] else 0
 
 
-def _define_flags():
-    # Defined only when run as a program: importing this module defines no global absl flags.
-    from absl import flags
-    flags.DEFINE_string("input", None, "dataset root (autoPET NIfTI folders or DICOM studies)")
-    flags.DEFINE_string("output", None, "cache folder to create or update")
-    flags.DEFINE_string("spacing", "6", "training grid spacing in mm: one number or z,y,x; 'native' (or 0) "
-                        "keeps each case on its PET grid (refiner training)")
-    flags.DEFINE_string("split", None, "optional JSON {train: [ids], val: [...], test: [...]}")
-    flags.DEFINE_integer("seed", 0, "seed of the patient-level train/val/test split")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "storage dtype of ct and suv")
-    flags.mark_flags_as_required(["input", "output"])
+def main(argv=None) -> int:
+    """`clips-prepare`; `argv` as `sys.argv` (None = sys.argv). Returns the exit status."""
+    from clips_jax import cli
+
+    return cli.run_tool(argv, define_flags, run_from_flags, __doc__)
 
 
 if __name__ == "__main__":
-    from absl import app
-    _define_flags()
-    app.run(_main)
+    sys.exit(main())

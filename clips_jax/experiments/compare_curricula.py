@@ -1,4 +1,10 @@
-"""`python -m clips_jax.experiments.compare_curricula`: compare curricula in one command.
+"""Compare curricula in one command: `clips-compare` (`python -m clips_jax.experiments.compare_curricula`).
+
+Examples:
+    clips-compare                                    # the default comparison on built-in phantoms
+    clips-compare --curricula none,cbs,self_paced_hard --seeds 5 --controls --workdir runs/study
+    clips-compare --config default:tiny --steps 40 --seeds 2 --workdir /tmp/cmp    # a quick check
+    clips-compare --data cache/autopet --hardness weights:weights/tmtv-net --workdir runs/autopet
 
 For every experiment of `--curricula` (named settings of `presets.py`; `--controls` adds a negative and a
 positive control) and every seed 0..`--seeds`-1 it
@@ -40,12 +46,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from clips_jax.curricula.teacher import soft_dice_loss  # noqa: F401 - one implementation, re-exported
 from clips_jax.errors import ClipsError, ConfigError, DataError
 from clips_jax.experiments import hardness as hardness_lib
 from clips_jax.experiments import presets
 from clips_jax.experiments.results import (RESULT_COLUMNS, SUMMARY_METRICS, case_summary_values,  # noqa: F401
                                            mean_sd, results_markdown, seed_means, summarise, write_results_csv)
+from clips_jax.experiments.teacher import soft_dice_loss  # noqa: F401 - one implementation, re-exported
 from clips_jax.fileio import write_text_atomic
 
 
@@ -169,7 +175,7 @@ def make_teacher_store(store, teacher_cfg, teacher_run: str | os.PathLike, out_d
     copy of the manifest with that column, `teacher_scores.csv`, and a `cases` symbolic link to the original
     arrays. Reused when `out_dir/manifest.json` exists. Returns the new `CaseStore`.
     """
-    from clips_jax.curricula import teacher
+    from clips_jax.experiments import teacher
     from clips_jax.data.store import CaseStore, write_manifest
 
     out_dir = Path(out_dir)
@@ -434,56 +440,66 @@ def apply_run_defaults(cfg, steps: int, overrides: bool = False, keep: set[str] 
         put("checkpoint.every_steps", every)
 
 
-def _define_flags():
+def define_flags(fv) -> None:
+    """The command's flags (module docstring)."""
     from absl import flags
     from ml_collections import config_flags
 
-    default = str(Path(__file__).resolve().parent.parent.parent / "configs" / "default.py")
-    config_flags.DEFINE_config_file("config", default, "Base training config (path[:variant]).",
-                                    lock_config=False)
+    from clips_jax.configs import default_path
+
+    config_flags.DEFINE_config_file("config", default_path(), "Base training config: a packaged name (default, "
+                                    "default:tiny, ...) or a file path[:variant].", lock_config=False,
+                                    flag_values=fv)
     flags.DEFINE_list("curricula", list(presets.DEFAULT_CURRICULA),
-                      f"Experiments to compare (presets.py): {', '.join(presets.EXPERIMENTS)}.")
-    flags.DEFINE_integer("seeds", 3, "Seeds per curriculum (0..seeds-1).")
-    flags.DEFINE_string("workdir", "runs/compare_curricula", "Output folder.")
-    flags.DEFINE_string("data", "", "Case store from `python -m clips_jax.data.prepare`; empty = built-in phantoms.")
+                      f"Experiments to compare (presets.py): {', '.join(presets.EXPERIMENTS)}.", flag_values=fv)
+    flags.DEFINE_integer("seeds", 3, "Seeds per curriculum (0..seeds-1).", flag_values=fv)
+    flags.DEFINE_string("workdir", "runs/compare_curricula", "Output folder.", flag_values=fv)
+    flags.DEFINE_string("data", "", "Case store from `clips-prepare`; empty = built-in phantoms.", flag_values=fv)
     flags.DEFINE_bool("resume", True, "Continue an existing workdir (finished runs skipped); --noresume refuses an "
-                                      "existing experiment workdir.")
+                                      "existing experiment workdir.", flag_values=fv)
     flags.DEFINE_bool("experiment_defaults", True, "Apply presets.RUN_OVERRIDES (settings of the default "
                       "comparison) over --config, except keys given as --config.KEY; --noexperiment_defaults uses "
-                      "the config as given.")
+                      "the config as given.", flag_values=fv)
     flags.DEFINE_bool("controls", False, "Also run a negative control (the baseline again with independent seeds) "
                       "and a positive control (never samples the hardest third of the training cases), and report "
-                      "whether each behaved as expected.")
+                      "whether each behaved as expected.", flag_values=fv)
     flags.DEFINE_string("hardness", "auto", "Source of the test cases' hardness, fixed before the compared runs: "
                         "auto (phantom on built-in phantoms, else baseline), phantom[:DIR], run:DIR (a trained run "
                         "of another study), weights:DIR (converted TMTV-Net weights), manifest:KEY, csv:PATH, or "
-                        "baseline (the baseline's first run picks them and is left out of the hard-case test).")
+                        "baseline (the baseline's first run picks them and is left out of the hard-case test).",
+                        flag_values=fv)
     flags.DEFINE_integer("steps", presets.DEFAULT_STEPS,
                          "Training steps per run (experiment default, sized for ~30 min of the whole default "
-                         "comparison on a 2-core CPU); 0 = the config's own steps/eval/checkpoint settings.")
+                         "comparison on a 2-core CPU); 0 = the config's own steps/eval/checkpoint settings.",
+                         flag_values=fv)
 
 
-def main(argv) -> None:
-    from absl import app, flags, logging
+def run_from_flags(fv, argv: Sequence[str]) -> int:
+    """Run the comparison (`run_comparison`); `argv` tells which --config.KEY were given. Returns 0."""
+    from absl import logging
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from clips_jax.train import load_config
+
     logging.set_verbosity(logging.WARNING)
-    f = flags.FLAGS
-    cfg = f.config
-    try:
-        with cfg.unlocked():
-            apply_run_defaults(cfg, int(f.steps), bool(f.experiment_defaults), keep=config_keys_in_argv(sys.argv))
-            cfg.quiet = True
-        run_comparison(cfg, f.workdir, curricula=f.curricula, seeds=f.seeds, data=f.data, resume=f.resume,
-                       controls=f.controls, hardness=f.hardness)
-    except (ClipsError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cfg = load_config(fv)
+    with cfg.unlocked():
+        apply_run_defaults(cfg, int(fv["steps"].value), bool(fv["experiment_defaults"].value),
+                           keep=config_keys_in_argv(argv))
+        cfg.quiet = True
+    run_comparison(cfg, fv["workdir"].value, curricula=fv["curricula"].value, seeds=fv["seeds"].value,
+                   data=fv["data"].value, resume=fv["resume"].value, controls=fv["controls"].value,
+                   hardness=fv["hardness"].value)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`clips-compare`; `argv` as `sys.argv` (None = sys.argv). Returns the exit status."""
+    from clips_jax import cli
+    from clips_jax.train import resolve_config_args
+
+    argv = resolve_config_args(list(sys.argv if argv is None else argv))
+    return cli.run_tool(argv, define_flags, lambda fv: run_from_flags(fv, argv), __doc__)
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """The embedded default: train a narrow TMTV-Net U-Net on built-in synthetic PET/CT phantoms (CPU, minutes).
 
     python -m clips_jax.train                                   # this config
-    python -m clips_jax.train --config configs/default.py:tiny  # seconds; what the tests run
+    python -m clips_jax.train --config default:tiny  # seconds; what the tests run
 
 Everything that changes a result is here; a run's `workdir/config.json` reproduces it.
 """
@@ -10,7 +10,7 @@ import ml_collections
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    """The training config; `variant` "" (the default job) or "tiny" (`--config configs/default.py:tiny`)."""
+    """The training config; `variant` "" (the default job) or "tiny" (`--config default:tiny`)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.steps = 300
@@ -114,5 +114,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.eval.tile_step = (16, 8, 8)
         c.checkpoint.every_steps = 2
     elif variant:
-        raise ValueError(f"unknown variant {variant!r} of configs/default.py (use '' or 'tiny')")
+        raise ValueError(f"unknown variant {variant!r} of clips_jax/configs/default.py (use '' or 'tiny')")
     return c

@@ -2,15 +2,15 @@
 
     python -m convert_weights --ensemble e_latest.model --refiner r_latest.model --out weights/tmtv-net
     python -m clips_jax.data.prepare --input /data/autopet --output cache/autopet          # 6 mm store
-    python -m clips_jax.train --config configs/tmtv_finetune.py \\
+    python -m clips_jax.train --config tmtv_finetune \\
         --config.data.store=cache/autopet --config.model.init_weights=weights/tmtv-net --workdir runs/finetune
 
-Variants (`configs/tmtv_finetune.py:VARIANT`):
+Variants (`clips_jax/configs/tmtv_finetune.py:VARIANT`):
   ""          one ensemble member (`model.init_member`) fine-tuned at 6 mm on 128x96x96 patches, the original's
               optimiser (AdamW 1e-3 with cosine warm restarts), the paper's MS + Dice + CE loss
   "stacking"  re-train only the stacking conv of the converted ensemble (members frozen)
   "refiner"   fine-tune the refiner at native resolution; needs a native store with stage-A maps:
-              prepare --spacing native, then `python -m clips_jax.data.stage_a --store S --weights W`
+              prepare --spacing native, then `python -m clips_jax.stage_a --store S --weights W`
   "scratch"   train a full-width U-Net from random initialisation
 """
 
@@ -69,5 +69,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.steps = 100000
         c.model.require_init_weights = False
     elif variant:
-        raise ValueError(f"unknown variant {variant!r} of configs/tmtv_finetune.py")
+        raise ValueError(f"unknown variant {variant!r} of clips_jax/configs/tmtv_finetune.py")
     return c
