@@ -6,7 +6,8 @@ Package map (see README.md and DESIGN notes in docs/):
   curricula/    curricula as pure functions of (state, step)
   losses.py     Dice, CE, focal, Mumford-Shah, deep supervision
   metrics/      per-patient metrics, reports, tables, plots
-  inference.py  tiled whole-body inference and the two-stage cascade
+  inference.py  tiled whole-body inference (arrays in, probabilities out)
+  cascade.py    the two-stage cascade and stage-A maps (above data/ and inference.py; CLI: stage_a.py)
   trainer.py    compiled, data-parallel training loop with orbax checkpoints
 """
 

@@ -6,7 +6,7 @@ users above it:
 
 * `clips_jax.trainer.evaluate_cases`: validation during training (`validation_row`);
 * `clips_jax.experiments.compare_curricula.evaluate_test`: test evaluation of a finished run (`test_row`);
-* `clips_jax.curricula.teacher.score_cases`: the transfer teacher's per-case loss (`predict_cases` +
+* `clips_jax.experiments.teacher.score_cases`: the transfer teacher's per-case loss (`predict_cases` +
   `teacher_row`).
 
 Per case: the 5 image channels of the stored grid plus the model's extra input channels (`model_channels`:

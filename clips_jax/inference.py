@@ -4,9 +4,9 @@ Where this fits: `clips_jax.predict` and the trainer's whole-volume evaluation h
 `(D, H, W, C)` (the 5 TMTV-Net input channels, + the stage-A probability for the refiner) and a predictor to
 `tiled_inference`, and get per-voxel class probabilities `(D, H, W, 2)` back on the same grid;
 `argmax_mask` turns them into the final mask. `upsample_probability` carries the 6 mm stage-A lesion
-probability onto the native PET grid (cascade channel of stage B); `cascade` runs both stages for one study
-(`clips_jax.data.resample.resample_case` + `clips_jax.data.channels.make_channels` for the inputs), and
-`nnx_predictor` turns a Flax NNX model into a (predictor, params) pair.
+probability onto the native PET grid (cascade channel of stage B), and `nnx_predictor` turns a Flax NNX model
+into a (predictor, params) pair. Tiling takes arrays: this module knows no cases, grids or case stores (it
+imports nothing of `clips_jax.data`); the two-stage cascade, which needs both, is `clips_jax.cascade`.
 
 The algorithm reproduces the original TMTV-Net "dense" inference (`reference/tmtv-net.md` §4):
 1. zero-pad every axis to the next multiple of the tile, centred (left = floor(diff / 2), right = the rest);
@@ -38,7 +38,7 @@ import dataclasses
 import functools
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -540,7 +540,7 @@ def upsample_probability(prob6: np.ndarray, native_shape: Sequence[int], native_
 
 
 # ----------------------------------------------------------------------------------------------------------
-# NNX models as predictors, and the two-stage cascade
+# NNX models as predictors
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -568,65 +568,3 @@ def nnx_predictor(model: Any) -> tuple[NNXPredictor, Any]:
 
     graphdef, state = nnx.split(model)
     return NNXPredictor(graphdef), state
-
-
-class CascadeResult(NamedTuple):
-    """Outputs of `cascade`.
-
-    mask: `(z, y, x)` uint8 final lesion mask on the native PET grid (argmax of `probs`).
-    probs: `(z, y, x, 2)` float32 refiner probabilities on the native grid.
-    stage_a_prob: `(d, h, w)` float32 stage-A lesion probability on the coarse grid.
-    stage_a_geometry: the coarse grid (`geometry.resampled(spacing_mm)`).
-    cascade_channel: `(z, y, x)` float32, `stage_a_prob` upsampled to the native grid (refiner's 6th input).
-    """
-
-    mask: np.ndarray
-    probs: np.ndarray
-    stage_a_prob: np.ndarray
-    stage_a_geometry: Any
-    cascade_channel: np.ndarray
-
-
-def cascade(ct_hu: np.ndarray, suv: np.ndarray, geometry: Any, ensemble_fn: Callable, refiner_fn: Callable, *,
-            spacing_mm: float = 6.0, ensemble_params: Any = None, refiner_params: Any = None,
-            stage_a_tile: Sequence[int] = (128, 96, 96), stage_a_step: Sequence[int] = (64, 48, 48),
-            stage_b_tile: Sequence[int] = (96, 96, 96), stage_b_step: Sequence[int] = (48, 48, 48),
-            batch_size: int = 1, blend: str = "central", dtype: str = "float32", tta: bool = False,
-            round_stage_b_fp16: bool = True, progress: Progress | None = None) -> CascadeResult:
-    """TMTV-Net's two-stage inference (tmtv-net.md §1.4-1.5) for one PET/CT study on the PET grid.
-
-    Stage A: CT/SUV resampled to `spacing_mm` (`resample_case`: linear, outside -1024 HU / 0 SUV, grid
-    anchored at PET voxel 0), 5 channels, tiled inference of the ensemble (tile 128x96x96, step 64x48x48),
-    lesion probability kept. Stage B: 5 channels at native resolution (rounded to float16 first when
-    `round_stage_b_fp16`, as the original), + the stage-A probability upsampled by `upsample_probability` as
-    6th channel, tiled inference of the refiner (96^3, step 48^3), argmax.
-
-    Args:
-      ct_hu, suv: `(z, y, x)` CT in HU and SUVbw on the PET grid `geometry` (a `clips_jax.data.Geometry`).
-      ensemble_fn, refiner_fn: predictors as in `tiled_inference` (5 -> 2 and 6 -> 2 channels, logits);
-        `ensemble_params` / `refiner_params` are their optional weights (see `nnx_predictor`).
-      spacing_mm: stage-A voxel size in mm.
-      stage_*_tile, stage_*_step, batch_size, blend, dtype, tta: passed to `tiled_inference` for both stages.
-      progress: optional `progress(stage, done, total)` with stage "A" or "B".
-    Returns:
-      `CascadeResult`.
-    """
-    from clips_jax.data.case import Case
-    from clips_jax.data.channels import make_channels
-    from clips_jax.data.resample import resample_case
-
-    case = Case("cascade", np.asarray(ct_hu, np.float32), np.asarray(suv, np.float32), None, geometry)
-    coarse = resample_case(case, spacing_mm)
-    common = dict(batch_size=batch_size, blend=blend, dtype=dtype, tta=tta)
-    prog_a = None if progress is None else (lambda d, t: progress("A", d, t))
-    prob6 = tiled_inference(make_channels(coarse.ct, coarse.suv), ensemble_fn, tile_shape=stage_a_tile,
-                            step=stage_a_step, params=ensemble_params, progress=prog_a, **common)[..., 1]
-    spacing_c = coarse.geometry.spacing_mm
-    channel = upsample_probability(prob6, geometry.shape, geometry.spacing_mm, spacing_c)
-    volume_b = np.empty(case.suv.shape + (6,), np.float32)  # filled in place: no float32 copy of the 5
-    volume_b[..., :5] = make_channels(case.ct, case.suv, dtype=np.float16 if round_stage_b_fp16 else np.float32)
-    volume_b[..., 5] = channel
-    prog_b = None if progress is None else (lambda d, t: progress("B", d, t))
-    probs = tiled_inference(volume_b, refiner_fn, tile_shape=stage_b_tile, step=stage_b_step,
-                            params=refiner_params, progress=prog_b, **common)
-    return CascadeResult(argmax_mask(probs), probs, np.ascontiguousarray(prob6), coarse.geometry, channel)

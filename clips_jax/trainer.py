@@ -107,7 +107,7 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Callable
         trains its 4 members separately and freezes them under the stacking conv).
       "refiner": `Refiner(6 -> 2)` (or the converted "refiner"); the 6th input channel is the stage-A lesion
         probability stored in the case store: prepare it at native resolution (`python -m
-        clips_jax.data.prepare ... --spacing native`) and add the stage-A maps (`python -m clips_jax.data.stage_a
+        clips_jax.data.prepare ... --spacing native`) and add the stage-A maps (`python -m clips_jax.stage_a
         --store CACHE --weights W`). All parameters train.
     """
     m = config.model

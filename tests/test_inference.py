@@ -226,6 +226,7 @@ def test_nnx_predictor_matches_direct_model_call():
 
 
 def test_cascade_finds_a_hot_sphere():
+    from clips_jax.cascade import cascade
     from clips_jax.data.geometry import Geometry
 
     shape, sp = (48, 40, 40), (2.0, 2.0, 2.0)
@@ -239,8 +240,8 @@ def test_cascade_finds_a_hot_sphere():
     ens = lambda v: jnp.stack([jnp.zeros_like(v[..., 0]), 30.0 * (v[..., 4] - 0.4)], -1)  # noqa: E731
     ref = lambda v: jnp.stack([jnp.zeros_like(v[..., 0]), 30.0 * (v[..., 5] - 0.5)], -1)  # noqa: E731
     stages = set()
-    res = inf.cascade(ct, suv, geom, ens, ref, stage_a_tile=(8, 8, 8), stage_a_step=(4, 4, 4),
-                      stage_b_tile=(16, 16, 16), stage_b_step=(8, 8, 8), progress=lambda s, d, t: stages.add(s))
+    res = cascade(ct, suv, geom, ens, ref, stage_a_tile=(8, 8, 8), stage_a_step=(4, 4, 4),
+                  stage_b_tile=(16, 16, 16), stage_b_step=(8, 8, 8), progress=lambda s, d, t: stages.add(s))
     assert res.stage_a_geometry.shape == geom.resampled(6.0).shape == res.stage_a_prob.shape == (16, 13, 13)
     assert res.mask.shape == shape and res.mask.dtype == np.uint8 and res.probs.shape == shape + (2,)
     np.testing.assert_allclose(res.cascade_channel, inf.upsample_probability(res.stage_a_prob, shape, sp), atol=1e-6)

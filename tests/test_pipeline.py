@@ -345,7 +345,7 @@ def test_missing_stage_a_is_a_config_error(extra_store):
     last = s.ids[-1]
     for make in (lambda: _it(s, np.ones(len(s)), extra_channels=("stage_a",)),
                  lambda: list(make_eval_cases(s, [0, len(s) - 1], extra_channels=("stage_a",)))):
-        with pytest.raises(ConfigError, match="clips_jax.data.stage_a") as e:
+        with pytest.raises(ConfigError, match="clips_jax.stage_a") as e:
             make()
         assert last in str(e.value)
     # a zero weight on the case without the file is fine (it is never drawn)

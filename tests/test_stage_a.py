@@ -1,6 +1,7 @@
-"""Tests of `clips_jax.data.stage_a`: stage-A probabilities stored in the case store (refiner training data).
+"""Tests of `clips_jax.cascade.compute_stage_a` and its command `clips_jax.stage_a`: stage-A probabilities stored
+in the case store (refiner training data).
 
-The independent reference is `clips_jax.inference.cascade` run on the ORIGINAL study files (its
+The independent reference is `clips_jax.cascade.cascade` run on the ORIGINAL study files (its
 `cascade_channel` is the stage-A probability the refiner sees at inference), or a direct `tiled_inference` on
 a 6 mm store. The stage-A model is a tiny random Ensemble saved with `save_weights`.
 """
@@ -12,15 +13,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clips_jax.cascade import cascade, compute_stage_a
 from clips_jax.data.channels import make_channels
 from clips_jax.data.phantoms import write_phantoms
 from clips_jax.data.prepare import prepare_dataset
-from clips_jax.data.stage_a import compute_stage_a, main
 from clips_jax.data.store import CaseStore
 from clips_jax.data.study import load_study
 from clips_jax.errors import ConfigError
-from clips_jax.inference import cascade, nnx_predictor, tiled_inference
+from clips_jax.inference import nnx_predictor, tiled_inference
 from clips_jax.model import Ensemble, load_model, save_weights
+from clips_jax.stage_a import main
 
 TILE, STEP = (16, 16, 16), (8, 8, 8)
 

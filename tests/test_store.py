@@ -213,7 +213,7 @@ def test_case_arrays_extra(dataset, tmp_path):
     np.testing.assert_array_equal(a["stage_a"], p.astype(np.float16))
     assert set(store.case_arrays(0)) == {"ct", "suv", "seg"}  # default unchanged
     assert store.missing_extra(("stage_a",)) == store.ids[1:]
-    with pytest.raises(ConfigError, match="clips_jax.data.stage_a") as e:
+    with pytest.raises(ConfigError, match="clips_jax.stage_a") as e:
         store.case_arrays(1, extra=("stage_a",))
     assert store.ids[1] in str(e.value)
     store.require_extra(("stage_a",), [0])

@@ -15,6 +15,9 @@ Usage (the trainer's view)::
 Modules: core (types, case table, helpers), pacing (schedulers), predefined (uniform, predefined, anti,
 random, transfer-teacher helpers), self_paced (SPL, SPLD), bandit (Exp3.S), smoothing (CBS schedule and
 kernel), summary (logging and plots), registry (presets). User documentation: docs/curricula.md.
+The package imports only its own modules and `clips_jax.errors` / `clips_jax.fileio` (no trainer, data, runs or
+evaluation; tested in tests/test_module_rules.py); scoring cases with a teacher network, which the
+transfer-teacher curriculum reads, is an experiment step: `python -m clips_jax.experiments.teacher`.
 """
 
 from clips_jax.curricula.bandit import Exp3SConfig, exp3s_curriculum, exp3s_policy, exp3s_weights_update

@@ -287,7 +287,8 @@ def oriented_difficulty(case_table: CaseTable, measure: str) -> np.ndarray:
         raise ConfigError(f"unknown difficulty measure {measure!r}; use one of {sorted(HARDER_WHEN)}")
     if measure not in case_table.difficulty:
         raise ConfigError(f"difficulty measure {measure!r} is not in the case table; for 'teacher_loss' score the "
-                          "cases first: python -m clips_jax.curricula.teacher --store CACHE --weights DIR (or --run WORKDIR)")
+                          "cases first: python -m clips_jax.experiments.teacher --store CACHE --weights DIR "
+                          "(or --run WORKDIR)")
     return np.asarray(case_table.difficulty[measure], dtype=np.float64) * HARDER_WHEN[measure]
 
 

@@ -150,7 +150,7 @@ def predefined_curriculum(cfg: PredefinedConfig, name: str = "predefined") -> Cu
 
 
 # ----------------------------------------------------------------------------------------------------
-# Transfer-teacher helpers (the scoring command: `python -m clips_jax.curricula.teacher`)
+# Transfer-teacher helpers (the scoring command: `python -m clips_jax.experiments.teacher`)
 # ----------------------------------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ voxel: the crops whose loss the self-paced and bandit curricula read)}` where B 
 
 Extra input channels (the refiner): `extra_channels=("stage_a",)` reads the optional per-case array
 `cases/<id>/stage_a.npy` (the stage-A lesion probability on the stored grid, written by
-`python -m clips_jax.data.stage_a`) and appends it after the 5 image channels, so "image" is
+`python -m clips_jax.stage_a`) and appends it after the 5 image channels, so "image" is
 (B, D, H, W, 5 + len(extra_channels)). Extra arrays go through exactly the same crop, affine (linear
 interpolation, 0 outside the volume) and flips as CT/SUV; the SUV intensity augmentation does not touch them,
 and they are not windowed. A case without the file is a ConfigError when the pipeline is built. With the
@@ -466,7 +466,7 @@ def make_train_iterator(store: CaseStore, weights, *, seed: int, stage: int = 0,
       process_index, process_count: multi-host slicing (default from jax).
       extra_channels: names of optional per-case arrays appended after the 5 channels, e.g. `("stage_a",)`
         for the refiner (see the module docstring). Every case with a positive weight must have them
-        (ConfigError naming the cases and `python -m clips_jax.data.stage_a` otherwise).
+        (ConfigError naming the cases and `python -m clips_jax.stage_a` otherwise).
     Returns:
       `TrainIterator` yielding `{"image": (B, D, H, W, 5 + len(extra_channels)) float32, "label":
       (B, D, H, W) int32, "case_index": (B,) int32, "labeled": (B,) bool}`, B = per-process batch.

@@ -8,8 +8,8 @@ A dataset is preprocessed once by `python -m clips_jax.data.prepare` (see `clips
     CACHE/cases/<id>/seg.npy         (z, y, x) uint8 0/1 lesion mask (all zeros when the study has no SEG)
     CACHE/cases/<id>/fg.npy          (K, 3) int32 (z, y, x) indices of the lesion voxels (foreground oversampling)
     CACHE/cases/<id>/stage_a.npy     optional (z, y, x) float16/float32 stage-A lesion probability on the stored
-                                     grid, written by `python -m clips_jax.data.stage_a` (the refiner's 6th
-                                     input channel; see `clips_jax/data/stage_a.py`)
+                                     grid, written by `python -m clips_jax.stage_a` (the refiner's 6th
+                                     input channel; see `clips_jax/cascade.py`)
 
 The stored grid is the TMTV-Net 6 mm grid by default, or the native PET grid (`prepare --spacing native`, for
 training the refiner at native resolution). Optional per-case arrays such as `stage_a` are "extra arrays":
@@ -24,7 +24,7 @@ Manifest entry per case (JSON; NaN is written as `null` and read back as NaN):
   `has_seg`, `geometry` (resampled grid) and `native_geometry` (`Geometry.to_json()`), `shape`, and the
   difficulty measures computed on the NATIVE grid by `difficulty_measures`:
   `tmtv_ml`, `n_lesions`, `smallest_lesion_ml`, `suv_max`, `tbr`, `dmax_mm`, `body_ml`; optionally
-  `stage_a` (provenance of `stage_a.npy`: weights, model, spacing, tiles; written by `clips_jax.data.stage_a`).
+  `stage_a` (provenance of `stage_a.npy`: weights, model, spacing, tiles; written by `clips_jax.stage_a`).
 Top-level keys: `version`, `spacing_mm` (list of 3, or null for a native-grid store), `grid` ("resampled" or
 "native"), `dtype`, `seed`, `split_source`.
 """
@@ -56,7 +56,7 @@ MEASURES = ("tmtv_ml", "n_lesions", "smallest_lesion_ml", "suv_max", "tbr", "dma
 """Difficulty fields of a manifest entry (see `difficulty_measures`)."""
 
 ARRAY_NAMES = ("ct", "suv", "seg")
-EXTRA_HINTS = {"stage_a": "run `python -m clips_jax.data.stage_a --store {store} --weights WEIGHTS_DIR` first"}
+EXTRA_HINTS = {"stage_a": "run `python -m clips_jax.stage_a --store {store} --weights WEIGHTS_DIR` first"}
 """How to produce each known optional per-case array (used in the error for a missing one)."""
 
 

@@ -141,7 +141,7 @@ def _run_model_hardness(run_dir: str, store, indices, log) -> dict[str, float]:
 
 
 def _weights_model_hardness(weights: str, store, indices, log) -> dict[str, float]:
-    from clips_jax.curricula.teacher import DEFAULT_STEP, DEFAULT_TILE
+    from clips_jax.experiments.teacher import DEFAULT_STEP, DEFAULT_TILE
     from clips_jax.model import load_model, read_weights_meta
 
     names = read_weights_meta(weights)["models"]

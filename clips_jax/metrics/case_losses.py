@@ -1,7 +1,7 @@
 """Per-case losses of a whole-volume lesion probability map against its label (one float per case).
 
 Where this fits: the transfer-teacher curriculum ranks training cases by how badly a trained model predicts
-them (`clips_jax.curricula.teacher.score_cases`, which re-exports these functions under its older names), and
+them (`clips_jax.experiments.teacher.score_cases`, which re-exports these functions under its older names), and
 `clips_jax.evaluation.teacher_row` turns one case's prediction into that score. They are pure functions of
 NumPy arrays (no I/O), below both the evaluation and the curricula packages.
 

@@ -1,19 +1,24 @@
-r"""Stage-A lesion probabilities for every case of a store: the refiner's 6th input channel, for training.
+"""The two-stage TMTV-Net cascade on arrays, and the stage-A maps a refiner is trained with.
 
-    python -m clips_jax.data.stage_a --store CACHE --weights DIR [--model ensemble|unet] \
-        [--tile 128,96,96] [--step 64,48,48] [--batch-size 1] [--spacing 6] [--dtype float32|bfloat16] \
-        [--out-dtype store|float32|float16] [--split train] [--cases ID,ID] [--overwrite]
+Where this fits: `clips_jax.inference` tiles arrays through a network and knows no cases or grids;
+`clips_jax.data` reads, resamples and stores cases and knows no network. The cascade needs both, so it lives
+here, above them (and below `clips_jax.predict`, the command that segments studies, and `clips_jax.stage_a`,
+the command that stores stage-A maps).
 
-TMTV-Net's refiner (stage B) sees the 5 image channels at native PET resolution plus the stage-A lesion
-probability: the 6 mm ensemble output, linearly upsampled onto the PET grid (reference tmtv-net.md §1.5).
-Inference computes it on the fly (`clips_jax.inference.cascade`); training the refiner needs it stored next
-to each case, which is what this module does. Typical use:
+The cascade (`cascade`, result `CascadeResult`): TMTV-Net's two-stage inference (Yousefirizi et al., EJNMMI
+Research 2024; in the original repository `qurit-frizi/TMTV-Net`, `inference_fn` in `main/main.py`) for one
+PET/CT study on the PET grid.
+Stage A: CT/SUV resampled to `spacing_mm` (`clips_jax.data.resample.resample_case`: linear, outside -1024 HU /
+0 SUV, grid anchored at PET voxel 0), the 5 input channels (`clips_jax.data.channels.make_channels`), tiled
+inference of the ensemble (`clips_jax.inference.tiled_inference`, tile 128x96x96, step 64x48x48), lesion
+probability kept. Stage B: the 5 channels at native resolution (rounded to float16 first, as the original),
++ the stage-A probability carried onto the PET grid by `clips_jax.inference.upsample_probability` as 6th
+channel, tiled inference of the refiner (96^3, step 48^3), `argmax_mask`.
 
-    python -m clips_jax.data.prepare --input DATA --output CACHE_NATIVE --spacing native
-    python -m clips_jax.data.stage_a --store CACHE_NATIVE --weights weights/tmtv-net
-    # then train with config.model.kind = "refiner" on CACHE_NATIVE (pipeline extra_channels=("stage_a",))
-
-Per case (`stage_a_probability`, the same steps as `cascade`'s stage A):
+Stage-A maps (`stage_a_probability` for one case, `compute_stage_a` for a case store; the command is
+`python -m clips_jax.stage_a`). The refiner sees the stage-A probability as its 6th input channel; inference
+computes it on the fly (`cascade`), training the refiner needs it stored next to each case. Per case (the
+same steps as `cascade`'s stage A):
 1. the coarse grid is `native_geometry.resampled(spacing_mm)` (the grid the cascade uses at inference;
    anchored at PET voxel 0);
 2. the stored CT / SUV are resampled onto it (`resample_to_grid`, linear, outside -1024 HU / 0 SUV; nothing
@@ -28,37 +33,102 @@ Per case (`stage_a_probability`, the same steps as `cascade`'s stage A):
    compute dtype). The manifest is rewritten atomically after every case.
 Re-running skips a case whose file exists and whose record equals the current settings; a case made by
 other weights or settings is recomputed (so one store never silently mixes two stage-A models, unless
-`--cases`/`--split` restrict a run on purpose, see below). A failing case is reported on one line and skipped;
-the command exits with status 1 if any failed. Do not run `prepare` on the same store at the same time
-(both rewrite the manifest; re-preparing a case deletes its stage_a.npy, as it should).
+`cases` restricts a run on purpose, see below). A failing case is reported on one line and skipped.
 
 Training-time caveat (honest): how the original TMTV-Net produced the cascade channel for training its
-refiner is unknown (reference §6 item 1 and §7.4: training code deleted, generation and resampling of the
-training-time cascade input undocumented). Running the released ensemble on cases it may have been trained on
-(autoPET) gives stage-A maps that are better than what the refiner will see on new patients, so the refiner
-may learn to trust stage A too much. Ideally the maps of training cases come from OUT-OF-FOLD models: train k
-stage-A models on k folds and run each on its held-out fold only (`--cases` / `--split` plus a per-fold
-`--weights`; the manifest records, per case, which weights made its map). Validation/test cases should use
-the stage-A model that will be deployed.
+refiner is not documented: neither the paper nor the original repository (whose `inference_fn` shows only
+the inference-time cascade) says how the training-time cascade input was generated and resampled. Running the
+released ensemble on cases it may have been trained on (autoPET) gives stage-A maps that are better than what
+the refiner will see on new patients, so the refiner may learn to trust stage A too much. Ideally the maps of
+training cases come from OUT-OF-FOLD models: train k stage-A models on k folds and run each on its held-out
+fold only (`cases` plus a per-fold model; the manifest records, per case, which weights made its map).
+Validation/test cases should use the stage-A model that will be deployed.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from clips_jax.data import store as st
+from clips_jax.data.case import Case
 from clips_jax.data.channels import make_channels
 from clips_jax.data.geometry import Geometry
-from clips_jax.data.resample import resample_to_grid
+from clips_jax.data.resample import resample_case, resample_to_grid
 from clips_jax.errors import ConfigError
 from clips_jax.fileio import atomic_path
-from clips_jax.inference import tiled_inference, upsample_probability
+from clips_jax.inference import Progress, argmax_mask, nnx_predictor, tiled_inference, upsample_probability
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two-stage cascade
+# ----------------------------------------------------------------------------------------------------------
+
+class CascadeResult(NamedTuple):
+    """Outputs of `cascade`.
+
+    mask: `(z, y, x)` uint8 final lesion mask on the native PET grid (argmax of `probs`).
+    probs: `(z, y, x, 2)` float32 refiner probabilities on the native grid.
+    stage_a_prob: `(d, h, w)` float32 stage-A lesion probability on the coarse grid.
+    stage_a_geometry: the coarse grid (`geometry.resampled(spacing_mm)`).
+    cascade_channel: `(z, y, x)` float32, `stage_a_prob` upsampled to the native grid (refiner's 6th input).
+    """
+
+    mask: np.ndarray
+    probs: np.ndarray
+    stage_a_prob: np.ndarray
+    stage_a_geometry: Any
+    cascade_channel: np.ndarray
+
+
+def cascade(ct_hu: np.ndarray, suv: np.ndarray, geometry: Any, ensemble_fn: Callable, refiner_fn: Callable, *,
+            spacing_mm: float = 6.0, ensemble_params: Any = None, refiner_params: Any = None,
+            stage_a_tile: Sequence[int] = (128, 96, 96), stage_a_step: Sequence[int] = (64, 48, 48),
+            stage_b_tile: Sequence[int] = (96, 96, 96), stage_b_step: Sequence[int] = (48, 48, 48),
+            batch_size: int = 1, blend: str = "central", dtype: str = "float32", tta: bool = False,
+            round_stage_b_fp16: bool = True, progress: Progress | None = None) -> CascadeResult:
+    """TMTV-Net's two-stage inference for one PET/CT study on the PET grid (see the module docstring).
+
+    Stage A: CT/SUV resampled to `spacing_mm` (`resample_case`: linear, outside -1024 HU / 0 SUV, grid
+    anchored at PET voxel 0), 5 channels, tiled inference of the ensemble (tile 128x96x96, step 64x48x48),
+    lesion probability kept. Stage B: 5 channels at native resolution (rounded to float16 first when
+    `round_stage_b_fp16`, as the original), + the stage-A probability upsampled by `upsample_probability` as
+    6th channel, tiled inference of the refiner (96^3, step 48^3), argmax.
+
+    Args:
+      ct_hu, suv: `(z, y, x)` CT in HU and SUVbw on the PET grid `geometry` (a `clips_jax.data.Geometry`).
+      ensemble_fn, refiner_fn: predictors as in `tiled_inference` (5 -> 2 and 6 -> 2 channels, logits);
+        `ensemble_params` / `refiner_params` are their optional weights (see `nnx_predictor`).
+      spacing_mm: stage-A voxel size in mm.
+      stage_*_tile, stage_*_step, batch_size, blend, dtype, tta: passed to `tiled_inference` for both stages.
+      progress: optional `progress(stage, done, total)` with stage "A" or "B".
+    Returns:
+      `CascadeResult`.
+    """
+    case = Case("cascade", np.asarray(ct_hu, np.float32), np.asarray(suv, np.float32), None, geometry)
+    coarse = resample_case(case, spacing_mm)
+    common = dict(batch_size=batch_size, blend=blend, dtype=dtype, tta=tta)
+    prog_a = None if progress is None else (lambda d, t: progress("A", d, t))
+    prob6 = tiled_inference(make_channels(coarse.ct, coarse.suv), ensemble_fn, tile_shape=stage_a_tile,
+                            step=stage_a_step, params=ensemble_params, progress=prog_a, **common)[..., 1]
+    spacing_c = coarse.geometry.spacing_mm
+    channel = upsample_probability(prob6, geometry.shape, geometry.spacing_mm, spacing_c)
+    volume_b = np.empty(case.suv.shape + (6,), np.float32)  # filled in place: no float32 copy of the 5
+    volume_b[..., :5] = make_channels(case.ct, case.suv, dtype=np.float16 if round_stage_b_fp16 else np.float32)
+    volume_b[..., 5] = channel
+    prog_b = None if progress is None else (lambda d, t: progress("B", d, t))
+    probs = tiled_inference(volume_b, refiner_fn, tile_shape=stage_b_tile, step=stage_b_step,
+                            params=refiner_params, progress=prog_b, **common)
+    return CascadeResult(argmax_mask(probs), probs, np.ascontiguousarray(prob6), coarse.geometry, channel)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage-A maps of a case store (the refiner's training input)
+# ----------------------------------------------------------------------------------------------------------
 
 FILE_NAME = "stage_a.npy"
 NAME = "stage_a"
@@ -90,7 +160,7 @@ def stage_a_probability(ct_hu: np.ndarray, suv: np.ndarray, geometry: Geometry, 
                         predictor: Callable, *, params: Any = None, tile_shape: Sequence[int] = (128, 96, 96),
                         step: Sequence[int] = (64, 48, 48), batch_size: int = 1,
                         dtype: str = "float32") -> np.ndarray:
-    """The stage-A lesion probability of one case, on the case's own grid (steps 2-4 of the module docstring).
+    """The stage-A lesion probability of one case on the case's own grid ("Stage-A maps" steps 2-4, above).
 
     Args:
       ct_hu, suv: (z, y, x) CT in HU and SUVbw on `geometry` (any float dtype; float16 stores are fine).
@@ -125,8 +195,6 @@ def _as_predictor(model) -> tuple[Callable, Any]:
     from flax import nnx
 
     if isinstance(model, nnx.Module):
-        from clips_jax.inference import nnx_predictor
-
         return nnx_predictor(model)
     if callable(model):
         return model, None
@@ -145,7 +213,9 @@ def compute_stage_a(store: st.CaseStore | str | Path, model, *, tile_shape: Sequ
                     step: Sequence[int] = (64, 48, 48), batch_size: int = 1, spacing_mm=6.0,
                     dtype: str = "float32", out_dtype=None, source: Mapping[str, Any] | None = None,
                     cases=None, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Compute and store `stage_a.npy` for the cases of a store (see the module docstring, incl. the caveat).
+    """Compute and store `stage_a.npy` for the cases of a store (the command `python -m clips_jax.stage_a`).
+
+    Steps 1-5 of "Stage-A maps" in the module docstring; read the training-time caveat there too.
 
     Args:
       store: a CaseStore (its in-memory manifest entries are updated too) or its folder.
@@ -217,92 +287,3 @@ def compute_stage_a(store: st.CaseStore | str | Path, model, *, tile_shape: Sequ
     for cid in summary["failed"]:
         log(f"  failed {cid}: {summary['errors'][cid]}")
     return summary
-
-
-def run_from_flags(fv, log: Callable[[str], None] = print) -> int:
-    """Run the command with parsed absl flags `fv` (see `define_flags`); returns the exit status.
-
-    0: every selected case done; 1: some case failed (reported); 2: usage or configuration error (one line
-    on stderr: unknown model, bad tile, unreadable store or weights).
-    """
-    from clips_jax.errors import ClipsError
-    from clips_jax.model import load_model, read_weights_meta
-
-    if not fv["store"].value or not fv["weights"].value:
-        print("error: --store and --weights are required (see --help)", file=sys.stderr)
-        return 2
-    try:
-        store = st.CaseStore(fv["store"].value)
-        names = sorted(read_weights_meta(fv["weights"].value)["models"])
-        name = fv["model"].value
-        if name not in names:
-            raise ConfigError(f"{fv['weights'].value}: no model {name!r} (has {names}); pass --model with one "
-                              "of them")
-        tile = _parse_triple(fv["tile"].value, "--tile")
-        step = _parse_triple(fv["step"].value, "--step")
-        try:
-            sp = [float(v) for v in fv["spacing"].value.split(",")]
-        except ValueError:
-            sp = []
-        if len(sp) not in (1, 3):
-            raise ConfigError(f"--spacing {fv['spacing'].value!r}: one number of mm or z,y,x")
-        model = load_model(fv["weights"].value, name)
-        out_dtype = fv["out-dtype"].value
-        cases = fv["split"].value or ([c for c in fv["cases"].value.split(",") if c] if fv["cases"].value
-                                      else None)
-        summary = compute_stage_a(store, model, tile_shape=tile, step=step, batch_size=fv["batch-size"].value,
-                                  spacing_mm=sp[0] if len(sp) == 1 else sp, dtype=fv["dtype"].value,
-                                  out_dtype=None if out_dtype == "store" else np.dtype(out_dtype),
-                                  source={"weights": Path(fv["weights"].value).resolve().as_posix(),
-                                          "model": name},
-                                  cases=cases, overwrite=fv["overwrite"].value, log=log)
-    except ClipsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 1 if summary["failed"] else 0
-
-
-def _parse_triple(text: str, name: str) -> tuple[int, int, int]:
-    try:
-        vals = [int(v) for v in str(text).split(",")]
-    except ValueError:
-        vals = []
-    if len(vals) not in (1, 3):
-        raise ConfigError(f"{name} {text!r}: give Z,Y,X voxels (e.g. 128,96,96) or one number")
-    return _triple(vals, name)
-
-
-def define_flags(fv) -> None:
-    """Define the command-line flags on the absl `FlagValues` `fv` (global FLAGS or a private one)."""
-    from absl import flags
-
-    kw = dict(flag_values=fv)
-    flags.DEFINE_string("store", None, "case store folder (any grid: 6 mm or native)", **kw)
-    flags.DEFINE_string("weights", None, "weights directory (convert_weights output or a trainer export)", **kw)
-    flags.DEFINE_string("model", "ensemble", "network of the weights directory: ensemble or unet", **kw)
-    flags.DEFINE_string("tile", "128,96,96", "stage-A tile z,y,x voxels at the coarse spacing (multiples of 16)",
-                        **kw)
-    flags.DEFINE_string("step", "64,48,48", "tile step z,y,x voxels", **kw)
-    flags.DEFINE_integer("batch-size", 1, "tiles per model call (more = faster on GPU, more memory)", **kw)
-    flags.DEFINE_string("spacing", "6", "stage-A grid spacing in mm: one number or z,y,x", **kw)
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of the tiles", **kw)
-    flags.DEFINE_enum("out-dtype", "store", ["store", "float32", "float16"], "dtype of stage_a.npy", **kw)
-    flags.DEFINE_string("split", None, "only the cases of this split (train/val/test/unused)", **kw)
-    flags.DEFINE_string("cases", None, "only these comma-separated case ids", **kw)
-    flags.DEFINE_bool("overwrite", False, "recompute cases that are already done", **kw)
-
-
-def main(argv: Sequence[str]) -> int:
-    """Command-line entry: `main(["stage_a", "--store", ..., "--weights", ...])` -> exit status.
-
-    Uses a private absl FlagValues (importing or calling this defines no global flags), so it can also be
-    called in-process (tests). 2 for invalid flags, otherwise as `run_from_flags`. `python -m
-    clips_jax.data.stage_a` runs exactly this.
-    """
-    from clips_jax.cli import run_tool
-
-    return run_tool(argv, define_flags, run_from_flags, __doc__)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

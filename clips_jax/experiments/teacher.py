@@ -1,21 +1,24 @@
 r"""Transfer-teacher scoring: a trained model's loss on each training case, stored in the case-store manifest.
 
-    python -m clips_jax.curricula.teacher --store CACHE --weights DIR [--model ensemble|unet|refiner]
-    python -m clips_jax.curricula.teacher --store CACHE --run WORKDIR [--which best|last]
+Examples:
+    clips-teacher --store cache/autopet --weights weights/tmtv-net
+    python -m clips_jax.experiments.teacher --store CACHE --weights DIR [--model ensemble|unet|refiner]
+    python -m clips_jax.experiments.teacher --store CACHE --run WORKDIR [--which best|last]
         [--split train] [--loss soft_dice|combined] [--tile Z,Y,X] [--step Z,Y,X] [--batch-size 1]
         [--dtype float32|bfloat16] [--out-manifest PATH] [--overwrite]
 
-How it fits (issue 4 item 4; reference curricula A3 "transfer teacher / bootstrapping"): the curriculum preset
-"transfer_teacher" (`clips_jax.curricula.registry`, measure `teacher_loss`) ranks the training cases by the
-`teacher_loss` column of the manifest (`case_table_from_manifest`), easiest (lowest loss) first, and paces
-them like any predefined curriculum. This module fills that column once, before training:
+How it fits: scoring is an experiment step that runs a network (it is not a curriculum; the curricula only read
+its result). The curriculum preset "transfer_teacher" (transfer teacher / bootstrapping, docs/curricula.md;
+`clips_jax.curricula.registry`, measure `teacher_loss`) ranks the training cases by the `teacher_loss` column
+of the manifest (`case_table_from_manifest`), easiest (lowest loss) first, and paces them like any predefined
+curriculum. This module fills that column once, before training:
 
 1. the teacher is a stage-A model: the `ensemble` (or a `unet`) of a converted / exported weights directory
    (`--weights`, default teacher: the converted TMTV-Net ensemble, see docs/weights.md), or the trained
    network of a training run (`--run WORKDIR`: parameters of `WORKDIR/checkpoints/best` (best validation Dice;
    the latest `last` checkpoint when the run never validated) or `checkpoints/last` (`--which last`), built
    from the run's `config.json`; `load_run_model`). The `refiner` is accepted but is NOT a sensible teacher
-   unless the store is a native-grid store with stage-A maps (`python -m clips_jax.data.stage_a`): it refines
+   unless the store is a native-grid store with stage-A maps (`python -m clips_jax.stage_a`): it refines
    a stage-A probability it is given as 6th channel, so without one there is nothing to score, and with one its
    loss measures how hard the case is *after* stage A, not for the student being trained;
 2. whole-volume tiled inference on the store grid (`clips_jax.evaluation.predict_cases`, the evaluator shared
@@ -31,8 +34,8 @@ them like any predefined curriculum. This module fills that column once, before 
      term is left out: it does not compare with the label and its plain voxel sum grows with the body size;
    * lesion-free and unlabeled cases: NaN (written as null), and the network is not run on them. Their loss
      would be an FP-only score on another scale than the lesion cases' ordering; the predefined curricula
-     sample lesion-free cases outside the ordering at a fixed proportion (`stratify_negatives`, reference A0
-     rule 3), and a NaN-scored lesion case would be ranked last (hardest).
+     sample lesion-free cases outside the ordering at a fixed proportion (`stratify_negatives`, docs/curricula.md
+     "Case table and difficulty measures"), and a NaN-scored lesion case would be ranked last (hardest).
 4. `write_teacher_losses`: each scored case's manifest entry gets `teacher_loss` and a `teacher` record
    (source, model, checkpoint, loss kind, tiles, compute dtype, date); the manifest also gets a top-level
    `teacher` record of the latest run. Everything else of the manifest is kept as it is (re-read from disk
@@ -47,9 +50,9 @@ in PATH count for skipping); to train on it, put it as `manifest.json` in a fold
 the store's `cases` folder. Do not run `prepare` or `stage_a` on the same store at the same time (all rewrite
 the manifest). `prepare` keeps the per-case entries (and so the scores) of cases it does not redo.
 
-Scores of a teacher trained on the same cases are optimistic (memorised easy cases); the reference
-recommends out-of-fold teachers: score each fold's held-out cases with that fold's model (`score_cases` with
-`indices`, then `write_teacher_losses`), see `out_of_fold_difficulty`.
+Scores of a teacher trained on the same cases are optimistic (memorised easy cases); prefer out-of-fold
+teachers (docs/curricula.md): score each fold's held-out cases with that fold's model (`score_cases` with
+`indices`, then `write_teacher_losses`), see `clips_jax.curricula.out_of_fold_difficulty`.
 """
 
 from __future__ import annotations
@@ -422,8 +425,8 @@ def define_flags(fv) -> None:
     flags.DEFINE_bool("overwrite", False, "re-score cases already scored by the same teacher", **kw)
 
 
-def main(argv: Sequence[str]) -> int:
-    """Command-line entry: `main(["teacher", "--store", ..., "--weights", ...])` -> exit status.
+def main(argv: Sequence[str] | None = None) -> int:
+    """`clips-teacher`: `main(["teacher", "--store", ..., "--weights", ...])` (None = sys.argv) -> exit status.
 
     Uses a private absl FlagValues (importing or calling this defines no global flags), so it can be called
     in-process (tests). `-h` / `--help` prints the module docstring and the flags and returns 0; 2 for invalid
@@ -435,4 +438,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main())
