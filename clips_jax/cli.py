@@ -19,6 +19,7 @@ Only the command-line modules parse flags or print; the library below raises `cl
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -41,7 +42,7 @@ def error(message: object) -> None:
     """Print `error: <message>` as one line on stderr (newlines folded; an embedded traceback, as absl's
     config-flag errors carry, is cut down to its last line: the exception itself)."""
     lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
-    if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
+    if "Traceback (most recent call last)" in str(message):
         head = str(message).split("Traceback (most recent call last)")[0].strip()
         lines = [head, lines[-1]] if head else [lines[-1]]
     text = " ".join(lines)
@@ -49,14 +50,14 @@ def error(message: object) -> None:
 
 
 def parse_zyx(text: str, name: str, kind: type = int) -> tuple:
-    """`"z,y,x"` (or `"zxyxx"`, or one value for all three axes) -> a (z, y, x) tuple of `kind` (int or float).
+    """`"z,y,x"` (or `"ZxYxX"`, or one value for all three axes) -> a (z, y, x) tuple of `kind` (int or float).
 
     Args: text: the flag's value; name: the flag's name, for the message; kind: int (voxels) or float (mm).
     Raises: UsageError naming the flag when the value is not 1 or 3 positive numbers.
     """
-    parts = [p for p in str(text).replace("x", ",").split(",") if p.strip()]
+    parts = re.split(r"[,x]", str(text).strip())
     try:
-        vals = [kind(p) for p in parts]
+        vals = [kind(p) for p in parts]  # an empty part ("3,", "3,x") is an error too
     except ValueError:
         vals = []
     if len(vals) == 1:

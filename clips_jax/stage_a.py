@@ -3,8 +3,8 @@ r"""Stage-A lesion probabilities for every case of a store: the refiner's 6th in
 Examples:
     clips-stage-a --store cache/autopet_native --weights weights/tmtv-net
     python -m clips_jax.stage_a --store CACHE --weights DIR [--model ensemble|unet] \
-        [--tile 128,96,96] [--step 64,48,48] [--batch-size 1] [--spacing 6] [--dtype float32|bfloat16] \
-        [--out-dtype store|float32|float16] [--split train] [--cases ID,ID] [--overwrite]
+        [--tile 128,96,96] [--step 64,48,48] [--batch_size 1] [--spacing 6] [--dtype float32|bfloat16] \
+        [--out_dtype store|float32|float16] [--split train] [--cases ID,ID] [--overwrite]
 
 TMTV-Net's refiner (stage B) sees the 5 image channels at native PET resolution plus the stage-A lesion
 probability: the 6 mm ensemble output, linearly upsampled onto the PET grid (Yousefirizi et al., EJNMMI
@@ -12,8 +12,8 @@ Research 2024; `inference_fn` in `main/main.py` of the original repository `quri
 Inference computes it on the fly (`clips_jax.cascade.cascade`); training the refiner needs it stored next
 to each case, which is what this command does (`clips_jax.cascade.compute_stage_a`). Typical use:
 
-    python -m clips_jax.data.prepare --input DATA --output CACHE_NATIVE --spacing native
-    python -m clips_jax.stage_a --store CACHE_NATIVE --weights weights/tmtv-net
+    clips-prepare --input DATA --output CACHE_NATIVE --spacing native
+    clips-stage-a --store CACHE_NATIVE --weights weights/tmtv-net
     # then train with config.model.kind = "refiner" on CACHE_NATIVE (pipeline extra_channels=("stage_a",))
 
 Per case (the same steps as the cascade's stage A; details in the `clips_jax.cascade` module docstring): the
@@ -46,62 +46,34 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from clips_jax.cascade import _triple, compute_stage_a
+from clips_jax.cascade import compute_stage_a
 from clips_jax.data import store as st
 from clips_jax.errors import ConfigError
 
 
 def run_from_flags(fv, log: Callable[[str], None] = print) -> int:
-    """Run the command with parsed absl flags `fv` (see `define_flags`); returns the exit status.
-
-    0: every selected case done; 1: some case failed (reported); 2: usage or configuration error (one line
-    on stderr: unknown model, bad tile, unreadable store or weights).
-    """
-    from clips_jax.errors import ClipsError
+    """Run the command with parsed absl flags `fv` (see `define_flags`); returns 0 when every selected case is
+    done, 1 when some case failed (reported). Bad flags or settings (ConfigError, UsageError: exit 2) and an
+    unreadable store or weights (exit 1) are raised and reported on one line by `cli.run_tool`."""
+    from clips_jax.cli import parse_zyx
     from clips_jax.model import load_model, read_weights_meta
 
-    if not fv["store"].value or not fv["weights"].value:
-        print("error: --store and --weights are required (see --help)", file=sys.stderr)
-        return 2
-    try:
-        store = st.CaseStore(fv["store"].value)
-        names = sorted(read_weights_meta(fv["weights"].value)["models"])
-        name = fv["model"].value
-        if name not in names:
-            raise ConfigError(f"{fv['weights'].value}: no model {name!r} (has {names}); pass --model with one "
-                              "of them")
-        tile = _parse_triple(fv["tile"].value, "--tile")
-        step = _parse_triple(fv["step"].value, "--step")
-        try:
-            sp = [float(v) for v in fv["spacing"].value.split(",")]
-        except ValueError:
-            sp = []
-        if len(sp) not in (1, 3):
-            raise ConfigError(f"--spacing {fv['spacing'].value!r}: one number of mm or z,y,x")
-        model = load_model(fv["weights"].value, name)
-        out_dtype = fv["out-dtype"].value
-        cases = fv["split"].value or ([c for c in fv["cases"].value.split(",") if c] if fv["cases"].value
-                                      else None)
-        summary = compute_stage_a(store, model, tile_shape=tile, step=step, batch_size=fv["batch-size"].value,
-                                  spacing_mm=sp[0] if len(sp) == 1 else sp, dtype=fv["dtype"].value,
-                                  out_dtype=None if out_dtype == "store" else np.dtype(out_dtype),
-                                  source={"weights": Path(fv["weights"].value).resolve().as_posix(),
-                                          "model": name},
-                                  cases=cases, overwrite=fv["overwrite"].value, log=log)
-    except ClipsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    store = st.CaseStore(fv["store"].value)
+    names = sorted(read_weights_meta(fv["weights"].value)["models"])
+    name = fv["model"].value
+    if name not in names:
+        raise ConfigError(f"{fv['weights'].value}: no model {name!r} (has {names}); pass --model with one of them")
+    tile, step = parse_zyx(fv["tile"].value, "tile"), parse_zyx(fv["step"].value, "step")
+    sp = parse_zyx(fv["spacing"].value, "spacing", float)
+    model = load_model(fv["weights"].value, name)
+    out_dtype = fv["out_dtype"].value
+    cases = fv["split"].value or ([c for c in fv["cases"].value.split(",") if c] if fv["cases"].value else None)
+    summary = compute_stage_a(store, model, tile_shape=tile, step=step, batch_size=fv["batch_size"].value,
+                              spacing_mm=sp[0] if len(set(sp)) == 1 else list(sp), dtype=fv["dtype"].value,
+                              out_dtype=None if out_dtype == "store" else np.dtype(out_dtype),
+                              source={"weights": Path(fv["weights"].value).resolve().as_posix(), "model": name},
+                              cases=cases, overwrite=fv["overwrite"].value, log=log)
     return 1 if summary["failed"] else 0
-
-
-def _parse_triple(text: str, name: str) -> tuple[int, int, int]:
-    try:
-        vals = [int(v) for v in str(text).split(",")]
-    except ValueError:
-        vals = []
-    if len(vals) not in (1, 3):
-        raise ConfigError(f"{name} {text!r}: give Z,Y,X voxels (e.g. 128,96,96) or one number")
-    return _triple(vals, name)
 
 
 def define_flags(fv) -> None:
@@ -115,20 +87,21 @@ def define_flags(fv) -> None:
     flags.DEFINE_string("tile", "128,96,96", "stage-A tile z,y,x voxels at the coarse spacing (multiples of 16)",
                         **kw)
     flags.DEFINE_string("step", "64,48,48", "tile step z,y,x voxels", **kw)
-    flags.DEFINE_integer("batch-size", 1, "tiles per model call (more = faster on GPU, more memory)", **kw)
+    flags.DEFINE_integer("batch_size", 1, "tiles per model call (more = faster on GPU, more memory)", **kw)
     flags.DEFINE_string("spacing", "6", "stage-A grid spacing in mm: one number or z,y,x", **kw)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of the tiles", **kw)
-    flags.DEFINE_enum("out-dtype", "store", ["store", "float32", "float16"], "dtype of stage_a.npy", **kw)
+    flags.DEFINE_enum("out_dtype", "store", ["store", "float32", "float16"], "dtype of stage_a.npy", **kw)
     flags.DEFINE_string("split", None, "only the cases of this split (train/val/test/unused)", **kw)
     flags.DEFINE_string("cases", None, "only these comma-separated case ids", **kw)
     flags.DEFINE_bool("overwrite", False, "recompute cases that are already done", **kw)
+    flags.mark_flags_as_required(["store", "weights"], flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`clips-stage-a`: `main(["stage_a", "--store", ..., "--weights", ...])` (None = sys.argv) -> exit status.
 
     Uses a private absl FlagValues (importing or calling this defines no global flags), so it can also be
-    called in-process (tests). 2 for invalid flags, otherwise as `run_from_flags`. `python -m
+    called in-process (tests). Exit status as README, "Command-line convention". `python -m
     clips_jax.stage_a` runs exactly this.
     """
     from clips_jax.cli import run_tool

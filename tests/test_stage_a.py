@@ -112,8 +112,8 @@ def test_cli(world, tmp_path, capsys):
 
     shutil.copytree(world["root"] / "six", tmp_path / "six")
     args = ["stage_a", "--store", str(tmp_path / "six"), "--weights", str(world["weights"]), "--tile", "16,16,16",
-            "--step", "8,8,8", "--batch-size", "2"]
-    assert main(args + ["--out-dtype", "float32"]) == 0
+            "--step", "8,8,8", "--batch_size", "2"]
+    assert main(args + ["--out_dtype", "float32"]) == 0
     assert "2 computed" in capsys.readouterr().out
     store = CaseStore(tmp_path / "six")
     for i in range(2):

@@ -203,7 +203,7 @@ def test_out_manifest_leaves_the_store_untouched(world, store_dir, tmp_path):
     text = (store_dir / "manifest.json").read_text()
     out = tmp_path / "scored" / "manifest.json"
     assert T.main(["teacher", "--store", str(store_dir), "--weights", str(world["weights"]), "--model", "unet",
-                   "--out-manifest", str(out), "--split", "val", *TILE_ARGS]) == 0
+                   "--out_manifest", str(out), "--split", "val", *TILE_ARGS]) == 0
     assert (store_dir / "manifest.json").read_text() == text
     cases = json.loads(out.read_text())["cases"]
     assert [c["id"] for c in cases if "teacher_loss" in c] == [c["id"] for c in cases if c["split"] == "val"]
@@ -262,5 +262,5 @@ def test_usage_errors_and_help(world, store_dir, capsys):
     r = subprocess.run([sys.executable, "-m", "clips_jax.experiments.teacher", "--help"], capture_output=True,
                        text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120)
     assert r.returncode == 0
-    for flag in ("--store", "--weights", "--run", "--which", "--loss", "--out-manifest", "--overwrite"):
+    for flag in ("--store", "--weights", "--run", "--which", "--loss", "--out_manifest", "--overwrite"):
         assert flag in r.stdout

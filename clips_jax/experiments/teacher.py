@@ -4,8 +4,8 @@ Examples:
     clips-teacher --store cache/autopet --weights weights/tmtv-net
     python -m clips_jax.experiments.teacher --store CACHE --weights DIR [--model ensemble|unet|refiner]
     python -m clips_jax.experiments.teacher --store CACHE --run WORKDIR [--which best|last]
-        [--split train] [--loss soft_dice|combined] [--tile Z,Y,X] [--step Z,Y,X] [--batch-size 1]
-        [--dtype float32|bfloat16] [--out-manifest PATH] [--overwrite]
+        [--split train] [--loss soft_dice|combined] [--tile Z,Y,X] [--step Z,Y,X] [--batch_size 1]
+        [--dtype float32|bfloat16] [--out_manifest PATH] [--overwrite]
 
 How it fits: scoring is an experiment step that runs a network (it is not a curriculum; the curricula only read
 its result). The curriculum preset "transfer_teacher" (transfer teacher / bootstrapping, docs/curricula.md;
@@ -45,7 +45,7 @@ curriculum. This module fills that column once, before training:
 Re-running skips the cases whose entry already holds a `teacher` record of the same teacher and settings
 (every record field but the date; a run's checkpoint step included, so a run trained further is re-scored);
 `--overwrite` re-scores them. A failing case is reported on one line and skipped (exit status 1). With
-`--out-manifest PATH` the store's manifest is left untouched and the scored copy goes to PATH (scores already
+`--out_manifest PATH` the store's manifest is left untouched and the scored copy goes to PATH (scores already
 in PATH count for skipping); to train on it, put it as `manifest.json` in a folder whose `cases` is a link to
 the store's `cases` folder. Do not run `prepare` or `stage_a` on the same store at the same time (all rewrite
 the manifest). `prepare` keeps the per-case entries (and so the scores) of cases it does not redo.
@@ -66,7 +66,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from clips_jax.errors import ClipsError, ConfigError, DataError
+from clips_jax.errors import ConfigError, DataError
 from clips_jax.metrics.case_losses import (CASE_LOSSES, CE_WEIGHT, PROB_CLIP, case_loss,  # noqa: F401 - re-exported
                                            combined_case_loss, soft_dice_of_probs)
 
@@ -332,68 +332,47 @@ def score_store(store_dir: str | os.PathLike, model, record: Mapping[str, Any], 
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 
-def _parse_triple(text: str, name: str) -> tuple[int, int, int]:
-    try:
-        vals = [int(v) for v in str(text).split(",")]
-    except ValueError:
-        vals = []
-    if len(vals) == 1:
-        vals = vals * 3
-    if len(vals) != 3 or min(vals) < 1:
-        raise ConfigError(f"{name} {text!r}: give Z,Y,X voxels (e.g. 128,96,96) or one positive number")
-    return tuple(vals)  # type: ignore[return-value]
-
-
 def run_from_flags(fv, log: Callable[[str], None] = print) -> int:
-    """Run the command with parsed absl flags `fv` (see `define_flags`); returns the exit status.
-
-    0: every case of the split scored (now or before); 1: some case failed (reported); 2: usage or
-    configuration error (one line on stderr: missing/conflicting --weights/--run, unknown model, bad tiles,
-    unreadable store, weights or run).
-    """
+    """Run the command with parsed absl flags `fv` (see `define_flags`); returns 0 when every case of the split
+    is scored (now or before), 1 when some case failed (reported). Usage and settings errors (missing or
+    conflicting --weights/--run, unknown model, bad tiles: exit 2) and unreadable store, weights or run (exit 1)
+    are raised and reported on one line by `cli.run_tool`."""
+    from clips_jax.cli import UsageError, parse_zyx
     from clips_jax.data.store import CaseStore
     from clips_jax.model import load_model, read_weights_meta
 
     weights, run = fv["weights"].value, fv["run"].value
     if not fv["store"].value or bool(weights) == bool(run):
-        print("error: give --store and exactly one of --weights or --run (see --help)", file=sys.stderr)
-        return 2
-    try:
-        store = CaseStore(fv["store"].value)
-        if weights:
-            names = sorted(read_weights_meta(weights)["models"])
-            name = fv["model"].value
-            if name not in names:
-                raise ConfigError(f"{weights}: no model {name!r} (has {names}); pass --model with one of them")
-            model = load_model(weights, name)
-            tile = _parse_triple(fv["tile"].value or ",".join(map(str, DEFAULT_TILE)), "--tile")
-            stp = _parse_triple(fv["step"].value or ",".join(map(str, DEFAULT_STEP)), "--step")
-            more = {}
-            source = Path(weights).resolve().as_posix()
-            sp = store.manifest.get("spacing_mm")
-            if name != "refiner" and not (sp and np.allclose(sp, 6.0)):
-                log(f"warning: the store grid is {sp or 'native'} mm; the TMTV-Net stage-A models were trained on "
-                    "the 6 mm grid")
-        else:
-            model, more = load_run_model(run, fv["which"].value)
-            cfg = json.loads((Path(run) / "config.json").read_text())
-            name = str(cfg.get("model", {}).get("kind", "unet"))
-            tile = _parse_triple(fv["tile"].value or ",".join(map(str, cfg["eval"]["tile_shape"])), "--tile")
-            stp = _parse_triple(fv["step"].value or ",".join(map(str, cfg["eval"]["tile_step"])), "--step")
-            source = Path(run).resolve().as_posix()
-        if int(fv["batch-size"].value) < 1:
-            raise ConfigError(f"--batch-size {fv['batch-size'].value}: need >= 1")
-        record = make_record(source, name, fv["loss"].value, tile, stp, fv["dtype"].value, **more)
-        log(f"teacher: {name} from {source}" + (f" ({more['checkpoint']} checkpoint, step "
-                                                f"{more['checkpoint_step']})" if more else "")
-            + f"; loss {fv['loss'].value}; tiles {tile} step {stp}")
-        summary = score_store(store.cache_dir, model, record, split=fv["split"].value, tile_shape=tile, step=stp,
-                              batch_size=int(fv["batch-size"].value), loss=fv["loss"].value,
-                              dtype=fv["dtype"].value, overwrite=bool(fv["overwrite"].value),
-                              out_manifest=fv["out-manifest"].value or None, log=log)
-    except ClipsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError("give --store and exactly one of --weights or --run (see --help)")
+    if int(fv["batch_size"].value) < 1:
+        raise ConfigError(f"--batch_size={fv['batch_size'].value}: need >= 1")
+    store = CaseStore(fv["store"].value)
+    if weights:
+        names = sorted(read_weights_meta(weights)["models"])
+        name = fv["model"].value
+        if name not in names:
+            raise ConfigError(f"{weights}: no model {name!r} (has {names}); pass --model with one of them")
+        model, more, source = load_model(weights, name), {}, Path(weights).resolve().as_posix()
+        tile_default, step_default = DEFAULT_TILE, DEFAULT_STEP
+        sp = store.manifest.get("spacing_mm")
+        if name != "refiner" and not (sp and np.allclose(sp, 6.0)):
+            log(f"warning: the store grid is {sp or 'native'} mm; the TMTV-Net stage-A models were trained on "
+                "the 6 mm grid")
+    else:
+        model, more = load_run_model(run, fv["which"].value)
+        cfg = json.loads((Path(run) / "config.json").read_text())
+        name, source = str(cfg.get("model", {}).get("kind", "unet")), Path(run).resolve().as_posix()
+        tile_default, step_default = cfg["eval"]["tile_shape"], cfg["eval"]["tile_step"]
+    tile = parse_zyx(fv["tile"].value or ",".join(map(str, tile_default)), "tile")
+    stp = parse_zyx(fv["step"].value or ",".join(map(str, step_default)), "step")
+    record = make_record(source, name, fv["loss"].value, tile, stp, fv["dtype"].value, **more)
+    log(f"teacher: {name} from {source}" + (f" ({more['checkpoint']} checkpoint, step "
+                                            f"{more['checkpoint_step']})" if more else "")
+        + f"; loss {fv['loss'].value}; tiles {tile} step {stp}")
+    summary = score_store(store.cache_dir, model, record, split=fv["split"].value, tile_shape=tile, step=stp,
+                          batch_size=int(fv["batch_size"].value), loss=fv["loss"].value,
+                          dtype=fv["dtype"].value, overwrite=bool(fv["overwrite"].value),
+                          out_manifest=fv["out_manifest"].value or None, log=log)
     return 1 if summary["failed"] else 0
 
 
@@ -418,9 +397,9 @@ def define_flags(fv) -> None:
                         "run's eval.tile_shape for --run)", **kw)
     flags.DEFINE_string("step", "", "tile step z,y,x voxels (default: 64,48,48 for --weights, the run's "
                         "eval.tile_step for --run)", **kw)
-    flags.DEFINE_integer("batch-size", 1, "tiles per model call (more = faster on GPU, more memory)", **kw)
+    flags.DEFINE_integer("batch_size", 1, "tiles per model call (more = faster on GPU, more memory)", **kw)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of the tiles", **kw)
-    flags.DEFINE_string("out-manifest", None, "write the scored manifest here instead of the store's "
+    flags.DEFINE_string("out_manifest", None, "write the scored manifest here instead of the store's "
                         "manifest.json (which is then left untouched)", **kw)
     flags.DEFINE_bool("overwrite", False, "re-score cases already scored by the same teacher", **kw)
 
@@ -429,8 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`clips-teacher`: `main(["teacher", "--store", ..., "--weights", ...])` (None = sys.argv) -> exit status.
 
     Uses a private absl FlagValues (importing or calling this defines no global flags), so it can be called
-    in-process (tests). `-h` / `--help` prints the module docstring and the flags and returns 0; 2 for invalid
-    flags; otherwise as `run_from_flags`.
+    in-process (tests). Exit status as README, "Command-line convention".
     """
     from clips_jax.cli import run_tool
 
