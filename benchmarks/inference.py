@@ -23,13 +23,13 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clips_jax import inference as inf  # noqa: E402
+from clips_jax.model.layers import model_dtype  # noqa: E402
 
 DEFAULTS = {  # model -> (tile, step, volume shape (z, y, x), input channels)
     "ensemble": ((128, 96, 96), (64, 48, 48), (192, 128, 128), 5),
@@ -88,7 +88,7 @@ def main() -> None:
           f"tiles={n_tiles} tta={a.tta}")
     print(f"{'dtype':>9} {'batch':>5} {'first s':>8} {'s/volume':>9} {'tiles/s':>8} {'Mvox/s':>7}")
     for dtype in a.dtypes.split(","):
-        model = build(a.model, c_in, jnp.bfloat16 if dtype == "bfloat16" else None)
+        model = build(a.model, c_in, model_dtype(dtype))
         pred, state = inf.nnx_predictor(model)
         for bs in a.batch_sizes:
             kw = dict(tile_shape=tile, step=step, batch_size=bs, dtype=dtype, params=state, tta=a.tta)

@@ -53,8 +53,9 @@ def main() -> None:
     print(f"study {shape} voxels (z, y, x) at {spacing} mm; dtype {a.dtype}; batch {a.batch_size}; "
           f"stage-B tile {a.stage_b_tile}; stage-A only {a.stage_a_only}")
     t = time.perf_counter()
-    import jax.numpy as jnp
-    mdtype = jnp.bfloat16 if a.dtype == "bfloat16" else None
+    from clips_jax.model.layers import model_dtype
+
+    mdtype = model_dtype(a.dtype)
     models = predict.Models.from_modules(Ensemble(4, dtype=mdtype, rngs=nnx.Rngs(0)),
                                          None if a.stage_a_only else Refiner(dtype=mdtype, rngs=nnx.Rngs(1)),
                                          {"weights_dir": "random (benchmark)"})

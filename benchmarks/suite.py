@@ -239,14 +239,14 @@ class Context:
         key = (kind, dtype)
         if key not in self._models:
             import jax
-            import jax.numpy as jnp
             import numpy as np
             from flax import nnx
 
             from clips_jax.model.checkpoint import abstract_model, param_dict
+            from clips_jax.model.layers import model_dtype
 
             cls, cfg = ("Ensemble", self.p["ensemble"]) if kind == "ensemble" else ("Refiner", self.p["refiner"])
-            model = abstract_model(cls, cfg, dtype=jnp.bfloat16 if dtype == "bfloat16" else None)
+            model = abstract_model(cls, cfg, dtype=model_dtype(dtype))
             pkey = (kind, "params")
             if pkey not in self._models:
                 rng = np.random.default_rng(0 if kind == "ensemble" else 1)
@@ -262,12 +262,12 @@ class Context:
 
 @contextlib.contextmanager
 def _jitted_model_init(trainer):
-    """Make `trainer.build_model` initialise through one compiled function (eager Flax init of the full-width
+    """Make `trainer.build_training_model` initialise through one compiled function (eager Flax init of the full-width
     U-Net dispatches hundreds of small ops; the result, real initialisers included, is the same)."""
     from flax import nnx
     import jax
 
-    orig = trainer.build_model
+    orig = trainer.build_training_model
 
     def fast(cfg):
         box = {}
@@ -281,11 +281,11 @@ def _jitted_model_init(trainer):
         nnx.update(model, jax.jit(lambda: nnx.state(orig(cfg)[0]))())
         return model, box["trainable"]
 
-    trainer.build_model = fast
+    trainer.build_training_model = fast
     try:
         yield
     finally:
-        trainer.build_model = orig
+        trainer.build_training_model = orig
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -409,8 +409,8 @@ def _time_composed(ctx: Context, dtype: str) -> dict:
     store = CaseStore(ctx.store_dir())
     idx = store.split_indices("train")
     dstore = device.device_store_from(store, idx)
-    model = nnx.eval_shape(lambda: trainer.build_model(c)[0])
-    nnx.update(model, jax.jit(lambda: nnx.state(trainer.build_model(c)[0]))())
+    model = nnx.eval_shape(lambda: trainer.build_training_model(c)[0])
+    nnx.update(model, jax.jit(lambda: nnx.state(trainer.build_training_model(c)[0]))())
     tx = trainer.make_optimizer(c)
     graphdef, state = trainer.init_train_state(model, nnx.Param, tx)
     state = jax.device_put(state)

@@ -128,7 +128,7 @@ def main() -> None:
     print(f"load avg  start {load_avg()}")
 
     cfg = default_config.get_config()
-    model, trainable = trainer.build_model(cfg)
+    model, trainable = trainer.build_training_model(cfg)
     tx = trainer.make_optimizer(cfg)
     graphdef, state0 = trainer.init_train_state(model, trainable, tx)
     b = int(cfg.data.batch_size)

@@ -7,7 +7,7 @@
 
 What is timed (one optimiser step on a fixed random batch, batch 2, deep supervision with 4 heads):
 
-* ours: `clips_jax.trainer.build_model` (UNet 5 -> 2, channels (64, 96, 128, 156), init 32, bottleneck 9) +
+* ours: `clips_jax.trainer.build_training_model` (UNet 5 -> 2, channels (64, 96, 128, 156), init 32, bottleneck 9) +
   `make_optimizer` (global-norm clip 1.0 + AdamW lr 1e-3, betas 0.9/0.999, eps 1e-8, wd 1e-6, cosine schedule) +
   `init_train_state` + `make_train_step`, wrapped in `jax.jit(..., donate_argnums=(0,))` exactly as the trainer
   does (single device, no mesh). Loss: `losses.deep_supervision_loss(form="ms_dice_ce")` with the head weights
@@ -117,10 +117,10 @@ def bench_ours(arch: dict, image, label, dtype: str, alpha: float, warmup: int, 
     cfg.steps = 1000
 
     t0 = time.perf_counter()
-    # The trainer's build_model, with its real initialisers, but compiled: eager Flax init of the full-width
+    # The trainer's build_training_model, with its real initialisers, but compiled: eager Flax init of the full-width
     # U-Net takes minutes on a loaded 2-core machine. The U-Net has no non-parameter state.
-    model = nnx.eval_shape(lambda: trainer.build_model(cfg)[0])
-    nnx.update(model, jax.jit(lambda: nnx.state(trainer.build_model(cfg)[0]))())
+    model = nnx.eval_shape(lambda: trainer.build_training_model(cfg)[0])
+    nnx.update(model, jax.jit(lambda: nnx.state(trainer.build_training_model(cfg)[0]))())
     trainable = nnx.Param
     tx = trainer.make_optimizer(cfg)
     graphdef, state = trainer.init_train_state(model, trainable, tx)

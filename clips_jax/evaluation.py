@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from clips_jax.checks import zyx_triple
 from clips_jax.data.pipeline import make_eval_cases
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ConfigError
@@ -99,17 +100,6 @@ def as_predictor(model: Any) -> tuple[Callable, Any]:
 # ---------------------------------------------------------------------------------------------------------
 # Coverage
 # ---------------------------------------------------------------------------------------------------------
-
-def _triple(value: Any, name: str) -> tuple[int, int, int]:
-    """Three positive ints (z, y, x) from one int or a 3-sequence; ConfigError otherwise."""
-    try:
-        t = tuple(int(v) for v in np.broadcast_to(np.asarray(value), (3,)))
-    except (TypeError, ValueError):
-        t = (0,)
-    if len(t) != 3 or min(t) < 1:
-        raise ConfigError(f"{name}={value!r}: need three positive integers (z, y, x)")
-    return t
-
 
 def _axis_origins(padded_shape: Sequence[int], tile: Sequence[int], step: Sequence[int],
                   cover_end: bool) -> list[list[int]]:
@@ -218,7 +208,7 @@ def check_coverage(shape: Sequence[int], tile_shape: Sequence[int], step: Sequen
       ConfigError naming the case, the shape, tiles, step, how many voxels (and where) would have zero weight,
       and what to do; also for invalid sizes.
     """
-    shp, tile, stp = _triple(shape, "shape"), _triple(tile_shape, "tile_shape"), _triple(step, "step")
+    shp, tile, stp = zyx_triple(shape, "shape"), zyx_triple(tile_shape, "tile_shape"), zyx_triple(step, "step")
     n_bad, where = _coverage_gaps(shp, tile, stp, str(blend), bool(cover_end))
     if n_bad:
         total = math.prod(shp)
@@ -274,7 +264,7 @@ def predict_cases(model: Any, store: Any, indices: Sequence[int], *, tile_shape:
     st = _store(store)
     predictor, params = as_predictor(model)
     extra = model_channels(model) if extra_channels is None else tuple(extra_channels)
-    tile, stp = _triple(tile_shape, "tile_shape"), _triple(step, "step")
+    tile, stp = zyx_triple(tile_shape, "tile_shape"), zyx_triple(step, "step")
     for case in make_eval_cases(st, np.asarray(indices, dtype=np.int64).reshape(-1), extra_channels=extra):
         yield case, _predict(case, predictor, params, tile, stp, batch_size, dtype)
 

@@ -5,16 +5,20 @@ Usage:
         nib.save(img, tmp)                               # renamed onto the target only on success
     with atomic_dir("out/ckpt") as tmp_dir:              # a whole directory, renamed at the end
         ...
+    write_text_atomic("out/doc.json", json.dumps(json_safe(doc), allow_nan=False))   # strict JSON
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -69,3 +73,28 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to `target` atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def json_safe(v: Any) -> Any:
+    """A strict-JSON copy of `v` (for `json.dumps(..., allow_nan=False)`), recursively.
+
+    Dicts stay dicts (a key JSON cannot take, e.g. a NumPy integer, becomes `str(key)`); tuples and lists become
+    lists; NumPy / JAX scalars and arrays become Python numbers / nested lists; NaN and +-inf become None.
+    Anything else is returned as it is.
+    """
+    if isinstance(v, dict):
+        return {_json_key(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, (np.generic, np.ndarray)) or (hasattr(v, "__array__") and hasattr(v, "dtype")):  # JAX too
+        v = np.asarray(v).tolist()
+        return json_safe(v) if isinstance(v, list) else _finite_or_none(v)
+    return _finite_or_none(v)
+
+
+def _json_key(k: Any) -> Any:
+    return k if k is None or isinstance(k, (str, int, float, bool)) else str(k)
+
+
+def _finite_or_none(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v

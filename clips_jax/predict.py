@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import sys
 import time
@@ -155,9 +154,8 @@ def load_models(weights_dir: str | Path, *, dtype: str = "float32", stage_a_only
       WeightsError (one line) if the directory is not a weights directory, has no stage-A model, has no
       refiner while one is needed, or a checkpoint cannot be restored.
     """
-    import jax.numpy as jnp
-
     from clips_jax.model import load_model, read_weights_meta
+    from clips_jax.model.layers import model_dtype
 
     d = Path(weights_dir)
     if not d.is_dir():
@@ -170,7 +168,7 @@ def load_models(weights_dir: str | Path, *, dtype: str = "float32", stage_a_only
     if not stage_a_only and "refiner" not in names:
         raise WeightsError(f"{d}: no 'refiner' model (found {sorted(names)}); pass --stage_a_only to segment "
                            "with the stage-A network alone")
-    mdtype = jnp.bfloat16 if dtype == "bfloat16" else None
+    mdtype = model_dtype(dtype)
     stage_a = load_model(d, a_name, dtype=mdtype)
     refiner = None if stage_a_only else load_model(d, "refiner", dtype=mdtype)
     info = {"weights_dir": str(weights_dir), "source": meta.get("source", {}),
@@ -294,19 +292,6 @@ _PATIENT_KEYS = ("patient_id", "patient_sex", "patient_birth_date", "patient_wei
                  "injected_dose_bq", "injection_time", "manufacturer", "source")
 
 
-def _jsonable(v: Any) -> Any:
-    """NaN/Inf -> None, numpy scalars -> Python, recursively (strict JSON)."""
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def _fmt(v: Any, digits: int = 2) -> str:
     return "n/a" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
@@ -376,7 +361,7 @@ def predict_study(study: str | Path, out_dir: str | Path, models: Models, option
       DataError for unreadable studies (from the loaders), ConfigError for bad options.
     """
     from clips_jax.data.nifti import save_nifti
-    from clips_jax.fileio import write_text_atomic
+    from clips_jax.fileio import json_safe, write_text_atomic
     from clips_jax.metrics.plots import mip_figure
 
     t0 = time.perf_counter()
@@ -411,7 +396,7 @@ def predict_study(study: str | Path, out_dir: str | Path, models: Models, option
     }
     report["seconds"]["report"] = time.perf_counter() - t1
     report["seconds"]["total"] = time.perf_counter() - t0
-    report = _jsonable(report)
+    report = json_safe(report)
     write_text_atomic(paths["md"], report_markdown(report))
     write_text_atomic(paths["json"], json.dumps(report, indent=1, allow_nan=False))
     return report

@@ -23,18 +23,17 @@ scoring, the comparison and the hardness scoring use to get a trained network ba
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from clips_jax.errors import ConfigError
-from clips_jax.fileio import write_text_atomic
+from clips_jax.fileio import json_safe, write_text_atomic
+from clips_jax.model.checkpoint import abstract_arrays
 
 RUN_FORMAT = 2
 """Format version of run folders written by this code (see the module docstring)."""
@@ -83,20 +82,6 @@ def open_for_training(workdir: str | os.PathLike) -> Path:
 # Metrics
 # ---------------------------------------------------------------------------------------------------------
 
-def jsonable(v):
-    """A JSON-ready copy of `v`: NumPy/JAX scalars and arrays as lists, non-finite floats as None."""
-    if isinstance(v, dict):
-        return {k: jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if isinstance(v, (np.generic, np.ndarray, jax.Array)):
-        v = np.asarray(v).tolist()
-        return jsonable(v) if isinstance(v, list) else (None if isinstance(v, float) and not math.isfinite(v) else v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 class MetricsWriter:
     """Appends one JSON object per line to `workdir/metrics.jsonl` (process 0 only) and prints progress."""
 
@@ -106,14 +91,14 @@ class MetricsWriter:
         self.quiet = quiet
 
     def write(self, row: dict) -> None:
-        """Append one row (a dict; made JSON-ready with `jsonable`)."""
+        """Append one row (a dict; made JSON-ready with `json_safe`)."""
         self.write_many([row])
 
     def write_many(self, rows) -> None:
         """Append several rows with one open (the device path writes a chunk of steps at once)."""
         if self.primary:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(jsonable(r)) + "\n" for r in rows))
+                f.write("".join(json.dumps(json_safe(r)) + "\n" for r in rows))
 
     def log(self, line: str) -> None:
         """Print one progress line (process 0, unless quiet)."""
@@ -139,17 +124,12 @@ def read_metrics(workdir: str | os.PathLike, kind: str | None = None) -> list[di
 def write_json(workdir: str | os.PathLike, name: str, doc: Any) -> None:
     """Write `workdir/name` as indented JSON (process 0, atomically)."""
     if jax.process_index() == 0:
-        write_text_atomic(Path(workdir) / name, json.dumps(jsonable(doc), indent=1))
+        write_text_atomic(Path(workdir) / name, json.dumps(json_safe(doc), indent=1))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------
-
-def abstract(tree, sharding):
-    """ShapeDtypeStructs of `tree`'s leaves with `sharding` (the restore target of orbax)."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
-
 
 def checkpoint_managers(workdir: Path, keep: int) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
     """(last, best) managers of `workdir/checkpoints/{last,best}` (synchronous saves; best by "val_dice")."""
@@ -168,14 +148,14 @@ def save_last(mgr: ocp.CheckpointManager, step: int, state, cur_state, meta: dic
     """Save the whole training state at `step` (every process takes part)."""
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                            curriculum=ocp.args.StandardSave(cur_state),
-                                           meta=ocp.args.JsonSave(jsonable(meta))), force=True)
+                                           meta=ocp.args.JsonSave(json_safe(meta))), force=True)
 
 
 def restore_last(mgr: ocp.CheckpointManager, state_like, cur_like, sharding) -> tuple[Any, Any, dict]:
     """(state, curriculum state, meta) of the latest `last` checkpoint, placed with `sharding`."""
     restored = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract(state_like, sharding)),
-        curriculum=ocp.args.StandardRestore(abstract(cur_like, sharding)),
+        state=ocp.args.StandardRestore(abstract_arrays(state_like, sharding=sharding)),
+        curriculum=ocp.args.StandardRestore(abstract_arrays(cur_like, sharding=sharding)),
         meta=ocp.args.JsonRestore()))
     return restored.state, restored.curriculum, restored.meta
 
@@ -228,7 +208,7 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None)
         raise ConfigError(f"which={which!r}: use 'best' or 'last'")
     run_dir = Path(run_dir).absolute()
     config = read_config(run_dir) if config is None else config
-    model, trainable = trainer.build_model(config)
+    model, trainable = trainer.build_training_model(config)
     repl = NamedSharding(trainer.make_mesh(1), P())
 
     def latest(d: Path):
@@ -247,7 +227,7 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None)
                           "train the run first (or check the folder)")
     # Only the model part is read (a partial restore of the "state" item), so optimizer or curriculum states of
     # other formats do not matter.
-    target = abstract({"params": params, "rest": rest}, repl)
+    target = abstract_arrays({"params": params, "rest": rest}, sharding=repl)
     restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
     st = restored.state

@@ -50,10 +50,9 @@ from clips_jax.data.pipeline import make_train_iterator
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ClipsError, ConfigError
 from clips_jax.fileio import write_text_atomic
+from clips_jax.metrics import finite_mean
 from clips_jax.model import Ensemble, Refiner, UNet, load_model, read_weights_meta
-
-DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
-
+from clips_jax.model.layers import COMPUTE_DTYPES, model_dtype
 
 class TrainingDiverged(ClipsError):
     """Raised when the loss or gradient stayed non-finite for `max_nonfinite` steps in a row."""
@@ -96,8 +95,11 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
 # Model, optimiser, state
 # ---------------------------------------------------------------------------------------------------------
 
-def build_model(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Callable]:
-    """The network to train and a filter selecting its trainable parameters.
+def build_training_model(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Callable]:
+    """The network to train and a filter selecting its trainable parameters, from a training config.
+
+    (Not `clips_jax.model.build_model`, which instantiates one network from its class name and constructor
+    config.)
 
     `config.model.kind`:
       "unet": `UNet(5 -> 2)` with `channels`, `init_channels`, `bottleneck_kernel`; or, if `init_weights` names
@@ -111,9 +113,9 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Callable
         --store CACHE --weights W`). All parameters train.
     """
     m = config.model
-    dtype = DTYPES.get(m.dtype)
-    if m.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={m.dtype!r}: use one of {sorted(DTYPES)}")
+    if m.dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"model.dtype={m.dtype!r}: use one of {sorted(COMPUTE_DTYPES)}")
+    dtype = model_dtype(m.dtype)
     rngs = nnx.Rngs(int(config.seed))
     weights = m.get("init_weights", "")
     if m.get("require_init_weights", False) and not weights:
@@ -327,8 +329,7 @@ def evaluate_cases(model: nnx.Module, store: CaseStore, indices, config: ml_coll
     rows = evaluation.evaluate_cases(model, store, indices, tile_shape=tuple(e.tile_shape), step=tuple(e.tile_step),
                                      batch_size=int(e.batch_size), row_fn=evaluation.validation_row,
                                      extra_channels=extra_channels(config), id_key="id")
-    mean = lambda k: float(np.nanmean([r[k] for r in rows])) if rows and not all(  # noqa: E731
-        np.isnan(r[k]) for r in rows) else float("nan")
+    mean = lambda k: finite_mean(r[k] for r in rows)  # noqa: E731
     return {"val_dice": mean("dice"), "val_tmtv_abs_err_ml": mean("tmtv_abs_err_ml"),
             "val_fpv_ml": mean("fpv_ml"), "val_fnv_ml": mean("fnv_ml"), "cases": rows}
 
@@ -436,7 +437,7 @@ class _Run:
                               f"devices: set --config.data.batch_size to a multiple of {self.mesh.size} or "
                               "--config.num_devices")
         self.repl, self.dsh = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
-        model, trainable = build_model(c)
+        model, trainable = build_training_model(c)
         self.tx, self.schedule = make_optimizer(c), make_schedule(c)
         self.graphdef, state = init_train_state(model, trainable, self.tx)
         self.state = jax.device_put(state, self.repl)
@@ -654,7 +655,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     metrics, curriculum name, data path.
     """
     if config.model.get("require_init_weights", False) and not config.model.get("init_weights", ""):
-        build_model(config)  # raises the explanatory ConfigError before any data work
+        build_training_model(config)  # raises the explanatory ConfigError before any data work
     run = _Run(config, runs.open_for_training(workdir))
     run.open_data()
     run.make_curriculum()

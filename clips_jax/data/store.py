@@ -32,7 +32,6 @@ Top-level keys: `version`, `spacing_mm` (list of 3, or null for a native-grid st
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -42,12 +41,11 @@ from scipy.spatial.distance import pdist
 
 from clips_jax.data.geometry import Geometry
 from clips_jax.errors import ConfigError, DataError
-from clips_jax.fileio import atomic_dir, write_text_atomic
+from clips_jax.fileio import atomic_dir, json_safe, write_text_atomic
+from clips_jax.metrics.lesions import label_lesions
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-STRUCT18 = ndi.generate_binary_structure(3, 2)
-"""18-connectivity (faces + edges), the autoPET lesion definition (Gatidis et al. 2022; lab-midas/autoPET)."""
 
 BODY_HU = -500.0
 """Body mask threshold: voxels with CT > -500 HU are body (`body_ml` and the background of `tbr`; our choice)."""
@@ -58,12 +56,6 @@ MEASURES = ("tmtv_ml", "n_lesions", "smallest_lesion_ml", "suv_max", "tbr", "dma
 ARRAY_NAMES = ("ct", "suv", "seg")
 EXTRA_HINTS = {"stage_a": "run `python -m clips_jax.stage_a --store {store} --weights WEIGHTS_DIR` first"}
 """How to produce each known optional per-case array (used in the error for a missing one)."""
-
-
-def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """18-connected components of `mask > 0`: (int32 label volume (z, y, x), number of components)."""
-    lab, n = ndi.label(np.asarray(mask) > 0, structure=STRUCT18)
-    return lab, int(n)
 
 
 def dmax_centroids_mm(mask: np.ndarray, spacing_mm) -> float:
@@ -80,7 +72,7 @@ def dmax_centroids_mm(mask: np.ndarray, spacing_mm) -> float:
       max Euclidean distance (mm) between centroids of the 18-connected components;
       0.0 for exactly one component; NaN for an empty mask.
     """
-    lab, n = label_lesions(mask)
+    lab, n = label_lesions(np.asarray(mask) > 0)
     if n == 0:
         return float("nan")
     if n == 1:
@@ -133,27 +125,16 @@ def difficulty_measures(seg: np.ndarray | None, suv: np.ndarray, ct: np.ndarray,
     return out
 
 
-def _json_safe(v):
-    """NaN/inf -> None, numpy scalars -> Python, recursively (strict JSON)."""
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        v = float(v)
-        return v if math.isfinite(v) else None
-    if isinstance(v, np.bool_):
-        return bool(v)
-    return v
+# The old private name, still imported by the stage-A maps and the teacher scoring: the sanitiser is
+# `clips_jax.fileio.json_safe`.
+_json_safe = json_safe
 
 
 def write_manifest(cache_dir: str | Path, cases: list[dict], extra: Mapping[str, Any] | None = None) -> Path:
     """Write `cache_dir/manifest.json` atomically: `{"version", **extra, "cases": cases}` (NaN -> null)."""
     path = Path(cache_dir) / MANIFEST
     doc = {"version": MANIFEST_VERSION, **(extra or {}), "cases": list(cases)}
-    write_text_atomic(path, json.dumps(_json_safe(doc), indent=1, allow_nan=False))
+    write_text_atomic(path, json.dumps(json_safe(doc), indent=1, allow_nan=False))
     return path
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from clips_jax.experiments import presets, statistics
 from clips_jax.fileio import write_text_atomic
+from clips_jax.metrics import finite_mean
 
 #: Per-seed summary metrics of results.csv: (column stem, title).
 SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
@@ -66,18 +67,12 @@ def case_summary_values(row: Mapping[str, float]) -> dict[str, float]:
             "fpv_ml": float(row["fpv_ml"])}
 
 
-def _nanmean(values) -> float:
-    a = np.asarray(list(values), dtype=np.float64)
-    a = a[np.isfinite(a)]
-    return float(a.mean()) if a.size else float("nan")
-
-
 def seed_means(rows: Sequence[Mapping[str, float]], cases: set[str] | None = None) -> dict[str, float]:
     """Mean of each summary metric over the rows (optionally only the rows whose "case" is in `cases`),
     ignoring undefined (NaN) values. Returns {metric: mean} plus "n_cases"."""
     sel = [r for r in rows if cases is None or r["case"] in cases]
     vals = [case_summary_values(r) for r in sel]
-    out = {m: _nanmean(v[m] for v in vals) for m, _ in SUMMARY_METRICS}
+    out = {m: finite_mean(v[m] for v in vals) for m, _ in SUMMARY_METRICS}
     out["n_cases"] = len(sel)
     return out
 

@@ -190,6 +190,13 @@ def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
         return [{k: (v if k == "case" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
+def finite_mean(values: Iterable[float]) -> float:
+    """Mean of the finite values (NaN and +-inf = undefined, left out); NaN when there is none."""
+    a = np.asarray(list(values), dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else float("nan")
+
+
 def _stats(values: Sequence[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64)
     finite = a[np.isfinite(a)]

@@ -52,6 +52,13 @@ def abstract_model(class_name: str, config: Mapping, *, dtype=None) -> nnx.Modul
     return nnx.eval_shape(lambda: build_model(class_name, config, dtype=dtype))
 
 
+def abstract_arrays(tree, *, dtype=None, sharding=None):
+    """ShapeDtypeStructs of `tree`'s leaves (their dtype unless `dtype` is given, with `sharding`): the restore
+    target of orbax."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype if dtype is None else dtype,
+                                                       sharding=sharding), tree)
+
+
 def param_dict(model: nnx.Module) -> dict:
     """The model's parameters as a nested pure dict of arrays (lists become dicts with int keys)."""
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -124,7 +131,7 @@ def load_model(weights_dir: str | os.PathLike, name: str, *, dtype=None) -> nnx.
     # full ensemble on a CPU), then fill it with the restored arrays.
     graphdef, state = nnx.split(abstract_model(spec["class"], spec["config"], dtype=dtype))
     target = nnx.to_pure_dict(state)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), _stringify(target))
+    abstract = abstract_arrays(_stringify(target), dtype=jnp.float32)
     try:
         restored = ocp.StandardCheckpointer().restore((d / name).absolute(), abstract)
     except Exception as e:  # orbax raises several types for missing/damaged/mismatched trees

@@ -32,11 +32,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from clips_jax.curricula.smoothing import SIGMA_MIN
 from clips_jax.errors import ConfigError
 
 LEAKY_SLOPE = 0.01
 NORM_EPS = 1e-5
-SIGMA_MIN = 1e-3
+
+#: Compute dtypes by name (config `model.dtype`, the `--dtype` flags, `tiled_inference(dtype=)`). Parameters stay
+#: float32 either way.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_dtype(name: str):
+    """The networks' `dtype` argument for a compute-dtype name: None (the Flax default, float32) for "float32",
+    jnp.bfloat16 (mixed precision) for "bfloat16". ConfigError for any other name."""
+    if name not in COMPUTE_DTYPES:
+        raise ConfigError(f"dtype={name!r}: use one of {sorted(COMPUTE_DTYPES)}")
+    return None if name == "float32" else COMPUTE_DTYPES[name]
 
 
 class ModelConfig:
