@@ -177,28 +177,53 @@ def make_phantom(seed: int, size="small", spacing_mm: Sequence[float] = DEFAULT_
     Edge cases: lesion-free cases (~20 %) have `lesions == []`, an all-zero SEG and `tmtv_ml == 0`.
     Lesions partly outside a small grid are clipped to the grid (volume counts the voxels inside).
     """
-    rng = np.random.default_rng(seed)
-    shape = _parse_size(size)
+    rng = np.random.default_rng(seed)  # one stream, drawn in this order: uptake, anatomy, lesions, PET noise
+    cv, geometry, scale_vol = _grid(_parse_size(size), spacing_mm)
+    uptake = _draw_uptake(rng)
+    ct, act, arms = _paint_anatomy(rng, cv, uptake)
+    u, spleen_involved, placed, seg, label = _place_lesions(rng, cv, scale_vol, ct, act)
+    suv = _form_pet(rng, act, ct, cv.sp)
+    lesions = _lesion_records(placed, label, suv, cv, geometry.voxel_volume_ml)
+    truth = {
+        "seed": int(seed), "shape": [int(v) for v in cv.shape], "spacing_mm": [float(v) for v in cv.sp],
+        "difficulty": round(u, 6), "arms_in_fov": arms, "spleen_involved": spleen_involved and
+        any(q["site"] == "spleen" for q in placed),
+        "uptake": {k: round(float(v), 4) for k, v in uptake.items()},
+        "pet_fwhm_mm": PET_FWHM_MM, "n_lesions": len(lesions),
+        "tmtv_ml": float(seg.sum(dtype=np.int64)) * geometry.voxel_volume_ml, "lesions": lesions,
+    }
+    return Phantom(ct, suv.astype(np.float32, copy=False), seg, geometry, truth)
+
+
+def _grid(shape: tuple[int, int, int], spacing_mm) -> tuple["_Canvas", Geometry, float]:
+    """The phantom's canvas (reference body scaled to the field of view), its geometry (centred at the world
+    origin) and the lesion volume scale. Raises ConfigError for a bad spacing."""
     sp = np.asarray(spacing_mm, dtype=np.float64)
     if sp.shape != (3,) or not np.all(sp > 0):
         raise ConfigError(f"phantom spacing {spacing_mm!r}: need three positive values (z, y, x) in mm")
-    extent = np.asarray(shape) * sp
-    scale = extent / _REF_EXTENT_MM
+    scale = np.asarray(shape) * sp / _REF_EXTENT_MM
     # lesions shrink more gently than the anatomy (square root of the linear factor) so that lesions of
     # "small" phantoms stay a few voxels wide instead of vanishing under the PET blur
     scale_vol = float(np.prod(scale)) ** 0.5
-    cv = _Canvas(shape, sp, scale)
     origin_xyz = (-(np.asarray(shape) - 1) / 2.0 * sp)[::-1]
-    geometry = Geometry.from_spacing(shape, sp, origin_xyz)
+    return _Canvas(shape, sp, scale), Geometry.from_spacing(shape, sp, origin_xyz), scale_vol
 
-    uptake = {
+
+def _draw_uptake(rng: np.random.Generator) -> dict[str, float]:
+    """Organ SUVs of one patient (FDG: bright brain, bladder and kidneys, variable heart)."""
+    return {
         "background": rng.uniform(0.5, 1.0), "fat": rng.uniform(0.25, 0.4), "lung": rng.uniform(0.3, 0.5),
         "brain": rng.uniform(7.0, 10.0), "heart": rng.uniform(2.0, 8.0), "liver": rng.uniform(2.0, 2.5),
         "spleen": rng.uniform(1.7, 2.2), "kidney": rng.uniform(3.0, 6.0), "bladder": rng.uniform(10.0, 30.0),
         "marrow": rng.uniform(1.2, 1.8), "blood": rng.uniform(1.5, 2.1),
     }
-    ct = np.full(shape, -1000.0, dtype=np.float32)
-    act = np.zeros(shape, dtype=np.float32)  # true activity (SUV) before blur / noise
+
+
+def _paint_anatomy(rng: np.random.Generator, cv: "_Canvas", uptake: dict) -> tuple[np.ndarray, np.ndarray, bool]:
+    """CT (HU, float32, air elsewhere) and true activity (SUV before blur and noise) of the body and organs;
+    also whether the arms are in the field of view."""
+    ct = np.full(cv.shape, -1000.0, dtype=np.float32)
+    act = np.zeros(cv.shape, dtype=np.float32)
 
     def organ(centre, radii, hu, suv):
         e = cv.paint(ct, centre, radii, hu)
@@ -240,33 +265,42 @@ def make_phantom(seed: int, size="small", spacing_mm: Sequence[float] = DEFAULT_
     organ((-215.0, -25.0, 85.0), (55.0, 55.0, 25.0), 600.0, uptake["marrow"])
     cylinder_z(-489.0, -270.0, 0.0, -85.0, 13.0, 13.0, 700.0, uptake["marrow"])  # femurs
     cylinder_z(-489.0, -270.0, 0.0, 85.0, 13.0, 13.0, 700.0, uptake["marrow"])
+    return ct, act, arms
 
-    # ---- lesions ----------------------------------------------------------------------------------
+
+def _lesion_site(rng: np.random.Generator, u: float, spleen_involved: bool) -> tuple[str, bool, np.ndarray]:
+    """(site, near high physiological uptake, centre in reference-body mm) of one candidate lesion."""
+    if spleen_involved and rng.random() < 0.3:
+        d = rng.normal(size=3)
+        d *= rng.uniform(0.0, 0.6) / max(np.linalg.norm(d), 1e-9)
+        return "spleen", False, np.asarray(_SPLEEN[0]) + d * np.asarray(_SPLEEN[1])
+    p_near = 0.15 + 0.7 * u  # harder cases favour chains next to high physiological uptake
+    near_ids = [i for i, ch in enumerate(_CHAINS) if ch[3]]
+    far_ids = [i for i, ch in enumerate(_CHAINS) if not ch[3]]
+    ids = near_ids if rng.random() < p_near else far_ids
+    site, a, b, near = _CHAINS[int(rng.choice(ids))]
+    t = rng.uniform(0.0, 1.0)
+    return site, near, np.asarray(a) + t * (np.asarray(b) - np.asarray(a)) + rng.normal(0.0, 6.0, size=3)
+
+
+def _place_lesions(rng: np.random.Generator, cv: "_Canvas", scale_vol: float, ct: np.ndarray, act: np.ndarray):
+    """Draw the latent difficulty u and place the lesions (painted into `ct` and `act` in place).
+
+    Returns (u, spleen_involved, placed, seg uint8, label int16 per-lesion ids); `placed` holds one dict per
+    lesion: centre "c" and radii "r" in canvas mm, "site", "near", nominal "suv".
+    """
     u = float(rng.uniform(0.0, 1.0))
     lesion_free = bool(rng.random() < LESION_FREE_FRACTION)
     n_target = 0 if lesion_free else int(min(MAX_LESIONS, 1 + rng.poisson(2.0 + 8.0 * u)))
     spleen_involved = bool(not lesion_free and rng.random() < 0.25)
-    seg = np.zeros(shape, dtype=np.uint8)
-    label = np.zeros(shape, dtype=np.int16)  # per-lesion ids, to measure volume/SUVmax after blur
+    seg = np.zeros(cv.shape, dtype=np.uint8)
+    label = np.zeros(cv.shape, dtype=np.int16)  # per-lesion ids, to measure volume/SUVmax after blur
     placed: list[dict] = []
-    min_r = sp * 1.0
-    gap = 2.0 * float(sp.max())
+    min_r, gap = cv.sp * 1.0, 2.0 * float(cv.sp.max())
     tries = 0
     while len(placed) < n_target and tries < 40 * max(n_target, 1):
         tries += 1
-        if spleen_involved and rng.random() < 0.3:
-            site, near = "spleen", False
-            d = rng.normal(size=3)
-            d *= rng.uniform(0.0, 0.6) / max(np.linalg.norm(d), 1e-9)
-            centre_ref = np.asarray(_SPLEEN[0]) + d * np.asarray(_SPLEEN[1])
-        else:
-            p_near = 0.15 + 0.7 * u  # harder cases favour chains next to high physiological uptake
-            near_ids = [i for i, ch in enumerate(_CHAINS) if ch[3]]
-            far_ids = [i for i, ch in enumerate(_CHAINS) if not ch[3]]
-            ids = near_ids if rng.random() < p_near else far_ids
-            site, a, b, near = _CHAINS[int(rng.choice(ids))]
-            t = rng.uniform(0.0, 1.0)
-            centre_ref = np.asarray(a) + t * (np.asarray(b) - np.asarray(a)) + rng.normal(0.0, 6.0, size=3)
+        site, near, centre_ref = _lesion_site(rng, u, spleen_involved)
         log_v = np.clip(rng.normal(np.log(150.0) * (1 - u) + np.log(1.5) * u, 0.9), np.log(0.5), np.log(500.0))
         radii = _lesion_radii(rng, float(np.exp(log_v)), scale_vol, min_r)
         centre = cv.to_mm(centre_ref)
@@ -278,28 +312,36 @@ def make_phantom(seed: int, size="small", spacing_mm: Sequence[float] = DEFAULT_
         suv_nom = float(np.clip(rng.normal(18.0 * (1 - u) + 4.0 * u, 3.0), 2.5, 30.0))
         placed.append({"c": centre, "r": radii, "site": site, "near": near, "suv": suv_nom})
         sl, m, d2 = e
-        lid = len(placed)
         seg[sl][m] = 1
-        label[sl][m] = lid
+        label[sl][m] = len(placed)
         ct[sl][m] = rng.uniform(30.0, 50.0)
         profile = suv_nom * (1.0 - 0.3 * d2[m])  # slightly brighter core
         act[sl][m] = np.maximum(act[sl][m], profile.astype(np.float32))
+    return u, spleen_involved, placed, seg, label
 
-    # ---- PET formation: Poisson-like noise on the true activity, then the resolution blur ------------
+
+def _form_pet(rng: np.random.Generator, act: np.ndarray, ct: np.ndarray, sp: np.ndarray) -> np.ndarray:
+    """PET formation: Poisson-like noise on the true activity, then the scanner's resolution blur (FWHM
+    PET_FWHM_MM); also adds CT noise to `ct` in place and clips it to [-1024, 3071] HU. Returns SUV float32."""
     sigma_vox = PET_FWHM_MM / (2.0 * math.sqrt(2.0 * math.log(2.0))) / sp
-    noise = rng.standard_normal(shape, dtype=np.float32)
+    noise = rng.standard_normal(act.shape, dtype=np.float32)
     noisy = act + np.float32(0.8) * np.sqrt(act + np.float32(0.02)) * noise
     suv = ndi.gaussian_filter(noisy, sigma_vox, truncate=3.0)
     np.maximum(suv, 0.0, out=suv)
-    ct += np.float32(8.0) * rng.standard_normal(shape, dtype=np.float32)
+    ct += np.float32(8.0) * rng.standard_normal(act.shape, dtype=np.float32)
     np.clip(ct, -1024.0, 3071.0, out=ct)
+    return suv
 
-    vox_ml = geometry.voxel_volume_ml
+
+def _lesion_records(placed: list[dict], label: np.ndarray, suv: np.ndarray, cv: "_Canvas",
+                    vox_ml: float) -> list[dict]:
+    """The `truth["lesions"]` entries: position, size, measured volume (ml) and SUVmax of each lesion."""
+    if not placed:
+        return []
+    idx = np.arange(1, len(placed) + 1)
+    counts = ndi.sum_labels(np.ones(label.shape, np.float32), label, idx)
+    maxima = ndi.maximum(suv, label, idx)
     lesions = []
-    if placed:
-        idx = np.arange(1, len(placed) + 1)
-        counts = ndi.sum_labels(np.ones(shape, np.float32), label, idx)
-        maxima = ndi.maximum(suv, label, idx)
     for i, q in enumerate(placed):
         cz, cy, cx = q["c"]
         world_zyx = (np.array([cx, cy, cz]) + 0.0)[::-1]  # world == phantom mm (origin chosen so)
@@ -311,15 +353,7 @@ def make_phantom(seed: int, size="small", spacing_mm: Sequence[float] = DEFAULT_
             "volume_ml": float(counts[i]) * vox_ml,
             "suv_max": float(maxima[i]), "suv_nominal": round(q["suv"], 4),
         })
-    truth = {
-        "seed": int(seed), "shape": list(shape), "spacing_mm": [float(v) for v in sp],
-        "difficulty": round(u, 6), "arms_in_fov": arms, "spleen_involved": spleen_involved and
-        any(q["site"] == "spleen" for q in placed),
-        "uptake": {k: round(float(v), 4) for k, v in uptake.items()},
-        "pet_fwhm_mm": PET_FWHM_MM, "n_lesions": len(lesions),
-        "tmtv_ml": float(seg.sum(dtype=np.int64)) * vox_ml, "lesions": lesions,
-    }
-    return Phantom(ct, suv.astype(np.float32, copy=False), seg, geometry, truth)
+    return lesions
 
 
 def case_seed(seed: int, index: int) -> int:
