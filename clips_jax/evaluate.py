@@ -146,72 +146,108 @@ def evaluate(preds: dict[str, Path], truth_dir: Path, out_dir: Path, suv_dir: Pa
         problems.append(msg)
         log(msg)
 
+    metric_kw = dict(tolerance_mm=tolerance_mm, lesion_threshold=lesion_threshold, suv_threshold=suv_threshold)
+    truth_cases, suv_cases, pred_cases = _find_inputs(preds, truth_dir, suv_dir, problem)
+    exp_dir = {name: (out_dir if len(preds) == 1 else out_dir / _safe(name)) for name in preds}
+    rows: dict[str, list[dict]] = {name: [] for name in preds}
+    for case, truth_path in truth_cases.items():
+        loaded = _load_truth_and_suv(case, truth_path, suv_dir, suv_cases, problem)
+        if loaded is None:
+            continue
+        truth, tgeom, suv = loaded
+        for name in preds:
+            pred = _load_prediction(case, name, preds[name], pred_cases[name], tgeom, problem)
+            if pred is None:
+                continue
+            row = {"case": case, **case_metrics(pred, truth, tgeom.spacing_mm, suv, **metric_kw)}
+            rows[name].append(row)
+            _write_case_outputs(exp_dir[name], name, case, row, pred, truth, suv, tgeom.spacing_mm,
+                                mips=mips, plots=plots, **metric_kw)
+    _write_cohort_outputs(rows, exp_dir, out_dir, problems, plots=plots, **metric_kw)
+    return rows, problems
+
+
+def _find_inputs(preds: dict[str, Path], truth_dir: Path, suv_dir: Path | None, problem):
+    """(truth cases, SUV cases, {name: prediction cases}) by case id; predictions without ground truth are
+    reported through `problem`. Raises DataError for a missing or empty folder."""
     truth_cases = find_cases(truth_dir, "seg")
     suv_cases = find_cases(suv_dir, "suv") if suv_dir is not None else {}
     pred_cases = {name: find_cases(folder, "seg") for name, folder in preds.items()}
-    exp_dir = {name: (out_dir if len(preds) == 1 else out_dir / _safe(name)) for name in preds}
-    rows: dict[str, list[dict]] = {name: [] for name in preds}
     for name, cases in pred_cases.items():
         for case in sorted(set(cases) - set(truth_cases)):
             problem(f"case {case}: prediction in {name} has no ground truth in {truth_dir}; skipped")
+    return truth_cases, suv_cases, pred_cases
 
-    for case, truth_path in truth_cases.items():
-        try:
-            truth, tgeom = _load_mask(truth_path)
-        except DataError as e:
-            problem(f"case {case}: {e}; skipped")
-            continue
-        suv = None
-        if suv_dir is not None:
-            if case not in suv_cases:
-                problem(f"case {case}: no SUV image in {suv_dir}; SUV columns are NaN and no MIP is drawn")
-            else:
-                try:
-                    suv, sgeom = load_nifti(suv_cases[case], np.float32)
-                except DataError as e:
-                    problem(f"case {case}: {e}; skipped")
-                    continue
-                if not sgeom.same_grid(tgeom):
-                    problem(f"case {case}: SUV grid ({_grid_text(sgeom)}) differs from the ground-truth grid "
-                            f"({_grid_text(tgeom)}); resample onto the PET grid. Case skipped")
-                    continue
-        for name in preds:
-            if case not in pred_cases[name]:
-                problem(f"case {case}: no prediction in {name} ({preds[name]}); skipped")
-                continue
-            try:
-                pred, pgeom = _load_mask(pred_cases[name][case])
-            except DataError as e:
-                problem(f"case {case}: {e}; skipped")
-                continue
-            if not pgeom.same_grid(tgeom):
-                problem(f"case {case}: prediction grid of {name} ({_grid_text(pgeom)}) differs from the "
-                        f"ground-truth grid ({_grid_text(tgeom)}); resample the prediction onto the PET "
-                        "grid. Case skipped")
-                continue
-            sp = tgeom.spacing_mm
-            row = case_metrics(pred, truth, sp, suv, tolerance_mm=tolerance_mm,
-                               lesion_threshold=lesion_threshold, suv_threshold=suv_threshold)
-            rows[name].append({"case": case, **row})
-            text = case_report_text(case, row, tolerance_mm=tolerance_mm, lesion_threshold=lesion_threshold,
-                                    suv_threshold=suv_threshold, dmax_pred_mm=dmax_mm(pred, sp))
-            write_text_atomic(exp_dir[name] / "reports" / f"{_safe(case)}.txt", text)
-            if mips and suv is not None:
-                plots.mip_figure(suv, truth, pred, sp, exp_dir[name] / "mips" / f"{_safe(case)}.png",
-                                 title=f"{case} ({name})")
 
-    for name in preds:
-        write_metrics_csv(exp_dir[name] / "metrics.csv", rows[name])
-        if rows[name]:
-            plots.bland_altman(rows[name], exp_dir[name] / "bland_altman.png", title=f"TMTV, {name}")
-    if len(preds) > 1:
+def _load_truth_and_suv(case: str, truth_path: Path, suv_dir: Path | None, suv_cases: dict, problem):
+    """(truth mask bool (z, y, x), its Geometry, SUV float32 on the same grid or None), or None when the case
+    must be skipped (reported through `problem`)."""
+    try:
+        truth, tgeom = _load_mask(truth_path)
+    except DataError as e:
+        problem(f"case {case}: {e}; skipped")
+        return None
+    if suv_dir is None:
+        return truth, tgeom, None
+    if case not in suv_cases:
+        problem(f"case {case}: no SUV image in {suv_dir}; SUV columns are NaN and no MIP is drawn")
+        return truth, tgeom, None
+    try:
+        suv, sgeom = load_nifti(suv_cases[case], np.float32)
+    except DataError as e:
+        problem(f"case {case}: {e}; skipped")
+        return None
+    if not sgeom.same_grid(tgeom):
+        problem(f"case {case}: SUV grid ({_grid_text(sgeom)}) differs from the ground-truth grid "
+                f"({_grid_text(tgeom)}); resample onto the PET grid. Case skipped")
+        return None
+    return truth, tgeom, suv
+
+
+def _load_prediction(case: str, name: str, folder: Path, cases: dict, tgeom, problem):
+    """The prediction mask of `case` in experiment `name` on the ground-truth grid, or None (reported)."""
+    if case not in cases:
+        problem(f"case {case}: no prediction in {name} ({folder}); skipped")
+        return None
+    try:
+        pred, pgeom = _load_mask(cases[case])
+    except DataError as e:
+        problem(f"case {case}: {e}; skipped")
+        return None
+    if not pgeom.same_grid(tgeom):
+        problem(f"case {case}: prediction grid of {name} ({_grid_text(pgeom)}) differs from the ground-truth "
+                f"grid ({_grid_text(tgeom)}); resample the prediction onto the PET grid. Case skipped")
+        return None
+    return pred
+
+
+def _write_case_outputs(exp_dir: Path, name: str, case: str, row: dict, pred, truth, suv, spacing_mm, *,
+                        mips: bool, plots, tolerance_mm: float, lesion_threshold: float,
+                        suv_threshold: float) -> None:
+    """One case's text report (and MIP figure when SUV is known and `mips`), written atomically."""
+    text = case_report_text(case, row, tolerance_mm=tolerance_mm, lesion_threshold=lesion_threshold,
+                            suv_threshold=suv_threshold, dmax_pred_mm=dmax_mm(pred, spacing_mm))
+    write_text_atomic(exp_dir / "reports" / f"{_safe(case)}.txt", text)
+    if mips and suv is not None:
+        plots.mip_figure(suv, truth, pred, spacing_mm, exp_dir / "mips" / f"{_safe(case)}.png",
+                         title=f"{case} ({name})")
+
+
+def _write_cohort_outputs(rows: dict[str, list[dict]], exp_dir: dict[str, Path], out_dir: Path,
+                          problems: list[str], *, plots, tolerance_mm: float, lesion_threshold: float,
+                          suv_threshold: float) -> None:
+    """metrics.csv and the Bland-Altman plot per experiment, the box plots (several experiments), summary.md."""
+    for name, name_rows in rows.items():
+        write_metrics_csv(exp_dir[name] / "metrics.csv", name_rows)
+        if name_rows:
+            plots.bland_altman(name_rows, exp_dir[name] / "bland_altman.png", title=f"TMTV, {name}")
+    if len(rows) > 1:
         plots.boxplots(rows, out_dir / "boxplots.png")
     settings = (f"Tolerance {tolerance_mm:g} mm (NSD, BJI); lesion-wise IoU threshold {lesion_threshold:g}; "
                 f"SUV threshold {suv_threshold:g} (SUV >= threshold); lesions 18-connected. "
                 "Column definitions: docs/metrics.md.")
     write_text_atomic(out_dir / "summary.md", summary_markdown({n: summarise(r) for n, r in rows.items()},
                                                                 settings=settings, problems=problems))
-    return rows, problems
 
 
 def define_flags(fv) -> None:
