@@ -164,7 +164,17 @@ def stack_series(items: list[tuple[Path, Dataset]]) -> tuple[np.ndarray, Geometr
     label = _series_label(items[0][1], len(items))
     if len(items) < 2:
         raise DataError(f"{items[0][0].parent}: {label} has {len(items)} slice; need a 3-D series")
-    iop0 = None
+    iop, ps, (rows, cols), ipps = _slice_geometry(items, label)
+    order = _slice_order(items, label, iop, ipps)
+    vol, datasets = _read_pixels(items, order, label, rows, cols)
+    return vol, _series_geometry(iop, ps, ipps[order[0]], ipps[order[-1]], (len(items), rows, cols), label), datasets
+
+
+def _slice_geometry(items: list[tuple[Path, Dataset]], label: str):
+    """The series' common ImageOrientationPatient (6,), PixelSpacing (row, column) mm, (Rows, Columns) and every
+    slice's ImagePositionPatient ((n, 3) mm, in `items` order). Raises DataError for multi-frame objects,
+    missing tags or slices that differ in orientation, spacing or size."""
+    iop0 = ps0 = rc0 = None
     ipps = []
     for path, ds in items:
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -181,12 +191,16 @@ def stack_series(items: list[tuple[Path, Dataset]]) -> tuple[np.ndarray, Geometr
                             f"({list(iop)}, {list(ps)}, {rc} vs {list(iop0)}, {list(ps0)}, {rc0}); "
                             "the series mixes several acquisitions")
         ipps.append(ipp)
-    row_cos, col_cos = iop0[:3], iop0[3:]
-    normal = np.cross(row_cos, col_cos)
+    return iop0, ps0, rc0, np.asarray(ipps)
+
+
+def _slice_order(items: list[tuple[Path, Dataset]], label: str, iop: np.ndarray, ipps: np.ndarray) -> np.ndarray:
+    """Indices of `items` sorted along the slice normal (row x column direction). Raises DataError for a
+    non-orthonormal orientation, two slices at one position, or a non-constant slice spacing."""
+    normal = np.cross(iop[:3], iop[3:])
     if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
-        raise DataError(f"{items[0][0].parent}: {label}: ImageOrientationPatient {list(iop0)} is not two "
+        raise DataError(f"{items[0][0].parent}: {label}: ImageOrientationPatient {list(iop)} is not two "
                         "orthonormal direction vectors")
-    ipps = np.asarray(ipps)
     positions = ipps @ normal
     order = np.argsort(positions, kind="stable")
     pos = positions[order]
@@ -200,7 +214,12 @@ def stack_series(items: list[tuple[Path, Dataset]]) -> tuple[np.ndarray, Geometr
         raise DataError(f"{items[0][0].parent}: {label}: slice spacing is not constant (between "
                         f"{steps.min():.3f} and {steps.max():.3f} mm); missing slices or a variable-spacing "
                         "scan, which is not supported")
-    rows, cols = rc0
+    return order
+
+
+def _read_pixels(items: list[tuple[Path, Dataset]], order: np.ndarray, label: str, rows: int, cols: int):
+    """(volume (z, y, x) float32 with each slice's RescaleSlope/Intercept applied, the pixel-free headers in
+    volume order). Raises DataError naming the file when pixel data cannot be decoded or has the wrong size."""
     vol = np.empty((len(items), rows, cols), dtype=np.float32)
     datasets = []
     for z, i in enumerate(order):
@@ -216,18 +235,22 @@ def stack_series(items: list[tuple[Path, Dataset]]) -> tuple[np.ndarray, Geometr
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
         vol[z] = pix.astype(np.float64) * slope + intercept
-        datasets.append(items[i][1])  # the pixel-free header
-    # LPS affine: voxel (i=column, j=row, k=slice) -> IPP_0 + i*dc*row_cos + j*dr*col_cos + k*step.
-    dr, dc = ps0
-    first, last = ipps[order[0]], ipps[order[-1]]
+        datasets.append(items[i][1])
+    return vol, datasets
+
+
+def _series_geometry(iop: np.ndarray, ps: np.ndarray, first: np.ndarray, last: np.ndarray, shape: tuple,
+                     label: str) -> Geometry:
+    """The RAS Geometry of a sorted series: voxel (i=column, j=row, k=slice) -> IPP_first + i*dc*row_cos +
+    j*dr*col_cos + k*(IPP_last - IPP_first)/(n - 1), in LPS, then flipped to RAS."""
+    dr, dc = ps
     a = np.eye(4)
-    a[:3, 0] = row_cos * dc
-    a[:3, 1] = col_cos * dr
-    a[:3, 2] = (last - first) / (len(items) - 1)
+    a[:3, 0] = iop[:3] * dc
+    a[:3, 1] = iop[3:] * dr
+    a[:3, 2] = (last - first) / (shape[0] - 1)
     a[:3, 3] = first
     a[:2, :] *= -1.0  # LPS -> RAS
-    geom = Geometry((len(items), rows, cols), a).validate(label)
-    return vol, geom, datasets
+    return Geometry(shape, a).validate(label)
 
 
 # --------------------------------------------------------------------------------------------------------------
