@@ -24,7 +24,7 @@ from clips_jax.curricula.pacing import PacingConfig, exponential_stages
 from clips_jax.curricula.registry import PRESETS
 from clips_jax.errors import ConfigError
 
-#: Training steps per run of the default comparison (`--steps`). With configs/default.py (24 phantoms, U-Net
+#: Training steps per run of the default comparison (`--steps`). With the `default` config (24 phantoms, U-Net
 #: channels (8, 16, 32, 32), 32^3 patches, batch 2) one run of 100 steps took 65 s including its two validations
 #: and the test evaluation on the idle 2-core development CPU (test Dice 0.22, untrained 0.001), so the whole
 #: default comparison (9 experiments x 3 seeds) takes about 30 minutes (timed end to end: 33 min 50 s,
