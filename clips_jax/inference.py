@@ -45,20 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
+from clips_jax.checks import zyx_triple
 from clips_jax.errors import ConfigError, DataError
 
 Progress = Callable[[int, int], None]
 
 _BLENDS = ("central", "constant", "gaussian")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _triple(value: Any, name: str) -> tuple[int, int, int]:
-    """Three positive ints (z, y, x) from one int or a 3-sequence; ConfigError otherwise."""
-    t = tuple(int(v) for v in np.broadcast_to(np.asarray(value), (3,)))
-    if min(t) < 1:
-        raise ConfigError(f"{name}={value!r}: need three positive integers (z, y, x)")
-    return t
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,7 +73,7 @@ def central_weight_map(tile_shape: Sequence[int]) -> np.ndarray:
       float32 array of shape `tile_shape`, values in [0, 1], 1 on the core. A tile that is all core
       (impossible for sizes >= 4) would be all ones.
     """
-    t = _triple(tile_shape, "tile_shape")
+    t = zyx_triple(tile_shape, "tile_shape")
     if min(t) < 4:
         raise ConfigError(f"central_weight_map: tile_shape {t} has an axis < 4 voxels (empty core); "
                           f"use a larger tile or blend='constant'")
@@ -99,7 +92,7 @@ def weight_map(tile_shape: Sequence[int], blend: str = "central", sigma_scale: f
     blend: "central" (`central_weight_map`, the original), "constant" (all ones) or "gaussian"
     (MONAI-style separable Gaussian centred on the tile, sigma = sigma_scale * T per axis, maximum 1; never 0).
     """
-    t = _triple(tile_shape, "tile_shape")
+    t = zyx_triple(tile_shape, "tile_shape")
     if blend == "central":
         return central_weight_map(t)
     if blend == "constant":
@@ -408,8 +401,8 @@ def tiled_inference(volume: np.ndarray, predictor: Callable, *, tile_shape: Sequ
         raise DataError(f"tiled_inference: volume shape {vol.shape} must be (D, H, W, C)")
     if not all(np.isfinite(vol[z:z + 16]).all() for z in range(0, vol.shape[0], 16)):  # slabs: no full-size mask
         raise DataError("tiled_inference: volume contains NaN or Inf; check the input images")
-    tile = _triple(tile_shape, "tile_shape")
-    stp = _triple(step, "step")
+    tile = zyx_triple(tile_shape, "tile_shape")
+    stp = zyx_triple(step, "step")
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     w = weight_map(tile, blend)
@@ -460,7 +453,7 @@ def sliding_window_inference(inputs: np.ndarray, roi_size: Sequence[int], sw_bat
     """
     if not 0.0 <= float(overlap) < 1.0:
         raise ConfigError(f"overlap={overlap} must be in [0, 1)")
-    roi = _triple(roi_size, "roi_size")
+    roi = zyx_triple(roi_size, "roi_size")
     step = tuple(max(1, int(r * (1.0 - float(overlap)))) for r in roi)
     arr = np.asarray(inputs)
     if arr.ndim not in (4, 5):
@@ -529,7 +522,7 @@ def upsample_probability(prob6: np.ndarray, native_shape: Sequence[int], native_
     p = np.asarray(prob6, dtype=np.float64)
     if p.ndim != 3:
         raise DataError(f"upsample_probability: coarse probability shape {p.shape} must be (d, h, w)")
-    shape = _triple(native_shape, "native_shape")
+    shape = zyx_triple(native_shape, "native_shape")
     sn = np.broadcast_to(np.asarray(native_spacing_mm, np.float64), (3,))
     sc = np.broadcast_to(np.asarray(coarse_spacing_mm, np.float64), (3,))
     if not (np.all(np.isfinite(sn)) and np.all(sn > 0) and np.all(np.isfinite(sc)) and np.all(sc > 0)):
