@@ -8,11 +8,13 @@ probability onto the native PET grid (cascade channel of stage B), and `nnx_pred
 into a (predictor, params) pair. Tiling takes arrays: this module knows no cases, grids or case stores (it
 imports nothing of `clips_jax.data`); the two-stage cascade, which needs both, is `clips_jax.cascade`.
 
-The algorithm reproduces the original TMTV-Net "dense" inference (`reference/tmtv-net.md` §4):
+The algorithm reproduces the original TMTV-Net "dense" inference (`inference_process_wholebody_3d` in
+`main/main.py` of the original repository qurit-frizi/TMTV-Net; `main/corelib/src/corelib/inference_dense.py` holds
+an equivalent copy):
 1. zero-pad every axis to the next multiple of the tile, centred (left = floor(diff / 2), right = the rest);
 2. tile origins 0, step, 2*step, ... while origin + tile <= padded size;
 3. per tile p = softmax(predictor logits); accumulate `acc += p * w`, `wsum += w` with the central weight
-   map `w` (`central_weight_map`, §4.2);
+   map `w` (`central_weight_map`);
 4. zero-weight rule: where `wsum <= 0` the probabilities are (0, 0) (=> background);
 5. `acc / wsum`, un-padded.
 Steps 1 and 5 are done without building the padded volume: tiles are cut from the unpadded volume into
@@ -20,7 +22,7 @@ zero-filled buffers and only the unpadded region is accumulated, with bit-identi
 one pass: the input, the (D, H, W, K) result and a (D, H, W) weight sum, float32; `benchmarks/inference_memory.py`).
 Deliberate differences: accumulation is float32 (the original used float16), tiles are batched (`batch_size`)
 through ONE jit-compiled function (the last batch is padded to the fixed size, so it compiles once), and the
-predictor may be run in bfloat16. Optional test-time augmentation averages the 8 flip combinations (§4.3).
+predictor may be run in bfloat16. Optional test-time augmentation averages the 8 flip combinations (the original's `test_time_augmentation_axis`).
 
 Predictor contract: `predictor(x) -> logits` (or `predictor(params, x)` when `params` is given) with x
 `(B, *tile_shape, C)` and logits `(B, *tile_shape, K)`, K = 2 for TMTV-Net. It is traced inside `jax.jit`, so
@@ -59,7 +61,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # ----------------------------------------------------------------------------------------------------------
 
 def central_weight_map(tile_shape: Sequence[int]) -> np.ndarray:
-    """The original's central weighting of one tile (`reference/tmtv-net.md` §4.2).
+    """The original's central weighting of one tile (`inference_process_wholebody_3d`, qurit-frizi/TMTV-Net).
 
     Per axis c = floor(floor(T / 2) / 2); the core box is [T//2 - c, T//2 + c) (the central half of the
     tile); d = chessboard (L-infinity) distance of every voxel to the nearest core voxel
@@ -504,7 +506,8 @@ def _linear_axis(x: np.ndarray, axis: int, n_out: int, scale: float) -> np.ndarr
 
 def upsample_probability(prob6: np.ndarray, native_shape: Sequence[int], native_spacing_mm: Sequence[float],
                          coarse_spacing_mm: float | Sequence[float] = 6.0) -> np.ndarray:
-    """Stage-A coarse probability -> native PET grid (the refiner's cascade channel, tmtv-net.md §1.5.3).
+    """Stage-A coarse probability -> native PET grid (the refiner's cascade channel; `inference_fn` in
+    `main/main.py` of qurit-frizi/TMTV-Net).
 
     Index-space mapping: native voxel i sits at continuous coarse index i * s_native / s_coarse per axis (both
     grids share voxel 0, the coarse grid being `Geometry.resampled` of the native one). Trilinear

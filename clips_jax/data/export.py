@@ -72,7 +72,7 @@ def run_from_flags(fv) -> int:
     try:
         out = export_case(case, fv["out"].value, overwrite=fv["overwrite"].value)
     except FileExistsError as e:
-        raise DataError(f"{fv['out'].value} exists; choose another --out or add --overwrite") from e
+        raise DataError(f"{fv['out'].value}: already exists; choose another --out or add --overwrite") from e
     print(f"{case.case_id}: wrote {out} (grid {case.geometry.shape} (z, y, x), spacing "
           f"{tuple(round(s, 4) for s in case.geometry.spacing_mm)} mm)")
     return 0
