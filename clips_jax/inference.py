@@ -49,11 +49,11 @@ from scipy import ndimage
 
 from clips_jax.checks import zyx_triple
 from clips_jax.errors import ConfigError, DataError
+from clips_jax.model.layers import COMPUTE_DTYPES
 
 Progress = Callable[[int, int], None]
 
 _BLENDS = ("central", "constant", "gaussian")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def tile_origins(padded_shape: Sequence[int], tile_shape: Sequence[int], step: S
 
 def _tile_probs_impl(predictor, dtype_name, with_params, params, x):
     """softmax(predictor(x)) in float32; x is cast to the compute dtype first."""
-    x = x.astype(_DTYPES[dtype_name])
+    x = x.astype(COMPUTE_DTYPES[dtype_name])
     logits = predictor(params, x) if with_params else predictor(x)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
@@ -159,8 +159,8 @@ _tile_probs = jax.jit(_tile_probs_impl, static_argnums=(0, 1, 2))
 
 def _make_prob_fn(predictor: Callable, params: Any, dtype: str) -> Callable[[np.ndarray], jax.Array]:
     """A function tile-batch -> probabilities, compiled once per (predictor, dtype, batch shape)."""
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype={dtype!r} unknown; use one of {tuple(_DTYPES)}")
+    if dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"dtype={dtype!r} unknown; use one of {tuple(COMPUTE_DTYPES)}")
     with_params = params is not None
     try:
         hash(predictor)
