@@ -10,6 +10,7 @@ command lines, and a `main(argv=None)` that calls `run_tool`. The convention, do
   a Z,Y,X triple is written `z,y,x` (or `zxyxx`) and read by `parse_zyx`;
 - `-h` / `--help`: the module docstring (with its examples) and the flags, on stdout, exit 0;
 - errors: ONE line `error: <what went wrong, which file or case, what to do>` on stderr, no traceback;
+  warnings (input accepted with a change, e.g. slices resampled) one `warning: ...` line each;
 - exit status: 0 success; 1 an input error (a file, case or study that cannot be used: `DataError`,
   `WeightsError`, or a batch command where some cases failed); 2 a usage error (unknown or malformed flag,
   contradictory or invalid settings: absl's `flags.Error`, `ConfigError`, `UsageError`).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from typing import Callable, Sequence
 
 from clips_jax.errors import ClipsError, ConfigError
@@ -69,6 +71,12 @@ def parse_zyx(text: str, name: str, kind: type = int) -> tuple:
     return tuple(vals)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one `warning: ...` line on stderr (the commands' face of `DataWarning` and the like)."""
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=sys.stderr if file is None else file)
+
+
 def exit_status(exc: BaseException) -> int:
     """The exit status of an error under the convention: 2 for usage/config errors, 1 for the rest."""
     from absl import flags
@@ -98,6 +106,7 @@ def run_tool(argv: Sequence[str] | None, define_flags: Callable, run_from_flags:
         print("flags:\n" + fv.get_help(include_special_flags=False))
         return EXIT_OK
     try:
+        warnings.showwarning = _show_warning
         rest = fv(argv)
         if len(rest) > 1:
             raise UsageError(f"unexpected arguments {rest[1:]}; every input is a --flag (see --help)")

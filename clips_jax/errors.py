@@ -23,3 +23,8 @@ class ConfigError(ClipsError):
 
 class ShapeError(ClipsError, ValueError):
     """An array handed to a network or function has a shape it cannot take (e.g. U-Net size not divisible by 16)."""
+
+
+class DataWarning(UserWarning):
+    """Input that was accepted with a change the user should know about (e.g. slices resampled onto a regular
+    grid). Library code raises it with `warnings.warn`; the commands print it as one `warning: ...` line."""

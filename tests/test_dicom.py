@@ -238,7 +238,7 @@ def test_nonconstant_spacing_and_empty_folder(tmp_path):
     pt_files = [f for f in d.iterdir() if pydicom.dcmread(f, stop_before_pixels=True).Modality == "PT"]
     mid = [f for f in pt_files if float(pydicom.dcmread(f).ImagePositionPatient[2]) == 50.0 + 4 * 3.0]
     mid[0].unlink()
-    with pytest.raises(DataError, match="slice spacing is not constant"):
+    with pytest.raises(DataError, match="missing slice.*between positions 59.00 and 65.00 mm"):
         read_dicom_study(d)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no DICOM files in .*empty"):
@@ -252,3 +252,44 @@ def test_pet_and_ct_of_different_patients_is_an_error(tmp_path):
     write_series(d / "CT", "CT", p, spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS, tags={"PatientID": "P999"})
     with pytest.raises(DataError, match=r"mixed: the PET and CT series belong to different patients.*P999"):
         read_dicom_study(d)
+
+
+def _positions_study(folder, z_positions):
+    """A PET + CT study whose PET slices sit at the given z positions (LPS mm); CT regular over the same range."""
+    p = pet_stored((len(z_positions), 16, 16))
+    write_series(folder, "PT", p, spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS, tags=pet_tags(),
+                 slice_tags=lambda k: {"ImagePositionPatient": [float(PET_ORIGIN_LPS[0]), float(PET_ORIGIN_LPS[1]),
+                                                                float(z_positions[k])]})
+    ct = ct_stored((40, 32, 32))
+    write_series(folder, "CT", ct, spacing_zyx=(1.0, 2.0, 2.0), origin_lps=(PET_ORIGIN_LPS[0], PET_ORIGIN_LPS[1],
+                                                                          z_positions[0] - 5.0))
+    return p
+
+
+def test_multibed_steps_within_the_fit_tolerance_are_a_regular_grid(tmp_path):
+    # Steps of 3.27 mm, 3.19 mm at the bed joins (as a GE multi-bed PET): a line fits every slice within 0.05 mm.
+    steps = [3.27] * 4 + [3.19] + [3.27] * 4 + [3.19] + [3.27] * 3
+    z = 50.0 + np.concatenate([[0.0], np.cumsum(steps)])
+    p = _positions_study(tmp_path / "mb", z)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DataWarning: nothing resampled
+        case = read_dicom_study(tmp_path / "mb")
+    assert case.suv.shape[0] == len(z) and not case.meta["pet_slices_resampled"]
+    np.testing.assert_allclose(case.geometry.spacing_mm[0], (z[-1] - z[0]) / (len(z) - 1), rtol=1e-6)
+    assert case.suv.shape == p.shape
+
+
+def test_irregular_slices_are_resampled_with_a_warning(tmp_path):
+    # Steps of 3 mm with one 4 mm step in the middle: beyond the fit tolerance, below a missing slice.
+    steps = [3.0] * 5 + [4.0] + [3.0] * 5
+    z = 50.0 + np.concatenate([[0.0], np.cumsum(steps)])
+    _positions_study(tmp_path / "irr", z)
+    from clips_jax.errors import DataWarning
+
+    with pytest.warns(DataWarning, match="slice spacing varies.*resampled linearly onto 12 slices at 3.091 mm"):
+        case = read_dicom_study(tmp_path / "irr")
+    assert case.meta["pet_slices_resampled"] and case.suv.shape[0] == 12  # round(34 mm / 3 mm) + 1
+    np.testing.assert_allclose(case.geometry.spacing_mm[0], (z[-1] - z[0]) / 11, rtol=1e-6)
+    assert np.isfinite(case.suv).all()

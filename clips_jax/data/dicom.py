@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
@@ -148,14 +148,33 @@ def _floats(ds: Dataset, keyword: str, n: int, label: str, path: Path) -> np.nda
     return v
 
 
-def stack_series(items: list[tuple[Path, Dataset]]) -> tuple[np.ndarray, Geometry, list[Dataset]]:
+class SeriesStack(NamedTuple):
+    """A series read into a volume (`stack_series`): volume (z, y, x) float32, its Geometry, the slice headers in
+    position order, and whether the slices were resampled onto a regular grid along the stack."""
+
+    volume: np.ndarray
+    geometry: Geometry
+    headers: list
+    resampled: bool
+
+
+def stack_series(items: list[tuple[Path, Dataset]], slice_factors=None) -> SeriesStack:
     """Read one single-frame image series into a volume.
+
+    Slice positions along the stack normal follow the established converters' rules (`_regular_positions`):
+    a straight-line fit within max(SLICE_FIT_TOL_MM, SLICE_FIT_TOL_FRACTION x step) of every slice is a regular
+    grid (multi-bed PET whose steps vary slightly at the bed joins); a gap of more than 1.5 steps is a
+    missing-slice error; anything else is resampled (linearly, along the stack) onto a regular grid with the
+    median step, with a `DataWarning` naming the irregular slices.
 
     Args:
       items: [(path, header), ...] of one series (any order).
+      slice_factors: optional `f(headers in position order) -> (n,) factors` applied to each slice before any
+        resampling along the stack (per-slice SUV factors).
     Returns:
-      (volume (z, y, x) float32 with each slice's RescaleSlope/Intercept applied,
-       its Geometry (RAS affine), the slice headers (no pixel data) in volume order).
+      SeriesStack(volume (z, y, x) float32 with each slice's RescaleSlope/Intercept (and factor) applied,
+       its Geometry (RAS affine), the slice headers (no pixel data) in position order, resampled: whether the
+       slices were resampled along the stack, the volume's slices then no longer matching the headers).
     Raises:
       DataError naming the series/file: fewer than 2 slices, multi-frame object, missing geometry tags,
       inconsistent orientation/size/pixel spacing, duplicate positions, non-constant slice spacing,
@@ -165,9 +184,19 @@ def stack_series(items: list[tuple[Path, Dataset]]) -> tuple[np.ndarray, Geometr
     if len(items) < 2:
         raise DataError(f"{items[0][0].parent}: {label} has {len(items)} slice; need a 3-D series")
     iop, ps, (rows, cols), ipps = _slice_geometry(items, label)
-    order = _slice_order(items, label, iop, ipps)
+    normal = _stack_normal(items, label, iop)
+    order, pos = _slice_order(items, label, normal, ipps)
+    grid = _regular_positions(items, label, order, pos)
     vol, datasets = _read_pixels(items, order, label, rows, cols)
-    return vol, _series_geometry(iop, ps, ipps[order[0]], ipps[order[-1]], (len(items), rows, cols), label), datasets
+    if slice_factors is not None:
+        vol = (vol.astype(np.float64) * np.asarray(slice_factors(datasets), np.float64)[:, None, None]).astype(
+            np.float32)
+    first = ipps[order[0]]
+    if grid is None:
+        return SeriesStack(vol, _series_geometry(iop, ps, first, ipps[order[-1]], vol.shape, label), datasets, False)
+    vol = _resample_slices(vol, pos, grid)
+    last = first + normal * (grid[-1] - grid[0])
+    return SeriesStack(vol, _series_geometry(iop, ps, first, last, vol.shape, label), datasets, True)
 
 
 def _slice_geometry(items: list[tuple[Path, Dataset]], label: str):
@@ -194,13 +223,26 @@ def _slice_geometry(items: list[tuple[Path, Dataset]], label: str):
     return iop0, ps0, rc0, np.asarray(ipps)
 
 
-def _slice_order(items: list[tuple[Path, Dataset]], label: str, iop: np.ndarray, ipps: np.ndarray) -> np.ndarray:
-    """Indices of `items` sorted along the slice normal (row x column direction). Raises DataError for a
-    non-orthonormal orientation, two slices at one position, or a non-constant slice spacing."""
+SLICE_FIT_TOL_MM = 0.1
+"""Slices within max(this, SLICE_FIT_TOL_FRACTION x step) of a straight-line fit of their positions form a
+regular grid (as dicom2nifti and SimpleITK accept multi-bed PET whose steps differ slightly at bed joins)."""
+SLICE_FIT_TOL_FRACTION = 0.05
+MISSING_SLICE_STEPS = 1.5
+"""A gap between neighbouring slices of more than this many median steps is a missing slice (an error)."""
+
+
+def _stack_normal(items: list[tuple[Path, Dataset]], label: str, iop: np.ndarray) -> np.ndarray:
+    """The slice normal (row x column direction, LPS). Raises DataError if the orientation is not orthonormal."""
     normal = np.cross(iop[:3], iop[3:])
     if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
         raise DataError(f"{items[0][0].parent}: {label}: ImageOrientationPatient {list(iop)} is not two "
                         "orthonormal direction vectors")
+    return normal
+
+
+def _slice_order(items: list[tuple[Path, Dataset]], label: str, normal: np.ndarray, ipps: np.ndarray):
+    """(indices of `items` sorted along the normal, their positions (mm) in that order). Raises DataError for two
+    slices at one position."""
     positions = ipps @ normal
     order = np.argsort(positions, kind="stable")
     pos = positions[order]
@@ -209,12 +251,47 @@ def _slice_order(items: list[tuple[Path, Dataset]], label: str, iop: np.ndarray,
         k = int(np.argmin(steps))
         raise DataError(f"{items[order[k]][0]} and {items[order[k + 1]][0]}: {label}: two slices at the same "
                         f"position {pos[k]:.3f} mm; the series mixes several acquisitions")
+    return order, pos
+
+
+def _regular_positions(items: list[tuple[Path, Dataset]], label: str, order: np.ndarray,
+                       pos: np.ndarray) -> np.ndarray | None:
+    """None when the sorted slice positions `pos` (mm) form a regular grid; otherwise the regular positions to
+    resample onto (first to last slice, median step), after a `DataWarning` naming the irregular slices.
+
+    Raises DataError naming the neighbouring files when a gap exceeds MISSING_SLICE_STEPS median steps.
+    """
+    import warnings
+
+    from clips_jax.errors import DataWarning
+
+    k = np.arange(len(pos))
+    slope, intercept = np.polyfit(k, pos, 1)
+    tol = max(SLICE_FIT_TOL_MM, SLICE_FIT_TOL_FRACTION * abs(slope))
+    if np.max(np.abs(pos - (intercept + slope * k))) <= tol:
+        return None
+    steps = np.diff(pos)
     med = float(np.median(steps))
-    if np.max(np.abs(steps - med)) > max(0.01, 0.01 * med):
-        raise DataError(f"{items[0][0].parent}: {label}: slice spacing is not constant (between "
-                        f"{steps.min():.3f} and {steps.max():.3f} mm); missing slices or a variable-spacing "
-                        "scan, which is not supported")
-    return order
+    if np.any(steps > MISSING_SLICE_STEPS * med):
+        i = int(np.argmax(steps))
+        raise DataError(f"{items[order[i]][0]} and {items[order[i + 1]][0]}: {label}: missing slice(s) between "
+                        f"positions {pos[i]:.2f} and {pos[i + 1]:.2f} mm (a gap of {steps[i]:.2f} mm among "
+                        f"{med:.2f} mm steps); export the complete series")
+    odd = [str(items[order[i + 1]][0].name) for i in np.flatnonzero(np.abs(steps - med) > tol)]
+    n_new = int(round((pos[-1] - pos[0]) / med)) + 1
+    warnings.warn(DataWarning(
+        f"{items[0][0].parent}: {label}: slice spacing varies (between {steps.min():.3f} and {steps.max():.3f} mm; "
+        f"irregular at {', '.join(odd[:5])}{', ...' if len(odd) > 5 else ''}); resampled linearly onto "
+        f"{n_new} slices at {(pos[-1] - pos[0]) / (n_new - 1):.3f} mm"), stacklevel=3)
+    return np.linspace(pos[0], pos[-1], n_new)
+
+
+def _resample_slices(vol: np.ndarray, pos: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Linear interpolation of the (z, y, x) stack at slice positions `pos` (mm, increasing) onto `grid` (mm)."""
+    f = np.interp(grid, pos, np.arange(len(pos), dtype=np.float64))
+    i0 = np.clip(np.floor(f).astype(int), 0, len(pos) - 2)
+    w = (f - i0).astype(np.float32)[:, None, None]
+    return ((1.0 - w) * vol[i0] + w * vol[i0 + 1]).astype(np.float32)
 
 
 def _read_pixels(items: list[tuple[Path, Dataset]], order: np.ndarray, label: str, rows: int, cols: int):
@@ -435,15 +512,16 @@ def read_dicom_study(folder: str | os.PathLike) -> Case:
     earliest = min(acq) if acq else None
     suv_parameters(series[pt_uid][0][1], earliest_acquisition=earliest, where=pet_label)
 
-    pet, pet_geom, pet_ds = stack_series(series[pt_uid])
-    corr = str(pet_ds[0].get("DecayCorrection", "")).strip().upper()
-    if corr == "NONE":
-        factors = np.array([suv_factor(ds, where=pet_label) for ds in pet_ds])
+    corr = str(series[pt_uid][0][1].get("DecayCorrection", "")).strip().upper()
+    if corr == "NONE":  # each slice decays to its own acquisition time: factors before any resampling
+        suv, pet_geom, pet_ds, pet_resampled = stack_series(
+            series[pt_uid], slice_factors=lambda hs: [suv_factor(ds, where=pet_label) for ds in hs])
     else:
-        factors = np.full(len(pet_ds), suv_factor(pet_ds[0], earliest_acquisition=earliest, where=pet_label))
-    suv = (pet.astype(np.float64) * factors[:, None, None]).astype(np.float32)
+        pet, pet_geom, pet_ds, pet_resampled = stack_series(series[pt_uid])
+        factor = suv_factor(pet_ds[0], earliest_acquisition=earliest, where=pet_label)
+        suv = (pet.astype(np.float64) * factor).astype(np.float32)
 
-    ct, ct_geom, ct_ds = stack_series(series[ct_uid])
+    ct, ct_geom, ct_ds, _ = stack_series(series[ct_uid])
     ct_resampled = not ct_geom.same_grid(pet_geom)
     if ct_resampled:
         ct = resample_to_grid(ct, ct_geom, pet_geom, order=1, cval=CT_OUTSIDE_HU)
@@ -466,6 +544,7 @@ def read_dicom_study(folder: str | os.PathLike) -> Case:
         "manufacturer": str(h.get("Manufacturer", "")),
         "ct_geometry": ct_geom.to_json(),
         "ct_resampled_to_pet": bool(ct_resampled),
+        "pet_slices_resampled": bool(pet_resampled),
         **params,
     }
     return Case(folder.name, ct, suv, None, pet_geom, meta)
