@@ -293,3 +293,21 @@ def test_irregular_slices_are_resampled_with_a_warning(tmp_path):
     assert case.meta["pet_slices_resampled"] and case.suv.shape[0] == 12  # round(34 mm / 3 mm) + 1
     np.testing.assert_allclose(case.geometry.spacing_mm[0], (z[-1] - z[0]) / 11, rtol=1e-6)
     assert np.isfinite(case.suv).all()
+
+
+def test_a_damaged_header_is_named_not_skipped(tmp_path):
+    write_study(tmp_path / "st")
+    victim = sorted((tmp_path / "st" / "PT").iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:600])  # cut in the header: parses, but without the series UID
+    with pytest.raises(DataError, match=f"{victim.name}: DICOM file without SeriesInstanceUID"):
+        read_dicom_study(tmp_path / "st")
+
+
+def test_patient_weight_must_agree_across_slices(tmp_path):
+    write_study(tmp_path / "st", pet_over={})
+    victim = sorted((tmp_path / "st" / "PT").iterdir())[2]
+    ds = pydicom.dcmread(victim)
+    ds.PatientWeight = float(ds.PatientWeight) + 7.0
+    ds.save_as(victim)
+    with pytest.raises(DataError, match=f"PatientWeight differs between slices .*{victim.name}"):
+        read_dicom_study(tmp_path / "st")

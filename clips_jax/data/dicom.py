@@ -95,10 +95,50 @@ def _scan_series(folder: Path) -> dict[str, list[tuple[Path, Dataset]]]:
     series: dict[str, list[tuple[Path, Dataset]]] = {}
     for path in _walk_files(folder):
         ds = _read_header(path)
-        if ds is None or "SeriesInstanceUID" not in ds or "Modality" not in ds:
-            continue  # not DICOM, or a DICOMDIR / non-image object
+        if ds is None or _is_dicomdir(ds):
+            continue  # not DICOM, or a DICOMDIR (a directory record, not an object of the study)
+        if "SeriesInstanceUID" not in ds or "Modality" not in ds:
+            # Every composite DICOM object carries both (type 1): without them the file is cut short or damaged.
+            raise DataError(f"{path}: DICOM file without SeriesInstanceUID (0020,000E) or Modality (0008,0060): "
+                            "truncated or damaged; remove it or export the series again")
         series.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
     return series
+
+
+def _is_dicomdir(ds: Dataset) -> bool:
+    """Whether `ds` is a DICOMDIR (Media Storage Directory Storage, SOP class 1.2.840.10008.1.3.10)."""
+    meta = getattr(ds, "file_meta", None)
+    sop = str(getattr(meta, "MediaStorageSOPClassUID", "") if meta is not None else "")
+    return sop == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds
+
+
+SERIES_SUV_TAGS = ("Units", "DecayCorrection", "PatientWeight")
+"""Tags SUV depends on that must agree across the slices of a PET series (with the radiopharmaceutical's dose,
+start time and half-life, `_suv_tags`); per-slice RescaleSlope and acquisition times legitimately differ."""
+
+
+def _suv_tags(ds: Dataset) -> tuple:
+    """The series-level SUV inputs of one slice header: Units, DecayCorrection, PatientWeight, and the first
+    RadiopharmaceuticalInformationSequence item's dose, start (date)time and half-life."""
+    seq = ds.get("RadiopharmaceuticalInformationSequence")
+    info = seq[0] if seq else Dataset()
+    return tuple(str(ds.get(k, "")).strip() for k in SERIES_SUV_TAGS) + tuple(
+        str(info.get(k, "")).strip() for k in ("RadionuclideTotalDose", "RadiopharmaceuticalStartTime",
+                                               "RadiopharmaceuticalStartDateTime", "RadionuclideHalfLife"))
+
+
+def check_series_agree(items: list[tuple[Path, Dataset]], where: str) -> None:
+    """Raise DataError naming two files when the series-level SUV tags (`_suv_tags`) differ between slices."""
+    names = (*SERIES_SUV_TAGS, "RadionuclideTotalDose", "RadiopharmaceuticalStartTime",
+             "RadiopharmaceuticalStartDateTime", "RadionuclideHalfLife")
+    first_path, first = items[0][0], _suv_tags(items[0][1])
+    for path, ds in items[1:]:
+        tags = _suv_tags(ds)
+        if tags != first:
+            k = next(i for i, (a, b) in enumerate(zip(first, tags)) if a != b)
+            raise DataError(f"{where}: {names[k]} differs between slices ({first[k]!r} in {first_path.name}, "
+                            f"{tags[k]!r} in {path.name}); SUV needs one value per series: export the series "
+                            "again or correct the tag")
 
 
 def _series_label(ds: Dataset, n: int | None = None) -> str:
@@ -507,7 +547,8 @@ def read_dicom_study(folder: str | os.PathLike) -> Case:
     if str(pt_h.get("StudyInstanceUID", "")) != str(ct_h.get("StudyInstanceUID", "")):
         logging.warning("%s: PET and CT series come from different studies (StudyInstanceUID %s vs %s)", folder,
                         pt_h.get("StudyInstanceUID", ""), ct_h.get("StudyInstanceUID", ""))
-    # Check the SUV tags on a header before reading any pixels (fail fast).
+    # Check the SUV tags on the headers before reading any pixels (fail fast).
+    check_series_agree(series[pt_uid], pet_label)
     acq = [t for t in (acquisition_datetime(ds) for _, ds in series[pt_uid]) if t is not None]
     earliest = min(acq) if acq else None
     suv_parameters(series[pt_uid][0][1], earliest_acquisition=earliest, where=pet_label)
