@@ -82,6 +82,8 @@ class Options:
         Originals 128x96x96 and 96^3; stage-A tiles must be divisible by 16 (U-Net).
       spacing_mm: stage-A grid spacing (6 mm).
       overwrite: redo studies whose outputs exist (else they are skipped).
+      allow_partial_ct: accept a DICOM CT covering less than 90 % of the PET's axial extent (uncovered PET
+        slices get air; the report's patient section records `ct_coverage`).
     """
 
     tta: bool = False
@@ -92,6 +94,7 @@ class Options:
     stage_b_tile: tuple[int, int, int] = (96, 96, 96)
     spacing_mm: float = 6.0
     overwrite: bool = False
+    allow_partial_ct: bool = False
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
@@ -365,7 +368,7 @@ def predict_study(study: str | Path, out_dir: str | Path, models: Models, option
     from clips_jax.metrics.plots import mip_figure
 
     t0 = time.perf_counter()
-    case = load_study(study)
+    case = load_study(study, allow_partial_ct=options.allow_partial_ct)
     study_id = safe_id(case.case_id)
     paths = output_paths(out_dir, study_id)
     geometry, suv, truth = case.geometry, case.suv, case.seg
@@ -402,11 +405,11 @@ def predict_study(study: str | Path, out_dir: str | Path, models: Models, option
     return report
 
 
-def load_study(path: str | Path):
+def load_study(path: str | Path, *, allow_partial_ct: bool = False):
     """`clips_jax.data.study.load_study` (indirection kept so the loader is imported lazily)."""
     from clips_jax.data.study import load_study as _load
 
-    return _load(path)
+    return _load(path, allow_partial_ct=allow_partial_ct)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -489,6 +492,8 @@ def define_flags(fv) -> None:
     flags.DEFINE_boolean("stage_a_only", False, "skip the refiner: mask = stage-A probability > 0.5 on the PET "
                          "grid (for a fine-tuned 'unet' weights dir without refiner)", **kw)
     flags.DEFINE_boolean("overwrite", False, "redo studies whose outputs exist (default: skip them)", **kw)
+    flags.DEFINE_boolean("allow_partial_ct", False, "accept a DICOM CT covering less than 90 % of the PET's axial "
+                         "extent (uncovered PET slices get air; recorded in the report)", **kw)
     flags.DEFINE_string("stage_a_tile", "128,96,96", "(advanced) stage-A tile Z,Y,X voxels at 6 mm, "
                         "multiples of 16; step = tile / 2", **kw)
     flags.DEFINE_string("stage_b_tile", "96,96,96", "(advanced) stage-B tile Z,Y,X voxels; step = tile / 2", **kw)
@@ -508,6 +513,7 @@ def run_from_flags(fv, out=None, err=None) -> int:
         raise UsageError("--input and --out are required (see --help)")
     options = Options(tta=fv["tta"].value, dtype=fv["dtype"].value, batch_size=fv["batch_size"].value,
                       stage_a_only=fv["stage_a_only"].value, overwrite=fv["overwrite"].value,
+                      allow_partial_ct=fv["allow_partial_ct"].value,
                       stage_a_tile=parse_zyx(fv["stage_a_tile"].value, "stage_a_tile"),
                       stage_b_tile=parse_zyx(fv["stage_b_tile"].value, "stage_b_tile"))
     find_studies(fv["input"].value)  # fail before loading weights when the input is wrong

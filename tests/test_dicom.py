@@ -260,7 +260,7 @@ def _positions_study(folder, z_positions):
     write_series(folder, "PT", p, spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS, tags=pet_tags(),
                  slice_tags=lambda k: {"ImagePositionPatient": [float(PET_ORIGIN_LPS[0]), float(PET_ORIGIN_LPS[1]),
                                                                 float(z_positions[k])]})
-    ct = ct_stored((40, 32, 32))
+    ct = ct_stored((60, 32, 32))  # 1 mm slices from 5 mm below the first PET slice: covers the PET
     write_series(folder, "CT", ct, spacing_zyx=(1.0, 2.0, 2.0), origin_lps=(PET_ORIGIN_LPS[0], PET_ORIGIN_LPS[1],
                                                                           z_positions[0] - 5.0))
     return p
@@ -311,3 +311,20 @@ def test_patient_weight_must_agree_across_slices(tmp_path):
     ds.save_as(victim)
     with pytest.raises(DataError, match=f"PatientWeight differs between slices .*{victim.name}"):
         read_dicom_study(tmp_path / "st")
+
+
+def test_ct_must_cover_the_pet(tmp_path):
+    from clips_jax.errors import DataWarning
+
+    p = pet_stored()  # PET z from 50 to 71 mm
+    d = tmp_path / "far"
+    write_series(d / "PT", "PT", p, spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS, tags=pet_tags())
+    write_series(d / "CT", "CT", ct_stored(), spacing_zyx=(1.5, 2.0, 2.0),
+                 origin_lps=(PET_ORIGIN_LPS[0], PET_ORIGIN_LPS[1], 300.0), intercept=-1024.0)  # another bed range
+    with pytest.raises(DataError, match=r"CT covers 0 % of the PET.*--allow_partial_ct"):
+        read_dicom_study(d)
+    with pytest.warns(DataWarning, match="CT covers 0 %"):
+        case = read_dicom_study(d, allow_partial_ct=True)
+    assert case.meta["ct_coverage"] == 0.0 and np.all(case.ct == -1024.0)
+    write_study(tmp_path / "ok")
+    assert read_dicom_study(tmp_path / "ok").meta["ct_coverage"] == 1.0

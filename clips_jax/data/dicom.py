@@ -519,11 +519,57 @@ def suv_factor(ds: Dataset, *, earliest_acquisition: _dt.datetime | None = None,
 # Study
 
 
-def read_dicom_study(folder: str | os.PathLike) -> Case:
+MIN_CT_COVERAGE = 0.9
+"""Fraction of the PET's axial extent the CT must cover (else an error, or a warning with allow_partial_ct)."""
+
+
+def _axial_range(geom: Geometry, direction: np.ndarray) -> tuple[float, float]:
+    """(lowest, highest) position (mm) along `direction` of the centres of the first and last slice of `geom`."""
+    a = np.asarray(geom.affine, dtype=np.float64)
+    ends = [a @ np.array([0.0, 0.0, k, 1.0]) for k in (0, geom.shape[0] - 1)]
+    p = sorted(float(e[:3] @ direction) for e in ends)
+    return p[0], p[1]
+
+
+def ct_axial_coverage(ct_geom: Geometry, pet_geom: Geometry) -> float:
+    """Fraction (0..1) of the PET's axial extent (first to last slice centre, along the PET's slice axis) that
+    the CT's slice range covers."""
+    a = np.asarray(pet_geom.affine, dtype=np.float64)
+    direction = a[:3, 2] / np.linalg.norm(a[:3, 2])
+    p0, p1 = _axial_range(pet_geom, direction)
+    c0, c1 = _axial_range(ct_geom, direction)
+    if p1 - p0 <= 0:
+        return 1.0 if c0 <= p0 <= c1 else 0.0
+    return max(0.0, min(p1, c1) - max(p0, c0)) / (p1 - p0)
+
+
+def _check_ct_coverage(coverage: float, ct_geom: Geometry, pet_geom: Geometry, where: str, allow: bool) -> None:
+    """DataError (or, with `allow`, a DataWarning) when the CT covers less than MIN_CT_COVERAGE of the PET."""
+    if coverage >= MIN_CT_COVERAGE:
+        return
+    a = np.asarray(pet_geom.affine, dtype=np.float64)
+    direction = a[:3, 2] / np.linalg.norm(a[:3, 2])
+    (p0, p1), (c0, c1) = _axial_range(pet_geom, direction), _axial_range(ct_geom, direction)
+    msg = (f"{where}: the CT covers {100 * coverage:.0f} % of the PET's axial extent (PET {p0:.1f} to {p1:.1f} mm, "
+           f"CT {c0:.1f} to {c1:.1f} mm along the PET slice axis; need {100 * MIN_CT_COVERAGE:.0f} %)")
+    if not allow:
+        raise DataError(msg + "; give the CT of the same bed range, or pass --allow_partial_ct to fill the "
+                              "uncovered PET slices with air")
+    import warnings
+
+    from clips_jax.errors import DataWarning
+
+    warnings.warn(DataWarning(msg + "; the uncovered PET slices get air (-1024 HU), as --allow_partial_ct asks"),
+                  stacklevel=3)
+
+
+def read_dicom_study(folder: str | os.PathLike, *, allow_partial_ct: bool = False) -> Case:
     """Read a DICOM PET/CT study folder into a Case on the PET grid (SUVbw, CT in HU, seg None).
 
     Args:
       folder: directory searched recursively for DICOM files (names and extensions do not matter).
+      allow_partial_ct: accept a CT covering less than MIN_CT_COVERAGE of the PET's axial extent (a warning;
+        the uncovered PET slices get air, -1024 HU; `meta["ct_coverage"]` records the fraction). Default: an error.
     Returns:
       Case(case_id=folder name, ct float32 HU resampled onto the PET grid if needed (outside -1024),
       suv float32, seg=None, geometry=PET grid, meta with patient/series/SUV details).
@@ -563,6 +609,8 @@ def read_dicom_study(folder: str | os.PathLike) -> Case:
         suv = (pet.astype(np.float64) * factor).astype(np.float32)
 
     ct, ct_geom, ct_ds, _ = stack_series(series[ct_uid])
+    coverage = ct_axial_coverage(ct_geom, pet_geom)
+    _check_ct_coverage(coverage, ct_geom, pet_geom, f"{folder}", allow_partial_ct)
     ct_resampled = not ct_geom.same_grid(pet_geom)
     if ct_resampled:
         ct = resample_to_grid(ct, ct_geom, pet_geom, order=1, cval=CT_OUTSIDE_HU)
@@ -586,6 +634,7 @@ def read_dicom_study(folder: str | os.PathLike) -> Case:
         "ct_geometry": ct_geom.to_json(),
         "ct_resampled_to_pet": bool(ct_resampled),
         "pet_slices_resampled": bool(pet_resampled),
+        "ct_coverage": round(float(coverage), 4),
         **params,
     }
     return Case(folder.name, ct, suv, None, pet_geom, meta)

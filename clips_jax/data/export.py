@@ -59,6 +59,8 @@ def define_flags(fv) -> None:
                         "meta.json; SEG.nii.gz if the study has a mask).", flag_values=fv)
     flags.DEFINE_boolean("overwrite", False, "Replace --out if it already exists (only after the new folder is "
                          "complete).", flag_values=fv)
+    flags.DEFINE_boolean("allow_partial_ct", False, "Accept a CT covering less than 90 % of the PET's axial extent "
+                         "(uncovered PET slices get air; meta.json records ct_coverage).", flag_values=fv)
     flags.mark_flags_as_required(["dicom", "out"], flag_values=fv)
 
 
@@ -68,7 +70,7 @@ def run_from_flags(fv) -> int:
     if len(studies) > 1:
         raise DataError(f"{fv['dicom'].value} holds {len(studies)} studies ({', '.join(p.name for p in studies[:5])}"
                         f"{', ...' if len(studies) > 5 else ''}); export them one at a time")
-    case = load_study(studies[0])
+    case = load_study(studies[0], allow_partial_ct=fv["allow_partial_ct"].value)
     try:
         out = export_case(case, fv["out"].value, overwrite=fv["overwrite"].value)
     except FileExistsError as e:

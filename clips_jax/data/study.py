@@ -107,8 +107,11 @@ def load_nifti_study(folder: str | os.PathLike) -> Case:
     return Case(folder.name, ct, suv, seg, geom, meta)
 
 
-def load_study(path: str | os.PathLike) -> Case:
+def load_study(path: str | os.PathLike, *, allow_partial_ct: bool = False) -> Case:
     """Load a study folder of either layout (NIfTI checked first, then DICOM).
+
+    `allow_partial_ct`: accept a DICOM CT covering less than 90 % of the PET's axial extent (a warning; see
+    `dicom.read_dicom_study`).
 
     Raises:
       DataError if `path` is not a directory or is neither layout (message says what is expected).
@@ -120,7 +123,7 @@ def load_study(path: str | os.PathLike) -> Case:
         return load_nifti_study(path)
     mods = dicom_modalities(path)
     if mods:
-        return read_dicom_study(path)  # reports which modality is missing
+        return read_dicom_study(path, allow_partial_ct=allow_partial_ct)  # reports which modality is missing
     raise DataError(f"{path}: not a study folder; {LAYOUT_HELP}")
 
 
