@@ -328,3 +328,13 @@ def test_ct_must_cover_the_pet(tmp_path):
     assert case.meta["ct_coverage"] == 0.0 and np.all(case.ct == -1024.0)
     write_study(tmp_path / "ok")
     assert read_dicom_study(tmp_path / "ok").meta["ct_coverage"] == 1.0
+
+
+def test_units_gml_is_suv_already_and_other_units_are_refused_clearly(tmp_path):
+    p, slopes, _ = write_study(tmp_path / "gml", pet_over={"Units": "GML"})
+    case = read_dicom_study(tmp_path / "gml")
+    np.testing.assert_allclose(case.suv, (p * slopes[:, None, None]).astype(np.float32), rtol=1e-6)
+    assert case.meta["units"] == "GML" and case.meta["suv_factor"] == 1.0 and "SUVbw already" in case.meta["note"]
+    write_study(tmp_path / "cnts", pet_over={"Units": "CNTS"})
+    with pytest.raises(DataError, match="Units .* is 'CNTS'; supported are BQML .* and GML"):
+        read_dicom_study(tmp_path / "cnts")

@@ -414,15 +414,22 @@ def suv_parameters(ds: Dataset, *, earliest_acquisition: _dt.datetime | None = N
                    where: str | None = None) -> dict[str, Any]:
     """All quantities of the SUVbw conversion of one PET slice header, checked; see `suv_factor`.
 
-    Returns a JSON-friendly dict: suv_factor, patient_weight_kg, injected_dose_bq, half_life_s,
-    decay_correction, injection_time, reference_time (ISO strings or None), decay_s, decay_factor.
+    Returns a JSON-friendly dict: units ("BQML" or "GML"), suv_factor, patient_weight_kg, injected_dose_bq,
+    half_life_s, decay_correction, injection_time, reference_time (ISO strings or None), decay_s, decay_factor.
+    Units GML (0054,1001) means the pixels are SUVbw already: factor 1, the dose fields None, plus a "note".
     """
     where = where or _series_label(ds)
     units = str(ds.get("Units", "")).strip().upper()
+    if units == "GML":  # already SUVbw (g/ml), as several research exports ship it: used as is
+        return {"units": "GML", "suv_factor": 1.0, "patient_weight_kg": None, "injected_dose_bq": None,
+                "half_life_s": None, "decay_correction": str(ds.get("DecayCorrection", "")).strip().upper(),
+                "injection_time": None, "reference_time": None, "decay_s": None, "decay_factor": None,
+                "note": "PET Units GML: the images are SUVbw already; used without conversion"}
     if units != "BQML":
         found = repr(units) if units else "missing"
-        raise DataError(f"{where}: PET Units (0054,1001) is {found}; SUVbw needs BQML (Bq/ml) images "
-                        "(use the attenuation-corrected, quantitative PET series)")
+        raise DataError(f"{where}: PET Units (0054,1001) is {found}; supported are BQML (Bq/ml, converted to "
+                        "SUVbw) and GML (already SUVbw). Export the attenuation-corrected, quantitative PET "
+                        "series (not counts or a screen capture)")
     weight = _positive(ds, "PatientWeight", "(0010,1030)", "patient weight", where)
     seq = ds.get("RadiopharmaceuticalInformationSequence")
     if not seq:
@@ -475,6 +482,7 @@ def suv_parameters(ds: Dataset, *, earliest_acquisition: _dt.datetime | None = N
         found = repr(corr) if corr else "missing"
         raise DataError(f"{where}: DecayCorrection (0054,1102) is {found}; supported: START, ADMIN, NONE")
     return {
+        "units": "BQML",
         "suv_factor": weight * 1000.0 / (dose * decay),
         "patient_weight_kg": weight,
         "injected_dose_bq": dose,
@@ -617,7 +625,7 @@ def read_dicom_study(folder: str | os.PathLike, *, allow_partial_ct: bool = Fals
 
     h = pet_ds[0]
     params = suv_parameters(h, earliest_acquisition=earliest, where=pet_label)
-    if corr == "NONE":
+    if corr == "NONE" and params["units"] == "BQML":
         params["suv_factor"] = None  # per slice
     meta = {
         "source": "dicom",
