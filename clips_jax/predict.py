@@ -443,13 +443,16 @@ def run_batch(input_path: str | Path, out_dir: str | Path, models: Models, optio
     Raises:
       DataError if no study is found under `input_path`.
     """
-    from clips_jax.data.study import find_studies
+    from clips_jax.data.study import find_studies, skipped_folders
 
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     studies = find_studies(input_path)
     n = len(studies)
-    result: dict = {"ok": [], "skipped": [], "failed": {}}
+    result: dict = {"ok": [], "skipped": [], "failed": {}, "not_studies": {}}
+    for folder, why in skipped_folders(input_path):
+        print(f"skipped folder {folder}: {why}", file=err, flush=True)
+        result["not_studies"][str(folder)] = why
     progress = _tile_progress(err)
     for i, study in enumerate(studies, 1):
         sid = safe_id(study.name)
@@ -472,8 +475,10 @@ def run_batch(input_path: str | Path, out_dir: str | Path, models: Models, optio
         print(f"[{i}/{n}] {sid} ok, TMTV {s['tmtv_ml']:.1f} ml, {s['lesion_count']} lesion(s), "
               f"{time.perf_counter() - t0:.1f} s", file=out, flush=True)
         result["ok"].append(sid)
+    where = f"outputs in {out_dir}" if Path(out_dir).is_dir() else "no outputs written"
+    not_studies = f"; {len(result['not_studies'])} folder(s) without a study" if result["not_studies"] else ""
     print(f"done: {len(result['ok'])} ok, {len(result['skipped'])} skipped, {len(result['failed'])} failed "
-          f"of {n} stud{'y' if n == 1 else 'ies'}; outputs in {out_dir}", file=out, flush=True)
+          f"of {n} stud{'y' if n == 1 else 'ies'}{not_studies}; {where}", file=out, flush=True)
     return result
 
 

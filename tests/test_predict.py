@@ -299,10 +299,18 @@ def test_batch_with_a_corrupt_study_finishes_the_others_and_resumes(tmp_path, we
         _write_nifti_study(root / name, seed, shape=(24, 32, 32))
     suv = root / "b_bad" / "SUV.nii.gz"
     suv.write_bytes(suv.read_bytes()[:300])  # truncated file
+    (root / "d_ct_only").mkdir()
+    (root / "d_ct_only" / "CTres.nii.gz").write_bytes((root / "a_good" / "CTres.nii.gz").read_bytes())
+    (root / "e_empty").mkdir()
     out = tmp_path / "out"
     argv = ["predict", "--input", str(root), "--weights", str(weights / "cascade"), "--out", str(out), *TILES]
     assert predict.main(argv) == 1
-    text = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    err = captured.err  # every folder that is not a study is listed, with why
+    assert f"skipped folder {root / 'd_ct_only'}: NIfTI files, but not a CT" in err
+    assert f"skipped folder {root / 'e_empty'}: no DICOM or NIfTI study files" in err
+    text = captured.out.splitlines()
+    assert "2 folder(s) without a study" in text[3]
     assert text[0].startswith("[1/3] a_good ok, TMTV") and text[0].endswith(" s")
     assert text[1].startswith("[2/3] b_bad FAILED:") and "SUV.nii.gz" in text[1]
     assert text[2].startswith("[3/3] c_good ok") and "2 ok, 0 skipped, 1 failed of 3" in text[3]

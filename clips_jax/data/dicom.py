@@ -334,6 +334,19 @@ def _resample_slices(vol: np.ndarray, pos: np.ndarray, grid: np.ndarray) -> np.n
     return ((1.0 - w) * vol[i0] + w * vol[i0 + 1]).astype(np.float32)
 
 
+def _pixel_advice(path: Path) -> str:
+    """What to do about pixel data that cannot be decoded: a damaged file for uncompressed transfer syntaxes,
+    a missing codec plugin for compressed ones."""
+    try:
+        ts = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        compressed = bool(ts.is_compressed)
+    except Exception:  # noqa: BLE001 - the advice is a best guess
+        compressed = False
+    if compressed:
+        return "install pydicom's pixel plugins for this compression (pylibjpeg, gdcm) or export uncompressed"
+    return "the file is truncated or damaged (uncompressed pixel data of the wrong length); export the series again"
+
+
 def _read_pixels(items: list[tuple[Path, Dataset]], order: np.ndarray, label: str, rows: int, cols: int):
     """(volume (z, y, x) float32 with each slice's RescaleSlope/Intercept applied, the pixel-free headers in
     volume order). Raises DataError naming the file when pixel data cannot be decoded or has the wrong size."""
@@ -345,8 +358,8 @@ def _read_pixels(items: list[tuple[Path, Dataset]], order: np.ndarray, label: st
             ds = pydicom.dcmread(path)
             pix = ds.pixel_array
         except Exception as e:  # pixel decoding can fail in many ways (codec plugins missing, truncation)
-            raise DataError(f"{path}: {label}: cannot decode pixel data ({type(e).__name__}: {e}); install "
-                            "pydicom's pixel plugins for compressed data or export uncompressed") from e
+            raise DataError(f"{path}: {label}: cannot decode pixel data ({type(e).__name__}: {e}); "
+                            + _pixel_advice(path)) from e
         if pix.shape != (rows, cols):
             raise DataError(f"{path}: {label}: pixel array shape {pix.shape} != Rows x Columns {(rows, cols)}")
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)

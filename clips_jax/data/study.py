@@ -127,6 +127,37 @@ def load_study(path: str | os.PathLike, *, allow_partial_ct: bool = False) -> Ca
     raise DataError(f"{path}: not a study folder; {LAYOUT_HELP}")
 
 
+def why_not_a_study(folder: str | os.PathLike) -> str | None:
+    """None if `folder` is a study (NIfTI or DICOM PET + CT); else why not, in words a user can act on."""
+    folder = Path(folder)
+    if is_nifti_study(folder) or is_dicom_study(folder):
+        return None
+    if any(folder.glob("*.nii*")):
+        return "NIfTI files, but not a CT (CTres.nii.gz or CT.nii.gz) and an SUV (SUV.nii.gz) image"
+    mods = dicom_modalities(folder)
+    if mods == {"CT"} or ("CT" in mods and "PT" not in mods):
+        return "DICOM CT but no PET (PT) series"
+    if "PT" in mods:
+        return "DICOM PET (PT) but no CT series"
+    if mods:
+        return f"DICOM of modalities {sorted(mods)} but no PET (PT) and CT series"
+    return "no DICOM or NIfTI study files"
+
+
+def skipped_folders(root: str | os.PathLike) -> list[tuple[Path, str]]:
+    """The immediate sub-folders of a batch `root` that `find_studies` does not count as studies, with the
+    reason (`why_not_a_study`), so batch commands can list every folder they skip. Empty when `root` itself is
+    one study."""
+    root = Path(root)
+    if not root.is_dir() or is_nifti_study(root):
+        return []
+    studies = find_studies(root)
+    if studies == [root]:
+        return []
+    subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [(p, why_not_a_study(p)) for p in subs if p not in studies]
+
+
 def find_studies(root: str | os.PathLike) -> list[Path]:
     """Study folders under `root`: `root` itself if it is a study, else its immediate sub-folders that are.
 
