@@ -382,7 +382,7 @@ def predict_study(study: str | Path, out_dir: str | Path, models: Models, option
     save_nifti(paths["seg"], seg.mask, geometry, dtype=np.uint8)
     stats = mask_statistics(seg.mask, suv, geometry.spacing_mm)
     title = f"{study_id}: TMTV {stats['tmtv_ml']:.1f} ml, {stats['lesion_count']} lesion(s)"
-    mip_figure(suv, np.zeros(seg.mask.shape, bool) if truth is None else truth, seg.mask, geometry.spacing_mm,
+    mip_figure(suv, truth, seg.mask, geometry.spacing_mm,
                paths["png"], title=title)
     report = {
         "study_id": study_id, "input": str(study),

@@ -90,7 +90,8 @@ def mip_figure(suv: np.ndarray, truth: np.ndarray, pred: np.ndarray, spacing_mm,
     """Coronal and sagittal PET MIPs with ground-truth (green) and prediction (red) outlines.
 
     Args:
-      suv: (z, y, x) SUV volume; truth, pred: (z, y, x) boolean masks on the same grid.
+      suv: (z, y, x) SUV volume; truth, pred: (z, y, x) boolean masks on the same grid (truth None: no
+        ground truth, the legend then names the prediction only).
       spacing_mm: (z, y, x) in mm, used for the pixel aspect ratio.
       path: target PNG. title: figure title (e.g. the case id).
     Axis z is drawn upwards (head at the top when z increases towards the head, as in RAS NIfTI).
@@ -103,11 +104,14 @@ def mip_figure(suv: np.ndarray, truth: np.ndarray, pred: np.ndarray, spacing_mm,
         ax.imshow(suv.max(axis=axis), cmap="gray_r", origin="lower", aspect=aspect, vmin=0,
                   vmax=max(vmax, 1e-6), interpolation="nearest")
         for mask, colour in ((truth, "lime"), (pred, "red")):
+            if mask is None:
+                continue
             proj = np.asarray(mask, dtype=bool).any(axis=axis)
             if proj.any() and not proj.all():
                 ax.contour(proj.astype(np.float32), levels=[0.5], colors=colour, linewidths=0.8,
                            origin="lower")
         ax.set_title(name)
         ax.set_axis_off()
-    fig.suptitle(f"{title}  (green: truth, red: prediction)")
+    legend = "red: prediction" if truth is None else "green: truth, red: prediction"
+    fig.suptitle(f"{title}  ({legend})")
     return _save(fig, path)
