@@ -24,7 +24,7 @@ def status_gib(key: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024 ** 2
+                return int(line.split()[1]) / 1024**2
     except OSError:
         pass
     return None
@@ -33,7 +33,7 @@ def status_gib(key: str) -> float | None:
 def peak_rss_gib() -> float:
     """Peak resident set size of this process in GiB (VmHWM, else getrusage's ru_maxrss in KiB on Linux)."""
     v = status_gib("VmHWM")
-    return v if v is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    return v if v is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def load_avg() -> str:

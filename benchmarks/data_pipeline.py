@@ -110,21 +110,38 @@ def device_breakdown(dstore, patch, log=print, repeats: int = 3) -> dict:
     def t(name, f, *a):
         out[name] = 1000 * _timeit(lambda: jax.block_until_ready(f(*a)), repeats)
 
-    t("draw params (batch 2)", jax.jit(functools.partial(dv.draw_params, batch_size=2, patch_shape=patch)),
-      jax.random.key(0), jnp.ones(dstore.num_cases), dstore)
+    t(
+        "draw params (batch 2)",
+        jax.jit(functools.partial(dv.draw_params, batch_size=2, patch_shape=patch)),
+        jax.random.key(0),
+        jnp.ones(dstore.num_cases),
+        dstore,
+    )
     t("plain crop", plain, dstore)
     t("affine crop", affine, dstore)
     for name, f, p in zip(dv.INTENSITY_STEPS, dv._INTENSITY_FNS, (0.8, 1.1, 1.1, 0.7, 1.2, 1.2)):
         t(name, jax.jit(f), suv, jnp.float32(p))
     t("channels", jax.jit(make_channels_jnp), img[..., 0], suv)
-    log("device breakdown (ms per element, each stage jitted alone): "
-        + ", ".join(f"{k} {v:.1f}" for k, v in out.items()))
+    log(
+        "device breakdown (ms per element, each stage jitted alone): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in out.items())
+    )
     return out
 
 
-def compare(*, small: bool = False, cache_dir=None, cases: int | None = None, batches: int | None = None,
-            rounds: int | None = None, batch_size: int = 2, host_workers: int = 0, breakdown: bool | None = None,
-            in_loop: bool | None = None, log=print) -> dict:
+def compare(
+    *,
+    small: bool = False,
+    cache_dir=None,
+    cases: int | None = None,
+    batches: int | None = None,
+    rounds: int | None = None,
+    batch_size: int = 2,
+    host_workers: int = 0,
+    breakdown: bool | None = None,
+    in_loop: bool | None = None,
+    log=print,
+) -> dict:
     """Crops per second of the host pipeline and the device path on the same store; prints, and returns
     `{"host": crops/s, "device": crops/s, "ratio": device / host, ...}`.
 
@@ -147,13 +164,26 @@ def compare(*, small: bool = False, cache_dir=None, cases: int | None = None, ba
     store = prepared_store(cache_dir, cases, cfg["phantom_size"], cfg["spacing_mm"], log=log)
     idx = np.arange(cases)
     w = np.ones(cases)
-    log(f"store: {cases} cases, grids {sorted({store.geometry(int(i)).shape for i in idx})} at 6 mm; patch {patch}, "
+    log(
+        f"store: {cases} cases, grids {sorted({store.geometry(int(i)).shape for i in idx})} at 6 mm; patch {patch}, "
         f"batch {batch_size}, p_foreground 0.3, p_hot_negative 0.1, augmentations on (defaults); {rounds} rounds of "
-        f"{batches} batches per path, alternating")
+        f"{batches} batches per path, alternating"
+    )
     kw = dict(p_foreground=0.3, p_hot_negative=0.1)
 
-    it = make_train_iterator(store, w, seed=0, stage=0, batch_size=batch_size, patch_shape=patch,
-                             num_workers=host_workers, case_indices=idx, process_index=0, process_count=1, **kw)
+    it = make_train_iterator(
+        store,
+        w,
+        seed=0,
+        stage=0,
+        batch_size=batch_size,
+        patch_shape=patch,
+        num_workers=host_workers,
+        case_indices=idx,
+        process_index=0,
+        process_count=1,
+        **kw,
+    )
     t0 = time.perf_counter()
     next(it)
     t_first = time.perf_counter() - t0
@@ -163,8 +193,9 @@ def compare(*, small: bool = False, cache_dir=None, cases: int | None = None, ba
     jax.block_until_ready(dstore)
     t_build = time.perf_counter() - t0
     # the store is an argument, not a closure (a closed-over array would be baked into the executable)
-    fn = jax.jit(lambda k, ww, d: dv.sample_batch(k, ww, d, batch_size=batch_size, patch_shape=patch,
-                                                  augment=True, **kw))
+    fn = jax.jit(
+        lambda k, ww, d: dv.sample_batch(k, ww, d, batch_size=batch_size, patch_shape=patch, augment=True, **kw)
+    )
     key = jax.random.key(0)
     wj = jax.numpy.asarray(w, jax.numpy.float32)
     t0 = time.perf_counter()
@@ -189,14 +220,24 @@ def compare(*, small: bool = False, cache_dir=None, cases: int | None = None, ba
     # simulation takes ~0.8 s per patch at p = 0.1), so a round's rate depends on what it drew
     host = rounds / float(np.sum(1.0 / np.asarray(host_rates)))
     device = rounds / float(np.sum(1.0 / np.asarray(dev_rates)))
-    log(f"host  (grain, workers={host_workers}): first batch {t_first:.2f} s, then {host:.2f} crops/s "
-        f"({batch_size / host * 1000:.0f} ms/batch; rounds {', '.join(f'{v:.2f}' for v in host_rates)})")
-    log(f"device ({jax.devices()[0].platform}, jit, warm, one call per batch): store {dstore.nbytes / 2 ** 20:.0f} MiB "
-        f"built in {t_build:.2f} s (estimate {dv.device_store_bytes(store, idx) / 2 ** 20:.0f} MiB), compile "
+    log(
+        f"host  (grain, workers={host_workers}): first batch {t_first:.2f} s, then {host:.2f} crops/s "
+        f"({batch_size / host * 1000:.0f} ms/batch; rounds {', '.join(f'{v:.2f}' for v in host_rates)})"
+    )
+    log(
+        f"device ({jax.devices()[0].platform}, jit, warm, one call per batch): store {dstore.nbytes / 2**20:.0f} MiB "
+        f"built in {t_build:.2f} s (estimate {dv.device_store_bytes(store, idx) / 2**20:.0f} MiB), compile "
         f"{t_compile:.2f} s, then {device:.2f} crops/s ({batch_size / device * 1000:.0f} ms/batch; rounds "
-        f"{', '.join(f'{v:.2f}' for v in dev_rates)})")
-    out = {"host": host, "device": device, "ratio": device / host, "compile_s": t_compile,
-           "host_rounds": host_rates, "device_rounds": dev_rates}
+        f"{', '.join(f'{v:.2f}' for v in dev_rates)})"
+    )
+    out = {
+        "host": host,
+        "device": device,
+        "ratio": device / host,
+        "compile_s": t_compile,
+        "host_rounds": host_rates,
+        "device_rounds": dev_rates,
+    }
     if in_loop:
         out["device_in_loop"] = _in_loop(dstore, key, wj, patch, batch_size, batches, kw, log)
         log(f"ratio device-in-loop/host: {out['device_in_loop'] / host:.2f}")
@@ -217,9 +258,13 @@ def _in_loop(dstore, key, wj, patch, batch_size, batches, kw, log) -> float:
 
     def loop(k, ww, d):
         def body(i, acc):
-            b = lax.optimization_barrier(dv.sample_batch(jax.random.fold_in(k, i), ww, d, batch_size=batch_size,
-                                                         patch_shape=patch, augment=True, **kw))
+            b = lax.optimization_barrier(
+                dv.sample_batch(
+                    jax.random.fold_in(k, i), ww, d, batch_size=batch_size, patch_shape=patch, augment=True, **kw
+                )
+            )
             return acc + b["image"][:, 0, 0, 0, 0].sum() + b["label"][:, 0, 0, 0].sum()
+
         return lax.fori_loop(0, batches, body, jnp.float32(0))
 
     looped = jax.jit(loop)
@@ -228,8 +273,10 @@ def _in_loop(dstore, key, wj, patch, batch_size, batches, kw, log) -> float:
     jax.block_until_ready(looped(jax.random.fold_in(key, 30_000), wj, dstore))
     loop_dt = time.perf_counter() - t1
     in_loop = batch_size * batches / loop_dt
-    log(f"device, {batches} batches inside one jitted fori_loop (as in a compiled train loop): {in_loop:.2f} crops/s "
-        f"({loop_dt / batches * 1000:.0f} ms/batch)")
+    log(
+        f"device, {batches} batches inside one jitted fori_loop (as in a compiled train loop): {in_loop:.2f} crops/s "
+        f"({loop_dt / batches * 1000:.0f} ms/batch)"
+    )
     return in_loop
 
 
@@ -246,7 +293,7 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
+        return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):
         return False
 
@@ -255,8 +302,10 @@ def _header():
     import jax
     import numpy as np
 
-    print(f"machine: {platform.node()} {cpu_model()}, {os.cpu_count()} CPUs, load {_load()}, python "
-          f"{platform.python_version()}, numpy {np.__version__}, jax {jax.__version__} ({jax.devices()[0]})")
+    print(
+        f"machine: {platform.node()} {cpu_model()}, {os.cpu_count()} CPUs, load {_load()}, python "
+        f"{platform.python_version()}, numpy {np.__version__}, jax {jax.__version__} ({jax.devices()[0]})"
+    )
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
 
 
@@ -269,10 +318,15 @@ def main(argv):
         if f.keep_freed_memory:
             print(f"keep_freed_memory (mallopt): {keep_freed_memory()}")
         _header()
-        compare(small=f.small, cache_dir=f.cache_dir or None, cases=f.cases if f["cases"].present else None,
-                batches=f.batches if f["batches"].present else None,
-                rounds=f.rounds if f["rounds"].present else None, batch_size=f.batch_size,
-                host_workers=int(f.workers.split(",")[0]))
+        compare(
+            small=f.small,
+            cache_dir=f.cache_dir or None,
+            cases=f.cases if f["cases"].present else None,
+            batches=f.batches if f["batches"].present else None,
+            rounds=f.rounds if f["rounds"].present else None,
+            batch_size=f.batch_size,
+            host_workers=int(f.workers.split(",")[0]),
+        )
         return
 
     import numpy as np
@@ -282,8 +336,10 @@ def main(argv):
     from clips_jax.data.prepare import prepare_dataset
     from clips_jax.data.store import CaseStore
 
-    print(f"machine: {platform.node()} {platform.machine()} {platform.processor() or ''}, "
-          f"{os.cpu_count()} CPUs, python {platform.python_version()}, numpy {np.__version__}")
+    print(
+        f"machine: {platform.node()} {platform.machine()} {platform.processor() or ''}, "
+        f"{os.cpu_count()} CPUs, python {platform.python_version()}, numpy {np.__version__}"
+    )
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     tmp = Path(tempfile.mkdtemp(prefix="clips_bench_"))
     try:
@@ -296,25 +352,40 @@ def main(argv):
             t2 = time.perf_counter()
             gen.append(t1 - t0)
             write.append(t2 - t1)
-        print(f"phantom full {ph.ct.shape}: generation {np.mean(gen):.2f} s/case (min {np.min(gen):.2f}), "
-              f"NIfTI writing {np.mean(write):.2f} s/case, {f.cases} cases")
+        print(
+            f"phantom full {ph.ct.shape}: generation {np.mean(gen):.2f} s/case (min {np.min(gen):.2f}), "
+            f"NIfTI writing {np.mean(write):.2f} s/case, {f.cases} cases"
+        )
         t0 = time.perf_counter()
         prepare_dataset(tmp / "data", tmp / "cache", spacing_mm=6.0, log=lambda m: None)
         store = CaseStore(tmp / "cache")
-        print(f"prepare (load + measures + resample to 6 mm + store): "
-              f"{(time.perf_counter() - t0) / f.cases:.2f} s/case, stored grid {store.geometry(0).shape}")
+        print(
+            f"prepare (load + measures + resample to 6 mm + store): "
+            f"{(time.perf_counter() - t0) / f.cases:.2f} s/case, stored grid {store.geometry(0).shape}"
+        )
         for nw in [int(v) for v in f.workers.split(",")]:
-            it = make_train_iterator(store, np.ones(len(store)), seed=0, stage=0, batch_size=2,
-                                     patch_shape=(128, 96, 96), num_workers=nw, p_foreground=0.3,
-                                     process_index=0, process_count=1)
+            it = make_train_iterator(
+                store,
+                np.ones(len(store)),
+                seed=0,
+                stage=0,
+                batch_size=2,
+                patch_shape=(128, 96, 96),
+                num_workers=nw,
+                p_foreground=0.3,
+                process_index=0,
+                process_count=1,
+            )
             t0 = time.perf_counter()
             next(it)
             t1 = time.perf_counter()
             for _ in range(f.batches):
                 next(it)
             dt = time.perf_counter() - t1
-            print(f"pipeline workers={nw}: first batch {t1 - t0:.2f} s, then {2 * f.batches / dt:.2f} crops/s "
-                  f"({dt / f.batches * 1000:.0f} ms/batch of 2 x 128x96x96x5, augmentations on)")
+            print(
+                f"pipeline workers={nw}: first batch {t1 - t0:.2f} s, then {2 * f.batches / dt:.2f} crops/s "
+                f"({dt / f.batches * 1000:.0f} ms/batch of 2 x 128x96x96x5, augmentations on)"
+            )
             del it
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -328,10 +399,15 @@ if __name__ == "__main__":
     flags.DEFINE_string("workers", "0,2", "comma-separated worker counts (--compare: the host uses the first)")
     flags.DEFINE_bool("compare", False, "host pipeline vs device path (clips_jax.data.device), same run")
     flags.DEFINE_bool("small", False, "with --compare: tiny phantoms and crops (seconds)")
-    flags.DEFINE_string("cache_dir", "", "with --compare: phantom/store cache "
-                        "(default: <temp>/clips_jax_bench_phantoms)")
-    flags.DEFINE_bool("keep_freed_memory", False, "with --compare: glibc mallopt so that freed memory is reused "
-                      "instead of unmapped (see keep_freed_memory; both paths)")
+    flags.DEFINE_string(
+        "cache_dir", "", "with --compare: phantom/store cache (default: <temp>/clips_jax_bench_phantoms)"
+    )
+    flags.DEFINE_bool(
+        "keep_freed_memory",
+        False,
+        "with --compare: glibc mallopt so that freed memory is reused "
+        "instead of unmapped (see keep_freed_memory; both paths)",
+    )
     flags.DEFINE_integer("rounds", 3, "with --compare: alternating rounds per path (--small: 1 unless given)")
     flags.DEFINE_integer("batch_size", 2, "with --compare: crops per batch (both paths)")
     app.run(main)

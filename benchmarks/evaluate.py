@@ -32,13 +32,14 @@ def make_case(seed: int = 0):
     for _ in range(5):
         c = rng.uniform([10, 15, 15], [50, 65, 65])
         r = rng.uniform(8, 20, 3)
-        region |= (((z - c[0]) * 3.0 / r[0]) ** 2 + ((y - c[1]) * 2.036 / r[1]) ** 2
-                   + ((x - c[2]) * 2.036 / r[2]) ** 2) <= 1
+        region |= (
+            ((z - c[0]) * 3.0 / r[0]) ** 2 + ((y - c[1]) * 2.036 / r[1]) ** 2 + ((x - c[2]) * 2.036 / r[2]) ** 2
+        ) <= 1
     truth[130:190, 160:240, 150:230] = region
     pred = ndimage.binary_dilation(truth, iterations=1)
     lab, n = ndimage.label(truth)
-    pred[lab == n] = False                       # one lesion missed
-    pred[150:156, 100:106, 100:106] = True       # one false positive
+    pred[lab == n] = False  # one lesion missed
+    pred[150:156, 100:106, 100:106] = True  # one false positive
     suv = rng.gamma(2.0, 0.6, SHAPE).astype(np.float32)
     suv[truth] += 6.0
     return pred, truth, suv
@@ -58,8 +59,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    print(f"machine: {platform.node()} {platform.machine()} {platform.processor() or ''} "
-          f"{os.cpu_count()} CPUs, python {platform.python_version()}")
+    print(
+        f"machine: {platform.node()} {platform.machine()} {platform.processor() or ''} "
+        f"{os.cpu_count()} CPUs, python {platform.python_version()}"
+    )
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     pred, truth, suv = make_case()
     print(f"case: {SHAPE} voxels at {SPACING} mm, truth {truth.sum()} voxels, pred {pred.sum()} voxels")
@@ -79,10 +82,12 @@ def main():
         mm.compute_dice(p.float(), t.float(), include_background=True)
         mm.compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=SPACING)
         mm.compute_average_surface_distance(p, t, include_background=True, symmetric=True, spacing=SPACING)
-        mm.compute_surface_dice(p, t, class_thresholds=[5.0], include_background=True, spacing=SPACING,
-                                use_subvoxels=True)
+        mm.compute_surface_dice(
+            p, t, class_thresholds=[5.0], include_background=True, spacing=SPACING, use_subvoxels=True
+        )
 
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         med, best = timeit(monai_all, max(1, args.repeats // 2))

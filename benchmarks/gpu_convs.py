@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def _conv_items(fn, *args) -> list[dict]:
     """Distinct `conv_general_dilated` equations of `fn(*args)` (nested jaxprs included) with their counts."""
     import jax
-
     from _flops import _conv_flops, _sub_jaxprs
 
     found: dict[tuple, dict] = {}
@@ -51,13 +50,30 @@ def _conv_items(fn, *args) -> list[dict]:
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "conv_general_dilated":
                 p = eqn.params
-                key = (tuple(eqn.invars[0].aval.shape), tuple(eqn.invars[1].aval.shape), tuple(p["window_strides"]),
-                       tuple(map(tuple, p["padding"])), tuple(p["lhs_dilation"]), tuple(p["rhs_dilation"]),
-                       str(eqn.invars[0].aval.dtype))
-                item = found.setdefault(key, {"lhs": key[0], "rhs": key[1], "strides": key[2], "padding": key[3],
-                                              "lhs_dilation": key[4], "rhs_dilation": key[5], "dtype": key[6],
-                                              "dimension_numbers": p["dimension_numbers"],
-                                              "gflop": _conv_flops(eqn) / 1e9, "count": 0})
+                key = (
+                    tuple(eqn.invars[0].aval.shape),
+                    tuple(eqn.invars[1].aval.shape),
+                    tuple(p["window_strides"]),
+                    tuple(map(tuple, p["padding"])),
+                    tuple(p["lhs_dilation"]),
+                    tuple(p["rhs_dilation"]),
+                    str(eqn.invars[0].aval.dtype),
+                )
+                item = found.setdefault(
+                    key,
+                    {
+                        "lhs": key[0],
+                        "rhs": key[1],
+                        "strides": key[2],
+                        "padding": key[3],
+                        "lhs_dilation": key[4],
+                        "rhs_dilation": key[5],
+                        "dtype": key[6],
+                        "dimension_numbers": p["dimension_numbers"],
+                        "gflop": _conv_flops(eqn) / 1e9,
+                        "count": 0,
+                    },
+                )
                 item["count"] += 1
             for v in eqn.params.values():
                 for j in _sub_jaxprs(v):
@@ -100,8 +116,15 @@ def _conv_fn(item: dict, train: bool, variant: str):
             extra = int(variant.rsplit("_", 1)[1]) - x.shape[-1]
             x = jnp.pad(x, ((0, 0),) * 4 + ((0, extra),))
             w = jnp.pad(w, ((0, 0),) * 3 + ((0, extra), (0, 0)))
-        return jax.lax.conv_general_dilated(x, w, strides, pad, lhs_dilation=item["lhs_dilation"],
-                                            rhs_dilation=item["rhs_dilation"], dimension_numbers=dn)
+        return jax.lax.conv_general_dilated(
+            x,
+            w,
+            strides,
+            pad,
+            lhs_dilation=item["lhs_dilation"],
+            rhs_dilation=item["rhs_dilation"],
+            dimension_numbers=dn,
+        )
 
     if not train:
         return conv
@@ -144,9 +167,12 @@ def _time_conv(it: dict, train: bool, repeats: int) -> dict:
     plain = row["variants"]["plain"].get("ms", math.nan)
     row["total_ms"] = plain * it["count"]
     row["tflop_per_s"] = (3.0 if train else 1.0) * it["gflop"] / plain if plain > 0 else math.nan
-    print(f"  {it['count']}x {tuple(it['lhs'])} * {tuple(it['rhs'])} s{tuple(it['strides'])}: "
-          + ", ".join(f"{k} {v.get('ms', float('nan')):.3f} ms" for k, v in row["variants"].items())
-          + f"  ({row['tflop_per_s']:.1f} TFLOP/s)", flush=True)
+    print(
+        f"  {it['count']}x {tuple(it['lhs'])} * {tuple(it['rhs'])} s{tuple(it['strides'])}: "
+        + ", ".join(f"{k} {v.get('ms', float('nan')):.3f} ms" for k, v in row["variants"].items())
+        + f"  ({row['tflop_per_s']:.1f} TFLOP/s)",
+        flush=True,
+    )
     return row
 
 
@@ -166,12 +192,15 @@ def workloads(small: bool):
     out = []
     for dtype in ("bfloat16", "float32"):
         dt = jnp.dtype(dtype)
-        for name, cls, cfg, shape, train in (("refiner_fwd", "Refiner", refiner, (1, *t_b, 6), False),
-                                             ("unet_fwd", "UNet", unet, (1, *t_a, 5), False),
-                                             ("unet_train", "UNet", unet, (2, *t_a, 5), True)):
+        for name, cls, cfg, shape, train in (
+            ("refiner_fwd", "Refiner", refiner, (1, *t_b, 6), False),
+            ("unet_fwd", "UNet", unet, (1, *t_a, 5), False),
+            ("unet_train", "UNet", unet, (2, *t_a, 5), True),
+        ):
             model = abstract_model(cls, cfg, dtype=dt)
             g, s = nnx.split(model)
             x = jax.ShapeDtypeStruct(shape, jnp.float32)
+
             def fwd(s, v, g=g):
                 return nnx.merge(g, s)(v)
 
@@ -196,10 +225,16 @@ def run(small: bool, repeats: int, budget_s: float) -> dict:
     import jax
 
     t_start = time.perf_counter()
-    doc = {"script": "benchmarks/gpu_convs.py", "command": " ".join(sys.argv),
-           "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-           "workloads": {}, "skipped": []}
+    doc = {
+        "script": "benchmarks/gpu_convs.py",
+        "command": " ".join(sys.argv),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "workloads": {},
+        "skipped": [],
+    }
     for name, train, fn, fwd, abstract in workloads(small):
         if time.perf_counter() - t_start > budget_s:
             doc["skipped"].append(name)
@@ -207,8 +242,10 @@ def run(small: bool, repeats: int, budget_s: float) -> dict:
         args = _materialise(abstract)
         compile_s, whole_ms = _time(fn, args, repeats)
         items = _conv_items(fwd, *abstract)  # a train workload times each forward convolution with its vjp
-        print(f"{name}: whole {whole_ms:.2f} ms (compile {compile_s:.1f} s), {len(items)} distinct convolutions",
-              flush=True)
+        print(
+            f"{name}: whole {whole_ms:.2f} ms (compile {compile_s:.1f} s), {len(items)} distinct convolutions",
+            flush=True,
+        )
         convs = []
         for it in items:
             if time.perf_counter() - t_start > budget_s:
@@ -216,10 +253,16 @@ def run(small: bool, repeats: int, budget_s: float) -> dict:
                 continue
             convs.append(_time_conv(it, train, repeats))
         conv_ms = sum(r["total_ms"] for r in convs)
-        doc["workloads"][name] = {"whole_ms": whole_ms, "compile_s": compile_s, "conv_sum_ms": conv_ms,
-                                  "rest_ms": whole_ms - conv_ms, "convs": convs}
-        print(f"  -> convolutions {conv_ms:.2f} ms of {whole_ms:.2f} ms; the rest {whole_ms - conv_ms:.2f} ms",
-              flush=True)
+        doc["workloads"][name] = {
+            "whole_ms": whole_ms,
+            "compile_s": compile_s,
+            "conv_sum_ms": conv_ms,
+            "rest_ms": whole_ms - conv_ms,
+            "convs": convs,
+        }
+        print(
+            f"  -> convolutions {conv_ms:.2f} ms of {whole_ms:.2f} ms; the rest {whole_ms - conv_ms:.2f} ms", flush=True
+        )
     doc["wall_s"] = time.perf_counter() - t_start
     return doc
 

@@ -84,8 +84,10 @@ def main() -> None:
     vol = np.random.default_rng(0).random(tuple(shape) + (c_in,), dtype=np.float32)
     padded = [n + sum(pd) for n, pd in zip(shape, inf.pad_to_multiple(shape, tile))]
     n_tiles = len(inf.tile_origins(padded, tile, step)) * (8 if a.tta else 1)
-    print(f"model={a.model} volume={tuple(shape)}x{c_in} tile={tuple(tile)} step={tuple(step)} "
-          f"tiles={n_tiles} tta={a.tta}")
+    print(
+        f"model={a.model} volume={tuple(shape)}x{c_in} tile={tuple(tile)} step={tuple(step)} "
+        f"tiles={n_tiles} tta={a.tta}"
+    )
     print(f"{'dtype':>9} {'batch':>5} {'first s':>8} {'s/volume':>9} {'tiles/s':>8} {'Mvox/s':>7}")
     for dtype in a.dtypes.split(","):
         model = build(a.model, c_in, model_dtype(dtype))
@@ -101,8 +103,10 @@ def main() -> None:
                 inf.tiled_inference(vol, pred, **kw)
                 times.append(time.perf_counter() - t0)
             best = min(times)
-            print(f"{dtype:>9} {bs:>5} {first:8.2f} {best:9.3f} {n_tiles / best:8.2f} "
-                  f"{np.prod(shape) / best / 1e6:7.2f}", flush=True)
+            print(
+                f"{dtype:>9} {bs:>5} {first:8.2f} {best:9.3f} {n_tiles / best:8.2f} {np.prod(shape) / best / 1e6:7.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

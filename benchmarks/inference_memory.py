@@ -28,8 +28,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clips_jax import inference as inf  # noqa: E402
 from _machine import peak_rss_gib, status_gib  # noqa: E402
+
+from clips_jax import inference as inf  # noqa: E402
 
 _MIX = np.array([[0.3, -0.2], [0.1, 0.4], [-0.5, 0.2], [0.2, 0.1], [0.0, 0.3], [-0.1, 0.6]], np.float32)
 
@@ -44,7 +45,7 @@ def make_volume(shape: tuple[int, int, int], channels: int, seed: int = 0, slab:
     rng = np.random.default_rng(seed)
     vol = np.empty(tuple(shape) + (channels,), np.float32)
     for z0 in range(0, shape[0], slab):
-        vol[z0:z0 + slab] = rng.random(vol[z0:z0 + slab].shape, dtype=np.float32)
+        vol[z0 : z0 + slab] = rng.random(vol[z0 : z0 + slab].shape, dtype=np.float32)
     return vol
 
 
@@ -59,8 +60,10 @@ def main() -> None:
     tile = tuple(int(v) for v in args.tile.split(","))
     step = tuple(t // 2 for t in tile)
 
-    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    print(
+        f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}"
+    )
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"module: {inf.__file__}")
     kw = dict(tile_shape=tile, step=step, batch_size=args.batch_size, tta=args.tta)
@@ -68,13 +71,15 @@ def main() -> None:
     vol = make_volume(shape, 6)
     before = peak_rss_gib()
     rss_now = status_gib("VmRSS")
-    print(f"volume {vol.shape} float32 = {vol.nbytes / 1024 ** 3:.2f} GiB; tile {tile}, step {step}, "
-          f"batch {args.batch_size}, tta {args.tta}")
+    print(
+        f"volume {vol.shape} float32 = {vol.nbytes / 1024**3:.2f} GiB; tile {tile}, step {step}, "
+        f"batch {args.batch_size}, tta {args.tta}"
+    )
     t0 = time.perf_counter()
     probs = inf.tiled_inference(vol, linear_predictor, **kw)
     seconds = time.perf_counter() - t0
     peak = peak_rss_gib()
-    print(f"output {probs.shape} {probs.dtype} = {probs.nbytes / 1024 ** 3:.2f} GiB; pass {seconds:.1f} s")
+    print(f"output {probs.shape} {probs.dtype} = {probs.nbytes / 1024**3:.2f} GiB; pass {seconds:.1f} s")
     print(f"RSS before the pass (input + runtime): {rss_now if rss_now is not None else before:.2f} GiB")
     print(f"peak RSS (VmHWM) after the pass:       {peak:.2f} GiB")
     print(f"peak increase during the pass:         {peak - (rss_now if rss_now is not None else before):.2f} GiB")

@@ -66,10 +66,13 @@ def main() -> None:
         try:
             import torch
             import torch_reference as tr
+
             cuda = torch.cuda.is_available()
             tdev = "cuda" if cuda else "cpu"
-            print(f"torch    {torch.__version__} on {tdev}"
-                  + (f" ({torch.cuda.get_device_name(0)})" if cuda else f", {torch.get_num_threads()} threads"))
+            print(
+                f"torch    {torch.__version__} on {tdev}"
+                + (f" ({torch.cuda.get_device_name(0)})" if cuda else f", {torch.get_num_threads()} threads")
+            )
         except ImportError:
             print("torch    not installed: timing ours only")
             torch = None
@@ -83,8 +86,7 @@ def main() -> None:
         x = rng.random(shape, dtype=np.float32)
         # abstract build + numpy random fill: eager Flax init of the full ensemble takes ~45 s on 2 cores
         model = abstract_model("Ensemble" if name == "ensemble" else "Refiner", {})
-        params = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32),
-                              param_dict(model))
+        params = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32), param_dict(model))
         params_state = nnx.state(model, nnx.Param)
         nnx.replace_by_pure_dict(params_state, params)
         nnx.update(model, params_state)
@@ -108,8 +110,10 @@ def main() -> None:
         for ac in modes:
             first_t, t = timed(lambda: run(ac), args.repeats)
             label = "torch+autocast" if ac else "torch fp32"
-            print(f"{name:9s} {'x'.join(map(str, shape))}  {label:14s} first {first_t:8.2f}  median {t:8.3f}  "
-                  f"ratio torch/ours {t / ours:6.2f}")
+            print(
+                f"{name:9s} {'x'.join(map(str, shape))}  {label:14s} first {first_t:8.2f}  median {t:8.3f}  "
+                f"ratio torch/ours {t / ours:6.2f}"
+            )
         del net
 
 

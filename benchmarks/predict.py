@@ -47,21 +47,32 @@ def main() -> None:
 
     shape = tuple(int(v) for v in a.size.lower().split("x"))
     spacing = tuple(float(v) for v in a.spacing.split(","))
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"jax {jax.__version__} backend {jax.default_backend()} {jax.devices()[0].device_kind}")
+    print(
+        f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"jax {jax.__version__} backend {jax.default_backend()} {jax.devices()[0].device_kind}"
+    )
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"study {shape} voxels (z, y, x) at {spacing} mm; dtype {a.dtype}; batch {a.batch_size}; "
-          f"stage-B tile {a.stage_b_tile}; stage-A only {a.stage_a_only}")
+    print(
+        f"study {shape} voxels (z, y, x) at {spacing} mm; dtype {a.dtype}; batch {a.batch_size}; "
+        f"stage-B tile {a.stage_b_tile}; stage-A only {a.stage_a_only}"
+    )
     t = time.perf_counter()
     from clips_jax.model.layers import model_dtype
 
     mdtype = model_dtype(a.dtype)
-    models = predict.Models.from_modules(Ensemble(4, dtype=mdtype, rngs=nnx.Rngs(0)),
-                                         None if a.stage_a_only else Refiner(dtype=mdtype, rngs=nnx.Rngs(1)),
-                                         {"weights_dir": "random (benchmark)"})
+    models = predict.Models.from_modules(
+        Ensemble(4, dtype=mdtype, rngs=nnx.Rngs(0)),
+        None if a.stage_a_only else Refiner(dtype=mdtype, rngs=nnx.Rngs(1)),
+        {"weights_dir": "random (benchmark)"},
+    )
     print(f"models built in {time.perf_counter() - t:.1f} s; peak RSS {peak_rss_gib():.2f} GiB")
-    opts = predict.Options(dtype=a.dtype, batch_size=a.batch_size, stage_a_only=a.stage_a_only,
-                           stage_b_tile=tuple(int(v) for v in a.stage_b_tile.split(",")), overwrite=True)
+    opts = predict.Options(
+        dtype=a.dtype,
+        batch_size=a.batch_size,
+        stage_a_only=a.stage_a_only,
+        stage_b_tile=tuple(int(v) for v in a.stage_b_tile.split(",")),
+        overwrite=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         ph = make_phantom(0, shape, spacing)
@@ -71,8 +82,12 @@ def main() -> None:
         for r in range(a.repeat):
             rep = predict.predict_study(Path(tmp) / "study", Path(tmp) / "out", models, opts)
             s = rep["seconds"]
-            print(f"run {r + 1}: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.items() if v is not None)
-                  + f"; TMTV {rep['results']['tmtv_ml']:.1f} ml; peak RSS {peak_rss_gib():.2f} GiB", flush=True)
+            print(
+                f"run {r + 1}: "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in s.items() if v is not None)
+                + f"; TMTV {rep['results']['tmtv_ml']:.1f} ml; peak RSS {peak_rss_gib():.2f} GiB",
+                flush=True,
+            )
     print(f"peak RSS (VmHWM) of the whole run: {peak_rss_gib():.2f} GiB")
     del np
 

@@ -113,33 +113,89 @@ FIGURES = ("train_step_no_data", "train_step_device_data", "tile_forward", "pred
 
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {
-        "arch": dict(ts.FULL), "patch": (128, 96, 96), "batch": 2, "warmup": 3, "repeats": 20,
-        "chunk_k": 10, "chunk_warmup": 1, "chunk_repeats": 5, "sample_warmup": 2, "sample_repeats": 20,
-        "phantom_size": "163x68x68", "phantom_spacing_mm": (6.0, 6.0, 6.0), "cases": 8,
-        "ensemble": {}, "refiner": {}, "ensemble_tile": (128, 96, 96), "refiner_tile": (96, 96, 96),
-        "fwd_warmup": 2, "fwd_repeats": 10,
-        "predict_shape": (326, 400, 400), "predict_spacing_mm": (3.0, 2.04, 2.04),
-        "stage_a_tile": (128, 96, 96), "stage_b_tile": (96, 96, 96), "predict_runs": 2,
-        "torch_warmup": 3, "torch_repeats": 10, "skip_variants": {},
+        "arch": dict(ts.FULL),
+        "patch": (128, 96, 96),
+        "batch": 2,
+        "warmup": 3,
+        "repeats": 20,
+        "chunk_k": 10,
+        "chunk_warmup": 1,
+        "chunk_repeats": 5,
+        "sample_warmup": 2,
+        "sample_repeats": 20,
+        "phantom_size": "163x68x68",
+        "phantom_spacing_mm": (6.0, 6.0, 6.0),
+        "cases": 8,
+        "ensemble": {},
+        "refiner": {},
+        "ensemble_tile": (128, 96, 96),
+        "refiner_tile": (96, 96, 96),
+        "fwd_warmup": 2,
+        "fwd_repeats": 10,
+        "predict_shape": (326, 400, 400),
+        "predict_spacing_mm": (3.0, 2.04, 2.04),
+        "stage_a_tile": (128, 96, 96),
+        "stage_b_tile": (96, 96, 96),
+        "predict_runs": 2,
+        "torch_warmup": 3,
+        "torch_repeats": 10,
+        "skip_variants": {},
         # rough seconds per entry on an H200 (for the budget check only)
-        "estimate_s": {"train_step_no_data": 60, "train_step_device_data": 70, "sample_batch_only": 15,
-                       "composed": 50, "tile_forward": 25, "predict": 100, "torch": 30, "torch_compile": 90},
+        "estimate_s": {
+            "train_step_no_data": 60,
+            "train_step_device_data": 70,
+            "sample_batch_only": 15,
+            "composed": 50,
+            "tile_forward": 25,
+            "predict": 100,
+            "torch": 30,
+            "torch_compile": 90,
+        },
     },
     "small": {
-        "arch": dict(ts.SMALL), "patch": (32, 16, 16), "batch": 2, "warmup": 1, "repeats": 3,
-        "chunk_k": 2, "chunk_warmup": 1, "chunk_repeats": 1, "sample_warmup": 1, "sample_repeats": 3,
-        "phantom_size": "48x32x32", "phantom_spacing_mm": (6.0, 6.0, 6.0), "cases": 4,
-        "ensemble": {"n_members": 4, "unet_kwargs": {"channels": (8, 16, 32, 32), "init_channels": 8,
-                                                     "bottleneck_kernel": 3}},
+        "arch": dict(ts.SMALL),
+        "patch": (32, 16, 16),
+        "batch": 2,
+        "warmup": 1,
+        "repeats": 3,
+        "chunk_k": 2,
+        "chunk_warmup": 1,
+        "chunk_repeats": 1,
+        "sample_warmup": 1,
+        "sample_repeats": 3,
+        "phantom_size": "48x32x32",
+        "phantom_spacing_mm": (6.0, 6.0, 6.0),
+        "cases": 4,
+        "ensemble": {
+            "n_members": 4,
+            "unet_kwargs": {"channels": (8, 16, 32, 32), "init_channels": 8, "bottleneck_kernel": 3},
+        },
         "refiner": {"features": 8, "n_blocks": 2, "first_kernel": 3},
-        "ensemble_tile": (32, 32, 32), "refiner_tile": (32, 32, 32), "fwd_warmup": 1, "fwd_repeats": 3,
-        "predict_shape": (96, 64, 64), "predict_spacing_mm": (3.0, 2.04, 2.04),
-        "stage_a_tile": (32, 32, 32), "stage_b_tile": (32, 32, 32), "predict_runs": 2,
-        "torch_warmup": 1, "torch_repeats": 3,
-        "skip_variants": {"train_step_device_data/bfloat16": "--small: one chunk compile only (~30 s on 2 cores); "
-                          "the bfloat16 train step runs in train_step_no_data/bfloat16"},
-        "estimate_s": {"train_step_no_data": 10, "train_step_device_data": 15, "sample_batch_only": 5,
-                       "composed": 10, "tile_forward": 5, "predict": 15, "torch": 5, "torch_compile": 60},
+        "ensemble_tile": (32, 32, 32),
+        "refiner_tile": (32, 32, 32),
+        "fwd_warmup": 1,
+        "fwd_repeats": 3,
+        "predict_shape": (96, 64, 64),
+        "predict_spacing_mm": (3.0, 2.04, 2.04),
+        "stage_a_tile": (32, 32, 32),
+        "stage_b_tile": (32, 32, 32),
+        "predict_runs": 2,
+        "torch_warmup": 1,
+        "torch_repeats": 3,
+        "skip_variants": {
+            "train_step_device_data/bfloat16": "--small: one chunk compile only (~30 s on 2 cores); "
+            "the bfloat16 train step runs in train_step_no_data/bfloat16"
+        },
+        "estimate_s": {
+            "train_step_no_data": 10,
+            "train_step_device_data": 15,
+            "sample_batch_only": 5,
+            "composed": 10,
+            "tile_forward": 5,
+            "predict": 15,
+            "torch": 5,
+            "torch_compile": 60,
+        },
     },
 }
 
@@ -195,6 +251,7 @@ def _time_calls(call: Callable[[], Any], warmup: int, repeats: int, name: str) -
 # Shared set-up (built lazily, once)
 # ---------------------------------------------------------------------------------------------------------
 
+
 class Context:
     """What several figures share: the profile, the fixed batch, the phantom store, the random models."""
 
@@ -224,8 +281,13 @@ class Context:
             store_dir = root / f"store6mm_n{p['cases']}"
             if not (store_dir / "manifest.json").is_file() or len(CaseStore(store_dir)) < p["cases"]:
                 t0 = time.perf_counter()
-                write_phantoms(root / "data", int(p["cases"]), seed=0, size=p["phantom_size"],
-                               spacing_mm=tuple(p["phantom_spacing_mm"]))
+                write_phantoms(
+                    root / "data",
+                    int(p["cases"]),
+                    seed=0,
+                    size=p["phantom_size"],
+                    spacing_mm=tuple(p["phantom_spacing_mm"]),
+                )
                 prepare_dataset(root / "data", store_dir, spacing_mm=6.0, log=lambda m: None)
                 progress(f"phantom store prepared in {time.perf_counter() - t0:.1f} s: {store_dir}")
             self._store_dir = store_dir
@@ -252,7 +314,8 @@ class Context:
                 rng = np.random.default_rng(0 if kind == "ensemble" else 1)
                 self._models[pkey] = jax.tree.map(
                     lambda a: jax.device_put((0.05 * rng.standard_normal(a.shape)).astype(np.float32)),
-                    param_dict(model))
+                    param_dict(model),
+                )
             params_state = nnx.state(model, nnx.Param)
             nnx.replace_by_pure_dict(params_state, self._models[pkey])
             nnx.update(model, params_state)
@@ -264,8 +327,8 @@ class Context:
 def _jitted_model_init(trainer):
     """Make `trainer.build_training_model` initialise through one compiled function (eager Flax init of the full-width
     U-Net dispatches hundreds of small ops; the result, real initialisers included, is the same)."""
-    from flax import nnx
     import jax
+    from flax import nnx
 
     orig = trainer.build_training_model
 
@@ -292,18 +355,28 @@ def _jitted_model_init(trainer):
 # Figures
 # ---------------------------------------------------------------------------------------------------------
 
+
 def fig_train_no_data(ctx: Context, dtype: str) -> dict:
     p = ctx.p
     image, label = ctx.batch()
     r = ts.bench_ours(p["arch"], image, label, dtype, ALPHA, p["warmup"], p["repeats"])
     med = _median_ms(r["times"])
     ctx.no_data_ms[dtype] = med
-    return {"step_ms_median": med, "step_ms_all": _ms_list(r["times"]), "compile_s": r["compile"],
-            "init_s": r["init"], "warmup": p["warmup"], "repeats": p["repeats"], "loss": r["loss"],
-            "finite": r["finite"], "n_params": r["n_params"], "gflop_per_step": r["gflop"],
-            "tflop_per_s": r["gflop"] / med if math.isfinite(r["gflop"]) else float("nan"),
-            "peak_rss_gib": peak_rss_gib(),
-            "_headline": ["step_ms_median", "compile_s", "loss"]}
+    return {
+        "step_ms_median": med,
+        "step_ms_all": _ms_list(r["times"]),
+        "compile_s": r["compile"],
+        "init_s": r["init"],
+        "warmup": p["warmup"],
+        "repeats": p["repeats"],
+        "loss": r["loss"],
+        "finite": r["finite"],
+        "n_params": r["n_params"],
+        "gflop_per_step": r["gflop"],
+        "tflop_per_s": r["gflop"] / med if math.isfinite(r["gflop"]) else float("nan"),
+        "peak_rss_gib": peak_rss_gib(),
+        "_headline": ["step_ms_median", "compile_s", "loss"],
+    }
 
 
 def _train_config(ctx: Context, dtype: str):
@@ -360,10 +433,15 @@ def _time_chunk(ctx: Context, dtype: str) -> dict:
     weights = jax.device_put(np.zeros(len(run.train_idx), np.float32), run.repl)
     key = jax.device_put(jax.random.PRNGKey(int(c.seed)), run.repl)
     setup_s = time.perf_counter() - t0
-    progress(f"device data {dtype}: run + device store ({len(run.train_idx)} cases, "
-             f"{dstore.nbytes / 2**20:.0f} MiB) in {setup_s:.1f} s; compiling the {k}-step chunk")
-    fn = jax.jit(device_loop.make_chunk_fn(run, k), donate_argnums=(0, 1, 2),
-                 out_shardings=(run.repl, run.repl, run.repl, run.repl))
+    progress(
+        f"device data {dtype}: run + device store ({len(run.train_idx)} cases, "
+        f"{dstore.nbytes / 2**20:.0f} MiB) in {setup_s:.1f} s; compiling the {k}-step chunk"
+    )
+    fn = jax.jit(
+        device_loop.make_chunk_fn(run, k),
+        donate_argnums=(0, 1, 2),
+        out_shardings=(run.repl, run.repl, run.repl, run.repl),
+    )
     t0 = time.perf_counter()
     compiled = fn.lower(run.state, run.cur_state, weights, key, dstore).compile()
     compile_s = time.perf_counter() - t0
@@ -379,16 +457,26 @@ def _time_chunk(ctx: Context, dtype: str) -> dict:
     times = _time_calls(call, p["chunk_warmup"], p["chunk_repeats"], f"device data {dtype} chunk of {k}")
     out = jax.device_get(hold["out"])
     per_step = [t / k for t in times]
-    res = {"method": f"trainer chunk: device_loop.make_chunk_fn(run, {k}) (lax.scan: curriculum weights -> "
-                     "device.sample_batch -> train step -> curriculum update), per step = chunk / K",
-           "chunk_steps": k, "chunk_ms_median": _median_ms(times), "step_ms_median": _median_ms(per_step),
-           "step_ms_all": _ms_list(per_step), "compile_s": compile_s, "setup_s": setup_s,
-           "warmup_chunks": p["chunk_warmup"], "repeats_chunks": p["chunk_repeats"],
-           "loss": float(out["loss"][-1]), "finite": bool(np.all(out["finite"])),
-           "train_cases": int(len(run.train_idx)), "store_grid": list(dstore.max_shape),
-           "device_store_mib": dstore.nbytes / 2**20, "gflop_per_chunk": gflop,
-           "tflop_per_s": gflop / _median_ms(times) if math.isfinite(gflop) else float("nan"),
-           "lesion_centred_fraction": float(np.mean(out["centred"]))}
+    res = {
+        "method": f"trainer chunk: device_loop.make_chunk_fn(run, {k}) (lax.scan: curriculum weights -> "
+        "device.sample_batch -> train step -> curriculum update), per step = chunk / K",
+        "chunk_steps": k,
+        "chunk_ms_median": _median_ms(times),
+        "step_ms_median": _median_ms(per_step),
+        "step_ms_all": _ms_list(per_step),
+        "compile_s": compile_s,
+        "setup_s": setup_s,
+        "warmup_chunks": p["chunk_warmup"],
+        "repeats_chunks": p["chunk_repeats"],
+        "loss": float(out["loss"][-1]),
+        "finite": bool(np.all(out["finite"])),
+        "train_cases": int(len(run.train_idx)),
+        "store_grid": list(dstore.max_shape),
+        "device_store_mib": dstore.nbytes / 2**20,
+        "gflop_per_chunk": gflop,
+        "tflop_per_s": gflop / _median_ms(times) if math.isfinite(gflop) else float("nan"),
+        "lesion_centred_fraction": float(np.mean(out["centred"])),
+    }
     del hold, compiled, fn, run, dstore
     return res
 
@@ -397,7 +485,6 @@ def _time_composed(ctx: Context, dtype: str) -> dict:
     """Fallback: one jitted function `sample_batch` + `trainer.make_train_step` (no scan, no curriculum)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from clips_jax import trainer
@@ -418,8 +505,15 @@ def _time_composed(ctx: Context, dtype: str) -> dict:
     weights = jnp.ones(len(idx), jnp.float32) / len(idx)
 
     def fn(state, key, weights, dstore):
-        b = device.sample_batch(key, weights, dstore, batch_size=int(p["batch"]), patch_shape=tuple(p["patch"]),
-                                p_foreground=0.5, augment=True)
+        b = device.sample_batch(
+            key,
+            weights,
+            dstore,
+            batch_size=int(p["batch"]),
+            patch_shape=tuple(p["patch"]),
+            p_foreground=0.5,
+            augment=True,
+        )
         return step(state, {k: b[k] for k in ("image", "label", "labeled")}, jnp.float32(0.0))
 
     jf = jax.jit(fn, donate_argnums=(0,))
@@ -436,18 +530,27 @@ def _time_composed(ctx: Context, dtype: str) -> dict:
 
     times = _time_calls(call, p["warmup"], p["repeats"], f"device data {dtype} (composed)")
     m = jax.device_get(hold["m"])
-    return {"method": "composed: jit(device.sample_batch + trainer.make_train_step), one step per call",
-            "step_ms_median": _median_ms(times), "step_ms_all": _ms_list(times), "compile_s": compile_s,
-            "warmup": p["warmup"], "repeats": p["repeats"], "loss": float(m["loss"]),
-            "finite": bool(m["finite"]), "train_cases": int(len(idx)), "store_grid": list(dstore.max_shape)}
+    return {
+        "method": "composed: jit(device.sample_batch + trainer.make_train_step), one step per call",
+        "step_ms_median": _median_ms(times),
+        "step_ms_all": _ms_list(times),
+        "compile_s": compile_s,
+        "warmup": p["warmup"],
+        "repeats": p["repeats"],
+        "loss": float(m["loss"]),
+        "finite": bool(m["finite"]),
+        "train_cases": int(len(idx)),
+        "store_grid": list(dstore.max_shape),
+    }
 
 
 def fig_train_device_data(ctx: Context, dtype: str) -> dict:
     try:
         res = _time_chunk(ctx, dtype)
     except Exception as e:  # noqa: BLE001 - fall back to the simple composition, say so
-        progress(f"device data {dtype}: the trainer chunk failed ({type(e).__name__}: {e}); timing the "
-                 "composition instead")
+        progress(
+            f"device data {dtype}: the trainer chunk failed ({type(e).__name__}: {e}); timing the composition instead"
+        )
         chunk_error = f"{type(e).__name__}: {e}"
         gc.collect()
         res = _time_composed(ctx, dtype)
@@ -497,10 +600,18 @@ def fig_sample_only(ctx: Context) -> dict:
         jax.block_until_ready(compiled(jax.random.fold_in(key0, i[0]), weights, dstore))
 
     times = _time_calls(call, p["sample_warmup"], p["sample_repeats"], "sample_batch only")
-    return {"batch_ms_median": _median_ms(times), "batch_ms_all": _ms_list(times), "compile_s": compile_s,
-            "warmup": p["sample_warmup"], "repeats": p["sample_repeats"], "batch": p["batch"],
-            "patch": list(p["patch"]), "p_foreground": 0.5, "augment": True,
-            "_headline": ["batch_ms_median", "compile_s"]}
+    return {
+        "batch_ms_median": _median_ms(times),
+        "batch_ms_all": _ms_list(times),
+        "compile_s": compile_s,
+        "warmup": p["sample_warmup"],
+        "repeats": p["sample_repeats"],
+        "batch": p["batch"],
+        "patch": list(p["patch"]),
+        "p_foreground": 0.5,
+        "augment": True,
+        "_headline": ["batch_ms_median", "compile_s"],
+    }
 
 
 def fig_tile_forward(ctx: Context, kind: str, dtype: str) -> dict:
@@ -530,10 +641,19 @@ def fig_tile_forward(ctx: Context, kind: str, dtype: str) -> dict:
     y = np.asarray(jax.device_get(hold["y"]), np.float32)
     med = _median_ms(times)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    return {"input_shape": list(shape), "fwd_ms_median": med, "fwd_ms_all": _ms_list(times), "compile_s": compile_s,
-            "warmup": p["fwd_warmup"], "repeats": p["fwd_repeats"], "n_params": n_params,
-            "gflop": gflop, "tflop_per_s": gflop / med if math.isfinite(gflop) else float("nan"),
-            "output_finite": bool(np.isfinite(y).all()), "_headline": ["fwd_ms_median", "compile_s"]}
+    return {
+        "input_shape": list(shape),
+        "fwd_ms_median": med,
+        "fwd_ms_all": _ms_list(times),
+        "compile_s": compile_s,
+        "warmup": p["fwd_warmup"],
+        "repeats": p["fwd_repeats"],
+        "n_params": n_params,
+        "gflop": gflop,
+        "tflop_per_s": gflop / med if math.isfinite(gflop) else float("nan"),
+        "output_finite": bool(np.isfinite(y).all()),
+        "_headline": ["fwd_ms_median", "compile_s"],
+    }
 
 
 def fig_predict(ctx: Context, dtype: str) -> dict:
@@ -546,28 +666,49 @@ def fig_predict(ctx: Context, dtype: str) -> dict:
     ph = make_phantom(0, shape, spacing)
     phantom_s = time.perf_counter() - t0
     progress(f"predict: phantom {shape} made in {phantom_s:.1f} s")
-    models = predict.Models.from_modules(ctx.model("ensemble", dtype), ctx.model("refiner", dtype),
-                                         {"weights_dir": "random (benchmark)"})
-    opts = predict.Options(dtype=dtype, batch_size=1, stage_a_tile=tuple(p["stage_a_tile"]),
-                           stage_b_tile=tuple(p["stage_b_tile"]))
+    models = predict.Models.from_modules(
+        ctx.model("ensemble", dtype), ctx.model("refiner", dtype), {"weights_dir": "random (benchmark)"}
+    )
+    opts = predict.Options(
+        dtype=dtype, batch_size=1, stage_a_tile=tuple(p["stage_a_tile"]), stage_b_tile=tuple(p["stage_b_tile"])
+    )
     runs_ = []
     for r in range(int(p["predict_runs"])):
         t0 = time.perf_counter()
         seg = predict.segment(ph.ct, ph.suv, ph.geometry, models, opts)
         total = time.perf_counter() - t0
-        runs_.append({"stage_a_s": seg.seconds["stage_a"], "stage_b_s": seg.seconds["stage_b"], "total_s": total,
-                      "mask_voxels": int(seg.mask.sum())})
-        progress(f"predict run {r + 1} ({'cold' if r == 0 else 'warm'}): stage A {seg.seconds['stage_a']:.1f} s, "
-                 f"stage B {seg.seconds['stage_b']:.1f} s, total {total:.1f} s")
+        runs_.append(
+            {
+                "stage_a_s": seg.seconds["stage_a"],
+                "stage_b_s": seg.seconds["stage_b"],
+                "total_s": total,
+                "mask_voxels": int(seg.mask.sum()),
+            }
+        )
+        progress(
+            f"predict run {r + 1} ({'cold' if r == 0 else 'warm'}): stage A {seg.seconds['stage_a']:.1f} s, "
+            f"stage B {seg.seconds['stage_b']:.1f} s, total {total:.1f} s"
+        )
         del seg
     last = runs_[-1]
-    return {"what": "predict.segment on in-memory arrays (no NIfTI load / report writing); run 1 cold "
-                    "(compilation included), later runs warm",
-            "shape": list(shape), "spacing_mm": list(spacing), "stage_a_tile": list(p["stage_a_tile"]),
-            "stage_b_tile": list(p["stage_b_tile"]), "batch_size": 1, "tta": False, "phantom_s": phantom_s,
-            "runs": runs_, "stage_a_s": last["stage_a_s"], "stage_b_s": last["stage_b_s"], "total_s": last["total_s"],
-            "cold_total_s": runs_[0]["total_s"], "peak_rss_gib": peak_rss_gib(),
-            "_headline": ["stage_a_s", "stage_b_s", "total_s", "cold_total_s"]}
+    return {
+        "what": "predict.segment on in-memory arrays (no NIfTI load / report writing); run 1 cold "
+        "(compilation included), later runs warm",
+        "shape": list(shape),
+        "spacing_mm": list(spacing),
+        "stage_a_tile": list(p["stage_a_tile"]),
+        "stage_b_tile": list(p["stage_b_tile"]),
+        "batch_size": 1,
+        "tta": False,
+        "phantom_s": phantom_s,
+        "runs": runs_,
+        "stage_a_s": last["stage_a_s"],
+        "stage_b_s": last["stage_b_s"],
+        "total_s": last["total_s"],
+        "cold_total_s": runs_[0]["total_s"],
+        "peak_rss_gib": peak_rss_gib(),
+        "_headline": ["stage_a_s", "stage_b_s", "total_s", "cold_total_s"],
+    }
 
 
 def fig_torch(ctx: Context, mode: str) -> dict:
@@ -591,13 +732,22 @@ def fig_torch(ctx: Context, mode: str) -> dict:
     wall = time.perf_counter() - t0
     med = _median_ms(r["times"])
     ours = ctx.no_data_ms.get("bfloat16" if amp else "float32")
-    res = {"device": "cuda" if cuda else "cpu", "amp_fp16": amp, "torch_compile": mode == "compile",
-           "step_ms_median": med, "step_ms_all": _ms_list(r["times"]),
-           "setup_and_warmup_s": wall - sum(r["times"]), "warmup": p["torch_warmup"], "repeats": p["torch_repeats"],
-           "loss": r["loss"], "n_params": r["n_params"], "threads": torch.get_num_threads(),
-           "compared_with": f"train_step_no_data/{'bfloat16' if amp else 'float32'}",
-           "ratio_torch_to_ours": med / ours if ours else float("nan"),
-           "_headline": ["step_ms_median"] + (["ratio_torch_to_ours"] if ours else [])}
+    res = {
+        "device": "cuda" if cuda else "cpu",
+        "amp_fp16": amp,
+        "torch_compile": mode == "compile",
+        "step_ms_median": med,
+        "step_ms_all": _ms_list(r["times"]),
+        "setup_and_warmup_s": wall - sum(r["times"]),
+        "warmup": p["torch_warmup"],
+        "repeats": p["torch_repeats"],
+        "loss": r["loss"],
+        "n_params": r["n_params"],
+        "threads": torch.get_num_threads(),
+        "compared_with": f"train_step_no_data/{'bfloat16' if amp else 'float32'}",
+        "ratio_torch_to_ours": med / ours if ours else float("nan"),
+        "_headline": ["step_ms_median"] + (["ratio_torch_to_ours"] if ours else []),
+    }
     ctx.torch_ref[mode] = med
     return res
 
@@ -605,6 +755,7 @@ def fig_torch(ctx: Context, mode: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # The suite
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _versions(torch_mod) -> dict:
     import flax
@@ -615,14 +766,21 @@ def _versions(torch_mod) -> dict:
 
     import clips_jax
 
-    v = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-         "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
-         "clips_jax": clips_jax.__version__}
+    v = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "clips_jax": clips_jax.__version__,
+    }
     if torch_mod is not None:
         v["torch"] = torch_mod.__version__
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if out.returncode == 0 and out.stdout.strip():
             v["git"] = out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -635,9 +793,17 @@ def _machine() -> dict:
 
     d = jax.devices()[0]
     load = load_avg()
-    return {"node": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-            "backend": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
-            "gpu": d.device_kind if d.platform == "gpu" else None, "load_avg_start": load}
+    return {
+        "node": platform.node(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "backend": d.platform,
+        "device_kind": d.device_kind,
+        "device_count": jax.device_count(),
+        "gpu": d.device_kind if d.platform == "gpu" else None,
+        "load_avg_start": load,
+    }
 
 
 class Suite:
@@ -646,23 +812,48 @@ class Suite:
     def __init__(self, out: Path, command: str, mode: str, budget_s: float, settings: dict, torch_mod):
         self.out, self.t0, self.budget_s = out, time.perf_counter(), budget_s
         self.machine, self.versions = _machine(), _versions(torch_mod)
-        self.doc = {"suite": "clips-jax benchmarks/suite.py", "schema": 1, "command": command, "mode": mode,
-                    "machine": self.machine, "versions": self.versions,
-                    "date_start": datetime.datetime.now().isoformat(timespec="seconds"), "date_end": None,
-                    "wall_s": None, "budget_s": budget_s if math.isfinite(budget_s) else None,
-                    "settings": _finite_or_none(settings), "figures": list(FIGURES), "entries": {}, "summary": []}
+        self.doc = {
+            "suite": "clips-jax benchmarks/suite.py",
+            "schema": 1,
+            "command": command,
+            "mode": mode,
+            "machine": self.machine,
+            "versions": self.versions,
+            "date_start": datetime.datetime.now().isoformat(timespec="seconds"),
+            "date_end": None,
+            "wall_s": None,
+            "budget_s": budget_s if math.isfinite(budget_s) else None,
+            "settings": _finite_or_none(settings),
+            "figures": list(FIGURES),
+            "entries": {},
+            "summary": [],
+        }
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-    def entry(self, figure: str, variant: str, fn: Callable[[], dict], *, estimate_s: float = 0.0,
-              skip: str | None = None, optional: bool = False) -> dict:
+    def entry(
+        self,
+        figure: str,
+        variant: str,
+        fn: Callable[[], dict],
+        *,
+        estimate_s: float = 0.0,
+        skip: str | None = None,
+        optional: bool = False,
+    ) -> dict:
         import jax
 
         name = f"{figure}/{variant}"
-        e = {"figure": figure, "variant": variant, "command": self.doc["command"], "machine": self.machine,
-             "date": datetime.datetime.now().isoformat(timespec="seconds"), "versions": self.versions,
-             "optional": optional}
+        e = {
+            "figure": figure,
+            "variant": variant,
+            "command": self.doc["command"],
+            "machine": self.machine,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "versions": self.versions,
+            "optional": optional,
+        }
         left = self.budget_s - self.elapsed()
         if skip is None and estimate_s > left:
             skip = f"time budget: ~{estimate_s:.0f} s estimated, {max(left, 0):.0f} s of {self.budget_s:.0f} s left"
@@ -721,16 +912,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, choices=["cpu", "gpu"], help="JAX platform (default: JAX's default)")
     ap.add_argument("--small", action="store_true", help="narrow networks, 32^3 patches: the CPU check (~1 min)")
     ap.add_argument("--out", required=True, help="the JSON file to write (atomically, after every entry)")
-    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "clips_jax_bench_suite"),
-                    help="folder for the phantom case store (reused between runs)")
+    ap.add_argument(
+        "--cache",
+        default=str(Path(tempfile.gettempdir()) / "clips_jax_bench_suite"),
+        help="folder for the phantom case store (reused between runs)",
+    )
     ap.add_argument("--skip-torch", action="store_true", help="leave out the PyTorch reference (figure 5)")
     ap.add_argument("--only", default="", help="comma-separated figure names to run (others are skipped)")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="skip entries that would not end within this many seconds of the start "
-                         "(default 450 with --device gpu, unlimited otherwise)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="skip entries that would not end within this many seconds of the start "
+        "(default 450 with --device gpu, unlimited otherwise)",
+    )
     args = ap.parse_args(argv)
-    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else \
-        " ".join(shlex.quote(a) for a in [sys.executable, __file__, *argv])
+    command = (
+        " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+        if argv is None
+        else " ".join(shlex.quote(a) for a in [sys.executable, __file__, *argv])
+    )
     only = {f.strip() for f in args.only.split(",") if f.strip()}
     if only - set(FIGURES):
         ap.error(f"--only: unknown figure(s) {sorted(only - set(FIGURES))}; choose from {', '.join(FIGURES)}")
@@ -758,9 +959,13 @@ def main(argv: list[str] | None = None) -> int:
         progress("full-size figures on a CPU take hours; use --small for the CPU check")
 
     settings = {k: v for k, v in profile.items() if k != "estimate_s"}
-    settings.update(alpha=ALPHA, cache=args.cache, xla_flags=os.environ.get("XLA_FLAGS", ""),
-                    xla_python_client_mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
-                    compilation_cache="fresh per run (identical programs, e.g. the model initialisers, compile once)")
+    settings.update(
+        alpha=ALPHA,
+        cache=args.cache,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        xla_python_client_mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+        compilation_cache="fresh per run (identical programs, e.g. the model initialisers, compile once)",
+    )
     suite = Suite(Path(args.out), command, mode, budget, settings, torch_mod)
     est = profile["estimate_s"]
     with tempfile.TemporaryDirectory(prefix="clips_suite_") as tmp:
@@ -777,19 +982,44 @@ def main(argv: list[str] | None = None) -> int:
             return profile["skip_variants"].get(f"{figure}/{variant}")
 
         for dtype in ("float32", "bfloat16"):
-            suite.entry("train_step_no_data", dtype, lambda: fig_train_no_data(ctx, dtype),
-                        estimate_s=est["train_step_no_data"], skip=skip_for("train_step_no_data", dtype))
+            suite.entry(
+                "train_step_no_data",
+                dtype,
+                lambda: fig_train_no_data(ctx, dtype),
+                estimate_s=est["train_step_no_data"],
+                skip=skip_for("train_step_no_data", dtype),
+            )
         for dtype in ("float32", "bfloat16"):
-            suite.entry("train_step_device_data", dtype, lambda: fig_train_device_data(ctx, dtype),
-                        estimate_s=est["train_step_device_data"], skip=skip_for("train_step_device_data", dtype))
-        suite.entry("train_step_device_data", "sample_batch_only", lambda: fig_sample_only(ctx),
-                    estimate_s=est["sample_batch_only"], skip=skip_for("train_step_device_data", "sample_batch_only"))
+            suite.entry(
+                "train_step_device_data",
+                dtype,
+                lambda: fig_train_device_data(ctx, dtype),
+                estimate_s=est["train_step_device_data"],
+                skip=skip_for("train_step_device_data", dtype),
+            )
+        suite.entry(
+            "train_step_device_data",
+            "sample_batch_only",
+            lambda: fig_sample_only(ctx),
+            estimate_s=est["sample_batch_only"],
+            skip=skip_for("train_step_device_data", "sample_batch_only"),
+        )
         for kind in ("ensemble", "refiner"):
             for dtype in ("float32", "bfloat16"):
-                suite.entry("tile_forward", f"{kind}_{dtype}", lambda: fig_tile_forward(ctx, kind, dtype),
-                            estimate_s=est["tile_forward"], skip=skip_for("tile_forward"))
-        suite.entry("predict", "float32", lambda: fig_predict(ctx, "float32"), estimate_s=est["predict"],
-                    skip=skip_for("predict"))
+                suite.entry(
+                    "tile_forward",
+                    f"{kind}_{dtype}",
+                    lambda: fig_tile_forward(ctx, kind, dtype),
+                    estimate_s=est["tile_forward"],
+                    skip=skip_for("tile_forward"),
+                )
+        suite.entry(
+            "predict",
+            "float32",
+            lambda: fig_predict(ctx, "float32"),
+            estimate_s=est["predict"],
+            skip=skip_for("predict"),
+        )
         ctx._models.clear()
         cuda = torch_mod is not None and torch_mod.cuda.is_available()
         for mode_ in ("fp32", "amp", "compile"):
@@ -798,19 +1028,31 @@ def main(argv: list[str] | None = None) -> int:
                 skip = "AMP (fp16 autocast + GradScaler) is timed on CUDA only"
             if skip is None and mode_ == "compile" and not cuda:
                 skip = "torch.compile is timed on CUDA only (on 2 CPU cores its inductor build took ~105 s)"
-            suite.entry("torch_reference", mode_, lambda: fig_torch(ctx, mode_),
-                        estimate_s=est["torch_compile" if mode_ == "compile" else "torch"], skip=skip,
-                        optional=mode_ == "compile")
+            suite.entry(
+                "torch_reference",
+                mode_,
+                lambda: fig_torch(ctx, mode_),
+                estimate_s=est["torch_compile" if mode_ == "compile" else "torch"],
+                skip=skip,
+                optional=mode_ == "compile",
+            )
         # last: a diagnostic, run when the budget still allows it
-        suite.entry("train_step_device_data", "composed_float32", lambda: fig_composed(ctx, "float32"),
-                    estimate_s=est["composed"], skip=skip_for("train_step_device_data", "composed_float32"),
-                    optional=True)
+        suite.entry(
+            "train_step_device_data",
+            "composed_float32",
+            lambda: fig_composed(ctx, "float32"),
+            estimate_s=est["composed"],
+            skip=skip_for("train_step_device_data", "composed_float32"),
+            optional=True,
+        )
     suite.write()
 
     doc = suite.doc
     m = doc["machine"]
-    print(f"CLIPS-JAX benchmark suite ({mode}) on {m['cpu']} ({m['cores']} cores), {m['backend']} "
-          f"{m['device_kind']}; jax {doc['versions']['jax']}; {doc['date_start']}")
+    print(
+        f"CLIPS-JAX benchmark suite ({mode}) on {m['cpu']} ({m['cores']} cores), {m['backend']} "
+        f"{m['device_kind']}; jax {doc['versions']['jax']}; {doc['date_start']}"
+    )
     for line in doc["summary"]:
         print("  " + line)
     print(f"wall {doc['wall_s']:.1f} s; JSON: {args.out}")

@@ -39,13 +39,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_model, load_avg  # noqa: E402
 
-
 # ---- the losses' previous forms (before 2026-11-30), for the OLD path only -------------------------------------
+
 
 def _old_soft_dice_loss(logits, labels, smooth=1e-3, eps=1e-5):
     import jax
     import jax.numpy as jnp
+
     from clips_jax import losses
+
     losses._check_logits_labels(logits, labels)
     p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]
     y = (labels == 1).astype(jnp.float32)
@@ -56,6 +58,7 @@ def _old_soft_dice_loss(logits, labels, smooth=1e-3, eps=1e-5):
 def _old_voxel_ce(logits, labels):
     import jax.numpy as jnp
     import optax
+
     k = logits.shape[-1]
     lab = jnp.clip(labels.astype(jnp.int32), 0, k - 1)
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), lab)
@@ -64,7 +67,9 @@ def _old_voxel_ce(logits, labels):
 def _old_mumford_shah_loss(logits, image, eta=1e-3, eps=1e-6, channels=None):
     import jax
     import jax.numpy as jnp
+
     from clips_jax import losses
+
     y = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     x = image.astype(jnp.float32)
     if channels is not None:
@@ -86,6 +91,7 @@ def code_path(old: bool):
     """Trace under the OLD or NEW code path (conv mode + loss functions); restores both afterwards."""
     from clips_jax import losses
     from clips_jax.model.layers import CONV3D_ENV
+
     names = ("soft_dice_loss", "_voxel_ce", "mumford_shah_loss")
     saved = {n: getattr(losses, n) for n in names}
     saved_env = os.environ.get(CONV3D_ENV)
@@ -134,20 +140,25 @@ def main() -> None:
     b = int(cfg.data.batch_size)
     shape = tuple(cfg.data.patch_shape)
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.random((b, *shape, 5), dtype=np.float32)),
-             "label": jnp.asarray((rng.random((b, *shape)) < 0.1).astype(np.int32)),
-             "labeled": jnp.ones((b,), bool)}
+    batch = {
+        "image": jnp.asarray(rng.random((b, *shape, 5), dtype=np.float32)),
+        "label": jnp.asarray((rng.random((b, *shape)) < 0.1).astype(np.int32)),
+        "labeled": jnp.ones((b,), bool),
+    }
     sigma = jnp.float32(0.0)
-    print(f"problem   default job: batch {b} x {'x'.join(map(str, shape))}x5, U-Net {tuple(cfg.model.channels)}, "
-          f"init {cfg.model.init_channels}, bottleneck {cfg.model.bottleneck_kernel}, deep supervision "
-          f"{tuple(cfg.loss.ds_weights)}, loss {cfg.loss.form} alpha {cfg.loss.alpha:g}, AdamW + clip "
-          f"{cfg.optim.clip_norm}")
+    print(
+        f"problem   default job: batch {b} x {'x'.join(map(str, shape))}x5, U-Net {tuple(cfg.model.channels)}, "
+        f"init {cfg.model.init_channels}, bottleneck {cfg.model.bottleneck_kernel}, deep supervision "
+        f"{tuple(cfg.loss.ds_weights)}, loss {cfg.loss.form} alpha {cfg.loss.alpha:g}, AdamW + clip "
+        f"{cfg.optim.clip_norm}"
+    )
 
     runners, first = {}, {}
     for name, old in (("OLD", True), ("NEW", False)):
         with code_path(old):
-            fn = jax.jit(trainer.make_train_step(graphdef, cfg, tx, use_sigma=False, with_gain=False),
-                         donate_argnums=(0,))
+            fn = jax.jit(
+                trainer.make_train_step(graphdef, cfg, tx, use_sigma=False, with_gain=False), donate_argnums=(0,)
+            )
             t0 = time.perf_counter()
             compiled = fn.lower(state0, batch, sigma).compile()
             compile_s = time.perf_counter() - t0
@@ -155,14 +166,18 @@ def main() -> None:
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         _, m = compiled(jax.tree.map(jnp.copy, state0), batch, sigma)
         first[name] = (float(m["loss"]), float(m["grad_norm"]))
-        print(f"{name}       compile {compile_s:.1f} s, XLA cost {float(ca.get('flops', np.nan)) / 1e9:.2f} GFLOP, "
-              f"{float(ca.get('bytes accessed', np.nan)) / 1e9:.2f} GB accessed; first step loss {first[name][0]:.7f}"
-              f" grad norm {first[name][1]:.7f}", flush=True)
+        print(
+            f"{name}       compile {compile_s:.1f} s, XLA cost {float(ca.get('flops', np.nan)) / 1e9:.2f} GFLOP, "
+            f"{float(ca.get('bytes accessed', np.nan)) / 1e9:.2f} GB accessed; first step loss {first[name][0]:.7f}"
+            f" grad norm {first[name][1]:.7f}",
+            flush=True,
+        )
         holder = {"state": jax.tree.map(jnp.copy, state0)}
 
         def run(compiled=compiled, holder=holder):
             holder["state"], metrics = compiled(holder["state"], batch, sigma)
             jax.block_until_ready(metrics)
+
         runners[name] = run
 
     for _ in range(args.warmup):
@@ -171,18 +186,24 @@ def main() -> None:
     times = {k: [] for k in runners}
     order = list(runners)
     for r in range(args.rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):
+        for name in order if r % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             runners[name]()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
-        print(f"{k}       steps [ms] {' '.join(f'{t * 1e3:.0f}' for t in v)}  median {med[k] * 1e3:.1f} ms  "
-              f"min {min(v) * 1e3:.1f} ms")
-    print(f"ratio     OLD / NEW median = {med['OLD'] / med['NEW']:.2f}  (> 1: NEW faster); per-round ratios median "
-          f"{statistics.median(o / n for o, n in zip(times['OLD'], times['NEW'])):.2f}")
-    print(f"agree     |loss OLD - NEW| = {abs(first['OLD'][0] - first['NEW'][0]):.2e}, |grad norm OLD - NEW| = "
-          f"{abs(first['OLD'][1] - first['NEW'][1]):.2e}")
+        print(
+            f"{k}       steps [ms] {' '.join(f'{t * 1e3:.0f}' for t in v)}  median {med[k] * 1e3:.1f} ms  "
+            f"min {min(v) * 1e3:.1f} ms"
+        )
+    print(
+        f"ratio     OLD / NEW median = {med['OLD'] / med['NEW']:.2f}  (> 1: NEW faster); per-round ratios median "
+        f"{statistics.median(o / n for o, n in zip(times['OLD'], times['NEW'])):.2f}"
+    )
+    print(
+        f"agree     |loss OLD - NEW| = {abs(first['OLD'][0] - first['NEW'][0]):.2e}, |grad norm OLD - NEW| = "
+        f"{abs(first['OLD'][1] - first['NEW'][1]):.2e}"
+    )
     print(f"load avg  end {load_avg()}")
 
 

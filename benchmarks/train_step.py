@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _flops import matmul_gflop  # noqa: E402
 from _machine import cpu_model, load_avg  # noqa: E402
+
 sys.path.insert(0, str(REPO / "tests"))
 
 FULL = {"channels": (64, 96, 128, 156), "init_channels": 32, "bottleneck_kernel": 9, "patch": (128, 96, 96)}
@@ -84,6 +85,7 @@ def make_batch(batch: int, patch: tuple[int, int, int], seed: int):
     """A fixed random batch: image (B, D, H, W, 5) float32 in [0, 1), labels (B, D, H, W) int32 with ~5 % lesion
     voxels, all samples labelled."""
     import numpy as np
+
     rng = np.random.default_rng(seed)
     image = rng.random((batch, *patch, 5), dtype=np.float32)
     label = (rng.random((batch, *patch)) < 0.05).astype(np.int32)
@@ -131,11 +133,13 @@ def bench_ours(arch: dict, image, label, dtype: str, alpha: float, warmup: int, 
 
     dev = jax.devices()[0]
     state = jax.device_put(state, dev)
-    batch = {"image": jax.device_put(jnp.asarray(image), dev), "label": jax.device_put(jnp.asarray(label), dev),
-             "labeled": jax.device_put(jnp.ones((image.shape[0],), bool), dev)}
+    batch = {
+        "image": jax.device_put(jnp.asarray(image), dev),
+        "label": jax.device_put(jnp.asarray(label), dev),
+        "labeled": jax.device_put(jnp.ones((image.shape[0],), bool), dev),
+    }
     sigma = jnp.float32(0.0)
-    step_fn = jax.jit(trainer.make_train_step(graphdef, cfg, tx, use_sigma=False, with_gain=False),
-                      donate_argnums=(0,))
+    step_fn = jax.jit(trainer.make_train_step(graphdef, cfg, tx, use_sigma=False, with_gain=False), donate_argnums=(0,))
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch, sigma).compile()
     compile_s = time.perf_counter() - t0
@@ -151,8 +155,15 @@ def bench_ours(arch: dict, image, label, dtype: str, alpha: float, warmup: int, 
 
     times = timed_steps(step, warmup, repeats, f"ours {dtype}")
     m = jax.device_get(holder["metrics"])
-    out = {"init": init_s, "compile": compile_s, "times": times, "loss": float(m["loss"]),
-           "finite": bool(m["finite"]), "n_params": n_params, "gflop": gflop}
+    out = {
+        "init": init_s,
+        "compile": compile_s,
+        "times": times,
+        "loss": float(m["loss"]),
+        "finite": bool(m["finite"]),
+        "n_params": n_params,
+        "gflop": gflop,
+    }
     del holder, batch, compiled, step_fn, state
     gc.collect()
     jax.clear_caches()
@@ -169,12 +180,19 @@ def bench_torch(arch: dict, image, label, amp: bool, warmup: int, repeats: int) 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
-    net = tr.TorchUNet(channels=tuple(arch["channels"]), init_channels=int(arch["init_channels"]),
-                       bottleneck_kernel=int(arch["bottleneck_kernel"])).to(dev).train()
+    net = (
+        tr.TorchUNet(
+            channels=tuple(arch["channels"]),
+            init_channels=int(arch["init_channels"]),
+            bottleneck_kernel=int(arch["bottleneck_kernel"]),
+        )
+        .to(dev)
+        .train()
+    )
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-6)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and cuda)
-    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 1))).to(dev)   # NCDHW
-    y = torch.from_numpy(label.astype(np.int64)).to(dev)                            # (N, D, H, W)
+    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 1))).to(dev)  # NCDHW
+    y = torch.from_numpy(label.astype(np.int64)).to(dev)  # (N, D, H, W)
     y1 = (y == 1).float()
     full = tuple(label.shape[1:])
 
@@ -203,7 +221,7 @@ def bench_torch(arch: dict, image, label, amp: bool, warmup: int, repeats: int) 
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         scaler.step(opt)
         scaler.update()
-        last["loss"] = loss.item()   # host sync
+        last["loss"] = loss.item()  # host sync
         if cuda:
             torch.cuda.synchronize()
 
@@ -228,8 +246,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     ap.add_argument("--small", action="store_true", help="narrow U-Net (8,16,32,32), init 8, bottleneck 3, 32^3")
     ap.add_argument("--bf16", action="store_true", help="also time ours with model.dtype=bfloat16")
-    ap.add_argument("--alpha", type=float, default=0.0,
-                    help="Mumford-Shah weight of our loss (0 = the reference's Dice + 2*CE; paper 1e-5)")
+    ap.add_argument(
+        "--alpha",
+        type=float,
+        default=0.0,
+        help="Mumford-Shah weight of our loss (0 = the reference's Dice + 2*CE; paper 1e-5)",
+    )
     ap.add_argument("--skip-torch", action="store_true", help="time ours only")
     ap.add_argument("--skip-ours", action="store_true", help="time the torch reference only")
     args = ap.parse_args()
@@ -245,37 +267,49 @@ def main() -> None:
     print(f"date      {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"machine   {platform.node()} | {cpu_model()} | {os.cpu_count()} cores | {platform.platform()}")
     print(f"load avg  start {load_avg()}")
-    print(f"versions  python {platform.python_version()} | jax {jax.__version__} on {jax.devices()[0].platform} "
-          f"({jax.devices()[0].device_kind}) | numpy {np.__version__}")
+    print(
+        f"versions  python {platform.python_version()} | jax {jax.__version__} on {jax.devices()[0].platform} "
+        f"({jax.devices()[0].device_kind}) | numpy {np.__version__}"
+    )
     torch = None
     if not args.skip_torch:
         try:
             import torch
+
             cuda = torch.cuda.is_available()
-            print(f"torch     {torch.__version__} on {'cuda' if cuda else 'cpu'}"
-                  + (f" ({torch.cuda.get_device_name(0)})" if cuda else f", {torch.get_num_threads()} threads"))
+            print(
+                f"torch     {torch.__version__} on {'cuda' if cuda else 'cpu'}"
+                + (f" ({torch.cuda.get_device_name(0)})" if cuda else f", {torch.get_num_threads()} threads")
+            )
         except ImportError:
             print("torch     not installed: timing ours only")
     patch = tuple(arch["patch"])
-    print(f"problem   batch {args.batch} x {'x'.join(map(str, patch))}x5, U-Net channels {arch['channels']}, init "
-          f"{arch['init_channels']}, bottleneck {arch['bottleneck_kernel']}, 4 deep-supervision heads, AdamW + clip 1.0")
-    print(f"loss      ours: deep_supervision_loss(form='ms_dice_ce', alpha={args.alpha:g}, beta=1, lam=2); "
-          f"torch: sum_h w_h (Dice + 2 CE)")
+    print(
+        f"problem   batch {args.batch} x {'x'.join(map(str, patch))}x5, U-Net channels {arch['channels']}, init "
+        f"{arch['init_channels']}, bottleneck {arch['bottleneck_kernel']}, 4 deep-supervision heads, AdamW + clip 1.0"
+    )
+    print(
+        f"loss      ours: deep_supervision_loss(form='ms_dice_ce', alpha={args.alpha:g}, beta=1, lam=2); "
+        f"torch: sum_h w_h (Dice + 2 CE)"
+    )
     print(f"protocol  compile timed separately, {args.warmup} warm-up step(s), median of {args.repeats}; seconds")
     sys.stdout.flush()
 
     image, label = make_batch(args.batch, patch, seed=0)
     results: dict[str, float] = {}
     if not args.skip_ours:
-        for dtype in (["float32", "bfloat16"] if args.bf16 else ["float32"]):
+        for dtype in ["float32", "bfloat16"] if args.bf16 else ["float32"]:
             r = bench_ours(arch, image, label, dtype, args.alpha, args.warmup, args.repeats)
             med = statistics.median(r["times"])
             results[f"ours {dtype}"] = med
             rate = f", {r['gflop'] / med:.0f} GFLOP/s" if np.isfinite(r["gflop"]) else ""
-            print(f"ours {dtype:8s}  params {r['n_params']:,}  init {r['init']:.1f} s  compile {r['compile']:.1f} s  "
-                  f"steps [{fmt_times(r['times'])}]  median {med:.3f} s  ({r['gflop']:.0f} GFLOP of convolutions{rate})  "
-                  f"loss {r['loss']:.4f}  finite {r['finite']}  peak RSS {peak_rss_gib():.1f} GiB  "
-                  f"load {load_avg()}", flush=True)
+            print(
+                f"ours {dtype:8s}  params {r['n_params']:,}  init {r['init']:.1f} s  compile {r['compile']:.1f} s  "
+                f"steps [{fmt_times(r['times'])}]  median {med:.3f} s  ({r['gflop']:.0f} GFLOP of convolutions{rate})  "
+                f"loss {r['loss']:.4f}  finite {r['finite']}  peak RSS {peak_rss_gib():.1f} GiB  "
+                f"load {load_avg()}",
+                flush=True,
+            )
     if torch is not None:
         modes = [False, True] if torch.cuda.is_available() else [False]
         for amp in modes:
@@ -283,10 +317,14 @@ def main() -> None:
             med = statistics.median(r["times"])
             name = "torch amp" if amp else "torch fp32"
             results[name] = med
-            ratio = (f"  ratio torch/ours(float32) {med / results['ours float32']:.2f}"
-                     if "ours float32" in results else "")
-            print(f"{name:13s}  params {r['n_params']:,}  steps [{fmt_times(r['times'])}]  median {med:.3f} s  "
-                  f"loss {r['loss']:.4f}  peak RSS {peak_rss_gib():.1f} GiB  load {load_avg()}{ratio}", flush=True)
+            ratio = (
+                f"  ratio torch/ours(float32) {med / results['ours float32']:.2f}" if "ours float32" in results else ""
+            )
+            print(
+                f"{name:13s}  params {r['n_params']:,}  steps [{fmt_times(r['times'])}]  median {med:.3f} s  "
+                f"loss {r['loss']:.4f}  peak RSS {peak_rss_gib():.1f} GiB  load {load_avg()}{ratio}",
+                flush=True,
+            )
     print("summary   " + "  ".join(f"{k}: {v:.3f} s" for k, v in results.items()))
     base = results.get("ours float32")
     if base:
@@ -294,8 +332,10 @@ def main() -> None:
             if k.startswith("torch"):
                 print(f"ratio     {k} / ours float32 = {v / base:.2f}  (> 1: ours faster)")
         if "ours bfloat16" in results:
-            print(f"bf16      ours float32 / ours bfloat16 = {base / results['ours bfloat16']:.2f}  "
-                  f"(> 1: bfloat16 faster)")
+            print(
+                f"bf16      ours float32 / ours bfloat16 = {base / results['ours bfloat16']:.2f}  "
+                f"(> 1: bfloat16 faster)"
+            )
     print(f"load avg  end {load_avg()}")
 
 

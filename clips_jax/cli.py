@@ -66,8 +66,10 @@ def parse_zyx(text: str, name: str, kind: type = int) -> tuple:
         vals = vals * 3
     if len(vals) != 3 or any(v <= 0 for v in vals):
         unit = "voxels" if kind is int else "mm"
-        raise UsageError(f"--{name}={text!r}: expected three positive {kind.__name__} values z,y,x ({unit}), "
-                         f"e.g. --{name}={'96,96,96' if kind is int else '6,6,6'}")
+        raise UsageError(
+            f"--{name}={text!r}: expected three positive {kind.__name__} values z,y,x ({unit}), "
+            f"e.g. --{name}={'96,96,96' if kind is int else '6,6,6'}"
+        )
     return tuple(vals)
 
 
@@ -86,8 +88,7 @@ def exit_status(exc: BaseException) -> int:
     return EXIT_INPUT
 
 
-def run_tool(argv: Sequence[str] | None, define_flags: Callable, run_from_flags: Callable,
-             doc: str | None) -> int:
+def run_tool(argv: Sequence[str] | None, define_flags: Callable, run_from_flags: Callable, doc: str | None) -> int:
     """Parse `argv` (argv[0] = program name; None = sys.argv) with the command's flags and run it.
 
     Returns the exit status (never raises for a user error): help -> 0; a flag error, `ConfigError` or

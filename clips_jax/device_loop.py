@@ -43,9 +43,13 @@ def make_chunk_fn(run, n_steps: int):
     stage_steps = int(c.curriculum.stage_steps)
     batch = int(d.batch_size)
     poison = jnp.asarray([int(s) for s in c.debug.poison_steps] or [-1], jnp.int32)
-    sample_kw = dict(batch_size=batch, patch_shape=tuple(int(v) for v in d.patch_shape),
-                     p_foreground=float(d.p_foreground), p_hot_negative=float(d.get("p_hot_negative", 0.0)),
-                     augment=bool(d.augment))
+    sample_kw = dict(
+        batch_size=batch,
+        patch_shape=tuple(int(v) for v in d.patch_shape),
+        p_foreground=float(d.p_foreground),
+        p_hot_negative=float(d.get("p_hot_negative", 0.0)),
+        augment=bool(d.augment),
+    )
     spread = run.mesh.size > 1
 
     def begin_stage(cs, w, step):
@@ -65,13 +69,24 @@ def make_chunk_fn(run, n_steps: int):
             xb = jax.lax.with_sharding_constraint(xb, run.dsh)
         sigma = cur.sigma(cs, step)
         st, m = run.step_fn(st, xb, sigma)
-        obs = curricula.observation_from_step(b["case_index"], b["lesion_centred"], m["finite"], m["supervised"],
-                                             m.get("gain"), step)
+        obs = curricula.observation_from_step(
+            b["case_index"], b["lesion_centred"], m["finite"], m["supervised"], m.get("gain"), step
+        )
         cs = cur.update(cs, obs)
         reward = obs.reward
-        out = {"loss": m["loss"], "grad_norm": m["grad_norm"], "finite": m["finite"], "sigma": sigma,
-               "per_sample": m["per_sample"], "supervised": m["supervised"], "case_index": b["case_index"],
-               "centred": b["lesion_centred"], "reward": reward, "weights": w, "nonfinite": st["nonfinite"]}
+        out = {
+            "loss": m["loss"],
+            "grad_norm": m["grad_norm"],
+            "finite": m["finite"],
+            "sigma": sigma,
+            "per_sample": m["per_sample"],
+            "supervised": m["supervised"],
+            "case_index": b["case_index"],
+            "centred": b["lesion_centred"],
+            "reward": reward,
+            "weights": w,
+            "nonfinite": st["nonfinite"],
+        }
         return (st, cs, w), out
 
     def chunk(state, cur_state, weights, key, dstore):
@@ -118,8 +133,9 @@ def run(run, meta: dict | None) -> None:
     from clips_jax.data import device
 
     c = run.config
-    dstore = device.device_store_from(run.store, run.train_idx, hot_suv=float(c.data.get("hot_suv", 2.5)),
-                                      extra_channels=trainer.extra_channels(c))
+    dstore = device.device_store_from(
+        run.store, run.train_idx, hot_suv=float(c.data.get("hot_suv", 2.5)), extra_channels=trainer.extra_channels(c)
+    )
     dstore = jax.device_put(dstore, run.repl)
     n = len(run.train_idx)
     weights = np.zeros(n, np.float32) if meta is None else np.asarray(meta["weights"], np.float32)
@@ -130,13 +146,19 @@ def run(run, meta: dict | None) -> None:
 
     def chunk_fn(length: int):
         if length not in compiled:
-            compiled[length] = jax.jit(make_chunk_fn(run, length), donate_argnums=(0, 1, 2),
-                                       out_shardings=(run.repl, run.repl, run.repl, run.repl))
+            compiled[length] = jax.jit(
+                make_chunk_fn(run, length),
+                donate_argnums=(0, 1, 2),
+                out_shardings=(run.repl, run.repl, run.repl, run.repl),
+            )
         return compiled[length]
 
     def save_meta():
-        return {"pipeline": "device", "weights": np.asarray(jax.device_get(weights)).tolist(),
-                "stage": (run.step - 1) // int(c.curriculum.stage_steps) if run.step else 0}
+        return {
+            "pipeline": "device",
+            "weights": np.asarray(jax.device_get(weights)).tolist(),
+            "stage": (run.step - 1) // int(c.curriculum.stage_steps) if run.step else 0,
+        }
 
     while run.step < int(c.steps):
         first = run.step
@@ -149,5 +171,3 @@ def run(run, meta: dict | None) -> None:
         if hit.size:  # the first step of the chunk at which the streak reached the limit
             run.check_diverged(int(out["nonfinite"][hit[0]]), first + int(hit[0]) + 1)
         run.after_steps(float(out["loss"][-1]), float(out["grad_norm"][-1]), float(out["sigma"][-1]), save_meta)
-
-

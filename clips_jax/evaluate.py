@@ -38,8 +38,7 @@ from clips_jax.data.nifti import load_nifti
 from clips_jax.errors import ConfigError, DataError
 from clips_jax.fileio import write_text_atomic
 from clips_jax.metrics.lesions import dmax_mm
-from clips_jax.metrics.report import (case_metrics, case_report_text, summarise, summary_markdown,
-                                      write_metrics_csv)
+from clips_jax.metrics.report import case_metrics, case_report_text, summarise, summary_markdown, write_metrics_csv
 
 __all__ = ["find_cases", "parse_pred_args", "evaluate", "main"]
 
@@ -88,8 +87,10 @@ def find_cases(folder: str | Path, role: str = "seg") -> dict[str, Path]:
             plain.setdefault(stem, p)
     found = {**plain, **explicit}
     if not found:
-        raise DataError(f"{folder}: no NIfTI {'masks' if role == 'seg' else 'SUV images'} found; expected "
-                        f"<case>.nii.gz, <case>_{tag}.nii.gz or <case>/{tag}.nii.gz")
+        raise DataError(
+            f"{folder}: no NIfTI {'masks' if role == 'seg' else 'SUV images'} found; expected "
+            f"<case>.nii.gz, <case>_{tag}.nii.gz or <case>/{tag}.nii.gz"
+        )
     return dict(sorted(found.items()))
 
 
@@ -123,9 +124,18 @@ def _safe(case: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]+", "__", case)
 
 
-def evaluate(preds: dict[str, Path], truth_dir: Path, out_dir: Path, suv_dir: Path | None = None, *,
-             tolerance_mm: float = 5.0, lesion_threshold: float = 0.5, suv_threshold: float = 4.0,
-             mips: bool = True, log=None) -> tuple[dict[str, list[dict]], list[str]]:
+def evaluate(
+    preds: dict[str, Path],
+    truth_dir: Path,
+    out_dir: Path,
+    suv_dir: Path | None = None,
+    *,
+    tolerance_mm: float = 5.0,
+    lesion_threshold: float = 0.5,
+    suv_threshold: float = 4.0,
+    mips: bool = True,
+    log=None,
+) -> tuple[dict[str, list[dict]], list[str]]:
     """Score every experiment's predictions against the ground truth and write all outputs.
 
     Args:
@@ -161,8 +171,9 @@ def evaluate(preds: dict[str, Path], truth_dir: Path, out_dir: Path, suv_dir: Pa
                 continue
             row = {"case": case, **case_metrics(pred, truth, tgeom.spacing_mm, suv, **metric_kw)}
             rows[name].append(row)
-            _write_case_outputs(exp_dir[name], name, case, row, pred, truth, suv, tgeom.spacing_mm,
-                                mips=mips, plots=plots, **metric_kw)
+            _write_case_outputs(
+                exp_dir[name], name, case, row, pred, truth, suv, tgeom.spacing_mm, mips=mips, plots=plots, **metric_kw
+            )
     _write_cohort_outputs(rows, exp_dir, out_dir, problems, plots=plots, **metric_kw)
     return rows, problems
 
@@ -198,8 +209,10 @@ def _load_truth_and_suv(case: str, truth_path: Path, suv_dir: Path | None, suv_c
         problem(f"case {case}: {e}; skipped")
         return None
     if not sgeom.same_grid(tgeom):
-        problem(f"case {case}: SUV grid ({_grid_text(sgeom)}) differs from the ground-truth grid "
-                f"({_grid_text(tgeom)}); resample onto the PET grid. Case skipped")
+        problem(
+            f"case {case}: SUV grid ({_grid_text(sgeom)}) differs from the ground-truth grid "
+            f"({_grid_text(tgeom)}); resample onto the PET grid. Case skipped"
+        )
         return None
     return truth, tgeom, suv
 
@@ -215,27 +228,57 @@ def _load_prediction(case: str, name: str, folder: Path, cases: dict, tgeom, pro
         problem(f"case {case}: {e}; skipped")
         return None
     if not pgeom.same_grid(tgeom):
-        problem(f"case {case}: prediction grid of {name} ({_grid_text(pgeom)}) differs from the ground-truth "
-                f"grid ({_grid_text(tgeom)}); resample the prediction onto the PET grid. Case skipped")
+        problem(
+            f"case {case}: prediction grid of {name} ({_grid_text(pgeom)}) differs from the ground-truth "
+            f"grid ({_grid_text(tgeom)}); resample the prediction onto the PET grid. Case skipped"
+        )
         return None
     return pred
 
 
-def _write_case_outputs(exp_dir: Path, name: str, case: str, row: dict, pred, truth, suv, spacing_mm, *,
-                        mips: bool, plots, tolerance_mm: float, lesion_threshold: float,
-                        suv_threshold: float) -> None:
+def _write_case_outputs(
+    exp_dir: Path,
+    name: str,
+    case: str,
+    row: dict,
+    pred,
+    truth,
+    suv,
+    spacing_mm,
+    *,
+    mips: bool,
+    plots,
+    tolerance_mm: float,
+    lesion_threshold: float,
+    suv_threshold: float,
+) -> None:
     """One case's text report (and MIP figure when SUV is known and `mips`), written atomically."""
-    text = case_report_text(case, row, tolerance_mm=tolerance_mm, lesion_threshold=lesion_threshold,
-                            suv_threshold=suv_threshold, dmax_pred_mm=dmax_mm(pred, spacing_mm))
+    text = case_report_text(
+        case,
+        row,
+        tolerance_mm=tolerance_mm,
+        lesion_threshold=lesion_threshold,
+        suv_threshold=suv_threshold,
+        dmax_pred_mm=dmax_mm(pred, spacing_mm),
+    )
     write_text_atomic(exp_dir / "reports" / f"{_safe(case)}.txt", text)
     if mips and suv is not None:
-        plots.mip_figure(suv, truth, pred, spacing_mm, exp_dir / "mips" / f"{_safe(case)}.png",
-                         title=f"{case} ({name})")
+        plots.mip_figure(
+            suv, truth, pred, spacing_mm, exp_dir / "mips" / f"{_safe(case)}.png", title=f"{case} ({name})"
+        )
 
 
-def _write_cohort_outputs(rows: dict[str, list[dict]], exp_dir: dict[str, Path], out_dir: Path,
-                          problems: list[str], *, plots, tolerance_mm: float, lesion_threshold: float,
-                          suv_threshold: float) -> None:
+def _write_cohort_outputs(
+    rows: dict[str, list[dict]],
+    exp_dir: dict[str, Path],
+    out_dir: Path,
+    problems: list[str],
+    *,
+    plots,
+    tolerance_mm: float,
+    lesion_threshold: float,
+    suv_threshold: float,
+) -> None:
     """metrics.csv and the Bland-Altman plot per experiment, the box plots (several experiments), summary.md."""
     for name, name_rows in rows.items():
         write_metrics_csv(exp_dir[name] / "metrics.csv", name_rows)
@@ -243,28 +286,31 @@ def _write_cohort_outputs(rows: dict[str, list[dict]], exp_dir: dict[str, Path],
             plots.bland_altman(name_rows, exp_dir[name] / "bland_altman.png", title=f"TMTV, {name}")
     if len(rows) > 1:
         plots.boxplots(rows, out_dir / "boxplots.png")
-    settings = (f"Tolerance {tolerance_mm:g} mm (NSD, BJI); lesion-wise IoU threshold {lesion_threshold:g}; "
-                f"SUV threshold {suv_threshold:g} (SUV >= threshold); lesions 18-connected. "
-                "Column definitions: docs/metrics.md.")
-    write_text_atomic(out_dir / "summary.md", summary_markdown({n: summarise(r) for n, r in rows.items()},
-                                                                settings=settings, problems=problems))
+    settings = (
+        f"Tolerance {tolerance_mm:g} mm (NSD, BJI); lesion-wise IoU threshold {lesion_threshold:g}; "
+        f"SUV threshold {suv_threshold:g} (SUV >= threshold); lesions 18-connected. "
+        "Column definitions: docs/metrics.md."
+    )
+    write_text_atomic(
+        out_dir / "summary.md",
+        summary_markdown({n: summarise(r) for n, r in rows.items()}, settings=settings, problems=problems),
+    )
 
 
 def define_flags(fv) -> None:
     """The command's flags (module docstring)."""
     from absl import flags
 
-    flags.DEFINE_multi_string("pred", None, "Prediction folder; repeat as NAME=DIR to compare experiments.",
-                              flag_values=fv)
+    flags.DEFINE_multi_string(
+        "pred", None, "Prediction folder; repeat as NAME=DIR to compare experiments.", flag_values=fv
+    )
     flags.DEFINE_string("truth", None, "Ground-truth mask folder.", flag_values=fv)
     flags.DEFINE_string("suv", None, "SUV image folder (SUV columns and MIPs).", flag_values=fv)
     flags.DEFINE_string("out", None, "Output folder.", flag_values=fv)
     flags.DEFINE_float("tolerance_mm", 5.0, "NSD/BJI tolerance in mm.", flag_values=fv)
     flags.DEFINE_float("lesion_threshold", 0.5, "IoU threshold of one-to-one lesion matching.", flag_values=fv)
-    flags.DEFINE_float("suv_threshold", 4.0, "SUV threshold of the _thr columns (SUV >= threshold).",
-                       flag_values=fv)
-    flags.DEFINE_bool("mips", True, "Draw per-patient MIP PNGs (needs --suv); --nomips to skip them.",
-                      flag_values=fv)
+    flags.DEFINE_float("suv_threshold", 4.0, "SUV threshold of the _thr columns (SUV >= threshold).", flag_values=fv)
+    flags.DEFINE_bool("mips", True, "Draw per-patient MIP PNGs (needs --suv); --nomips to skip them.", flag_values=fv)
     for name in ("pred", "truth", "out"):
         flags.mark_flag_as_required(name, flag_values=fv)
 
@@ -277,13 +323,18 @@ def run_from_flags(fv) -> int:
     if not 0.0 <= thr <= 1.0:
         raise ConfigError(f"--lesion_threshold={thr}: must be in [0, 1]")
     out = Path(fv["out"].value)
-    rows, problems = evaluate(parse_pred_args(fv["pred"].value), Path(fv["truth"].value), out,
-                              Path(fv["suv"].value) if fv["suv"].value else None, tolerance_mm=tol,
-                              lesion_threshold=thr, suv_threshold=fv["suv_threshold"].value,
-                              mips=fv["mips"].value)
+    rows, problems = evaluate(
+        parse_pred_args(fv["pred"].value),
+        Path(fv["truth"].value),
+        out,
+        Path(fv["suv"].value) if fv["suv"].value else None,
+        tolerance_mm=tol,
+        lesion_threshold=thr,
+        suv_threshold=fv["suv_threshold"].value,
+        mips=fv["mips"].value,
+    )
     n = sum(len(r) for r in rows.values())
-    print(f"scored {n} case(s) in {len(rows)} experiment(s); {len(problems)} problem(s); "
-          f"summary: {out / 'summary.md'}")
+    print(f"scored {n} case(s) in {len(rows)} experiment(s); {len(problems)} problem(s); summary: {out / 'summary.md'}")
     return 0 if n else 1
 
 

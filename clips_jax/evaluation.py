@@ -41,8 +41,7 @@ from clips_jax.checks import zyx_triple
 from clips_jax.data.pipeline import make_eval_cases
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ConfigError
-from clips_jax.inference import (nnx_predictor, pad_to_multiple, tile_origins, tile_overlap, tiled_inference,
-                                 weight_map)
+from clips_jax.inference import nnx_predictor, pad_to_multiple, tile_origins, tile_overlap, tiled_inference, weight_map
 from clips_jax.metrics import case_metrics, dice
 from clips_jax.metrics.case_losses import case_loss
 from clips_jax.metrics.lesions import fpv_fnv_ml, lesion_overlaps
@@ -58,6 +57,7 @@ IMAGE_CHANNELS = 5
 # ---------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _is_pair(model: Any) -> bool:
     return isinstance(model, tuple) and len(model) == 2 and callable(model[0])
@@ -101,8 +101,10 @@ def as_predictor(model: Any) -> tuple[Callable, Any]:
 # Coverage
 # ---------------------------------------------------------------------------------------------------------
 
-def _axis_origins(padded_shape: Sequence[int], tile: Sequence[int], step: Sequence[int],
-                  cover_end: bool) -> list[list[int]]:
+
+def _axis_origins(
+    padded_shape: Sequence[int], tile: Sequence[int], step: Sequence[int], cover_end: bool
+) -> list[list[int]]:
     """Per axis, the sorted tile origins of `tile_origins` (which is their Cartesian product)."""
     origins = tile_origins(padded_shape, tile, step, cover_end)
     return [sorted({o[a] for o in origins}) for a in range(3)]
@@ -124,8 +126,9 @@ def _separable_support(w: np.ndarray) -> list[np.ndarray] | None:
 
 
 @functools.lru_cache(maxsize=128)
-def _coverage_gaps(shape: tuple[int, int, int], tile: tuple[int, int, int], step: tuple[int, int, int],
-                   blend: str, cover_end: bool) -> tuple[int, str]:
+def _coverage_gaps(
+    shape: tuple[int, int, int], tile: tuple[int, int, int], step: tuple[int, int, int], blend: str, cover_end: bool
+) -> tuple[int, str]:
     """(voxels of the volume with zero total blending weight beyond the padded volume's outer planes,
     a short description of where); (0, "") when there are none."""
     pads = pad_to_multiple(shape, tile)
@@ -149,8 +152,8 @@ def _coverage_gaps(shape: tuple[int, int, int], tile: tuple[int, int, int], step
         for a, origins in enumerate(_axis_origins(padded, tile, step, cover_end)):
             g = np.zeros(padded[a], bool)
             for o in origins:
-                g[o:o + tile[a]] |= q[a]
-            good.append(g[left[a]:left[a] + shape[a]])
+                g[o : o + tile[a]] |= q[a]
+            good.append(g[left[a] : left[a] + shape[a]])
         # bad voxel: some axis not good, and on no allowed plane
         free = [~al for al in allowed]
         n_bad = math.prod(int(f.sum()) for f in free) - math.prod(int((g & f).sum()) for g, f in zip(good, free))
@@ -180,8 +183,15 @@ def _coverage_gaps(shape: tuple[int, int, int], tile: tuple[int, int, int], step
     return n_bad, f"first voxel (z, y, x) = {first}"
 
 
-def check_coverage(shape: Sequence[int], tile_shape: Sequence[int], step: Sequence[int], *,
-                   blend: str = "central", case: str = "", cover_end: bool = True) -> None:
+def check_coverage(
+    shape: Sequence[int],
+    tile_shape: Sequence[int],
+    step: Sequence[int],
+    *,
+    blend: str = "central",
+    case: str = "",
+    cover_end: bool = True,
+) -> None:
     """Refuse a tiling that leaves voxels of a volume without blending weight (they would be background).
 
     With the tiling of `tiled_inference(..., cover_end=cover_end)` (centred zero padding to a multiple of the
@@ -220,29 +230,48 @@ def check_coverage(shape: Sequence[int], tile_shape: Sequence[int], step: Sequen
             f"blending weight ({where}): they would be forced to background and their errors never counted. "
             f"Use a step of at most tile - 2 voxels per axis (each tile's outer faces have weight 0 with central "
             f"blending), e.g. half the tile {half} (config eval.tile_step)"
-            + ("." if cover_end else ", and tiles reaching the end of each axis (cover_end=True)."))
+            + ("." if cover_end else ", and tiles reaching the end of each axis (cover_end=True).")
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Prediction and evaluation
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _store(store: Any) -> CaseStore:
     return store if isinstance(store, CaseStore) else CaseStore(store)
 
 
-def _predict(case: Mapping[str, Any], predictor: Callable, params: Any, tile: tuple, step: tuple,
-             batch_size: int, dtype: str) -> np.ndarray:
+def _predict(
+    case: Mapping[str, Any], predictor: Callable, params: Any, tile: tuple, step: tuple, batch_size: int, dtype: str
+) -> np.ndarray:
     """Coverage check + tiled inference of one case; lesion probability (z, y, x) float32 (own array)."""
     check_coverage(case["image"].shape[:3], tile, step, case=str(case["id"]))
-    probs = tiled_inference(case["image"], predictor, params=params, tile_shape=tile, step=step,
-                            batch_size=int(batch_size), dtype=dtype, cover_end=True)
+    probs = tiled_inference(
+        case["image"],
+        predictor,
+        params=params,
+        tile_shape=tile,
+        step=step,
+        batch_size=int(batch_size),
+        dtype=dtype,
+        cover_end=True,
+    )
     return np.array(probs[..., 1], dtype=np.float32)  # a copy: the (z, y, x, 2) array is freed
 
 
-def predict_cases(model: Any, store: Any, indices: Sequence[int], *, tile_shape: Sequence[int],
-                  step: Sequence[int], batch_size: int = 1, dtype: str = "float32",
-                  extra_channels: Sequence[str] | None = None) -> Iterator[tuple[dict, np.ndarray]]:
+def predict_cases(
+    model: Any,
+    store: Any,
+    indices: Sequence[int],
+    *,
+    tile_shape: Sequence[int],
+    step: Sequence[int],
+    batch_size: int = 1,
+    dtype: str = "float32",
+    extra_channels: Sequence[str] | None = None,
+) -> Iterator[tuple[dict, np.ndarray]]:
     """Tiled inference of store cases, one at a time.
 
     Args:
@@ -269,10 +298,21 @@ def predict_cases(model: Any, store: Any, indices: Sequence[int], *, tile_shape:
         yield case, _predict(case, predictor, params, tile, stp, batch_size, dtype)
 
 
-def evaluate_cases(model: Any, store: Any, indices: Sequence[int], *, tile_shape: Sequence[int],
-                   step: Sequence[int], batch_size: int = 1, dtype: str = "float32", row_fn: RowFn | None = None,
-                   extra_channels: Sequence[str] | None = None, failed: dict[str, str] | None = None,
-                   log: Callable[[str], None] | None = None, id_key: str = "case") -> list[dict]:
+def evaluate_cases(
+    model: Any,
+    store: Any,
+    indices: Sequence[int],
+    *,
+    tile_shape: Sequence[int],
+    step: Sequence[int],
+    batch_size: int = 1,
+    dtype: str = "float32",
+    row_fn: RowFn | None = None,
+    extra_channels: Sequence[str] | None = None,
+    failed: dict[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
+    id_key: str = "case",
+) -> list[dict]:
     """One metric row per store case: `predict_cases` then `row_fn(prob, case)`.
 
     Args:
@@ -307,7 +347,7 @@ def evaluate_cases(model: Any, store: Any, indices: Sequence[int], *, tile_shape
     for k, i in enumerate(idx):
         cid = st.ids[int(i)]
         try:
-            case, prob = next(predict_cases(pair, st, idx[k:k + 1], **kw))
+            case, prob = next(predict_cases(pair, st, idx[k : k + 1], **kw))
             add(k, case, prob)
         except Exception as e:  # noqa: BLE001 - a batch command reports the case and carries on
             msg = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -320,6 +360,7 @@ def evaluate_cases(model: Any, store: Any, indices: Sequence[int], *, tile_shape
 # ---------------------------------------------------------------------------------------------------------
 # Row functions: (prob (z, y, x) float32, case dict) -> {metric: float}
 # ---------------------------------------------------------------------------------------------------------
+
 
 def validation_row(prob: np.ndarray, case: Mapping[str, Any]) -> dict[str, float]:
     """The trainer's validation metrics of one case (store grid; volumes in ml).
@@ -335,15 +376,20 @@ def validation_row(prob: np.ndarray, case: Mapping[str, Any]) -> dict[str, float
     vox_ml = case["geometry"].voxel_volume_ml
     fpv, fnv = fpv_fnv_ml(lesion_overlaps(pred, truth), vox_ml)
     tmtv_pred, tmtv_true = float(pred.sum() * vox_ml), float(truth.sum() * vox_ml)
-    return {"dice": dice(pred, truth) if truth.any() else float("nan"), "tmtv_pred_ml": tmtv_pred,
-            "tmtv_true_ml": tmtv_true, "fpv_ml": fpv, "fnv_ml": fnv, "tmtv_abs_err_ml": abs(tmtv_pred - tmtv_true)}
+    return {
+        "dice": dice(pred, truth) if truth.any() else float("nan"),
+        "tmtv_pred_ml": tmtv_pred,
+        "tmtv_true_ml": tmtv_true,
+        "fpv_ml": fpv,
+        "fnv_ml": fnv,
+        "tmtv_abs_err_ml": abs(tmtv_pred - tmtv_true),
+    }
 
 
 def test_row(prob: np.ndarray, case: Mapping[str, Any]) -> dict[str, float]:
     """The full metric row of one test case: `clips_jax.metrics.case_metrics(prob > 0.5, label > 0,
     spacing_mm of the store grid, suv)` (columns of metrics.csv, docs/metrics.md)."""
-    return case_metrics(np.asarray(prob) > 0.5, np.asarray(case["label"]) > 0, case["geometry"].spacing_mm,
-                        case["suv"])
+    return case_metrics(np.asarray(prob) > 0.5, np.asarray(case["label"]) > 0, case["geometry"].spacing_mm, case["suv"])
 
 
 test_row.__test__ = False  # not a pytest test when imported into a test module
@@ -356,5 +402,15 @@ def teacher_row(prob: np.ndarray, case: Mapping[str, Any], *, loss: str = "soft_
     return {"teacher_loss": case_loss(prob, case["label"] if case.get("labeled", True) else None, loss)}
 
 
-__all__ = ["IMAGE_CHANNELS", "RowFn", "as_predictor", "check_coverage", "evaluate_cases", "model_channels",
-           "predict_cases", "teacher_row", "test_row", "validation_row"]
+__all__ = [
+    "IMAGE_CHANNELS",
+    "RowFn",
+    "as_predictor",
+    "check_coverage",
+    "evaluate_cases",
+    "model_channels",
+    "predict_cases",
+    "teacher_row",
+    "test_row",
+    "validation_row",
+]

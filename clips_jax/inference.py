@@ -22,13 +22,14 @@ zero-filled buffers and only the unpadded region is accumulated, with bit-identi
 one pass: the input, the (D, H, W, K) result and a (D, H, W) weight sum, float32; `benchmarks/inference_memory.py`).
 Deliberate differences: accumulation is float32 (the original used float16), tiles are batched (`batch_size`)
 through ONE jit-compiled function (the last batch is padded to the fixed size, so it compiles once), and the
-predictor may be run in bfloat16. Optional test-time augmentation averages the 8 flip combinations (the original's `test_time_augmentation_axis`).
+predictor may be run in bfloat16. Optional test-time augmentation averages the 8 flip combinations (the
+original's `test_time_augmentation_axis`).
 
 Predictor contract: `predictor(x) -> logits` (or `predictor(params, x)` when `params` is given) with x
 `(B, *tile_shape, C)` and logits `(B, *tile_shape, K)`, K = 2 for TMTV-Net. It is traced inside `jax.jit`, so
 it must be a pure JAX function. Pass model weights as `params` (for an NNX model:
-`pred, state = nnx_predictor(model)`; `tiled_inference(v, pred, params=state)`) rather than closing over them: closed-over
-arrays are baked into the compiled program, params are ordinary arguments. The predictor is a static
+`pred, state = nnx_predictor(model)`; `tiled_inference(v, pred, params=state)`) rather than closing over them:
+closed-over arrays are baked into the compiled program, params are ordinary arguments. The predictor is a static
 argument of a module-level jitted function, so the same (hashable) predictor object is compiled once per
 tile shape, batch size and dtype and reused across calls and cases (jax's compile cache then keeps a
 reference to the predictor object, another reason not to close over large arrays).
@@ -60,6 +61,7 @@ _BLENDS = ("central", "constant", "gaussian")
 # Weight maps
 # ----------------------------------------------------------------------------------------------------------
 
+
 def central_weight_map(tile_shape: Sequence[int]) -> np.ndarray:
     """The original's central weighting of one tile (`inference_process_wholebody_3d`, qurit-frizi/TMTV-Net).
 
@@ -77,8 +79,10 @@ def central_weight_map(tile_shape: Sequence[int]) -> np.ndarray:
     """
     t = zyx_triple(tile_shape, "tile_shape")
     if min(t) < 4:
-        raise ConfigError(f"central_weight_map: tile_shape {t} has an axis < 4 voxels (empty core); "
-                          f"use a larger tile or blend='constant'")
+        raise ConfigError(
+            f"central_weight_map: tile_shape {t} has an axis < 4 voxels (empty core); "
+            f"use a larger tile or blend='constant'"
+        )
     outside = np.ones(t, dtype=bool)
     core = tuple(slice(n // 2 - (n // 2) // 2, n // 2 + (n // 2) // 2) for n in t)
     outside[core] = False
@@ -114,6 +118,7 @@ def weight_map(tile_shape: Sequence[int], blend: str = "central", sigma_scale: f
 # Tiling geometry
 # ----------------------------------------------------------------------------------------------------------
 
+
 def pad_to_multiple(shape: Sequence[int], tile_shape: Sequence[int]) -> list[tuple[int, int]]:
     """Centred padding of `shape` to the next multiple of `tile_shape`: [(left, right)] per axis.
 
@@ -126,8 +131,9 @@ def pad_to_multiple(shape: Sequence[int], tile_shape: Sequence[int]) -> list[tup
     return out
 
 
-def tile_origins(padded_shape: Sequence[int], tile_shape: Sequence[int], step: Sequence[int],
-                 cover_end: bool = False) -> list[tuple[int, int, int]]:
+def tile_origins(
+    padded_shape: Sequence[int], tile_shape: Sequence[int], step: Sequence[int], cover_end: bool = False
+) -> list[tuple[int, int, int]]:
     """Tile origins (z, y, x), C order: per axis 0, step, 2*step, ... while origin + tile <= size.
 
     With `cover_end=True` a last origin `size - tile` is added per axis when the regular grid stops short of
@@ -146,6 +152,7 @@ def tile_origins(padded_shape: Sequence[int], tile_shape: Sequence[int], step: S
 # ----------------------------------------------------------------------------------------------------------
 # The compiled tile function
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _tile_probs_impl(predictor, dtype_name, with_params, params, x):
     """softmax(predictor(x)) in float32; x is cast to the compute dtype first."""
@@ -170,8 +177,9 @@ def _make_prob_fn(predictor: Callable, params: Any, dtype: str) -> Callable[[np.
     return lambda x: _tile_probs(predictor, dtype, with_params, params, x)
 
 
-def tile_overlap(origin: Sequence[int], tile: Sequence[int], left: Sequence[int],
-             shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+def tile_overlap(
+    origin: Sequence[int], tile: Sequence[int], left: Sequence[int], shape: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """Where a tile at `origin` (padded-grid coordinates) meets the unpadded volume.
 
     The padded grid is the volume shifted by `left` (centred zero padding, `pad_to_multiple`). Returns
@@ -187,8 +195,18 @@ def tile_overlap(origin: Sequence[int], tile: Sequence[int], left: Sequence[int]
     return tuple(vol_sl), tuple(tile_sl)
 
 
-def _tiled_pass(volume: np.ndarray, prob_fn, tile: tuple, step: tuple, batch_size: int, w: np.ndarray,
-                cover_end: bool, progress: Progress | None, done: int, total: int) -> tuple[np.ndarray, int]:
+def _tiled_pass(
+    volume: np.ndarray,
+    prob_fn,
+    tile: tuple,
+    step: tuple,
+    batch_size: int,
+    w: np.ndarray,
+    cover_end: bool,
+    progress: Progress | None,
+    done: int,
+    total: int,
+) -> tuple[np.ndarray, int]:
     """One blended pass over `volume` (D, H, W, C); returns (probabilities (D, H, W, K) float32, done).
 
     Memory: the padded volume is never built. Each tile is cut from `volume` (which may be a non-contiguous
@@ -222,15 +240,17 @@ def _tiled_pass(volume: np.ndarray, prob_fn, tile: tuple, step: tuple, batch_siz
 
     pending = None
     for b in range(0, len(origins), batch_size):
-        overlaps = [tile_overlap(o, tile, left, shape) for o in origins[b:b + batch_size]]
+        overlaps = [tile_overlap(o, tile, left, shape) for o in origins[b : b + batch_size]]
         # A fresh buffer per batch: the previous one may still be read by the asynchronous model call.
         batch = np.zeros(expect + (volume.shape[-1],), np.float32)  # padding and the last batch's spare tiles: 0
         for j, (vol_sl, tile_sl) in enumerate(overlaps):
             batch[j][tile_sl] = volume[vol_sl]
         out = prob_fn(batch)  # dispatched asynchronously; host work on the previous batch overlaps it
         if out.ndim != 5 or tuple(out.shape[:4]) != expect:
-            raise ConfigError(f"predictor returned shape {tuple(out.shape)} for input {batch.shape}; "
-                              f"expected logits {expect + ('K',)}")
+            raise ConfigError(
+                f"predictor returned shape {tuple(out.shape)} for input {batch.shape}; "
+                f"expected logits {expect + ('K',)}"
+            )
         if pending is not None:
             accumulate(*pending)
         pending = (out, overlaps)
@@ -287,8 +307,9 @@ def _device_chunk_impl(predictor, dtype_name, with_params, tile, params, acc, ws
 
 @functools.lru_cache(maxsize=32)
 def _device_chunk_cached(predictor, dtype_name, with_params, tile):
-    return jax.jit(functools.partial(_device_chunk_impl, predictor, dtype_name, with_params, tile),
-                   donate_argnums=(1, 2))
+    return jax.jit(
+        functools.partial(_device_chunk_impl, predictor, dtype_name, with_params, tile), donate_argnums=(1, 2)
+    )
 
 
 def _device_chunk_fn(predictor, dtype_name: str, with_params: bool, tile: tuple) -> Callable:
@@ -320,9 +341,20 @@ def _probe_probs(predictor, params, dtype: str, shape: tuple) -> jax.ShapeDtypeS
     return jax.eval_shape(lambda p, v: _tile_probs(predictor, dtype, with_params, p, v), params, x)
 
 
-def _device_pass(volume: np.ndarray, predictor, params, dtype: str, tile: tuple, step: tuple, batch_size: int,
-                 w: np.ndarray, cover_end: bool, progress: Progress | None, done: int,
-                 total: int) -> tuple[np.ndarray, int]:
+def _device_pass(
+    volume: np.ndarray,
+    predictor,
+    params,
+    dtype: str,
+    tile: tuple,
+    step: tuple,
+    batch_size: int,
+    w: np.ndarray,
+    cover_end: bool,
+    progress: Progress | None,
+    done: int,
+    total: int,
+) -> tuple[np.ndarray, int]:
     """`_tiled_pass` with the padded volume and the accumulators on the default device: the same tiles,
     weights and tile order (so the same result up to float32 rounding), cut and blended inside compiled
     calls of TILE_BATCHES_PER_CALL batches. Device memory: the padded volume, `(Dp, Hp, Wp, K)` + `(Dp, Hp, Wp)`
@@ -336,16 +368,18 @@ def _device_pass(volume: np.ndarray, predictor, params, dtype: str, tile: tuple,
     n_calls = -(-n_batches // per_call)
     slots = n_calls * per_call * batch_size
     o = np.zeros((slots, 3), np.int32)
-    o[:len(origins)] = origins
+    o[: len(origins)] = origins
     valid = np.zeros(slots, np.float32)
-    valid[:len(origins)] = 1.0
+    valid[: len(origins)] = 1.0
     o = o.reshape(n_calls, per_call, batch_size, 3)
     valid = valid.reshape(n_calls, per_call, batch_size)
     vol = jnp.pad(jnp.asarray(volume), tuple(pads) + ((0, 0),))
     probe = _probe_probs(predictor, params, dtype, (batch_size, *tile, volume.shape[-1]))
     if probe.ndim != 5 or tuple(probe.shape[:4]) != (batch_size, *tile):
-        raise ConfigError(f"predictor returned shape {tuple(probe.shape)} for input "
-                          f"{(batch_size, *tile, volume.shape[-1])}; expected logits {(batch_size, *tile, 'K')}")
+        raise ConfigError(
+            f"predictor returned shape {tuple(probe.shape)} for input "
+            f"{(batch_size, *tile, volume.shape[-1])}; expected logits {(batch_size, *tile, 'K')}"
+        )
     acc = jnp.zeros(padded_shape + (probe.shape[-1],), jnp.float32)
     wsum = jnp.zeros(padded_shape, jnp.float32)
     chunk = _device_chunk_fn(predictor, dtype, params is not None, tile)
@@ -360,11 +394,21 @@ def _device_pass(volume: np.ndarray, predictor, params, dtype: str, tile: tuple,
     return np.array(jax.device_get(out)), done  # a writable host copy (TTA sums into it)
 
 
-def tiled_inference(volume: np.ndarray, predictor: Callable, *, tile_shape: Sequence[int] = (128, 96, 96),
-                    step: Sequence[int] = (64, 48, 48), batch_size: int = 1, blend: str = "central",
-                    dtype: str = "float32", tta: bool = False, progress: Progress | None = None,
-                    params: Any = None, cover_end: bool = False,
-                    tiles_on_device: bool | None = None) -> np.ndarray:
+def tiled_inference(
+    volume: np.ndarray,
+    predictor: Callable,
+    *,
+    tile_shape: Sequence[int] = (128, 96, 96),
+    step: Sequence[int] = (64, 48, 48),
+    batch_size: int = 1,
+    blend: str = "central",
+    dtype: str = "float32",
+    tta: bool = False,
+    progress: Progress | None = None,
+    params: Any = None,
+    cover_end: bool = False,
+    tiles_on_device: bool | None = None,
+) -> np.ndarray:
     """Whole-volume class probabilities by overlapping tiles (the original TMTV-Net dense inference).
 
     Args:
@@ -401,7 +445,7 @@ def tiled_inference(volume: np.ndarray, predictor: Callable, *, tile_shape: Sequ
     vol = np.asarray(volume, dtype=np.float32)
     if vol.ndim != 4:
         raise DataError(f"tiled_inference: volume shape {vol.shape} must be (D, H, W, C)")
-    if not all(np.isfinite(vol[z:z + 16]).all() for z in range(0, vol.shape[0], 16)):  # slabs: no full-size mask
+    if not all(np.isfinite(vol[z : z + 16]).all() for z in range(0, vol.shape[0], 16)):  # slabs: no full-size mask
         raise DataError("tiled_inference: volume contains NaN or Inf; check the input images")
     tile = zyx_triple(tile_shape, "tile_shape")
     stp = zyx_triple(step, "step")
@@ -418,8 +462,20 @@ def tiled_inference(volume: np.ndarray, predictor: Callable, *, tile_shape: Sequ
         axes = tuple(a for a in range(3) if flip[a])
         v = np.flip(vol, axes) if axes else vol
         if on_device:
-            p, done = _device_pass(np.ascontiguousarray(v), predictor, params, dtype, tile, stp, int(batch_size),
-                                   w, cover_end, progress, done, total)
+            p, done = _device_pass(
+                np.ascontiguousarray(v),
+                predictor,
+                params,
+                dtype,
+                tile,
+                stp,
+                int(batch_size),
+                w,
+                cover_end,
+                progress,
+                done,
+                total,
+            )
         else:
             p, done = _tiled_pass(v, prob_fn, tile, stp, int(batch_size), w, cover_end, progress, done, total)
         p = np.flip(p, axes) if axes else p
@@ -433,10 +489,19 @@ def tiled_inference(volume: np.ndarray, predictor: Callable, *, tile_shape: Sequ
     return result
 
 
-def sliding_window_inference(inputs: np.ndarray, roi_size: Sequence[int], sw_batch_size: int,
-                             predictor: Callable, overlap: float = 0.5, mode: str = "central", *,
-                             dtype: str = "float32", tta: bool = False, progress: Progress | None = None,
-                             params: Any = None) -> np.ndarray:
+def sliding_window_inference(
+    inputs: np.ndarray,
+    roi_size: Sequence[int],
+    sw_batch_size: int,
+    predictor: Callable,
+    overlap: float = 0.5,
+    mode: str = "central",
+    *,
+    dtype: str = "float32",
+    tta: bool = False,
+    progress: Progress | None = None,
+    params: Any = None,
+) -> np.ndarray:
     """MONAI-like front end of `tiled_inference` (same names as `monai.inferers.sliding_window_inference`).
 
     Mapping: `roi_size` -> tile_shape; `sw_batch_size` -> batch_size; step per axis =
@@ -460,8 +525,17 @@ def sliding_window_inference(inputs: np.ndarray, roi_size: Sequence[int], sw_bat
     arr = np.asarray(inputs)
     if arr.ndim not in (4, 5):
         raise DataError(f"sliding_window_inference: inputs shape {arr.shape} must be (N, D, H, W, C) or (D, H, W, C)")
-    kw = dict(tile_shape=roi, step=step, batch_size=sw_batch_size, blend=mode, dtype=dtype, tta=tta,
-              progress=progress, params=params, cover_end=True)
+    kw = dict(
+        tile_shape=roi,
+        step=step,
+        batch_size=sw_batch_size,
+        blend=mode,
+        dtype=dtype,
+        tta=tta,
+        progress=progress,
+        params=params,
+        cover_end=True,
+    )
     if arr.ndim == 4:
         return tiled_inference(arr, predictor, **kw)
     return np.stack([tiled_inference(a, predictor, **kw) for a in arr])
@@ -470,6 +544,7 @@ def sliding_window_inference(inputs: np.ndarray, roi_size: Sequence[int], sw_bat
 # ----------------------------------------------------------------------------------------------------------
 # Post-processing and cascade helpers
 # ----------------------------------------------------------------------------------------------------------
+
 
 def argmax_mask(probs: np.ndarray) -> np.ndarray:
     """Class index per voxel, uint8 `(D, H, W)`, from probabilities `(D, H, W, K)`.
@@ -482,7 +557,7 @@ def argmax_mask(probs: np.ndarray) -> np.ndarray:
         raise DataError(f"argmax_mask: probabilities shape {p.shape} must be (D, H, W, K)")
     out = np.empty(p.shape[:3], np.uint8)
     for z in range(0, p.shape[0], 16):  # slabs: no full-size int64 index array
-        out[z:z + 16] = np.argmax(p[z:z + 16], axis=-1)
+        out[z : z + 16] = np.argmax(p[z : z + 16], axis=-1)
     return out
 
 
@@ -504,8 +579,12 @@ def _linear_axis(x: np.ndarray, axis: int, n_out: int, scale: float) -> np.ndarr
     return np.where(inside.reshape(shape), a * (1.0 - f) + b * f, 0.0)
 
 
-def upsample_probability(prob6: np.ndarray, native_shape: Sequence[int], native_spacing_mm: Sequence[float],
-                         coarse_spacing_mm: float | Sequence[float] = 6.0) -> np.ndarray:
+def upsample_probability(
+    prob6: np.ndarray,
+    native_shape: Sequence[int],
+    native_spacing_mm: Sequence[float],
+    coarse_spacing_mm: float | Sequence[float] = 6.0,
+) -> np.ndarray:
     """Stage-A coarse probability -> native PET grid (the refiner's cascade channel; `inference_fn` in
     `main/main.py` of qurit-frizi/TMTV-Net).
 
@@ -538,6 +617,7 @@ def upsample_probability(prob6: np.ndarray, native_shape: Sequence[int], native_
 # ----------------------------------------------------------------------------------------------------------
 # NNX models as predictors
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class NNXPredictor:

@@ -90,7 +90,8 @@ def _check_logits_labels(logits: Array, labels: Array) -> None:
     if logits.ndim != 5 or labels.shape != logits.shape[:-1]:
         raise ConfigError(
             f"losses: logits {logits.shape} must be (N, D, H, W, K) and labels {labels.shape} must be "
-            f"(N, D, H, W) with the same N, D, H, W; resize deep-supervision heads first")
+            f"(N, D, H, W) with the same N, D, H, W; resize deep-supervision heads first"
+        )
 
 
 def soft_dice_loss(logits: Array, labels: Array, smooth: float = 1e-3, eps: float = 1e-5) -> Array:
@@ -163,7 +164,7 @@ def focal_loss(logits: Array, labels: Array, gamma: float = 1.0) -> Array:
     if gamma == 0:
         return _spatial_mean(ce)
     one_minus_pt = -jnp.expm1(-ce)  # 1 - exp(-ce), accurate when ce is small
-    return _spatial_mean(one_minus_pt ** gamma * ce)
+    return _spatial_mean(one_minus_pt**gamma * ce)
 
 
 def sensitivity_loss(logits: Array, labels: Array) -> Array:
@@ -177,8 +178,9 @@ def sensitivity_loss(logits: Array, labels: Array) -> Array:
     return _spatial_sum(jnp.abs(p1 - y) * y) / (1e-4 + _spatial_sum(y))
 
 
-def mumford_shah_loss(logits: Array, image: Array, eta: float = 1e-3, eps: float = 1e-6,
-                      channels: Sequence[int] | None = None) -> Array:
+def mumford_shah_loss(
+    logits: Array, image: Array, eta: float = 1e-3, eps: float = 1e-6, channels: Sequence[int] | None = None
+) -> Array:
     """Per-sample Mumford-Shah loss of Kim & Ye 2019 on the softmax output (no labels needed).
 
     With y_c = softmax(logits)[..., c] and image channels x_m:
@@ -204,24 +206,26 @@ def mumford_shah_loss(logits: Array, image: Array, eta: float = 1e-3, eps: float
       `(N,)` float32, >= 0.
     """
     if logits.ndim != 5 or image.ndim != 5 or image.shape[:4] != logits.shape[:4]:
-        raise ConfigError(f"mumford_shah_loss: logits {logits.shape} and image {image.shape} must be "
-                          f"(N, D, H, W, K) and (N, D, H, W, M) with equal N, D, H, W")
-    y = _softmax(logits.astype(jnp.float32))                           # (N, D, H, W, K)
+        raise ConfigError(
+            f"mumford_shah_loss: logits {logits.shape} and image {image.shape} must be "
+            f"(N, D, H, W, K) and (N, D, H, W, M) with equal N, D, H, W"
+        )
+    y = _softmax(logits.astype(jnp.float32))  # (N, D, H, W, K)
     x = image.astype(jnp.float32)
     if channels is not None:
         x = x[..., tuple(int(c) for c in channels)]
     # Per class c and channel m (K, M are small): elementwise products and full-volume sums that XLA fuses,
     # instead of an einsum over the channel/class axes (a badly shaped matrix product on CPU, forward and
     # backward).
-    xs = [x[..., m] for m in range(x.shape[-1])]                         # M x (N, D, H, W)
+    xs = [x[..., m] for m in range(x.shape[-1])]  # M x (N, D, H, W)
     level = jnp.zeros(logits.shape[0], jnp.float32)
     tv = jnp.zeros(logits.shape[0], jnp.float32)
     for c in range(logits.shape[-1]):
         yc = y[..., c]
-        mass = _spatial_sum(yc)                                          # (N,)
+        mass = _spatial_sum(yc)  # (N,)
         diff2 = None
         for xm in xs:
-            mu = _spatial_sum(xm * yc) / (mass + eps)                    # (N,)
+            mu = _spatial_sum(xm * yc) / (mass + eps)  # (N,)
             d2 = (xm - mu[:, None, None, None]) ** 2
             diff2 = d2 if diff2 is None else diff2 + d2
         level = level + _spatial_sum(diff2 * yc)
@@ -230,10 +234,22 @@ def mumford_shah_loss(logits: Array, image: Array, eta: float = 1e-3, eps: float
     return level + eta * tv
 
 
-def combined_loss(logits: Array, labels: Array, image: Array, labeled: Array, *, alpha: float = 1e-5,
-                  beta: float = 1.0, lam: float = 2.0, form: str = "ms_dice_ce", eta: float = 1e-3,
-                  ms_channels: Sequence[int] | None = None, gamma: float = 1.0, ce_factor: float = 0.5,
-                  sensitivity: float = 0.0) -> tuple[Array, dict[str, Array]]:
+def combined_loss(
+    logits: Array,
+    labels: Array,
+    image: Array,
+    labeled: Array,
+    *,
+    alpha: float = 1e-5,
+    beta: float = 1.0,
+    lam: float = 2.0,
+    form: str = "ms_dice_ce",
+    eta: float = 1e-3,
+    ms_channels: Sequence[int] | None = None,
+    gamma: float = 1.0,
+    ce_factor: float = 0.5,
+    sensitivity: float = 0.0,
+) -> tuple[Array, dict[str, Array]]:
     """Per-sample training loss of one output head, semi-supervised.
 
     `form="ms_dice_ce"` (TMTV-Net paper Eq. 1): `alpha * MS + beta * Dice + lam * CE`.
@@ -327,9 +343,14 @@ def resize_align_corners(x: Array, shape: Sequence[int]) -> Array:
     return y.astype(x.dtype)
 
 
-def deep_supervision_loss(logits_list: Sequence[Array], labels: Array, image: Array, labeled: Array,
-                          weights: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
-                          **kw) -> tuple[Array, dict[str, Array]]:
+def deep_supervision_loss(
+    logits_list: Sequence[Array],
+    labels: Array,
+    image: Array,
+    labeled: Array,
+    weights: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
+    **kw,
+) -> tuple[Array, dict[str, Array]]:
     """Weighted sum over deep-supervision heads of `combined_loss` (original: `DeepSupervision`,
     `main/src/layers/deep_supervision.py` of qurit-frizi/TMTV-Net).
 

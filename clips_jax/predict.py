@@ -54,7 +54,8 @@ WEIGHTS_HELP = (
     "no --weights given. Get the pretrained TMTV-Net weights: download e_latest.model and r_latest.model from "
     "the Google Drive link in the README of github.com/qurit-frizi/TMTV-Net, convert them with "
     "`python -m convert_weights --ensemble e_latest.model --refiner r_latest.model --out weights/tmtv-net`, "
-    "then pass `--weights weights/tmtv-net` (details: docs/weights.md, docs/predict.md).")
+    "then pass `--weights weights/tmtv-net` (details: docs/weights.md, docs/predict.md)."
+)
 
 STAGE_A_NAMES = ("ensemble", "unet")
 """Model names a weights directory may use for the stage-A network, in order of preference."""
@@ -68,6 +69,7 @@ Progress = Callable[[str, int, int], None]
 # ----------------------------------------------------------------------------------------------------------
 # Options and models
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -131,8 +133,10 @@ class Models:
 
         def describe(module) -> dict:
             config = getattr(module, "config", {})  # a model's ModelConfig -> plain dict for the JSON report
-            return {"class": type(module).__name__,
-                    "config": config.to_json() if hasattr(config, "to_json") else dict(config)}
+            return {
+                "class": type(module).__name__,
+                "config": config.to_json() if hasattr(config, "to_json") else dict(config),
+            }
 
         desc = dict(info or {})
         desc.setdefault("stage_a", describe(stage_a))
@@ -169,13 +173,18 @@ def load_models(weights_dir: str | Path, *, dtype: str = "float32", stage_a_only
     if a_name is None:
         raise WeightsError(f"{d}: no stage-A model (need 'ensemble' or 'unet', found {sorted(names)})")
     if not stage_a_only and "refiner" not in names:
-        raise WeightsError(f"{d}: no 'refiner' model (found {sorted(names)}); pass --stage_a_only to segment "
-                           "with the stage-A network alone")
+        raise WeightsError(
+            f"{d}: no 'refiner' model (found {sorted(names)}); pass --stage_a_only to segment "
+            "with the stage-A network alone"
+        )
     mdtype = model_dtype(dtype)
     stage_a = load_model(d, a_name, dtype=mdtype)
     refiner = None if stage_a_only else load_model(d, "refiner", dtype=mdtype)
-    info = {"weights_dir": str(weights_dir), "source": meta.get("source", {}),
-            "stage_a": {"name": a_name, **names[a_name]}}
+    info = {
+        "weights_dir": str(weights_dir),
+        "source": meta.get("source", {}),
+        "stage_a": {"name": a_name, **names[a_name]},
+    }
     if refiner is not None:
         info["stage_b"] = {"name": "refiner", **names["refiner"]}
     return Models.from_modules(stage_a, refiner, info)
@@ -184,6 +193,7 @@ def load_models(weights_dir: str | Path, *, dtype: str = "float32", stage_a_only
 # ----------------------------------------------------------------------------------------------------------
 # The two stages
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Segmentation:
@@ -198,8 +208,9 @@ class Segmentation:
     seconds: dict
 
 
-def stage_b_input(ct_hu: np.ndarray, suv: np.ndarray, cascade_channel: np.ndarray, *,
-                  round_fp16: bool = True, slab: int = 16) -> np.ndarray:
+def stage_b_input(
+    ct_hu: np.ndarray, suv: np.ndarray, cascade_channel: np.ndarray, *, round_fp16: bool = True, slab: int = 16
+) -> np.ndarray:
     """The refiner input `(z, y, x, 6)` float32: the 5 channels (rounded to float16 first, as the original
     stage B) + the upsampled stage-A probability. Built in z-slabs of `slab` slices so no full-size
     temporary besides the output is allocated (same values as `cascade.cascade`)."""
@@ -208,13 +219,19 @@ def stage_b_input(ct_hu: np.ndarray, suv: np.ndarray, cascade_channel: np.ndarra
     out = np.empty(tuple(suv.shape) + (6,), np.float32)
     dt = np.float16 if round_fp16 else np.float32
     for z0 in range(0, suv.shape[0], slab):
-        out[z0:z0 + slab, ..., :5] = make_channels(ct_hu[z0:z0 + slab], suv[z0:z0 + slab], dtype=dt)
+        out[z0 : z0 + slab, ..., :5] = make_channels(ct_hu[z0 : z0 + slab], suv[z0 : z0 + slab], dtype=dt)
     out[..., 5] = cascade_channel
     return out
 
 
-def segment(ct_hu: np.ndarray, suv: np.ndarray, geometry: Any, models: Models, options: Options = Options(),
-            progress: Progress | None = None) -> Segmentation:
+def segment(
+    ct_hu: np.ndarray,
+    suv: np.ndarray,
+    geometry: Any,
+    models: Models,
+    options: Options = Options(),
+    progress: Progress | None = None,
+) -> Segmentation:
     """Run stage A (and B unless `options.stage_a_only`) on one study on its PET grid.
 
     Args:
@@ -238,10 +255,15 @@ def segment(ct_hu: np.ndarray, suv: np.ndarray, geometry: Any, models: Models, o
     t0 = time.perf_counter()
     coarse = resample_case(Case("predict", ct_hu, suv, None, geometry), options.spacing_mm)
     pred_a, params_a = models.stage_a
-    prob6 = tiled_inference(make_channels(coarse.ct, coarse.suv), pred_a, params=params_a,
-                            tile_shape=options.stage_a_tile, step=tuple(t // 2 for t in options.stage_a_tile),
-                            progress=None if progress is None else (lambda d, t: progress("A", d, t)),
-                            **common)[..., 1]
+    prob6 = tiled_inference(
+        make_channels(coarse.ct, coarse.suv),
+        pred_a,
+        params=params_a,
+        tile_shape=options.stage_a_tile,
+        step=tuple(t // 2 for t in options.stage_a_tile),
+        progress=None if progress is None else (lambda d, t: progress("A", d, t)),
+        **common,
+    )[..., 1]
     prob6 = np.ascontiguousarray(prob6)
     channel = upsample_probability(prob6, geometry.shape, geometry.spacing_mm, coarse.geometry.spacing_mm)
     seconds = {"stage_a": time.perf_counter() - t0, "stage_b": None}
@@ -251,9 +273,15 @@ def segment(ct_hu: np.ndarray, suv: np.ndarray, geometry: Any, models: Models, o
     volume = stage_b_input(ct_hu, suv, channel)
     del channel
     pred_b, params_b = models.refiner
-    probs = tiled_inference(volume, pred_b, params=params_b, tile_shape=options.stage_b_tile,
-                            step=tuple(t // 2 for t in options.stage_b_tile),
-                            progress=None if progress is None else (lambda d, t: progress("B", d, t)), **common)
+    probs = tiled_inference(
+        volume,
+        pred_b,
+        params=params_b,
+        tile_shape=options.stage_b_tile,
+        step=tuple(t // 2 for t in options.stage_b_tile),
+        progress=None if progress is None else (lambda d, t: progress("B", d, t)),
+        **common,
+    )
     del volume
     mask = argmax_mask(probs)
     del probs
@@ -264,6 +292,7 @@ def segment(ct_hu: np.ndarray, suv: np.ndarray, geometry: Any, models: Models, o
 # ----------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------
+
 
 def mask_statistics(mask: np.ndarray, suv: np.ndarray, spacing_mm: Sequence[float]) -> dict:
     """The report numbers of a lesion mask (definitions in docs/predict.md).
@@ -283,16 +312,39 @@ def mask_statistics(mask: np.ndarray, suv: np.ndarray, spacing_mm: Sequence[floa
     n_vox = int(np.count_nonzero(m))
     tmtv = volume_ml(m, spacing_mm)
     if n_vox == 0:
-        return {"tmtv_ml": 0.0, "lesion_count": 0, "dmax_mm": None, "suv_max": None, "suv_mean": None,
-                "tlg": 0.0, "voxels": 0}
+        return {
+            "tmtv_ml": 0.0,
+            "lesion_count": 0,
+            "dmax_mm": None,
+            "suv_max": None,
+            "suv_mean": None,
+            "tlg": 0.0,
+            "voxels": 0,
+        }
     vals = np.asarray(suv)[m].astype(np.float64)
     suv_mean = float(vals.mean())
-    return {"tmtv_ml": tmtv, "lesion_count": label_lesions(m)[1], "dmax_mm": float(dmax_mm(m, spacing_mm)),
-            "suv_max": float(vals.max()), "suv_mean": suv_mean, "tlg": suv_mean * tmtv, "voxels": n_vox}
+    return {
+        "tmtv_ml": tmtv,
+        "lesion_count": label_lesions(m)[1],
+        "dmax_mm": float(dmax_mm(m, spacing_mm)),
+        "suv_max": float(vals.max()),
+        "suv_mean": suv_mean,
+        "tlg": suv_mean * tmtv,
+        "voxels": n_vox,
+    }
 
 
-_PATIENT_KEYS = ("patient_id", "patient_sex", "patient_birth_date", "patient_weight_kg", "study_date",
-                 "injected_dose_bq", "injection_time", "manufacturer", "source")
+_PATIENT_KEYS = (
+    "patient_id",
+    "patient_sex",
+    "patient_birth_date",
+    "patient_weight_kg",
+    "study_date",
+    "injected_dose_bq",
+    "injection_time",
+    "manufacturer",
+    "source",
+)
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -302,29 +354,46 @@ def _fmt(v: Any, digits: int = 2) -> str:
 def report_markdown(report: dict) -> str:
     """The Markdown report of one study from its JSON dict (see `predict_study`)."""
     s, r = report["results"], report
-    lines = [f"# Lesion segmentation report: {r['study_id']}", "",
-             f"Input: `{r['input']}`  ", f"Mask: `{r['outputs']['seg']}` (PET grid {r['grid']['shape']} voxels "
-             f"(z, y, x), spacing {r['grid']['spacing_mm']} mm)", "", "## Results", "",
-             "| quantity | value | unit |", "|---|---|---|",
-             f"| TMTV (total metabolic tumour volume) | {_fmt(s['tmtv_ml'], 3)} | ml |",
-             f"| lesion count (18-connected components) | {s['lesion_count']} | |",
-             f"| Dmax (largest distance between two lesion voxels) | {_fmt(s['dmax_mm'], 1)} | mm |",
-             f"| SUVmax in the mask | {_fmt(s['suv_max'])} | g/ml |",
-             f"| SUVmean in the mask | {_fmt(s['suv_mean'])} | g/ml |",
-             f"| TLG = SUVmean x TMTV | {_fmt(s['tlg'], 1)} | g (SUV x ml) |", ""]
+    lines = [
+        f"# Lesion segmentation report: {r['study_id']}",
+        "",
+        f"Input: `{r['input']}`  ",
+        f"Mask: `{r['outputs']['seg']}` (PET grid {r['grid']['shape']} voxels "
+        f"(z, y, x), spacing {r['grid']['spacing_mm']} mm)",
+        "",
+        "## Results",
+        "",
+        "| quantity | value | unit |",
+        "|---|---|---|",
+        f"| TMTV (total metabolic tumour volume) | {_fmt(s['tmtv_ml'], 3)} | ml |",
+        f"| lesion count (18-connected components) | {s['lesion_count']} | |",
+        f"| Dmax (largest distance between two lesion voxels) | {_fmt(s['dmax_mm'], 1)} | mm |",
+        f"| SUVmax in the mask | {_fmt(s['suv_max'])} | g/ml |",
+        f"| SUVmean in the mask | {_fmt(s['suv_mean'])} | g/ml |",
+        f"| TLG = SUVmean x TMTV | {_fmt(s['tlg'], 1)} | g (SUV x ml) |",
+        "",
+    ]
     if r["patient"]:
         lines += ["## Patient and study", "", "| field | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in r["patient"].items()] + [""]
     m = r["model"]
-    lines += ["## Model and run", "",
-              f"- weights: `{m.get('weights_dir', 'in memory')}`; stage A: {m['stage_a'].get('name', '')} "
-              f"({m['stage_a'].get('class', '')}); stage B: "
-              + (f"{m['stage_b'].get('name', '')} ({m['stage_b'].get('class', '')})" if m.get("stage_b")
-                 else "skipped (--stage_a_only: mask = stage-A probability > 0.5)"),
-              f"- options: {json.dumps(r['options'])}",
-              "- runtime (s): " + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in r["seconds"].items()),
-              f"- software: {json.dumps(r['software'])}", "",
-              "Definitions: docs/predict.md. Research use only; not a medical device.", ""]
+    lines += [
+        "## Model and run",
+        "",
+        f"- weights: `{m.get('weights_dir', 'in memory')}`; stage A: {m['stage_a'].get('name', '')} "
+        f"({m['stage_a'].get('class', '')}); stage B: "
+        + (
+            f"{m['stage_b'].get('name', '')} ({m['stage_b'].get('class', '')})"
+            if m.get("stage_b")
+            else "skipped (--stage_a_only: mask = stage-A probability > 0.5)"
+        ),
+        f"- options: {json.dumps(r['options'])}",
+        "- runtime (s): " + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in r["seconds"].items()),
+        f"- software: {json.dumps(r['software'])}",
+        "",
+        "Definitions: docs/predict.md. Research use only; not a medical device.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -344,12 +413,23 @@ def _software() -> dict:
     import jax
 
     import clips_jax
-    return {"clips_jax": clips_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
-            "backend": jax.default_backend(), "python": sys.version.split()[0]}
+
+    return {
+        "clips_jax": clips_jax.__version__,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "backend": jax.default_backend(),
+        "python": sys.version.split()[0],
+    }
 
 
-def predict_study(study: str | Path, out_dir: str | Path, models: Models, options: Options = Options(),
-                  progress: Progress | None = None) -> dict:
+def predict_study(
+    study: str | Path,
+    out_dir: str | Path,
+    models: Models,
+    options: Options = Options(),
+    progress: Progress | None = None,
+) -> dict:
     """Segment one study folder and write its four outputs (atomically) into `out_dir`.
 
     Args:
@@ -382,18 +462,24 @@ def predict_study(study: str | Path, out_dir: str | Path, models: Models, option
     save_nifti(paths["seg"], seg.mask, geometry, dtype=np.uint8)
     stats = mask_statistics(seg.mask, suv, geometry.spacing_mm)
     title = f"{study_id}: TMTV {stats['tmtv_ml']:.1f} ml, {stats['lesion_count']} lesion(s)"
-    mip_figure(suv, truth, seg.mask, geometry.spacing_mm,
-               paths["png"], title=title)
+    mip_figure(suv, truth, seg.mask, geometry.spacing_mm, paths["png"], title=title)
     report = {
-        "study_id": study_id, "input": str(study),
+        "study_id": study_id,
+        "input": str(study),
         "outputs": {k: p.name for k, p in paths.items()},
         "grid": {"shape": list(geometry.shape), "spacing_mm": [round(float(s), 4) for s in geometry.spacing_mm]},
         "patient": {k: meta[k] for k in _PATIENT_KEYS if meta.get(k) not in (None, "")},
         "results": stats,
         "model": models.info,
-        "options": {"tta": options.tta, "dtype": options.dtype, "batch_size": options.batch_size,
-                    "stage_a_only": options.stage_a_only, "stage_a_tile": list(options.stage_a_tile),
-                    "stage_b_tile": list(options.stage_b_tile), "stage_a_spacing_mm": options.spacing_mm},
+        "options": {
+            "tta": options.tta,
+            "dtype": options.dtype,
+            "batch_size": options.batch_size,
+            "stage_a_only": options.stage_a_only,
+            "stage_a_tile": list(options.stage_a_tile),
+            "stage_b_tile": list(options.stage_b_tile),
+            "stage_a_spacing_mm": options.spacing_mm,
+        },
         "seconds": {"load": t_load, **seg.seconds},
         "software": _software(),
     }
@@ -416,6 +502,7 @@ def load_study(path: str | Path, *, allow_partial_ct: bool = False):
 # Batch driver and command line
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _tile_progress(stream) -> Progress | None:
     """A one-line tile progress bar on an interactive `stream`, None otherwise (logs stay clean)."""
     if not getattr(stream, "isatty", lambda: False)():
@@ -431,8 +518,9 @@ def _tile_progress(stream) -> Progress | None:
     return show
 
 
-def run_batch(input_path: str | Path, out_dir: str | Path, models: Models, options: Options = Options(),
-              out=None, err=None) -> dict:
+def run_batch(
+    input_path: str | Path, out_dir: str | Path, models: Models, options: Options = Options(), out=None, err=None
+) -> dict:
     """Segment every study found under `input_path` (`find_studies`), one progress line per study.
 
     A failing study prints one line `[i/n] <id> FAILED: <error>` and the others go on; studies whose four
@@ -472,13 +560,21 @@ def run_batch(input_path: str | Path, out_dir: str | Path, models: Models, optio
             result["failed"][sid] = msg
             continue
         s = rep["results"]
-        print(f"[{i}/{n}] {sid} ok, TMTV {s['tmtv_ml']:.1f} ml, {s['lesion_count']} lesion(s), "
-              f"{time.perf_counter() - t0:.1f} s", file=out, flush=True)
+        print(
+            f"[{i}/{n}] {sid} ok, TMTV {s['tmtv_ml']:.1f} ml, {s['lesion_count']} lesion(s), "
+            f"{time.perf_counter() - t0:.1f} s",
+            file=out,
+            flush=True,
+        )
         result["ok"].append(sid)
     where = f"outputs in {out_dir}" if Path(out_dir).is_dir() else "no outputs written"
     not_studies = f"; {len(result['not_studies'])} folder(s) without a study" if result["not_studies"] else ""
-    print(f"done: {len(result['ok'])} ok, {len(result['skipped'])} skipped, {len(result['failed'])} failed "
-          f"of {n} stud{'y' if n == 1 else 'ies'}{not_studies}; {where}", file=out, flush=True)
+    print(
+        f"done: {len(result['ok'])} ok, {len(result['skipped'])} skipped, {len(result['failed'])} failed "
+        f"of {n} stud{'y' if n == 1 else 'ies'}{not_studies}; {where}",
+        file=out,
+        flush=True,
+    )
     return result
 
 
@@ -488,19 +584,38 @@ def define_flags(fv) -> None:
 
     kw = dict(flag_values=fv)
     flags.DEFINE_string("input", None, "study folder (DICOM PET+CT or autoPET NIfTI) or folder of studies", **kw)
-    flags.DEFINE_string("weights", None, "CLIPS-JAX weights directory (from `python -m convert_weights`); "
-                        "models {ensemble, refiner} or {unet} (+ optional refiner)", **kw)
+    flags.DEFINE_string(
+        "weights",
+        None,
+        "CLIPS-JAX weights directory (from `python -m convert_weights`); "
+        "models {ensemble, refiner} or {unet} (+ optional refiner)",
+        **kw,
+    )
     flags.DEFINE_string("out", None, "output folder (created)", **kw)
     flags.DEFINE_boolean("tta", False, "test-time augmentation: average the 8 flip combinations (8x slower)", **kw)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "network compute dtype", **kw)
     flags.DEFINE_integer("batch_size", 1, "tiles per model call (more = faster on GPU, more memory)", **kw)
-    flags.DEFINE_boolean("stage_a_only", False, "skip the refiner: mask = stage-A probability > 0.5 on the PET "
-                         "grid (for a fine-tuned 'unet' weights dir without refiner)", **kw)
+    flags.DEFINE_boolean(
+        "stage_a_only",
+        False,
+        "skip the refiner: mask = stage-A probability > 0.5 on the PET "
+        "grid (for a fine-tuned 'unet' weights dir without refiner)",
+        **kw,
+    )
     flags.DEFINE_boolean("overwrite", False, "redo studies whose outputs exist (default: skip them)", **kw)
-    flags.DEFINE_boolean("allow_partial_ct", False, "accept a DICOM CT covering less than 90 % of the PET's axial "
-                         "extent (uncovered PET slices get air; recorded in the report)", **kw)
-    flags.DEFINE_string("stage_a_tile", "128,96,96", "(advanced) stage-A tile Z,Y,X voxels at 6 mm, "
-                        "multiples of 16; step = tile / 2", **kw)
+    flags.DEFINE_boolean(
+        "allow_partial_ct",
+        False,
+        "accept a DICOM CT covering less than 90 % of the PET's axial "
+        "extent (uncovered PET slices get air; recorded in the report)",
+        **kw,
+    )
+    flags.DEFINE_string(
+        "stage_a_tile",
+        "128,96,96",
+        "(advanced) stage-A tile Z,Y,X voxels at 6 mm, multiples of 16; step = tile / 2",
+        **kw,
+    )
     flags.DEFINE_string("stage_b_tile", "96,96,96", "(advanced) stage-B tile Z,Y,X voxels; step = tile / 2", **kw)
 
 
@@ -516,11 +631,16 @@ def run_from_flags(fv, out=None, err=None) -> int:
         raise UsageError(WEIGHTS_HELP)
     if not fv["input"].value or not fv["out"].value:
         raise UsageError("--input and --out are required (see --help)")
-    options = Options(tta=fv["tta"].value, dtype=fv["dtype"].value, batch_size=fv["batch_size"].value,
-                      stage_a_only=fv["stage_a_only"].value, overwrite=fv["overwrite"].value,
-                      allow_partial_ct=fv["allow_partial_ct"].value,
-                      stage_a_tile=parse_zyx(fv["stage_a_tile"].value, "stage_a_tile"),
-                      stage_b_tile=parse_zyx(fv["stage_b_tile"].value, "stage_b_tile"))
+    options = Options(
+        tta=fv["tta"].value,
+        dtype=fv["dtype"].value,
+        batch_size=fv["batch_size"].value,
+        stage_a_only=fv["stage_a_only"].value,
+        overwrite=fv["overwrite"].value,
+        allow_partial_ct=fv["allow_partial_ct"].value,
+        stage_a_tile=parse_zyx(fv["stage_a_tile"].value, "stage_a_tile"),
+        stage_b_tile=parse_zyx(fv["stage_b_tile"].value, "stage_b_tile"),
+    )
     find_studies(fv["input"].value)  # fail before loading weights when the input is wrong
     models = load_models(fv["weights"].value, dtype=options.dtype, stage_a_only=options.stage_a_only)
     result = run_batch(fv["input"].value, fv["out"].value, models, options, out=out, err=err)

@@ -43,6 +43,7 @@ RUN_FORMAT = 2
 # Format version
 # ---------------------------------------------------------------------------------------------------------
 
+
 def run_format(workdir: str | os.PathLike) -> int | None:
     """The format of a run folder: RUN_FORMAT-like int from run.json, 1 for a folder with checkpoints but no
     run.json (written before formats were recorded), None for a new (empty) folder."""
@@ -66,21 +67,27 @@ def open_for_training(workdir: str | os.PathLike) -> Path:
     fmt = run_format(workdir)
     if fmt is not None and fmt != RUN_FORMAT:
         if fmt < RUN_FORMAT:
-            raise ConfigError(f"{workdir}: a run folder of format {fmt} (written by an older clips-jax); it cannot be "
-                              "resumed with this version (the curriculum state changed), but its model still loads "
-                              "for prediction and teacher scoring. Train in a new --workdir")
-        raise ConfigError(f"{workdir}: a run folder of format {fmt}, newer than this clips-jax ({RUN_FORMAT}); "
-                          "upgrade clips-jax or use a new --workdir")
+            raise ConfigError(
+                f"{workdir}: a run folder of format {fmt} (written by an older clips-jax); it cannot be "
+                "resumed with this version (the curriculum state changed), but its model still loads "
+                "for prediction and teacher scoring. Train in a new --workdir"
+            )
+        raise ConfigError(
+            f"{workdir}: a run folder of format {fmt}, newer than this clips-jax ({RUN_FORMAT}); "
+            "upgrade clips-jax or use a new --workdir"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     if fmt is None and jax.process_index() == 0:
-        write_text_atomic(workdir / "run.json", json.dumps({"format": RUN_FORMAT,
-                                                            "created": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        write_text_atomic(
+            workdir / "run.json", json.dumps({"format": RUN_FORMAT, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        )
     return workdir
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------------------
+
 
 class MetricsWriter:
     """Appends one JSON object per line to `workdir/metrics.jsonl` (process 0 only) and prints progress."""
@@ -131,45 +138,67 @@ def write_json(workdir: str | os.PathLike, name: str, doc: Any) -> None:
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------
 
+
 def checkpoint_managers(workdir: Path, keep: int) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
     """(last, best) managers of `workdir/checkpoints/{last,best}` (synchronous saves; best by "val_dice")."""
     last = ocp.CheckpointManager(
         (Path(workdir) / "checkpoints" / "last").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True, enable_async_checkpointing=False))
+        options=ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True, enable_async_checkpointing=False),
+    )
     best = ocp.CheckpointManager(
         (Path(workdir) / "checkpoints" / "best").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_dice"], best_mode="max",
-                                             keep_checkpoints_without_metrics=False, create=True,
-                                             enable_async_checkpointing=False))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1,
+            best_fn=lambda m: m["val_dice"],
+            best_mode="max",
+            keep_checkpoints_without_metrics=False,
+            create=True,
+            enable_async_checkpointing=False,
+        ),
+    )
     return last, best
 
 
 def save_last(mgr: ocp.CheckpointManager, step: int, state, cur_state, meta: dict) -> None:
     """Save the whole training state at `step` (every process takes part)."""
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           curriculum=ocp.args.StandardSave(cur_state),
-                                           meta=ocp.args.JsonSave(json_safe(meta))), force=True)
+    mgr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            curriculum=ocp.args.StandardSave(cur_state),
+            meta=ocp.args.JsonSave(json_safe(meta)),
+        ),
+        force=True,
+    )
 
 
 def restore_last(mgr: ocp.CheckpointManager, state_like, cur_like, sharding) -> tuple[Any, Any, dict]:
     """(state, curriculum state, meta) of the latest `last` checkpoint, placed with `sharding`."""
-    restored = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_arrays(state_like, sharding=sharding)),
-        curriculum=ocp.args.StandardRestore(abstract_arrays(cur_like, sharding=sharding)),
-        meta=ocp.args.JsonRestore()))
+    restored = mgr.restore(
+        mgr.latest_step(),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_arrays(state_like, sharding=sharding)),
+            curriculum=ocp.args.StandardRestore(abstract_arrays(cur_like, sharding=sharding)),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
     return restored.state, restored.curriculum, restored.meta
 
 
 def save_best(mgr: ocp.CheckpointManager, step: int, state, val_dice: float) -> None:
     """Save the model part of `state` as a best-validation candidate (orbax keeps the best one)."""
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": state["params"],
-                                                                         "rest": state["rest"]})),
-             metrics={"val_dice": float(val_dice)}, force=True)
+    mgr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]})),
+        metrics={"val_dice": float(val_dice)},
+        force=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # A trained run's model
 # ---------------------------------------------------------------------------------------------------------
+
 
 def read_config(run_dir: str | os.PathLike):
     """The ConfigDict of a run (`run_dir/config.json`); ConfigError when missing or unreadable."""
@@ -179,8 +208,9 @@ def read_config(run_dir: str | os.PathLike):
     try:
         return ml_collections.ConfigDict(json.loads(path.read_text()))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: not a training run (no config.json); pass the workdir of "
-                          "`python -m clips_jax.train`") from None
+        raise ConfigError(
+            f"{path}: not a training run (no config.json); pass the workdir of `python -m clips_jax.train`"
+        ) from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable run config ({e})") from e
 
@@ -200,7 +230,8 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None)
       checkpoint (naming the folder).
     """
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from clips_jax import trainer
 
@@ -223,13 +254,21 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None)
         mgr, kind = ocp.CheckpointManager(last_dir), "last"
         step = mgr.latest_step()
     else:
-        raise ConfigError(f"{run_dir}: no {'checkpoint' if which == 'best' else 'last checkpoint'} to load; "
-                          "train the run first (or check the folder)")
+        raise ConfigError(
+            f"{run_dir}: no {'checkpoint' if which == 'best' else 'last checkpoint'} to load; "
+            "train the run first (or check the folder)"
+        )
     # Only the model part is read (a partial restore of the "state" item), so optimizer or curriculum states of
     # other formats do not matter.
     target = abstract_arrays({"params": params, "rest": rest}, sharding=repl)
-    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    restored = mgr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+            )
+        ),
+    )
     st = restored.state
     model = nnx.merge(graphdef, jax.device_get(st["params"]), jax.device_get(st["rest"]))
     return model, {"checkpoint": kind, "checkpoint_step": int(step)}

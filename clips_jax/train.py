@@ -30,11 +30,19 @@ def define_flags(fv) -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", default_path(), "Training config: a packaged name (default, "
-                                    "default:tiny, tmtv_finetune[:variant]) or a file path[:variant].",
-                                    lock_config=True, flag_values=fv)
-    flags.DEFINE_string("workdir", "runs/default", "Output folder: checkpoints, metrics.jsonl, config.json, "
-                        "summary.json.", flag_values=fv)
+    config_flags.DEFINE_config_file(
+        "config",
+        default_path(),
+        "Training config: a packaged name (default, default:tiny, tmtv_finetune[:variant]) or a file path[:variant].",
+        lock_config=True,
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "workdir",
+        "runs/default",
+        "Output folder: checkpoints, metrics.jsonl, config.json, summary.json.",
+        flag_values=fv,
+    )
 
 
 def run_from_flags(fv) -> int:
@@ -62,8 +70,11 @@ def load_config(fv):
         config.keys()
     except Exception as e:  # noqa: BLE001 - ml_collections reports a failed load as OSError/ValueError/...
         first = str(e).strip().splitlines()
-        raise cli.UsageError(f"--config={fv['config'].config_filename}: cannot load it ({first[-1].strip() if first else type(e).__name__}); "
-                             f"use a packaged name ({', '.join(names())}, with :variant) or a config file path") from e
+        raise cli.UsageError(
+            f"--config={fv['config'].config_filename}: cannot load it "
+            f"({first[-1].strip() if first else type(e).__name__}); "
+            f"use a packaged name ({', '.join(names())}, with :variant) or a config file path"
+        ) from e
     return config
 
 
@@ -72,7 +83,7 @@ def resolve_config_args(argv: Sequence[str]) -> list[str]:
     out: list[str] = []
     for a in argv:
         if a.startswith("--config="):
-            out.append("--config=" + config_path(a[len("--config="):]))
+            out.append("--config=" + config_path(a[len("--config=") :]))
         elif out and out[-1] == "--config":
             out.append(config_path(a))
         else:

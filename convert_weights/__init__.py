@@ -69,14 +69,21 @@ def convert_file(path: str | os.PathLike, class_name: str) -> tuple[dict, dict, 
     config, params = convert_state_dict(strip_module_prefix(sd), class_name, source=str(p))
     digest = sha256_file(p)
     known = PRETRAINED_FILES.get(digest)
-    prov = {"file": p.name, "sha256": digest, "bytes": p.stat().st_size, "tensors": len(sd),
-            "file_dtypes": dtypes, "parameters": int(sum(int(np.prod(v.shape)) for v in sd.values())),
-            "released_tmtv_net_file": known[0] if known else None}
+    prov = {
+        "file": p.name,
+        "sha256": digest,
+        "bytes": p.stat().st_size,
+        "tensors": len(sd),
+        "file_dtypes": dtypes,
+        "parameters": int(sum(int(np.prod(v.shape)) for v in sd.values())),
+        "released_tmtv_net_file": known[0] if known else None,
+    }
     return config, params, prov
 
 
-def convert_files(files: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike, *,
-                  overwrite: bool = False) -> Path:
+def convert_files(
+    files: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
     """Convert several torch files into one weights directory that `clips_jax.model.load_model` reads.
 
     Args:

@@ -32,13 +32,13 @@ def define_flags(fv) -> None:
     """The converter's flags (module docstring)."""
     from absl import flags
 
-    flags.DEFINE_string("ensemble", None, "Ensemble file (e_latest.model: 4 U-Nets + stacking conv).",
-                        flag_values=fv)
+    flags.DEFINE_string("ensemble", None, "Ensemble file (e_latest.model: 4 U-Nets + stacking conv).", flag_values=fv)
     flags.DEFINE_string("refiner", None, "Refiner file (r_latest.model).", flag_values=fv)
     flags.DEFINE_string("unet", None, "A single U-Net state_dict (saved as model 'unet').", flag_values=fv)
     flags.DEFINE_string("out", None, "Output weights directory (must not exist).", flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists (only once the new one is complete).",
-                      flag_values=fv)
+    flags.DEFINE_bool(
+        "overwrite", False, "Replace --out if it exists (only once the new one is complete).", flag_values=fv
+    )
     flags.mark_flag_as_required("out", flag_values=fv)
 
 
@@ -59,8 +59,10 @@ def run_from_flags(fv) -> int:
     names = ", ".join(f"{k} <- {v}" for k, v in files.items())
     print(f"wrote {out} ({names})")
     if not {"ensemble", "refiner"} <= set(files):
-        print("note: load_pretrained() needs both 'ensemble' and 'refiner'; use clips_jax.model.load_model(DIR, "
-              "NAME) for a single network")
+        print(
+            "note: load_pretrained() needs both 'ensemble' and 'refiner'; use clips_jax.model.load_model(DIR, "
+            "NAME) for a single network"
+        )
     return 0
 
 

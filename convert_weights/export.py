@@ -25,8 +25,13 @@ from convert_weights.torchzip import write_state_dict
 FILE_NAMES = {"ensemble": "e_latest.model", "refiner": "r_latest.model"}
 
 
-def export_weights(weights_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                   names: list[str] | None = None, overwrite: bool = False) -> list[Path]:
+def export_weights(
+    weights_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    names: list[str] | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
     """Write the models of `weights_dir` as torch state_dict files into a new directory `out_dir`.
 
     Args:
@@ -73,8 +78,9 @@ def define_flags(fv) -> None:
 
 def run_from_flags(fv) -> int:
     """Export; returns 0 (errors: `clips_jax.cli.run_tool`)."""
-    files = export_weights(fv["weights"].value, fv["out_dir"].value, names=fv["models"].value or None,
-                           overwrite=fv["overwrite"].value)
+    files = export_weights(
+        fv["weights"].value, fv["out_dir"].value, names=fv["models"].value or None, overwrite=fv["overwrite"].value
+    )
     for f in files:
         print(f"wrote {f}")
     return 0

@@ -28,8 +28,9 @@ import numpy as np
 
 from clips_jax.errors import WeightsError
 
-PRETRAINED_UNET = dict(in_channels=5, out_channels=2, channels=[64, 96, 128, 156], init_channels=32,
-                       bottleneck_kernel=9)
+PRETRAINED_UNET = dict(
+    in_channels=5, out_channels=2, channels=[64, 96, 128, 156], init_channels=32, bottleneck_kernel=9
+)
 PRETRAINED_REFINER = dict(in_channels=6, out_channels=2, features=32, n_blocks=4, first_kernel=9)
 PRETRAINED_MEMBERS = 4
 
@@ -37,6 +38,7 @@ PRETRAINED_MEMBERS = 4
 @dataclass(frozen=True)
 class Entry:
     """One parameter: PyTorch name, path in our pure param dict, transform kind, ensemble member (or None)."""
+
     torch_key: str
     path: tuple
     kind: str
@@ -69,8 +71,10 @@ def _conv(torch_prefix: str, path: tuple, bias: bool = True) -> list[Entry]:
 
 
 def _norm(torch_prefix: str, path: tuple) -> list[Entry]:
-    return [Entry(torch_prefix + "weight", path + ("scale",), "vector"),
-            Entry(torch_prefix + "bias", path + ("bias",), "vector")]
+    return [
+        Entry(torch_prefix + "weight", path + ("scale",), "vector"),
+        Entry(torch_prefix + "bias", path + ("bias",), "vector"),
+    ]
 
 
 def _cna(conv_prefix: str, norm_prefix: str, path: tuple, bias: bool = True) -> list[Entry]:
@@ -99,8 +103,7 @@ def ensemble_entries(n_members: int, levels: int) -> list[Entry]:
     `staking_blocks` (sic) -> 'stacking'."""
     e = []
     for i in range(n_members):
-        e += [Entry(f"base_models.{i}.{x.torch_key}", ("members",) + x.path, x.kind, i)
-              for x in unet_entries(levels)]
+        e += [Entry(f"base_models.{i}.{x.torch_key}", ("members",) + x.path, x.kind, i) for x in unet_entries(levels)]
     return e + _conv("staking_blocks.", ("stacking",))
 
 
@@ -121,8 +124,9 @@ def entries_for(class_name: str, config: Mapping) -> list[Entry]:
         return unet_entries(len(config.get("channels", PRETRAINED_UNET["channels"])))
     if class_name == "Ensemble":
         uk = config.get("unet_kwargs") or {}
-        return ensemble_entries(config.get("n_members", PRETRAINED_MEMBERS),
-                                len(uk.get("channels", PRETRAINED_UNET["channels"])))
+        return ensemble_entries(
+            config.get("n_members", PRETRAINED_MEMBERS), len(uk.get("channels", PRETRAINED_UNET["channels"]))
+        )
     if class_name == "Refiner":
         return refiner_entries(config.get("n_blocks", PRETRAINED_REFINER["n_blocks"]))
     raise WeightsError(f"no key map for model class {class_name!r}")
@@ -132,11 +136,12 @@ def entries_for(class_name: str, config: Mapping) -> list[Entry]:
 # Config detection from shapes
 # ------------------------------------------------------------------------------------------------------------
 
+
 def strip_module_prefix(sd: Mapping[str, np.ndarray]) -> "collections.OrderedDict[str, np.ndarray]":
     """Drop a DataParallel `module.` prefix if EVERY key has it; otherwise return the keys unchanged."""
     keys = list(sd)
     if keys and all(k.startswith("module.") for k in keys):
-        return collections.OrderedDict((k[len("module."):], v) for k, v in sd.items())
+        return collections.OrderedDict((k[len("module.") :], v) for k, v in sd.items())
     return collections.OrderedDict(sd)
 
 
@@ -237,6 +242,7 @@ def detect_config(class_name: str, sd: Mapping[str, np.ndarray]) -> dict:
 # Conversion with a strict check
 # ------------------------------------------------------------------------------------------------------------
 
+
 def _leaves(tree: Mapping, prefix: tuple = ()) -> Iterable[tuple[tuple, object]]:
     for k, v in tree.items():
         if isinstance(v, Mapping):
@@ -260,13 +266,15 @@ def _set(tree: dict, path: tuple, value) -> None:
 def model_shapes(class_name: str, config: Mapping) -> dict:
     """Our parameter tree for (class_name, config) as a nested dict of shape tuples (no allocation)."""
     from clips_jax.model.checkpoint import abstract_model, param_dict
+
     try:
         model = abstract_model(class_name, config)
     except WeightsError:
         raise
     except Exception as e:  # a detected config the constructor cannot take (e.g. zero levels)
-        raise WeightsError(f"cannot build {class_name} with config {dict(config)} read from the file "
-                           f"({type(e).__name__}: {e})") from e
+        raise WeightsError(
+            f"cannot build {class_name} with config {dict(config)} read from the file ({type(e).__name__}: {e})"
+        ) from e
     return jax.tree.map(lambda a: tuple(a.shape), param_dict(model))
 
 
@@ -277,8 +285,10 @@ def expected_torch_shapes(class_name: str, config: Mapping) -> "collections.Orde
     covered = {e.path for e in entries}
     ours = {p for p, _ in _leaves(shapes)}
     if covered != ours:  # the key map and the model disagree: a programming error, not a user error
-        raise AssertionError(f"key map out of sync with {class_name}: unmapped {sorted(map(str, ours - covered))},"
-                             f" unknown {sorted(map(str, covered - ours))}")
+        raise AssertionError(
+            f"key map out of sync with {class_name}: unmapped {sorted(map(str, ours - covered))},"
+            f" unknown {sorted(map(str, covered - ours))}"
+        )
     out = collections.OrderedDict()
     for e in entries:
         s = _get(shapes, e.path)
@@ -291,8 +301,9 @@ def check_state_dict(sd: Mapping[str, np.ndarray], class_name: str, config: Mapp
     want = expected_torch_shapes(class_name, config)
     missing = [k for k in want if k not in sd]
     unexpected = [k for k in sd if k not in want]
-    misshaped = [f"{k} file {tuple(sd[k].shape)} vs model {want[k]}" for k in want
-                 if k in sd and tuple(sd[k].shape) != want[k]]
+    misshaped = [
+        f"{k} file {tuple(sd[k].shape)} vs model {want[k]}" for k in want if k in sd and tuple(sd[k].shape) != want[k]
+    ]
     if missing or unexpected or misshaped:
         parts = []
         if missing:
@@ -301,8 +312,11 @@ def check_state_dict(sd: Mapping[str, np.ndarray], class_name: str, config: Mapp
             parts.append(f"{len(unexpected)} unexpected: {', '.join(unexpected)}")
         if misshaped:
             parts.append(f"{len(misshaped)} mis-shaped: {'; '.join(misshaped)}")
-        raise WeightsError(f"{source}: does not match {class_name} {_summary(class_name, config)} — "
-                           + " | ".join(parts) + " (is it the right file for this network?)")
+        raise WeightsError(
+            f"{source}: does not match {class_name} {_summary(class_name, config)} — "
+            + " | ".join(parts)
+            + " (is it the right file for this network?)"
+        )
 
 
 def _summary(class_name: str, config: Mapping) -> str:
@@ -314,8 +328,9 @@ def _summary(class_name: str, config: Mapping) -> str:
     return f"(features={config.get('features')}, blocks={config.get('n_blocks')})"
 
 
-def convert_state_dict(sd: Mapping[str, np.ndarray], class_name: str, config: Mapping | None = None, *,
-                       source: str = "state_dict") -> tuple[dict, dict]:
+def convert_state_dict(
+    sd: Mapping[str, np.ndarray], class_name: str, config: Mapping | None = None, *, source: str = "state_dict"
+) -> tuple[dict, dict]:
     """Convert a PyTorch state_dict (numpy arrays, PyTorch layout) to our pure parameter dict.
 
     Args:

@@ -45,7 +45,7 @@ STORAGE_DTYPES = {
     "FloatStorage": np.dtype("<f4"),
     "HalfStorage": np.dtype("<f2"),
     "BFloat16Storage": np.dtype("<u2"),  # bf16: raw 16-bit words, widened to float32 by bit shifting
-    "UntypedStorage": np.dtype("u1"),    # torch 2.x untyped form: bytes (refused later as a non-float tensor)
+    "UntypedStorage": np.dtype("u1"),  # torch 2.x untyped form: bytes (refused later as a non-float tensor)
 }
 #: PyTorch storage class name written for each numpy float dtype (export).
 _STORAGE_OF = {np.dtype("float32"): "FloatStorage", np.dtype("float16"): "HalfStorage"}
@@ -55,6 +55,7 @@ _MAGIC_LEGACY = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # p
 @dataclass(frozen=True)
 class _StorageType:
     """Stand-in for a torch storage class named in the pickle (never the real class)."""
+
     name: str
     bf16: bool = False
 
@@ -66,6 +67,7 @@ class _StorageType:
 @dataclass
 class _Storage:
     """A storage read from `data/<key>`: a flat numpy array (native byte order) and its type."""
+
     array: np.ndarray
     type: _StorageType
     key: str
@@ -99,18 +101,30 @@ class SafeUnpickler(pickle.Unpickler):
         if module == "torch.storage" and name == "UntypedStorage":
             return _StorageType("UntypedStorage")
         if module == "torch" and name.endswith("Storage"):
-            raise WeightsError(f"{self._source}: tensors of type {name} are not supported; only fp32, fp16 and "
-                               "bf16 state_dicts are (convert the file with tensor.float() first)")
-        raise WeightsError(f"{self._source}: refused to load: the pickle references {module}.{name}, which is "
-                           "not a tensor storage or a dict (only plain state_dicts of fp32/fp16/bf16 tensors "
-                           "are accepted; nothing in the file was executed)")
+            raise WeightsError(
+                f"{self._source}: tensors of type {name} are not supported; only fp32, fp16 and "
+                "bf16 state_dicts are (convert the file with tensor.float() first)"
+            )
+        raise WeightsError(
+            f"{self._source}: refused to load: the pickle references {module}.{name}, which is "
+            "not a tensor storage or a dict (only plain state_dicts of fp32/fp16/bf16 tensors "
+            "are accepted; nothing in the file was executed)"
+        )
 
     # -- storages ------------------------------------------------------------------------------------------
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)):
-            raise WeightsError(f"{self._source}: refused to load: unexpected persistent record {pid!r:.100} "
-                               "(only tensor storages are accepted)")
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and isinstance(pid[4], int)
+        ):
+            raise WeightsError(
+                f"{self._source}: refused to load: unexpected persistent record {pid!r:.100} "
+                "(only tensor storages are accepted)"
+            )
         _, stype, key, _location, numel = pid
         if key in self._storages:
             return self._storages[key]
@@ -121,8 +135,10 @@ class SafeUnpickler(pickle.Unpickler):
             raise WeightsError(f"{self._source}: damaged checkpoint: storage entry {entry} is missing") from None
         dtype = stype.dtype if self._little else stype.dtype.newbyteorder(">")
         if len(raw) < numel * dtype.itemsize:
-            raise WeightsError(f"{self._source}: damaged checkpoint: storage {key} has {len(raw)} bytes, "
-                               f"{numel * dtype.itemsize} expected")
+            raise WeightsError(
+                f"{self._source}: damaged checkpoint: storage {key} has {len(raw)} bytes, "
+                f"{numel * dtype.itemsize} expected"
+            )
         arr = np.frombuffer(raw, dtype=dtype, count=numel).astype(dtype.newbyteorder("="))
         st = _Storage(arr, stype, key)
         self._storages[key] = st
@@ -134,22 +150,37 @@ class SafeUnpickler(pickle.Unpickler):
         contiguous numpy array (float32 for bf16 storages). Extra arguments (requires_grad, hooks, metadata)
         are ignored."""
         if not isinstance(storage, _Storage):
-            raise WeightsError(f"{self._source}: refused to load: tensor built from {type(storage).__name__}, "
-                               "not from a storage")
+            raise WeightsError(
+                f"{self._source}: refused to load: tensor built from {type(storage).__name__}, not from a storage"
+            )
         ints = lambda t: isinstance(t, tuple) and all(isinstance(v, int) and v >= 0 for v in t)  # noqa: E731
-        if not (isinstance(storage_offset, int) and storage_offset >= 0 and ints(size) and ints(stride)
-                and len(size) == len(stride)):
-            raise WeightsError(f"{self._source}: damaged checkpoint: bad tensor layout for storage "
-                               f"{storage.key} (offset {storage_offset!r}, size {size!r}, stride {stride!r})")
+        if not (
+            isinstance(storage_offset, int)
+            and storage_offset >= 0
+            and ints(size)
+            and ints(stride)
+            and len(size) == len(stride)
+        ):
+            raise WeightsError(
+                f"{self._source}: damaged checkpoint: bad tensor layout for storage "
+                f"{storage.key} (offset {storage_offset!r}, size {size!r}, stride {stride!r})"
+            )
         n = storage.array.size
         last = storage_offset + sum((s - 1) * st for s, st in zip(size, stride)) if all(size) else -1
         if last >= n:
-            raise WeightsError(f"{self._source}: damaged checkpoint: tensor of size {tuple(size)} reaches past "
-                               f"the end of storage {storage.key} ({n} elements)")
+            raise WeightsError(
+                f"{self._source}: damaged checkpoint: tensor of size {tuple(size)} reaches past "
+                f"the end of storage {storage.key} ({n} elements)"
+            )
         item = storage.array.itemsize
         base = storage.array[storage_offset:] if all(size) else storage.array[:0]
-        view = np.lib.stride_tricks.as_strided(base, shape=tuple(size), strides=tuple(s * item for s in stride),
-                                               writeable=False) if all(size) else np.zeros(size, base.dtype)
+        view = (
+            np.lib.stride_tricks.as_strided(
+                base, shape=tuple(size), strides=tuple(s * item for s in stride), writeable=False
+            )
+            if all(size)
+            else np.zeros(size, base.dtype)
+        )
         out = np.array(view, copy=True)
         return _bf16_to_f32(out) if storage.type.bf16 else out
 
@@ -180,17 +211,22 @@ def read_state_dict(path: str | os.PathLike) -> "collections.OrderedDict[str, np
         head = f.read(len(_MAGIC_LEGACY))
     if not zipfile.is_zipfile(p):
         if head == _MAGIC_LEGACY:
-            raise WeightsError(f"{src}: legacy (pre-1.6) PyTorch format is not supported; re-save it with "
-                               "torch.save(torch.load(f), f) in a recent torch")
-        raise WeightsError(f"{src}: not a PyTorch zip checkpoint ({size} bytes, no zip directory): the file is "
-                           "truncated or is not a torch.save file; download it again")
+            raise WeightsError(
+                f"{src}: legacy (pre-1.6) PyTorch format is not supported; re-save it with "
+                "torch.save(torch.load(f), f) in a recent torch"
+            )
+        raise WeightsError(
+            f"{src}: not a PyTorch zip checkpoint ({size} bytes, no zip directory): the file is "
+            "truncated or is not a torch.save file; download it again"
+        )
     try:
         with zipfile.ZipFile(p) as zf:
             names = zf.namelist()
             pkls = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
             if len(pkls) != 1:
-                raise WeightsError(f"{src}: not a PyTorch checkpoint (expected one <name>/data.pkl in the zip, "
-                                   f"found {len(pkls)})")
+                raise WeightsError(
+                    f"{src}: not a PyTorch checkpoint (expected one <name>/data.pkl in the zip, found {len(pkls)})"
+                )
             prefix = pkls[0][: -len("data.pkl")]
             order = b"little"
             if prefix + "byteorder" in names:
@@ -202,20 +238,33 @@ def read_state_dict(path: str | os.PathLike) -> "collections.OrderedDict[str, np
     except WeightsError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
-        raise WeightsError(f"{src}: damaged or truncated checkpoint ({type(e).__name__}: {e}); download it "
-                           "again") from e
-    except (pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            struct.error, RecursionError, MemoryError) as e:
+        raise WeightsError(
+            f"{src}: damaged or truncated checkpoint ({type(e).__name__}: {e}); download it again"
+        ) from e
+    except (
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        struct.error,
+        RecursionError,
+        MemoryError,
+    ) as e:
         raise WeightsError(f"{src}: damaged or unsupported pickle in checkpoint ({type(e).__name__}: {e})") from e
 
     if not isinstance(obj, dict):
-        raise WeightsError(f"{src}: the checkpoint holds a {type(obj).__name__}, not a state_dict (a dict of "
-                           "tensor names to tensors)")
+        raise WeightsError(
+            f"{src}: the checkpoint holds a {type(obj).__name__}, not a state_dict (a dict of tensor names to tensors)"
+        )
     out: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
     for k, v in obj.items():
         if not isinstance(k, str) or not isinstance(v, np.ndarray):
-            raise WeightsError(f"{src}: the state_dict entry {k!r} is a {type(v).__name__}, not a tensor "
-                               "(only plain state_dicts of tensors are accepted)")
+            raise WeightsError(
+                f"{src}: the state_dict entry {k!r} is a {type(v).__name__}, not a tensor "
+                "(only plain state_dicts of tensors are accepted)"
+            )
         if v.dtype not in (np.float32, np.float16):
             raise WeightsError(f"{src}: tensor {k} has dtype {v.dtype}; only fp32, fp16 and bf16 are supported")
         out[k] = v
@@ -225,6 +274,7 @@ def read_state_dict(path: str | os.PathLike) -> "collections.OrderedDict[str, np
 # ------------------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------------------
+
 
 class _PickleWriter:
     """Minimal protocol-2 pickle emitter for exactly the objects torch.save writes for a state_dict."""
@@ -242,7 +292,7 @@ class _PickleWriter:
     def int(self, v: int):
         if 0 <= v < 256:
             self.buf += b"K" + bytes([v])
-        elif -2**31 <= v < 2**31:
+        elif -(2**31) <= v < 2**31:
             self.buf += b"J" + struct.pack("<i", v)
         else:
             enc = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
@@ -269,22 +319,22 @@ def _state_dict_pickle(entries: list[tuple[str, np.ndarray]]) -> bytes:
     for i, (name, arr) in enumerate(entries):
         w.str(name)
         w.glob("torch._utils", "_rebuild_tensor_v2")
-        w.buf += b"("                                          # MARK (args of _rebuild_tensor_v2)
-        w.buf += b"("                                          # MARK (persistent id tuple)
+        w.buf += b"("  # MARK (args of _rebuild_tensor_v2)
+        w.buf += b"("  # MARK (persistent id tuple)
         w.str("storage")
         w.glob("torch", _STORAGE_OF[arr.dtype])
         w.str(str(i))
         w.str("cpu")
         w.int(int(arr.size))
-        w.buf += b"tQ"                                         # TUPLE, BINPERSID
-        w.int(0)                                               # storage offset
+        w.buf += b"tQ"  # TUPLE, BINPERSID
+        w.int(0)  # storage offset
         w.tuple(arr.shape)
         strides = [int(s) // arr.itemsize for s in arr.strides] if arr.size else [1] * arr.ndim
         w.tuple(strides)
-        w.buf += b"\x89"                                       # NEWFALSE (requires_grad)
-        w.empty_ordered_dict()                                 # backward_hooks
-        w.buf += b"tR"                                         # TUPLE, REDUCE
-        w.buf += b"s"                                          # SETITEM
+        w.buf += b"\x89"  # NEWFALSE (requires_grad)
+        w.empty_ordered_dict()  # backward_hooks
+        w.buf += b"tR"  # TUPLE, REDUCE
+        w.buf += b"s"  # SETITEM
     w.buf += b"."
     return bytes(w.buf)
 
@@ -301,8 +351,9 @@ def _write_aligned(zf: zipfile.ZipFile, name: str, data: bytes, align: int = 64)
     zf.writestr(zi, data)
 
 
-def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], *,
-                     archive_name: str | None = None) -> Path:
+def write_state_dict(
+    path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], *, archive_name: str | None = None
+) -> Path:
     """Write `state_dict` (name -> float32/float16 numpy array, PyTorch layout) as a torch zip checkpoint.
 
     The result is what `torch.save(OrderedDict(...), path)` writes: `torch.load(path, weights_only=True)`

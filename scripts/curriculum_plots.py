@@ -53,7 +53,7 @@ def main():
             cfg.curriculum.options = opts
         wd = pathlib.Path(args.workdir) / name
         s = trainer.train_and_evaluate(cfg, wd)
-        rows = trainer.read_metrics(wd, "curriculum")   # one row per stage: deciles, n_eff, sigma
+        rows = trainer.read_metrics(wd, "curriculum")  # one row per stage: deciles, n_eff, sigma
         path = out / f"curriculum_{name}.png"
         curricula.plot_curriculum(rows, path)
         print(f"{name}: {s['steps']} steps, {s['wall_s']} s -> {path}")

@@ -19,19 +19,27 @@ SUITE = REPO / "benchmarks" / "suite.py"
 
 FIGURES = ["train_step_no_data", "train_step_device_data", "tile_forward", "predict", "torch_reference"]
 ENTRIES = {
-    "train_step_no_data/float32", "train_step_no_data/bfloat16",
-    "train_step_device_data/float32", "train_step_device_data/bfloat16",
-    "train_step_device_data/sample_batch_only", "train_step_device_data/composed_float32",
-    "tile_forward/ensemble_float32", "tile_forward/ensemble_bfloat16",
-    "tile_forward/refiner_float32", "tile_forward/refiner_bfloat16",
+    "train_step_no_data/float32",
+    "train_step_no_data/bfloat16",
+    "train_step_device_data/float32",
+    "train_step_device_data/bfloat16",
+    "train_step_device_data/sample_batch_only",
+    "train_step_device_data/composed_float32",
+    "tile_forward/ensemble_float32",
+    "tile_forward/ensemble_bfloat16",
+    "tile_forward/refiner_float32",
+    "tile_forward/refiner_bfloat16",
     "predict/float32",
-    "torch_reference/fp32", "torch_reference/amp", "torch_reference/compile",
+    "torch_reference/fp32",
+    "torch_reference/amp",
+    "torch_reference/compile",
 }
 
 
 def _strict_json(text: str):
     def no_constant(name):
         raise ValueError(f"non-finite number {name} in the JSON")
+
     return json.loads(text, parse_constant=no_constant)
 
 
@@ -43,8 +51,9 @@ def test_suite_small_writes_every_figure(tmp_path):
     out = tmp_path / "suite.json"
     env = dict(os.environ)
     # conftest fakes 4 CPU devices for the data-parallel tests; the suite measures one device.
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+    )
     env["JAX_PLATFORMS"] = "cpu"
     cmd = [sys.executable, str(SUITE), "--small", "--skip-torch", "--out", str(out), "--cache", str(tmp_path / "cache")]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

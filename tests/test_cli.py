@@ -32,8 +32,15 @@ def _tool(raise_this=None, status=0):
     return define, run
 
 
-@pytest.mark.parametrize("exc, expect", [(None, 0), (ConfigError("bad setting"), 2), (cli.UsageError("x"), 2),
-                                         (DataError("case c1: file.nii.gz is damaged\nre-export it"), 1)])
+@pytest.mark.parametrize(
+    "exc, expect",
+    [
+        (None, 0),
+        (ConfigError("bad setting"), 2),
+        (cli.UsageError("x"), 2),
+        (DataError("case c1: file.nii.gz is damaged\nre-export it"), 1),
+    ],
+)
 def test_run_tool_statuses_and_one_line_errors(exc, expect, capsys):
     define, run = _tool(exc)
     assert cli.run_tool(["prog", "--n=3"], define, run, "Doc.\n\nExamples:\n  prog --n 3") == expect
@@ -46,15 +53,15 @@ def test_run_tool_statuses_and_one_line_errors(exc, expect, capsys):
 
 def test_run_tool_usage_help_and_returned_status(capsys):
     define, run = _tool(status=1)
-    assert cli.run_tool(["prog", "--n=x"], define, run, "Doc.") == 2          # malformed flag
-    assert cli.run_tool(["prog", "--nope"], define, run, "Doc.") == 2         # unknown flag
-    assert cli.run_tool(["prog", "stray"], define, run, "Doc.") == 2          # stray argument
+    assert cli.run_tool(["prog", "--n=x"], define, run, "Doc.") == 2  # malformed flag
+    assert cli.run_tool(["prog", "--nope"], define, run, "Doc.") == 2  # unknown flag
+    assert cli.run_tool(["prog", "stray"], define, run, "Doc.") == 2  # stray argument
     err = capsys.readouterr().err
     assert err.count("\n") == 3 and all(line.startswith("error: ") for line in err.splitlines())
     assert cli.run_tool(["prog", "--help"], define, run, "Doc.\n\nExamples:\n  prog --n 3") == 0
     out = capsys.readouterr().out
     assert "Examples" in out and "--n" in out
-    assert cli.run_tool(["prog"], define, run, "Doc.") == 1                   # what the command returns
+    assert cli.run_tool(["prog"], define, run, "Doc.") == 1  # what the command returns
 
 
 def test_error_cuts_an_embedded_traceback(capsys):

@@ -27,8 +27,13 @@ from clips_jax.model import load_model, load_pretrained, param_dict, read_weight
 from convert_weights import convert_files
 from convert_weights.__main__ import main as cli_main
 from convert_weights.export import export_weights
-from convert_weights.keymap import (PRETRAINED_REFINER, PRETRAINED_UNET, convert_state_dict,
-                                    expected_torch_shapes, to_torch_state_dict)
+from convert_weights.keymap import (
+    PRETRAINED_REFINER,
+    PRETRAINED_UNET,
+    convert_state_dict,
+    expected_torch_shapes,
+    to_torch_state_dict,
+)
 from convert_weights.torchzip import read_state_dict, write_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +48,7 @@ def _torch():
 def _ref():
     _torch()
     import torch_reference
+
     return torch_reference
 
 
@@ -53,8 +59,9 @@ def _np_state_dict(module) -> "collections.OrderedDict[str, np.ndarray]":
 def _random_sd(class_name: str, config: dict, seed: int = 0) -> "collections.OrderedDict[str, np.ndarray]":
     """A random state_dict with exactly the PyTorch names/shapes our model needs (no torch involved)."""
     rng = np.random.default_rng(seed)
-    return collections.OrderedDict((k, rng.standard_normal(s).astype(np.float32))
-                                   for k, s in expected_torch_shapes(class_name, config).items())
+    return collections.OrderedDict(
+        (k, rng.standard_normal(s).astype(np.float32)) for k, s in expected_torch_shapes(class_name, config).items()
+    )
 
 
 def _narrow_refiner_sd(seed=0):
@@ -83,6 +90,7 @@ def _leaves(tree, prefix=()):
 # Key map
 # ------------------------------------------------------------------------------------------------------------
 
+
 def test_keymap_matches_recorded_original_state_dicts():
     if not SPEC.is_file():
         pytest.skip("tmtv-net-state-dict.json not available")
@@ -104,16 +112,20 @@ def test_conversion_transposes_and_stacks_independently_checked():
     assert detected["unet_kwargs"]["init_channels"] == 4 and detected["unet_kwargs"]["bottleneck_kernel"] == 3
     # hand-picked entries against numpy transposes of the torch arrays
     w = sd["base_models.2.model.backbone.middle_block.ops.ops.0.ops.0.weight"]  # (O, I, kD, kH, kW)
-    k = params["members"]["middle_block"]["conv"]["kernel"][2]                   # (kD, kH, kW, I, O)
+    k = params["members"]["middle_block"]["conv"]["kernel"][2]  # (kD, kH, kW, I, O)
     for o, i, a, b, c in [(0, 1, 0, 1, 2), (7, 3, 2, 2, 0), (5, 0, 1, 0, 1)]:
         assert k[a, b, c, i, o] == w[o, i, a, b, c]
-    np.testing.assert_array_equal(params["members"]["ups"][1]["up_conv"]["norm"]["scale"][1],
-                                  sd["base_models.1.model.backbone.ups.1.ops.ops_deconv.ops.2.weight"])
-    np.testing.assert_array_equal(params["members"]["heads"][0]["bias"][0],
-                                  sd["base_models.0.model.outputs.0.ops.0.ops.0.bias"])
+    np.testing.assert_array_equal(
+        params["members"]["ups"][1]["up_conv"]["norm"]["scale"][1],
+        sd["base_models.1.model.backbone.ups.1.ops.ops_deconv.ops.2.weight"],
+    )
+    np.testing.assert_array_equal(
+        params["members"]["heads"][0]["bias"][0], sd["base_models.0.model.outputs.0.ops.0.ops.0.bias"]
+    )
     np.testing.assert_array_equal(params["stacking"]["kernel"][0, 0, 0], sd["staking_blocks.weight"][:, :, 0, 0, 0].T)
     # the parameter tree has exactly our model's structure and shapes
     from clips_jax.model.checkpoint import abstract_model
+
     want = dict(_leaves(jax.tree.map(lambda a: a.shape, param_dict(abstract_model("Ensemble", detected)))))
     got = {p: a.shape for p, a in _leaves(params)}
     assert got == want
@@ -128,14 +140,21 @@ def test_conversion_transposes_and_stacks_independently_checked():
 # Reading real torch files
 # ------------------------------------------------------------------------------------------------------------
 
+
 def test_read_real_torch_files_fp32_fp16_bf16_views(tmp_path):
     torch = _torch()
     g = torch.Generator().manual_seed(0)
     base = torch.randn(4, 6, generator=g)
     sd = collections.OrderedDict(
-        f32=torch.randn(2, 3, 1, 1, 1, generator=g), f16=torch.randn(5, generator=g).half(),
-        bf16=torch.randn(3, 2, generator=g).bfloat16(), scalar=torch.tensor(2.5),
-        view=base[1:, 2], transposed=base.t(), shared=base, empty=torch.zeros(0, 4))
+        f32=torch.randn(2, 3, 1, 1, 1, generator=g),
+        f16=torch.randn(5, generator=g).half(),
+        bf16=torch.randn(3, 2, generator=g).bfloat16(),
+        scalar=torch.tensor(2.5),
+        view=base[1:, 2],
+        transposed=base.t(),
+        shared=base,
+        empty=torch.zeros(0, 4),
+    )
     torch.save(sd, tmp_path / "t.model")
     got = read_state_dict(tmp_path / "t.model")
     assert list(got) == list(sd)
@@ -146,8 +165,9 @@ def test_read_real_torch_files_fp32_fp16_bf16_views(tmp_path):
 
 
 def test_big_endian_file_is_byte_swapped(tmp_path):
-    sd = collections.OrderedDict(a=np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5,
-                                 h=np.array([1.5, -2.0], np.float16))
+    sd = collections.OrderedDict(
+        a=np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5, h=np.array([1.5, -2.0], np.float16)
+    )
     write_state_dict(tmp_path / "le.model", sd)
     with zipfile.ZipFile(tmp_path / "le.model") as src, zipfile.ZipFile(tmp_path / "be.model", "w") as dst:
         for n in src.namelist():
@@ -195,8 +215,9 @@ def test_fp16_bf16_and_module_prefix_files(tmp_path):
         assert cfg["n_blocks"] == 2 and cfg["features"] == 4 and cfg["first_kernel"] == 3
         w = sd32["model.ops.2.block_2.ops.0.ops.0.weight"].to(cast).float().numpy()
         np.testing.assert_array_equal(params["blocks"][1]["block_2"]["conv"]["kernel"], w.transpose(2, 3, 4, 1, 0))
-        np.testing.assert_array_equal(params["last"]["norm"]["scale"],
-                                      sd32["model.ops.3.ops.1.weight"].to(cast).float().numpy())
+        np.testing.assert_array_equal(
+            params["last"]["norm"]["scale"], sd32["model.ops.3.ops.1.weight"].to(cast).float().numpy()
+        )
         assert all(a.dtype == np.float32 for _, a in _leaves(params))
 
 
@@ -205,13 +226,26 @@ def test_cli_pair_is_read_by_load_pretrained(tmp_path):
     refi = _narrow_refiner_sd(seed=8)
     write_state_dict(tmp_path / "e.model", ens)
     write_state_dict(tmp_path / "r.model", refi)
-    assert cli_main(["convert_weights", "--ensemble", str(tmp_path / "e.model"), "--refiner", str(tmp_path / "r.model"),
-                     "--out", str(tmp_path / "w")]) == 0
+    assert (
+        cli_main(
+            [
+                "convert_weights",
+                "--ensemble",
+                str(tmp_path / "e.model"),
+                "--refiner",
+                str(tmp_path / "r.model"),
+                "--out",
+                str(tmp_path / "w"),
+            ]
+        )
+        == 0
+    )
     e, r = load_pretrained(tmp_path / "w")
     assert e.n_members == 2 and r.config["n_blocks"] == 2
-    np.testing.assert_array_equal(np.asarray(e.members.downs[1].conv.kernel[...][1]),
-                                  ens["base_models.1.model.backbone.downs.1.ops.ops.0.ops.0.weight"]
-                                  .transpose(2, 3, 4, 1, 0))
+    np.testing.assert_array_equal(
+        np.asarray(e.members.downs[1].conv.kernel[...][1]),
+        ens["base_models.1.model.backbone.downs.1.ops.ops.0.ops.0.weight"].transpose(2, 3, 4, 1, 0),
+    )
     np.testing.assert_array_equal(np.asarray(r.first.norm.bias[...]), refi["model.ops.0.ops.1.bias"])
     assert nnx.jit(lambda m, v: m(v))(e, np.zeros((1, 16, 16, 16, 5), np.float32)).shape == (1, 16, 16, 16, 2)
 
@@ -241,9 +275,12 @@ def test_export_is_torch_loadable_and_strict_loads_into_reference(tmp_path):
     torch.save(refiner.state_dict(), tmp_path / "r.model")
     convert_files({"ensemble": tmp_path / "e.model", "refiner": tmp_path / "r.model"}, tmp_path / "w")
     from convert_weights.export import main as export_main
+
     assert export_main(["export", "--weights", str(tmp_path / "w"), "--out_dir", str(tmp_path / "back")]) == 0
-    for fname, orig, fresh in [("e_latest.model", ens, ref.TorchEnsemble(n_members=2, **NARROW_UNET)),
-                               ("r_latest.model", refiner, ref.TorchRefiner())]:
+    for fname, orig, fresh in [
+        ("e_latest.model", ens, ref.TorchEnsemble(n_members=2, **NARROW_UNET)),
+        ("r_latest.model", refiner, ref.TorchRefiner()),
+    ]:
         loaded = torch.load(tmp_path / "back" / fname, weights_only=True)
         assert isinstance(loaded, collections.OrderedDict)
         fresh.load_state_dict(loaded, strict=True)
@@ -254,6 +291,7 @@ def test_export_is_torch_loadable_and_strict_loads_into_reference(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # Bad inputs
 # ------------------------------------------------------------------------------------------------------------
+
 
 def _cli_fails(tmp_path, capsys, *args) -> str:
     out = tmp_path / "out"
@@ -313,11 +351,11 @@ def test_odd_but_harmless_pickles_are_refused(tmp_path):
         "list": pickle.dumps([1, 2], protocol=2),
         "int_value": pickle.dumps(collections.OrderedDict(a=3), protocol=2),
         "float64": b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nDoubleStorage"
-                   b"\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQK\x00K\x01\x85K\x01\x85\x89)tR.",
+        b"\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQK\x00K\x01\x85K\x01\x85\x89)tR.",
         "not_storage_pid": b"\x80\x02(X\x03\x00\x00\x00abcK\x01tQ.",
         "bad_layout": b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storage"
-                      b"ctorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQK\x00K\x05\x85K\x01"
-                      b"\x85\x89)tRs.",
+        b"ctorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQK\x00K\x05\x85K\x01"
+        b"\x85\x89)tRs.",
     }
     for name, pkl in cases.items():
         f = _zip_with_pickle(tmp_path / f"{name}.model", pkl, {"data/0": np.zeros(2, np.float32).tobytes()})
@@ -338,8 +376,12 @@ def test_missing_extra_and_misshaped_keys_all_listed(tmp_path, capsys):
     msg = str(ei.value)
     assert "\n" not in msg and str(f) in msg
     assert "2 missing" in msg and "1 unexpected" in msg and "1 mis-shaped" in msg
-    for key in ["model.ops.2.block_2.ops.1.bias", "model.ops.1.block_1.ops.0.ops.0.weight", "model.extra.weight",
-                "model.ops.1.block_2.ops.1.weight file (5,) vs model (4,)"]:
+    for key in [
+        "model.ops.2.block_2.ops.1.bias",
+        "model.ops.1.block_1.ops.0.ops.0.weight",
+        "model.extra.weight",
+        "model.ops.1.block_2.ops.1.weight file (5,) vs model (4,)",
+    ]:
         assert key in msg
     assert not (tmp_path / "w").exists()
     _cli_fails(tmp_path, capsys, "--refiner", str(f))
@@ -356,8 +398,9 @@ def test_wrong_network_and_existing_output(tmp_path, capsys):
 
 
 def test_help_explains_usage():
-    r = subprocess.run([sys.executable, "-m", "convert_weights", "--help"], cwd=REPO, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "convert_weights", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0
     for word in ("--ensemble", "--refiner", "--unet", "--out", "e_latest.model", "load_pretrained"):
         assert word in r.stdout

@@ -7,8 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clips_jax.curricula import (CaseTable, cbs_sigma, exp3s_policy, exp3s_weights_update, get_curriculum,
-                                 kernel_1d, make_observation, with_smoothing)
+from clips_jax.curricula import (
+    CaseTable,
+    cbs_sigma,
+    exp3s_policy,
+    exp3s_weights_update,
+    get_curriculum,
+    kernel_1d,
+    make_observation,
+    with_smoothing,
+)
 from clips_jax.curricula.bandit import rescale_reward, reservoir_insert
 from clips_jax.curricula.smoothing import SmoothingConfig
 
@@ -30,12 +38,16 @@ def test_exp3s_update_hand_example_k3():
     # alpha_1 = 1 mixes fully: w'_k = log(0.5 (e^{z_j} + e^{z_l})), j, l != k.
     z = np.asarray(w) + 0.5 * (np.array([0.0, 0.0, 0.6]) + 0.1) / np.asarray(pi)
     full = exp3s_weights_update(w, pi, jnp.array([0.0, 0.0, 1.0]), 0.6, 1, eta=0.5, beta=0.1)
-    want = [math.log(0.5 * (math.exp(z[1]) + math.exp(z[2]))), math.log(0.5 * (math.exp(z[0]) + math.exp(z[2]))),
-            math.log(0.5 * (math.exp(z[0]) + math.exp(z[1])))]
+    want = [
+        math.log(0.5 * (math.exp(z[1]) + math.exp(z[2]))),
+        math.log(0.5 * (math.exp(z[0]) + math.exp(z[2]))),
+        math.log(0.5 * (math.exp(z[0]) + math.exp(z[1]))),
+    ]
     np.testing.assert_allclose(np.asarray(full), want, atol=1e-5)
     # K = 1: the update is w + eta (r + beta) / pi.
-    np.testing.assert_allclose(np.asarray(exp3s_weights_update(jnp.zeros(1), jnp.ones(1), jnp.ones(1), 0.5, 3, 0.5, 0.0)),
-                               [0.25])
+    np.testing.assert_allclose(
+        np.asarray(exp3s_weights_update(jnp.zeros(1), jnp.ones(1), jnp.ones(1), 0.5, 3, 0.5, 0.0)), [0.25]
+    )
 
 
 def test_reward_rescaling_and_reservoir():
@@ -66,8 +78,15 @@ def test_exp3s_curriculum_update_matches_formulas():
     np.testing.assert_array_equal(state["bucket"], [0, 0, 1, 1, 2, 2])
     w0 = np.array([0.1, -0.2, 0.3], np.float32)
     pi0 = np.asarray(exp3s_policy(w0, 0.05))
-    state = {**state, "w": w0, "pi": pi0, "action": np.int32(2), "t": np.int32(3), "count": np.int32(5),
-             "reservoir": np.r_[np.array([0.0, 1.0, 2.0, 3.0, 4.0]), np.full(5, np.nan)].astype(np.float32)}
+    state = {
+        **state,
+        "w": w0,
+        "pi": pi0,
+        "action": np.int32(2),
+        "t": np.int32(3),
+        "count": np.int32(5),
+        "reservoir": np.r_[np.array([0.0, 1.0, 2.0, 3.0, 4.0]), np.full(5, np.nan)].astype(np.float32),
+    }
     # Bucket mode: all mass on bucket 2 (cases 4, 5).
     np.testing.assert_allclose(np.asarray(cur.weights(state, 0)), [0, 0, 0, 0, 0.5, 0.5])
     # One stage of two steps with gains 2.0 and 3.0: the round's reward is their mean, 2.5; the weights (the
@@ -85,8 +104,9 @@ def test_exp3s_curriculum_update_matches_formulas():
     r = 2 * (2.5 - lo) / (hi - lo) - 1
     assert r == pytest.approx(0.5)
     z = w0 + 0.5 * (r * np.array([0, 0, 1.0]) + 0.1) / pi0
-    want = np.array([math.log(0.75 * math.exp(z[k]) + 0.125 * sum(math.exp(z[j]) for j in range(3) if j != k))
-                     for k in range(3)])
+    want = np.array(
+        [math.log(0.75 * math.exp(z[k]) + 0.125 * sum(math.exp(z[j]) for j in range(3) if j != k)) for k in range(3)]
+    )
     np.testing.assert_allclose(np.asarray(new["w"]), want - want.max(), atol=1e-5)
     np.testing.assert_allclose(np.asarray(new["pi"]), np.asarray(exp3s_policy(want, 0.05)), atol=1e-6)
     assert int(new["t"]) == 4 and int(new["count"]) == 6 and np.asarray(new["reservoir"])[5] == 2.5
@@ -127,8 +147,7 @@ def test_exp3s_concentrates_on_the_most_rewarding_bucket():
     # 5 buckets of 4 cases; bucket 3 gives gain 1, the others 0; 10 steps per stage, one update per stage.
     cur = get_curriculum("exp3s", num_buckets=5, eta=0.1, eps=0.05, reservoir_size=1000, seed=1)
     state = cur.init(_table(20))
-    state = _bandit_rounds(cur, state, lambda b: 1.0 if b == 3 else 0.0, 300, 10,
-                           np.random.default_rng(0))
+    state = _bandit_rounds(cur, state, lambda b: 1.0 if b == 3 else 0.0, 300, 10, np.random.default_rng(0))
     pi = np.asarray(state["pi"])
     assert int(state["t"]) == 300  # one update per stage, not per step
     assert pi[3] > 0.8 and int(np.argmax(pi)) == 3, pi
@@ -174,7 +193,7 @@ def test_kernel_1d():
     np.testing.assert_array_equal(np.asarray(kernel_1d(0.0)), [0.0, 1.0, 0.0])
     np.testing.assert_array_equal(np.asarray(jax.jit(kernel_1d)(5e-4)), [0.0, 1.0, 0.0])
     x = np.arange(-2, 3)
-    g = np.exp(-x**2 / (2 * 0.7**2))
+    g = np.exp(-(x**2) / (2 * 0.7**2))
     np.testing.assert_allclose(np.asarray(kernel_1d(0.7, 5)), g / g.sum(), rtol=1e-6)
     with pytest.raises(ValueError):
         kernel_1d(1.0, 4)

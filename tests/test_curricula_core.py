@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 from scipy.stats import rankdata
 
-from clips_jax.curricula import (HARDER_WHEN, CaseTable, case_table_from_manifest, composite_difficulty,
-                                 plot_curriculum, summarise_weights)
+from clips_jax.curricula import (
+    HARDER_WHEN,
+    CaseTable,
+    case_table_from_manifest,
+    composite_difficulty,
+    plot_curriculum,
+    summarise_weights,
+)
 from clips_jax.curricula.core import finalise, ranks_from_scores, stratify
 from clips_jax.errors import ConfigError, DataError
 
@@ -98,8 +104,10 @@ def test_summarise_weights_deciles_and_effective_count():
 
 
 def test_plot_curriculum_writes_png(tmp_path):
-    rows = [{"step": s, "decile_mass": list(np.eye(10)[min(s // 10, 9)]), "n_eff": 5.0 + s, "sigma": 0.9 ** s}
-            for s in range(0, 100, 10)]
+    rows = [
+        {"step": s, "decile_mass": list(np.eye(10)[min(s // 10, 9)]), "n_eff": 5.0 + s, "sigma": 0.9**s}
+        for s in range(0, 100, 10)
+    ]
     out = tmp_path / "curriculum.png"
     plot_curriculum(rows, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

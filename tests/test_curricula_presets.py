@@ -7,8 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clips_jax.curricula import (PACINGS, PRESETS, CaseTable, PacingConfig, full_set_step, get_curriculum,
-                                 make_observation, pacing_window, select_window)
+from clips_jax.curricula import (
+    PACINGS,
+    PRESETS,
+    CaseTable,
+    PacingConfig,
+    full_set_step,
+    get_curriculum,
+    make_observation,
+    pacing_window,
+    select_window,
+)
 from clips_jax.errors import ConfigError
 
 SPE = 10  # steps per epoch in these tests
@@ -18,9 +27,15 @@ def _table(n: int, n_neg: int, seed: int = 0, teacher: bool = True) -> CaseTable
     """N cases, the first n_neg lesion-free; random lesion measures, NaN on negatives."""
     rng = np.random.default_rng(seed)
     has = np.r_[np.zeros(n_neg, bool), np.ones(n - n_neg, bool)]
-    d = {"tmtv_ml": rng.uniform(1, 200, n), "n_lesions": rng.integers(1, 9, n).astype(float),
-         "smallest_lesion_ml": rng.uniform(0.1, 5, n), "suv_max": rng.uniform(3, 30, n),
-         "tbr": rng.uniform(1, 15, n), "dmax_mm": rng.uniform(0, 600, n), "composite": rng.uniform(0, 1, n)}
+    d = {
+        "tmtv_ml": rng.uniform(1, 200, n),
+        "n_lesions": rng.integers(1, 9, n).astype(float),
+        "smallest_lesion_ml": rng.uniform(0.1, 5, n),
+        "suv_max": rng.uniform(3, 30, n),
+        "tbr": rng.uniform(1, 15, n),
+        "dmax_mm": rng.uniform(0, 600, n),
+        "composite": rng.uniform(0, 1, n),
+    }
     d = {k: np.where(has, v, np.nan) for k, v in d.items()}
     if teacher:
         d["teacher_loss"] = rng.uniform(0, 2, n)
@@ -28,8 +43,16 @@ def _table(n: int, n_neg: int, seed: int = 0, teacher: bool = True) -> CaseTable
 
 
 def _cfg(kind, **kw):
-    return PacingConfig(pacing=kind, start_fraction=kw.pop("start_fraction", 0.1), grow_epochs=kw.pop("grow", 7.0),
-                        steps_per_epoch=SPE, inc=1.9, step_length_steps=13, n_buckets=4, **kw)
+    return PacingConfig(
+        pacing=kind,
+        start_fraction=kw.pop("start_fraction", 0.1),
+        grow_epochs=kw.pop("grow", 7.0),
+        steps_per_epoch=SPE,
+        inc=1.9,
+        step_length_steps=13,
+        n_buckets=4,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("kind", [k for k in PACINGS if k != "one_pass"])
@@ -112,8 +135,13 @@ def test_unknown_options_and_missing_teacher_raise():
         get_curriculum("transfer_teacher", steps_per_epoch=1).init(_table(5, 1, teacher=False))
 
 
-TABLES = {"mixed": _table(24, 9), "all_negative": _table(6, 6), "no_negative": _table(7, 0), "single": _table(1, 0),
-          "single_negative": _table(1, 1)}
+TABLES = {
+    "mixed": _table(24, 9),
+    "all_negative": _table(6, 6),
+    "no_negative": _table(7, 0),
+    "single": _table(1, 0),
+    "single_negative": _table(1, 1),
+}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -150,8 +178,9 @@ def test_every_preset_valid_pure_and_jittable(preset):
             losses = np.where(rng.random(4) < 0.2, np.nan, rng.uniform(0, 1, 4))  # some missing losses
             obs = make_observation(idx, losses, rng.normal(), step)
             new = uj(state, obs)
-            jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new),
-                         jax.tree.map(np.asarray, uj(state, obs)))  # same inputs, same outputs
+            jax.tree.map(
+                np.testing.assert_array_equal, jax.tree.map(np.asarray, new), jax.tree.map(np.asarray, uj(state, obs))
+            )  # same inputs, same outputs
             jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, state))  # not mutated
             state = new
             before = jax.tree.map(np.array, state)

@@ -75,7 +75,8 @@ def test_lambda_infinite_selects_all_and_nan_passes_through():
 def test_spld_hand_example():
     # Group 0 losses 0.1, 0.2, 0.22 (ranks 1, 2, 3), group 1 losses 0.15, 0.5 (ranks 1, 2); lam 0.15, gamma 0.2.
     # Thresholds lam + gamma / (sqrt(r) + sqrt(r - 1)):
-    #   r1: 0.15 + 0.2 / 1 = 0.35;  r2: 0.15 + 0.2 / (1.41421 + 1) = 0.23284;  r3: 0.15 + 0.2 / (1.73205 + 1.41421) = 0.21357.
+    #   r1: 0.15 + 0.2 / 1 = 0.35;  r2: 0.15 + 0.2 / (1.41421 + 1) = 0.23284;
+    #   r3: 0.15 + 0.2 / (1.73205 + 1.41421) = 0.21357.
     # -> 0.1 (r1) yes, 0.2 (r2) yes, 0.22 (r3) no; 0.15 (r1 of group 1) yes, 0.5 (r2) no.
     losses = jnp.array([0.22, 0.1, 0.15, 0.2, 0.5])
     groups = jnp.array([0, 0, 1, 0, 1])
@@ -96,8 +97,9 @@ def _table(n):
 
 def test_self_paced_quantile_mode_and_update():
     n = 10
-    cur = get_curriculum("self_paced_hard", steps_per_epoch=5, pacing="linear", start_fraction=0.5,
-                         grow_epochs=4, k_min=1)
+    cur = get_curriculum(
+        "self_paced_hard", steps_per_epoch=5, pacing="linear", start_fraction=0.5, grow_epochs=4, k_min=1
+    )
     state = cur.init(_table(n))
     losses = np.array([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 1.0], np.float32)
     state = cur.update(state, make_observation(np.arange(n), losses, step=0))
@@ -125,8 +127,9 @@ def test_self_paced_quantile_mode_and_update():
 
 
 def test_self_paced_geometric_lambda_and_fallback():
-    cur = get_curriculum("self_paced_linear", steps_per_epoch=4, lambda_mode="geometric", lambda0=0.2, mu=2.0,
-                         every_epochs=3, k_min=2)
+    cur = get_curriculum(
+        "self_paced_linear", steps_per_epoch=4, lambda_mode="geometric", lambda0=0.2, mu=2.0, every_epochs=3, k_min=2
+    )
     losses = np.array([0.1, 0.3, 0.5, 0.7], np.float32)
     state = cur.update(cur.init(_table(4)), make_observation(np.arange(4), losses))
     for step, lam in ((0, 0.2), (11, 0.2), (12, 0.4), (24, 0.8)):  # lam = 0.2 * 2^floor(floor(step/4)/3)

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from test_dicom import write_study
 
 from clips_jax.data.case import Case
 from clips_jax.data.dicom import read_dicom_study
@@ -21,7 +22,6 @@ from clips_jax.data.geometry import Geometry
 from clips_jax.data.nifti import save_nifti
 from clips_jax.data.study import find_studies, load_nifti_study, load_study
 from clips_jax.errors import DataError
-from test_dicom import write_study
 
 PET = Geometry.from_spacing((6, 8, 10), (3.0, 4.0, 4.0), origin_xyz_mm=(-20.0, 10.0, 100.0))
 
@@ -59,7 +59,7 @@ def test_ct_with_same_shape_but_shifted_affine_is_resampled(tmp_path):
     ct, _ = make_nifti_study(tmp_path / "c", ct_geom=ct_geom, ct_name="CT.nii.gz")
     case = load_study(tmp_path / "c")
     np.testing.assert_allclose(case.ct[:, :, 1:], ct[:, :, :-1], atol=1e-3)  # PET x = i <-> CT x = i - 1
-    np.testing.assert_array_equal(case.ct[:, :, 0], -1024.0)                 # CT index -1: outside
+    np.testing.assert_array_equal(case.ct[:, :, 0], -1024.0)  # CT index -1: outside
     assert case.meta["ct_resampled_to_pet"] is True
 
 
@@ -165,14 +165,39 @@ def test_export_cli(tmp_path):
     assert load_study(tmp_path / "o").suv.shape == (8, 16, 16)
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # exists, no --overwrite
     assert r2.returncode == 1 and "already exists" in r2.stderr
-    r3 = subprocess.run([sys.executable, "-m", "clips_jax.data.export", "--dicom", str(tmp_path / "nothing"),
-                         "--out", str(tmp_path / "o2")], capture_output=True, text=True, timeout=120)
+    r3 = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clips_jax.data.export",
+            "--dicom",
+            str(tmp_path / "nothing"),
+            "--out",
+            str(tmp_path / "o2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r3.returncode == 1 and "nothing" in r3.stderr and not (tmp_path / "o2").exists()
     write_study(tmp_path / "two" / "p1")
     write_study(tmp_path / "two" / "p2")
-    r4 = subprocess.run([sys.executable, "-m", "clips_jax.data.export", "--dicom", str(tmp_path / "two"),
-                         "--out", str(tmp_path / "o3")], capture_output=True, text=True, timeout=120)
+    r4 = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clips_jax.data.export",
+            "--dicom",
+            str(tmp_path / "two"),
+            "--out",
+            str(tmp_path / "o3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r4.returncode == 1 and "holds 2 studies" in r4.stderr and not (tmp_path / "o3").exists()
-    h = subprocess.run([sys.executable, "-m", "clips_jax.data.export", "--help"], capture_output=True, text=True,
-                       timeout=120)
+    h = subprocess.run(
+        [sys.executable, "-m", "clips_jax.data.export", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert "--dicom" in h.stdout and "autoPET" in h.stdout  # absl exits 1 after --help

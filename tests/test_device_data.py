@@ -56,6 +56,7 @@ def _host_arrays(store, dstore, pos):
 
 # ---- the store ---------------------------------------------------------------------------------------------
 
+
 def test_store_layout(store, dstore):
     n = len(store)
     assert dstore.num_cases == n and dstore.num_extra == 0
@@ -71,9 +72,9 @@ def test_store_layout(store, dstore):
         np.testing.assert_array_equal(dstore.case_volume(i, 0), a["ct"])
         np.testing.assert_array_equal(dstore.case_volume(i, 1), a["suv"])
         np.testing.assert_array_equal(dstore.case_volume(i, -1), a["seg"])
-        les = np.asarray(dstore.lesion_voxels[i, :int(dstore.lesion_count[i])])
+        les = np.asarray(dstore.lesion_voxels[i, : int(dstore.lesion_count[i])])
         np.testing.assert_array_equal(np.sort(les), np.sort(np.ravel_multi_index(tuple(store.foreground(i).T), shp)))
-        hot = np.asarray(dstore.hot_voxels[i, :int(dstore.hot_count[i])])
+        hot = np.asarray(dstore.hot_voxels[i, : int(dstore.hot_count[i])])
         exp = pl.hot_negative_voxels(a["suv"], a["seg"], HOT_SUV) if store.has_seg[i] else np.zeros(0)
         np.testing.assert_array_equal(hot, exp)
     # the fill border: everything outside a case is -1024 HU / SUV 0 / label 0
@@ -81,7 +82,7 @@ def test_store_layout(store, dstore):
     inside = np.zeros(img.shape[:4], bool)
     for i in range(n):
         z, y, x = np.asarray(dstore.shape[i])
-        inside[i, 1:1 + z, 1:1 + y, 1:1 + x] = True
+        inside[i, 1 : 1 + z, 1 : 1 + y, 1 : 1 + x] = True
     assert np.all(img[..., 0][~inside] == pl.PAD_HU) and np.all(img[..., 1][~inside] == 0.0)
     assert np.all(np.asarray(dstore.seg)[~inside] == 0)
     est = dv.device_store_bytes(store)
@@ -93,8 +94,8 @@ def test_store_options_and_errors(store):
     assert half.images.dtype == jnp.bfloat16 and half.images.shape[-1] == 3 and half.num_extra == 1
     np.testing.assert_array_equal(half.store_index, [3, 1])
     a = store.case_arrays(3, extra=("stage_a",))
-    np.testing.assert_allclose(half.case_volume(0, 0).astype(np.float32), a["ct"], rtol=2 ** -8, atol=1e-3)
-    np.testing.assert_allclose(half.case_volume(0, 2).astype(np.float32), a["stage_a"], rtol=2 ** -8)
+    np.testing.assert_allclose(half.case_volume(0, 0).astype(np.float32), a["ct"], rtol=2**-8, atol=1e-3)
+    np.testing.assert_allclose(half.case_volume(0, 2).astype(np.float32), a["stage_a"], rtol=2**-8)
     assert half.nbytes < dv.device_store_from(store, [3, 1], extra_channels=("stage_a",)).nbytes
     est = dv.device_store_bytes(store, [3, 1], dtype=jnp.bfloat16, extra_channels=("stage_a",))
     assert 0.5 * half.nbytes <= est <= 2.0 * half.nbytes
@@ -115,14 +116,24 @@ def test_store_options_and_errors(store):
 
 # ---- exactness against the host crop -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("patch", [PATCH, (40, 24, 12)])  # the second is longer than the volume in z and y
 def test_unaugmented_crops_equal_host_crops(store, dstore, patch):
     chans = jax.jit(make_channels_jnp)
     w = np.array([1.0, 2.0, 1.0, 1.0, 1.0])
     fg = {i: {tuple(v) for v in store.foreground(i)} for i in range(len(store))}
     for p_fg, p_hot in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0)):
-        b, p = _render(jax.random.key(5), w, dstore, batch_size=12, patch_shape=patch, augment=False,
-                       p_foreground=jnp.float32(p_fg), p_hot_negative=jnp.float32(p_hot), return_params=True)
+        b, p = _render(
+            jax.random.key(5),
+            w,
+            dstore,
+            batch_size=12,
+            patch_shape=patch,
+            augment=False,
+            p_foreground=jnp.float32(p_fg),
+            p_hot_negative=jnp.float32(p_hot),
+            return_params=True,
+        )
         assert b["image"].shape == (12, *patch, 5) and b["image"].dtype == jnp.float32
         assert b["label"].shape == (12, *patch) and b["label"].dtype == jnp.int32
         np.testing.assert_array_equal(b["case_index"], p.case)
@@ -173,7 +184,7 @@ def test_affine_and_flipped_crops_close_to_host(store):
         start = rng.integers(-12, shape - 4)  # partly outside the volume too
         ct, suv, seg, sa = pl.crop_patch(a, start, PATCH, m, extra=("stage_a",))
         raw, lab = crop(ds, pos, start, patch_shape=PATCH, matrix=m)
-        np.testing.assert_allclose(raw[..., 0], ct, atol=1e-2)   # HU; float32 coordinates on the device
+        np.testing.assert_allclose(raw[..., 0], ct, atol=1e-2)  # HU; float32 coordinates on the device
         np.testing.assert_allclose(raw[..., 1], suv, atol=1e-4)
         np.testing.assert_allclose(raw[..., 2], sa, atol=1e-5)
         labels_diff += int((np.asarray(lab) != seg).sum())
@@ -205,15 +216,17 @@ def test_intensity_augmentations_match_host():
     rng = np.random.default_rng(1)
     x = ndi.gaussian_filter(rng.gamma(2.0, 1.5, (20, 14, 12)), 1.0).astype(np.float32)
     xj = jnp.asarray(x)
-    blur, contrast, lowres = (jax.jit(f) for f in (dv.gaussian_blur_jnp, dv.contrast_jnp,
-                                                   dv.simulate_low_resolution_jnp))
+    blur, contrast, lowres = (
+        jax.jit(f) for f in (dv.gaussian_blur_jnp, dv.contrast_jnp, dv.simulate_low_resolution_jnp)
+    )
     gamma, suv_aug = jax.jit(dv.gamma_jnp, static_argnames="invert"), jax.jit(dv.augment_suv_jnp)
     for sigma in (0.5, 0.7, 0.9, 1.0):  # radius 2 and 3
         np.testing.assert_allclose(blur(xj, sigma), aug.gaussian_blur(x, _FixedRng(sigma)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(contrast(xj, 1.2), aug.contrast(x, _FixedRng(1.2)), rtol=1e-5, atol=1e-5)
     for inv in (False, True):
-        np.testing.assert_allclose(gamma(xj, 1.3, invert=inv), aug.gamma(x, _FixedRng(1.3), invert=inv),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            gamma(xj, 1.3, invert=inv), aug.gamma(x, _FixedRng(1.3), invert=inv), rtol=1e-4, atol=1e-4
+        )
     const = jnp.full(x.shape, 2.0)
     np.testing.assert_array_equal(gamma(const, 1.3), const)
     for z in (0.55, 0.63, 0.8, 1.0):
@@ -230,9 +243,17 @@ def test_intensity_augmentations_match_host():
     np.testing.assert_allclose(suv_aug(xj, fire.at[1].set(True), params), x * np.float32(1.1), rtol=1e-6)
     assert float(suv_aug(xj, jnp.ones(6, bool), params).min()) >= 0.0
     # the constants are the augment functions' defaults
-    defaults = [inspect.signature(f).parameters[k].default for f, k in (
-        (aug.gaussian_blur, "sigma_range"), (aug.multiplicative_brightness, "range_"), (aug.contrast, "range_"),
-        (aug.simulate_low_resolution, "zoom_range"), (aug.gamma, "gamma_range"), (aug.gamma, "gamma_range"))]
+    defaults = [
+        inspect.signature(f).parameters[k].default
+        for f, k in (
+            (aug.gaussian_blur, "sigma_range"),
+            (aug.multiplicative_brightness, "range_"),
+            (aug.contrast, "range_"),
+            (aug.simulate_low_resolution, "zoom_range"),
+            (aug.gamma, "gamma_range"),
+            (aug.gamma, "gamma_range"),
+        )
+    ]
     assert [tuple(d) for d in defaults] == [tuple(r) for r in dv.INTENSITY_RANGES]
     am = inspect.signature(aug.affine_matrix).parameters
     assert am["max_angle"].default == dv.MAX_ANGLE and tuple(am["scale_range"].default) == dv.SCALE_RANGE
@@ -242,6 +263,7 @@ def test_intensity_augmentations_match_host():
 
 
 # ---- distributions against the host sampler ----------------------------------------------------------------
+
 
 def _host_draws(store, weights, n, **kw):
     """Run pipeline.PatchSampler for n elements (tiny patches) and record its random draws via wrappers."""
@@ -253,6 +275,7 @@ def _host_draws(store, weights, n, **kw):
         def f(x, r, *a, **k):
             cur["steps"].add("gamma_inverted" if name == "gamma" and k.get("invert") else name)
             return orig[name](x, r, *a, **k)
+
         return f
 
     def flips(arrays, r, p=0.5, axes=(0, 1, 2)):
@@ -268,8 +291,18 @@ def _host_draws(store, weights, n, **kw):
         cur["voxel"] = tuple(int(t) for t in v)
         return orig_on_voxel(v, shape, p)
 
-    sampler = pl.PatchSampler(store, weights, seed=1, stage=0, patch_shape=(6, 6, 6), batch_size=1, local_batch=1,
-                              process_index=0, hot_suv=HOT_SUV, **kw)
+    sampler = pl.PatchSampler(
+        store,
+        weights,
+        seed=1,
+        stage=0,
+        patch_shape=(6, 6, 6),
+        batch_size=1,
+        local_batch=1,
+        process_index=0,
+        hot_suv=HOT_SUV,
+        **kw,
+    )
     with contextlib.ExitStack() as st:
         mp = st.enter_context(pytest.MonkeyPatch.context())
         for name in (*dv.INTENSITY_STEPS[:4], "gamma"):
@@ -282,8 +315,16 @@ def _host_draws(store, weights, n, **kw):
             cur["steps"] = set()
             out = sampler(j)
             mode = 1 if out["lesion_centred"] else (2 if "voxel" in cur else 0)
-            rec.append({"case": int(out["case_index"]), "mode": mode, "start": cur["start"],
-                        "matrix": cur["matrix"], "flips": cur["flips"], "steps": cur["steps"]})
+            rec.append(
+                {
+                    "case": int(out["case_index"]),
+                    "mode": mode,
+                    "start": cur["start"],
+                    "matrix": cur["matrix"],
+                    "flips": cur["flips"],
+                    "steps": cur["steps"],
+                }
+            )
     return rec
 
 
@@ -341,13 +382,13 @@ def test_distributions_match_host(store, dstore):
     for k, (a, b) in enumerate(dv.INTENSITY_RANGES):
         assert stats.kstest(d.intensity_param[:, k], "uniform", args=(a, b - a)).pvalue > 1e-3, k
     # without augmentation nothing is drawn on
-    off = jax.tree.map(np.asarray, _draw(jax.random.key(1), w, dstore, batch_size=64, patch_shape=patch,
-                                         augment=False))
+    off = jax.tree.map(np.asarray, _draw(jax.random.key(1), w, dstore, batch_size=64, patch_shape=patch, augment=False))
     assert not off.affine.any() and not off.flips.any() and not off.intensity.any()
     np.testing.assert_array_equal(off.matrix, np.broadcast_to(np.eye(3), (64, 3, 3)))
 
 
 # ---- compilation and multi-device invariance ---------------------------------------------------------------
+
 
 def test_one_compilation_for_new_weights(store, dstore):
     kw = dict(batch_size=4, patch_shape=PATCH, p_foreground=0.4, p_hot_negative=0.3, p_intensity=0.5)
@@ -383,7 +424,8 @@ def test_first_element_gives_device_count_invariant_batches(store, dstore):
     assert not np.array_equal(other["image"], full["image"])
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 devices (tests/conftest.py forces 4 CPU devices)")
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
     ds = dv.device_store_from(store, hot_suv=HOT_SUV, device=NamedSharding(mesh, P()))
@@ -397,22 +439,34 @@ def test_first_element_gives_device_count_invariant_batches(store, dstore):
 
 # ---- extra channels ----------------------------------------------------------------------------------------
 
+
 def test_extra_channel_follows_crop_not_intensity(store):
     ds = dv.device_store_from(store, [0, 1, 3], extra_channels=("stage_a",))
     w = np.ones(3)
-    b, p = _render(jax.random.key(2), w, ds, batch_size=6, patch_shape=PATCH, augment=True, p_affine=0.0,
-                   p_flip=0.0, p_intensity=1.0, return_params=True)
+    b, p = _render(
+        jax.random.key(2),
+        w,
+        ds,
+        batch_size=6,
+        patch_shape=PATCH,
+        augment=True,
+        p_affine=0.0,
+        p_flip=0.0,
+        p_intensity=1.0,
+        return_params=True,
+    )
     assert b["image"].shape == (6, *PATCH, 6)
     for k in range(6):
         a = _host_arrays(store, ds, int(p.case[k]))
         ct, suv, seg, sa = pl.crop_patch(a, np.asarray(p.start[k]), PATCH, extra=("stage_a",))
-        np.testing.assert_array_equal(b["image"][k, ..., 5], sa)          # not intensity-augmented
+        np.testing.assert_array_equal(b["image"][k, ..., 5], sa)  # not intensity-augmented
         np.testing.assert_array_equal(b["image"][k, ..., 0], make_channels_jnp(ct, suv)[..., 0])  # CT untouched
         np.testing.assert_array_equal(b["label"][k], seg)
         assert not np.allclose(b["image"][k, ..., 1], make_channels(ct, suv)[..., 1])  # SUV augmented
 
 
 # ---- the benchmark's quick mode ----------------------------------------------------------------------------
+
 
 def test_benchmark_small_mode(tmp_path):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "data_pipeline.py"
@@ -422,5 +476,6 @@ def test_benchmark_small_mode(tmp_path):
     lines = []
     out = mod.compare(small=True, cache_dir=tmp_path, log=lines.append)
     assert re.fullmatch(r"ratio device/host: \d+\.\d\d", lines[-1]), lines
-    assert out["host"] > 0 and out["device"] > 0 and float(lines[-1].split()[-1]) == pytest.approx(out["ratio"],
-                                                                                                     abs=0.006)
+    assert (
+        out["host"] > 0 and out["device"] > 0 and float(lines[-1].split()[-1]) == pytest.approx(out["ratio"], abs=0.006)
+    )

@@ -7,8 +7,6 @@ here by hand from the tag values (weight, dose, half-life, times), independently
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pydicom
 import pytest
@@ -23,8 +21,22 @@ CT_SOP = "1.2.840.10008.5.1.4.1.1.2"
 WEIGHT_KG, DOSE_BQ, HALF_LIFE_S = 70.0, 350e6, 6586.2
 
 
-def write_series(folder, modality, stored, *, spacing_zyx, origin_lps, slopes=None, intercept=0.0,
-                 series_uid=None, study_uid="1.2.3.4", tags=None, slice_tags=None, rng=None, description=""):
+def write_series(
+    folder,
+    modality,
+    stored,
+    *,
+    spacing_zyx,
+    origin_lps,
+    slopes=None,
+    intercept=0.0,
+    series_uid=None,
+    study_uid="1.2.3.4",
+    tags=None,
+    slice_tags=None,
+    rng=None,
+    description="",
+):
     """Write a (z, y, x) int16 volume as a single-frame DICOM series, files in shuffled order, no extension.
 
     Slice k sits at origin_lps + k * spacing_z along +z (LPS); row direction +x, column direction +y.
@@ -78,9 +90,16 @@ def pet_tags(**over):
     info.RadionuclideTotalDose = DOSE_BQ
     info.RadionuclideHalfLife = HALF_LIFE_S
     info.RadiopharmaceuticalStartTime = "090000"
-    tags = {"Units": "BQML", "DecayCorrection": "START", "PatientWeight": WEIGHT_KG, "SeriesDate": "20240102",
-            "SeriesTime": "100000", "AcquisitionDate": "20240102", "AcquisitionTime": "100000",
-            "RadiopharmaceuticalInformationSequence": [info]}
+    tags = {
+        "Units": "BQML",
+        "DecayCorrection": "START",
+        "PatientWeight": WEIGHT_KG,
+        "SeriesDate": "20240102",
+        "SeriesTime": "100000",
+        "AcquisitionDate": "20240102",
+        "AcquisitionTime": "100000",
+        "RadiopharmaceuticalInformationSequence": [info],
+    }
     tags.update(over)
     return tags
 
@@ -107,11 +126,17 @@ def write_study(folder, *, pet_over=None, ct=True, pet=True, slopes=None):
     slopes = np.linspace(0.5, 2.0, p.shape[0]) if slopes is None else slopes
     c = ct_stored()
     if pet:
-        write_series(folder / "PT", "PT", p, spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS, slopes=slopes,
-                     tags=pet_tags(**(pet_over or {})))
+        write_series(
+            folder / "PT",
+            "PT",
+            p,
+            spacing_zyx=PET_SPACING,
+            origin_lps=PET_ORIGIN_LPS,
+            slopes=slopes,
+            tags=pet_tags(**(pet_over or {})),
+        )
     if ct:
-        write_series(folder / "CT", "CT", c, spacing_zyx=(1.5, 2.0, 2.0), origin_lps=PET_ORIGIN_LPS,
-                     intercept=-1024.0)
+        write_series(folder / "CT", "CT", c, spacing_zyx=(1.5, 2.0, 2.0), origin_lps=PET_ORIGIN_LPS, intercept=-1024.0)
     return p, slopes, c
 
 
@@ -139,10 +164,24 @@ def test_shuffled_files_give_the_volume_in_position_order(tmp_path):
     p = pet_stored()
     for seed in (3, 4):
         d = tmp_path / f"s{seed}"
-        write_series(d, "PT", p, spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS, tags=pet_tags(),
-                     rng=np.random.default_rng(seed))
-        write_series(d, "CT", p, spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS, intercept=-1024.0,
-                     rng=np.random.default_rng(seed + 10))
+        write_series(
+            d,
+            "PT",
+            p,
+            spacing_zyx=PET_SPACING,
+            origin_lps=PET_ORIGIN_LPS,
+            tags=pet_tags(),
+            rng=np.random.default_rng(seed),
+        )
+        write_series(
+            d,
+            "CT",
+            p,
+            spacing_zyx=PET_SPACING,
+            origin_lps=PET_ORIGIN_LPS,
+            intercept=-1024.0,
+            rng=np.random.default_rng(seed + 10),
+        )
         case = read_dicom_study(d)
         np.testing.assert_array_equal(case.ct, p.astype(np.float32) - 1024.0)  # same grid: no resampling
         assert case.meta["ct_resampled_to_pet"] is False
@@ -161,9 +200,15 @@ def test_suv_none_decays_each_slice_to_its_acquisition_time(tmp_path):
     info = Dataset()
     info.RadionuclideTotalDose, info.RadionuclideHalfLife = DOSE_BQ, HALF_LIFE_S
     info.RadiopharmaceuticalStartDateTime = "20240102093000"
-    write_series(d, "PT", p, spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS,
-                 tags=pet_tags(DecayCorrection="NONE", RadiopharmaceuticalInformationSequence=[info]),
-                 slice_tags=lambda k: {"AcquisitionTime": f"10{2 * k:02d}00"})
+    write_series(
+        d,
+        "PT",
+        p,
+        spacing_zyx=PET_SPACING,
+        origin_lps=PET_ORIGIN_LPS,
+        tags=pet_tags(DecayCorrection="NONE", RadiopharmaceuticalInformationSequence=[info]),
+        slice_tags=lambda k: {"AcquisitionTime": f"10{2 * k:02d}00"},
+    )
     write_series(d, "CT", p, spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS)
     case = read_dicom_study(d)
     dt = 1800.0 + 120.0 * np.arange(8)
@@ -184,31 +229,45 @@ def test_suv_factor_injection_before_midnight_and_full_datetime():
 
 def test_several_pet_series_pick_the_largest_with_a_warning(tmp_path, caplog):
     p, slopes, _ = write_study(tmp_path / "st")
-    write_series(tmp_path / "st" / "PT_small", "PT", p[:4], spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS,
-                 tags=pet_tags(), description="small recon")
+    write_series(
+        tmp_path / "st" / "PT_small",
+        "PT",
+        p[:4],
+        spacing_zyx=PET_SPACING,
+        origin_lps=PET_ORIGIN_LPS,
+        tags=pet_tags(),
+        description="small recon",
+    )
     with caplog.at_level("WARNING"):
         case = read_dicom_study(tmp_path / "st")
     assert case.suv.shape == (8, 16, 16)
     assert "small recon" in caplog.text and "most slices" in caplog.text
 
 
-@pytest.mark.parametrize("kind, match", [
-    ("no_pt", r"no PET series in .*st"),
-    ("no_ct", r"no CT series in .*st"),
-    ("units", r"SeriesInstanceUID .*Units \(0054,1001\) is 'CNTS'"),
-    ("weight", r"SeriesInstanceUID .*PatientWeight \(0010,1030\) is missing"),
-    ("dose", r"SeriesInstanceUID .*RadionuclideTotalDose \(0018,1074\) is missing"),
-    ("zero_weight", r"PatientWeight \(0010,1030\) is '0(\.0)?'; it must be present and > 0"),
-    ("decay", r"DecayCorrection \(0054,1102\) is 'WEIRD'"),
-])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("no_pt", r"no PET series in .*st"),
+        ("no_ct", r"no CT series in .*st"),
+        ("units", r"SeriesInstanceUID .*Units \(0054,1001\) is 'CNTS'"),
+        ("weight", r"SeriesInstanceUID .*PatientWeight \(0010,1030\) is missing"),
+        ("dose", r"SeriesInstanceUID .*RadionuclideTotalDose \(0018,1074\) is missing"),
+        ("zero_weight", r"PatientWeight \(0010,1030\) is '0(\.0)?'; it must be present and > 0"),
+        ("decay", r"DecayCorrection \(0054,1102\) is 'WEIRD'"),
+    ],
+)
 def test_error_cases_name_folder_and_series(tmp_path, kind, match):
     d = tmp_path / "st"
     info = Dataset()
     info.RadionuclideHalfLife = HALF_LIFE_S
     info.RadiopharmaceuticalStartTime = "090000"
-    over = {"units": {"Units": "CNTS"}, "weight": {"PatientWeight": None},
-            "zero_weight": {"PatientWeight": 0.0}, "dose": {"RadiopharmaceuticalInformationSequence": [info]},
-            "decay": {"DecayCorrection": "WEIRD"}}.get(kind, {})
+    over = {
+        "units": {"Units": "CNTS"},
+        "weight": {"PatientWeight": None},
+        "zero_weight": {"PatientWeight": 0.0},
+        "dose": {"RadiopharmaceuticalInformationSequence": [info]},
+        "decay": {"DecayCorrection": "WEIRD"},
+    }.get(kind, {})
     write_study(d, pet=kind != "no_pt", ct=kind != "no_ct", pet_over=over)
     if kind == "weight":  # remove the tag entirely rather than writing an empty value
         for f in (d / "PT").iterdir():
@@ -257,12 +316,25 @@ def test_pet_and_ct_of_different_patients_is_an_error(tmp_path):
 def _positions_study(folder, z_positions):
     """A PET + CT study whose PET slices sit at the given z positions (LPS mm); CT regular over the same range."""
     p = pet_stored((len(z_positions), 16, 16))
-    write_series(folder, "PT", p, spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS, tags=pet_tags(),
-                 slice_tags=lambda k: {"ImagePositionPatient": [float(PET_ORIGIN_LPS[0]), float(PET_ORIGIN_LPS[1]),
-                                                                float(z_positions[k])]})
+    write_series(
+        folder,
+        "PT",
+        p,
+        spacing_zyx=PET_SPACING,
+        origin_lps=PET_ORIGIN_LPS,
+        tags=pet_tags(),
+        slice_tags=lambda k: {
+            "ImagePositionPatient": [float(PET_ORIGIN_LPS[0]), float(PET_ORIGIN_LPS[1]), float(z_positions[k])]
+        },
+    )
     ct = ct_stored((60, 32, 32))  # 1 mm slices from 5 mm below the first PET slice: covers the PET
-    write_series(folder, "CT", ct, spacing_zyx=(1.0, 2.0, 2.0), origin_lps=(PET_ORIGIN_LPS[0], PET_ORIGIN_LPS[1],
-                                                                          z_positions[0] - 5.0))
+    write_series(
+        folder,
+        "CT",
+        ct,
+        spacing_zyx=(1.0, 2.0, 2.0),
+        origin_lps=(PET_ORIGIN_LPS[0], PET_ORIGIN_LPS[1], z_positions[0] - 5.0),
+    )
     return p
 
 
@@ -319,8 +391,14 @@ def test_ct_must_cover_the_pet(tmp_path):
     p = pet_stored()  # PET z from 50 to 71 mm
     d = tmp_path / "far"
     write_series(d / "PT", "PT", p, spacing_zyx=PET_SPACING, origin_lps=PET_ORIGIN_LPS, tags=pet_tags())
-    write_series(d / "CT", "CT", ct_stored(), spacing_zyx=(1.5, 2.0, 2.0),
-                 origin_lps=(PET_ORIGIN_LPS[0], PET_ORIGIN_LPS[1], 300.0), intercept=-1024.0)  # another bed range
+    write_series(
+        d / "CT",
+        "CT",
+        ct_stored(),
+        spacing_zyx=(1.5, 2.0, 2.0),
+        origin_lps=(PET_ORIGIN_LPS[0], PET_ORIGIN_LPS[1], 300.0),
+        intercept=-1024.0,
+    )  # another bed range
     with pytest.raises(DataError, match=r"CT covers 0 % of the PET.*--allow_partial_ct"):
         read_dicom_study(d)
     with pytest.warns(DataWarning, match="CT covers 0 %"):

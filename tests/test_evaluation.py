@@ -68,10 +68,19 @@ def _tiny_config(cache, **overrides):
     return cfg
 
 
-REFINER = {"model.kind": "refiner", "data.spacing_mm": 0.0, "model.refiner_features": 4, "model.refiner_blocks": 1,
-           "steps": 2, "data.patch_shape": (16, 16, 16), "eval.tile_shape": (32, 64, 64),
-           "eval.tile_step": (16, 64, 64), "eval.every_steps": 2, "eval.at_start": False,
-           "checkpoint.every_steps": 2}
+REFINER = {
+    "model.kind": "refiner",
+    "data.spacing_mm": 0.0,
+    "model.refiner_features": 4,
+    "model.refiner_blocks": 1,
+    "steps": 2,
+    "data.patch_shape": (16, 16, 16),
+    "eval.tile_shape": (32, 64, 64),
+    "eval.tile_step": (16, 64, 64),
+    "eval.every_steps": 2,
+    "eval.at_start": False,
+    "checkpoint.every_steps": 2,
+}
 # Refiner eval tiles: 5 tiles per 96x64x64 native phantom (full-width y/x tiles whose zero-weight faces are the
 # volume's own outer y/x planes: allowed, as in the original), to keep the CPU time of these tests small.
 
@@ -102,11 +111,13 @@ def unet():
 def _direct_prob(model, image, tile, step, batch_size=1):
     """Both class probabilities (z, y, x, 2) by a direct `tiled_inference` call reaching the volume's end."""
     pred, params = nnx_predictor(model)
-    return tiled_inference(image, pred, params=params, tile_shape=tile, step=step, batch_size=batch_size,
-                           cover_end=True)
+    return tiled_inference(
+        image, pred, params=params, tile_shape=tile, step=step, batch_size=batch_size, cover_end=True
+    )
 
 
 # ---- coverage ---------------------------------------------------------------------------------------------
+
 
 def test_default_eval_tiles_cover_the_default_phantoms():
     for variant, expect in (("", (163, 68, 68)), ("tiny", (48, 22, 22))):
@@ -118,32 +129,39 @@ def test_default_eval_tiles_cover_the_default_phantoms():
     # The original tiling (no tile flush with the end) left 9.75 % of the default phantom without weight.
     cfg = default_config.get_config()
     with pytest.raises(ConfigError) as err:
-        E.check_coverage((163, 68, 68), cfg.eval.tile_shape, cfg.eval.tile_step, case="phantom_0007",
-                         cover_end=False)
-    for part in ("case phantom_0007:", "tiles (32, 32, 32) every (24, 24, 24)", "(163, 68, 68) volume", "9.75 %",
-                 "z = 161, 162", "eval.tile_step"):
+        E.check_coverage((163, 68, 68), cfg.eval.tile_shape, cfg.eval.tile_step, case="phantom_0007", cover_end=False)
+    for part in (
+        "case phantom_0007:",
+        "tiles (32, 32, 32) every (24, 24, 24)",
+        "(163, 68, 68) volume",
+        "9.75 %",
+        "z = 161, 162",
+        "eval.tile_step",
+    ):
         assert part in str(err.value)
 
 
 # (shape, tile, step, blend, cover_end, expected to be refused)
 TILINGS = [
     ((40, 20, 24), (16, 16, 16), (12, 12, 12), "central", True, False),
-    ((40, 20, 24), (16, 16, 16), (12, 12, 12), "central", False, True),   # trailing voxels without a tile
-    ((40, 20, 24), (16, 8, 8), (16, 8, 8), "central", True, True),        # step = tile: zero faces meet
-    ((30, 30, 30), (16, 16, 16), (20, 20, 20), "central", True, True),    # step > tile: gaps
+    ((40, 20, 24), (16, 16, 16), (12, 12, 12), "central", False, True),  # trailing voxels without a tile
+    ((40, 20, 24), (16, 8, 8), (16, 8, 8), "central", True, True),  # step = tile: zero faces meet
+    ((30, 30, 30), (16, 16, 16), (20, 20, 20), "central", True, True),  # step > tile: gaps
     ((33, 17, 20), (12, 8, 16), (5, 6, 7), "central", True, False),
-    ((33, 17, 20), (12, 8, 16), (11, 7, 15), "central", True, True),      # step = tile - 1
-    ((41, 19, 19), (20, 8, 8), (10, 8, 8), "central", True, False),       # y/x faces of this tile are not 0
-    ((50, 50, 50), (16, 16, 16), (20, 20, 20), "gaussian", True, True),   # gaps whatever the weights
+    ((33, 17, 20), (12, 8, 16), (11, 7, 15), "central", True, True),  # step = tile - 1
+    ((41, 19, 19), (20, 8, 8), (10, 8, 8), "central", True, False),  # y/x faces of this tile are not 0
+    ((50, 50, 50), (16, 16, 16), (20, 20, 20), "gaussian", True, True),  # gaps whatever the weights
     ((30, 30, 30), (16, 16, 16), (16, 16, 16), "constant", True, False),
 ]
 
 
 @pytest.mark.parametrize("shape,tile,step,blend,cover_end,refused", TILINGS)
-def test_coverage_check_equals_the_zero_weight_voxels_of_tiled_inference(shape, tile, step, blend, cover_end,
-                                                                        refused, monkeypatch):
-    probs = tiled_inference(np.zeros(shape + (1,), np.float32), _flat, tile_shape=tile, step=step, blend=blend,
-                            cover_end=cover_end)
+def test_coverage_check_equals_the_zero_weight_voxels_of_tiled_inference(
+    shape, tile, step, blend, cover_end, refused, monkeypatch
+):
+    probs = tiled_inference(
+        np.zeros(shape + (1,), np.float32), _flat, tile_shape=tile, step=step, blend=blend, cover_end=cover_end
+    )
     zero = probs.sum(-1) == 0
     # allowed: the outer planes of the padded volume (real voxels only on sides without padding)
     allowed = np.zeros(shape, bool)
@@ -156,10 +174,10 @@ def test_coverage_check_equals_the_zero_weight_voxels_of_tiled_inference(shape, 
     n_bad = int((zero & ~allowed).sum())
     assert (n_bad > 0) == refused
     E._coverage_gaps.cache_clear()
-    assert E._coverage_gaps(shape, tile, step, blend, cover_end)[0] == n_bad            # per-axis path
+    assert E._coverage_gaps(shape, tile, step, blend, cover_end)[0] == n_bad  # per-axis path
     E._coverage_gaps.cache_clear()
     monkeypatch.setattr(E, "_separable_support", lambda w: None)
-    assert E._coverage_gaps(shape, tile, step, blend, cover_end)[0] == n_bad            # volume fallback
+    assert E._coverage_gaps(shape, tile, step, blend, cover_end)[0] == n_bad  # volume fallback
     E._coverage_gaps.cache_clear()
     monkeypatch.undo()
     if refused:
@@ -174,14 +192,16 @@ def test_uncoverable_case_is_refused_or_recorded(store, unet):
     with pytest.raises(ConfigError, match=store.ids[int(idx[0])] + r": tiles \(16, 16, 16\) every \(20, 20, 20\)"):
         E.evaluate_cases(unet, store, idx, tile_shape=(16, 16, 16), step=(20, 20, 20))
     failed, lines = {}, []
-    rows = E.evaluate_cases(unet, store, idx, tile_shape=(16, 16, 16), step=(20, 20, 20), failed=failed,
-                            log=lines.append)
+    rows = E.evaluate_cases(
+        unet, store, idx, tile_shape=(16, 16, 16), step=(20, 20, 20), failed=failed, log=lines.append
+    )
     assert rows == [] and list(failed) == [store.ids[int(i)] for i in idx]
     assert all("ConfigError" in m and "\n" not in m for m in failed.values())
     assert any("FAILED, skipped" in line for line in lines)
 
 
 # ---- what the evaluator counts ------------------------------------------------------------------------------
+
 
 def test_false_positives_in_the_formerly_uncovered_tail_are_counted(store):
     """Lesion everywhere: the predicted volume is the whole volume minus the zero-weight faces (z = 0 and 47:
@@ -215,18 +235,19 @@ def test_refiner_gets_its_stage_a_channel(native_store):
     i = int(native_store.split_indices("test")[0])
     stage_a = np.load(native_store.case_dir(i) / "stage_a.npy").astype(np.float32)
     assert stage_a.max() > stage_a.min()  # a real, non-constant channel
-    (case, prob), = list(E.predict_cases(refiner, native_store, [i], tile_shape=tile, step=step))
+    ((case, prob),) = list(E.predict_cases(refiner, native_store, [i], tile_shape=tile, step=step))
     assert case["image"].shape[-1] == 6
     np.testing.assert_array_equal(case["image"][..., 5], stage_a)
     direct = _direct_prob(refiner, case["image"], tile, step)[..., 1]
     assert prob.dtype == np.float32 and prob.shape == case["label"].shape
     np.testing.assert_array_equal(prob, direct)
     # the comparison's predict_cases now feeds it too (it failed with 5 vs 6 channels before)
-    (_, prob_cc), = list(cc.predict_cases(refiner, native_store, [i], cfg))
+    ((_, prob_cc),) = list(cc.predict_cases(refiner, native_store, [i], cfg))
     np.testing.assert_array_equal(prob_cc, prob)
 
 
 # ---- the three users ----------------------------------------------------------------------------------------
+
 
 def test_trainer_validation_equals_direct_calls(store, unet):
     cfg = _tiny_config("unused")
@@ -239,10 +260,17 @@ def test_trainer_validation_equals_direct_calls(store, unet):
         truth = case["label"] > 0
         vox = case["geometry"].voxel_volume_ml
         fpv, fnv = fpv_fnv_ml(lesion_overlaps(pred, truth), vox)
-        expected.append({"id": case["id"], "dice": dice(pred, truth) if truth.any() else float("nan"),
-                         "tmtv_pred_ml": float(pred.sum() * vox), "tmtv_true_ml": float(truth.sum() * vox),
-                         "fpv_ml": fpv, "fnv_ml": fnv,
-                         "tmtv_abs_err_ml": abs(float(pred.sum() - truth.sum()) * vox)})
+        expected.append(
+            {
+                "id": case["id"],
+                "dice": dice(pred, truth) if truth.any() else float("nan"),
+                "tmtv_pred_ml": float(pred.sum() * vox),
+                "tmtv_true_ml": float(truth.sum() * vox),
+                "fpv_ml": fpv,
+                "fnv_ml": fnv,
+                "tmtv_abs_err_ml": abs(float(pred.sum() - truth.sum()) * vox),
+            }
+        )
     assert [list(r) for r in got["cases"]] == [list(r) for r in expected]
     for g, e in zip(got["cases"], expected):
         assert g["id"] == e["id"]
@@ -290,17 +318,20 @@ def test_teacher_scores_equal_direct_calls(store, unet):
         assert r["teacher_loss"] == pytest.approx(expected, rel=1e-6)
     # the old names still work and are the moved functions
     from clips_jax.metrics import case_losses
+
     assert T.soft_dice_loss is case_losses.soft_dice_of_probs and T.case_loss is case_losses.case_loss
     assert T.combined_teacher_loss is case_losses.combined_case_loss and cc.soft_dice_loss is T.soft_dice_loss
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------
 
+
 def test_tiny_refiner_comparison_runs_end_to_end(native_store, tmp_path):
     cfg = _tiny_config(tmp_path / "unused", **REFINER)
     wd = tmp_path / "exp"
-    out = cc.run_comparison(cfg, workdir=wd, curricula=["none"], seeds=1, data=str(native_store.cache_dir),
-                            log=lambda m: None)
+    out = cc.run_comparison(
+        cfg, workdir=wd, curricula=["none"], seeds=1, data=str(native_store.cache_dir), log=lambda m: None
+    )
     assert out["runs"] == {"none": {0: "trained"}}
     test_rows = (wd / "runs" / "none" / "seed0" / "test_metrics.csv").read_text().splitlines()
     assert len(test_rows) == 1 + len(native_store.split_indices("test"))

@@ -18,7 +18,7 @@ def test_resampled_grid_is_anchored_at_voxel_zero():
     np.testing.assert_allclose(g6.spacing_mm, (6, 6, 6))
     assert g6.origin_mm == g.origin_mm
     # PET voxel index i maps onto 6 mm continuous index i * s / 6: same world point.
-    idx = np.array([10.0, 20.0, 30.0, 1.0])          # (x, y, z, 1) in PET voxels
+    idx = np.array([10.0, 20.0, 30.0, 1.0])  # (x, y, z, 1) in PET voxels
     idx6 = idx.copy()
     idx6[:3] = idx[:3] * np.array(g.spacing_mm)[::-1] / 6.0
     np.testing.assert_allclose(g.affine_array @ idx, g6.affine_array @ idx6, atol=1e-9)
@@ -52,7 +52,7 @@ def test_nifti_errors_name_the_file(tmp_path):
     # Zero z-spacing in the sform (nibabel refuses to write one, so patch the header bytes: srow_z at 312).
     zp = save_nifti(tmp_path / "zero.nii", arr, Geometry.from_spacing((4, 4, 4), (1, 1, 1)))
     raw = bytearray(zp.read_bytes())
-    raw[312 + 8:312 + 12] = np.float32(0.0).tobytes()
+    raw[312 + 8 : 312 + 12] = np.float32(0.0).tobytes()
     zp.write_bytes(bytes(raw))
     with pytest.raises(DataError, match="zero.nii.*spacing"):
         load_nifti(zp)

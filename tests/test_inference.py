@@ -29,7 +29,7 @@ def test_central_weight_map_matches_reference_table():
     assert w.dtype == np.float32 and w.shape == (128, 96, 96)
     profile = [0, 0.065, 0.134, 0.209, 0.293, 0.388, 0.5, 0.646, 1, 1]  # z = 0, 4, ..., 36 (original central_weighting)
     np.testing.assert_allclose(w[0:40:4, 48, 48], profile, atol=1e-3)
-    assert np.all(w[0] == 0) and np.all(w[127] == 0)                        # the two z-faces
+    assert np.all(w[0] == 0) and np.all(w[127] == 0)  # the two z-faces
     np.testing.assert_allclose(w[64, 0, 48], 1 - np.sqrt(24 / 32), rtol=1e-6)  # y-face centre ~0.134
     np.testing.assert_allclose(w[64, 48, 95], 1 - np.sqrt(24 / 32), rtol=1e-6)  # x-face centre
     assert np.all(w[32:96, 24:72, 24:72] == 1) and w[31, 48, 48] < 1 and w[32:96, 24:72, 24:72].size == 64 * 48 * 48
@@ -45,7 +45,14 @@ def test_central_weight_map_matches_reference_table():
 
 
 def test_padding_and_tiles_cover_every_voxel():
-    assert inf.pad_to_multiple((12, 10, 9, ), (8, 8, 8)) == [(2, 2), (3, 3), (3, 4)]
+    assert inf.pad_to_multiple(
+        (
+            12,
+            10,
+            9,
+        ),
+        (8, 8, 8),
+    ) == [(2, 2), (3, 3), (3, 4)]
     assert inf.pad_to_multiple((16, 1, 128), (8, 8, 128)) == [(0, 0), (3, 4), (0, 0)]
     for shape, tile in [((45, 30, 50), (16, 8, 16)), ((128, 96, 96), (128, 96, 96)), ((200, 130, 97), (128, 96, 96))]:
         padded = [n + sum(p) for n, p in zip(shape, inf.pad_to_multiple(shape, tile))]
@@ -120,8 +127,9 @@ def test_batch_size_does_not_change_the_result_and_progress_counts_tiles():
     vol = rng.normal(size=(16, 12, 10, 2)).astype(np.float32)
     calls = []
     a = inf.tiled_inference(vol, _smooth, tile_shape=(8, 8, 8), step=(4, 4, 4), batch_size=1)
-    b = inf.tiled_inference(vol, _smooth, tile_shape=(8, 8, 8), step=(4, 4, 4), batch_size=3,
-                            progress=lambda d, t: calls.append((d, t)))
+    b = inf.tiled_inference(
+        vol, _smooth, tile_shape=(8, 8, 8), step=(4, 4, 4), batch_size=3, progress=lambda d, t: calls.append((d, t))
+    )
     np.testing.assert_allclose(a, b, atol=1e-6)
     n_tiles = 3 * 3 * 3  # padded (16, 16, 16): origins 0, 4, 8 per axis
     assert calls[-1] == (n_tiles, n_tiles) and len(calls) == 9
@@ -156,11 +164,11 @@ def test_predictor_compiles_once_for_many_tiles():
 def test_params_bfloat16_and_errors():
     vol = np.random.default_rng(5).normal(size=(8, 8, 8, 1)).astype(np.float32)
     pred = lambda p, x: _pointwise(x) * p["scale"]  # noqa: E731
-    f32 = inf.tiled_inference(vol, pred, tile_shape=(8, 8, 8), step=(4, 4, 4), params={"scale": 2.0},
-                              blend="constant")
+    f32 = inf.tiled_inference(vol, pred, tile_shape=(8, 8, 8), step=(4, 4, 4), params={"scale": 2.0}, blend="constant")
     np.testing.assert_allclose(f32[..., 1], _sigmoid(2.0 * vol[..., 0]), atol=1e-6)
-    bf = inf.tiled_inference(vol, pred, tile_shape=(8, 8, 8), step=(4, 4, 4), params={"scale": 2.0},
-                             blend="constant", dtype="bfloat16")
+    bf = inf.tiled_inference(
+        vol, pred, tile_shape=(8, 8, 8), step=(4, 4, 4), params={"scale": 2.0}, blend="constant", dtype="bfloat16"
+    )
     assert bf.dtype == np.float32 and np.abs(bf - f32).max() < 2e-2
     with pytest.raises(DataError):
         inf.tiled_inference(vol[..., 0], _pointwise, tile_shape=(8, 8, 8))
@@ -231,7 +239,7 @@ def test_cascade_finds_a_hot_sphere():
 
     shape, sp = (48, 40, 40), (2.0, 2.0, 2.0)
     z, y, x = np.meshgrid(*[(np.arange(n) - n / 2) * s for n, s in zip(shape, sp)], indexing="ij")
-    sphere = (z ** 2 + y ** 2 + x ** 2) <= 12.0 ** 2
+    sphere = (z**2 + y**2 + x**2) <= 12.0**2
     suv = np.where(sphere, 8.0, 1.0).astype(np.float32)
     ct = np.zeros(shape, np.float32)
     geom = Geometry.from_spacing(shape, sp)
@@ -240,8 +248,18 @@ def test_cascade_finds_a_hot_sphere():
     ens = lambda v: jnp.stack([jnp.zeros_like(v[..., 0]), 30.0 * (v[..., 4] - 0.4)], -1)  # noqa: E731
     ref = lambda v: jnp.stack([jnp.zeros_like(v[..., 0]), 30.0 * (v[..., 5] - 0.5)], -1)  # noqa: E731
     stages = set()
-    res = cascade(ct, suv, geom, ens, ref, stage_a_tile=(8, 8, 8), stage_a_step=(4, 4, 4),
-                  stage_b_tile=(16, 16, 16), stage_b_step=(8, 8, 8), progress=lambda s, d, t: stages.add(s))
+    res = cascade(
+        ct,
+        suv,
+        geom,
+        ens,
+        ref,
+        stage_a_tile=(8, 8, 8),
+        stage_a_step=(4, 4, 4),
+        stage_b_tile=(16, 16, 16),
+        stage_b_step=(8, 8, 8),
+        progress=lambda s, d, t: stages.add(s),
+    )
     assert res.stage_a_geometry.shape == geom.resampled(6.0).shape == res.stage_a_prob.shape == (16, 13, 13)
     assert res.mask.shape == shape and res.mask.dtype == np.uint8 and res.probs.shape == shape + (2,)
     np.testing.assert_allclose(res.cascade_channel, inf.upsample_probability(res.stage_a_prob, shape, sp), atol=1e-6)
@@ -276,7 +294,7 @@ def _reference_tiled(vol, predictor, tile, step, batch_size, blend, cover_end, t
         acc = np.zeros(padded.shape[:3] + (2,), np.float32)
         wsum = np.zeros(padded.shape[:3], np.float32)
         for b in range(0, len(origins), batch_size):
-            chunk = origins[b:b + batch_size]
+            chunk = origins[b : b + batch_size]
             x = np.zeros((batch_size,) + tile + (vol.shape[-1],), np.float32)
             for j, o in enumerate(chunk):
                 x[j] = padded[tuple(slice(a, a + t) for a, t in zip(o, tile))]
@@ -293,20 +311,30 @@ def _reference_tiled(vol, predictor, tile, step, batch_size, blend, cover_end, t
     return result / len(flips) if tta else result
 
 
-@pytest.mark.parametrize("shape, tile, step, batch_size, blend, cover_end, tta", [
-    ((13, 11, 9), (8, 8, 8), (4, 4, 4), 1, "central", False, False),     # odd padding on every axis
-    ((13, 11, 9), (8, 8, 8), (4, 4, 4), 3, "central", False, True),      # TTA, odd pads (not flip-symmetric)
-    ((17, 10, 7), (8, 8, 8), (3, 5, 6), 2, "central", False, False),     # steps that leave tails uncovered
-    ((17, 10, 7), (8, 8, 8), (3, 5, 6), 4, "gaussian", True, False),     # cover_end closes the tails
-    ((9, 15, 12), (8, 12, 8), (5, 4, 3), 5, "constant", True, True),     # non-cubic tile, TTA + cover_end
-    ((16, 8, 5), (8, 8, 8), (8, 8, 8), 2, "central", False, False),      # no padding on z/y, no overlap
-])
-def test_unpadded_tiling_equals_pad_then_crop_reference_exactly(shape, tile, step, batch_size, blend, cover_end,
-                                                                 tta):
+@pytest.mark.parametrize(
+    "shape, tile, step, batch_size, blend, cover_end, tta",
+    [
+        ((13, 11, 9), (8, 8, 8), (4, 4, 4), 1, "central", False, False),  # odd padding on every axis
+        ((13, 11, 9), (8, 8, 8), (4, 4, 4), 3, "central", False, True),  # TTA, odd pads (not flip-symmetric)
+        ((17, 10, 7), (8, 8, 8), (3, 5, 6), 2, "central", False, False),  # steps that leave tails uncovered
+        ((17, 10, 7), (8, 8, 8), (3, 5, 6), 4, "gaussian", True, False),  # cover_end closes the tails
+        ((9, 15, 12), (8, 12, 8), (5, 4, 3), 5, "constant", True, True),  # non-cubic tile, TTA + cover_end
+        ((16, 8, 5), (8, 8, 8), (8, 8, 8), 2, "central", False, False),  # no padding on z/y, no overlap
+    ],
+)
+def test_unpadded_tiling_equals_pad_then_crop_reference_exactly(shape, tile, step, batch_size, blend, cover_end, tta):
     rng = np.random.default_rng(sum(shape) + batch_size)
     vol = rng.normal(size=shape + (2,)).astype(np.float32)
-    got = inf.tiled_inference(vol, _tile_dependent_3d, tile_shape=tile, step=step, batch_size=batch_size,
-                              blend=blend, cover_end=cover_end, tta=tta)
+    got = inf.tiled_inference(
+        vol,
+        _tile_dependent_3d,
+        tile_shape=tile,
+        step=step,
+        batch_size=batch_size,
+        blend=blend,
+        cover_end=cover_end,
+        tta=tta,
+    )
     ref = _reference_tiled(vol, _tile_dependent_3d, tile, step, batch_size, blend, cover_end, tta)
     assert got.shape == shape + (2,) and got.dtype == np.float32 and got.flags.c_contiguous
     np.testing.assert_array_equal(got, ref)  # bit-identical, zero-weight voxels included
@@ -316,17 +344,22 @@ def test_unpadded_tiling_equals_pad_then_crop_reference_exactly(shape, tile, ste
 def _tile_dependent_3d(x):
     """Logits depending on both channels and on the position inside the tile along every axis (so a tile
     cut at the wrong place, or padding read as anything but zeros, changes the result)."""
-    pos = sum(jnp.arange(n, dtype=x.dtype).reshape([-1 if a == ax else 1 for a in range(3)]) * (ax + 1) / n
-              for ax, n in enumerate(x.shape[1:4]))
+    pos = sum(
+        jnp.arange(n, dtype=x.dtype).reshape([-1 if a == ax else 1 for a in range(3)]) * (ax + 1) / n
+        for ax, n in enumerate(x.shape[1:4])
+    )
     return jnp.stack([x[..., 1] - 0.3 * pos, 2.0 * x[..., 0] + pos], axis=-1)
 
 
-@pytest.mark.parametrize("shape, tile, step, batch_size, blend, cover_end, tta", [
-    ((13, 11, 9), (8, 8, 8), (4, 4, 4), 3, "central", False, True),      # TTA, odd pads, partial last batch
-    ((17, 10, 7), (8, 8, 8), (3, 5, 6), 4, "gaussian", True, False),     # cover_end
-    ((9, 15, 12), (8, 12, 8), (5, 4, 3), 5, "constant", True, True),     # non-cubic tile, TTA + cover_end
-    ((20, 20, 20), (8, 8, 8), (4, 4, 4), 1, "central", False, False),    # 125 tiles: 16 compiled calls
-])
+@pytest.mark.parametrize(
+    "shape, tile, step, batch_size, blend, cover_end, tta",
+    [
+        ((13, 11, 9), (8, 8, 8), (4, 4, 4), 3, "central", False, True),  # TTA, odd pads, partial last batch
+        ((17, 10, 7), (8, 8, 8), (3, 5, 6), 4, "gaussian", True, False),  # cover_end
+        ((9, 15, 12), (8, 12, 8), (5, 4, 3), 5, "constant", True, True),  # non-cubic tile, TTA + cover_end
+        ((20, 20, 20), (8, 8, 8), (4, 4, 4), 1, "central", False, False),  # 125 tiles: 16 compiled calls
+    ],
+)
 def test_device_pass_equals_host_pass(shape, tile, step, batch_size, blend, cover_end, tta):
     """The accelerator path (volume and accumulators on the device, tiles cut and blended inside compiled
     calls) gives the host path's probabilities, tile count and progress, on the same tiles."""
@@ -334,16 +367,19 @@ def test_device_pass_equals_host_pass(shape, tile, step, batch_size, blend, cove
     vol = rng.normal(size=shape + (2,)).astype(np.float32)
     kw = dict(tile_shape=tile, step=step, batch_size=batch_size, blend=blend, cover_end=cover_end, tta=tta)
     host_calls, dev_calls = [], []
-    host = inf.tiled_inference(vol, _tile_dependent_3d, tiles_on_device=False,
-                               progress=lambda d, t: host_calls.append((d, t)), **kw)
-    dev = inf.tiled_inference(vol, _tile_dependent_3d, tiles_on_device=True,
-                              progress=lambda d, t: dev_calls.append((d, t)), **kw)
+    host = inf.tiled_inference(
+        vol, _tile_dependent_3d, tiles_on_device=False, progress=lambda d, t: host_calls.append((d, t)), **kw
+    )
+    dev = inf.tiled_inference(
+        vol, _tile_dependent_3d, tiles_on_device=True, progress=lambda d, t: dev_calls.append((d, t)), **kw
+    )
     assert dev.shape == host.shape and dev.dtype == np.float32 and dev.flags.writeable
     np.testing.assert_allclose(dev, host, atol=1e-6, rtol=0)
     np.testing.assert_array_equal(dev.sum(-1) == 0, host.sum(-1) == 0)  # the same zero-weight voxels
     assert dev_calls[-1] == host_calls[-1]  # every tile counted once
-    assert len(dev_calls) == -(-host_calls[-1][1] // (batch_size * inf.TILE_BATCHES_PER_CALL * (8 if tta else 1))) \
-        * (8 if tta else 1)
+    assert len(dev_calls) == -(-host_calls[-1][1] // (batch_size * inf.TILE_BATCHES_PER_CALL * (8 if tta else 1))) * (
+        8 if tta else 1
+    )
 
 
 def test_device_pass_params_compile_once_and_errors():

@@ -30,16 +30,36 @@ def installed(tmp_path_factory):
     for pkg in ("clips_jax", "convert_weights"):
         shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     wheels = root / "wheels"
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        "--no-index", "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(wheels),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     (wheel,) = wheels.glob("clips_jax-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
     assert "clips_jax/configs/default.py" in names and "clips_jax/configs/tmtv_finetune.py" in names
     target = root / "site"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
-                        str(target), str(wheel)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
     env.update(PYTHONPATH=str(target), JAX_PLATFORMS="cpu")
@@ -50,17 +70,41 @@ def test_installed_copy_not_the_checkout_runs_the_tiny_default_elsewhere(install
     target, env = installed
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    r = subprocess.run([sys.executable, "-c", "import clips_jax, clips_jax.configs as c; print(clips_jax.__file__);"
-                        "print(c.default_path())"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import clips_jax, clips_jax.configs as c; print(clips_jax.__file__);print(c.default_path())",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     module_file, config = r.stdout.split()
     assert Path(module_file).is_relative_to(target) and Path(config).is_relative_to(target)
     script = target / "bin" / "clips-train"
     assert script.is_file()
-    r = subprocess.run([str(script), "--config", "default:tiny", "--workdir", str(elsewhere / "run"),
-                        f"--config.data.phantoms.cache={elsewhere / 'cache'}", "--config.steps=2",
-                        "--config.eval.every_steps=0", "--config.eval.at_start=False", "--config.quiet=True"],
-                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            str(script),
+            "--config",
+            "default:tiny",
+            "--workdir",
+            str(elsewhere / "run"),
+            f"--config.data.phantoms.cache={elsewhere / 'cache'}",
+            "--config.steps=2",
+            "--config.eval.every_steps=0",
+            "--config.eval.at_start=False",
+            "--config.quiet=True",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert (elsewhere / "run" / "summary.json").is_file()
     assert not (REPO / "run").exists() and not (REPO / "build").exists()
@@ -73,7 +117,8 @@ def test_every_command_has_help_with_examples_and_one_line_usage_errors(installe
     r = subprocess.run([str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Examples" in r.stdout and "flags:" in r.stdout
-    r = subprocess.run([str(script), "--no_such_flag=1"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [str(script), "--no_such_flag=1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -80,20 +80,17 @@ def test_soft_dice_matches_numpy():
 def test_cross_entropy_and_focal_match_numpy():
     logits, labels, _ = _inputs(1)
     ce = _np_ce(logits, labels)
-    np.testing.assert_allclose(np.asarray(losses.cross_entropy(logits, labels)),
-                               ce.reshape(N, -1).mean(1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(losses.cross_entropy(logits, labels)), ce.reshape(N, -1).mean(1), rtol=1e-5)
     for gamma in (0.0, 1.0, 2.0):
         pt = np.exp(-ce)
         expect = ((1 - pt) ** gamma * ce).reshape(N, -1).mean(1)
-        np.testing.assert_allclose(np.asarray(losses.focal_loss(logits, labels, gamma=gamma)), expect,
-                                   rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(losses.focal_loss(logits, labels, gamma=gamma)), expect, rtol=1e-5)
 
 
 def test_sensitivity_matches_numpy():
     logits, labels, _ = _inputs(2)
     p1 = _softmax64(logits)[..., 1]
-    expect = [np.mean(1 - p1[n][labels[n] == 1]) * (labels[n].sum() / (labels[n].sum() + 1e-4))
-              for n in range(N)]
+    expect = [np.mean(1 - p1[n][labels[n] == 1]) * (labels[n].sum() / (labels[n].sum() + 1e-4)) for n in range(N)]
     np.testing.assert_allclose(np.asarray(losses.sensitivity_loss(logits, labels)), expect, rtol=1e-5)
 
 
@@ -154,8 +151,7 @@ def test_unlabeled_samples_only_get_the_ms_term():
     np.testing.assert_allclose(float(loss[1]), 1e-5 * ms[1], rtol=1e-5)
     assert float(terms["dice"][1]) == 0.0 and float(terms["ce"][1]) == 0.0
     ce0 = _np_ce(logits[:1], labels[:1]).mean()
-    np.testing.assert_allclose(float(loss[0]), 1e-5 * ms[0] + _np_dice(logits[:1], labels[:1])[0] + 2 * ce0,
-                               rtol=1e-5)
+    np.testing.assert_allclose(float(loss[0]), 1e-5 * ms[0] + _np_dice(logits[:1], labels[:1])[0] + 2 * ce0, rtol=1e-5)
     # Gradient of the unlabelled sample comes from MS alone.
     g = jax.grad(lambda z: losses.combined_loss(z, labels, image, lab)[0][1])(jnp.asarray(logits))
     g_ms = jax.grad(lambda z: 1e-5 * losses.mumford_shah_loss(z, image)[1])(jnp.asarray(logits))
@@ -169,9 +165,11 @@ def test_gradients_finite():
     logits[0, 0, 0, 0] = [50.0, -50.0]  # saturated voxel
     heads = [logits[:, ::2, ::2, ::2], logits]
     for form in ("ms_dice_ce", "original"):
-        g = jax.grad(lambda hs: losses.deep_supervision_loss(hs, labels, image, np.array([True, False]),
-                                                             weights=(0.5, 1.0), form=form)[0].sum())(
-            [jnp.asarray(h) for h in heads])
+        g = jax.grad(
+            lambda hs: losses.deep_supervision_loss(
+                hs, labels, image, np.array([True, False]), weights=(0.5, 1.0), form=form
+            )[0].sum()
+        )([jnp.asarray(h) for h in heads])
         assert all(np.isfinite(np.asarray(x)).all() and np.abs(np.asarray(x)).sum() > 0 for x in g)
 
 
@@ -199,8 +197,9 @@ def test_resize_align_corners_matches_torch():
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(10).normal(size=(2, 2, 3, 4, 2)).astype(np.float32)
     got = np.asarray(losses.resize_align_corners(jnp.asarray(x), (16, 12, 8)))
-    t = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 4, 1, 2, 3), size=(16, 12, 8),
-                                        mode="trilinear", align_corners=True)
+    t = torch.nn.functional.interpolate(
+        torch.from_numpy(x).permute(0, 4, 1, 2, 3), size=(16, 12, 8), mode="trilinear", align_corners=True
+    )
     np.testing.assert_allclose(got, t.permute(0, 2, 3, 4, 1).numpy(), rtol=1e-5, atol=1e-6)
     # And it differs from jax.image.resize (align_corners=False), which is why a custom resize exists.
     jr = np.asarray(jax.image.resize(jnp.asarray(x), (2, 16, 12, 8, 2), "linear"))
@@ -240,19 +239,23 @@ def test_unrolled_class_reductions_match_jax_optax_and_einsum_forms_with_gradien
     def ms_einsum(z, eta=1e-3, eps=1e-6):
         y = jax.nn.softmax(z, axis=-1)
         mu = jnp.einsum("ndhwm,ndhwk->nmk", image, y) / (jnp.sum(y, axis=(1, 2, 3))[:, None, :] + eps)
-        level = sum(jnp.sum(jnp.sum((image - mu[:, None, None, None, :, c]) ** 2, -1) * y[..., c], axis=(1, 2, 3))
-                    for c in range(k))
+        level = sum(
+            jnp.sum(jnp.sum((image - mu[:, None, None, None, :, c]) ** 2, -1) * y[..., c], axis=(1, 2, 3))
+            for c in range(k)
+        )
         tv = sum(jnp.sum(jnp.abs(jnp.diff(y, axis=a)), axis=(1, 2, 3, 4)) for a in (1, 2, 3))
         return level + eta * tv
 
     pairs = [
         (lambda z: losses._softmax(z) ** 2, lambda z: jax.nn.softmax(z, axis=-1) ** 2),
-        (lambda z: losses._voxel_ce(z, labels),
-         lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels)),
+        (lambda z: losses._voxel_ce(z, labels), lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels)),
         (lambda z: losses.mumford_shah_loss(z, image), ms_einsum),
-        (lambda z: losses.soft_dice_loss(z, labels),
-         lambda z: 1.0 - (2.0 * jnp.sum(jax.nn.softmax(z)[..., 1] * (labels == 1), (1, 2, 3)) + 1e-3)
-         / (jnp.sum(jax.nn.softmax(z)[..., 1], (1, 2, 3)) + jnp.sum(labels == 1, (1, 2, 3)) + 1e-5 + 1e-3)),
+        (
+            lambda z: losses.soft_dice_loss(z, labels),
+            lambda z: 1.0
+            - (2.0 * jnp.sum(jax.nn.softmax(z)[..., 1] * (labels == 1), (1, 2, 3)) + 1e-3)
+            / (jnp.sum(jax.nn.softmax(z)[..., 1], (1, 2, 3)) + jnp.sum(labels == 1, (1, 2, 3)) + 1e-5 + 1e-3),
+        ),
     ]
     for new, ref in pairs:
         np.testing.assert_allclose(new(logits), ref(logits), rtol=2e-6, atol=1e-6)

@@ -11,8 +11,8 @@ import pytest
 
 from clips_jax.data.geometry import Geometry
 from clips_jax.data.nifti import save_nifti
-from clips_jax.evaluate import find_cases, main, parse_pred_args
 from clips_jax.errors import ConfigError, DataError
+from clips_jax.evaluate import find_cases, main, parse_pred_args
 from clips_jax.metrics import COLUMNS, case_metrics, read_metrics_csv
 
 SP = (3.0, 2.0, 2.5)
@@ -22,7 +22,7 @@ GEOM = Geometry.from_spacing(SHAPE, SP, (-10.0, 5.0, 100.0))
 
 def _blob(lo, hi, shape=SHAPE):
     m = np.zeros(shape, np.uint8)
-    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1
+    m[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = 1
     return m
 
 
@@ -35,16 +35,20 @@ def dataset(tmp_path):
         t = _blob((2, 3, 3), (6 + i % 3, 9, 8)) | _blob((8, 10, 9), (10, 13, 12))
         cases[case] = t
         suv = (rng.random(SHAPE) * 3 + 6 * t).astype(np.float32)
-        layout = {"c1": truth / "c1.nii.gz", "c2": truth / "c2_SEG.nii.gz", "c3": truth / "c3" / "SEG.nii.gz",
-                  "c4": truth / "c4_SEG.nii.gz", "c5": truth / "c5.nii.gz"}[case]
+        layout = {
+            "c1": truth / "c1.nii.gz",
+            "c2": truth / "c2_SEG.nii.gz",
+            "c3": truth / "c3" / "SEG.nii.gz",
+            "c4": truth / "c4_SEG.nii.gz",
+            "c5": truth / "c5.nii.gz",
+        }[case]
         save_nifti(layout, t, GEOM)
         save_nifti(suvd / ("c3/SUV.nii.gz" if case == "c3" else f"{case}_SUV.nii.gz"), suv, GEOM)
     # experiment A: shifted masks; c4 on another grid; c5 missing; c9 has no truth
     for case in ("c1", "c2", "c3"):
         save_nifti(pa / f"{case}.nii.gz", np.roll(cases[case], 1, axis=2), GEOM)
         save_nifti(pb / f"{case}_SEG.nii.gz", cases[case], GEOM)
-    save_nifti(pa / "c4.nii.gz", np.zeros((12, 16, 15), np.uint8),
-               Geometry.from_spacing((12, 16, 15), (3.0, 2.0, 2.0)))
+    save_nifti(pa / "c4.nii.gz", np.zeros((12, 16, 15), np.uint8), Geometry.from_spacing((12, 16, 15), (3.0, 2.0, 2.0)))
     save_nifti(pa / "c9.nii.gz", cases["c1"], GEOM)
     save_nifti(pb / "c4_SEG.nii.gz", cases["c4"], GEOM)
     save_nifti(pb / "c5_SEG.nii.gz", np.zeros(SHAPE, np.uint8), GEOM)
@@ -76,12 +80,27 @@ def test_parse_pred_args():
 
 def test_cli_two_experiments(dataset, capsys):
     out = dataset["root"] / "out"
-    rc = main(["clips-evaluate", "--pred", f"A={dataset['A']}", "--pred", f"B={dataset['B']}", "--truth", str(dataset["truth"]),
-               "--suv", str(dataset["suv"]), "--out", str(out), "--tolerance_mm", "3"])
+    rc = main(
+        [
+            "clips-evaluate",
+            "--pred",
+            f"A={dataset['A']}",
+            "--pred",
+            f"B={dataset['B']}",
+            "--truth",
+            str(dataset["truth"]),
+            "--suv",
+            str(dataset["suv"]),
+            "--out",
+            str(out),
+            "--tolerance_mm",
+            "3",
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     # mismatched grid: a clear line naming the case and both shapes/spacings
-    line = next(l for l in err.splitlines() if "case c4" in l and "grid" in l)
+    line = next(ln for ln in err.splitlines() if "case c4" in ln and "grid" in ln)
     assert "(12, 16, 15)" in line and "(12, 16, 14)" in line and "2.5" in line and "skipped" in line
     assert "case c9" in err and "no ground truth" in err
     assert "case c5: no prediction in A" in err
@@ -96,6 +115,7 @@ def test_cli_two_experiments(dataset, capsys):
     # values equal the library's on the same arrays (after the CSV's 6 significant digits)
     t = dataset["cases"]["c2"].astype(bool)
     from clips_jax.data.nifti import load_nifti
+
     suv, _ = load_nifti(dataset["suv"] / "c2_SUV.nii.gz")
     ref = case_metrics(np.roll(t, 1, axis=2), t, SP, suv, tolerance_mm=3.0)
     for k in COLUMNS[1:]:
@@ -116,18 +136,33 @@ def test_cli_two_experiments(dataset, capsys):
 
 def test_cli_single_experiment_module_entry(dataset):
     out = dataset["root"] / "single"
-    res = subprocess.run([sys.executable, "-m", "clips_jax.evaluate", "--pred", str(dataset["B"]),
-                          "--truth", str(dataset["truth"]), "--out", str(out), "--nomips"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clips_jax.evaluate",
+            "--pred",
+            str(dataset["B"]),
+            "--truth",
+            str(dataset["truth"]),
+            "--out",
+            str(out),
+            "--nomips",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     rows = read_metrics_csv(out / "metrics.csv")
-    assert len(rows) == 5 and all(math.isnan(r["suv_max"]) for r in rows)   # no --suv
+    assert len(rows) == 5 and all(math.isnan(r["suv_max"]) for r in rows)  # no --suv
     s = (out / "summary.md").read_text()
     assert "5 cases: 5 with lesions, 0 lesion-free." in s
     assert not (out / "mips").exists()
 
 
 def test_cli_nothing_to_score(tmp_path, dataset):
-    rc = main(["clips-evaluate", "--pred", str(dataset["A"]), "--truth", str(_empty(tmp_path)),
-               "--out", str(tmp_path / "o")])
+    rc = main(
+        ["clips-evaluate", "--pred", str(dataset["A"]), "--truth", str(_empty(tmp_path)), "--out", str(tmp_path / "o")]
+    )
     assert rc == 1  # an input error (an empty folder), not a usage error

@@ -16,13 +16,14 @@ SP = (3.0, 2.0, 1.5)  # anisotropic (z, y, x) mm
 
 def ball(shape, centre, radius_mm, sp):
     z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
-    return (((z - centre[0]) * sp[0]) ** 2 + ((y - centre[1]) * sp[1]) ** 2
-            + ((x - centre[2]) * sp[2]) ** 2) <= radius_mm ** 2
+    return (
+        ((z - centre[0]) * sp[0]) ** 2 + ((y - centre[1]) * sp[1]) ** 2 + ((x - centre[2]) * sp[2]) ** 2
+    ) <= radius_mm**2
 
 
 def box(shape, lo, hi):
     m = np.zeros(shape, bool)
-    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+    m[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
     return m
 
 
@@ -41,9 +42,9 @@ def test_surfel_table_basic_values():
     ta = surfel_area_table(SP)
     # 4 corners with offset z == 1 (bits 0..3): a flat square perpendicular to z of area sy*sx.
     assert ta[0b00001111] == pytest.approx(sy * sx)
-    assert ta[0b00110011] == pytest.approx(sz * sx)   # offsets y == 1
-    assert ta[0b01010101] == pytest.approx(sz * sy)   # offsets x == 1
-    assert np.allclose(ta, ta[255 - np.arange(256)])   # complement symmetry
+    assert ta[0b00110011] == pytest.approx(sz * sx)  # offsets y == 1
+    assert ta[0b01010101] == pytest.approx(sz * sy)  # offsets x == 1
+    assert np.allclose(ta, ta[255 - np.arange(256)])  # complement symmetry
 
 
 def test_box_surface_area_closed_form():
@@ -51,10 +52,14 @@ def test_box_surface_area_closed_form():
     m = box((8, 9, 11), (2, 2, 2), (2 + n[0], 2 + n[1], 2 + n[2]))
     surf, areas = surface_points(m, SP)
     s0, s1, s2 = SP
-    faces = 2 * ((n[1] - 1) * s1 * (n[2] - 1) * s2 + (n[0] - 1) * s0 * (n[2] - 1) * s2
-                 + (n[0] - 1) * s0 * (n[1] - 1) * s1)
-    edges = 4 * ((n[2] - 1) * s2 * math.hypot(s0 / 2, s1 / 2) + (n[1] - 1) * s1 * math.hypot(s0 / 2, s2 / 2)
-                 + (n[0] - 1) * s0 * math.hypot(s1 / 2, s2 / 2))
+    faces = 2 * (
+        (n[1] - 1) * s1 * (n[2] - 1) * s2 + (n[0] - 1) * s0 * (n[2] - 1) * s2 + (n[0] - 1) * s0 * (n[1] - 1) * s1
+    )
+    edges = 4 * (
+        (n[2] - 1) * s2 * math.hypot(s0 / 2, s1 / 2)
+        + (n[1] - 1) * s1 * math.hypot(s0 / 2, s2 / 2)
+        + (n[0] - 1) * s0 * math.hypot(s1 / 2, s2 / 2)
+    )
     corners = 8 * 0.5 * math.sqrt((s1 * s2 / 4) ** 2 + (s0 * s2 / 4) ** 2 + (s0 * s1 / 4) ** 2)
     assert areas[surf].sum() == pytest.approx(faces + edges + corners)
 
@@ -75,8 +80,8 @@ def test_concentric_spheres_anisotropic():
     assert abs(r["hd_mm"] - (r_true - r_pred)) <= vox
     assert abs(r["hd95_mm"] - (r_true - r_pred)) <= vox
     assert abs(r["assd_mm"] - (r_true - r_pred)) <= vox
-    assert r["nsd"] == pytest.approx(0.0, abs=0.05)   # 9 mm apart >> 5 mm tolerance
-    v = lambda rad: 4 / 3 * math.pi * rad ** 3 / 1000.0  # noqa: E731
+    assert r["nsd"] == pytest.approx(0.0, abs=0.05)  # 9 mm apart >> 5 mm tolerance
+    v = lambda rad: 4 / 3 * math.pi * rad**3 / 1000.0  # noqa: E731
     assert r["tmtv_true_ml"] == pytest.approx(v(r_true), rel=0.03)
     assert r["tmtv_pred_ml"] == pytest.approx(v(r_pred), rel=0.05)
     assert r["dice"] == pytest.approx(2 * p.sum() / (p.sum() + t.sum()))  # p inside t
@@ -99,7 +104,7 @@ def test_shifted_box_exact():
         vox_ml = np.prod(SP) / 1000
         assert r["tp_ml"] == pytest.approx(overlap * vox_ml)
         assert r["fp_ml"] == pytest.approx(k * 56 * vox_ml) and r["fn_ml"] == pytest.approx(k * 56 * vox_ml)
-        assert 0 < r["nsd"] < 1   # some surface farther than 2 mm (shift >= 3 mm), some on top
+        assert 0 < r["nsd"] < 1  # some surface farther than 2 mm (shift >= 3 mm), some on top
     # shifting along x by one voxel (1.5 mm) stays within a 2 mm tolerance everywhere
     assert surface_metrics(np.roll(t, 1, axis=2), t, SP, 2.0)["nsd"] == 1.0
 
@@ -135,11 +140,23 @@ def test_empty_combinations(p_empty, t_empty):
     r = case_metrics(p, t, SP, suv)
     assert set(r) == set(METRIC_KEYS)
     if p_empty and t_empty:
-        for k in ("dice", "hd_mm", "hd95_mm", "assd_mm", "nsd", "bji", "precision", "recall", "suv_max",
-                  "dmax_mm"):
+        for k in ("dice", "hd_mm", "hd95_mm", "assd_mm", "nsd", "bji", "precision", "recall", "suv_max", "dmax_mm"):
             assert math.isnan(r[k]), k
-        for k in ("tmtv_pred_ml", "tmtv_true_ml", "fp_ml", "fn_ml", "tp_ml", "fpv_ml", "fnv_ml",
-                  "lesions_true", "lesions_pred", "a1_tp", "a1_fp", "a2_tp", "tmtv_pred_thr_ml"):
+        for k in (
+            "tmtv_pred_ml",
+            "tmtv_true_ml",
+            "fp_ml",
+            "fn_ml",
+            "tp_ml",
+            "fpv_ml",
+            "fnv_ml",
+            "lesions_true",
+            "lesions_pred",
+            "a1_tp",
+            "a1_fp",
+            "a2_tp",
+            "tmtv_pred_thr_ml",
+        ):
             assert r[k] == 0.0, k
     elif p_empty or t_empty:
         assert r["dice"] == 0.0 and r["nsd"] == 0.0 and r["bji"] == 0.0
@@ -159,10 +176,10 @@ def test_empty_combinations(p_empty, t_empty):
 def test_suv_threshold_columns():
     shape = (10, 10, 10)
     suv = np.zeros(shape, np.float32)
-    suv[:, :, 5:] = 4.0           # exactly at threshold counts (>=)
+    suv[:, :, 5:] = 4.0  # exactly at threshold counts (>=)
     suv[:, :, :5] = 3.99
-    t = box(shape, (2, 2, 2), (6, 6, 8))      # x 2..7: 3 cols below, 3 cols at threshold
-    p = box(shape, (2, 2, 0), (6, 6, 10))     # x 0..9: 5 below, 5 at threshold
+    t = box(shape, (2, 2, 2), (6, 6, 8))  # x 2..7: 3 cols below, 3 cols at threshold
+    p = box(shape, (2, 2, 0), (6, 6, 10))  # x 0..9: 5 below, 5 at threshold
     r = case_metrics(p, t, SP, suv, suv_threshold=4.0)
     v = np.prod(SP) / 1000
     assert r["tmtv_true_thr_ml"] == pytest.approx(16 * 3 * v)
@@ -189,7 +206,7 @@ def test_lesion_matching_split_merge_miss_fp():
     # merge: two true lesions (each 2x4x4 = 32) covered by one prediction of 2x4x10 = 80 voxels
     t = box(s, (2, 2, 2), (4, 6, 6)) | box(s, (2, 2, 8), (4, 6, 12))
     p = box(s, (2, 2, 2), (4, 6, 12))
-    assert _lm(p, t) == (2, 0, 0, 0, 2, 1)    # IoU 32/80 < 0.5 each
+    assert _lm(p, t) == (2, 0, 0, 0, 2, 1)  # IoU 32/80 < 0.5 each
     assert _lm(p, t, 0.4) == (2, 0, 0, 1, 1, 0)  # at 0.4 exactly one of them is matched (one-to-one)
     # miss + false positive: lesion A found exactly, lesion B missed, one spurious prediction
     a, b = box(s, (1, 1, 1), (3, 4, 4)), box(s, (6, 20, 20), (8, 24, 24))
@@ -202,21 +219,22 @@ def test_hungarian_beats_greedy():
     # P2 unmatched (1 TP); the maximum one-to-one matching is P1 -> T2, P2 -> T1 (2 TP).
     def seg(lo, hi):
         return box((3, 3, 20), (1, 1, lo), (2, 2, hi))
-    t1, t2 = seg(0, 10), seg(11, 13)          # 10 and 2 voxels
-    p1, p2 = seg(4, 13), seg(0, 3)            # 9 and 3 voxels
+
+    t1, t2 = seg(0, 10), seg(11, 13)  # 10 and 2 voxels
+    p1, p2 = seg(4, 13), seg(0, 3)  # 9 and 3 voxels
     # IoU(P1, T1) = 6/13, IoU(P1, T2) = 2/9, IoU(P2, T1) = 3/10: all >= 0.2
     assert _lm(p1 | p2, t1 | t2, 0.2) == (2, 0, 0, 2, 0, 0)
-    assert _lm(p1 | p2, t1 | t2, 0.25) == (2, 0, 0, 1, 1, 1)   # P1-T2 (0.22) no longer a candidate
+    assert _lm(p1 | p2, t1 | t2, 0.25) == (2, 0, 0, 1, 1, 1)  # P1-T2 (0.22) no longer a candidate
 
 
 def test_fpv_fnv_hand_built_18_connectivity():
     s = (8, 8, 8)
     t = np.zeros(s, bool)
     p = np.zeros(s, bool)
-    t[1, 1, 1] = t[1, 2, 2] = True          # edge neighbours: one 18-connected lesion of 2 voxels
-    t[5, 5, 5] = True                       # isolated true lesion, missed -> FNV 1 voxel
-    p[1, 1, 1] = True                       # touches lesion 1 by one voxel -> no FNV for it
-    p[3, 3, 3] = p[4, 4, 4] = True          # corner neighbours: two 6/18-separate FP components
+    t[1, 1, 1] = t[1, 2, 2] = True  # edge neighbours: one 18-connected lesion of 2 voxels
+    t[5, 5, 5] = True  # isolated true lesion, missed -> FNV 1 voxel
+    p[1, 1, 1] = True  # touches lesion 1 by one voxel -> no FNV for it
+    p[3, 3, 3] = p[4, 4, 4] = True  # corner neighbours: two 6/18-separate FP components
     sp = (2.0, 1.0, 0.5)
     r = lesion_metrics(p, t, sp)
     v = np.prod(sp) / 1000

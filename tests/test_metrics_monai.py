@@ -10,8 +10,6 @@ Definition differences that bound the tolerances:
   between surfel corner points, area-weighted -> agreement within about one voxel diagonal.
 """
 
-
-
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -46,23 +44,31 @@ def test_against_monai(seed):
     ours = surface_metrics(p, t, SP, tolerance_mm=4.0)
     d = _monai(monai_metrics.compute_dice, p, t, include_background=True)
     assert dice(p, t) == pytest.approx(d, abs=1e-6)
-    nsd = _monai(monai_metrics.compute_surface_dice, p, t, class_thresholds=[4.0], include_background=True,
-                 spacing=SP, use_subvoxels=True)
+    nsd = _monai(
+        monai_metrics.compute_surface_dice,
+        p,
+        t,
+        class_thresholds=[4.0],
+        include_background=True,
+        spacing=SP,
+        use_subvoxels=True,
+    )
     assert ours["nsd"] == pytest.approx(nsd, abs=0.03)
     diag = float(np.linalg.norm(SP))
-    hd95 = _monai(monai_metrics.compute_hausdorff_distance, p, t, include_background=True, percentile=95,
-                  spacing=SP)
+    hd95 = _monai(monai_metrics.compute_hausdorff_distance, p, t, include_background=True, percentile=95, spacing=SP)
     assert abs(ours["hd95_mm"] - hd95) <= diag
     hd = _monai(monai_metrics.compute_hausdorff_distance, p, t, include_background=True, spacing=SP)
     assert abs(ours["hd_mm"] - hd) <= diag
-    assd = _monai(monai_metrics.compute_average_surface_distance, p, t, include_background=True, symmetric=True,
-                  spacing=SP)
+    assd = _monai(
+        monai_metrics.compute_average_surface_distance, p, t, include_background=True, symmetric=True, spacing=SP
+    )
     assert abs(ours["assd_mm"] - assd) <= diag / 2
 
 
 def test_surfel_areas_against_monai_table():
     """Planar codes agree exactly with MONAI's (deepmind's) table; the rest within 25 % (13 % isotropic)."""
     from monai.metrics.utils import create_table_neighbour_code_to_surface_area
+
     from clips_jax.metrics import surfel_area_table
 
     ours = surfel_area_table(SP)

@@ -25,7 +25,7 @@ def run(model, x, sigma=None, ds=False):
 def test_upsample_matches_independent_linear_resize():
     x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5, 3))
     ours = upsample2x_linear(x)
-    ref = jax.image.resize(x, (2, 6, 8, 10, 3), "linear")     # half-pixel centres = align_corners=False
+    ref = jax.image.resize(x, (2, 6, 8, 10, 3), "linear")  # half-pixel centres = align_corners=False
     np.testing.assert_allclose(ours, ref, atol=1e-6)
 
 
@@ -36,8 +36,7 @@ def test_gaussian_smooth_identity_at_zero_and_matches_scipy():
     a = np.exp(-1 / (2 * sigma**2))
     k1 = np.array([a, 1, a]) / (1 + 2 * a)
     k3 = k1[:, None, None] * k1[None, :, None] * k1[None, None, :]
-    ref = np.stack([ndimage.convolve(np.asarray(x[0, ..., c], np.float64), k3, mode="constant")
-                    for c in range(2)], -1)
+    ref = np.stack([ndimage.convolve(np.asarray(x[0, ..., c], np.float64), k3, mode="constant") for c in range(2)], -1)
     np.testing.assert_allclose(gaussian_smooth(x, sigma)[0], ref, atol=1e-5)
 
 
@@ -72,7 +71,7 @@ def test_changing_sigma_never_recompiles():
 
     @nnx.jit
     def f(model, x, sigma):
-        traces.append(1)                      # runs only while tracing
+        traces.append(1)  # runs only while tracing
         return model(x, sigma)
 
     x = jnp.ones((1, 16, 16, 16, 5))
@@ -92,8 +91,9 @@ def test_ensemble_is_softmax_members_then_stacking_conv():
     assert not jnp.allclose(ens.member(0).init_block.conv.kernel[...], ens.member(1).init_block.conv.kernel[...])
 
 
-@pytest.mark.parametrize("kernel,stride,shape", [(3, 1, (2, 9, 10, 11)), (3, 2, (1, 9, 10, 11)),
-                                                 (9, 1, (1, 12, 8, 8)), (1, 1, (1, 7, 6, 5))])
+@pytest.mark.parametrize(
+    "kernel,stride,shape", [(3, 1, (2, 9, 10, 11)), (3, 2, (1, 9, 10, 11)), (9, 1, (1, 12, 8, 8)), (1, 1, (1, 7, 6, 5))]
+)
 def test_conv_as_2d_convolutions_equals_lax_conv_and_its_gradients(kernel, stride, shape, monkeypatch):
     from clips_jax.model.layers import CONV3D_ENV, conv_general_3d
 
@@ -138,7 +138,7 @@ def test_conv_layers_really_take_the_configured_path(monkeypatch):
         return sorted({e.invars[0].aval.ndim for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"})
 
     monkeypatch.setenv(CONV3D_ENV, "2d")
-    assert conv_ranks() == [4]   # only 2-D convolutions (N, H, W, C)
+    assert conv_ranks() == [4]  # only 2-D convolutions (N, H, W, C)
     monkeypatch.setenv(CONV3D_ENV, "fold")
     assert conv_ranks() == [4]
 
@@ -146,11 +146,11 @@ def test_conv_layers_really_take_the_configured_path(monkeypatch):
         jaxpr = jax.make_jaxpr(lambda v: layer(v))(x)
         return sum(e.primitive.name == "conv_general_dilated" for e in jaxpr.jaxpr.eqns)
 
-    assert n_convs() == 1        # the three depth taps folded into one 2-D convolution
+    assert n_convs() == 1  # the three depth taps folded into one 2-D convolution
     monkeypatch.setenv(CONV3D_ENV, "2d")
-    assert n_convs() == 3        # one 2-D convolution per depth tap
+    assert n_convs() == 3  # one 2-D convolution per depth tap
     monkeypatch.setenv(CONV3D_ENV, "lax")
-    assert conv_ranks() == [5]   # the native 3-D convolution
+    assert conv_ranks() == [5]  # the native 3-D convolution
 
 
 def test_accelerators_fold_the_few_channel_first_layers(monkeypatch):
@@ -195,7 +195,7 @@ def test_ensemble_lax_map_and_vmap_paths_agree(monkeypatch):
         return jax.value_and_grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(x, sigma) ** 2))(state)
 
     # jit caches by function, not by environment: trace each path in its own jit
-    monkeypatch.setenv(CONV3D_ENV, "2d")   # members one after the other (lax.map), 2-D convolutions
+    monkeypatch.setenv(CONV3D_ENV, "2d")  # members one after the other (lax.map), 2-D convolutions
     a = [value_and_grad(state, jnp.float32(s)) for s in (0.0, 1.0)]
     monkeypatch.setenv(CONV3D_ENV, "lax")  # members vmapped, native 3-D convolutions (the GPU path)
     b = [jax.jit(value_and_grad.__wrapped__)(state, jnp.float32(s)) for s in (0.0, 1.0)]

@@ -18,8 +18,15 @@ PACKAGE = ROOT / "clips_jax"
 
 CURRICULA_MAY_IMPORT = ("clips_jax.curricula", "clips_jax.errors", "clips_jax.fileio")
 LEAVES = ("clips_jax.errors", "clips_jax.fileio")
-DATA_MUST_NOT_IMPORT = ("clips_jax.model", "clips_jax.inference", "clips_jax.trainer", "clips_jax.cascade",
-                        "clips_jax.evaluation", "clips_jax.stage_a", "clips_jax.runs")
+DATA_MUST_NOT_IMPORT = (
+    "clips_jax.model",
+    "clips_jax.inference",
+    "clips_jax.trainer",
+    "clips_jax.cascade",
+    "clips_jax.evaluation",
+    "clips_jax.stage_a",
+    "clips_jax.runs",
+)
 INFERENCE_MUST_NOT_IMPORT = ("clips_jax.data", "clips_jax.cascade")
 
 
@@ -53,11 +60,15 @@ def names_imported_by(source: str, package: str) -> set[str]:
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")
-                anchor = anchor[:len(anchor) - (node.level - 1)]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             out.update(f"{base}.{alias.name}" if base else alias.name for alias in node.names)
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             f = node.func
             called = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
             if called in ("import_module", "__import__"):
@@ -85,10 +96,18 @@ def violations(package: str, bad) -> list[str]:
 def test_the_import_collector_sees_function_local_relative_and_dynamic_imports():
     # function-local imports of a real module (experiments.teacher imports the case store inside functions)
     assert "clips_jax.data.store.CaseStore" in imported_names(PACKAGE / "experiments" / "teacher.py")
-    src = ("import os\nfrom clips_jax.errors import ConfigError\n\n\ndef f():\n    from ..model import UNet\n"
-           "    from . import store\n    import importlib\n    importlib.import_module('clips_jax.trainer')\n")
-    assert names_imported_by(src, "clips_jax.data") == {"os", "clips_jax.errors.ConfigError", "clips_jax.model.UNet",
-                                                        "clips_jax.data.store", "importlib", "clips_jax.trainer"}
+    src = (
+        "import os\nfrom clips_jax.errors import ConfigError\n\n\ndef f():\n    from ..model import UNet\n"
+        "    from . import store\n    import importlib\n    importlib.import_module('clips_jax.trainer')\n"
+    )
+    assert names_imported_by(src, "clips_jax.data") == {
+        "os",
+        "clips_jax.errors.ConfigError",
+        "clips_jax.model.UNet",
+        "clips_jax.data.store",
+        "importlib",
+        "clips_jax.trainer",
+    }
     assert within("clips_jax.inference.tiled_inference", ("clips_jax.inference",))
     assert not within("clips_jax.inference_extra", ("clips_jax.inference",))
 
@@ -102,8 +121,13 @@ def test_the_cascade_sits_above_data_and_inference():
 def test_curricula_import_only_curricula_and_leaf_modules():
     assert violations("clips_jax.curricula", lambda n: not within(n, CURRICULA_MAY_IMPORT)) == []
     # the named layers above, explicitly (implied by the line above)
-    assert violations("clips_jax.curricula", lambda n: within(n, ("clips_jax.trainer", "clips_jax.data",
-                                                                   "clips_jax.runs", "clips_jax.evaluation"))) == []
+    assert (
+        violations(
+            "clips_jax.curricula",
+            lambda n: within(n, ("clips_jax.trainer", "clips_jax.data", "clips_jax.runs", "clips_jax.evaluation")),
+        )
+        == []
+    )
 
 
 @pytest.mark.parametrize("leaf", LEAVES)

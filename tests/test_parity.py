@@ -22,12 +22,12 @@ torch = pytest.importorskip("torch")
 
 import orbax.checkpoint as ocp  # noqa: E402
 from flax import nnx  # noqa: E402
+from torch_reference import TorchEnsemble, TorchRefiner, TorchUNet, n_params, randomize_norms  # noqa: E402
 
 from clips_jax.model import load_model, read_weights_meta  # noqa: E402
 from clips_jax.model.checkpoint import abstract_model, param_dict  # noqa: E402
 from convert_weights import convert_files  # noqa: E402
 from convert_weights.__main__ import main as cli_main  # noqa: E402
-from torch_reference import TorchEnsemble, TorchRefiner, TorchUNet, n_params, randomize_norms  # noqa: E402
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "reference" / "tmtv-net-state-dict.json"
 TOL = 1e-4
@@ -143,14 +143,24 @@ def test_unet_parity_all_deep_supervision_heads(tmp_path, highest_precision):
 def test_ensemble_and_refiner_parity_via_cli(tmp_path, highest_precision):
     ens = _seeded(TorchEnsemble, 10)
     with torch.no_grad():  # make the stacking conv decisive (its code init gives constant 0.5)
-        ens.staking_blocks.weight.copy_(torch.randn(ens.staking_blocks.weight.shape,
-                                                    generator=torch.Generator().manual_seed(11)) * 3)
+        ens.staking_blocks.weight.copy_(
+            torch.randn(ens.staking_blocks.weight.shape, generator=torch.Generator().manual_seed(11)) * 3
+        )
     refiner = _seeded(TorchRefiner, 20)
     torch.save(ens.state_dict(), tmp_path / "e_latest.model")
     torch.save(refiner.state_dict(), tmp_path / "r_latest.model")
     out = tmp_path / "weights"
-    rc = cli_main(["convert_weights", "--ensemble", str(tmp_path / "e_latest.model"), "--refiner", str(tmp_path / "r_latest.model"),
-                   "--out", str(out)])
+    rc = cli_main(
+        [
+            "convert_weights",
+            "--ensemble",
+            str(tmp_path / "e_latest.model"),
+            "--refiner",
+            str(tmp_path / "r_latest.model"),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     assert set(read_weights_meta(out)["models"]) == {"ensemble", "refiner"}  # what load_pretrained reads
     o_ens, o_ref = _load_fast(out, "ensemble"), load_model(out, "refiner")

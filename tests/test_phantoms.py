@@ -73,7 +73,9 @@ def test_realistic_organ_values():
     p = make_phantom(11, "full")
     u = p.truth["uptake"]
     sp = np.asarray(p.geometry.spacing_mm)
-    centre_idx = lambda zyx_mm: tuple(int(round(v)) for v in np.asarray(zyx_mm) / sp + (np.asarray(p.ct.shape) - 1) / 2)
+
+    def centre_idx(zyx_mm):
+        return tuple(int(round(v)) for v in np.asarray(zyx_mm) / sp + (np.asarray(p.ct.shape) - 1) / 2)
 
     def region(zyx_mm, half=2):
         c = centre_idx(zyx_mm)
@@ -110,7 +112,7 @@ def test_write_phantoms_layout_and_skip(tmp_path):
     assert truth["case_id"] == case_id(5, 0)
     assert seg.sum() * g.voxel_volume_ml == pytest.approx(truth["tmtv_ml"])
     mtime = (paths[0] / "SUV.nii.gz").stat().st_mtime_ns
-    write_phantoms(tmp_path, 3, seed=5, size=(32, 24, 24))   # existing cases skipped, one new
+    write_phantoms(tmp_path, 3, seed=5, size=(32, 24, 24))  # existing cases skipped, one new
     assert (paths[0] / "SUV.nii.gz").stat().st_mtime_ns == mtime
     assert (tmp_path / case_id(5, 2) / "truth.json").is_file()
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporary leftovers

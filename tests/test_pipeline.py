@@ -8,8 +8,7 @@ import pytest
 from clips_jax.data import augment as aug
 from clips_jax.data.channels import make_channels
 from clips_jax.data.phantoms import write_phantoms
-from clips_jax.data.pipeline import (crop_patch, make_eval_cases, make_train_iterator, sample_case_indices,
-                                     weights_cdf)
+from clips_jax.data.pipeline import crop_patch, make_eval_cases, make_train_iterator, sample_case_indices, weights_cdf
 from clips_jax.data.prepare import prepare_dataset
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ConfigError
@@ -55,9 +54,11 @@ def test_weighted_sampling_frequencies():
 
 def test_crop_patch_padding_and_rotation():
     rng = np.random.default_rng(0)
-    vol = {"ct": rng.uniform(-900, 900, (10, 12, 14)).astype(np.float32),
-           "suv": rng.uniform(0, 9, (10, 12, 14)).astype(np.float32),
-           "seg": (rng.random((10, 12, 14)) > 0.7).astype(np.uint8)}
+    vol = {
+        "ct": rng.uniform(-900, 900, (10, 12, 14)).astype(np.float32),
+        "suv": rng.uniform(0, 9, (10, 12, 14)).astype(np.float32),
+        "seg": (rng.random((10, 12, 14)) > 0.7).astype(np.uint8),
+    }
     ct, suv, seg = crop_patch(vol, (-3, 5, 8), (8, 8, 8))
     exp_ct = np.full((8, 8, 8), -1024.0, np.float32)
     exp_ct[3:8, 0:7, 0:6] = vol["ct"][0:5, 5:12, 8:14]
@@ -101,9 +102,13 @@ def test_unaugmented_patch_is_a_crop_of_the_case(store):
         ch = make_channels(a["ct"], a["suv"])
         p = b["image"][k]
         Z, Y, X = ch.shape[:3]
-        found = any(np.array_equal(ch[z:z + 8, y:y + 6, x:x + 6], p) and
-                    np.array_equal(a["seg"][z:z + 8, y:y + 6, x:x + 6], b["label"][k])
-                    for z in range(Z - 7) for y in range(Y - 5) for x in range(X - 5))
+        found = any(
+            np.array_equal(ch[z : z + 8, y : y + 6, x : x + 6], p)
+            and np.array_equal(a["seg"][z : z + 8, y : y + 6, x : x + 6], b["label"][k])
+            for z in range(Z - 7)
+            for y in range(Y - 5)
+            for x in range(X - 5)
+        )
         assert found
 
 
@@ -125,13 +130,26 @@ def test_hot_negative_sampling(store):
     thr = (min(hot, 30.0) - 0.0) / 30.0 - 1e-6  # the "suv" channel's window is [0, 30]
     suv_c = 1  # CHANNELS index of "suv"
 
-    have = np.array([i for i, a in enumerate(cases)  # (unlabeled cases are never centred on hard negatives)
-                     if store.has_seg[i] and ((np.asarray(a["suv"]) >= hot) & (np.asarray(a["seg"]) == 0)).any()])
+    have = np.array(
+        [
+            i
+            for i, a in enumerate(cases)  # (unlabeled cases are never centred on hard negatives)
+            if store.has_seg[i] and ((np.asarray(a["suv"]) >= hot) & (np.asarray(a["seg"]) == 0)).any()
+        ]
+    )
     assert len(have) >= 1
 
     def hot_patches(p):
-        it = _it(store, np.ones(len(have)), case_indices=have, p_hot_negative=p, hot_suv=hot, augment=False,
-                 batch_size=4, patch_shape=(8, 8, 8))
+        it = _it(
+            store,
+            np.ones(len(have)),
+            case_indices=have,
+            p_hot_negative=p,
+            hot_suv=hot,
+            augment=False,
+            batch_size=4,
+            patch_shape=(8, 8, 8),
+        )
         n = 0
         for _ in range(4):
             b = next(it)
@@ -139,7 +157,7 @@ def test_hot_negative_sampling(store):
         return n
 
     assert hot_patches(1.0) == 16  # the chosen voxel is always inside its patch
-    assert hot_patches(0.0) < 16   # uniform crops miss them (else the test says nothing)
+    assert hot_patches(0.0) < 16  # uniform crops miss them (else the test says nothing)
     # no voxel that hot: falls back to the uniform crop
     a = next(_it(store, np.ones(len(store)), p_hot_negative=1.0, hot_suv=1e9, augment=False))
     assert a["image"].shape == (2, *PATCH, 5)
@@ -212,6 +230,7 @@ def test_eval_cases(store):
 
 # ---- augmentations ---------------------------------------------------------------------------------------
 
+
 def test_augmentations():
     rng = np.random.default_rng(1)
     x = rng.gamma(2.0, 1.5, (12, 10, 8)).astype(np.float32)
@@ -246,9 +265,11 @@ def test_affine_crop_matches_scipy_affine_transform():
     import scipy.ndimage as ndi
 
     r = np.random.default_rng(0)
-    vol = {"ct": r.uniform(-1000, 500, (30, 24, 20)).astype(np.float32),
-           "suv": r.uniform(0, 5, (30, 24, 20)).astype(np.float32),
-           "seg": (r.random((30, 24, 20)) > 0.5).astype(np.uint8)}
+    vol = {
+        "ct": r.uniform(-1000, 500, (30, 24, 20)).astype(np.float32),
+        "suv": r.uniform(0, 5, (30, 24, 20)).astype(np.float32),
+        "seg": (r.random((30, 24, 20)) > 0.5).astype(np.uint8),
+    }
     m = aug.affine_matrix(np.random.default_rng(1), (6.0, 4.0, 4.0))
     start, shape, pad = np.array((5, -3, 2)), np.array((18, 16, 14)), 12
     got = crop_patch(vol, start, shape, m)
@@ -261,6 +282,7 @@ def test_affine_crop_matches_scipy_affine_transform():
 
 
 # ---- extra input channels (the refiner's stage-A probability) -------------------------------------------
+
 
 def _ct_code(ct):
     """A fake stage-A map that is a LINEAR function of the raw CT and is 0 where the CT is padding (-1024)."""
@@ -278,8 +300,15 @@ def extra_store(store):
 def test_extra_channel_is_the_crop_of_stage_a(extra_store):
     s = extra_store
     idx = np.arange(len(s) - 1)
-    it = _it(s, np.ones(len(idx)), case_indices=idx, augment=False, patch_shape=(8, 6, 6), batch_size=4,
-             extra_channels=("stage_a",))
+    it = _it(
+        s,
+        np.ones(len(idx)),
+        case_indices=idx,
+        augment=False,
+        patch_shape=(8, 6, 6),
+        batch_size=4,
+        extra_channels=("stage_a",),
+    )
     b = next(it)
     assert b["image"].shape == (4, 8, 6, 6, 6) and b["image"].dtype == np.float32
     assert it.get_state()["extra_channels"] == ["stage_a"]
@@ -289,10 +318,15 @@ def test_extra_channel_is_the_crop_of_stage_a(extra_store):
         sa = np.load(s.case_dir(int(b["case_index"][k])) / "stage_a.npy")
         p = b["image"][k]
         Z, Y, X = sa.shape
-        hits = [(z, y, x) for z in range(Z - 7) for y in range(Y - 5) for x in range(X - 5)
-                if np.array_equal(ch[z:z + 8, y:y + 6, x:x + 6], p[..., :5])
-                and np.array_equal(a["seg"][z:z + 8, y:y + 6, x:x + 6], b["label"][k])]
-        assert hits and any(np.array_equal(sa[z:z + 8, y:y + 6, x:x + 6], p[..., 5]) for z, y, x in hits)
+        hits = [
+            (z, y, x)
+            for z in range(Z - 7)
+            for y in range(Y - 5)
+            for x in range(X - 5)
+            if np.array_equal(ch[z : z + 8, y : y + 6, x : x + 6], p[..., :5])
+            and np.array_equal(a["seg"][z : z + 8, y : y + 6, x : x + 6], b["label"][k])
+        ]
+        assert hits and any(np.array_equal(sa[z : z + 8, y : y + 6, x : x + 6], p[..., 5]) for z, y, x in hits)
 
 
 def test_extra_channel_follows_augmentation_and_leaves_the_rest_unchanged(extra_store):
@@ -321,10 +355,12 @@ def test_crop_patch_extra_is_linear_with_zero_outside():
     import scipy.ndimage as ndi
 
     r = np.random.default_rng(2)
-    vol = {"ct": r.uniform(-1000, 500, (20, 18, 16)).astype(np.float32),
-           "suv": r.uniform(0, 5, (20, 18, 16)).astype(np.float32),
-           "seg": (r.random((20, 18, 16)) > 0.5).astype(np.uint8),
-           "stage_a": r.random((20, 18, 16)).astype(np.float32)}
+    vol = {
+        "ct": r.uniform(-1000, 500, (20, 18, 16)).astype(np.float32),
+        "suv": r.uniform(0, 5, (20, 18, 16)).astype(np.float32),
+        "seg": (r.random((20, 18, 16)) > 0.5).astype(np.uint8),
+        "stage_a": r.random((20, 18, 16)).astype(np.float32),
+    }
     m = aug.affine_matrix(np.random.default_rng(4), (6.0, 4.0, 4.0))
     start, shape, pad = np.array((-4, 3, 5)), np.array((14, 12, 12)), 12
     ct, suv, seg, sa = crop_patch(vol, start, shape, m, extra=("stage_a",))
@@ -332,8 +368,9 @@ def test_crop_patch_extra_is_linear_with_zero_outside():
     for got, ref in zip((ct, suv, seg), base):
         np.testing.assert_array_equal(got, ref)
     half = (shape - 1) / 2
-    exp = ndi.affine_transform(np.pad(vol["stage_a"], pad), m, offset=start + half + pad - m @ half,
-                               output_shape=tuple(shape), order=1)
+    exp = ndi.affine_transform(
+        np.pad(vol["stage_a"], pad), m, offset=start + half + pad - m @ half, output_shape=tuple(shape), order=1
+    )
     np.testing.assert_allclose(sa, exp, atol=1e-5)
     plain = crop_patch(vol, start, shape, extra=("stage_a",))[3]
     assert plain[:4].max() == 0.0 and plain[:, :, 11].max() == 0.0  # outside the volume
@@ -343,8 +380,10 @@ def test_crop_patch_extra_is_linear_with_zero_outside():
 def test_missing_stage_a_is_a_config_error(extra_store):
     s = extra_store
     last = s.ids[-1]
-    for make in (lambda: _it(s, np.ones(len(s)), extra_channels=("stage_a",)),
-                 lambda: list(make_eval_cases(s, [0, len(s) - 1], extra_channels=("stage_a",)))):
+    for make in (
+        lambda: _it(s, np.ones(len(s)), extra_channels=("stage_a",)),
+        lambda: list(make_eval_cases(s, [0, len(s) - 1], extra_channels=("stage_a",))),
+    ):
         with pytest.raises(ConfigError, match="clips_jax.stage_a") as e:
             make()
         assert last in str(e.value)

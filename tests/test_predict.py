@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
@@ -51,8 +50,8 @@ def _oblique_geometry(shape, spacing_mm):
     sz, sy, sx = spacing_mm
     c, s = np.cos(0.3), np.sin(0.3)
     aff = np.eye(4)
-    aff[:3, 0] = [-sx, 0.0, 0.0]                  # x index -> -R
-    aff[:3, 1] = [0.0, c * sy, s * sy]           # y index -> rotated in the A-S plane
+    aff[:3, 0] = [-sx, 0.0, 0.0]  # x index -> -R
+    aff[:3, 1] = [0.0, c * sy, s * sy]  # y index -> rotated in the A-S plane
     aff[:3, 2] = [0.0, -s * sz, c * sz]
     aff[:3, 3] = [12.5, -40.0, 230.0]
     return Geometry(tuple(shape), tuple(map(tuple, aff)))
@@ -74,15 +73,15 @@ def _write_nifti_study(folder, seed, shape=SMALL):
 
 
 def test_mask_statistics_against_hand_counts():
-    spacing = (3.0, 2.0, 1.5)                         # voxel 9 mm^3 = 0.009 ml
+    spacing = (3.0, 2.0, 1.5)  # voxel 9 mm^3 = 0.009 ml
     mask = np.zeros((10, 12, 14), np.uint8)
     suv = np.ones(mask.shape, np.float32)
-    mask[1:3, 1:4, 1:5] = 1                           # 24 voxels
+    mask[1:3, 1:4, 1:5] = 1  # 24 voxels
     suv[1:3, 1:4, 1:5] = 4.0
     suv[2, 3, 4] = 9.0
-    mask[7, 9, 10] = 1                                # 1 voxel, far away
+    mask[7, 9, 10] = 1  # 1 voxel, far away
     suv[7, 9, 10] = 2.0
-    mask[8, 10, 11] = 1                               # touches the previous one by a corner only (26-, not 18-conn.)
+    mask[8, 10, 11] = 1  # touches the previous one by a corner only (26-, not 18-conn.)
     s = predict.mask_statistics(mask, suv, spacing)
     assert s["voxels"] == 26 and s["lesion_count"] == 3
     np.testing.assert_allclose(s["tmtv_ml"], 26 * 9 / 1000)
@@ -93,8 +92,15 @@ def test_mask_statistics_against_hand_counts():
     # farthest voxel centres: (1, 1, 1) and (8, 10, 11) in index space
     np.testing.assert_allclose(s["dmax_mm"], np.linalg.norm(np.array([7, 9, 10]) * spacing))
     empty = predict.mask_statistics(np.zeros_like(mask), suv, spacing)
-    assert empty == {"tmtv_ml": 0.0, "lesion_count": 0, "dmax_mm": None, "suv_max": None, "suv_mean": None,
-                     "tlg": 0.0, "voxels": 0}
+    assert empty == {
+        "tmtv_ml": 0.0,
+        "lesion_count": 0,
+        "dmax_mm": None,
+        "suv_max": None,
+        "suv_mean": None,
+        "tlg": 0.0,
+        "voxels": 0,
+    }
 
 
 def test_segment_equals_inference_cascade():
@@ -109,14 +115,25 @@ def test_segment_equals_inference_cascade():
     opts = predict.Options(stage_a_tile=(32, 32, 32), stage_b_tile=(32, 32, 32))
     got = predict.segment(ph.ct, ph.suv, ph.geometry, models, opts)
     (pa, sa), (pb, sb) = models.stage_a, models.refiner
-    want = cascade(ph.ct, ph.suv, ph.geometry, pa, pb, ensemble_params=sa, refiner_params=sb,
-                   stage_a_tile=(32, 32, 32), stage_a_step=(16, 16, 16), stage_b_tile=(32, 32, 32),
-                   stage_b_step=(16, 16, 16))
+    want = cascade(
+        ph.ct,
+        ph.suv,
+        ph.geometry,
+        pa,
+        pb,
+        ensemble_params=sa,
+        refiner_params=sb,
+        stage_a_tile=(32, 32, 32),
+        stage_a_step=(16, 16, 16),
+        stage_b_tile=(32, 32, 32),
+        stage_b_step=(16, 16, 16),
+    )
     np.testing.assert_array_equal(got.stage_a_prob, want.stage_a_prob)
     np.testing.assert_array_equal(got.mask, want.mask)
     assert got.mask.dtype == np.uint8 and got.mask.shape == ph.geometry.shape
-    only_a = predict.segment(ph.ct, ph.suv, ph.geometry, models, predict.Options(stage_a_tile=(32, 32, 32),
-                                                                                 stage_a_only=True))
+    only_a = predict.segment(
+        ph.ct, ph.suv, ph.geometry, models, predict.Options(stage_a_tile=(32, 32, 32), stage_a_only=True)
+    )
     np.testing.assert_array_equal(only_a.mask, (want.cascade_channel > 0.5).astype(np.uint8))
     assert only_a.seconds["stage_b"] is None
 
@@ -162,7 +179,7 @@ def _train_unet(seeds, steps, seed=0, crop_z=16, batch=4):
             zz = np.nonzero(y)[0]
             c = int(rng.choice(zz)) if len(zz) and rng.random() < 0.75 else int(rng.integers(x.shape[0]))
             z0 = int(np.clip(c - crop_z // 2, 0, x.shape[0] - crop_z))
-            x, y = x[z0:z0 + crop_z], y[z0:z0 + crop_z]
+            x, y = x[z0 : z0 + crop_z], y[z0 : z0 + crop_z]
             flip = tuple(a for a in range(3) if rng.random() < 0.5)
             xs.append(np.flip(x, flip))
             ys.append(np.flip(y, flip))
@@ -174,14 +191,26 @@ def test_tiny_trained_unet_finds_large_lesions(tmp_path):
     trained, losses = _train_unet([1, 7, 11, 3], steps=40)
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
     study = tmp_path / "in" / "held_out"
-    ph = make_phantom(2, "small")                      # held-out phantom: 9 lesions, largest 43.8 ml
+    ph = make_phantom(2, "small")  # held-out phantom: 9 lesions, largest 43.8 ml
     write_phantom(study, ph)
     dice = {}
     for name, model in (("trained", trained), ("untrained", UNet(**UNET_KW, rngs=nnx.Rngs(5)))):
         save_weights(tmp_path / f"w_{name}", {"unet": model})
         out = tmp_path / f"out_{name}"
-        rc = predict.main(["predict", "--input", str(study), "--weights", str(tmp_path / f"w_{name}"),
-                           "--out", str(out), "--stage_a_only", "--stage_a_tile", "48,32,32"])
+        rc = predict.main(
+            [
+                "predict",
+                "--input",
+                str(study),
+                "--weights",
+                str(tmp_path / f"w_{name}"),
+                "--out",
+                str(out),
+                "--stage_a_only",
+                "--stage_a_tile",
+                "48,32,32",
+            ]
+        )
         assert rc == 0
         mask = np.asarray(nib.load(out / "held_out_SEG.nii.gz").dataobj).transpose(2, 1, 0) > 0
         truth = ph.seg > 0
@@ -191,7 +220,7 @@ def test_tiny_trained_unet_finds_large_lesions(tmp_path):
             vox_ml = float(np.prod(ph.geometry.spacing_mm)) / 1000
             large = [i for i in range(1, n + 1) if np.sum(labels == i) * vox_ml > 5.0]
             assert len(large) >= 2
-            for i in large:                            # every lesion > 5 ml overlaps the prediction
+            for i in large:  # every lesion > 5 ml overlaps the prediction
                 assert np.any(mask[labels == i]), f"lesion {i} ({np.sum(labels == i) * vox_ml:.1f} ml) missed"
     assert dice["trained"] > 0.4 and dice["trained"] > dice["untrained"] + 0.3, dice
 
@@ -208,8 +237,18 @@ def _nifti_grid(path):
 def test_cli_nifti_study_outputs_on_the_pet_grid(tmp_path, weights, capsys):
     _write_nifti_study(tmp_path / "in" / "case_a", seed=11)
     out = tmp_path / "out"
-    rc = predict.main(["predict", "--input", str(tmp_path / "in" / "case_a"), "--weights",
-                       str(weights / "cascade"), "--out", str(out), *TILES])
+    rc = predict.main(
+        [
+            "predict",
+            "--input",
+            str(tmp_path / "in" / "case_a"),
+            "--weights",
+            str(weights / "cascade"),
+            "--out",
+            str(out),
+            *TILES,
+        ]
+    )
     assert rc == 0
     assert "[1/1] case_a ok" in capsys.readouterr().out
     names = sorted(p.name for p in out.iterdir())
@@ -219,13 +258,15 @@ def test_cli_nifti_study_outputs_on_the_pet_grid(tmp_path, weights, capsys):
     np.testing.assert_allclose(seg_aff, suv_aff, atol=1e-5)
     assert seg_shape == suv_shape and seg_dtype == np.uint8
     # report numbers recomputed independently from the written files
-    mask = np.asarray(nib.load(out / "case_a_SEG.nii.gz").dataobj) > 0       # nibabel (x, y, z) order
+    mask = np.asarray(nib.load(out / "case_a_SEG.nii.gz").dataobj) > 0  # nibabel (x, y, z) order
     suv = np.asarray(nib.load(tmp_path / "in" / "case_a" / "SUV.nii.gz").dataobj)
     rep = json.loads((out / "case_a_report.json").read_text())
     vox_ml = float(np.prod(nib.load(out / "case_a_SEG.nii.gz").header.get_zooms())) / 1000
     r = rep["results"]
-    assert r["voxels"] == mask.sum() and r["lesion_count"] == ndimage.label(
-        mask, ndimage.generate_binary_structure(3, 2))[1]
+    assert (
+        r["voxels"] == mask.sum()
+        and r["lesion_count"] == ndimage.label(mask, ndimage.generate_binary_structure(3, 2))[1]
+    )
     np.testing.assert_allclose(r["tmtv_ml"], mask.sum() * vox_ml, rtol=1e-4)
     if mask.any():
         np.testing.assert_allclose(r["suv_max"], suv[mask].max(), rtol=1e-5)
@@ -237,8 +278,7 @@ def test_cli_nifti_study_outputs_on_the_pet_grid(tmp_path, weights, capsys):
     assert (out / "case_a_mip.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _write_dicom_series(folder, modality, stored, spacing_zyx, origin_lps, *, slope=1.0, intercept=0.0,
-                        extra=None):
+def _write_dicom_series(folder, modality, stored, spacing_zyx, origin_lps, *, slope=1.0, intercept=0.0, extra=None):
     """A (z, y, x) int16 volume as single-frame DICOM files (axial, row +x, column +y in LPS)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -274,16 +314,36 @@ def test_cli_dicom_study_seg_matches_load_study_geometry(tmp_path, weights):
     ph = make_phantom(7, (24, 32, 32), spacing_mm=(3.0, 4.0, 4.0))
     info = Dataset()
     info.RadionuclideTotalDose, info.RadionuclideHalfLife, info.RadiopharmaceuticalStartTime = 3.5e8, 6586.2, "090000"
-    pet = {"Units": "BQML", "DecayCorrection": "START", "PatientWeight": 70.0, "SeriesDate": "20240102",
-           "SeriesTime": "100000", "RadiopharmaceuticalInformationSequence": [info]}
+    pet = {
+        "Units": "BQML",
+        "DecayCorrection": "START",
+        "PatientWeight": 70.0,
+        "SeriesDate": "20240102",
+        "SeriesTime": "100000",
+        "RadiopharmaceuticalInformationSequence": [info],
+    }
     study = tmp_path / "dicom_study"
-    _write_dicom_series(study / "PT", "PT", np.round(ph.suv * 1000).astype(np.int16), (3.0, 4.0, 4.0),
-                        (-60.0, -70.0, 20.0), slope=0.5, extra=pet)
-    _write_dicom_series(study / "CT", "CT", np.clip(ph.ct + 1024, 0, 4000).astype(np.int16), (3.0, 4.0, 4.0),
-                        (-60.0, -70.0, 20.0), intercept=-1024.0)
+    _write_dicom_series(
+        study / "PT",
+        "PT",
+        np.round(ph.suv * 1000).astype(np.int16),
+        (3.0, 4.0, 4.0),
+        (-60.0, -70.0, 20.0),
+        slope=0.5,
+        extra=pet,
+    )
+    _write_dicom_series(
+        study / "CT",
+        "CT",
+        np.clip(ph.ct + 1024, 0, 4000).astype(np.int16),
+        (3.0, 4.0, 4.0),
+        (-60.0, -70.0, 20.0),
+        intercept=-1024.0,
+    )
     out = tmp_path / "out"
-    rc = predict.main(["predict", "--input", str(study), "--weights", str(weights / "cascade"), "--out", str(out),
-                       *TILES])
+    rc = predict.main(
+        ["predict", "--input", str(study), "--weights", str(weights / "cascade"), "--out", str(out), *TILES]
+    )
     assert rc == 0
     case = load_study(study)
     seg_aff, seg_shape, seg_dtype = _nifti_grid(out / "dicom_study_SEG.nii.gz")
@@ -318,7 +378,7 @@ def test_batch_with_a_corrupt_study_finishes_the_others_and_resumes(tmp_path, we
         assert all(p.is_file() for p in predict.output_paths(out, name).values())
     assert not any(p.name.startswith("b_bad") for p in out.iterdir())
     before = (out / "a_good_SEG.nii.gz").stat().st_mtime_ns
-    assert predict.main(argv) == 1                               # resume: good ones skipped, bad one retried
+    assert predict.main(argv) == 1  # resume: good ones skipped, bad one retried
     text = capsys.readouterr().out
     assert "[1/3] a_good skipped" in text and "[3/3] c_good skipped" in text and "b_bad FAILED" in text
     assert (out / "a_good_SEG.nii.gz").stat().st_mtime_ns == before
@@ -332,10 +392,14 @@ def test_weights_errors_exit_with_instructions(tmp_path, weights, capsys):
     assert len(msg.strip().splitlines()) == 1
     assert "e_latest.model" in msg and "python -m convert_weights" in msg and "--weights weights/tmtv-net" in msg
     assert "github.com/qurit-frizi/TMTV-Net" in msg
-    for bad, expect in ((tmp_path, "not a CLIPS-JAX weights directory"), (tmp_path / "nope", "no such directory"),
-                        (weights / "unet", "--stage_a_only")):
-        assert predict.main(["predict", "--input", str(study), "--weights", str(bad), "--out",
-                             str(tmp_path / "o")]) == 1  # input errors
+    for bad, expect in (
+        (tmp_path, "not a CLIPS-JAX weights directory"),
+        (tmp_path / "nope", "no such directory"),
+        (weights / "unet", "--stage_a_only"),
+    ):
+        assert (
+            predict.main(["predict", "--input", str(study), "--weights", str(bad), "--out", str(tmp_path / "o")]) == 1
+        )  # input errors
         err = capsys.readouterr().err
         assert expect in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()

@@ -150,8 +150,13 @@ def test_channel_formulas_and_clip_ends():
     ch = make_channels(hu.reshape(1, 1, -1), sv.reshape(1, 1, -1))
     assert ch.shape == (1, 1, 13, 5) and ch.dtype == np.float32
     assert CHANNELS == ("ct", "suv", "ct_lung", "ct_soft", "suv_hot")
-    exp = {"ct": window(hu, -150, 300), "suv": window(sv, 0, 30), "ct_lung": window(hu, -1000, -200),
-           "ct_soft": window(hu, -100, 100), "suv_hot": window(sv, 2, 10)}
+    exp = {
+        "ct": window(hu, -150, 300),
+        "suv": window(sv, 0, 30),
+        "ct_lung": window(hu, -1000, -200),
+        "ct_soft": window(hu, -100, 100),
+        "suv_hot": window(sv, 2, 10),
+    }
     for c, name in enumerate(CHANNELS):
         np.testing.assert_allclose(ch[0, 0, :, c], exp[name], atol=1e-6, err_msg=name)
     # A few hand values: HU 75 is the middle of the ct window, HU 0 the middle of ct_soft, SUV 6 of suv_hot.

@@ -18,8 +18,21 @@ from clips_jax.experiments import statistics as st
 N_NULL = 4000
 N_NULL_INTERACTION = 8000
 REFERENCE = dict(n_cases=40, sd_case=0.15, sd_noise=0.08)  # + sd_run / sd_interaction per configuration
-KEYS = {"curriculum", "subset", "n_cases", "n_runs", "n_runs_baseline", "diff", "se", "df", "ci_low", "ci_high",
-        "p", "note", "hard_by"}
+KEYS = {
+    "curriculum",
+    "subset",
+    "n_cases",
+    "n_runs",
+    "n_runs_baseline",
+    "diff",
+    "se",
+    "df",
+    "ci_low",
+    "ci_high",
+    "p",
+    "note",
+    "hard_by",
+}
 
 
 def _tables(rng_seed=0, n_runs=3, n_cases=40, **kwargs):
@@ -43,8 +56,15 @@ def test_null_with_run_effects_keeps_the_level(use_hardness, rng_seed):
 
 @pytest.mark.parametrize("use_hardness, rng_seed", [(True, 3), (False, 4)])
 def test_null_with_case_by_method_interaction_keeps_the_level(use_hardness, rng_seed):
-    r = st.simulate(N_NULL_INTERACTION, n_runs=3, sd_run=0.0, sd_interaction=0.03, use_hardness=use_hardness,
-                    rng_seed=rng_seed, **REFERENCE)
+    r = st.simulate(
+        N_NULL_INTERACTION,
+        n_runs=3,
+        sd_run=0.0,
+        sd_interaction=0.03,
+        use_hardness=use_hardness,
+        rng_seed=rng_seed,
+        **REFERENCE,
+    )
     print("null, interaction s.d. 0.03, no run effect, hardness" if use_hardness else "... baseline run 0", r)
     assert 0.03 <= r["rate_all"] <= 0.07
     assert 0.03 <= r["rate_hard"] <= 0.07
@@ -60,10 +80,11 @@ def test_power_on_the_hard_third():
     # estimated (Satterthwaite df ~8), measured 0.62 (docs/statistics.md). Choosing the hard cases by baseline
     # run 0 (noisy, and one baseline run less) measured 0.36. Thresholds: > 10 binomial s.e. below these.
     with_h = st.simulate(2000, n_runs=5, sd_run=0.02, effect_hard=0.05, rng_seed=5, **REFERENCE)
-    without = st.simulate(2000, n_runs=5, sd_run=0.02, effect_hard=0.05, use_hardness=False, rng_seed=6,
-                          **REFERENCE)
-    print(f"power on the hard third: hardness {with_h['rate_hard']:.3f}, baseline run 0 "
-          f"{without['rate_hard']:.3f}; on all cases {with_h['rate_all']:.3f}")
+    without = st.simulate(2000, n_runs=5, sd_run=0.02, effect_hard=0.05, use_hardness=False, rng_seed=6, **REFERENCE)
+    print(
+        f"power on the hard third: hardness {with_h['rate_hard']:.3f}, baseline run 0 "
+        f"{without['rate_hard']:.3f}; on all cases {with_h['rate_all']:.3f}"
+    )
     assert with_h["rate_hard"] > 0.5
     assert without["rate_hard"] > 0.25
     assert with_h["rate_all"] < with_h["rate_hard"]  # the effect is diluted over all cases
@@ -111,8 +132,7 @@ def test_rows_keys_and_order():
     dice, hardness, _ = _tables(0)
     dice = {"b": dice["a"], "none": dice["none"], "a": dice["a"] + 0.01}
     rows = st.compare(dice, "none", hardness)
-    assert [(r["curriculum"], r["subset"]) for r in rows] == [("b", "all"), ("b", "hard"), ("a", "all"),
-                                                              ("a", "hard")]
+    assert [(r["curriculum"], r["subset"]) for r in rows] == [("b", "all"), ("b", "hard"), ("a", "all"), ("a", "hard")]
     for r in rows:
         assert set(r) == KEYS
         assert r["hard_by"] == ("hardness" if r["subset"] == "hard" else "")
@@ -167,8 +187,7 @@ def test_hard_by_baseline_run_leaves_that_run_out():
 
 
 def test_hard_subset_choice_and_ties():
-    base = np.array([[0.5, 0.2, 0.2, 0.9, np.nan, 0.1, 0.3],
-                     [0.5, 0.5, 0.5, 0.5, 0.5, np.nan, 0.5]])
+    base = np.array([[0.5, 0.2, 0.2, 0.9, np.nan, 0.1, 0.3], [0.5, 0.5, 0.5, 0.5, 0.5, np.nan, 0.5]])
     # defined: cases 0, 1, 2, 3, 6 (5 cases -> ceil(5/3) = 2 hard). Lowest in run 0: 0.2 (1), 0.2 (2).
     mask, by = st.hard_subset(base)
     assert by == "baseline run 0" and np.flatnonzero(mask).tolist() == [1, 2]

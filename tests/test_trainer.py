@@ -17,7 +17,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from clips_jax import trainer
 from clips_jax.model import UNet
@@ -62,9 +63,11 @@ def test_one_step_on_4_devices_equals_1_device():
     tx = optax.sgd(0.1)
     graphdef, state0 = trainer.init_train_state(model, nnx.Param, tx)
     rng = np.random.default_rng(0)
-    batch = {"image": rng.random((4, 32, 16, 16, 5), dtype=np.float32),
-             "label": (rng.random((4, 32, 16, 16)) > 0.8).astype(np.int32),
-             "labeled": np.array([True, True, False, True])}
+    batch = {
+        "image": rng.random((4, 32, 16, 16, 5), dtype=np.float32),
+        "label": (rng.random((4, 32, 16, 16)) > 0.8).astype(np.int32),
+        "labeled": np.array([True, True, False, True]),
+    }
     step = trainer.make_train_step(graphdef, cfg, tx, use_sigma=False, with_gain=False)
     results = []
     for n in (1, 4):
@@ -91,7 +94,7 @@ def test_kill_and_resume_gives_identical_losses(phantom_cache, tmp_path):
     broken = tmp_path / "broken"
     with pytest.raises(SystemExit):
         trainer.train_and_evaluate(tiny_config(phantom_cache, **{"debug.stop_after_steps": 3}), broken)
-    assert max(losses_by_step(broken)) == 3          # step 3 ran, but the last checkpoint is at step 2
+    assert max(losses_by_step(broken)) == 3  # step 3 ran, but the last checkpoint is at step 2
     # resuming with another data stream (here: hard-negative sampling switched on) is refused, nothing written
     with pytest.raises(trainer.ConfigError, match="data.p_hot_negative"):
         trainer.train_and_evaluate(tiny_config(phantom_cache, **{"data.p_hot_negative": 0.5}), broken)
@@ -123,12 +126,25 @@ def test_nonfinite_guard_skips_updates_and_stops(phantom_cache, tmp_path):
     assert s2["start_step"] == 2 and np.isfinite(s2["final"]["val_dice"])
 
 
-@pytest.mark.parametrize("curriculum,pipeline", [("self_paced_hard", "device"), ("exp3s", "device"),
-                                                 ("cbs", "device"), ("predefined_composite_root", "device"),
-                                                 ("exp3s", "host"), ("self_paced_hard", "host")])
+@pytest.mark.parametrize(
+    "curriculum,pipeline",
+    [
+        ("self_paced_hard", "device"),
+        ("exp3s", "device"),
+        ("cbs", "device"),
+        ("predefined_composite_root", "device"),
+        ("exp3s", "host"),
+        ("self_paced_hard", "host"),
+    ],
+)
 def test_curriculum_runs_and_resumes_exactly(phantom_cache, tmp_path, curriculum, pipeline):
-    over = {"curriculum.name": curriculum, "steps": 4, "eval.every_steps": 0, "eval.at_start": False,
-            "data.pipeline": pipeline}
+    over = {
+        "curriculum.name": curriculum,
+        "steps": 4,
+        "eval.every_steps": 0,
+        "eval.at_start": False,
+        "data.pipeline": pipeline,
+    }
     full = tmp_path / "full"
     trainer.train_and_evaluate(tiny_config(phantom_cache, **over), full)
     part = tmp_path / "part"
@@ -161,8 +177,14 @@ def test_exp3s_with_smoothing_learns_once_per_stage(phantom_cache, tmp_path):
     # prediction gain (the composed curriculum keeps the bandit's needs: the old loop never measured the gain).
     import ml_collections
 
-    over = {"curriculum.name": "exp3s", "curriculum.options": ml_collections.ConfigDict({"smoothing": True}), "steps": 7,
-            "eval.every_steps": 0, "eval.at_start": False, "checkpoint.every_steps": 7}
+    over = {
+        "curriculum.name": "exp3s",
+        "curriculum.options": ml_collections.ConfigDict({"smoothing": True}),
+        "steps": 7,
+        "eval.every_steps": 0,
+        "eval.at_start": False,
+        "checkpoint.every_steps": 7,
+    }
     trainer.train_and_evaluate(tiny_config(phantom_cache, **over), tmp_path / "run")
     state = _restored_curriculum_state(tmp_path / "run")
     train_rows = trainer.read_metrics(tmp_path / "run", "train")
@@ -191,23 +213,48 @@ def _run_train(args, env_extra, cwd):
     env = dict(os.environ, **env_extra)
     env.pop("XLA_FLAGS", None)
     env.update({k: v for k, v in env_extra.items()})
-    return subprocess.Popen([sys.executable, "-m", "clips_jax.train", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "clips_jax.train", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_two_process_distributed_matches_single_process(phantom_cache, tmp_path):
-    common = ["--config", f"{REPO}/clips_jax/configs/default.py:tiny", f"--config.data.phantoms.cache={phantom_cache}",
-              "--config.steps=4", "--config.eval.every_steps=0", "--config.eval.at_start=False",
-              "--config.quiet=True"]
-    single = _run_train(common + [f"--workdir={tmp_path / 'single'}", "--config.num_devices=2"],
-                        {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}, REPO)
+    common = [
+        "--config",
+        f"{REPO}/clips_jax/configs/default.py:tiny",
+        f"--config.data.phantoms.cache={phantom_cache}",
+        "--config.steps=4",
+        "--config.eval.every_steps=0",
+        "--config.eval.at_start=False",
+        "--config.quiet=True",
+    ]
+    single = _run_train(
+        common + [f"--workdir={tmp_path / 'single'}", "--config.num_devices=2"],
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"},
+        REPO,
+    )
     out = single.communicate(timeout=600)[0]
     assert single.returncode == 0, out
     port = _free_port()
-    procs = [_run_train(common + [f"--workdir={tmp_path / 'multi'}"],
-                        {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-                         "CLIPS_COORDINATOR": f"127.0.0.1:{port}", "CLIPS_NUM_PROCESSES": "2",
-                         "CLIPS_PROCESS_ID": str(i)}, REPO) for i in range(2)]
+    procs = [
+        _run_train(
+            common + [f"--workdir={tmp_path / 'multi'}"],
+            {
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                "JAX_PLATFORMS": "cpu",
+                "CLIPS_COORDINATOR": f"127.0.0.1:{port}",
+                "CLIPS_NUM_PROCESSES": "2",
+                "CLIPS_PROCESS_ID": str(i),
+            },
+            REPO,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
     a, b = losses_by_step(tmp_path / "single"), losses_by_step(tmp_path / "multi")
@@ -219,10 +266,23 @@ def test_two_process_distributed_matches_single_process(phantom_cache, tmp_path)
 
 def test_default_config_end_to_end_cli(phantom_cache, tmp_path):
     """`python -m clips_jax.train` as a user runs it (tiny variant), including the untrained baseline."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, as a user has
-    r = subprocess.run([sys.executable, "-m", "clips_jax.train", "--config", f"{REPO}/clips_jax/configs/default.py:tiny",
-                        f"--config.data.phantoms.cache={phantom_cache}", f"--workdir={tmp_path / 'run'}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clips_jax.train",
+            "--config",
+            f"{REPO}/clips_jax/configs/default.py:tiny",
+            f"--config.data.phantoms.cache={phantom_cache}",
+            f"--workdir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "val Dice" in r.stdout and "done:" in r.stdout
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -234,43 +294,72 @@ def test_default_config_end_to_end_cli(phantom_cache, tmp_path):
 
 def _tiny_ensemble_weights(path):
     from clips_jax.model import Ensemble, save_weights
+
     ens = Ensemble(unet_kwargs=dict(channels=(4, 4, 8, 8), init_channels=4, bottleneck_kernel=3), rngs=nnx.Rngs(3))
     return save_weights(path, {"ensemble": ens}), ens
 
 
 def test_stacking_conv_training_changes_only_the_stacking_conv(phantom_cache, tmp_path):
     weights, ens = _tiny_ensemble_weights(tmp_path / "w")
-    cfg = tiny_config(phantom_cache, **{"model.kind": "stacking", "model.init_weights": str(weights), "steps": 2,
-                                        "eval.every_steps": 0, "eval.at_start": False, "checkpoint.every_steps": 2})
+    cfg = tiny_config(
+        phantom_cache,
+        **{
+            "model.kind": "stacking",
+            "model.init_weights": str(weights),
+            "steps": 2,
+            "eval.every_steps": 0,
+            "eval.at_start": False,
+            "checkpoint.every_steps": 2,
+        },
+    )
     trainer.train_and_evaluate(cfg, tmp_path / "run")
     import orbax.checkpoint as ocp
+
     mgr = ocp.CheckpointManager((tmp_path / "run" / "checkpoints" / "last").absolute())
     restored = mgr.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     params, rest = restored.state["params"], restored.state["rest"]
-    assert list(params) == ["stacking"]                       # only the stacking conv is trainable
+    assert list(params) == ["stacking"]  # only the stacking conv is trainable
     before = nnx.to_pure_dict(nnx.state(ens, nnx.Param))
     # (orbax stores each nnx Variable as {"value": array})
     assert not np.allclose(params["stacking"]["kernel"]["value"], before["stacking"]["kernel"])
-    np.testing.assert_array_equal(rest["members"]["init_block"]["conv"]["kernel"]["value"],
-                                  before["members"]["init_block"]["conv"]["kernel"])
+    np.testing.assert_array_equal(
+        rest["members"]["init_block"]["conv"]["kernel"]["value"], before["members"]["init_block"]["conv"]["kernel"]
+    )
 
 
 def test_refiner_trains_on_native_store_with_stage_a_channel(tmp_path):
     from clips_jax.cascade import compute_stage_a
     from clips_jax.data.store import CaseStore
     from clips_jax.model import load_model
+
     cache = tmp_path / "cache"
-    cfg = tiny_config(cache, **{"model.kind": "refiner", "data.spacing_mm": 0.0, "model.refiner_features": 4,
-                                "model.refiner_blocks": 1, "steps": 2, "data.patch_shape": (16, 16, 16),
-                                "eval.tile_shape": (32, 32, 32), "eval.tile_step": (16, 16, 16),
-                                "eval.every_steps": 2, "eval.at_start": False})
+    cfg = tiny_config(
+        cache,
+        **{
+            "model.kind": "refiner",
+            "data.spacing_mm": 0.0,
+            "model.refiner_features": 4,
+            "model.refiner_blocks": 1,
+            "steps": 2,
+            "data.patch_shape": (16, 16, 16),
+            "eval.tile_shape": (32, 32, 32),
+            "eval.tile_step": (16, 16, 16),
+            "eval.every_steps": 2,
+            "eval.at_start": False,
+        },
+    )
     store = trainer.ensure_store(cfg, lambda s: None)
     assert store.geometry(0).same_grid(store.native_geometry(0))
     with pytest.raises(Exception, match="stage_a"):
         trainer.train_and_evaluate(cfg, tmp_path / "no_stage_a")
     weights, _ = _tiny_ensemble_weights(tmp_path / "w")
-    summary = compute_stage_a(CaseStore(store.cache_dir), load_model(weights, "ensemble"), tile_shape=(16, 16, 16),
-                              step=(8, 8, 8), log=lambda s: None)
+    summary = compute_stage_a(
+        CaseStore(store.cache_dir),
+        load_model(weights, "ensemble"),
+        tile_shape=(16, 16, 16),
+        step=(8, 8, 8),
+        log=lambda s: None,
+    )
     assert not summary["failed"]
     s = trainer.train_and_evaluate(cfg, tmp_path / "run")
     assert s["steps"] == 2 and "val_dice" in s["final"]
@@ -297,8 +386,14 @@ def test_run_folder_format_is_recorded_and_checked(tmp_path):
 
 def test_device_path_global_batch_is_the_same_on_4_devices(phantom_cache, tmp_path):
     # Each element's key folds in its global index: 4 devices train on the same global batches as 1 device.
-    over = {"steps": 3, "eval.every_steps": 0, "eval.at_start": False, "data.batch_size": 4,
-            "data.pipeline": "device", "checkpoint.every_steps": 3}
+    over = {
+        "steps": 3,
+        "eval.every_steps": 0,
+        "eval.at_start": False,
+        "data.batch_size": 4,
+        "data.pipeline": "device",
+        "checkpoint.every_steps": 3,
+    }
     one = trainer.train_and_evaluate(tiny_config(phantom_cache, **over), tmp_path / "one")
     four = trainer.train_and_evaluate(tiny_config(phantom_cache, **over, num_devices=4), tmp_path / "four")
     assert one["pipeline"] == four["pipeline"] == "device" and four["devices"] == 4
@@ -311,9 +406,9 @@ def test_pipeline_choice_and_resume_across_paths_refused(phantom_cache, tmp_path
     cfg = tiny_config(phantom_cache)
     store = trainer.ensure_store(cfg, lambda _: None)
     idx = store.split_indices("train")
-    assert trainer.choose_pipeline(cfg, store, idx) == "device"          # 6 mm phantoms fit the budget
+    assert trainer.choose_pipeline(cfg, store, idx) == "device"  # 6 mm phantoms fit the budget
     cfg.data.device_store_gb = 1e-6
-    assert trainer.choose_pipeline(cfg, store, idx) == "host"            # over budget: the grain pipeline
+    assert trainer.choose_pipeline(cfg, store, idx) == "host"  # over budget: the grain pipeline
     cfg.data.pipeline = "gpu"
     with pytest.raises(trainer.ConfigError, match="data.pipeline"):
         trainer.choose_pipeline(cfg, store, idx)
@@ -326,8 +421,15 @@ def test_pipeline_choice_and_resume_across_paths_refused(phantom_cache, tmp_path
 
 def test_device_path_scan_chunks_equal_single_steps(phantom_cache, tmp_path):
     # K steps per compiled call (lax.scan, the accelerator default) give the same run as one step per call.
-    over = {"steps": 3, "eval.every_steps": 0, "eval.at_start": False, "data.pipeline": "device",
-            "checkpoint.every_steps": 3, "log_every": 3, "curriculum.name": "exp3s"}
+    over = {
+        "steps": 3,
+        "eval.every_steps": 0,
+        "eval.at_start": False,
+        "data.pipeline": "device",
+        "checkpoint.every_steps": 3,
+        "log_every": 3,
+        "curriculum.name": "exp3s",
+    }
     trainer.train_and_evaluate(tiny_config(phantom_cache, **over, steps_per_call=1), tmp_path / "k1")
     trainer.train_and_evaluate(tiny_config(phantom_cache, **over, steps_per_call=3), tmp_path / "k3")
     a, b = trainer.read_metrics(tmp_path / "k1", "train"), trainer.read_metrics(tmp_path / "k3", "train")

@@ -17,8 +17,8 @@ Layout is PyTorch's NCDHW. Widths/depths are parameters so narrow variants can b
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 PRETRAINED_CHANNELS = (64, 96, 128, 156)
 
@@ -75,9 +75,14 @@ class _UpDeconvSkipConv(nn.Module):
 
     def __init__(self, cin, skip, cout):
         super().__init__()
-        self.ops_deconv = _Wrap(nn.Sequential(nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
-                                              nn.Conv3d(cin, cout, 3, padding=1),
-                                              nn.InstanceNorm3d(cout, affine=True, eps=1e-5), nn.LeakyReLU(0.01)))
+        self.ops_deconv = _Wrap(
+            nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+                nn.Conv3d(cin, cout, 3, padding=1),
+                nn.InstanceNorm3d(cout, affine=True, eps=1e-5),
+                nn.LeakyReLU(0.01),
+            )
+        )
         self.ops_conv = _CNA(skip + cout, cout, 3)
 
     def forward(self, x, skip):
@@ -98,11 +103,9 @@ class _Backbone(nn.Module):
         super().__init__()
         widths = (init_channels,) + tuple(channels)
         self.init_block = _CNA(cin, init_channels, 3)
-        self.downs = nn.ModuleList([_Wrap(_CNA(widths[i], widths[i + 1], 3, stride=2))
-                                    for i in range(len(channels))])
+        self.downs = nn.ModuleList([_Wrap(_CNA(widths[i], widths[i + 1], 3, stride=2)) for i in range(len(channels))])
         self.middle_block = _Wrap(_CNA(channels[-1], channels[-1], bottleneck_kernel))
-        self.ups = nn.ModuleList([_Up(widths[-1 - i], widths[-2 - i], widths[-2 - i])
-                                  for i in range(len(channels))])
+        self.ups = nn.ModuleList([_Up(widths[-1 - i], widths[-2 - i], widths[-2 - i]) for i in range(len(channels))])
         self.output = _Head(init_channels, cout, 3)
 
     def forward(self, x):
@@ -135,11 +138,13 @@ class TorchUNet(nn.Module):
     """Large-FOV U-Net with deep supervision (state_dict prefix `model.`). forward(x NCDHW) -> logits of head L-1,
     or all heads with deep_supervision=True."""
 
-    def __init__(self, in_channels=5, out_channels=2, channels=PRETRAINED_CHANNELS, init_channels=None,
-                 bottleneck_kernel=9):
+    def __init__(
+        self, in_channels=5, out_channels=2, channels=PRETRAINED_CHANNELS, init_channels=None, bottleneck_kernel=9
+    ):
         super().__init__()
-        self.model = _DeepSup(in_channels, tuple(channels), init_channels or channels[0] // 2, bottleneck_kernel,
-                              out_channels)
+        self.model = _DeepSup(
+            in_channels, tuple(channels), init_channels or channels[0] // 2, bottleneck_kernel, out_channels
+        )
 
     def forward(self, x, deep_supervision=False):
         outs = self.model(x)
@@ -172,9 +177,11 @@ class _ResBlock(nn.Module):
 class _RefinerNet(nn.Module):
     def __init__(self, cin, cout, features, n_blocks, first_kernel):
         super().__init__()
-        self.ops = nn.Sequential(_CNA(cin, features, first_kernel, bias=False),
-                                 *[_ResBlock(features) for _ in range(n_blocks)],
-                                 _CNA(features, cout, 1, bias=False))
+        self.ops = nn.Sequential(
+            _CNA(cin, features, first_kernel, bias=False),
+            *[_ResBlock(features) for _ in range(n_blocks)],
+            _CNA(features, cout, 1, bias=False),
+        )
 
     def forward(self, x):
         return self.ops(x)

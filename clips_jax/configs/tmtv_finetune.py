@@ -30,20 +30,20 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = default.get_config()
     c.steps = 20000
     c.log_every = 50
-    c.data.store = ""                       # REQUIRED: --config.data.store=cache/...
-    c.data.patch_shape = (128, 96, 96)      # the original's training patch at 6 mm
-    c.data.batch_size = 2                   # global; must be divisible by the number of devices
-    c.data.p_foreground = 0.0               # the original samples patches uniformly
+    c.data.store = ""  # REQUIRED: --config.data.store=cache/...
+    c.data.patch_shape = (128, 96, 96)  # the original's training patch at 6 mm
+    c.data.batch_size = 2  # global; must be divisible by the number of devices
+    c.data.p_foreground = 0.0  # the original samples patches uniformly
     c.data.p_hot_negative = 0.0
     c.data.num_workers = 4
     c.model.kind = "unet"
-    c.model.channels = (64, 96, 128, 156)   # used only without init_weights ("scratch")
+    c.model.channels = (64, 96, 128, 156)  # used only without init_weights ("scratch")
     c.model.init_channels = 32
     c.model.bottleneck_kernel = 9
-    c.model.init_weights = ""               # REQUIRED except for "scratch": a converted weights directory
+    c.model.init_weights = ""  # REQUIRED except for "scratch": a converted weights directory
     c.model.require_init_weights = True
-    c.model.dtype = "bfloat16"              # compute in bf16, parameters in fp32
-    c.optim.lr = 1e-4                       # fine-tuning: 10x below the original's from-scratch rate
+    c.model.dtype = "bfloat16"  # compute in bf16, parameters in fp32
+    c.optim.lr = 1e-4  # fine-tuning: 10x below the original's from-scratch rate
     c.optim.restart_steps = 2000
     c.curriculum.steps_per_epoch = 250
     c.curriculum.stage_steps = 250
@@ -60,7 +60,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.loss.deep_supervision = False
     elif variant == "refiner":
         c.model.kind = "refiner"
-        c.data.spacing_mm = 0.0             # native store (documentation only: the store is given explicitly)
+        c.data.spacing_mm = 0.0  # native store (documentation only: the store is given explicitly)
         c.data.patch_shape = (96, 96, 96)
         c.eval.tile_shape = (96, 96, 96)
         c.eval.tile_step = (48, 48, 48)

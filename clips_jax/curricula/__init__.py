@@ -21,25 +21,76 @@ transfer-teacher curriculum reads, is an experiment step: `python -m clips_jax.e
 """
 
 from clips_jax.curricula.bandit import Exp3SConfig, exp3s_curriculum, exp3s_policy, exp3s_weights_update
-from clips_jax.curricula.core import (HARDER_WHEN, CaseTable, Curriculum, Observation, case_table_from_manifest,
-                                      composite_difficulty, make_observation, observation_from_step)
-from clips_jax.curricula.pacing import (PACINGS, PacingConfig, exponential_stages, full_set_step, pacing_window,
-                                         select_window)
-from clips_jax.curricula.predefined import (PredefinedConfig, UniformConfig, out_of_fold_difficulty,
-                                            predefined_curriculum, teacher_difficulty,
-                                            teacher_difficulty_from_dice, uniform_curriculum)
+from clips_jax.curricula.core import (
+    HARDER_WHEN,
+    CaseTable,
+    Curriculum,
+    Observation,
+    case_table_from_manifest,
+    composite_difficulty,
+    make_observation,
+    observation_from_step,
+)
+from clips_jax.curricula.pacing import (
+    PACINGS,
+    PacingConfig,
+    exponential_stages,
+    full_set_step,
+    pacing_window,
+    select_window,
+)
+from clips_jax.curricula.predefined import (
+    PredefinedConfig,
+    UniformConfig,
+    out_of_fold_difficulty,
+    predefined_curriculum,
+    teacher_difficulty,
+    teacher_difficulty_from_dice,
+    uniform_curriculum,
+)
 from clips_jax.curricula.registry import FAMILIES, PRESETS, get_curriculum, options_from_config
 from clips_jax.curricula.self_paced import SelfPacedConfig, self_paced_curriculum, spl_weights, spld_select
 from clips_jax.curricula.smoothing import SmoothingConfig, cbs_sigma, kernel_1d, with_smoothing
 from clips_jax.curricula.summary import plot_curriculum, summarise_weights
 
 __all__ = [
-    "HARDER_WHEN", "PACINGS", "PRESETS", "FAMILIES", "CaseTable", "Curriculum", "Observation", "PacingConfig",
-    "UniformConfig", "PredefinedConfig", "SelfPacedConfig", "Exp3SConfig", "SmoothingConfig",
-    "case_table_from_manifest", "composite_difficulty", "make_observation", "observation_from_step",
-    "get_curriculum", "options_from_config",
-    "uniform_curriculum", "predefined_curriculum", "self_paced_curriculum", "exp3s_curriculum", "with_smoothing",
-    "pacing_window", "select_window", "full_set_step", "exponential_stages", "spl_weights", "spld_select",
-    "exp3s_policy", "exp3s_weights_update", "cbs_sigma", "kernel_1d", "teacher_difficulty", "teacher_difficulty_from_dice",
-    "out_of_fold_difficulty", "summarise_weights", "plot_curriculum",
+    "HARDER_WHEN",
+    "PACINGS",
+    "PRESETS",
+    "FAMILIES",
+    "CaseTable",
+    "Curriculum",
+    "Observation",
+    "PacingConfig",
+    "UniformConfig",
+    "PredefinedConfig",
+    "SelfPacedConfig",
+    "Exp3SConfig",
+    "SmoothingConfig",
+    "case_table_from_manifest",
+    "composite_difficulty",
+    "make_observation",
+    "observation_from_step",
+    "get_curriculum",
+    "options_from_config",
+    "uniform_curriculum",
+    "predefined_curriculum",
+    "self_paced_curriculum",
+    "exp3s_curriculum",
+    "with_smoothing",
+    "pacing_window",
+    "select_window",
+    "full_set_step",
+    "exponential_stages",
+    "spl_weights",
+    "spld_select",
+    "exp3s_policy",
+    "exp3s_weights_update",
+    "cbs_sigma",
+    "kernel_1d",
+    "teacher_difficulty",
+    "teacher_difficulty_from_dice",
+    "out_of_fold_difficulty",
+    "summarise_weights",
+    "plot_curriculum",
 ]

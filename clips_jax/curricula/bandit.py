@@ -42,9 +42,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clips_jax.curricula.core import (HARDER_WHEN, Array, CaseTable, Curriculum, Observation, State, check,
-                                      negative_setup, oriented_difficulty, ranks_from_scores, stratify,
-                                      zero_sigma)
+from clips_jax.curricula.core import (
+    HARDER_WHEN,
+    Array,
+    CaseTable,
+    Curriculum,
+    Observation,
+    State,
+    check,
+    negative_setup,
+    oriented_difficulty,
+    ranks_from_scores,
+    stratify,
+    zero_sigma,
+)
 
 MODES = ("bucket", "mixture")
 
@@ -99,8 +110,9 @@ def exp3s_policy(w: Array, eps: float) -> jax.Array:
     return (1.0 - eps) * jax.nn.softmax(w) + eps / w.shape[0]
 
 
-def exp3s_weights_update(w: Array, pi: Array, attribution: Array, reward: Array, t: Array, eta: float,
-                         beta: float) -> jax.Array:
+def exp3s_weights_update(
+    w: Array, pi: Array, attribution: Array, reward: Array, t: Array, eta: float, beta: float
+) -> jax.Array:
     """One Exp3.S update of the log-weights (Graves et al. 2017, "Automated curriculum learning for neural
     networks"), in log-sum-exp form, before any shift.
 
@@ -176,11 +188,22 @@ def exp3s_curriculum(cfg: Exp3SConfig, name: str = "exp3s") -> Curriculum:
         w = np.zeros(k, np.float32)
         pi = np.asarray(exp3s_policy(w, cfg.eps))
         key, sub = jax.random.split(jax.random.PRNGKey(cfg.seed))
-        return {"w": w, "pi": pi, "action": np.asarray(draw(sub, jnp.asarray(pi))), "key": np.asarray(key),
-                "reservoir": np.full(int(cfg.reservoir_size), np.nan, np.float32), "count": np.int32(0),
-                "t": np.int32(0), "gain_sum": np.float32(0.0), "gain_n": np.int32(0),
-                "bucket_hits": np.zeros(k, np.float32), "bucket": bucket, "bucket_size": size,
-                "is_negative": neg, "neg_fraction": q}
+        return {
+            "w": w,
+            "pi": pi,
+            "action": np.asarray(draw(sub, jnp.asarray(pi))),
+            "key": np.asarray(key),
+            "reservoir": np.full(int(cfg.reservoir_size), np.nan, np.float32),
+            "count": np.int32(0),
+            "t": np.int32(0),
+            "gain_sum": np.float32(0.0),
+            "gain_n": np.int32(0),
+            "bucket_hits": np.zeros(k, np.float32),
+            "bucket": bucket,
+            "bucket_size": size,
+            "is_negative": neg,
+            "neg_fraction": q,
+        }
 
     def weights(state: State, step: Array) -> jax.Array:
         del step
@@ -203,9 +226,12 @@ def exp3s_curriculum(cfg: Exp3SConfig, name: str = "exp3s") -> Curriculum:
         hits = jnp.sum(b_obs[:, None] == jnp.arange(k)[None, :], axis=0).astype(jnp.float32)
         raw = jnp.asarray(obs.reward, jnp.float32)
         ok = jnp.isfinite(raw)
-        return {**state, "gain_sum": state["gain_sum"] + jnp.where(ok, raw, 0.0),
-                "gain_n": state["gain_n"] + ok.astype(jnp.int32),
-                "bucket_hits": state["bucket_hits"] + hits}
+        return {
+            **state,
+            "gain_sum": state["gain_sum"] + jnp.where(ok, raw, 0.0),
+            "gain_n": state["gain_n"] + ok.astype(jnp.int32),
+            "bucket_hits": state["bucket_hits"] + hits,
+        }
 
     def end_stage(state: State) -> State:
         """The round's Exp3.S update with the stage's mean gain, then the next stage's action."""
@@ -221,10 +247,20 @@ def exp3s_curriculum(cfg: Exp3SConfig, name: str = "exp3s") -> Curriculum:
         w_new = exp3s_weights_update(state["w"], state["pi"], attribution, r, t, cfg.eta, cfg.beta)
         w = jnp.where(ok, w_new - jnp.max(w_new), state["w"])
         pi = exp3s_policy(w, cfg.eps)
-        return {**state, "w": w, "pi": pi, "action": draw(k_act, pi), "key": key,
-                "reservoir": jnp.where(ok, reservoir, state["reservoir"]),
-                "count": jnp.where(ok, count, state["count"]), "t": jnp.where(ok, t, state["t"]),
-                "gain_sum": jnp.float32(0.0), "gain_n": jnp.int32(0), "bucket_hits": jnp.zeros_like(hits)}
+        return {
+            **state,
+            "w": w,
+            "pi": pi,
+            "action": draw(k_act, pi),
+            "key": key,
+            "reservoir": jnp.where(ok, reservoir, state["reservoir"]),
+            "count": jnp.where(ok, count, state["count"]),
+            "t": jnp.where(ok, t, state["t"]),
+            "gain_sum": jnp.float32(0.0),
+            "gain_n": jnp.int32(0),
+            "bucket_hits": jnp.zeros_like(hits),
+        }
 
-    return Curriculum(name, cfg, init, weights, update, zero_sigma, end_stage=end_stage, needs_gain=True,
-                      update_every="stage")
+    return Curriculum(
+        name, cfg, init, weights, update, zero_sigma, end_stage=end_stage, needs_gain=True, update_every="stage"
+    )

@@ -93,8 +93,9 @@ class Observation(NamedTuple):
     step: Array
 
 
-def make_observation(indices: Array, losses: Array | None = None, reward: float | Array = float("nan"),
-                     step: int | Array = 0) -> Observation:
+def make_observation(
+    indices: Array, losses: Array | None = None, reward: float | Array = float("nan"), step: int | Array = 0
+) -> Observation:
     """Build an `Observation` with the dtypes every curriculum expects.
 
     Args:
@@ -116,8 +117,8 @@ def observation_from_step(positions, centred, finite, supervised, gain, step) ->
 
     Args: positions: int (B,) training-case positions of the batch; centred: bool (B,) lesion-centred crops;
       finite: bool scalar, the update was applied; supervised: float (B,) supervised losses
-      (`clips_jax.trainer.supervised_loss`); gain: float (B,) per-sample prediction gains, or None when not measured; step: the
-      step the batch was drawn at.
+      (`clips_jax.trainer.supervised_loss`); gain: float (B,) per-sample prediction gains, or None when not
+      measured; step: the step the batch was drawn at.
     Returns: `Observation` with losses = the supervised loss of lesion-centred crops (NaN for the others and
       for a skipped, non-finite step) and reward = the mean prediction gain over the lesion-centred crops
       (NaN when there is none, no gain was measured, or the step was skipped).
@@ -127,8 +128,9 @@ def observation_from_step(positions, centred, finite, supervised, gain, step) ->
     reward = jnp.float32(jnp.nan)
     if gain is not None:
         n = jnp.sum(ok)
-        reward = jnp.where(n > 0, jnp.sum(jnp.where(ok, jnp.asarray(gain, jnp.float32), 0.0)) / jnp.maximum(n, 1),
-                           jnp.nan)
+        reward = jnp.where(
+            n > 0, jnp.sum(jnp.where(ok, jnp.asarray(gain, jnp.float32), 0.0)) / jnp.maximum(n, 1), jnp.nan
+        )
     return make_observation(positions, losses_, reward, step)
 
 
@@ -224,8 +226,9 @@ def composite_difficulty(difficulty: Mapping[str, np.ndarray], keys: Sequence[st
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def case_table_from_manifest(manifest: Sequence[Mapping[str, Any]], ids: Sequence[str],
-                             group_key: str | None = None) -> CaseTable:
+def case_table_from_manifest(
+    manifest: Sequence[Mapping[str, Any]], ids: Sequence[str], group_key: str | None = None
+) -> CaseTable:
     """Build the `CaseTable` of the training cases `ids` from case-store manifest rows.
 
     Each manifest row is a dict with at least "id" (str) and, when known, the difficulty keys of
@@ -253,8 +256,10 @@ def case_table_from_manifest(manifest: Sequence[Mapping[str, Any]], ids: Sequenc
         raise DataError(f"case ids listed twice in the split: {dup[:5]}; fix the split file")
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise DataError(f"case {missing[0]!r} (and {len(missing) - 1} more) not in the case-store manifest; "
-                        "rebuild the case store or fix the split")
+        raise DataError(
+            f"case {missing[0]!r} (and {len(missing) - 1} more) not in the case-store manifest; "
+            "rebuild the case store or fix the split"
+        )
     rows = [by_id[i] for i in ids]
     keys = [k for k in HARDER_WHEN if k not in ("composite", "teacher_loss")]
     if any("teacher_loss" in r for r in rows):
@@ -286,9 +291,11 @@ def oriented_difficulty(case_table: CaseTable, measure: str) -> np.ndarray:
     if measure not in HARDER_WHEN:
         raise ConfigError(f"unknown difficulty measure {measure!r}; use one of {sorted(HARDER_WHEN)}")
     if measure not in case_table.difficulty:
-        raise ConfigError(f"difficulty measure {measure!r} is not in the case table; for 'teacher_loss' score the "
-                          "cases first: python -m clips_jax.experiments.teacher --store CACHE --weights DIR "
-                          "(or --run WORKDIR)")
+        raise ConfigError(
+            f"difficulty measure {measure!r} is not in the case table; for 'teacher_loss' score the "
+            "cases first: python -m clips_jax.experiments.teacher --store CACHE --weights DIR "
+            "(or --run WORKDIR)"
+        )
     return np.asarray(case_table.difficulty[measure], dtype=np.float64) * HARDER_WHEN[measure]
 
 
@@ -357,8 +364,9 @@ def stratify(w_pos: Array, is_negative: Array, neg_fraction: Array) -> jax.Array
     return finalise(mixed)
 
 
-def negative_setup(case_table: CaseTable, stratify_negatives: bool,
-                   neg_fraction: float | None) -> tuple[np.ndarray, np.float32]:
+def negative_setup(
+    case_table: CaseTable, stratify_negatives: bool, neg_fraction: float | None
+) -> tuple[np.ndarray, np.float32]:
     """State entries for `stratify`: (is_negative bool (N,), q float32).
 
     q defaults (neg_fraction=None) to the natural proportion of negatives, so that once the ordering covers

@@ -33,8 +33,7 @@ import jax.numpy as jnp
 
 from clips_jax.curricula.core import Array, check, epochs_of
 
-PACINGS = ("linear", "root", "root_p", "geometric", "exponential", "single_step", "baby_step", "one_pass",
-           "none")
+PACINGS = ("linear", "root", "root_p", "geometric", "exponential", "single_step", "baby_step", "one_pass", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +63,10 @@ class PacingConfig:
     def validate_pacing(self) -> None:
         """Raise ConfigError for an invalid pacing option (called by the curriculum constructors)."""
         check(self.pacing in PACINGS, f"unknown pacing {self.pacing!r}; use one of {PACINGS}")
-        check(self.steps_per_epoch is not None and int(self.steps_per_epoch) > 0,
-              "steps_per_epoch must be a positive integer (global optimisation steps per epoch)")
+        check(
+            self.steps_per_epoch is not None and int(self.steps_per_epoch) > 0,
+            "steps_per_epoch must be a positive integer (global optimisation steps per epoch)",
+        )
         check(0.0 < self.start_fraction <= 1.0, f"start_fraction={self.start_fraction} must be in (0, 1]")
         check(self.grow_epochs >= 0.0, f"grow_epochs={self.grow_epochs} must be >= 0")
         check(self.p >= 1.0, f"p={self.p} must be >= 1 for root_p pacing")

@@ -21,9 +21,21 @@ import dataclasses
 import jax
 import numpy as np
 
-from clips_jax.curricula.core import (HARDER_WHEN, Array, CaseTable, Curriculum, Observation, State, check,
-                                      finalise, negative_setup, oriented_difficulty, ranks_from_scores,
-                                      stratify, zero_sigma)
+from clips_jax.curricula.core import (
+    HARDER_WHEN,
+    Array,
+    CaseTable,
+    Curriculum,
+    Observation,
+    State,
+    check,
+    finalise,
+    negative_setup,
+    oriented_difficulty,
+    ranks_from_scores,
+    stratify,
+    zero_sigma,
+)
 from clips_jax.curricula.pacing import PacingConfig, pacing_window, select_window
 from clips_jax.errors import DataError
 
@@ -164,8 +176,10 @@ def teacher_difficulty(losses: Array) -> np.ndarray:
     d = np.array(losses, dtype=np.float64).reshape(-1)
     bad = np.isinf(d) | (d < 0)
     if bad.any():
-        raise DataError(f"teacher losses contain {int(bad.sum())} infinite or negative values (first at case "
-                        f"index {int(np.argmax(bad))}); re-run the teacher scoring")
+        raise DataError(
+            f"teacher losses contain {int(bad.sum())} infinite or negative values (first at case "
+            f"index {int(np.argmax(bad))}); re-run the teacher scoring"
+        )
     return d
 
 

@@ -34,8 +34,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "anti": {"family": "predefined", "order": "anti", "measure": "composite", "pacing": "root"},
     "predefined_composite_root": {"family": "predefined", "measure": "composite", "pacing": "root"},
     "predefined_tmtv_root": {"family": "predefined", "measure": "tmtv_ml", "pacing": "root"},
-    "predefined_hacohen": {"family": "predefined", "measure": "composite", "pacing": "exponential",
-                           "start_fraction": 0.04, "inc": 1.9, "step_length_steps": 100},
+    "predefined_hacohen": {
+        "family": "predefined",
+        "measure": "composite",
+        "pacing": "exponential",
+        "start_fraction": 0.04,
+        "inc": 1.9,
+        "step_length_steps": 100,
+    },
     "baby_step": {"family": "predefined", "measure": "composite", "pacing": "baby_step", "n_buckets": 5},
     "one_pass": {"family": "predefined", "measure": "composite", "pacing": "one_pass", "n_buckets": 5},
     "transfer_teacher": {"family": "predefined", "measure": "teacher_loss", "pacing": "root"},
@@ -48,8 +54,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A deliberately harmful curriculum (the positive control of a comparison): the easiest two thirds of the
     # ordering (composite difficulty) for the whole run, i.e. the hardest third of the lesion cases is never
     # sampled (single_step pacing whose step never comes).
-    "never_hardest_third": {"family": "predefined", "measure": "composite", "pacing": "single_step",
-                            "start_fraction": 2.0 / 3.0, "grow_epochs": 1e12},
+    "never_hardest_third": {
+        "family": "predefined",
+        "measure": "composite",
+        "pacing": "single_step",
+        "start_fraction": 2.0 / 3.0,
+        "grow_epochs": 1e12,
+    },
 }
 
 #: Options handled by the smoothing wrapper rather than the family config (name -> SmoothingConfig field).
@@ -90,8 +101,9 @@ def get_curriculum(name: str, **options: Any) -> Curriculum:
         raise ConfigError(f"curriculum {name!r}: {exc}") from exc
     curriculum = build(cfg, name=name)
     if smoothing:
-        curriculum = with_smoothing(curriculum, SmoothingConfig(steps_per_epoch=merged.get("steps_per_epoch"),
-                                                                **smooth_kwargs))
+        curriculum = with_smoothing(
+            curriculum, SmoothingConfig(steps_per_epoch=merged.get("steps_per_epoch"), **smooth_kwargs)
+        )
     return curriculum
 
 
@@ -101,8 +113,11 @@ def options_from_config(config) -> dict:
     for families with a minimum selection size, `k_min` = the batch size unless given (curriculum rule 1 of
     docs/curricula.md, "k_min >= batch size"; the family default of 8 would select every case of a small dataset
     from the start)."""
-    opts = dict(config.curriculum.options.to_dict() if hasattr(config.curriculum.options, "to_dict")
-                else config.curriculum.options)
+    opts = dict(
+        config.curriculum.options.to_dict()
+        if hasattr(config.curriculum.options, "to_dict")
+        else config.curriculum.options
+    )
     opts.setdefault("steps_per_epoch", int(config.curriculum.steps_per_epoch))
     name = config.curriculum.name
     family = PRESETS.get(name, {}).get("family", name)

@@ -39,16 +39,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clips_jax.curricula.core import (Array, CaseTable, Curriculum, Observation, State, check, negative_setup,
-                                      stratify, whole_epochs_of, zero_sigma)
+from clips_jax.curricula.core import (
+    Array,
+    CaseTable,
+    Curriculum,
+    Observation,
+    State,
+    check,
+    negative_setup,
+    stratify,
+    whole_epochs_of,
+    zero_sigma,
+)
 from clips_jax.curricula.pacing import PacingConfig, pacing_window
 
 REGULARIZERS = ("hard", "linear", "log", "mixture", "polynomial")
 LAMBDA_MODES = ("quantile", "geometric")
 
 
-def spl_weights(losses: Array, lam: Array, regularizer: str = "hard", mixture_ratio: float = 0.5,
-                poly_order: float = 3.0) -> jax.Array:
+def spl_weights(
+    losses: Array, lam: Array, regularizer: str = "hard", mixture_ratio: float = 0.5, poly_order: float = 3.0
+) -> jax.Array:
     """Closed-form self-paced weights v*(l; lambda) in [0, 1] (see the module docstring for the formulas).
 
     Args:
@@ -164,8 +175,10 @@ class SelfPacedConfig(PacingConfig):
         check(0.0 < self.mixture_ratio < 1.0, "mixture_ratio must be in (0, 1)")
         check(self.poly_order > 1.0, "poly_order must be > 1")
         check(self.diversity_gamma >= 0, "diversity_gamma must be >= 0")
-        check(self.diversity_gamma == 0 or self.regularizer == "hard",
-              "diversity_gamma > 0 (self-paced with diversity) needs regularizer='hard'")
+        check(
+            self.diversity_gamma == 0 or self.regularizer == "hard",
+            "diversity_gamma > 0 (self-paced with diversity) needs regularizer='hard'",
+        )
         check(self.gamma_growth > 0, "gamma_growth must be > 0")
         check(self.unseen_weight >= 0, "unseen_weight must be >= 0")
         check(int(self.k_min) >= 1, "k_min must be >= 1")
@@ -187,7 +200,9 @@ def self_paced_lambda(state: State, step: Array, cfg: SelfPacedConfig) -> jax.Ar
     """lambda(t) of the config's mode (float32 scalar; +inf in quantile mode once q(t) reaches 1)."""
     epochs = whole_epochs_of(step, cfg.steps_per_epoch)
     if cfg.lambda_mode == "geometric":
-        return jnp.float32(cfg.lambda0) * jnp.power(jnp.float32(cfg.mu), (epochs // cfg.every_epochs).astype(jnp.float32))
+        return jnp.float32(cfg.lambda0) * jnp.power(
+            jnp.float32(cfg.mu), (epochs // cfg.every_epochs).astype(jnp.float32)
+        )
     _, q = pacing_window(step, cfg)
     valid = ~state["is_negative"]
     loss = jnp.where(valid, state["losses"], jnp.nan)
@@ -209,8 +224,12 @@ def self_paced_curriculum(cfg: SelfPacedConfig, name: str = "self_paced") -> Cur
     def init(case_table: CaseTable) -> State:
         neg, q = negative_setup(case_table, cfg.stratify_negatives, cfg.neg_fraction)
         groups = case_table.groups if case_table.groups is not None else case_table.has_lesion
-        return {"losses": np.full(case_table.n, np.nan, np.float32), "groups": np.asarray(groups, np.int32),
-                "is_negative": neg, "neg_fraction": q}
+        return {
+            "losses": np.full(case_table.n, np.nan, np.float32),
+            "groups": np.asarray(groups, np.int32),
+            "is_negative": neg,
+            "neg_fraction": q,
+        }
 
     def weights(state: State, step: Array) -> jax.Array:
         loss = state["losses"]
@@ -220,7 +239,8 @@ def self_paced_curriculum(cfg: SelfPacedConfig, name: str = "self_paced") -> Cur
         if cfg.diversity_gamma > 0:
             epochs = whole_epochs_of(step, cfg.steps_per_epoch)
             gamma = jnp.float32(cfg.diversity_gamma) * jnp.power(
-                jnp.float32(cfg.gamma_growth), (epochs // cfg.every_epochs).astype(jnp.float32))
+                jnp.float32(cfg.gamma_growth), (epochs // cfg.every_epochs).astype(jnp.float32)
+            )
             v = spld_select(loss, state["groups"], valid & seen, lam, gamma).astype(jnp.float32)
         else:
             v = spl_weights(loss, lam, cfg.regularizer, cfg.mixture_ratio, cfg.poly_order)

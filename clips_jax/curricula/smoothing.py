@@ -48,18 +48,21 @@ class SmoothingConfig:
         check(self.sigma0 >= 0, "sigma0 must be >= 0")
         check(0 < self.decay <= 1, "decay must be in (0, 1]")
         check(int(self.every_epochs) >= 1, "every_epochs must be >= 1")
-        check(self.steps_per_epoch is not None and int(self.steps_per_epoch) > 0,
-              "steps_per_epoch must be a positive integer (global optimisation steps per epoch)")
+        check(
+            self.steps_per_epoch is not None and int(self.steps_per_epoch) > 0,
+            "steps_per_epoch must be a positive integer (global optimisation steps per epoch)",
+        )
 
 
-def cbs_sigma(step: Array, sigma0: float = 1.0, decay: float = 0.9, every_epochs: int = 5,
-              steps_per_epoch: int = 1) -> jax.Array:
+def cbs_sigma(
+    step: Array, sigma0: float = 1.0, decay: float = 0.9, every_epochs: int = 5, steps_per_epoch: int = 1
+) -> jax.Array:
     """sigma(step) = sigma0 * decay^floor(floor(step / steps_per_epoch) / every_epochs) (float32 scalar).
 
     `step` may be a traced int scalar; the other arguments are static Python numbers.
     """
     e = whole_epochs_of(step, steps_per_epoch)
-    return (jnp.float32(sigma0) * jnp.power(jnp.float32(decay), (e // every_epochs).astype(jnp.float32)))
+    return jnp.float32(sigma0) * jnp.power(jnp.float32(decay), (e // every_epochs).astype(jnp.float32))
 
 
 def kernel_1d(sigma: Array, size: int = 3) -> jax.Array:
@@ -87,7 +90,8 @@ def with_smoothing(curriculum: Curriculum, cfg: SmoothingConfig) -> Curriculum:
 
     The returned Curriculum's config is the pair (data config, smoothing config); init/weights/update/end_stage
     and what the data curriculum declares it needs (losses, prediction gain, update cadence) are kept, so the
-    data curriculum is unaffected (an Exp3.S bandit with smoothing still gets its reward); `smooths` is True. Raises ConfigError for invalid options.
+    data curriculum is unaffected (an Exp3.S bandit with smoothing still gets its reward); `smooths` is True.
+    Raises ConfigError for invalid options.
     """
     cfg.validate()
 

@@ -48,9 +48,13 @@ def summarise_weights(weights: Array, case_table: CaseTable, measure: str = "com
     ranks = ranks_from_scores(scores, defined)
     decile = np.where(defined, (ranks.astype(np.int64) * N_DECILES) // max(n_def, 1), -1)
     mass = [float(w[decile == d].sum()) for d in range(N_DECILES)]
-    return {"decile_mass": mass, "undefined_mass": float(w[~defined].sum()),
-            "negative_mass": float(w[~case_table.has_lesion].sum()), "n_eff": float(1.0 / np.sum(w * w)),
-            "n_support": int(np.sum(w > 0))}
+    return {
+        "decile_mass": mass,
+        "undefined_mass": float(w[~defined].sum()),
+        "negative_mass": float(w[~case_table.has_lesion].sum()),
+        "n_eff": float(1.0 / np.sum(w * w)),
+        "n_support": int(np.sum(w > 0)),
+    }
 
 
 def plot_curriculum(log_rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:

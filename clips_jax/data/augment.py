@@ -62,8 +62,9 @@ def simulate_low_resolution(x: np.ndarray, rng: np.random.Generator, zoom_range=
     return up.astype(np.float32)
 
 
-def gamma(x: np.ndarray, rng: np.random.Generator, gamma_range=(0.7, 1.5), invert: bool = False,
-          retain_stats: bool = True) -> np.ndarray:
+def gamma(
+    x: np.ndarray, rng: np.random.Generator, gamma_range=(0.7, 1.5), invert: bool = False, retain_stats: bool = True
+) -> np.ndarray:
     """Gamma transform of the min-max normalised image (batchgenerators `augment_gamma`).
 
     `invert` applies it to `-x` and negates back. With `retain_stats` the output gets the input's mean and
@@ -92,8 +93,14 @@ def augment_suv(suv: np.ndarray, rng: np.random.Generator, p: float = 0.1) -> np
     previous steps fired. Returns a new float32 array (z, y, x); SUV is clipped at 0 afterwards.
     """
     x = np.asarray(suv, np.float32)
-    steps = (gaussian_blur, multiplicative_brightness, contrast, simulate_low_resolution,
-             lambda a, r: gamma(a, r, invert=True), gamma)
+    steps = (
+        gaussian_blur,
+        multiplicative_brightness,
+        contrast,
+        simulate_low_resolution,
+        lambda a, r: gamma(a, r, invert=True),
+        gamma,
+    )
     changed = False
     for f in steps:
         if rng.random() < p:
@@ -102,8 +109,9 @@ def augment_suv(suv: np.ndarray, rng: np.random.Generator, p: float = 0.1) -> np
     return np.maximum(x, 0.0) if changed else x
 
 
-def random_flips(arrays: list[np.ndarray], rng: np.random.Generator, p: float = 0.5,
-                 axes=(0, 1, 2)) -> list[np.ndarray]:
+def random_flips(
+    arrays: list[np.ndarray], rng: np.random.Generator, p: float = 0.5, axes=(0, 1, 2)
+) -> list[np.ndarray]:
     """Flip every array along each of `axes` with probability `p` (same decision for all arrays).
 
     Arrays share their leading spatial axes (z, y, x); returns new contiguous arrays.
@@ -119,14 +127,15 @@ def rotation_matrix(angles_xyz) -> np.ndarray:
     ax, ay, az = angles_xyz
     cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
     # matrices act on (z, y, x) column vectors
-    rx = np.array([[cx, -sx, 0], [sx, cx, 0], [0, 0, 1.0]])   # about x: mixes z, y
-    ry = np.array([[cy, 0, sy], [0, 1.0, 0], [-sy, 0, cy]])   # about y: mixes z, x
-    rz = np.array([[1.0, 0, 0], [0, cz, -sz], [0, sz, cz]])   # about z: mixes y, x
+    rx = np.array([[cx, -sx, 0], [sx, cx, 0], [0, 0, 1.0]])  # about x: mixes z, y
+    ry = np.array([[cy, 0, sy], [0, 1.0, 0], [-sy, 0, cy]])  # about y: mixes z, x
+    rz = np.array([[1.0, 0, 0], [0, cz, -sz], [0, sz, cz]])  # about z: mixes y, x
     return rz @ ry @ rx
 
 
-def affine_matrix(rng: np.random.Generator, spacing_mm=(1.0, 1.0, 1.0), max_angle: float = 0.3,
-                  scale_range=(0.9, 1.1)) -> np.ndarray:
+def affine_matrix(
+    rng: np.random.Generator, spacing_mm=(1.0, 1.0, 1.0), max_angle: float = 0.3, scale_range=(0.9, 1.1)
+) -> np.ndarray:
     """Random rotation + isotropic scale as a 3x3 voxel-index SAMPLING matrix M (output -> input offset).
 
     An output voxel at offset `d` (voxels, (z, y, x)) from the patch centre reads the input at

@@ -52,16 +52,23 @@ class Case:
                 continue
             arr = np.asarray(arr)
             if tuple(arr.shape) != shape:
-                raise DataError(f"case {self.case_id}: {name} has shape {tuple(arr.shape)} but the grid is "
-                                f"{shape} (z, y, x); resample it onto the PET grid first")
+                raise DataError(
+                    f"case {self.case_id}: {name} has shape {tuple(arr.shape)} but the grid is "
+                    f"{shape} (z, y, x); resample it onto the PET grid first"
+                )
             if name == "seg":
                 if arr.dtype == bool:
                     arr = arr.astype(np.uint8)
-                bad = arr.size and (arr.min() < 0 or arr.max() > 1 or (
-                    np.issubdtype(arr.dtype, np.floating) and not np.all((arr == 0) | (arr == 1))))
+                bad = arr.size and (
+                    arr.min() < 0
+                    or arr.max() > 1
+                    or (np.issubdtype(arr.dtype, np.floating) and not np.all((arr == 0) | (arr == 1)))
+                )
                 if bad:
-                    raise DataError(f"case {self.case_id}: seg must hold only 0 and 1, found values in "
-                                    f"[{arr.min()}, {arr.max()}]; binarise the mask first")
+                    raise DataError(
+                        f"case {self.case_id}: seg must hold only 0 and 1, found values in "
+                        f"[{arr.min()}, {arr.max()}]; binarise the mask first"
+                    )
                 arr = arr.astype(np.uint8, copy=False)
             else:
                 arr = arr.astype(np.float32, copy=False)

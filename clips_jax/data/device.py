@@ -84,8 +84,14 @@ import numpy as np
 from jax import lax
 
 from clips_jax.data.channels import make_channels_jnp
-from clips_jax.data.pipeline import (DEFAULT_PATCH_SHAPE, PAD_HU, PAD_SUV, _check_extra, _check_weights,
-                                     hot_negative_voxels)
+from clips_jax.data.pipeline import (
+    DEFAULT_PATCH_SHAPE,
+    PAD_HU,
+    PAD_SUV,
+    _check_extra,
+    _check_weights,
+    hot_negative_voxels,
+)
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ConfigError, DataError
 
@@ -97,8 +103,14 @@ MAX_ANGLE = 0.3
 SCALE_RANGE = (0.9, 1.1)
 """Isotropic scale ~ U(SCALE_RANGE) (`augment.affine_matrix`)."""
 
-INTENSITY_STEPS = ("gaussian_blur", "multiplicative_brightness", "contrast", "simulate_low_resolution",
-                   "gamma_inverted", "gamma")
+INTENSITY_STEPS = (
+    "gaussian_blur",
+    "multiplicative_brightness",
+    "contrast",
+    "simulate_low_resolution",
+    "gamma_inverted",
+    "gamma",
+)
 """The SUV intensity augmentations in `augment.augment_suv`'s order (names of the `augment` functions)."""
 INTENSITY_RANGES = ((0.5, 1.0), (0.75, 1.25), (0.75, 1.25), (0.5, 1.0), (0.7, 1.5), (0.7, 1.5))
 """Uniform parameter range of each step: blur sigma (voxels), brightness factor, contrast factor,
@@ -194,9 +206,9 @@ class CropParams(NamedTuple):
 
 # ---- building the store ------------------------------------------------------------------------------------
 
+
 def _case_indices(store: CaseStore, case_indices) -> np.ndarray:
-    idx = (np.arange(len(store)) if case_indices is None
-           else np.asarray(case_indices, dtype=np.int64).reshape(-1))
+    idx = np.arange(len(store)) if case_indices is None else np.asarray(case_indices, dtype=np.int64).reshape(-1)
     if idx.size == 0 or idx.min() < 0 or idx.max() >= len(store):
         raise ConfigError(f"case_indices must be non-empty indices into the store ({len(store)} cases)")
     return idx
@@ -209,8 +221,14 @@ def _image_dtype(dtype) -> np.dtype:
     return dt
 
 
-def device_store_bytes(store: CaseStore, case_indices=None, *, dtype=jnp.float32,
-                       extra_channels: Sequence[str] = (), hot_fraction: float = 0.05) -> int:
+def device_store_bytes(
+    store: CaseStore,
+    case_indices=None,
+    *,
+    dtype=jnp.float32,
+    extra_channels: Sequence[str] = (),
+    hot_fraction: float = 0.05,
+) -> int:
     """Estimated device bytes of `device_store_from(store, case_indices, ...)`, without loading any volume.
 
     Exact for the images, masks, lesion lists and metadata (shapes from the manifest, lesion counts from the
@@ -239,8 +257,15 @@ def _set_case(arr, n, case):
     return lax.dynamic_update_index_in_dim(arr, case.astype(arr.dtype), n, 0)
 
 
-def device_store_from(store: CaseStore, case_indices=None, *, hot_suv: float = 2.5, dtype=jnp.float32,
-                      extra_channels: Sequence[str] = (), device=None) -> DeviceStore:
+def device_store_from(
+    store: CaseStore,
+    case_indices=None,
+    *,
+    hot_suv: float = 2.5,
+    dtype=jnp.float32,
+    extra_channels: Sequence[str] = (),
+    device=None,
+) -> DeviceStore:
     """Load the cases `case_indices` (default all; e.g. `store.split_indices("train")`) onto the device.
 
     Args:
@@ -271,8 +296,10 @@ def device_store_from(store: CaseStore, case_indices=None, *, hot_suv: float = 2
     place = _placement(device)
 
     def alloc(shape, value, dtype_):
-        f = jax.jit(lambda: jnp.broadcast_to(jnp.asarray(value, dtype_), shape),
-                    **({} if place is None else {"out_shardings": place}))
+        f = jax.jit(
+            lambda: jnp.broadcast_to(jnp.asarray(value, dtype_), shape),
+            **({} if place is None else {"out_shardings": place}),
+        )
         return f()
 
     put = (lambda x: jax.device_put(x, place)) if place is not None else jax.device_put
@@ -284,8 +311,9 @@ def device_store_from(store: CaseStore, case_indices=None, *, hot_suv: float = 2
         a = store.case_arrays(i, extra=extra)
         shp = tuple(a["ct"].shape)
         if shp != tuple(shapes[n]):
-            raise DataError(f"case {store.ids[i]}: arrays {shp} differ from the manifest grid {tuple(shapes[n])}; "
-                            "run prepare again")
+            raise DataError(
+                f"case {store.ids[i]}: arrays {shp} differ from the manifest grid {tuple(shapes[n])}; run prepare again"
+            )
         inner = tuple(slice(BORDER_LO, BORDER_LO + s) for s in shp)
         buf = np.empty(full + (c,), dt)
         buf[...] = fill
@@ -298,25 +326,37 @@ def device_store_from(store: CaseStore, case_indices=None, *, hot_suv: float = 2
         seg = _set_case(seg, np.int32(n), put(sbuf))
         fg = store.foreground(i)
         lesions.append(np.ravel_multi_index(tuple(fg.T), shp).astype(np.int32) if len(fg) else np.zeros(0, np.int32))
-        hots.append(hot_negative_voxels(np.asarray(a["suv"], np.float32), seg_arr, hot_suv).astype(np.int32)
-                    if labeled[n] else np.zeros(0, np.int32))
+        hots.append(
+            hot_negative_voxels(np.asarray(a["suv"], np.float32), seg_arr, hot_suv).astype(np.int32)
+            if labeled[n]
+            else np.zeros(0, np.int32)
+        )
         spacing.append(store.geometry(i).spacing_mm)
 
     def padded(lists):
         out = np.zeros((n_cases, max(1, max(len(v) for v in lists))), np.int32)
         for n, v in enumerate(lists):
-            out[n, :len(v)] = v
+            out[n, : len(v)] = v
         return out, np.array([len(v) for v in lists], np.int32)
 
     les, les_n = padded(lesions)
     hot, hot_n = padded(hots)
-    return DeviceStore(images=images, seg=seg, shape=put(shapes.astype(np.int32)),
-                       spacing=put(np.asarray(spacing, np.float32)), labeled=put(labeled.astype(bool)),
-                       lesion_voxels=put(les), lesion_count=put(les_n), hot_voxels=put(hot), hot_count=put(hot_n),
-                       store_index=put(idx.astype(np.int32)))
+    return DeviceStore(
+        images=images,
+        seg=seg,
+        shape=put(shapes.astype(np.int32)),
+        spacing=put(np.asarray(spacing, np.float32)),
+        labeled=put(labeled.astype(bool)),
+        lesion_voxels=put(les),
+        lesion_count=put(les_n),
+        hot_voxels=put(hot),
+        hot_count=put(hot_n),
+        store_index=put(idx.astype(np.int32)),
+    )
 
 
 # ---- random draws ------------------------------------------------------------------------------------------
+
 
 def rotation_matrix_jnp(angles_xyz):
     """jnp twin of `augment.rotation_matrix`: (3, 3) R = Rz @ Ry @ Rx in (z, y, x) order, angles (3,) rad."""
@@ -362,7 +402,7 @@ decisions."""
 
 def _u01(bits):
     """Uniform float32 in [0, 1) from uint32 words (the top 24 bits, exact in float32)."""
-    return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+    return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
 def _below(bits, n):
@@ -370,8 +410,9 @@ def _below(bits, n):
     return (bits % jnp.maximum(n, 1).astype(jnp.uint32)).astype(jnp.int32)
 
 
-def _draw_one(key, cdf, last, dstore: DeviceStore, patch, p_foreground, p_hot_negative, augment, p_affine,
-              p_intensity, p_flip) -> CropParams:
+def _draw_one(
+    key, cdf, last, dstore: DeviceStore, patch, p_foreground, p_hot_negative, augment, p_affine, p_intensity, p_flip
+) -> CropParams:
     bits = jax.random.bits(key, (_N_BITS,), jnp.uint32)
     u = _u01(bits)
     # case: inverse CDF (a zero weight spans an empty interval; `last` = the last positive weight)
@@ -382,14 +423,15 @@ def _draw_one(key, cdf, last, dstore: DeviceStore, patch, p_foreground, p_hot_ne
     les_n, hot_n = dstore.lesion_count[case], dstore.hot_count[case]
     use_fg = want_fg & (les_n > 0)
     use_hot = (~want_fg) & (u[2] < p_hot_negative) & dstore.labeled[case] & (hot_n > 0)
-    flat = jnp.where(use_fg, dstore.lesion_voxels[case, _below(bits[3], les_n)],
-                     dstore.hot_voxels[case, _below(bits[4], hot_n)])
+    flat = jnp.where(
+        use_fg, dstore.lesion_voxels[case, _below(bits[3], les_n)], dstore.hot_voxels[case, _below(bits[4], hot_n)]
+    )
     v = _unravel(flat, n)
     fits = n >= q
     s_vox = v - q // 2
-    s_vox = jnp.where(fits, jnp.clip(s_vox, 0, n - q), s_vox)           # pipeline._start_on_voxel
+    s_vox = jnp.where(fits, jnp.clip(s_vox, 0, n - q), s_vox)  # pipeline._start_on_voxel
     r = _below(bits[5:8], jnp.where(fits, n - q + 1, n + 1))
-    s_uni = jnp.where(fits, r, r - q // 2)                               # pipeline._start_uniform
+    s_uni = jnp.where(fits, r, r - q // 2)  # pipeline._start_uniform
     centred = use_fg | use_hot
     start = jnp.where(centred, s_vox, s_uni).astype(jnp.int32)
     mode = jnp.where(use_fg, 1, jnp.where(use_hot, 2, 0)).astype(jnp.int32)
@@ -405,13 +447,36 @@ def _draw_one(key, cdf, last, dstore: DeviceStore, patch, p_foreground, p_hot_ne
         affine, flips, intensity = jnp.bool_(False), jnp.zeros(3, bool), jnp.zeros(6, bool)
     m = affine_matrix_jnp(angles, scale, dstore.spacing[case])
     m = jnp.where(affine, m, jnp.eye(3, dtype=jnp.float32))
-    return CropParams(case=case, start=start, mode=mode, voxel=voxel, affine=affine, angles=angles, scale=scale,
-                      matrix=m, flips=flips, intensity=intensity, intensity_param=iparam)
+    return CropParams(
+        case=case,
+        start=start,
+        mode=mode,
+        voxel=voxel,
+        affine=affine,
+        angles=angles,
+        scale=scale,
+        matrix=m,
+        flips=flips,
+        intensity=intensity,
+        intensity_param=iparam,
+    )
 
 
-def draw_params(key, weights, dstore: DeviceStore, *, batch_size: int, patch_shape=DEFAULT_PATCH_SHAPE,
-                p_foreground=0.0, p_hot_negative=0.0, augment: bool = True, p_affine=0.5, p_intensity=0.1,
-                p_flip=0.5, first_element=0) -> CropParams:
+def draw_params(
+    key,
+    weights,
+    dstore: DeviceStore,
+    *,
+    batch_size: int,
+    patch_shape=DEFAULT_PATCH_SHAPE,
+    p_foreground=0.0,
+    p_hot_negative=0.0,
+    augment: bool = True,
+    p_affine=0.5,
+    p_intensity=0.1,
+    p_flip=0.5,
+    first_element=0,
+) -> CropParams:
     """The random draws of `sample_batch` (same arguments), without cutting any patch. Pure, jit-able.
 
     Element b uses only `jax.random.fold_in(key, first_element + b)` (28 uint32 words of `jax.random.bits`).
@@ -430,13 +495,24 @@ def draw_params(key, weights, dstore: DeviceStore, *, batch_size: int, patch_sha
     last = w.shape[0] - 1 - jnp.argmax(w[::-1] > 0)
     elements = first_element + jnp.arange(int(batch_size), dtype=jnp.int32)
     keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(elements)
-    draw = functools.partial(_draw_one, cdf=cdf, last=last, dstore=dstore, patch=patch, p_foreground=p_foreground,
-                             p_hot_negative=p_hot_negative, augment=bool(augment), p_affine=p_affine,
-                             p_intensity=p_intensity, p_flip=p_flip)
+    draw = functools.partial(
+        _draw_one,
+        cdf=cdf,
+        last=last,
+        dstore=dstore,
+        patch=patch,
+        p_foreground=p_foreground,
+        p_hot_negative=p_hot_negative,
+        augment=bool(augment),
+        p_affine=p_affine,
+        p_intensity=p_intensity,
+        p_flip=p_flip,
+    )
     return jax.vmap(lambda k: draw(k))(keys)
 
 
 # ---- cutting one patch -------------------------------------------------------------------------------------
+
 
 def _flat_views(dstore: DeviceStore):
     full = dstore.images.shape[1:4]
@@ -465,11 +541,16 @@ def _crop_affine(dstore: DeviceStore, case, start, matrix, flips, patch):
     """Affine crop about the patch centre: trilinear images, nearest label (`pipeline._affine_sample`)."""
     flat_img, flat_seg, st = _flat_views(dstore)
     smax = dstore.max_shape
-    m = matrix * jnp.where(flips, -1.0, 1.0)[None, :]     # flipping output axis j == negating column j
+    m = matrix * jnp.where(flips, -1.0, 1.0)[None, :]  # flipping output axis j == negating column j
     half = [(q - 1) / 2.0 for q in patch]
     d = [jnp.arange(q, dtype=jnp.float32) - h for q, h in zip(patch, half)]
-    coords = [m[a, 0] * d[0][:, None, None] + m[a, 1] * d[1][None, :, None] + m[a, 2] * d[2][None, None, :]
-              + (start[a].astype(jnp.float32) + half[a]) for a in range(3)]
+    coords = [
+        m[a, 0] * d[0][:, None, None]
+        + m[a, 1] * d[1][None, :, None]
+        + m[a, 2] * d[2][None, None, :]
+        + (start[a].astype(jnp.float32) + half[a])
+        for a in range(3)
+    ]
     # nearest (labels): np.rint == round half to even; out-of-volume -> the fill border
     near = [jnp.clip(jnp.round(c), -1, smax[a]).astype(jnp.int32) + BORDER_LO for a, c in enumerate(coords)]
     seg = _get(flat_seg, case * st[0] + near[0] * st[1] + near[1] * st[2] + near[2])
@@ -512,6 +593,7 @@ def crop_patch_device(dstore: DeviceStore, case, start, patch_shape, matrix=None
 
 
 # ---- SUV intensity augmentations (jnp twins of clips_jax.data.augment, given their parameter) --------------
+
 
 def _shift_sum(xp, weights, axis, n, radius):
     out = None
@@ -577,8 +659,14 @@ def gamma_jnp(x, g, invert: bool = False):
     return jnp.where(const, x, out)
 
 
-_INTENSITY_FNS = (gaussian_blur_jnp, lambda x, p: x * p, contrast_jnp, simulate_low_resolution_jnp,
-                  lambda x, p: gamma_jnp(x, p, invert=True), gamma_jnp)
+_INTENSITY_FNS = (
+    gaussian_blur_jnp,
+    lambda x, p: x * p,
+    contrast_jnp,
+    simulate_low_resolution_jnp,
+    lambda x, p: gamma_jnp(x, p, invert=True),
+    gamma_jnp,
+)
 
 
 def _augment_chain(suv, fire, params):
@@ -601,13 +689,16 @@ def augment_suv_jnp(suv, fire, params):
 
 # ---- batches -----------------------------------------------------------------------------------------------
 
+
 def _render_one(dstore: DeviceStore, p: CropParams, patch, augment: bool):
     """Raw patch of one element: (D, H, W, 2 + E) float32 [ct, augmented suv, *extras], (D, H, W) uint8."""
     if not augment:
         return _crop_plain(dstore, p.case, p.start, jnp.zeros(3, bool), patch)
-    img, seg = lax.cond(p.affine,
-                        lambda: _crop_affine(dstore, p.case, p.start, p.matrix, p.flips, patch),
-                        lambda: _crop_plain(dstore, p.case, p.start, p.flips, patch))
+    img, seg = lax.cond(
+        p.affine,
+        lambda: _crop_affine(dstore, p.case, p.start, p.matrix, p.flips, patch),
+        lambda: _crop_plain(dstore, p.case, p.start, p.flips, patch),
+    )
     suv = augment_suv_jnp(img[..., 1], p.intensity, p.intensity_param)
     return jnp.concatenate([img[..., :1], suv[..., None], img[..., 2:]], axis=-1), seg
 
@@ -620,8 +711,9 @@ def _window(raw, label):
     return chans, label.astype(jnp.int32)
 
 
-def render_batch(params: CropParams, dstore: DeviceStore, *, patch_shape=DEFAULT_PATCH_SHAPE,
-                 augment: bool = True) -> dict:
+def render_batch(
+    params: CropParams, dstore: DeviceStore, *, patch_shape=DEFAULT_PATCH_SHAPE, augment: bool = True
+) -> dict:
     """Cut, augment and window the patches described by `params` (from `draw_params`). Pure, jit-able.
 
     Elements are processed one after another (`lax.map`), each paying only for the branches it drew, and
@@ -631,13 +723,31 @@ def render_batch(params: CropParams, dstore: DeviceStore, *, patch_shape=DEFAULT
     """
     patch = _check_patch(patch_shape)
     image, label = lax.map(lambda p: _window(*_render_one(dstore, p, patch, bool(augment))), params)
-    return {"image": image, "label": label, "case_index": params.case,
-            "labeled": dstore.labeled[params.case], "lesion_centred": params.mode == 1}
+    return {
+        "image": image,
+        "label": label,
+        "case_index": params.case,
+        "labeled": dstore.labeled[params.case],
+        "lesion_centred": params.mode == 1,
+    }
 
 
-def sample_batch(key, weights, dstore: DeviceStore, *, batch_size: int, patch_shape=DEFAULT_PATCH_SHAPE,
-                 p_foreground=0.0, p_hot_negative=0.0, augment: bool = True, p_affine=0.5, p_intensity=0.1,
-                 p_flip=0.5, first_element=0, return_params: bool = False):
+def sample_batch(
+    key,
+    weights,
+    dstore: DeviceStore,
+    *,
+    batch_size: int,
+    patch_shape=DEFAULT_PATCH_SHAPE,
+    p_foreground=0.0,
+    p_hot_negative=0.0,
+    augment: bool = True,
+    p_affine=0.5,
+    p_intensity=0.1,
+    p_flip=0.5,
+    first_element=0,
+    return_params: bool = False,
+):
     """One training batch drawn and cut on the device: the device twin of `pipeline.PatchSampler`.
 
     Pure and jit-compatible (static: batch_size, patch_shape, augment, return_params; everything else may be
@@ -659,9 +769,20 @@ def sample_batch(key, weights, dstore: DeviceStore, *, batch_size: int, patch_sh
       `dstore.store_index[case_index]`), "labeled": (B,) bool, "lesion_centred": (B,) bool}`
       [, `CropParams`].
     """
-    params = draw_params(key, weights, dstore, batch_size=batch_size, patch_shape=patch_shape,
-                         p_foreground=p_foreground, p_hot_negative=p_hot_negative, augment=augment,
-                         p_affine=p_affine, p_intensity=p_intensity, p_flip=p_flip, first_element=first_element)
+    params = draw_params(
+        key,
+        weights,
+        dstore,
+        batch_size=batch_size,
+        patch_shape=patch_shape,
+        p_foreground=p_foreground,
+        p_hot_negative=p_hot_negative,
+        augment=augment,
+        p_affine=p_affine,
+        p_intensity=p_intensity,
+        p_flip=p_flip,
+        first_element=first_element,
+    )
     batch = render_batch(params, dstore, patch_shape=patch_shape, augment=augment)
     return (batch, params) if return_params else batch
 
@@ -670,7 +791,27 @@ sample_batch_jit = jax.jit(sample_batch, static_argnames=("batch_size", "patch_s
 """`sample_batch` compiled (patch_shape must be a tuple)."""
 
 
-__all__ = ["BORDER_HI", "BORDER_LO", "CropParams", "DeviceStore", "INTENSITY_RANGES", "INTENSITY_STEPS", "MAX_ANGLE",
-           "SCALE_RANGE", "affine_matrix_jnp", "augment_suv_jnp", "contrast_jnp", "crop_patch_device",
-           "device_store_bytes", "device_store_from", "draw_params", "gamma_jnp", "gaussian_blur_jnp",
-           "render_batch", "rotation_matrix_jnp", "sample_batch", "sample_batch_jit", "simulate_low_resolution_jnp"]
+__all__ = [
+    "BORDER_HI",
+    "BORDER_LO",
+    "CropParams",
+    "DeviceStore",
+    "INTENSITY_RANGES",
+    "INTENSITY_STEPS",
+    "MAX_ANGLE",
+    "SCALE_RANGE",
+    "affine_matrix_jnp",
+    "augment_suv_jnp",
+    "contrast_jnp",
+    "crop_patch_device",
+    "device_store_bytes",
+    "device_store_from",
+    "draw_params",
+    "gamma_jnp",
+    "gaussian_blur_jnp",
+    "render_batch",
+    "rotation_matrix_jnp",
+    "sample_batch",
+    "sample_batch_jit",
+    "simulate_low_resolution_jnp",
+]

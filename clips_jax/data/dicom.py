@@ -66,12 +66,12 @@ def _read_header(path: Path, **kwargs) -> Dataset | None:
     except InvalidDicomError:
         return None
     except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(f"{path}: damaged DICOM file ({type(e).__name__}: {e}); remove it or export the "
-                        "series again") from e
+        raise DataError(
+            f"{path}: damaged DICOM file ({type(e).__name__}: {e}); remove it or export the series again"
+        ) from e
 
 
-def dicom_modalities(folder: str | os.PathLike, stop_when: frozenset[str] = frozenset({"PT", "CT"})
-                     ) -> set[str]:
+def dicom_modalities(folder: str | os.PathLike, stop_when: frozenset[str] = frozenset({"PT", "CT"})) -> set[str]:
     """Modalities (e.g. {"PT", "CT"}) of the DICOM files found recursively in `folder`.
 
     Cheap probe used for study detection: reads only the Modality tag and stops as soon as every modality
@@ -99,8 +99,10 @@ def _scan_series(folder: Path) -> dict[str, list[tuple[Path, Dataset]]]:
             continue  # not DICOM, or a DICOMDIR (a directory record, not an object of the study)
         if "SeriesInstanceUID" not in ds or "Modality" not in ds:
             # Every composite DICOM object carries both (type 1): without them the file is cut short or damaged.
-            raise DataError(f"{path}: DICOM file without SeriesInstanceUID (0020,000E) or Modality (0008,0060): "
-                            "truncated or damaged; remove it or export the series again")
+            raise DataError(
+                f"{path}: DICOM file without SeriesInstanceUID (0020,000E) or Modality (0008,0060): "
+                "truncated or damaged; remove it or export the series again"
+            )
         series.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
     return series
 
@@ -123,22 +125,35 @@ def _suv_tags(ds: Dataset) -> tuple:
     seq = ds.get("RadiopharmaceuticalInformationSequence")
     info = seq[0] if seq else Dataset()
     return tuple(str(ds.get(k, "")).strip() for k in SERIES_SUV_TAGS) + tuple(
-        str(info.get(k, "")).strip() for k in ("RadionuclideTotalDose", "RadiopharmaceuticalStartTime",
-                                               "RadiopharmaceuticalStartDateTime", "RadionuclideHalfLife"))
+        str(info.get(k, "")).strip()
+        for k in (
+            "RadionuclideTotalDose",
+            "RadiopharmaceuticalStartTime",
+            "RadiopharmaceuticalStartDateTime",
+            "RadionuclideHalfLife",
+        )
+    )
 
 
 def check_series_agree(items: list[tuple[Path, Dataset]], where: str) -> None:
     """Raise DataError naming two files when the series-level SUV tags (`_suv_tags`) differ between slices."""
-    names = (*SERIES_SUV_TAGS, "RadionuclideTotalDose", "RadiopharmaceuticalStartTime",
-             "RadiopharmaceuticalStartDateTime", "RadionuclideHalfLife")
+    names = (
+        *SERIES_SUV_TAGS,
+        "RadionuclideTotalDose",
+        "RadiopharmaceuticalStartTime",
+        "RadiopharmaceuticalStartDateTime",
+        "RadionuclideHalfLife",
+    )
     first_path, first = items[0][0], _suv_tags(items[0][1])
     for path, ds in items[1:]:
         tags = _suv_tags(ds)
         if tags != first:
             k = next(i for i, (a, b) in enumerate(zip(first, tags)) if a != b)
-            raise DataError(f"{where}: {names[k]} differs between slices ({first[k]!r} in {first_path.name}, "
-                            f"{tags[k]!r} in {path.name}); SUV needs one value per series: export the series "
-                            "again or correct the tag")
+            raise DataError(
+                f"{where}: {names[k]} differs between slices ({first[k]!r} in {first_path.name}, "
+                f"{tags[k]!r} in {path.name}); SUV needs one value per series: export the series "
+                "again or correct the tag"
+            )
 
 
 def _series_label(ds: Dataset, n: int | None = None) -> str:
@@ -155,8 +170,10 @@ def _choose_series(series: dict[str, list[tuple[Path, Dataset]]], modality: str,
     cands = [uid for uid, items in series.items() if str(items[0][1].Modality).upper() == modality]
     if not cands:
         found = sorted({str(items[0][1].Modality) for items in series.values()})
-        raise DataError(f"no {_MODALITY_NAMES[modality]} series in {folder} (modalities found: "
-                        f"{', '.join(found) or 'none'}); a study folder needs one PT and one CT series")
+        raise DataError(
+            f"no {_MODALITY_NAMES[modality]} series in {folder} (modalities found: "
+            f"{', '.join(found) or 'none'}); a study folder needs one PT and one CT series"
+        )
     if modality == "PT":  # prefer quantitative (Bq/ml) series over e.g. non-attenuation-corrected counts
         bqml = [u for u in cands if str(series[u][0][1].get("Units", "")).strip().upper() == "BQML"]
         cands = bqml or cands
@@ -164,9 +181,14 @@ def _choose_series(series: dict[str, list[tuple[Path, Dataset]]], modality: str,
     chosen = cands[0]
     if len(cands) > 1:
         others = "; ".join(_series_label(series[u][0][1], len(series[u])) for u in cands[1:])
-        logging.warning("%s: %d %s series found; using %s (most slices) and ignoring %s", folder, len(cands),
-                        _MODALITY_NAMES[modality], _series_label(series[chosen][0][1], len(series[chosen])),
-                        others)
+        logging.warning(
+            "%s: %d %s series found; using %s (most slices) and ignoring %s",
+            folder,
+            len(cands),
+            _MODALITY_NAMES[modality],
+            _series_label(series[chosen][0][1], len(series[chosen])),
+            others,
+        )
     return chosen
 
 
@@ -179,8 +201,17 @@ def _floats(ds: Dataset, keyword: str, n: int, label: str, path: Path) -> np.nda
         raise DataError(f"{path}: {label}: {keyword} is missing; cannot place the slice in space")
     raw = ds.get(keyword)
     try:
-        v = np.asarray([float(x) for x in (raw if isinstance(raw, (list, tuple)) or hasattr(raw, "__iter__")
-                                           and not isinstance(raw, str) else [raw])], dtype=np.float64)
+        v = np.asarray(
+            [
+                float(x)
+                for x in (
+                    raw
+                    if isinstance(raw, (list, tuple)) or hasattr(raw, "__iter__") and not isinstance(raw, str)
+                    else [raw]
+                )
+            ],
+            dtype=np.float64,
+        )
     except (TypeError, ValueError) as e:
         raise DataError(f"{path}: {label}: {keyword} = {raw!r} is not numeric") from e
     if v.shape != (n,) or not np.all(np.isfinite(v)):
@@ -230,7 +261,8 @@ def stack_series(items: list[tuple[Path, Dataset]], slice_factors=None) -> Serie
     vol, datasets = _read_pixels(items, order, label, rows, cols)
     if slice_factors is not None:
         vol = (vol.astype(np.float64) * np.asarray(slice_factors(datasets), np.float64)[:, None, None]).astype(
-            np.float32)
+            np.float32
+        )
     first = ipps[order[0]]
     if grid is None:
         return SeriesStack(vol, _series_geometry(iop, ps, first, ipps[order[-1]], vol.shape, label), datasets, False)
@@ -247,8 +279,10 @@ def _slice_geometry(items: list[tuple[Path, Dataset]], label: str):
     ipps = []
     for path, ds in items:
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise DataError(f"{path}: {label} is a multi-frame (enhanced) object; export it as one file per "
-                            "slice (classic single-frame images)")
+            raise DataError(
+                f"{path}: {label} is a multi-frame (enhanced) object; export it as one file per "
+                "slice (classic single-frame images)"
+            )
         iop = _floats(ds, "ImageOrientationPatient", 6, label, path)
         ipp = _floats(ds, "ImagePositionPatient", 3, label, path)
         ps = _floats(ds, "PixelSpacing", 2, label, path)
@@ -256,9 +290,11 @@ def _slice_geometry(items: list[tuple[Path, Dataset]], label: str):
         if iop0 is None:
             iop0, ps0, rc0 = iop, ps, rc
         elif not (np.allclose(iop, iop0, atol=1e-4) and np.allclose(ps, ps0, atol=1e-4) and rc == rc0):
-            raise DataError(f"{path}: {label}: slices differ in orientation, pixel spacing or size "
-                            f"({list(iop)}, {list(ps)}, {rc} vs {list(iop0)}, {list(ps0)}, {rc0}); "
-                            "the series mixes several acquisitions")
+            raise DataError(
+                f"{path}: {label}: slices differ in orientation, pixel spacing or size "
+                f"({list(iop)}, {list(ps)}, {rc} vs {list(iop0)}, {list(ps0)}, {rc0}); "
+                "the series mixes several acquisitions"
+            )
         ipps.append(ipp)
     return iop0, ps0, rc0, np.asarray(ipps)
 
@@ -275,8 +311,10 @@ def _stack_normal(items: list[tuple[Path, Dataset]], label: str, iop: np.ndarray
     """The slice normal (row x column direction, LPS). Raises DataError if the orientation is not orthonormal."""
     normal = np.cross(iop[:3], iop[3:])
     if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
-        raise DataError(f"{items[0][0].parent}: {label}: ImageOrientationPatient {list(iop)} is not two "
-                        "orthonormal direction vectors")
+        raise DataError(
+            f"{items[0][0].parent}: {label}: ImageOrientationPatient {list(iop)} is not two "
+            "orthonormal direction vectors"
+        )
     return normal
 
 
@@ -289,13 +327,16 @@ def _slice_order(items: list[tuple[Path, Dataset]], label: str, normal: np.ndarr
     steps = np.diff(pos)
     if np.any(steps < 1e-3):
         k = int(np.argmin(steps))
-        raise DataError(f"{items[order[k]][0]} and {items[order[k + 1]][0]}: {label}: two slices at the same "
-                        f"position {pos[k]:.3f} mm; the series mixes several acquisitions")
+        raise DataError(
+            f"{items[order[k]][0]} and {items[order[k + 1]][0]}: {label}: two slices at the same "
+            f"position {pos[k]:.3f} mm; the series mixes several acquisitions"
+        )
     return order, pos
 
 
-def _regular_positions(items: list[tuple[Path, Dataset]], label: str, order: np.ndarray,
-                       pos: np.ndarray) -> np.ndarray | None:
+def _regular_positions(
+    items: list[tuple[Path, Dataset]], label: str, order: np.ndarray, pos: np.ndarray
+) -> np.ndarray | None:
     """None when the sorted slice positions `pos` (mm) form a regular grid; otherwise the regular positions to
     resample onto (first to last slice, median step), after a `DataWarning` naming the irregular slices.
 
@@ -314,15 +355,21 @@ def _regular_positions(items: list[tuple[Path, Dataset]], label: str, order: np.
     med = float(np.median(steps))
     if np.any(steps > MISSING_SLICE_STEPS * med):
         i = int(np.argmax(steps))
-        raise DataError(f"{items[order[i]][0]} and {items[order[i + 1]][0]}: {label}: missing slice(s) between "
-                        f"positions {pos[i]:.2f} and {pos[i + 1]:.2f} mm (a gap of {steps[i]:.2f} mm among "
-                        f"{med:.2f} mm steps); export the complete series")
+        raise DataError(
+            f"{items[order[i]][0]} and {items[order[i + 1]][0]}: {label}: missing slice(s) between "
+            f"positions {pos[i]:.2f} and {pos[i + 1]:.2f} mm (a gap of {steps[i]:.2f} mm among "
+            f"{med:.2f} mm steps); export the complete series"
+        )
     odd = [str(items[order[i + 1]][0].name) for i in np.flatnonzero(np.abs(steps - med) > tol)]
     n_new = int(round((pos[-1] - pos[0]) / med)) + 1
-    warnings.warn(DataWarning(
-        f"{items[0][0].parent}: {label}: slice spacing varies (between {steps.min():.3f} and {steps.max():.3f} mm; "
-        f"irregular at {', '.join(odd[:5])}{', ...' if len(odd) > 5 else ''}); resampled linearly onto "
-        f"{n_new} slices at {(pos[-1] - pos[0]) / (n_new - 1):.3f} mm"), stacklevel=3)
+    warnings.warn(
+        DataWarning(
+            f"{items[0][0].parent}: {label}: slice spacing varies (between {steps.min():.3f} and {steps.max():.3f} mm; "
+            f"irregular at {', '.join(odd[:5])}{', ...' if len(odd) > 5 else ''}); resampled linearly onto "
+            f"{n_new} slices at {(pos[-1] - pos[0]) / (n_new - 1):.3f} mm"
+        ),
+        stacklevel=3,
+    )
     return np.linspace(pos[0], pos[-1], n_new)
 
 
@@ -358,8 +405,9 @@ def _read_pixels(items: list[tuple[Path, Dataset]], order: np.ndarray, label: st
             ds = pydicom.dcmread(path)
             pix = ds.pixel_array
         except Exception as e:  # pixel decoding can fail in many ways (codec plugins missing, truncation)
-            raise DataError(f"{path}: {label}: cannot decode pixel data ({type(e).__name__}: {e}); "
-                            + _pixel_advice(path)) from e
+            raise DataError(
+                f"{path}: {label}: cannot decode pixel data ({type(e).__name__}: {e}); " + _pixel_advice(path)
+            ) from e
         if pix.shape != (rows, cols):
             raise DataError(f"{path}: {label}: pixel array shape {pix.shape} != Rows x Columns {(rows, cols)}")
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
@@ -369,8 +417,9 @@ def _read_pixels(items: list[tuple[Path, Dataset]], order: np.ndarray, label: st
     return vol, datasets
 
 
-def _series_geometry(iop: np.ndarray, ps: np.ndarray, first: np.ndarray, last: np.ndarray, shape: tuple,
-                     label: str) -> Geometry:
+def _series_geometry(
+    iop: np.ndarray, ps: np.ndarray, first: np.ndarray, last: np.ndarray, shape: tuple, label: str
+) -> Geometry:
     """The RAS Geometry of a sorted series: voxel (i=column, j=row, k=slice) -> IPP_first + i*dc*row_cos +
     j*dr*col_cos + k*(IPP_last - IPP_first)/(n - 1), in LPS, then flipped to RAS."""
     dr, dc = ps
@@ -395,8 +444,10 @@ def _positive(ds: Dataset, keyword: str, tag: str, what: str, where: str) -> flo
         f = None
     if f is None or not np.isfinite(f) or f <= 0:
         found = "missing" if v in (None, "") else f"{v!r}"
-        raise DataError(f"{where}: {what} {keyword} {tag} is {found}; it must be present and > 0 to compute "
-                        "SUVbw (fix the DICOM header, e.g. set the patient weight)")
+        raise DataError(
+            f"{where}: {what} {keyword} {tag} is {found}; it must be present and > 0 to compute "
+            "SUVbw (fix the DICOM header, e.g. set the patient weight)"
+        )
     return f
 
 
@@ -417,14 +468,16 @@ def acquisition_datetime(ds: Dataset) -> _dt.datetime | None:
         try:
             return DT(str(ds.AcquisitionDateTime)).replace(tzinfo=None)
         except (ValueError, TypeError) as e:
-            raise DataError(f"{_series_label(ds)}: cannot parse AcquisitionDateTime "
-                            f"{ds.AcquisitionDateTime!r} ({e})") from e
+            raise DataError(
+                f"{_series_label(ds)}: cannot parse AcquisitionDateTime {ds.AcquisitionDateTime!r} ({e})"
+            ) from e
     date = ds.get("AcquisitionDate") or ds.get("SeriesDate") or ds.get("StudyDate")
     return _datetime(date, ds.get("AcquisitionTime"), "acquisition", _series_label(ds))
 
 
-def suv_parameters(ds: Dataset, *, earliest_acquisition: _dt.datetime | None = None,
-                   where: str | None = None) -> dict[str, Any]:
+def suv_parameters(
+    ds: Dataset, *, earliest_acquisition: _dt.datetime | None = None, where: str | None = None
+) -> dict[str, Any]:
     """All quantities of the SUVbw conversion of one PET slice header, checked; see `suv_factor`.
 
     Returns a JSON-friendly dict: units ("BQML" or "GML"), suv_factor, patient_weight_kg, injected_dose_bq,
@@ -434,20 +487,33 @@ def suv_parameters(ds: Dataset, *, earliest_acquisition: _dt.datetime | None = N
     where = where or _series_label(ds)
     units = str(ds.get("Units", "")).strip().upper()
     if units == "GML":  # already SUVbw (g/ml), as several research exports ship it: used as is
-        return {"units": "GML", "suv_factor": 1.0, "patient_weight_kg": None, "injected_dose_bq": None,
-                "half_life_s": None, "decay_correction": str(ds.get("DecayCorrection", "")).strip().upper(),
-                "injection_time": None, "reference_time": None, "decay_s": None, "decay_factor": None,
-                "note": "PET Units GML: the images are SUVbw already; used without conversion"}
+        return {
+            "units": "GML",
+            "suv_factor": 1.0,
+            "patient_weight_kg": None,
+            "injected_dose_bq": None,
+            "half_life_s": None,
+            "decay_correction": str(ds.get("DecayCorrection", "")).strip().upper(),
+            "injection_time": None,
+            "reference_time": None,
+            "decay_s": None,
+            "decay_factor": None,
+            "note": "PET Units GML: the images are SUVbw already; used without conversion",
+        }
     if units != "BQML":
         found = repr(units) if units else "missing"
-        raise DataError(f"{where}: PET Units (0054,1001) is {found}; supported are BQML (Bq/ml, converted to "
-                        "SUVbw) and GML (already SUVbw). Export the attenuation-corrected, quantitative PET "
-                        "series (not counts or a screen capture)")
+        raise DataError(
+            f"{where}: PET Units (0054,1001) is {found}; supported are BQML (Bq/ml, converted to "
+            "SUVbw) and GML (already SUVbw). Export the attenuation-corrected, quantitative PET "
+            "series (not counts or a screen capture)"
+        )
     weight = _positive(ds, "PatientWeight", "(0010,1030)", "patient weight", where)
     seq = ds.get("RadiopharmaceuticalInformationSequence")
     if not seq:
-        raise DataError(f"{where}: RadiopharmaceuticalInformationSequence (0054,0016) is missing; need the "
-                        "injected dose, half-life and injection time to compute SUVbw")
+        raise DataError(
+            f"{where}: RadiopharmaceuticalInformationSequence (0054,0016) is missing; need the "
+            "injected dose, half-life and injection time to compute SUVbw"
+        )
     info = seq[0]
     dose = _positive(info, "RadionuclideTotalDose", "(0018,1074)", "injected dose", where)
     half = _positive(info, "RadionuclideHalfLife", "(0018,1075)", "radionuclide half-life", where)
@@ -467,29 +533,37 @@ def suv_parameters(ds: Dataset, *, earliest_acquisition: _dt.datetime | None = N
         else:
             ref = acquisition_datetime(ds)  # no decay correction: activity at this slice's acquisition
         if ref is None:
-            raise DataError(f"{where}: no SeriesDate/SeriesTime or AcquisitionDate/Time; cannot decay-"
-                            "correct the injected dose")
+            raise DataError(
+                f"{where}: no SeriesDate/SeriesTime or AcquisitionDate/Time; cannot decay-correct the injected dose"
+            )
         assumed_date = False
         if info.get("RadiopharmaceuticalStartDateTime"):
             try:
                 inj = DT(str(info.RadiopharmaceuticalStartDateTime)).replace(tzinfo=None)
             except (ValueError, TypeError) as e:
-                raise DataError(f"{where}: cannot parse RadiopharmaceuticalStartDateTime "
-                                f"{info.RadiopharmaceuticalStartDateTime!r} ({e})") from e
+                raise DataError(
+                    f"{where}: cannot parse RadiopharmaceuticalStartDateTime "
+                    f"{info.RadiopharmaceuticalStartDateTime!r} ({e})"
+                ) from e
         else:
             inj = _datetime(ref.strftime("%Y%m%d"), info.get("RadiopharmaceuticalStartTime"), "injection", where)
             assumed_date = True
         if inj is None:
-            raise DataError(f"{where}: injection time missing (RadiopharmaceuticalStartDateTime (0018,1078) and "
-                            "RadiopharmaceuticalStartTime (0018,1072)); cannot decay-correct the dose")
+            raise DataError(
+                f"{where}: injection time missing (RadiopharmaceuticalStartDateTime (0018,1078) and "
+                "RadiopharmaceuticalStartTime (0018,1072)); cannot decay-correct the dose"
+            )
         if assumed_date and inj > ref:
             inj -= _dt.timedelta(days=1)  # injected before midnight, scanned after
-            logging.warning("%s: injection time after scan time on the same day; assuming injection on the "
-                            "previous day", where)
+            logging.warning(
+                "%s: injection time after scan time on the same day; assuming injection on the previous day", where
+            )
         decay_s = (ref - inj).total_seconds()
         if decay_s < 0:
-            raise DataError(f"{where}: injection {inj.isoformat()} is after the reference time "
-                            f"{ref.isoformat()}; check the radiopharmaceutical times")
+            raise DataError(
+                f"{where}: injection {inj.isoformat()} is after the reference time "
+                f"{ref.isoformat()}; check the radiopharmaceutical times"
+            )
         decay = 2.0 ** (-decay_s / half)
     else:
         found = repr(corr) if corr else "missing"
@@ -508,8 +582,7 @@ def suv_parameters(ds: Dataset, *, earliest_acquisition: _dt.datetime | None = N
     }
 
 
-def suv_factor(ds: Dataset, *, earliest_acquisition: _dt.datetime | None = None,
-               where: str | None = None) -> float:
+def suv_factor(ds: Dataset, *, earliest_acquisition: _dt.datetime | None = None, where: str | None = None) -> float:
     """Multiplier turning this PET slice's Bq/ml values into SUVbw: `weight_g / dose_Bq_at_reference`.
 
     SUV = pixel_Bq_per_ml * PatientWeight[kg] * 1000 / (RadionuclideTotalDose[Bq] * 2^(-dt / half-life)),
@@ -571,17 +644,22 @@ def _check_ct_coverage(coverage: float, ct_geom: Geometry, pet_geom: Geometry, w
     a = np.asarray(pet_geom.affine, dtype=np.float64)
     direction = a[:3, 2] / np.linalg.norm(a[:3, 2])
     (p0, p1), (c0, c1) = _axial_range(pet_geom, direction), _axial_range(ct_geom, direction)
-    msg = (f"{where}: the CT covers {100 * coverage:.0f} % of the PET's axial extent (PET {p0:.1f} to {p1:.1f} mm, "
-           f"CT {c0:.1f} to {c1:.1f} mm along the PET slice axis; need {100 * MIN_CT_COVERAGE:.0f} %)")
+    msg = (
+        f"{where}: the CT covers {100 * coverage:.0f} % of the PET's axial extent (PET {p0:.1f} to {p1:.1f} mm, "
+        f"CT {c0:.1f} to {c1:.1f} mm along the PET slice axis; need {100 * MIN_CT_COVERAGE:.0f} %)"
+    )
     if not allow:
-        raise DataError(msg + "; give the CT of the same bed range, or pass --allow_partial_ct to fill the "
-                              "uncovered PET slices with air")
+        raise DataError(
+            msg + "; give the CT of the same bed range, or pass --allow_partial_ct to fill the "
+            "uncovered PET slices with air"
+        )
     import warnings
 
     from clips_jax.errors import DataWarning
 
-    warnings.warn(DataWarning(msg + "; the uncovered PET slices get air (-1024 HU), as --allow_partial_ct asks"),
-                  stacklevel=3)
+    warnings.warn(
+        DataWarning(msg + "; the uncovered PET slices get air (-1024 HU), as --allow_partial_ct asks"), stacklevel=3
+    )
 
 
 def read_dicom_study(folder: str | os.PathLike, *, allow_partial_ct: bool = False) -> Case:
@@ -609,11 +687,17 @@ def read_dicom_study(folder: str | os.PathLike, *, allow_partial_ct: bool = Fals
     pet_label = f"{folder}: {_series_label(series[pt_uid][0][1], len(series[pt_uid]))}"
     pt_h, ct_h = series[pt_uid][0][1], series[ct_uid][0][1]
     if str(pt_h.get("PatientID", "")) != str(ct_h.get("PatientID", "")):
-        raise DataError(f"{folder}: the PET and CT series belong to different patients (PatientID "
-                        f"{pt_h.get('PatientID', '')!r} vs {ct_h.get('PatientID', '')!r}); give one study per folder")
+        raise DataError(
+            f"{folder}: the PET and CT series belong to different patients (PatientID "
+            f"{pt_h.get('PatientID', '')!r} vs {ct_h.get('PatientID', '')!r}); give one study per folder"
+        )
     if str(pt_h.get("StudyInstanceUID", "")) != str(ct_h.get("StudyInstanceUID", "")):
-        logging.warning("%s: PET and CT series come from different studies (StudyInstanceUID %s vs %s)", folder,
-                        pt_h.get("StudyInstanceUID", ""), ct_h.get("StudyInstanceUID", ""))
+        logging.warning(
+            "%s: PET and CT series come from different studies (StudyInstanceUID %s vs %s)",
+            folder,
+            pt_h.get("StudyInstanceUID", ""),
+            ct_h.get("StudyInstanceUID", ""),
+        )
     # Check the SUV tags on the headers before reading any pixels (fail fast).
     check_series_agree(series[pt_uid], pet_label)
     acq = [t for t in (acquisition_datetime(ds) for _, ds in series[pt_uid]) if t is not None]
@@ -623,7 +707,8 @@ def read_dicom_study(folder: str | os.PathLike, *, allow_partial_ct: bool = Fals
     corr = str(series[pt_uid][0][1].get("DecayCorrection", "")).strip().upper()
     if corr == "NONE":  # each slice decays to its own acquisition time: factors before any resampling
         suv, pet_geom, pet_ds, pet_resampled = stack_series(
-            series[pt_uid], slice_factors=lambda hs: [suv_factor(ds, where=pet_label) for ds in hs])
+            series[pt_uid], slice_factors=lambda hs: [suv_factor(ds, where=pet_label) for ds in hs]
+        )
     else:
         pet, pet_geom, pet_ds, pet_resampled = stack_series(series[pt_uid])
         factor = suv_factor(pet_ds[0], earliest_acquisition=earliest, where=pet_label)

@@ -44,8 +44,7 @@ def export_case(case: Case, out_dir: str | os.PathLike, *, overwrite: bool = Fal
         if case.seg is not None:
             save_nifti(tmp / "SEG.nii.gz", case.seg, case.geometry)
         meta = {**dict(case.meta), "case_id": case.case_id, "geometry": case.geometry.to_json()}
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n",
-                                     encoding="utf-8")
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     return out_dir
 
 
@@ -53,14 +52,32 @@ def define_flags(fv) -> None:
     """The command's flags (module docstring)."""
     from absl import flags
 
-    flags.DEFINE_string("dicom", None, "Study folder holding one PET (PT) and one CT DICOM series (searched "
-                        "recursively; file names do not matter).", flag_values=fv)
-    flags.DEFINE_string("out", None, "Output folder to create (autoPET layout: CTres.nii.gz, SUV.nii.gz, "
-                        "meta.json; SEG.nii.gz if the study has a mask).", flag_values=fv)
-    flags.DEFINE_boolean("overwrite", False, "Replace --out if it already exists (only after the new folder is "
-                         "complete).", flag_values=fv)
-    flags.DEFINE_boolean("allow_partial_ct", False, "Accept a CT covering less than 90 % of the PET's axial extent "
-                         "(uncovered PET slices get air; meta.json records ct_coverage).", flag_values=fv)
+    flags.DEFINE_string(
+        "dicom",
+        None,
+        "Study folder holding one PET (PT) and one CT DICOM series (searched recursively; file names do not matter).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Output folder to create (autoPET layout: CTres.nii.gz, SUV.nii.gz, "
+        "meta.json; SEG.nii.gz if the study has a mask).",
+        flag_values=fv,
+    )
+    flags.DEFINE_boolean(
+        "overwrite",
+        False,
+        "Replace --out if it already exists (only after the new folder is complete).",
+        flag_values=fv,
+    )
+    flags.DEFINE_boolean(
+        "allow_partial_ct",
+        False,
+        "Accept a CT covering less than 90 % of the PET's axial extent "
+        "(uncovered PET slices get air; meta.json records ct_coverage).",
+        flag_values=fv,
+    )
     flags.mark_flags_as_required(["dicom", "out"], flag_values=fv)
 
 
@@ -68,15 +85,19 @@ def run_from_flags(fv) -> int:
     """Export the one study under --dicom; returns 0 (errors: `cli.run_tool`)."""
     studies = find_studies(fv["dicom"].value)
     if len(studies) > 1:
-        raise DataError(f"{fv['dicom'].value} holds {len(studies)} studies ({', '.join(p.name for p in studies[:5])}"
-                        f"{', ...' if len(studies) > 5 else ''}); export them one at a time")
+        raise DataError(
+            f"{fv['dicom'].value} holds {len(studies)} studies ({', '.join(p.name for p in studies[:5])}"
+            f"{', ...' if len(studies) > 5 else ''}); export them one at a time"
+        )
     case = load_study(studies[0], allow_partial_ct=fv["allow_partial_ct"].value)
     try:
         out = export_case(case, fv["out"].value, overwrite=fv["overwrite"].value)
     except FileExistsError as e:
         raise DataError(f"{fv['out'].value}: already exists; choose another --out or add --overwrite") from e
-    print(f"{case.case_id}: wrote {out} (grid {case.geometry.shape} (z, y, x), spacing "
-          f"{tuple(round(s, 4) for s in case.geometry.spacing_mm)} mm)")
+    print(
+        f"{case.case_id}: wrote {out} (grid {case.geometry.shape} (z, y, x), spacing "
+        f"{tuple(round(s, 4) for s in case.geometry.spacing_mm)} mm)"
+    )
     return 0
 
 

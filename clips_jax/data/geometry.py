@@ -90,7 +90,8 @@ class Geometry:
     def same_grid(self, other: "Geometry", atol_mm: float = 1e-3) -> bool:
         """True if both grids have the same shape and affines equal within `atol_mm`."""
         return self.shape == other.shape and bool(
-            np.allclose(self.affine_array, other.affine_array, atol=atol_mm, rtol=0))
+            np.allclose(self.affine_array, other.affine_array, atol=atol_mm, rtol=0)
+        )
 
     def to_json(self) -> dict:
         """A JSON-serialisable dict; inverse of `from_json`."""

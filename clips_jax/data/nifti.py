@@ -18,8 +18,7 @@ from clips_jax.errors import DataError
 from clips_jax.fileio import atomic_path
 
 
-def load_nifti(path: str | os.PathLike, dtype=np.float32, *, check_finite: bool = True
-               ) -> tuple[np.ndarray, Geometry]:
+def load_nifti(path: str | os.PathLike, dtype=np.float32, *, check_finite: bool = True) -> tuple[np.ndarray, Geometry]:
     """Read a 3-D NIfTI image.
 
     Args:
@@ -38,8 +37,9 @@ def load_nifti(path: str | os.PathLike, dtype=np.float32, *, check_finite: bool 
         img = nib.load(str(path))
         data = np.asarray(img.dataobj)
     except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as e:
-        raise DataError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e}); the file is damaged or "
-                        "truncated, export it again") from e
+        raise DataError(
+            f"{path}: cannot read NIfTI ({type(e).__name__}: {e}); the file is damaged or truncated, export it again"
+        ) from e
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -71,9 +71,9 @@ _CHAINS = (
     ("cervical", (235.0, 5.0, 42.0), (320.0, 15.0, 38.0), False),
     ("axillary", (190.0, 0.0, -125.0), (235.0, 10.0, -140.0), False),
     ("axillary", (190.0, 0.0, 125.0), (235.0, 10.0, 140.0), False),
-    ("mediastinal", (105.0, 15.0, -12.0), (205.0, 45.0, 12.0), True),   # next to the heart
+    ("mediastinal", (105.0, 15.0, -12.0), (205.0, 45.0, 12.0), True),  # next to the heart
     ("para-aortic", (-150.0, -35.0, -5.0), (20.0, -40.0, 40.0), True),  # next to kidneys / aorta
-    ("inguinal", (-320.0, 35.0, -95.0), (-275.0, 45.0, -80.0), True),   # next to the bladder
+    ("inguinal", (-320.0, 35.0, -95.0), (-275.0, 45.0, -80.0), True),  # next to the bladder
     ("inguinal", (-320.0, 35.0, 95.0), (-275.0, 45.0, 80.0), True),
 )
 _SPLEEN = ((0.0, -30.0, 95.0), (55.0, 40.0, 35.0))  # centre, radii (z, y, x) mm
@@ -185,12 +185,17 @@ def make_phantom(seed: int, size="small", spacing_mm: Sequence[float] = DEFAULT_
     suv = _form_pet(rng, act, ct, cv.sp)
     lesions = _lesion_records(placed, label, suv, cv, geometry.voxel_volume_ml)
     truth = {
-        "seed": int(seed), "shape": [int(v) for v in cv.shape], "spacing_mm": [float(v) for v in cv.sp],
-        "difficulty": round(u, 6), "arms_in_fov": arms, "spleen_involved": spleen_involved and
-        any(q["site"] == "spleen" for q in placed),
+        "seed": int(seed),
+        "shape": [int(v) for v in cv.shape],
+        "spacing_mm": [float(v) for v in cv.sp],
+        "difficulty": round(u, 6),
+        "arms_in_fov": arms,
+        "spleen_involved": spleen_involved and any(q["site"] == "spleen" for q in placed),
         "uptake": {k: round(float(v), 4) for k, v in uptake.items()},
-        "pet_fwhm_mm": PET_FWHM_MM, "n_lesions": len(lesions),
-        "tmtv_ml": float(seg.sum(dtype=np.int64)) * geometry.voxel_volume_ml, "lesions": lesions,
+        "pet_fwhm_mm": PET_FWHM_MM,
+        "n_lesions": len(lesions),
+        "tmtv_ml": float(seg.sum(dtype=np.int64)) * geometry.voxel_volume_ml,
+        "lesions": lesions,
     }
     return Phantom(ct, suv.astype(np.float32, copy=False), seg, geometry, truth)
 
@@ -212,10 +217,17 @@ def _grid(shape: tuple[int, int, int], spacing_mm) -> tuple["_Canvas", Geometry,
 def _draw_uptake(rng: np.random.Generator) -> dict[str, float]:
     """Organ SUVs of one patient (FDG: bright brain, bladder and kidneys, variable heart)."""
     return {
-        "background": rng.uniform(0.5, 1.0), "fat": rng.uniform(0.25, 0.4), "lung": rng.uniform(0.3, 0.5),
-        "brain": rng.uniform(7.0, 10.0), "heart": rng.uniform(2.0, 8.0), "liver": rng.uniform(2.0, 2.5),
-        "spleen": rng.uniform(1.7, 2.2), "kidney": rng.uniform(3.0, 6.0), "bladder": rng.uniform(10.0, 30.0),
-        "marrow": rng.uniform(1.2, 1.8), "blood": rng.uniform(1.5, 2.1),
+        "background": rng.uniform(0.5, 1.0),
+        "fat": rng.uniform(0.25, 0.4),
+        "lung": rng.uniform(0.3, 0.5),
+        "brain": rng.uniform(7.0, 10.0),
+        "heart": rng.uniform(2.0, 8.0),
+        "liver": rng.uniform(2.0, 2.5),
+        "spleen": rng.uniform(1.7, 2.2),
+        "kidney": rng.uniform(3.0, 6.0),
+        "bladder": rng.uniform(10.0, 30.0),
+        "marrow": rng.uniform(1.2, 1.8),
+        "blood": rng.uniform(1.5, 2.1),
     }
 
 
@@ -242,19 +254,19 @@ def _paint_anatomy(rng: np.random.Generator, cv: "_Canvas", uptake: dict) -> tup
     trunk_c, trunk_r = (0.0, 0.0, 0.0), np.array([300.0, 120.0, 160.0]) * rng.uniform(0.92, 1.05)
     organ(trunk_c, trunk_r, -100.0, uptake["fat"])
     organ(trunk_c, trunk_r - np.array([0.0, fat_mm, fat_mm]), 40.0, bg)
-    organ((-420.0, 0.0, -85.0), (270.0, 75.0, 72.0), 40.0, bg)   # thighs
+    organ((-420.0, 0.0, -85.0), (270.0, 75.0, 72.0), 40.0, bg)  # thighs
     organ((-420.0, 0.0, 85.0), (270.0, 75.0, 72.0), 40.0, bg)
-    organ((290.0, 5.0, 0.0), (70.0, 55.0, 60.0), 40.0, bg)       # neck
+    organ((290.0, 5.0, 0.0), (70.0, 55.0, 60.0), 40.0, bg)  # neck
     organ((395.0, 10.0, 0.0), (92.0, 95.0, 76.0), 700.0, uptake["marrow"])  # skull
-    organ((400.0, 10.0, 0.0), (78.0, 84.0, 66.0), 35.0, uptake["brain"])    # brain
+    organ((400.0, 10.0, 0.0), (78.0, 84.0, 66.0), 35.0, uptake["brain"])  # brain
     arms = bool(rng.random() < 0.5)
     if arms:  # arms down along the trunk; otherwise raised out of the field of view
         organ((40.0, 0.0, -178.0), (290.0, 42.0, 30.0), 40.0, bg)
         organ((40.0, 0.0, 178.0), (290.0, 42.0, 30.0), 40.0, bg)
     organ((130.0, 0.0, -72.0), (125.0, 82.0, 58.0), -850.0, uptake["lung"])  # lungs
     organ((130.0, 0.0, 72.0), (125.0, 82.0, 58.0), -850.0, uptake["lung"])
-    organ((75.0, 35.0, 22.0), (58.0, 52.0, 58.0), 40.0, uptake["heart"])     # heart
-    organ((-20.0, 10.0, -70.0), (80.0, 88.0, 82.0), 55.0, uptake["liver"])   # liver (patient right)
+    organ((75.0, 35.0, 22.0), (58.0, 52.0, 58.0), 40.0, uptake["heart"])  # heart
+    organ((-20.0, 10.0, -70.0), (80.0, 88.0, 82.0), 55.0, uptake["liver"])  # liver (patient right)
     organ(_SPLEEN[0], _SPLEEN[1], 45.0, uptake["spleen"])
     organ((-60.0, -55.0, -68.0), (52.0, 30.0, 27.0), 30.0, uptake["kidney"])
     organ((-60.0, -55.0, 68.0), (52.0, 30.0, 27.0), 30.0, uptake["kidney"])
@@ -333,8 +345,7 @@ def _form_pet(rng: np.random.Generator, act: np.ndarray, ct: np.ndarray, sp: np.
     return suv
 
 
-def _lesion_records(placed: list[dict], label: np.ndarray, suv: np.ndarray, cv: "_Canvas",
-                    vox_ml: float) -> list[dict]:
+def _lesion_records(placed: list[dict], label: np.ndarray, suv: np.ndarray, cv: "_Canvas", vox_ml: float) -> list[dict]:
     """The `truth["lesions"]` entries: position, size, measured volume (ml) and SUVmax of each lesion."""
     if not placed:
         return []
@@ -345,14 +356,19 @@ def _lesion_records(placed: list[dict], label: np.ndarray, suv: np.ndarray, cv: 
     for i, q in enumerate(placed):
         cz, cy, cx = q["c"]
         world_zyx = (np.array([cx, cy, cz]) + 0.0)[::-1]  # world == phantom mm (origin chosen so)
-        lesions.append({
-            "id": i + 1, "site": q["site"], "near_high_uptake": bool(q["near"]),
-            "centre_zyx_mm": [round(float(v), 3) for v in world_zyx],
-            "centre_voxel_zyx": [round(float(v), 3) for v in cv.index_of(q["c"])],
-            "radii_mm": [round(float(v), 3) for v in q["r"]],
-            "volume_ml": float(counts[i]) * vox_ml,
-            "suv_max": float(maxima[i]), "suv_nominal": round(q["suv"], 4),
-        })
+        lesions.append(
+            {
+                "id": i + 1,
+                "site": q["site"],
+                "near_high_uptake": bool(q["near"]),
+                "centre_zyx_mm": [round(float(v), 3) for v in world_zyx],
+                "centre_voxel_zyx": [round(float(v), 3) for v in cv.index_of(q["c"])],
+                "radii_mm": [round(float(v), 3) for v in q["r"]],
+                "volume_ml": float(counts[i]) * vox_ml,
+                "suv_max": float(maxima[i]),
+                "suv_nominal": round(q["suv"], 4),
+            }
+        )
     return lesions
 
 
@@ -380,8 +396,15 @@ def write_phantom(case_dir: str | Path, phantom: Phantom) -> Path:
     return case_dir
 
 
-def write_phantoms(out: str | Path, n: int, seed: int, size="small",
-                   spacing_mm: Sequence[float] = DEFAULT_SPACING_MM, *, verbose: bool = False) -> list[Path]:
+def write_phantoms(
+    out: str | Path,
+    n: int,
+    seed: int,
+    size="small",
+    spacing_mm: Sequence[float] = DEFAULT_SPACING_MM,
+    *,
+    verbose: bool = False,
+) -> list[Path]:
     """Generate `n` phantoms under `out/<case_id>/` (see `case_id`), skipping cases already present.
 
     Case `i` uses `make_phantom(case_seed(seed, i), size, spacing_mm)` and its truth also records
@@ -411,8 +434,9 @@ def define_flags(fv) -> None:
     """The command's flags (module docstring)."""
     from absl import flags
 
-    flags.DEFINE_string("out", None, "Output folder (autoPET layout: <case_id>/{CTres,SUV,SEG}.nii.gz).",
-                        flag_values=fv)
+    flags.DEFINE_string(
+        "out", None, "Output folder (autoPET layout: <case_id>/{CTres,SUV,SEG}.nii.gz).", flag_values=fv
+    )
     flags.DEFINE_integer("cases", 10, "Number of studies.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Dataset seed.", flag_values=fv)
     flags.DEFINE_string("size", "small", "small (96x64x64), full (326x200x200) or z,y,x voxels.", flag_values=fv)

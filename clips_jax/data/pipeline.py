@@ -75,7 +75,6 @@ from typing import Iterator, Sequence
 
 import grain
 import numpy as np
-import scipy.ndimage as ndi
 
 from clips_jax.data import augment as aug
 from clips_jax.data.channels import CHANNELS, make_channels
@@ -95,9 +94,11 @@ def _check_weights(weights, n: int) -> np.ndarray:
     if w.shape != (n,):
         raise ConfigError(f"curriculum weights: got {w.size} values for {n} cases")
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ConfigError("curriculum weights must be finite, >= 0 and not all zero (curriculum rule 1 of "
-                          "docs/curricula.md: fall back to "
-                          "the easiest cases instead of an empty selection)")
+        raise ConfigError(
+            "curriculum weights must be finite, >= 0 and not all zero (curriculum rule 1 of "
+            "docs/curricula.md: fall back to "
+            "the easiest cases instead of an empty selection)"
+        )
     return w
 
 
@@ -105,7 +106,7 @@ def weights_cdf(weights) -> np.ndarray:
     """Normalised cumulative weights (float64, last positive entry and after set to exactly 1.0)."""
     w = _check_weights(weights, np.size(weights))
     cdf = np.cumsum(w) / w.sum()
-    cdf[int(np.flatnonzero(w > 0)[-1]):] = 1.0
+    cdf[int(np.flatnonzero(w > 0)[-1]) :] = 1.0
     return cdf
 
 
@@ -140,8 +141,9 @@ def sample_case_indices(seed: int, stage: int, weights, count: int, start: int =
       weight vector, i.e. `case_indices[pos]` when the pipeline was given explicit case indices).
     """
     cdf = weights_cdf(weights)
-    return np.array([case_for_element(element_rng(seed, stage, g), cdf) for g in range(start, start + count)],
-                    dtype=np.int64)
+    return np.array(
+        [case_for_element(element_rng(seed, stage, g), cdf) for g in range(start, start + count)], dtype=np.int64
+    )
 
 
 def _read_box(arr: np.ndarray, lo, hi, fill, dtype) -> np.ndarray:
@@ -153,7 +155,7 @@ def _read_box(arr: np.ndarray, lo, hi, fill, dtype) -> np.ndarray:
     src_hi = np.minimum(hi, arr.shape)
     if np.all(src_hi > src_lo):
         src = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
-        dst = tuple(slice(a - l, b - l) for a, b, l in zip(src_lo, src_hi, lo))
+        dst = tuple(slice(a - off, b - off) for a, b, off in zip(src_lo, src_hi, lo))
         out[dst] = arr[src]
     return out
 
@@ -176,19 +178,23 @@ def crop_patch(arrays: dict, start, patch_shape, matrix: np.ndarray | None = Non
     start = np.asarray(start, int)
     if matrix is None:
         hi = start + p
-        return (_read_box(arrays["ct"], start, hi, PAD_HU, np.float32),
-                _read_box(arrays["suv"], start, hi, PAD_SUV, np.float32),
-                _read_box(arrays["seg"], start, hi, 0, np.uint8),
-                *(_read_box(arrays[n], start, hi, 0.0, np.float32) for n in extra))
+        return (
+            _read_box(arrays["ct"], start, hi, PAD_HU, np.float32),
+            _read_box(arrays["suv"], start, hi, PAD_SUV, np.float32),
+            _read_box(arrays["seg"], start, hi, 0, np.uint8),
+            *(_read_box(arrays[n], start, hi, 0.0, np.float32) for n in extra),
+        )
     half = (p - 1) / 2.0
     centre = start + half
     ext = np.abs(matrix) @ half
     lo = np.floor(centre - ext).astype(int) - 1
     hi = np.ceil(centre + ext).astype(int) + 2
-    boxes = [_read_box(arrays["ct"], lo, hi, PAD_HU, np.float32),
-             _read_box(arrays["suv"], lo, hi, PAD_SUV, np.float32),
-             _read_box(arrays["seg"], lo, hi, 0, np.uint8),
-             *(_read_box(arrays[n], lo, hi, 0.0, np.float32) for n in extra)]
+    boxes = [
+        _read_box(arrays["ct"], lo, hi, PAD_HU, np.float32),
+        _read_box(arrays["suv"], lo, hi, PAD_SUV, np.float32),
+        _read_box(arrays["seg"], lo, hi, 0, np.uint8),
+        *(_read_box(arrays[n], lo, hi, 0.0, np.float32) for n in extra),
+    ]
     return _affine_sample(boxes, np.asarray(matrix, np.float64), centre - lo, half, tuple(p))
 
 
@@ -204,8 +210,12 @@ def _affine_sample(boxes, matrix, centre_in_box, half, out_shape):
     d = [np.arange(n, dtype=np.float64) - h for n, h in zip(out_shape, half)]
     coords = []
     for a in range(3):
-        c = (matrix[a, 0] * d[0][:, None, None] + matrix[a, 1] * d[1][None, :, None]
-             + matrix[a, 2] * d[2][None, None, :] + centre_in_box[a])
+        c = (
+            matrix[a, 0] * d[0][:, None, None]
+            + matrix[a, 1] * d[1][None, :, None]
+            + matrix[a, 2] * d[2][None, None, :]
+            + centre_in_box[a]
+        )
         coords.append(c)
     shape = np.asarray(boxes[0].shape)
     strides = (shape[1] * shape[2], shape[2], 1)
@@ -255,13 +265,29 @@ class PatchSampler:
     See the module docstring for the maths. Construct through `make_train_dataset`.
     """
 
-    def __init__(self, store: CaseStore, weights, *, seed: int, stage: int, patch_shape, batch_size: int,
-                 local_batch: int, process_index: int, case_indices=None, p_foreground: float = 0.0,
-                 p_hot_negative: float = 0.0, hot_suv: float = 2.5, augment: bool = True, p_affine: float = 0.5,
-                 p_intensity: float = 0.1, p_flip: float = 0.5, extra_channels: Sequence[str] = ()):
+    def __init__(
+        self,
+        store: CaseStore,
+        weights,
+        *,
+        seed: int,
+        stage: int,
+        patch_shape,
+        batch_size: int,
+        local_batch: int,
+        process_index: int,
+        case_indices=None,
+        p_foreground: float = 0.0,
+        p_hot_negative: float = 0.0,
+        hot_suv: float = 2.5,
+        augment: bool = True,
+        p_affine: float = 0.5,
+        p_intensity: float = 0.1,
+        p_flip: float = 0.5,
+        extra_channels: Sequence[str] = (),
+    ):
         self.store = store
-        self.case_indices = (np.arange(len(store)) if case_indices is None
-                             else np.asarray(case_indices, dtype=np.int64))
+        self.case_indices = np.arange(len(store)) if case_indices is None else np.asarray(case_indices, dtype=np.int64)
         if self.case_indices.size == 0 or self.case_indices.min() < 0 or self.case_indices.max() >= len(store):
             raise ConfigError(f"case_indices must be non-empty indices into the store ({len(store)} cases)")
         self.weights = _check_weights(weights, len(self.case_indices))
@@ -271,8 +297,7 @@ class PatchSampler:
         self.patch_shape = tuple(int(v) for v in patch_shape)
         if len(self.patch_shape) != 3 or min(self.patch_shape) < 1:
             raise ConfigError(f"patch_shape {patch_shape!r}: need three positive sizes (z, y, x)")
-        self.batch_size, self.local_batch, self.process_index = int(batch_size), int(local_batch), int(
-            process_index)
+        self.batch_size, self.local_batch, self.process_index = int(batch_size), int(local_batch), int(process_index)
         self.p_foreground, self.augment = float(p_foreground), bool(augment)
         self.p_hot_negative, self.hot_suv = float(p_hot_negative), float(hot_suv)
         for name, p in (("p_foreground", self.p_foreground), ("p_hot_negative", self.p_hot_negative)):
@@ -332,9 +357,13 @@ class PatchSampler:
         if self.augment:
             suv = aug.augment_suv(suv, rng, self.p_intensity)
             ct, suv, seg, *extra = aug.random_flips([ct, suv, seg, *extra], rng, self.p_flip)
-        return {"image": _stack_channels(ct, suv, extra), "label": seg.astype(np.int32),
-                "case_index": np.int32(case), "labeled": np.bool_(self.labeled[case]),
-                "lesion_centred": np.bool_(centred)}
+        return {
+            "image": _stack_channels(ct, suv, extra),
+            "label": seg.astype(np.int32),
+            "case_index": np.int32(case),
+            "labeled": np.bool_(self.labeled[case]),
+            "lesion_centred": np.bool_(centred),
+        }
 
 
 #: Cases whose hard-negative voxel lists a sampler keeps (at 4 bytes per hot voxel).
@@ -346,7 +375,7 @@ def hot_negative_voxels(suv: np.ndarray, seg: np.ndarray, hot_suv: float) -> np.
     label 0. `suv`, `seg`: (z, y, x) arrays of the stored grid; `np.unravel_index(i, suv.shape)` gives (z, y, x).
     """
     flat = np.flatnonzero((np.asarray(suv) >= hot_suv) & (np.asarray(seg) == 0))
-    return flat.astype(np.int32) if np.asarray(suv).size < 2 ** 31 else flat
+    return flat.astype(np.int32) if np.asarray(suv).size < 2**31 else flat
 
 
 def _check_extra(store: CaseStore, extra_channels, indices) -> tuple[str, ...]:
@@ -354,12 +383,25 @@ def _check_extra(store: CaseStore, extra_channels, indices) -> tuple[str, ...]:
     if isinstance(extra_channels, str):
         extra_channels = (extra_channels,)
     names = tuple(str(n) for n in extra_channels)
-    reserved = {"ct", "suv", "seg", "fg", "image", "label", "labeled", "id", "case_index", "geometry",
-                "native_geometry"}
+    reserved = {
+        "ct",
+        "suv",
+        "seg",
+        "fg",
+        "image",
+        "label",
+        "labeled",
+        "id",
+        "case_index",
+        "geometry",
+        "native_geometry",
+    }
     bad = [n for n in names if not n.isidentifier() or n in reserved]
     if bad or len(set(names)) != len(names):
-        raise ConfigError(f"extra_channels {names!r}: need distinct names of optional case arrays such as "
-                          f"'stage_a' (not {sorted(reserved)})")
+        raise ConfigError(
+            f"extra_channels {names!r}: need distinct names of optional case arrays such as "
+            f"'stage_a' (not {sorted(reserved)})"
+        )
     store.require_extra(names, indices)
     return names
 
@@ -369,7 +411,7 @@ def _stack_channels(ct: np.ndarray, suv: np.ndarray, extra) -> np.ndarray:
     if not extra:
         return make_channels(ct, suv)
     out = np.empty(ct.shape + (len(CHANNELS) + len(extra),), np.float32)
-    out[..., :len(CHANNELS)] = make_channels(ct, suv)
+    out[..., : len(CHANNELS)] = make_channels(ct, suv)
     for k, e in enumerate(extra):
         out[..., len(CHANNELS) + k] = e
     return out
@@ -378,6 +420,7 @@ def _stack_channels(ct: np.ndarray, suv: np.ndarray, extra) -> np.ndarray:
 def _resolve_processes(batch_size, process_index, process_count):
     if process_index is None or process_count is None:
         import jax  # only here: workers never need it
+
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if batch_size < 1 or batch_size % process_count:
@@ -387,22 +430,46 @@ def _resolve_processes(batch_size, process_index, process_count):
     return int(process_index), int(process_count), batch_size // process_count
 
 
-def make_train_dataset(store: CaseStore, weights, *, seed: int, stage: int = 0, batch_size: int = 2,
-                       patch_shape: Sequence[int] = DEFAULT_PATCH_SHAPE, num_batches: int | None = None,
-                       case_indices=None, p_foreground: float = 0.0, augment: bool = True,
-                       process_index: int | None = None, process_count: int | None = None,
-                       extra_channels: Sequence[str] = (), p_hot_negative: float = 0.0,
-                       hot_suv: float = 2.5) -> grain.MapDataset:
+def make_train_dataset(
+    store: CaseStore,
+    weights,
+    *,
+    seed: int,
+    stage: int = 0,
+    batch_size: int = 2,
+    patch_shape: Sequence[int] = DEFAULT_PATCH_SHAPE,
+    num_batches: int | None = None,
+    case_indices=None,
+    p_foreground: float = 0.0,
+    augment: bool = True,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    extra_channels: Sequence[str] = (),
+    p_hot_negative: float = 0.0,
+    hot_suv: float = 2.5,
+) -> grain.MapDataset:
     """The stage's batched `grain.MapDataset` (random access; batch b is a pure function of the arguments).
 
     Args: see `make_train_iterator`. Returns a MapDataset of `num_batches` (default 2**40, effectively
     endless) per-process batches.
     """
     pidx, pcount, local = _resolve_processes(batch_size, process_index, process_count)
-    sampler = PatchSampler(store, weights, seed=seed, stage=stage, patch_shape=patch_shape,
-                           batch_size=batch_size, local_batch=local, process_index=pidx,
-                           case_indices=case_indices, p_foreground=p_foreground, augment=augment,
-                           extra_channels=extra_channels, p_hot_negative=p_hot_negative, hot_suv=hot_suv)
+    sampler = PatchSampler(
+        store,
+        weights,
+        seed=seed,
+        stage=stage,
+        patch_shape=patch_shape,
+        batch_size=batch_size,
+        local_batch=local,
+        process_index=pidx,
+        case_indices=case_indices,
+        p_foreground=p_foreground,
+        augment=augment,
+        extra_channels=extra_channels,
+        p_hot_negative=p_hot_negative,
+        hot_suv=hot_suv,
+    )
     n = (1 << 40) if num_batches is None else int(num_batches)
     if n < 1:
         raise ConfigError(f"num_batches {num_batches}: need >= 1")
@@ -434,18 +501,34 @@ class TrainIterator:
         """Restore a `get_state` position; ConfigError if it was saved by a pipeline with other settings."""
         diff = {k: (state.get(k), v) for k, v in self.info.items() if state.get(k) != v}
         if diff:
-            raise ConfigError(f"iterator state does not match this pipeline (saved, current): {diff}; rebuild "
-                              "the pipeline with the saved stage and weights before restoring")
+            raise ConfigError(
+                f"iterator state does not match this pipeline (saved, current): {diff}; rebuild "
+                "the pipeline with the saved stage and weights before restoring"
+            )
         self.grain_iterator.set_state(state["grain"])
 
 
-def make_train_iterator(store: CaseStore, weights, *, seed: int, stage: int = 0, batch_size: int = 2,
-                        patch_shape: Sequence[int] = DEFAULT_PATCH_SHAPE, num_workers: int = 0,
-                        num_batches: int | None = None, case_indices=None, p_foreground: float = 0.0,
-                        augment: bool = True, read_threads: int = 2, prefetch: int = 2,
-                        process_index: int | None = None, process_count: int | None = None,
-                        extra_channels: Sequence[str] = (), p_hot_negative: float = 0.0,
-                        hot_suv: float = 2.5) -> TrainIterator:
+def make_train_iterator(
+    store: CaseStore,
+    weights,
+    *,
+    seed: int,
+    stage: int = 0,
+    batch_size: int = 2,
+    patch_shape: Sequence[int] = DEFAULT_PATCH_SHAPE,
+    num_workers: int = 0,
+    num_batches: int | None = None,
+    case_indices=None,
+    p_foreground: float = 0.0,
+    augment: bool = True,
+    read_threads: int = 2,
+    prefetch: int = 2,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    extra_channels: Sequence[str] = (),
+    p_hot_negative: float = 0.0,
+    hot_suv: float = 2.5,
+) -> TrainIterator:
     """Training batches of one curriculum stage.
 
     Args:
@@ -472,19 +555,38 @@ def make_train_iterator(store: CaseStore, weights, *, seed: int, stage: int = 0,
       (B, D, H, W) int32, "case_index": (B,) int32, "labeled": (B,) bool}`, B = per-process batch.
     """
     pidx, pcount, local = _resolve_processes(batch_size, process_index, process_count)
-    ds = make_train_dataset(store, weights, seed=seed, stage=stage, batch_size=batch_size,
-                            patch_shape=patch_shape, num_batches=num_batches, case_indices=case_indices,
-                            p_foreground=p_foreground, augment=augment, process_index=pidx,
-                            process_count=pcount, extra_channels=extra_channels,
-                            p_hot_negative=p_hot_negative, hot_suv=hot_suv)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(read_threads)),
-                                                 prefetch_buffer_size=max(1, int(prefetch))))
+    ds = make_train_dataset(
+        store,
+        weights,
+        seed=seed,
+        stage=stage,
+        batch_size=batch_size,
+        patch_shape=patch_shape,
+        num_batches=num_batches,
+        case_indices=case_indices,
+        p_foreground=p_foreground,
+        augment=augment,
+        process_index=pidx,
+        process_count=pcount,
+        extra_channels=extra_channels,
+        p_hot_negative=p_hot_negative,
+        hot_suv=hot_suv,
+    )
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, int(read_threads)), prefetch_buffer_size=max(1, int(prefetch)))
+    )
     if num_workers > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers),
-                                                               per_worker_buffer_size=1))
-    info = {"seed": int(seed), "stage": int(stage), "weights_md5": weights_md5(weights),
-            "batch_size": int(batch_size), "process_index": pidx, "process_count": pcount,
-            "patch_shape": [int(v) for v in patch_shape], "num_cases": len(store)}
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers), per_worker_buffer_size=1))
+    info = {
+        "seed": int(seed),
+        "stage": int(stage),
+        "weights_md5": weights_md5(weights),
+        "batch_size": int(batch_size),
+        "process_index": pidx,
+        "process_count": pcount,
+        "patch_shape": [int(v) for v in patch_shape],
+        "num_cases": len(store),
+    }
     extra = (extra_channels,) if isinstance(extra_channels, str) else tuple(extra_channels)
     if extra:  # only then: states of 5-channel pipelines stay as before
         info["extra_channels"] = [str(n) for n in extra]
@@ -493,8 +595,9 @@ def make_train_iterator(store: CaseStore, weights, *, seed: int, stage: int = 0,
     return TrainIterator(iter(it_ds), info)
 
 
-def make_eval_cases(store: CaseStore, split: str | Sequence[int] = "val",
-                    extra_channels: Sequence[str] = ()) -> Iterator[dict]:
+def make_eval_cases(
+    store: CaseStore, split: str | Sequence[int] = "val", extra_channels: Sequence[str] = ()
+) -> Iterator[dict]:
     """Whole preprocessed volumes for validation, one case at a time (loaded lazily).
 
     Args:
@@ -516,12 +619,34 @@ def make_eval_cases(store: CaseStore, split: str | Sequence[int] = "val",
         ct = np.asarray(a["ct"], dtype=np.float32)
         suv = np.asarray(a["suv"], dtype=np.float32)
         ex = {n: np.asarray(a[n], dtype=np.float32) for n in extra}
-        yield {"case_index": int(i), "id": store.ids[int(i)], "image": _stack_channels(ct, suv, list(ex.values())),
-               "ct": ct, "suv": suv, "label": np.asarray(a["seg"], dtype=np.int32),
-               "labeled": bool(has_seg[int(i)]), "geometry": store.geometry(int(i)),
-               "native_geometry": store.native_geometry(int(i)), **ex}
+        yield {
+            "case_index": int(i),
+            "id": store.ids[int(i)],
+            "image": _stack_channels(ct, suv, list(ex.values())),
+            "ct": ct,
+            "suv": suv,
+            "label": np.asarray(a["seg"], dtype=np.int32),
+            "labeled": bool(has_seg[int(i)]),
+            "geometry": store.geometry(int(i)),
+            "native_geometry": store.native_geometry(int(i)),
+            **ex,
+        }
 
 
-__all__ = ["CHANNELS", "DEFAULT_PATCH_SHAPE", "HOT_CACHE_CASES", "PatchSampler", "TrainIterator", "crop_patch",
-           "element_rng", "case_for_element", "hot_negative_voxels", "make_eval_cases", "make_train_dataset",
-           "make_train_iterator", "sample_case_indices", "weights_cdf", "weights_md5"]
+__all__ = [
+    "CHANNELS",
+    "DEFAULT_PATCH_SHAPE",
+    "HOT_CACHE_CASES",
+    "PatchSampler",
+    "TrainIterator",
+    "crop_patch",
+    "element_rng",
+    "case_for_element",
+    "hot_negative_voxels",
+    "make_eval_cases",
+    "make_train_dataset",
+    "make_train_iterator",
+    "sample_case_indices",
+    "weights_cdf",
+    "weights_md5",
+]

@@ -35,8 +35,9 @@ def index_transform(src: Geometry, dst: Geometry) -> np.ndarray:
     return perm @ m_xyz @ perm
 
 
-def resample_to_grid(array: np.ndarray, src: Geometry, dst: Geometry, *, order: int = 1, cval: float = 0.0,
-                     dtype=np.float32) -> np.ndarray:
+def resample_to_grid(
+    array: np.ndarray, src: Geometry, dst: Geometry, *, order: int = 1, cval: float = 0.0, dtype=np.float32
+) -> np.ndarray:
     """Resample a (z, y, x) volume from grid `src` onto grid `dst` in world space.
 
     Args:
@@ -64,8 +65,15 @@ def resample_to_grid(array: np.ndarray, src: Geometry, dst: Geometry, *, order: 
     lin, off = m[:3, :3], m[:3, 3]
     diagonal = np.allclose(lin - np.diag(np.diag(lin)), 0.0, atol=1e-12)
     out = ndimage.affine_transform(
-        data, np.diag(lin) if diagonal else lin, offset=off, output_shape=tuple(dst.shape),
-        order=order, mode="nearest", prefilter=order > 1, output=work)
+        data,
+        np.diag(lin) if diagonal else lin,
+        offset=off,
+        output_shape=tuple(dst.shape),
+        order=order,
+        mode="nearest",
+        prefilter=order > 1,
+        output=work,
+    )
     inside = _inside_mask(lin, off, tuple(dst.shape), tuple(src.shape))
     if inside is not True:
         out[~inside] = cval

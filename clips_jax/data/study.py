@@ -29,8 +29,10 @@ CT_NAMES = ("CTres.nii.gz", "CT.nii.gz", "CTres.nii", "CT.nii")
 SUV_NAMES = ("SUV.nii.gz", "SUV.nii")
 SEG_NAMES = ("SEG.nii.gz", "SEG.nii")
 META_NAME = "meta.json"
-LAYOUT_HELP = ("expected either a NIfTI study folder (CTres.nii.gz or CT.nii.gz, SUV.nii.gz, optional "
-               "SEG.nii.gz) or a folder holding a PET (PT) and a CT DICOM series")
+LAYOUT_HELP = (
+    "expected either a NIfTI study folder (CTres.nii.gz or CT.nii.gz, SUV.nii.gz, optional "
+    "SEG.nii.gz) or a folder holding a PET (PT) and a CT DICOM series"
+)
 
 
 def _first(folder: Path, names) -> Path | None:
@@ -70,8 +72,9 @@ def load_nifti_study(folder: str | os.PathLike) -> Case:
         raise DataError(f"{folder}: not a directory; {LAYOUT_HELP}")
     ct_path, suv_path = _first(folder, CT_NAMES), _first(folder, SUV_NAMES)
     if ct_path is None or suv_path is None:
-        missing = " and ".join(n for n, p in (("CTres.nii.gz/CT.nii.gz", ct_path), ("SUV.nii.gz", suv_path))
-                               if p is None)
+        missing = " and ".join(
+            n for n, p in (("CTres.nii.gz/CT.nii.gz", ct_path), ("SUV.nii.gz", suv_path)) if p is None
+        )
         raise DataError(f"{folder}: {missing} not found; {LAYOUT_HELP}")
     suv, geom = load_nifti(suv_path)
     ct, ct_geom = load_nifti(ct_path)
@@ -83,15 +86,20 @@ def load_nifti_study(folder: str | os.PathLike) -> Case:
         raw, seg_geom = load_nifti(seg_path, dtype=np.float32)
         if not seg_geom.same_grid(geom):
             why = "shape" if seg_geom.shape != geom.shape else "affine (position/orientation/spacing)"
-            raise DataError(f"{seg_path}: mask grid differs from the PET grid of {suv_path.name} in {why}: "
-                            f"SEG shape {seg_geom.shape}, SUV shape {geom.shape} (z, y, x); resample the mask "
-                            "onto the PET grid")
+            raise DataError(
+                f"{seg_path}: mask grid differs from the PET grid of {suv_path.name} in {why}: "
+                f"SEG shape {seg_geom.shape}, SUV shape {geom.shape} (z, y, x); resample the mask "
+                "onto the PET grid"
+            )
         if raw.size and raw.min() < 0:
-            raise DataError(f"{seg_path}: mask has negative values (min {raw.min()}); expected 0 = background, "
-                            "> 0 = lesion")
+            raise DataError(
+                f"{seg_path}: mask has negative values (min {raw.min()}); expected 0 = background, > 0 = lesion"
+            )
         if not np.all(raw == np.round(raw)):
-            raise DataError(f"{seg_path}: mask has non-integer values; expected a label image (0 = background, "
-                            "> 0 = lesion), not probabilities")
+            raise DataError(
+                f"{seg_path}: mask has non-integer values; expected a label image (0 = background, "
+                "> 0 = lesion), not probabilities"
+            )
         seg = (raw > 0).astype(np.uint8)
     meta: dict = {}
     meta_path = folder / META_NAME
@@ -183,5 +191,4 @@ def find_studies(root: str | os.PathLike) -> list[Path]:
         return [root]
     if studies:
         return studies
-    raise DataError(f"no study found in {root}: {LAYOUT_HELP}, either {root} itself or its immediate "
-                    "sub-folders")
+    raise DataError(f"no study found in {root}: {LAYOUT_HELP}, either {root} itself or its immediate sub-folders")

@@ -11,7 +11,8 @@ Short runs need short schedules: the library defaults grow the training set over
 comparison of a few hundred steps never reaches. `curriculum_options` therefore rescales every
 step-dependent schedule to the run length (`steps`): the pacing reaches the whole training set at
 `GROW_FRACTION` of the run, CBS's sigma falls below 0.2 at the same point (our recommendation for long
-runs, docs/curricula.md, "Curriculum by smoothing"), and seeded curricula (random order, bandit draws) take the run's seed so that seeds differ.
+runs, docs/curricula.md, "Curriculum by smoothing"), and seeded curricula (random order, bandit draws) take
+the run's seed so that seeds differ.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ EVALS_PER_RUN = 2
 #: Settings of the default comparison applied over the base config unless `--noexperiment_defaults` (dotted
 #: config key -> value). A key also given on the command line (`--config.KEY=...`) keeps the user's value.
 RUN_OVERRIDES: dict = {
-    "eval.at_start": False,   # the untrained model's validation is the same for every run: skip it
+    "eval.at_start": False,  # the untrained model's validation is the same for every run: skip it
     "log_every": 10,
 }
 
@@ -87,46 +88,73 @@ class Experiment:
 #: NSS/MIC: bootstrapping, random, anti, self-paced), then the other families; opt-in variants follow.
 EXPERIMENTS: dict[str, Experiment] = {
     "none": Experiment("none", family="baseline: uniform sampling"),
-    "transfer_teacher": Experiment("transfer_teacher", paced=True, needs_teacher=True,
-                                   family="transfer teacher / bootstrapping: baseline model's soft-Dice loss"),
+    "transfer_teacher": Experiment(
+        "transfer_teacher",
+        paced=True,
+        needs_teacher=True,
+        family="transfer teacher / bootstrapping: baseline model's soft-Dice loss",
+    ),
     "random": Experiment("random", paced=True, seeded=True, family="control: random order, root pacing"),
     "anti": Experiment("anti", paced=True, family="control: hardest first (composite), root pacing"),
-    "self_paced_hard": Experiment("self_paced_hard", paced=True,
-                                  family="self-paced (Kumar 2010), hard regulariser, quantile lambda"),
-    "predefined": Experiment("predefined_composite_root", paced=True,
-                             family="predefined: easiest first (composite), root pacing"),
+    "self_paced_hard": Experiment(
+        "self_paced_hard", paced=True, family="self-paced (Kumar 2010), hard regulariser, quantile lambda"
+    ),
+    "predefined": Experiment(
+        "predefined_composite_root", paced=True, family="predefined: easiest first (composite), root pacing"
+    ),
     "baby_step": Experiment("baby_step", paced=True, family="predefined: composite, 5 baby-step buckets"),
     # eta: Graves et al.'s 1e-3 assumes ~1e5 rounds; set from the run's number of rounds (`exp3s_eta`).
-    "exp3s": Experiment("exp3s", seeded=True, stage_rounds=True,
-                        family="Exp3.S bandit (Graves 2017), 5 composite buckets, one round per stage, "
-                               "mean prediction gain"),
+    "exp3s": Experiment(
+        "exp3s",
+        seeded=True,
+        stage_rounds=True,
+        family="Exp3.S bandit (Graves 2017), 5 composite buckets, one round per stage, mean prediction gain",
+    ),
     "cbs": Experiment("cbs", smoothing=True, family="curriculum by smoothing (Sinha 2020), uniform sampling"),
     # Variants outside the default comparison (name them with --curricula): the other curricula.PRESETS.
     # TMTV is "harder when smaller" (core.HARDER_WHEN), so easiest-first samples the LARGEST volumes first.
-    "predefined_tmtv": Experiment("predefined_tmtv_root", paced=True,
-                                  family="predefined: largest TMTV first (small TMTV is hard), root pacing"),
-    "hacohen": Experiment("predefined_hacohen", paced=True,
-                          family="predefined: composite, exponential pacing (Hacohen & Weinshall 2019)"),
+    "predefined_tmtv": Experiment(
+        "predefined_tmtv_root", paced=True, family="predefined: largest TMTV first (small TMTV is hard), root pacing"
+    ),
+    "hacohen": Experiment(
+        "predefined_hacohen", paced=True, family="predefined: composite, exponential pacing (Hacohen & Weinshall 2019)"
+    ),
     "one_pass": Experiment("one_pass", paced=True, family="predefined: composite, 5 buckets visited once"),
     "self_paced_linear": Experiment("self_paced_linear", paced=True, family="self-paced, linear regulariser"),
     "self_paced_mixture": Experiment("self_paced_mixture", paced=True, family="self-paced, mixture regulariser"),
-    "self_paced_diversity": Experiment("self_paced_diversity", paced=True,
-                                       family="self-paced with diversity (Jiang 2014), hard regulariser"),
+    "self_paced_diversity": Experiment(
+        "self_paced_diversity", paced=True, family="self-paced with diversity (Jiang 2014), hard regulariser"
+    ),
     # The controls of `--controls` (compare_curricula): how the comparison behaves when the truth is known.
-    "control_negative": Experiment("none", seed_offset=1000, control="negative",
-                                   family="negative control: the baseline again, independent seeds "
-                                          "(must not differ)"),
-    "control_positive": Experiment("never_hardest_third", control="positive",
-                                   family="positive control: never samples the hardest third of the "
-                                          "training lesion cases (must be worse on hard cases)"),
+    "control_negative": Experiment(
+        "none",
+        seed_offset=1000,
+        control="negative",
+        family="negative control: the baseline again, independent seeds (must not differ)",
+    ),
+    "control_positive": Experiment(
+        "never_hardest_third",
+        control="positive",
+        family="positive control: never samples the hardest third of the "
+        "training lesion cases (must be worse on hard cases)",
+    ),
 }
 
 #: The experiments `--controls` adds to a comparison.
 CONTROLS: tuple[str, ...] = ("control_negative", "control_positive")
 
 #: The default `--curricula` list: one experiment per family and control (the variants above are opt-in).
-DEFAULT_CURRICULA: tuple[str, ...] = ("none", "transfer_teacher", "random", "anti", "self_paced_hard", "predefined",
-                                      "baby_step", "exp3s", "cbs")
+DEFAULT_CURRICULA: tuple[str, ...] = (
+    "none",
+    "transfer_teacher",
+    "random",
+    "anti",
+    "self_paced_hard",
+    "predefined",
+    "baby_step",
+    "exp3s",
+    "cbs",
+)
 BASELINE = "none"
 
 
@@ -149,8 +177,9 @@ def exp3s_eta(rounds: int, num_buckets: int = 5) -> float:
     return float(min(1.0, math.sqrt(math.log(k) / (k * max(1, int(rounds))))))
 
 
-def curriculum_options(name: str, steps: int, steps_per_epoch: int, seed: int,
-                       stage_steps: int | None = None) -> dict[str, Any]:
+def curriculum_options(
+    name: str, steps: int, steps_per_epoch: int, seed: int, stage_steps: int | None = None
+) -> dict[str, Any]:
     """Option overrides of experiment `name` for a run of `steps` steps (to put in `config.curriculum.options`).
 
     Args:

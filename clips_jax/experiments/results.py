@@ -32,18 +32,30 @@ from clips_jax.metrics import finite_mean
 
 #: Per-seed summary metrics of results.csv: (column stem, title).
 SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
-    ("dice", "Dice"), ("nsd", "NSD (5 mm)"), ("tmtv_abs_err_ml", "abs. TMTV error (ml)"),
-    ("lesion_sensitivity", "lesion sensitivity"), ("fpv_ml", "FP volume (ml)"))
+    ("dice", "Dice"),
+    ("nsd", "NSD (5 mm)"),
+    ("tmtv_abs_err_ml", "abs. TMTV error (ml)"),
+    ("lesion_sensitivity", "lesion sensitivity"),
+    ("fpv_ml", "FP volume (ml)"),
+)
 
 #: Endpoints tested against the baseline: (column stem, title, sign that makes larger = better, unit digits).
 ENDPOINTS: tuple[tuple[str, str, float, int], ...] = (
-    ("dice", "Dice", 1.0, 3), ("tmtv_abs_err_ml", "|TMTV error| (ml)", -1.0, 1))
+    ("dice", "Dice", 1.0, 3),
+    ("tmtv_abs_err_ml", "|TMTV error| (ml)", -1.0, 1),
+)
 
 #: Columns of results.csv, in order.
 RESULT_COLUMNS: tuple[str, ...] = (
-    "curriculum", "preset", "role", "subset", "n_seeds", "n_cases",
+    "curriculum",
+    "preset",
+    "role",
+    "subset",
+    "n_seeds",
+    "n_cases",
     *[f"{m}_{s}" for m, _ in SUMMARY_METRICS for s in ("mean", "sd")],
-    *[f"{e}_{s}" for e, *_ in ENDPOINTS for s in ("diff", "ci_low", "ci_high", "p", "p_holm")])
+    *[f"{e}_{s}" for e, *_ in ENDPOINTS for s in ("diff", "ci_low", "ci_high", "p", "p_holm")],
+)
 
 SUBSETS = ("all", "hard")
 ALPHA = 0.05
@@ -53,6 +65,7 @@ ALPHA = 0.05
 # Per-case values and per-seed summaries
 # ---------------------------------------------------------------------------------------------------------
 
+
 def case_summary_values(row: Mapping[str, float]) -> dict[str, float]:
     """The five summary metrics of one `case_metrics` row (floats; NaN where undefined).
 
@@ -61,10 +74,13 @@ def case_summary_values(row: Mapping[str, float]) -> dict[str, float]:
     fpv_ml: autoPET false-positive component volume (defined for every case).
     """
     tp, fn = float(row["a1_tp"]), float(row["a1_fn"])
-    return {"dice": float(row["dice"]), "nsd": float(row["nsd"]),
-            "tmtv_abs_err_ml": abs(float(row["tmtv_pred_ml"]) - float(row["tmtv_true_ml"])),
-            "lesion_sensitivity": tp / (tp + fn) if tp + fn > 0 else float("nan"),
-            "fpv_ml": float(row["fpv_ml"])}
+    return {
+        "dice": float(row["dice"]),
+        "nsd": float(row["nsd"]),
+        "tmtv_abs_err_ml": abs(float(row["tmtv_pred_ml"]) - float(row["tmtv_true_ml"])),
+        "lesion_sensitivity": tp / (tp + fn) if tp + fn > 0 else float("nan"),
+        "fpv_ml": float(row["fpv_ml"]),
+    }
 
 
 def seed_means(rows: Sequence[Mapping[str, float]], cases: set[str] | None = None) -> dict[str, float]:
@@ -86,8 +102,9 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else float("nan")
 
 
-def metric_table(runs: Mapping[int, Sequence[Mapping[str, float]]], case_ids: Sequence[str], metric: str,
-                 sign: float = 1.0) -> np.ndarray:
+def metric_table(
+    runs: Mapping[int, Sequence[Mapping[str, float]]], case_ids: Sequence[str], metric: str, sign: float = 1.0
+) -> np.ndarray:
     """float64 (n_runs, n_cases): `sign` x summary metric of each run (seeds in increasing order) per case of
     `case_ids` (NaN where undefined or missing)."""
     table = np.full((len(runs), len(case_ids)), np.nan)
@@ -103,17 +120,22 @@ def metric_table(runs: Mapping[int, Sequence[Mapping[str, float]]], case_ids: Se
 # The comparison rows
 # ---------------------------------------------------------------------------------------------------------
 
+
 def role_of(name: str, baseline: str = presets.BASELINE) -> str:
-    """"baseline", "curriculum", "negative control" or "positive control"."""
+    """ "baseline", "curriculum", "negative control" or "positive control"."""
     if name == baseline:
         return "baseline"
     control = presets.EXPERIMENTS[name].control if name in presets.EXPERIMENTS else ""
     return f"{control} control" if control else "curriculum"
 
 
-def summarise(per_run_rows: Mapping[str, Mapping[int, Sequence[Mapping]]], case_ids: Sequence[str],
-              hardness: np.ndarray | None, presets_used: Mapping[str, str] | None = None,
-              baseline: str = presets.BASELINE) -> tuple[list[dict], list[str], dict]:
+def summarise(
+    per_run_rows: Mapping[str, Mapping[int, Sequence[Mapping]]],
+    case_ids: Sequence[str],
+    hardness: np.ndarray | None,
+    presets_used: Mapping[str, str] | None = None,
+    baseline: str = presets.BASELINE,
+) -> tuple[list[dict], list[str], dict]:
     """The rows of results.csv and what results.md says about the design.
 
     Args:
@@ -135,32 +157,49 @@ def summarise(per_run_rows: Mapping[str, Mapping[int, Sequence[Mapping]]], case_
     if not base:
         notes.append(f"no finished baseline ({baseline!r}) run: no hard subset and no tests")
         return [_summary_row(n, presets_used, "all", s, None, baseline) for n, s in per_run_rows.items()], notes, {}
-    tables = {e: {n: metric_table(runs, case_ids, e, sign) for n, runs in per_run_rows.items()}
-              for e, _, sign, _ in ENDPOINTS}
+    tables = {
+        e: {n: metric_table(runs, case_ids, e, sign) for n, runs in per_run_rows.items()} for e, _, sign, _ in ENDPOINTS
+    }
     hard_mask, hard_by = statistics.hard_subset(tables["dice"][baseline], hardness)
     hard_ids = {c for c, h in zip(case_ids, hard_mask) if h}
-    tests = {e: {(r["curriculum"], r["subset"]): r for r in statistics.compare(t, baseline, hardness)}
-             for e, t in tables.items()}
+    tests = {
+        e: {(r["curriculum"], r["subset"]): r for r in statistics.compare(t, baseline, hardness)}
+        for e, t in tables.items()
+    }
     rows = []
     for name, runs in per_run_rows.items():
         for subset in SUBSETS:
             skip_first = subset == "hard" and name == baseline and hardness is None
-            row = _summary_row(name, presets_used, subset, runs, None if subset == "all" else hard_ids, baseline,
-                               skip_first)
+            row = _summary_row(
+                name, presets_used, subset, runs, None if subset == "all" else hard_ids, baseline, skip_first
+            )
             for e, _, sign, _ in ENDPOINTS:
                 _put_test(row, e, sign, tests[e].get((name, subset)), notes)
             rows.append(row)
     _holm(rows)
-    return rows, notes, {"hard_by": hard_by, "hard_cases": sorted(hard_ids),
-                         "mde": _mde(tables, baseline, hard_mask, hardness is None, len(base))}
+    return (
+        rows,
+        notes,
+        {
+            "hard_by": hard_by,
+            "hard_cases": sorted(hard_ids),
+            "mde": _mde(tables, baseline, hard_mask, hardness is None, len(base)),
+        },
+    )
 
 
 def _summary_row(name, presets_used, subset, runs, cases, baseline, skip_first=False) -> dict[str, Any]:
-    seeds = sorted(runs)[1 if skip_first else 0:]
+    seeds = sorted(runs)[1 if skip_first else 0 :]
     means = [seed_means(runs[k], cases) for k in seeds]
     preset = presets_used.get(name) or (presets.EXPERIMENTS[name].preset if name in presets.EXPERIMENTS else name)
-    row: dict[str, Any] = {"curriculum": name, "preset": preset, "role": role_of(name, baseline),
-                           "subset": subset, "n_seeds": len(seeds), "n_cases": means[0]["n_cases"] if means else 0}
+    row: dict[str, Any] = {
+        "curriculum": name,
+        "preset": preset,
+        "role": role_of(name, baseline),
+        "subset": subset,
+        "n_seeds": len(seeds),
+        "n_cases": means[0]["n_cases"] if means else 0,
+    }
     for m, _ in SUMMARY_METRICS:
         row[f"{m}_mean"], row[f"{m}_sd"] = mean_sd([s[m] for s in means])
     for e, *_ in ENDPOINTS:
@@ -173,8 +212,14 @@ def _put_test(row: dict, endpoint: str, sign: float, test: Mapping | None, notes
     if test is None:
         return
     lo, hi = sign * test["ci_low"], sign * test["ci_high"]
-    row.update({f"{endpoint}_diff": sign * test["diff"], f"{endpoint}_ci_low": min(lo, hi),
-                f"{endpoint}_ci_high": max(lo, hi), f"{endpoint}_p": test["p"]})
+    row.update(
+        {
+            f"{endpoint}_diff": sign * test["diff"],
+            f"{endpoint}_ci_low": min(lo, hi),
+            f"{endpoint}_ci_high": max(lo, hi),
+            f"{endpoint}_p": test["p"],
+        }
+    )
     if test.get("note"):
         notes.append(f"{row['curriculum']} ({row['subset']}, {endpoint}): {test['note']}")
 
@@ -207,6 +252,7 @@ def _mde(tables, baseline: str, hard_mask: np.ndarray, drop_first: bool, n_runs:
 # Controls
 # ---------------------------------------------------------------------------------------------------------
 
+
 def control_verdicts(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """One line per control row set: did it behave as expected?
 
@@ -221,11 +267,17 @@ def control_verdicts(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         if role == "negative control":
             tested = [by[(name, s)] for s in SUBSETS if (name, s) in by and math.isfinite(by[(name, s)]["dice_p"])]
             false_pos = [r["subset"] for r in tested if r["dice_p"] < ALPHA]
-            verdict = ("as expected: no significant difference" if tested and not false_pos else
-                       "NOT as expected: significant on " + ", ".join(false_pos) if false_pos else
-                       "not tested (too few runs)")
-            out.append(f"negative control `{name}`: {verdict} "
-                       + "; ".join(f"{r['subset']}: ΔDice {r['dice_diff']:+.3f}, p {r['dice_p']:.3g}" for r in tested))
+            verdict = (
+                "as expected: no significant difference"
+                if tested and not false_pos
+                else "NOT as expected: significant on " + ", ".join(false_pos)
+                if false_pos
+                else "not tested (too few runs)"
+            )
+            out.append(
+                f"negative control `{name}`: {verdict} "
+                + "; ".join(f"{r['subset']}: ΔDice {r['dice_diff']:+.3f}, p {r['dice_p']:.3g}" for r in tested)
+            )
         elif role == "positive control" and (name, "hard") in by:
             r = by[(name, "hard")]
             if not math.isfinite(r["dice_p"]):
@@ -242,6 +294,7 @@ def control_verdicts(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # Writers
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _num(v) -> str:
     if isinstance(v, (int, np.integer)):
@@ -283,47 +336,72 @@ def _p(r: Mapping[str, Any], e: str) -> str:
     return f"{p:.3g}" + ("" if math.isnan(ph) else f" ({ph:.3g})")
 
 
-def results_markdown(rows: Sequence[Mapping[str, Any]], notes: Sequence[str], header: Sequence[str],
-                     design: Mapping[str, Any] | None = None, hard_description: str = "") -> str:
+def results_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    notes: Sequence[str],
+    header: Sequence[str],
+    design: Mapping[str, Any] | None = None,
+    hard_description: str = "",
+) -> str:
     """results.md: the header, how the hard cases were chosen, one table per subset (summary metrics and the
     two endpoints against the baseline), the minimal detectable effects, the controls and the notes."""
     design = design or {}
     out = ["# Curriculum comparison", "", *header, ""]
     if design:
-        out += [f"**Hard cases**: the ceil(n/3) test lesion cases chosen by {hard_description or design['hard_by']} "
-                f"({len(design['hard_cases'])} cases). **Primary endpoint**: Dice on the hard cases.", ""]
+        out += [
+            f"**Hard cases**: the ceil(n/3) test lesion cases chosen by {hard_description or design['hard_by']} "
+            f"({len(design['hard_cases'])} cases). **Primary endpoint**: Dice on the hard cases.",
+            "",
+        ]
     titles = {"all": "All test cases", "hard": "Hard test cases"}
     for subset in SUBSETS:
         sel = [r for r in rows if r["subset"] == subset]
         if not sel:
             continue
-        out += [f"## {titles[subset]}", "",
-                "| curriculum | role | seeds | cases | " + " | ".join(t for _, t in SUMMARY_METRICS)
-                + " | ΔDice [95 % CI] | p (Holm) | Δ|TMTV err| ml [95 % CI] | p (Holm) |",
-                "|---|---|---|---|" + "---|" * (len(SUMMARY_METRICS) + 4)]
+        out += [
+            f"## {titles[subset]}",
+            "",
+            "| curriculum | role | seeds | cases | "
+            + " | ".join(t for _, t in SUMMARY_METRICS)
+            + " | ΔDice [95 % CI] | p (Holm) | Δ|TMTV err| ml [95 % CI] | p (Holm) |",
+            "|---|---|---|---|" + "---|" * (len(SUMMARY_METRICS) + 4),
+        ]
         digits = {"tmtv_abs_err_ml": 1, "fpv_ml": 1}
         for r in sel:
             cells = [_pm(r[f"{m}_mean"], r[f"{m}_sd"], digits.get(m, 3)) for m, _ in SUMMARY_METRICS]
             tests = [_effect(r, "dice", 3), _p(r, "dice"), _effect(r, "tmtv_abs_err_ml", 1), _p(r, "tmtv_abs_err_ml")]
-            out.append(f"| {r['curriculum']} | {r['role']} | {r['n_seeds']} | {r['n_cases']} | " + " | ".join(cells)
-                       + " | " + " | ".join(tests) + " |")
+            out.append(
+                f"| {r['curriculum']} | {r['role']} | {r['n_seeds']} | {r['n_cases']} | "
+                + " | ".join(cells)
+                + " | "
+                + " | ".join(tests)
+                + " |"
+            )
         out.append("")
-    out += ["Summary columns: mean ± s.d. over seeds of the per-seed means over test cases (Dice, NSD and lesion "
-            "sensitivity over lesion cases only; absolute TMTV error and FP volume over all cases). Δ: curriculum "
-            "minus baseline, averaged over patients and runs (Δ|TMTV err| < 0: smaller error); 95 % interval and "
-            "two-sided p of a linear mixed model with patients and training runs as sources of variance "
-            "(docs/statistics.md); Holm: adjusted across the compared curricula of the table (controls excluded).",
-            ""]
+    out += [
+        "Summary columns: mean ± s.d. over seeds of the per-seed means over test cases (Dice, NSD and lesion "
+        "sensitivity over lesion cases only; absolute TMTV error and FP volume over all cases). Δ: curriculum "
+        "minus baseline, averaged over patients and runs (Δ|TMTV err| < 0: smaller error); 95 % interval and "
+        "two-sided p of a linear mixed model with patients and training runs as sources of variance "
+        "(docs/statistics.md); Holm: adjusted across the compared curricula of the table (controls excluded).",
+        "",
+    ]
     if design.get("mde"):
-        out += ["## Minimal detectable effect", "",
-                "Smallest true difference this design detects with 80 % power (two-sided 5 %), from the baseline's "
-                "own run-to-run and patient-level variance, for its number of runs per arm and these cases "
-                "(assuming no patient-by-curriculum interaction, so a lower bound):", ""]
+        out += [
+            "## Minimal detectable effect",
+            "",
+            "Smallest true difference this design detects with 80 % power (two-sided 5 %), from the baseline's "
+            "own run-to-run and patient-level variance, for its number of runs per arm and these cases "
+            "(assuming no patient-by-curriculum interaction, so a lower bound):",
+            "",
+        ]
         for subset in SUBSETS:
             m = design["mde"][subset]
-            out.append(f"- {titles[subset].lower()}: Dice {m['dice']['mde']:.3f}, |TMTV error| "
-                       f"{m['tmtv_abs_err_ml']['mde']:.1f} ml ({m['dice']['n_runs']} runs per arm, "
-                       f"{m['dice']['n_cases']} cases)")
+            out.append(
+                f"- {titles[subset].lower()}: Dice {m['dice']['mde']:.3f}, |TMTV error| "
+                f"{m['tmtv_abs_err_ml']['mde']:.1f} ml ({m['dice']['n_runs']} runs per arm, "
+                f"{m['dice']['n_cases']} cases)"
+            )
         out.append("")
     verdicts = control_verdicts(rows)
     if verdicts:

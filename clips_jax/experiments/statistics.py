@@ -97,8 +97,7 @@ def _table(name: str, values) -> np.ndarray:
     """`values` as a float64 array (n_runs, n_cases); ValueError naming `name` if it is not 2-D."""
     y = np.asarray(values, dtype=np.float64)
     if y.ndim != 2:
-        raise ValueError(f"statistics: the metric table of {name!r} must be 2-D (n_runs, n_cases), got shape "
-                         f"{y.shape}")
+        raise ValueError(f"statistics: the metric table of {name!r} must be 2-D (n_runs, n_cases), got shape {y.shape}")
     return y
 
 
@@ -110,8 +109,10 @@ def _tables(dice: Mapping[str, object], baseline: str) -> dict[str, np.ndarray]:
     n_cases = tables[baseline].shape[1]
     wrong = {k: t.shape[1] for k, t in tables.items() if t.shape[1] != n_cases}
     if wrong:
-        raise ValueError(f"statistics: every table needs the baseline's {n_cases} cases (same cases, same "
-                         f"order); these differ: {wrong}")
+        raise ValueError(
+            f"statistics: every table needs the baseline's {n_cases} cases (same cases, same "
+            f"order); these differ: {wrong}"
+        )
     return tables
 
 
@@ -135,8 +136,9 @@ def hard_subset(baseline, hardness=None) -> tuple[np.ndarray, str]:
     if hardness is not None:
         hard = np.asarray(hardness, dtype=np.float64)
         if hard.shape != (y.shape[1],):
-            raise ValueError(f"statistics: hardness must have shape ({y.shape[1]},) (one value per case), got "
-                             f"{hard.shape}")
+            raise ValueError(
+                f"statistics: hardness must have shape ({y.shape[1]},) (one value per case), got {hard.shape}"
+            )
         defined &= np.isfinite(hard)
         key, hard_by = -hard, "hardness"
     else:
@@ -195,9 +197,17 @@ def variance_of_difference(a, b) -> dict:
         var = h * mse / c
     if var <= (64.0 * np.finfo(np.float64).eps * max(1.0, np.abs(a).max(), np.abs(b).max())) ** 2:
         var, terms = 0.0, []  # round-off of constant data, not variance
-    return {"diff": float(d.mean()), "var": var, "df": _satterthwaite(terms) if var > 0 else NAN,
-            "v_c": v_c, "s_r": s_r, "mse": mse, "s2_b": s_r - mse / c, "s2_ac": (v_c - h * mse) / 2.0,
-            "floored": len(terms) == 1}
+    return {
+        "diff": float(d.mean()),
+        "var": var,
+        "df": _satterthwaite(terms) if var > 0 else NAN,
+        "v_c": v_c,
+        "s_r": s_r,
+        "mse": mse,
+        "s2_b": s_r - mse / c,
+        "s2_ac": (v_c - h * mse) / 2.0,
+        "floored": len(terms) == 1,
+    }
 
 
 def mixed_model_test(a, b, *, level: float = 0.95) -> dict:
@@ -216,13 +226,25 @@ def mixed_model_test(a, b, *, level: float = 0.95) -> dict:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     ok = np.all(np.isfinite(a), axis=0) & np.all(np.isfinite(b), axis=0)
     a, b = a[:, ok], b[:, ok]
-    out = {"n_cases": int(ok.sum()), "n_runs": int(a.shape[0]), "n_runs_baseline": int(b.shape[0]),
-           "diff": NAN, "se": NAN, "df": NAN, "ci_low": NAN, "ci_high": NAN, "p": NAN, "note": ""}
+    out = {
+        "n_cases": int(ok.sum()),
+        "n_runs": int(a.shape[0]),
+        "n_runs_baseline": int(b.shape[0]),
+        "diff": NAN,
+        "se": NAN,
+        "df": NAN,
+        "ci_low": NAN,
+        "ci_high": NAN,
+        "p": NAN,
+        "note": "",
+    }
     if a.shape[0] and b.shape[0] and out["n_cases"]:
         out["diff"] = float(a.mean() - b.mean())
     if a.shape[0] < 2 or b.shape[0] < 2:
-        out["note"] = (f"fewer than 2 runs (curriculum {a.shape[0]}, baseline {b.shape[0]}): the run variance "
-                       "cannot be estimated, no test")
+        out["note"] = (
+            f"fewer than 2 runs (curriculum {a.shape[0]}, baseline {b.shape[0]}): the run variance "
+            "cannot be estimated, no test"
+        )
         return out
     if out["n_cases"] < 2:
         out["note"] = f"{out['n_cases']} case(s) defined in every run of both arms: no test"
@@ -288,10 +310,11 @@ def compare(dice: Mapping[str, object], baseline: str = "none", hardness=None, *
                 res = mixed_model_test(y[:, hard], base_hard[:, hard])
                 if hard_by != "hardness" and base_hard.shape[0] < 2:
                     res["diff"] = NAN
-                    res["note"] = (f"hard cases chosen by baseline run 0, which is left out of the test; "
-                                   f"{base_hard.shape[0]} other baseline run(s) remain (need 2): no test")
-            rows.append({"curriculum": name, "subset": subset, **res,
-                         "hard_by": hard_by if subset == "hard" else ""})
+                    res["note"] = (
+                        f"hard cases chosen by baseline run 0, which is left out of the test; "
+                        f"{base_hard.shape[0]} other baseline run(s) remain (need 2): no test"
+                    )
+            rows.append({"curriculum": name, "subset": subset, **res, "hard_by": hard_by if subset == "hard" else ""})
     return rows
 
 
@@ -313,8 +336,7 @@ def holm(pvalues) -> np.ndarray:
     return out
 
 
-def minimal_detectable_effect(baseline, n_runs: int | None = None, *, alpha: float = 0.05,
-                              power: float = 0.8) -> dict:
+def minimal_detectable_effect(baseline, n_runs: int | None = None, *, alpha: float = 0.05, power: float = 0.8) -> dict:
     """Smallest true mean difference the design detects with probability `power` (two-sided test at `alpha`).
 
     The run and residual variances are estimated from the baseline's own table by the two-way ANOVA (run x
@@ -354,9 +376,20 @@ def minimal_detectable_effect(baseline, n_runs: int | None = None, *, alpha: flo
 # --------------------------------------------------------------------------------------------- simulation
 
 
-def simulate_tables(rng: np.random.Generator, n_cases: int = 40, n_runs: int = 3, n_runs_baseline: int | None = None,
-                    *, mean: float = 0.65, sd_case: float = 0.15, sd_run: float = 0.02, sd_noise: float = 0.08,
-                    sd_interaction: float = 0.0, effect_hard: float = 0.0, hardness_noise: float = 0.0):
+def simulate_tables(
+    rng: np.random.Generator,
+    n_cases: int = 40,
+    n_runs: int = 3,
+    n_runs_baseline: int | None = None,
+    *,
+    mean: float = 0.65,
+    sd_case: float = 0.15,
+    sd_run: float = 0.02,
+    sd_noise: float = 0.08,
+    sd_interaction: float = 0.0,
+    effect_hard: float = 0.0,
+    hardness_noise: float = 0.0,
+):
     """One simulated comparison of a curriculum "a" with the baseline "none".
 
     Model: Y_mrc = clip(mean + a_c + (ac)_mc + b_mr + e_mrc, 0, 1) (Dice-like), a_c ~ N(0, sd_case),
@@ -374,8 +407,14 @@ def simulate_tables(rng: np.random.Generator, n_cases: int = 40, n_runs: int = 3
     truly_hard[np.argsort(case, kind="stable")[: math.ceil(n_cases / 3)]] = True
 
     def arm(n: int, shift: np.ndarray) -> np.ndarray:
-        y = (mean + case + shift + rng.normal(0.0, sd_interaction, n_cases)[None, :]
-             + rng.normal(0.0, sd_run, n)[:, None] + rng.normal(0.0, sd_noise, (n, n_cases)))
+        y = (
+            mean
+            + case
+            + shift
+            + rng.normal(0.0, sd_interaction, n_cases)[None, :]
+            + rng.normal(0.0, sd_run, n)[:, None]
+            + rng.normal(0.0, sd_noise, (n, n_cases))
+        )
         return np.clip(y, 0.0, 1.0)
 
     dice = {"none": arm(n_b, np.zeros(n_cases)), "a": arm(n_runs, effect_hard * truly_hard)}
@@ -383,10 +422,22 @@ def simulate_tables(rng: np.random.Generator, n_cases: int = 40, n_runs: int = 3
     return dice, hardness, truly_hard
 
 
-def simulate(n_sims: int = 2000, n_cases: int = 40, n_runs: int = 3, *, sd_case: float = 0.15,
-             sd_run: float = 0.02, sd_noise: float = 0.08, sd_interaction: float = 0.0, effect_hard: float = 0.0,
-             use_hardness: bool = True, hardness_noise: float = 0.0, n_runs_baseline: int | None = None,
-             alpha: float = 0.05, rng_seed: int = 0) -> dict:
+def simulate(
+    n_sims: int = 2000,
+    n_cases: int = 40,
+    n_runs: int = 3,
+    *,
+    sd_case: float = 0.15,
+    sd_run: float = 0.02,
+    sd_noise: float = 0.08,
+    sd_interaction: float = 0.0,
+    effect_hard: float = 0.0,
+    use_hardness: bool = True,
+    hardness_noise: float = 0.0,
+    n_runs_baseline: int | None = None,
+    alpha: float = 0.05,
+    rng_seed: int = 0,
+) -> dict:
     """Error rates of `compare` on `n_sims` simulated comparisons (`simulate_tables`; deterministic given rng_seed).
 
     Args: as `simulate_tables`; use_hardness passes the (noisy) latent difficulty as `hardness`, otherwise the
@@ -402,18 +453,32 @@ def simulate(n_sims: int = 2000, n_cases: int = 40, n_runs: int = 3, *, sd_case:
     diff = np.empty((n_sims, 2))
     covered = np.empty(n_sims, dtype=bool)
     for i in range(n_sims):
-        dice, hardness, _ = simulate_tables(rng, n_cases, n_runs, n_runs_baseline, sd_case=sd_case, sd_run=sd_run,
-                                            sd_noise=sd_noise, sd_interaction=sd_interaction,
-                                            effect_hard=effect_hard, hardness_noise=hardness_noise)
+        dice, hardness, _ = simulate_tables(
+            rng,
+            n_cases,
+            n_runs,
+            n_runs_baseline,
+            sd_case=sd_case,
+            sd_run=sd_run,
+            sd_noise=sd_noise,
+            sd_interaction=sd_interaction,
+            effect_hard=effect_hard,
+            hardness_noise=hardness_noise,
+        )
         rows = compare(dice, "none", hardness if use_hardness else None)
         p[i] = [r["p"] for r in rows]
         diff[i] = [r["diff"] for r in rows]
         covered[i] = rows[0]["ci_low"] <= 0.0 <= rows[0]["ci_high"]
     rejected = np.nan_to_num(p, nan=1.0) < alpha
-    return {"rate_all": float(rejected[:, 0].mean()), "rate_hard": float(rejected[:, 1].mean()),
-            "coverage_all": float(covered.mean()), "mean_diff_all": float(np.nanmean(diff[:, 0])),
-            "mean_diff_hard": float(np.nanmean(diff[:, 1])), "n_sims": int(n_sims),
-            "n_undefined": int(np.isnan(p).any(axis=1).sum())}
+    return {
+        "rate_all": float(rejected[:, 0].mean()),
+        "rate_hard": float(rejected[:, 1].mean()),
+        "coverage_all": float(covered.mean()),
+        "mean_diff_all": float(np.nanmean(diff[:, 0])),
+        "mean_diff_hard": float(np.nanmean(diff[:, 1])),
+        "n_sims": int(n_sims),
+        "n_undefined": int(np.isnan(p).any(axis=1).sum()),
+    }
 
 
 # Scenarios of docs/statistics.md: name -> `simulate` keyword arguments (Dice-like, 40 cases, case s.d. 0.15,
@@ -423,7 +488,8 @@ SCENARIOS: dict[str, dict] = {
     "null, run s.d. 0.02, 3 runs, baseline run 0": dict(n_runs=3, use_hardness=False),
     "null, interaction s.d. 0.03, no run effect, 3 runs, hardness": dict(n_runs=3, sd_run=0.0, sd_interaction=0.03),
     "null, interaction s.d. 0.03, no run effect, 3 runs, baseline run 0": dict(
-        n_runs=3, sd_run=0.0, sd_interaction=0.03, use_hardness=False),
+        n_runs=3, sd_run=0.0, sd_interaction=0.03, use_hardness=False
+    ),
     "null, noise only (no run effect, no interaction), 3 runs, hardness": dict(n_runs=3, sd_run=0.0),
     "null, run s.d. 0.02, 2 runs, hardness": dict(n_runs=2),
     "null, run s.d. 0.02, 5 runs, hardness": dict(n_runs=5),
@@ -441,12 +507,17 @@ def simulation_table(n_sims: int = 20000, rng_seed: int = 2026) -> str:
     Returns: the table as a string: per scenario p < 0.05 rate (all, hard), coverage of 0 by the "all" 95 %
       interval, mean hard-subset difference.
     """
-    lines = [f"| scenario ({n_sims} sims each, rng_seed {rng_seed}) | p < 0.05, all | p < 0.05, hard "
-             "| CI covers 0, all | mean diff, hard |", "|---|---|---|---|---|"]
+    lines = [
+        f"| scenario ({n_sims} sims each, rng_seed {rng_seed}) | p < 0.05, all | p < 0.05, hard "
+        "| CI covers 0, all | mean diff, hard |",
+        "|---|---|---|---|---|",
+    ]
     for name, kwargs in SCENARIOS.items():
         r = simulate(n_sims, rng_seed=rng_seed, **kwargs)
-        lines.append(f"| {name} | {100 * r['rate_all']:.1f} % | {100 * r['rate_hard']:.1f} % "
-                     f"| {100 * r['coverage_all']:.1f} % | {r['mean_diff_hard']:+.4f} |")
+        lines.append(
+            f"| {name} | {100 * r['rate_all']:.1f} % | {100 * r['rate_hard']:.1f} % "
+            f"| {100 * r['coverage_all']:.1f} % | {r['mean_diff_hard']:+.4f} |"
+        )
     return "\n".join(lines)
 
 

@@ -13,11 +13,35 @@ except the explicit writers). Column definitions and empty-mask conventions: doc
 
 from clips_jax.metrics.lesions import dmax_mm, label_lesions, lesion_metrics
 from clips_jax.metrics.overlap import dice, overlap_volumes, volume_ml
-from clips_jax.metrics.report import (COLUMNS, METRIC_KEYS, case_metrics, case_report_text, finite_mean,
-                                      read_metrics_csv, summarise, summary_markdown, write_metrics_csv)
+from clips_jax.metrics.report import (
+    COLUMNS,
+    METRIC_KEYS,
+    case_metrics,
+    case_report_text,
+    finite_mean,
+    read_metrics_csv,
+    summarise,
+    summary_markdown,
+    write_metrics_csv,
+)
 from clips_jax.metrics.surface import surface_metrics, surfel_area_table
 
-__all__ = ["COLUMNS", "METRIC_KEYS", "case_metrics", "case_report_text", "dice", "dmax_mm", "finite_mean",
-           "label_lesions",
-           "lesion_metrics", "overlap_volumes", "read_metrics_csv", "summarise", "summary_markdown",
-           "surface_metrics", "surfel_area_table", "volume_ml", "write_metrics_csv"]
+__all__ = [
+    "COLUMNS",
+    "METRIC_KEYS",
+    "case_metrics",
+    "case_report_text",
+    "dice",
+    "dmax_mm",
+    "finite_mean",
+    "label_lesions",
+    "lesion_metrics",
+    "overlap_volumes",
+    "read_metrics_csv",
+    "summarise",
+    "summary_markdown",
+    "surface_metrics",
+    "surfel_area_table",
+    "volume_ml",
+    "write_metrics_csv",
+]

@@ -25,8 +25,16 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage, optimize, spatial
 
-__all__ = ["LESION_STRUCTURE", "label_lesions", "lesion_overlaps", "fpv_fnv_ml", "match_any_overlap",
-           "match_iou", "lesion_metrics", "dmax_mm"]
+__all__ = [
+    "LESION_STRUCTURE",
+    "label_lesions",
+    "lesion_overlaps",
+    "fpv_fnv_ml",
+    "match_any_overlap",
+    "match_iou",
+    "lesion_metrics",
+    "dmax_mm",
+]
 
 #: 3x3x3 structuring element of 18-connectivity (faces + edges, not corners).
 LESION_STRUCTURE = ndimage.generate_binary_structure(3, 2)
@@ -76,8 +84,15 @@ def lesion_overlaps(pred: np.ndarray, truth: np.ndarray) -> LesionOverlaps:
     both = (lab_t > 0) & (lab_p > 0)
     codes = lab_t[both].astype(np.int64) * (n_p + 1) + lab_p[both]
     uniq, inter = np.unique(codes, return_counts=True)
-    return LesionOverlaps(n_t, n_p, size_t, size_p, (uniq // (n_p + 1) - 1).astype(np.int64),
-                          (uniq % (n_p + 1) - 1).astype(np.int64), inter.astype(np.int64))
+    return LesionOverlaps(
+        n_t,
+        n_p,
+        size_t,
+        size_p,
+        (uniq // (n_p + 1) - 1).astype(np.int64),
+        (uniq % (n_p + 1) - 1).astype(np.int64),
+        inter.astype(np.int64),
+    )
 
 
 def fpv_fnv_ml(ov: LesionOverlaps, voxel_ml: float) -> tuple[float, float]:
@@ -125,8 +140,7 @@ def match_iou(ov: LesionOverlaps, threshold: float = 0.5) -> tuple[int, int, int
     return tp, ov.n_true - tp, ov.n_pred - tp
 
 
-def lesion_metrics(pred: np.ndarray, truth: np.ndarray, spacing_mm, lesion_threshold: float = 0.5
-                   ) -> dict[str, float]:
+def lesion_metrics(pred: np.ndarray, truth: np.ndarray, spacing_mm, lesion_threshold: float = 0.5) -> dict[str, float]:
     """All lesion-level columns of metrics.csv for two boolean (z, y, x) masks on the same grid.
 
     Returns:
@@ -138,9 +152,18 @@ def lesion_metrics(pred: np.ndarray, truth: np.ndarray, spacing_mm, lesion_thres
     fpv, fnv = fpv_fnv_ml(ov, voxel_ml)
     a1 = match_any_overlap(ov)
     a2 = match_iou(ov, lesion_threshold)
-    return {"fpv_ml": fpv, "fnv_ml": fnv, "lesions_true": float(ov.n_true), "lesions_pred": float(ov.n_pred),
-            "a1_tp": float(a1[0]), "a1_fn": float(a1[1]), "a1_fp": float(a1[2]),
-            "a2_tp": float(a2[0]), "a2_fn": float(a2[1]), "a2_fp": float(a2[2])}
+    return {
+        "fpv_ml": fpv,
+        "fnv_ml": fnv,
+        "lesions_true": float(ov.n_true),
+        "lesions_pred": float(ov.n_pred),
+        "a1_tp": float(a1[0]),
+        "a1_fn": float(a1[1]),
+        "a1_fp": float(a1[2]),
+        "a2_tp": float(a2[0]),
+        "a2_fn": float(a2[1]),
+        "a2_fp": float(a2[2]),
+    }
 
 
 def dmax_mm(mask: np.ndarray, spacing_mm) -> float:

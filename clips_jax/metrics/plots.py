@@ -47,8 +47,11 @@ def boxplots(experiments: Mapping[str, Sequence[Mapping]], path: str | os.PathLi
     Returns: the path written.
     """
     names = list(experiments)
-    panels = (("Dice", lambda r: r["dice"]), ("NSD", lambda r: r["nsd"]),
-              ("TMTV error (pred - true, ml)", lambda r: r["tmtv_pred_ml"] - r["tmtv_true_ml"]))
+    panels = (
+        ("Dice", lambda r: r["dice"]),
+        ("NSD", lambda r: r["nsd"]),
+        ("TMTV error (pred - true, ml)", lambda r: r["tmtv_pred_ml"] - r["tmtv_true_ml"]),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(4 + 1.2 * len(names) * 3, 4))
     for ax, (title, fn) in zip(axes, panels):
         data = [_finite([fn(r) for r in experiments[n]]) for n in names]
@@ -74,8 +77,11 @@ def bland_altman(rows: Sequence[Mapping], path: str | os.PathLike, title: str = 
     ax.scatter(mean, diff, s=18)
     if diff.size >= 2:
         bias, sd = diff.mean(), diff.std(ddof=1)
-        for y, style, label in ((bias, "-", f"bias {bias:.2f} ml"), (bias + 1.96 * sd, "--", "+1.96 SD"),
-                                (bias - 1.96 * sd, "--", "-1.96 SD")):
+        for y, style, label in (
+            (bias, "-", f"bias {bias:.2f} ml"),
+            (bias + 1.96 * sd, "--", "+1.96 SD"),
+            (bias - 1.96 * sd, "--", "-1.96 SD"),
+        ):
             ax.axhline(y, ls=style, color="C3", lw=1, label=label)
         ax.legend(fontsize=8)
     ax.set_xlabel("mean of predicted and true TMTV (ml)")
@@ -85,8 +91,9 @@ def bland_altman(rows: Sequence[Mapping], path: str | os.PathLike, title: str = 
     return _save(fig, path)
 
 
-def mip_figure(suv: np.ndarray, truth: np.ndarray, pred: np.ndarray, spacing_mm, path: str | os.PathLike,
-               title: str = "") -> Path:
+def mip_figure(
+    suv: np.ndarray, truth: np.ndarray, pred: np.ndarray, spacing_mm, path: str | os.PathLike, title: str = ""
+) -> Path:
     """Coronal and sagittal PET MIPs with ground-truth (green) and prediction (red) outlines.
 
     Args:
@@ -101,15 +108,21 @@ def mip_figure(suv: np.ndarray, truth: np.ndarray, pred: np.ndarray, spacing_mm,
     vmax = float(np.percentile(suv, 99.9)) if suv.size else 1.0
     fig, axes = plt.subplots(1, 2, figsize=(9, 6))
     for ax, axis, name, aspect in ((axes[0], 1, "coronal", sz / sx), (axes[1], 2, "sagittal", sz / sy)):
-        ax.imshow(suv.max(axis=axis), cmap="gray_r", origin="lower", aspect=aspect, vmin=0,
-                  vmax=max(vmax, 1e-6), interpolation="nearest")
+        ax.imshow(
+            suv.max(axis=axis),
+            cmap="gray_r",
+            origin="lower",
+            aspect=aspect,
+            vmin=0,
+            vmax=max(vmax, 1e-6),
+            interpolation="nearest",
+        )
         for mask, colour in ((truth, "lime"), (pred, "red")):
             if mask is None:
                 continue
             proj = np.asarray(mask, dtype=bool).any(axis=axis)
             if proj.any() and not proj.all():
-                ax.contour(proj.astype(np.float32), levels=[0.5], colors=colour, linewidths=0.8,
-                           origin="lower")
+                ax.contour(proj.astype(np.float32), levels=[0.5], colors=colour, linewidths=0.8, origin="lower")
         ax.set_title(name)
         ax.set_axis_off()
     legend = "red: prediction" if truth is None else "green: truth, red: prediction"

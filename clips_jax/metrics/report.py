@@ -24,25 +24,68 @@ from clips_jax.metrics.lesions import dmax_mm, lesion_metrics
 from clips_jax.metrics.overlap import dice, overlap_volumes, volume_ml
 from clips_jax.metrics.surface import surface_metrics, union_bbox
 
-__all__ = ["COLUMNS", "METRIC_KEYS", "COUNT_KEYS", "case_metrics", "case_report_text", "write_metrics_csv",
-           "read_metrics_csv", "summarise", "summary_markdown"]
+__all__ = [
+    "COLUMNS",
+    "METRIC_KEYS",
+    "COUNT_KEYS",
+    "case_metrics",
+    "case_report_text",
+    "write_metrics_csv",
+    "read_metrics_csv",
+    "summarise",
+    "summary_markdown",
+]
 
 #: The columns of metrics.csv, in order (the issue's contract; docs/metrics.md documents each).
 COLUMNS: tuple[str, ...] = (
-    "case", "suv_max", "dice", "hd_mm", "hd95_mm", "assd_mm", "nsd", "bji", "tmtv_pred_ml", "tmtv_pred_thr_ml",
-    "tmtv_true_ml", "tmtv_true_thr_ml", "fp_ml", "fp_thr_ml", "fn_ml", "tp_ml", "precision", "recall",
-    "fpv_ml", "fnv_ml", "lesions_true", "lesions_pred", "a1_tp", "a1_fn", "a1_fp", "a2_tp", "a2_fn", "a2_fp",
-    "dmax_mm")
+    "case",
+    "suv_max",
+    "dice",
+    "hd_mm",
+    "hd95_mm",
+    "assd_mm",
+    "nsd",
+    "bji",
+    "tmtv_pred_ml",
+    "tmtv_pred_thr_ml",
+    "tmtv_true_ml",
+    "tmtv_true_thr_ml",
+    "fp_ml",
+    "fp_thr_ml",
+    "fn_ml",
+    "tp_ml",
+    "precision",
+    "recall",
+    "fpv_ml",
+    "fnv_ml",
+    "lesions_true",
+    "lesions_pred",
+    "a1_tp",
+    "a1_fn",
+    "a1_fp",
+    "a2_tp",
+    "a2_fn",
+    "a2_fp",
+    "dmax_mm",
+)
 #: Keys of the dict returned by `case_metrics` (the columns minus "case").
 METRIC_KEYS: tuple[str, ...] = COLUMNS[1:]
 #: Integer-valued columns (written without decimals).
 COUNT_KEYS: frozenset[str] = frozenset(
-    {"lesions_true", "lesions_pred", "a1_tp", "a1_fn", "a1_fp", "a2_tp", "a2_fn", "a2_fp"})
+    {"lesions_true", "lesions_pred", "a1_tp", "a1_fn", "a1_fp", "a2_tp", "a2_fn", "a2_fp"}
+)
 
 
-def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing_mm, suv: np.ndarray | None = None, *,
-                 tolerance_mm: float = 5.0, lesion_threshold: float = 0.5, suv_threshold: float = 4.0
-                 ) -> dict[str, float]:
+def case_metrics(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing_mm,
+    suv: np.ndarray | None = None,
+    *,
+    tolerance_mm: float = 5.0,
+    lesion_threshold: float = 0.5,
+    suv_threshold: float = 4.0,
+) -> dict[str, float]:
     """Every per-patient metric of one case.
 
     Args:
@@ -107,8 +150,15 @@ def _pct(num: float, den: float) -> str:
     return f"{100.0 * num / den:.1f}%" if den else "n/a"
 
 
-def case_report_text(case: str, row: Mapping[str, float], *, tolerance_mm: float, lesion_threshold: float,
-                     suv_threshold: float, dmax_pred_mm: float | None = None) -> str:
+def case_report_text(
+    case: str,
+    row: Mapping[str, float],
+    *,
+    tolerance_mm: float,
+    lesion_threshold: float,
+    suv_threshold: float,
+    dmax_pred_mm: float | None = None,
+) -> str:
     """Per-patient text report with the fields of the CLIPS precursor's report (the seed), in English.
 
     Args:
@@ -148,13 +198,17 @@ def case_report_text(case: str, row: Mapping[str, float], *, tolerance_mm: float
     if dmax_pred_mm is not None:
         lines.append(f"Dmax of the prediction: {_fmt(dmax_pred_mm, 1)} mm")
     lines.append(f"Lesions (18-connected): {nt} true, {npd} predicted")
-    for k, title in (("a1", "Approach 1 (any overlap)"),
-                     ("a2", f"Approach 2 (one-to-one, IoU >= {100 * lesion_threshold:.1f}%)")):
+    for k, title in (
+        ("a1", "Approach 1 (any overlap)"),
+        ("a2", f"Approach 2 (one-to-one, IoU >= {100 * lesion_threshold:.1f}%)"),
+    ):
         tp, fn, fp = int(r[f"{k}_tp"]), int(r[f"{k}_fn"]), int(r[f"{k}_fp"])
-        lines += [f"{title}:",
-                  f"  TP lesions: {tp} / {nt} ({_pct(tp, nt)})",
-                  f"  FN lesions: {fn} / {nt} ({_pct(fn, nt)})",
-                  f"  FP predictions: {fp} / {npd} ({_pct(fp, npd)})"]
+        lines += [
+            f"{title}:",
+            f"  TP lesions: {tp} / {nt} ({_pct(tp, nt)})",
+            f"  FN lesions: {fn} / {nt} ({_pct(fn, nt)})",
+            f"  FP predictions: {fp} / {npd} ({_pct(fp, npd)})",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -204,8 +258,15 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     if finite.size == 0:
         return {"n": 0, "n_undefined": int(a.size), "mean": nan, "median": nan, "q1": nan, "q3": nan, "iqr": nan}
     q1, med, q3 = np.percentile(finite, [25, 50, 75])
-    return {"n": int(finite.size), "n_undefined": int(a.size - finite.size), "mean": float(finite.mean()),
-            "median": float(med), "q1": float(q1), "q3": float(q3), "iqr": float(q3 - q1)}
+    return {
+        "n": int(finite.size),
+        "n_undefined": int(a.size - finite.size),
+        "mean": float(finite.mean()),
+        "median": float(med),
+        "q1": float(q1),
+        "q3": float(q3),
+        "iqr": float(q3 - q1),
+    }
 
 
 def summarise(rows: Sequence[Mapping]) -> dict:
@@ -221,14 +282,26 @@ def summarise(rows: Sequence[Mapping]) -> dict:
     """
     pos = [r for r in rows if float(r["tmtv_true_ml"]) > 0]
     neg = [r for r in rows if not float(r["tmtv_true_ml"]) > 0]
-    return {"n_cases": len(rows), "n_positive": len(pos), "n_lesion_free": len(neg),
-            "positive": {k: _stats([float(r[k]) for r in pos]) for k in METRIC_KEYS},
-            "lesion_free": {k: _stats([float(r[k]) for r in neg]) for k in METRIC_KEYS}}
+    return {
+        "n_cases": len(rows),
+        "n_positive": len(pos),
+        "n_lesion_free": len(neg),
+        "positive": {k: _stats([float(r[k]) for r in pos]) for k in METRIC_KEYS},
+        "lesion_free": {k: _stats([float(r[k]) for r in neg]) for k in METRIC_KEYS},
+    }
 
 
 # Columns that mean something for lesion-free cases (Dice/NSD/HD/recall are undefined there).
-_NEGATIVE_COLUMNS = ("tmtv_pred_ml", "tmtv_pred_thr_ml", "fp_ml", "fp_thr_ml", "fpv_ml", "lesions_pred", "a1_fp",
-                     "a2_fp")
+_NEGATIVE_COLUMNS = (
+    "tmtv_pred_ml",
+    "tmtv_pred_thr_ml",
+    "fp_ml",
+    "fp_thr_ml",
+    "fpv_ml",
+    "lesions_pred",
+    "a1_fp",
+    "a2_fp",
+)
 
 
 def summary_markdown(summaries: Mapping[str, dict], *, settings: str = "", problems: Sequence[str] = ()) -> str:
@@ -243,18 +316,31 @@ def summary_markdown(summaries: Mapping[str, dict], *, settings: str = "", probl
     if settings:
         out += [settings, ""]
     for name, s in summaries.items():
-        out += [f"## {name}", "",
-                f"{s['n_cases']} cases: {s['n_positive']} with lesions, {s['n_lesion_free']} lesion-free.", ""]
-        for part, cols, title in (("positive", METRIC_KEYS, "Cases with lesions"),
-                                  ("lesion_free", _NEGATIVE_COLUMNS, "Lesion-free cases")):
+        out += [
+            f"## {name}",
+            "",
+            f"{s['n_cases']} cases: {s['n_positive']} with lesions, {s['n_lesion_free']} lesion-free.",
+            "",
+        ]
+        for part, cols, title in (
+            ("positive", METRIC_KEYS, "Cases with lesions"),
+            ("lesion_free", _NEGATIVE_COLUMNS, "Lesion-free cases"),
+        ):
             if not s[f"n_{'positive' if part == 'positive' else 'lesion_free'}"]:
                 continue
-            out += [f"### {title}", "", "| column | mean | median | Q1 | Q3 | IQR | n | undefined |",
-                    "|---|---|---|---|---|---|---|---|"]
+            out += [
+                f"### {title}",
+                "",
+                "| column | mean | median | Q1 | Q3 | IQR | n | undefined |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             for k in cols:
                 st = s[part][k]
-                out.append(f"| {k} | " + " | ".join(_fmt(st[x], 4) for x in ("mean", "median", "q1", "q3", "iqr"))
-                           + f" | {st['n']} | {st['n_undefined']} |")
+                out.append(
+                    f"| {k} | "
+                    + " | ".join(_fmt(st[x], 4) for x in ("mean", "median", "q1", "q3", "iqr"))
+                    + f" | {st['n']} | {st['n_undefined']} |"
+                )
             out.append("")
     if problems:
         out += ["## Skipped or unmatched cases", ""] + [f"- {p}" for p in problems] + [""]

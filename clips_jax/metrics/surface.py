@@ -36,16 +36,21 @@ import itertools
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["surfel_area_table", "surface_points", "SurfaceDistances", "surface_distances",
-           "surface_metrics", "union_bbox"]
+__all__ = [
+    "surfel_area_table",
+    "surface_points",
+    "SurfaceDistances",
+    "surface_distances",
+    "surface_metrics",
+    "union_bbox",
+]
 
 # Bit of each corner of the 2x2x2 block, indexed by the corner's offset (d0, d1, d2) along the array axes
 # (z, y, x). Offset (1, 1, 1) is bit 0 (value 1), offset (0, 0, 0) is bit 7 (value 128).
 _BIT_OF_OFFSET = np.array([[[128, 64], [32, 16]], [[8, 4], [2, 1]]], dtype=np.uint8)
 _CORNERS = [tuple(c) for c in itertools.product((0, 1), repeat=3)]
 # The 12 cube edges as pairs of corner offsets differing along exactly one axis.
-_EDGES = [(a, b) for a, b in itertools.combinations(_CORNERS, 2)
-          if sum(x != y for x, y in zip(a, b)) == 1]
+_EDGES = [(a, b) for a, b in itertools.combinations(_CORNERS, 2) if sum(x != y for x, y in zip(a, b)) == 1]
 
 
 def _code_polygons(code: int) -> list[np.ndarray]:
@@ -157,7 +162,7 @@ def surface_points(mask: np.ndarray, spacing_mm) -> tuple[np.ndarray, np.ndarray
     n = tuple(s - 1 for s in m.shape)
     code = np.zeros(n, dtype=np.uint8)
     for off in _CORNERS:
-        code |= m[off[0]:off[0] + n[0], off[1]:off[1] + n[1], off[2]:off[2] + n[2]] * _BIT_OF_OFFSET[off]
+        code |= m[off[0] : off[0] + n[0], off[1] : off[1] + n[1], off[2] : off[2] + n[2]] * _BIT_OF_OFFSET[off]
     is_surface = (code != 0) & (code != 255)
     areas = surfel_area_table(spacing_mm)[code]
     return is_surface, areas
@@ -217,8 +222,7 @@ def _weighted_percentile(dist: np.ndarray, area: np.ndarray, percent: float) -> 
     return float(d[min(idx, len(d) - 1)])
 
 
-def surface_metrics(pred: np.ndarray, truth: np.ndarray, spacing_mm, tolerance_mm: float = 5.0
-                    ) -> dict[str, float]:
+def surface_metrics(pred: np.ndarray, truth: np.ndarray, spacing_mm, tolerance_mm: float = 5.0) -> dict[str, float]:
     """HD, HD95, ASSD (mm), NSD and BJI at `tolerance_mm` between two boolean (z, y, x) masks.
 
     Args:
@@ -248,8 +252,10 @@ def surface_metrics(pred: np.ndarray, truth: np.ndarray, spacing_mm, tolerance_m
 
     return {
         "hd_mm": float(max(sd.dist_pred.max(), sd.dist_true.max())),
-        "hd95_mm": max(_weighted_percentile(sd.dist_pred, sd.area_pred, 95.0),
-                       _weighted_percentile(sd.dist_true, sd.area_true, 95.0)),
+        "hd95_mm": max(
+            _weighted_percentile(sd.dist_pred, sd.area_pred, 95.0),
+            _weighted_percentile(sd.dist_true, sd.area_true, 95.0),
+        ),
         "assd_mm": float(((sd.dist_pred * sd.area_pred).sum() + (sd.dist_true * sd.area_true).sum()) / total),
         "nsd": (within(sd.dist_pred, sd.area_pred) + within(sd.dist_true, sd.area_true)) / float(total),
         "bji": (bji_part(sd.dist_pred, sd.area_pred) + bji_part(sd.dist_true, sd.area_true)) / float(total),

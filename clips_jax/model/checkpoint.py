@@ -42,8 +42,7 @@ def build_model(class_name: str, config: Mapping, *, dtype=None, seed: int = 0) 
         raise WeightsError(f"unknown model class {class_name!r}; expected one of {sorted(MODEL_CLASSES)}")
     cfg = config.to_json() if hasattr(config, "to_json") else dict(config)
     if class_name == "Ensemble":
-        return Ensemble(cfg.get("n_members", 4), unet_kwargs=cfg.get("unet_kwargs"), dtype=dtype,
-                        rngs=nnx.Rngs(seed))
+        return Ensemble(cfg.get("n_members", 4), unet_kwargs=cfg.get("unet_kwargs"), dtype=dtype, rngs=nnx.Rngs(seed))
     return MODEL_CLASSES[class_name](**cfg, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
@@ -55,8 +54,9 @@ def abstract_model(class_name: str, config: Mapping, *, dtype=None) -> nnx.Modul
 def abstract_arrays(tree, *, dtype=None, sharding=None):
     """ShapeDtypeStructs of `tree`'s leaves (their dtype unless `dtype` is given, with `sharding`): the restore
     target of orbax."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype if dtype is None else dtype,
-                                                       sharding=sharding), tree)
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype if dtype is None else dtype, sharding=sharding), tree
+    )
 
 
 def param_dict(model: nnx.Module) -> dict:
@@ -76,8 +76,13 @@ def _restore_keys(tree, like):
     return tree
 
 
-def save_weights(out_dir: str | os.PathLike, models: Mapping[str, nnx.Module | tuple[str, dict, dict]], *,
-                 source: Mapping | None = None, overwrite: bool = False) -> Path:
+def save_weights(
+    out_dir: str | os.PathLike,
+    models: Mapping[str, nnx.Module | tuple[str, dict, dict]],
+    *,
+    source: Mapping | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a weights directory atomically.
 
     Args:
@@ -108,9 +113,11 @@ def read_weights_meta(weights_dir: str | os.PathLike) -> dict:
     d = Path(weights_dir)
     f = d / META_FILE
     if not f.is_file():
-        raise WeightsError(f"{d}: not a CLIPS-JAX weights directory (no {META_FILE}). Convert TMTV-Net .model "
-                           "files with `python -m convert_weights --ensemble e_latest.model --refiner "
-                           "r_latest.model --out DIR`.")
+        raise WeightsError(
+            f"{d}: not a CLIPS-JAX weights directory (no {META_FILE}). Convert TMTV-Net .model "
+            "files with `python -m convert_weights --ensemble e_latest.model --refiner "
+            "r_latest.model --out DIR`."
+        )
     try:
         meta = json.loads(f.read_text())
     except json.JSONDecodeError as e:

@@ -65,8 +65,9 @@ class Ensemble(nnx.Module):
 
     def __call__(self, x: jax.Array, sigma: jax.Array | None = None) -> jax.Array:
         p = self.member_probabilities(x, sigma)
-        return self.stacking(p.astype(self.stacking.kernel[...].dtype if self.stacking.dtype is None
-                                      else self.stacking.dtype))
+        return self.stacking(
+            p.astype(self.stacking.kernel[...].dtype if self.stacking.dtype is None else self.stacking.dtype)
+        )
 
     def member(self, i: int) -> UNet:
         """Member `i` as a standalone `UNet` (a copy of its parameters)."""

@@ -127,7 +127,7 @@ def gaussian_smooth(x: jax.Array, sigma: jax.Array | float) -> jax.Array:
     def smooth(v):
         s = jnp.maximum(sigma, SIGMA_MIN)
         a = jnp.exp(-1.0 / (2.0 * s * s)).astype(v.dtype)
-        norm = (1.0 + 2.0 * a)
+        norm = 1.0 + 2.0 * a
         for axis in (1, 2, 3):
             pad = [(0, 0)] * v.ndim
             pad[axis] = (1, 1)
@@ -150,15 +150,17 @@ def upsample2x_linear(x: jax.Array) -> jax.Array:
     """
     for axis in (1, 2, 3):
         n = x.shape[axis]
-        prev = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis),
-                                jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
-        nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis),
-                               jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
+        prev = jnp.concatenate(
+            [jax.lax.slice_in_dim(x, 0, 1, axis=axis), jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis
+        )
+        nxt = jnp.concatenate(
+            [jax.lax.slice_in_dim(x, 1, n, axis=axis), jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis
+        )
         even = 0.75 * x + 0.25 * prev
         odd = 0.75 * x + 0.25 * nxt
         x = jnp.stack([even, odd], axis=axis + 1)
         shape = list(x.shape)
-        shape[axis:axis + 2] = [2 * n]
+        shape[axis : axis + 2] = [2 * n]
         x = x.reshape(shape)
     return x
 
@@ -188,8 +190,9 @@ def prefer_2d_convs() -> bool:
     return mode in ("2d", "fold") or (mode == "auto" and jax.default_backend() == "cpu")
 
 
-def _use_2d_convs(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-                  **kwargs) -> bool:
+def _use_2d_convs(
+    lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, **kwargs
+) -> bool:
     """True if `conv_general_3d` may (and should) decompose this call into 2-D convolutions."""
     if not prefer_2d_convs():
         return False
@@ -203,8 +206,10 @@ def _use_2d_convs(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbe
         return False  # keep one fp32-accumulating conv for reduced precision
     want = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NDHWC", "DHWIO", "NDHWC"))
     # None means lax's default NCDHW / OIDHW layout: not the channels-last one decomposed here
-    return dimension_numbers is not None and jax.lax.conv_dimension_numbers(
-        lhs.shape, rhs.shape, dimension_numbers) == want
+    return (
+        dimension_numbers is not None
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == want
+    )
 
 
 FOLD_FEW_CHANNELS = 8
@@ -215,8 +220,9 @@ measured on an H200 (BENCHMARKS.md, "Where the GPU time goes"), the refiner's 9^
 against 3.1 ms with its gradients (batch 2, 128x96x96); padding the channels to 8 or 16 did not help."""
 
 
-def _fold_few_channels(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                       feature_group_count, **kwargs) -> bool:
+def _fold_few_channels(
+    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, **kwargs
+) -> bool:
     """True for the accelerator rule above (`CLIPS_CONV3D=auto`, not on CPU, where `_use_2d_convs` decides)."""
     if conv3d_mode() != "auto" or jax.default_backend() == "cpu":
         return False
@@ -229,12 +235,24 @@ def _fold_few_channels(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dila
     if any(v not in (None, 1) for v in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
         return False
     want = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NDHWC", "DHWIO", "NDHWC"))
-    return dimension_numbers is not None and jax.lax.conv_dimension_numbers(
-        lhs.shape, rhs.shape, dimension_numbers) == want
+    return (
+        dimension_numbers is not None
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == want
+    )
 
 
-def conv_general_3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                    dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+def conv_general_3d(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    **kwargs,
+):
     """Drop-in `lax.conv_general_dilated` for channels-last 3-D convolutions (what `nnx.Conv` calls).
 
     lhs `(N, D, H, W, Cin)`, rhs `(kD, kH, kW, Cin, Cout)`, explicit `padding` ((lo, hi) per axis) ->
@@ -247,15 +265,31 @@ def conv_general_3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
     `lax.conv_general_dilated` unchanged.
     Raises: ConfigError if `CLIPS_CONV3D` holds an unknown value.
     """
-    if _fold_few_channels(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                          feature_group_count, **kwargs):
-        return _conv3d_folded(lhs, rhs, tuple(int(v) for v in window_strides),
-                              tuple(tuple(int(v) for v in pr) for pr in padding), precision)
-    if not _use_2d_convs(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-                         **kwargs):
-        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                            feature_group_count=feature_group_count, precision=precision, **kwargs)
+    if _fold_few_channels(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, **kwargs
+    ):
+        return _conv3d_folded(
+            lhs,
+            rhs,
+            tuple(int(v) for v in window_strides),
+            tuple(tuple(int(v) for v in pr) for pr in padding),
+            precision,
+        )
+    if not _use_2d_convs(
+        lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, **kwargs
+    ):
+        return jax.lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
     # (Training memory: XLA's temporary buffers are ~2x those of the native conv, forward and backward alike,
     # measured on a small U-Net; jax.checkpoint around this path did not change that.)
     strides = tuple(int(v) for v in window_strides)
@@ -291,8 +325,14 @@ def _conv3d_as_2d(lhs, rhs, window_strides, padding, precision):
     out = None
     for a in range(kd):
         taps = jax.lax.slice_in_dim(x, a, a + sd * (d_out - 1) + 1, stride=sd, axis=1)
-        y = jax.lax.conv_general_dilated(taps.reshape(n * d_out, h, w, c), rhs[a], (sh, sw), pad_hw,
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+        y = jax.lax.conv_general_dilated(
+            taps.reshape(n * d_out, h, w, c),
+            rhs[a],
+            (sh, sw),
+            pad_hw,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=precision,
+        )
         out = y if out is None else out + y
     return out.reshape(n, d_out, *out.shape[1:])
 
@@ -312,28 +352,46 @@ def _conv3d_folded(lhs, rhs, window_strides, padding, precision):
     (p0, p1), *pad_hw = padding
     x = jnp.pad(lhs, ((0, 0), (p0, p1), (0, 0), (0, 0), (0, 0))) if (p0 or p1) else lhs
     d_out = (d + p0 + p1 - kd) // sd + 1
-    taps = jnp.concatenate([jax.lax.slice_in_dim(x, a, a + sd * (d_out - 1) + 1, stride=sd, axis=1)
-                            for a in range(kd)], axis=-1)                     # (N, D', H, W, kD * Cin)
+    taps = jnp.concatenate(
+        [jax.lax.slice_in_dim(x, a, a + sd * (d_out - 1) + 1, stride=sd, axis=1) for a in range(kd)], axis=-1
+    )  # (N, D', H, W, kD * Cin)
     kernel = jnp.transpose(rhs, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, cout)
-    y = jax.lax.conv_general_dilated(taps.reshape(n * d_out, h, w, kd * c), kernel, (sh, sw), pad_hw,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    y = jax.lax.conv_general_dilated(
+        taps.reshape(n * d_out, h, w, kd * c),
+        kernel,
+        (sh, sw),
+        pad_hw,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=precision,
+    )
     return y.reshape(n, d_out, *y.shape[1:])
 
 
-def conv3d(cin: int, cout: int, kernel: int, *, stride: int = 1, use_bias: bool = True, dtype=None,
-           rngs: nnx.Rngs) -> nnx.Conv:
+def conv3d(
+    cin: int, cout: int, kernel: int, *, stride: int = 1, use_bias: bool = True, dtype=None, rngs: nnx.Rngs
+) -> nnx.Conv:
     """A 3-D convolution with PyTorch's symmetric padding `kernel // 2` (kernel odd); computed by
     `conv_general_3d` (2-D convolutions on CPU)."""
     p = kernel // 2
-    return nnx.Conv(cin, cout, (kernel,) * 3, strides=(stride,) * 3, padding=((p, p),) * 3,
-                    use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    conv_general_dilated=conv_general_3d, rngs=rngs)
+    return nnx.Conv(
+        cin,
+        cout,
+        (kernel,) * 3,
+        strides=(stride,) * 3,
+        padding=((p, p),) * 3,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        conv_general_dilated=conv_general_3d,
+        rngs=rngs,
+    )
 
 
 def instance_norm(channels: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.InstanceNorm:
     """PyTorch `InstanceNorm3d(C, affine=True)`: per sample and channel over D, H, W; eps 1e-5; biased var."""
-    return nnx.InstanceNorm(channels, epsilon=NORM_EPS, use_fast_variance=False, dtype=dtype,
-                            param_dtype=jnp.float32, rngs=rngs)
+    return nnx.InstanceNorm(
+        channels, epsilon=NORM_EPS, use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+    )
 
 
 class ConvNormAct(nnx.Module):
@@ -343,8 +401,18 @@ class ConvNormAct(nnx.Module):
     second conv of a residual block).
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int = 3, *, stride: int = 1, use_bias: bool = True,
-                 activation: bool = True, dtype=None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int = 3,
+        *,
+        stride: int = 1,
+        use_bias: bool = True,
+        activation: bool = True,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
         self.conv = conv3d(cin, cout, kernel, stride=stride, use_bias=use_bias, dtype=dtype, rngs=rngs)
         self.norm = instance_norm(cout, dtype=dtype, rngs=rngs)
         self.activation = activation
@@ -362,8 +430,7 @@ class UpBlock(nnx.Module):
     """Decoder level: x2 trilinear upsample -> ConvNormAct(3) (cin -> cout) -> concat([skip, x]) ->
     ConvNormAct(3) (skip_ch + cout -> cout). The skip comes first in the concatenation, as in the original."""
 
-    def __init__(self, cin: int, skip_ch: int, cout: int, *, use_bias: bool = True, dtype=None,
-                 rngs: nnx.Rngs):
+    def __init__(self, cin: int, skip_ch: int, cout: int, *, use_bias: bool = True, dtype=None, rngs: nnx.Rngs):
         self.up_conv = ConvNormAct(cin, cout, 3, use_bias=use_bias, dtype=dtype, rngs=rngs)
         self.conv = ConvNormAct(skip_ch + cout, cout, 3, use_bias=use_bias, dtype=dtype, rngs=rngs)
 
@@ -378,8 +445,7 @@ class ResBlock(nnx.Module):
 
     def __init__(self, channels: int, *, use_bias: bool = False, dtype=None, rngs: nnx.Rngs):
         self.block_1 = ConvNormAct(channels, channels, 3, use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.block_2 = ConvNormAct(channels, channels, 3, use_bias=use_bias, activation=False, dtype=dtype,
-                                   rngs=rngs)
+        self.block_2 = ConvNormAct(channels, channels, 3, use_bias=use_bias, activation=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, sigma: jax.Array | None = None) -> jax.Array:
         return jax.nn.leaky_relu(x + self.block_2(self.block_1(x, sigma), sigma), LEAKY_SLOPE)

@@ -20,13 +20,26 @@ class Refiner(nnx.Module):
     """Residual refiner. Call `refiner(x, sigma=None)` with x `(N, D, H, W, in_channels)` -> logits
     `(N, D, H, W, out_channels)` (after the final InstanceNorm + LeakyReLU, as the original)."""
 
-    def __init__(self, in_channels: int = 6, out_channels: int = 2, features: int = 32, n_blocks: int = 4,
-                 first_kernel: int = 9, *, dtype=None, rngs: nnx.Rngs):
-        self.config = ModelConfig(in_channels=in_channels, out_channels=out_channels, features=features,
-                           n_blocks=n_blocks, first_kernel=first_kernel)
+    def __init__(
+        self,
+        in_channels: int = 6,
+        out_channels: int = 2,
+        features: int = 32,
+        n_blocks: int = 4,
+        first_kernel: int = 9,
+        *,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        self.config = ModelConfig(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            features=features,
+            n_blocks=n_blocks,
+            first_kernel=first_kernel,
+        )
         self.first = ConvNormAct(in_channels, features, first_kernel, use_bias=False, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([ResBlock(features, use_bias=False, dtype=dtype, rngs=rngs)
-                                for _ in range(n_blocks)])
+        self.blocks = nnx.List([ResBlock(features, use_bias=False, dtype=dtype, rngs=rngs) for _ in range(n_blocks)])
         self.last = ConvNormAct(features, out_channels, 1, use_bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, sigma: jax.Array | None = None) -> jax.Array:

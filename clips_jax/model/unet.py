@@ -42,18 +42,32 @@ class UNet(nnx.Module):
     curriculum-by-smoothing width (None: no smoothing).
     """
 
-    def __init__(self, in_channels: int = 5, out_channels: int = 2,
-                 channels: Sequence[int] = PRETRAINED_CHANNELS, init_channels: int | None = None,
-                 bottleneck_kernel: int = 9, *, dtype=None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int = 5,
+        out_channels: int = 2,
+        channels: Sequence[int] = PRETRAINED_CHANNELS,
+        init_channels: int | None = None,
+        bottleneck_kernel: int = 9,
+        *,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
         channels = tuple(int(c) for c in channels)
         init_channels = int(init_channels or channels[0] // 2)
-        self.config = ModelConfig(in_channels=in_channels, out_channels=out_channels, channels=channels,
-                                  init_channels=init_channels, bottleneck_kernel=bottleneck_kernel)
+        self.config = ModelConfig(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=channels,
+            init_channels=init_channels,
+            bottleneck_kernel=bottleneck_kernel,
+        )
         self.levels = len(channels)
         self.init_block = ConvNormAct(in_channels, init_channels, 3, dtype=dtype, rngs=rngs)
         widths = (init_channels,) + channels
-        self.downs = nnx.List([ConvNormAct(widths[i], widths[i + 1], 3, stride=2, dtype=dtype, rngs=rngs)
-                               for i in range(len(channels))])
+        self.downs = nnx.List(
+            [ConvNormAct(widths[i], widths[i + 1], 3, stride=2, dtype=dtype, rngs=rngs) for i in range(len(channels))]
+        )
         self.middle_block = ConvNormAct(channels[-1], channels[-1], bottleneck_kernel, dtype=dtype, rngs=rngs)
         ups, heads = [], []
         for i in range(len(channels)):
@@ -68,13 +82,15 @@ class UNet(nnx.Module):
 
     def check_input(self, x: jax.Array) -> None:
         """Raise ShapeError unless x is (N, D, H, W, C_in) with D, H, W divisible by 2**levels."""
-        m = 2 ** self.levels
+        m = 2**self.levels
         c_in = self.config["in_channels"]
         if x.ndim != 5 or x.shape[-1] != c_in:
             raise ShapeError(f"U-Net input must be (N, D, H, W, {c_in}), got {tuple(x.shape)}")
         if any(s % m for s in x.shape[1:4]):
-            raise ShapeError(f"U-Net spatial size {tuple(x.shape[1:4])} must be divisible by {m} on every axis "
-                             f"(pad or crop the volume, e.g. tiles of 128x96x96)")
+            raise ShapeError(
+                f"U-Net spatial size {tuple(x.shape[1:4])} must be divisible by {m} on every axis "
+                f"(pad or crop the volume, e.g. tiles of 128x96x96)"
+            )
 
     def __call__(self, x: jax.Array, sigma: jax.Array | None = None, *, deep_supervision: bool = False):
         self.check_input(x)
