@@ -29,8 +29,9 @@ same steps as `cascade`'s stage A):
    because both grids share voxel 0 and direction; skipped when the store grid is the coarse grid; a store
    grid not anchored like that falls back to world-space `resample_to_grid`, linear, outside 0);
 5. saved atomically as `cases/<id>/stage_a.npy` ((z, y, x), float16 or float32), and the case's manifest entry
-   gets `"stage_a": {...}` recording the producing weights/model and the settings (spacing, tile, step,
-   compute dtype). The manifest is rewritten atomically after every case.
+   gets the derived record `derived.stage_a` (`CaseStore.derived(i, "stage_a")`) of the producing weights/model
+   and the settings (spacing, tile, step, compute dtype), written through the store's one locked writer after
+   every case (`CaseStore.set_derived`; other writers of the same store may run meanwhile).
 Re-running skips a case whose file exists and whose record equals the current settings; a case made by
 other weights or settings is recomputed (so one store never silently mixes two stage-A models, unless
 `cases` restricts a run on purpose, see below). A failing case is reported on one line and skipped.
@@ -60,7 +61,7 @@ from clips_jax.data.channels import make_channels
 from clips_jax.data.geometry import Geometry
 from clips_jax.data.resample import resample_case, resample_to_grid
 from clips_jax.errors import ConfigError
-from clips_jax.fileio import atomic_path
+from clips_jax.fileio import atomic_path, json_safe
 from clips_jax.inference import Progress, argmax_mask, nnx_predictor, tiled_inference, upsample_probability
 
 
@@ -218,7 +219,7 @@ def compute_stage_a(store: st.CaseStore | str | Path, model, *, tile_shape: Sequ
     Steps 1-5 of "Stage-A maps" in the module docstring; read the training-time caveat there too.
 
     Args:
-      store: a CaseStore (its in-memory manifest entries are updated too) or its folder.
+      store: a CaseStore (its in-memory copy is refreshed after each write) or its folder.
       model: the stage-A network: an NNX module (Ensemble or UNet, `x (N, D, H, W, 5) -> logits (..., 2)`),
         a `(predictor, params)` pair or a predictor callable (see `tiled_inference`).
       tile_shape, step, batch_size: tiles (z, y, x) voxels of the coarse grid; each tile size divisible by 16
@@ -249,21 +250,21 @@ def compute_stage_a(store: st.CaseStore | str | Path, model, *, tile_shape: Sequ
     if out_dt not in (np.dtype(np.float16), np.dtype(np.float32)):
         raise ConfigError(f"out_dtype {out_dt}: use float16 or float32")
     predictor, params = _as_predictor(model)
-    record = json.loads(json.dumps(st._json_safe({**dict(source or {}), "spacing_mm": sp, "tile_shape": list(tile),
-                                                   "step": list(stp), "dtype": dtype})))
-    selected = _select(store, cases)
-    extra_top = {k: v for k, v in store.manifest.items() if k not in ("version", "cases")}
+    record = json.loads(json.dumps(json_safe({**dict(source or {}), "spacing_mm": sp, "tile_shape": list(tile),
+                                               "step": list(stp), "dtype": dtype})))
+    selected = [store.ids[i] for i in _select(store, cases)]  # by id: each write refreshes the store's cases
     summary: dict[str, Any] = {"computed": [], "skipped": [], "failed": [], "errors": {}, "total": len(selected),
                                "record": record}
     t0 = time.time()
-    for k, i in enumerate(selected):
-        cid, entry = store.ids[i], store.cases[i]
+    for k, cid in enumerate(selected):
         prefix = f"[{k + 1}/{len(selected)}] {cid}"
-        path = store.case_dir(i) / FILE_NAME
-        if not overwrite and path.is_file() and entry.get(NAME) == record:
-            summary["skipped"].append(cid)
-            continue
         try:
+            i = store.index(cid)
+            entry = store.cases[i]
+            path = store.case_dir(i) / FILE_NAME
+            if not overwrite and path.is_file() and store.derived(i, NAME) == record:
+                summary["skipped"].append(cid)
+                continue
             a = store.case_arrays(i)
             grid = store.geometry(i)
             native = Geometry.from_json(entry["native_geometry"]) if entry.get("native_geometry") else grid
@@ -272,8 +273,7 @@ def compute_stage_a(store: st.CaseStore | str | Path, model, *, tile_shape: Sequ
                                        step=stp, batch_size=int(batch_size), dtype=dtype)
             with atomic_path(path) as tmp:
                 np.save(tmp, np.ascontiguousarray(prob, dtype=out_dt))
-            entry[NAME] = record
-            st.write_manifest(store.cache_dir, store.cases, extra_top)
+            store.set_derived(NAME, {cid: record})
             summary["computed"].append(cid)
             log(f"{prefix}: ok, {grid.shape} voxels (stage A on {coarse.shape}), max p {float(prob.max()):.3f}, "
                 f"{int((prob > 0.5).sum())} voxels > 0.5 ({time.time() - t0:.0f} s)")

@@ -27,6 +27,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
     The temporary name keeps the target's suffixes (e.g. `.nii.gz`) so writers that infer the format from
     the extension work. On any exception the temporary file is removed and `target` is left untouched.
+    The file's permissions follow the umask, as for a file made by `open()`.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +35,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; the target gets what open() would give
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -54,6 +56,7 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         raise FileExistsError(f"{target} already exists; choose another output or remove it first")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the target gets what mkdir() would give
     try:
         yield tmp
         if target.exists():
@@ -67,6 +70,19 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc/self/status where available, so no other thread sees it changed)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:

@@ -19,14 +19,15 @@ to each case, which is what this command does (`clips_jax.cascade.compute_stage_
 Per case (the same steps as the cascade's stage A; details in the `clips_jax.cascade` module docstring): the
 stored CT / SUV go onto the stage-A grid (`native_geometry.resampled(--spacing)`), through the stage-A model
 (tiled inference), and the lesion probability comes back onto the store grid, saved atomically as
-`cases/<id>/stage_a.npy` ((z, y, x), float16 or float32); the case's manifest entry gets `"stage_a": {...}`
-recording the producing weights/model and the settings (spacing, tile, step, compute dtype). The manifest is
-rewritten atomically after every case.
+`cases/<id>/stage_a.npy` ((z, y, x), float16 or float32); the case's manifest entry gets the derived record
+`derived.stage_a` of the producing weights/model and the settings (spacing, tile, step, compute dtype), written
+after every case through the store's one locked writer (`clips_jax.data.store`, "Writing").
 Re-running skips a case whose file exists and whose record equals the current settings; a case made by
 other weights or settings is recomputed (so one store never silently mixes two stage-A models, unless
 `--cases`/`--split` restrict a run on purpose, see below). A failing case is reported on one line and skipped;
-the command exits with status 1 if any failed. Do not run `prepare` on the same store at the same time
-(both rewrite the manifest; re-preparing a case deletes its stage_a.npy, as it should).
+the command exits with status 1 if any failed. `prepare` or the teacher scoring may update the same store
+meanwhile (the manifest is locked per update), but re-preparing a case deletes its stage_a.npy and record, as it
+should (the map was computed from the old arrays): run this command again for such cases.
 
 Training-time caveat (honest): how the original TMTV-Net produced the cascade channel for training its
 refiner is not documented (neither the paper nor the original repository says how the training-time cascade

@@ -419,7 +419,7 @@ class _Run:
     def make_curriculum(self) -> None:
         """The curriculum over the training cases, and what it needs from the loop."""
         c = self.config
-        self.table = curricula.case_table_from_manifest(self.store.manifest["cases"],
+        self.table = curricula.case_table_from_manifest(self.store.case_rows(teacher=c.data.get("teacher") or None),
                                                         [self.store.ids[i] for i in self.train_idx])
         self.cur = curricula.get_curriculum(c.curriculum.name, **curricula.options_from_config(c))
         cur_state = self.cur.init(self.table)

@@ -253,10 +253,20 @@ def test_end_to_end_interrupt_and_resume(tmp_path):
     summary = json.loads((tt_run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["start_step"] == 2
 
-    # teacher scores: a teacher_loss column for the training lesion cases, in [0, 1]
-    manifest = json.loads((wd / "teacher_store" / "manifest.json").read_text())
-    scored = [c["teacher_loss"] for c in manifest["cases"] if c["split"] == "train" and (c["tmtv_ml"] or 0) > 0]
+    # teacher scores: in the comparison's own store (no copy), under the baseline run's teacher id, which the
+    # transfer-teacher run reads; for the training lesion cases, in [0, 1]
+    from clips_jax.data.store import CaseStore
+
+    tt_cfg = json.loads((tt_run / "config.json").read_text())
+    store = CaseStore(tt_cfg["data"]["store"])
+    tid = tt_cfg["data"]["teacher"]
+    assert not (wd / "teacher_store").exists() and store.default_teacher != tid
+    assert store.teachers[tid]["source"] == base_run.absolute().as_posix()
+    losses = store.teacher_losses(tid)
+    scored = [losses[store.ids[i]] for i in store.split_indices("train") if store.has_lesion[i]]
     assert scored and all(0.0 <= s <= 1.0 for s in scored)
+    csv_rows = _read_csv(wd / "teacher_scores.csv")
+    assert {r["case"] for r in csv_rows} == {store.ids[i] for i in store.split_indices("train")}
 
     # results.csv: columns, and means recomputed from the per-run test CSVs
     rows = _read_csv(wd / "results.csv")

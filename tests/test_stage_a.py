@@ -69,7 +69,9 @@ def test_native_store_matches_the_cascade_and_skips_on_rerun(world):
     np.testing.assert_allclose(np.load(store.case_dir(i0) / "stage_a.npy"), ref.cascade_channel, atol=1e-6)
     # manifest records the producer, on disk and in memory
     again = CaseStore(store.cache_dir)
-    rec = again.cases[i0]["stage_a"]
+    rec = again.derived(i0, "stage_a")
+    assert again.cases[i0]["derived"]["stage_a"] == rec and "stage_a" not in again.cases[i0]  # its namespace
+    assert store.derived(i0, "stage_a") == rec  # the store passed in was refreshed
     assert rec["model"] == "ensemble" and rec["tile_shape"] == list(TILE) and rec["spacing_mm"] == [6.0] * 3
     assert again.manifest["grid"] == "native" and again.cases[i0]["tmtv_ml"] == store.cases[i0]["tmtv_ml"]
     # re-run: all skipped, files untouched; other weights: recomputed
@@ -80,7 +82,7 @@ def test_native_store_matches_the_cascade_and_skips_on_rerun(world):
     assert f.stat().st_mtime_ns == mt
     s3 = _run(again, world["model"], out_dtype=np.float32, source={**src, "weights": "other"}, cases=[store.ids[0]])
     assert s3["computed"] == [store.ids[0]] and s3["total"] == 1
-    assert CaseStore(store.cache_dir).cases[0]["stage_a"]["weights"] == "other"
+    assert CaseStore(store.cache_dir).derived(0, "stage_a")["weights"] == "other"
 
 
 def test_six_mm_store_no_upsampling_and_failures(world, tmp_path):
@@ -95,7 +97,7 @@ def test_six_mm_store_no_upsampling_and_failures(world, tmp_path):
     assert s["computed"] == [store.ids[0]] and s["failed"] == [bad]
     assert sum("FAILED" in m and bad in m for m in lines) == 1
     assert not (store.case_dir(bad) / "stage_a.npy").exists()
-    assert "stage_a" not in CaseStore(store.cache_dir).cases[1]
+    assert CaseStore(store.cache_dir).derived(1, "stage_a") is None
     got = np.load(store.case_dir(0) / "stage_a.npy")
     a = store.case_arrays(0)
     pred, params = nnx_predictor(world["model"])
@@ -118,7 +120,7 @@ def test_cli(world, tmp_path, capsys):
     store = CaseStore(tmp_path / "six")
     for i in range(2):
         assert np.load(store.case_dir(i) / "stage_a.npy").dtype == np.float32
-        rec = store.cases[i]["stage_a"]
+        rec = store.derived(i, "stage_a")
         assert rec["model"] == "ensemble" and rec["weights"] == str(world["weights"].resolve().as_posix())
     assert json.loads((tmp_path / "six" / "manifest.json").read_text())["grid"] == "resampled"
     assert main(args) == 0 and "2 already done" in capsys.readouterr().out

@@ -235,3 +235,141 @@ def test_store_of_a_newer_format_is_refused(tmp_path):
         CaseStore(tmp_path)
     (tmp_path / "manifest.json").write_text(_json.dumps({"version": MANIFEST_VERSION, "cases": []}))
     assert len(CaseStore(tmp_path)) == 0
+
+
+# ---- the manifest's one writer: lock, derived namespace, migration ------------------------------------------
+
+def _tiny_manifest(path, n=4, version=None, top=None, extra=None):
+    """A hand-written manifest of `n` cases c0..; `extra` {case index: more entry keys}, `top`: more top keys."""
+    cases = [{"id": f"c{i}", "split": "train", "has_seg": True, "tmtv_ml": float(i + 1), **(extra or {}).get(i, {})}
+             for i in range(n)]
+    doc = {"spacing_mm": [6.0] * 3, "grid": "resampled", "cases": cases, **(top or {})}
+    if version is not None:
+        doc["version"] = version
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "manifest.json").write_text(json.dumps(doc))
+    return doc
+
+
+def test_update_api_derived_namespace_and_permissions(tmp_path):
+    import os
+    import stat
+
+    from clips_jax.data.store import MANIFEST_VERSION
+
+    _tiny_manifest(tmp_path / "s")
+    store = CaseStore(tmp_path / "s")
+    old_mask = os.umask(0o027)
+    try:
+        store.set_derived("stage_a", {"c1": {"weights": "w"}})
+    finally:
+        os.umask(old_mask)
+    path = tmp_path / "s" / "manifest.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # from the umask, not mkstemp's 0600
+    assert (tmp_path / "s" / ".manifest.lock").is_file()
+    disk = json.loads(path.read_text())
+    assert disk["version"] == MANIFEST_VERSION and disk["grid"] == "resampled"
+    assert disk["cases"][1]["derived"] == {"stage_a": {"weights": "w"}} and "derived" not in disk["cases"][0]
+    assert store.derived("c1", "stage_a") == {"weights": "w"} and store.derived(0, "stage_a") is None  # refreshed
+    # teacher losses: per teacher id, NaN -> null -> NaN; the default teacher is what readers get
+    store.set_teacher_losses("A", {"c0": 0.25, "c1": float("nan")}, {"model": "unet"})
+    store.set_teacher_losses("B", {"c0": 0.75}, {"model": "x"}, default=False)
+    again = CaseStore(tmp_path / "s")
+    assert again.teachers == {"A": {"model": "unet"}, "B": {"model": "x"}} and again.default_teacher == "A"
+    assert again.cases[0]["derived"]["teacher"] == {"A": 0.25, "B": 0.75}
+    rows = again.case_rows()
+    assert rows[0]["teacher_loss"] == 0.25 and math.isnan(rows[1]["teacher_loss"]) and "teacher_loss" not in rows[2]
+    assert again.case_rows("B")[0]["teacher_loss"] == 0.75 and "teacher_loss" not in again.case_rows("B")[1]
+    assert "teacher_loss" not in again.cases[0]  # the prepared entry is not changed by the accessor
+    with pytest.raises(ConfigError, match="no teacher 'C'"):
+        again.case_rows("C")
+    # unknown case ids or a failing change: nothing written
+    text = path.read_text()
+    with pytest.raises(DataError, match="nope"):
+        store.set_derived("stage_a", {"c0": {}, "nope": {}})
+    with pytest.raises(DataError, match="nope"):
+        store.set_teacher_losses("A", {"nope": 0.1}, None)
+
+    def boom(doc):
+        doc["cases"] = []
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        store.update(boom)
+    assert path.read_text() == text and len(store) == 4
+    store.update_cases({"c3": lambda e: e.update(split="val")})
+    assert CaseStore(tmp_path / "s").split_indices("val").tolist() == [3]
+
+
+def test_version1_manifest_is_migrated_on_read(tmp_path):
+    from clips_jax.data.store import LEGACY_TEACHER, MANIFEST_VERSION
+
+    rec = {"source": "/w", "model": "unet", "loss": "soft_dice"}
+    v1 = _tiny_manifest(tmp_path / "s", version=1, top={"teacher": rec, "seed": 3},
+                        extra={0: {"stage_a": {"weights": "w"}, "teacher_loss": 0.5, "teacher": rec},
+                               1: {"teacher_loss": None, "teacher": rec},
+                               2: {"teacher_loss": 0.1, "teacher": {**rec, "loss": "combined"}}})  # a mixed column
+    store = CaseStore(tmp_path / "s")
+    assert store.manifest["version"] == MANIFEST_VERSION and store.manifest["seed"] == 3
+    assert store.derived(0, "stage_a") == {"weights": "w"}
+    assert all(k not in c for c in store.cases for k in ("stage_a", "teacher_loss", "teacher"))
+    assert store.default_teacher == LEGACY_TEACHER and store.teachers == {LEGACY_TEACHER: rec}
+    # readers get the old column exactly as it was
+    old = {c["id"]: c.get("teacher_loss", "absent") for c in v1["cases"]}
+    new = {r["id"]: r.get("teacher_loss", "absent") for r in store.case_rows()}
+    assert new["c0"] == 0.5 and math.isnan(new["c1"]) and new["c2"] == 0.1 and new["c3"] == old["c3"] == "absent"
+    # the file is rewritten in the new format at its next update, keeping the migrated data
+    store.set_derived("stage_a", {"c3": {"weights": "v"}})
+    disk = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert disk["version"] == MANIFEST_VERSION and "teacher" not in disk and disk["seed"] == 3
+    assert disk["cases"][0]["derived"] == {"stage_a": {"weights": "w"}, "teacher": {LEGACY_TEACHER: 0.5}}
+    assert CaseStore(tmp_path / "s").case_rows()[2]["teacher_loss"] == 0.1
+
+
+_WRITER = r"""
+import pathlib, sys, time
+from clips_jax.data.store import CaseStore
+store_dir, ids, n = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
+store = CaseStore(store_dir)
+barrier = pathlib.Path(store_dir) / "barrier"
+(barrier / ids[0]).touch()  # start together: both processes are imported and ready before the first update
+while len(list(barrier.iterdir())) < 2:
+    time.sleep(0.001)
+for k in range(n):
+    store.update_cases({cid: (lambda e, k=k: e.setdefault("derived", {}).setdefault("probe", []).append(k))
+                        for cid in ids})
+"""
+
+
+def test_two_processes_updating_different_cases_lose_nothing(tmp_path):
+    """Two writers at once (each re-reads, changes and rewrites the whole manifest, many times): every update of
+    both is in the final file (without the lock, one writer's rewrite drops the other's recent updates)."""
+    _tiny_manifest(tmp_path / "s", n=4)
+    (tmp_path / "s" / "barrier").mkdir()
+    n = 200
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "s"), ids, str(n)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for ids in ("c0,c1", "c2,c3")]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    store = CaseStore(tmp_path / "s")
+    for i in range(4):
+        assert store.derived(i, "probe") == list(range(n)), store.ids[i]
+    assert [c["tmtv_ml"] for c in store.cases] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_prepare_keeps_derived_data_of_kept_cases_and_drops_it_for_redone_ones(dataset, tmp_path):
+    data, paths = dataset
+    cache = tmp_path / "c"
+    prepare_dataset(data, cache, log=lambda m: None)
+    store = CaseStore(cache)
+    a, b = store.ids[0], store.ids[1]
+    store.set_derived("stage_a", {a: {"weights": "w"}, b: {"weights": "w"}})
+    store.set_teacher_losses("T", {a: 0.5, b: 0.25}, {"model": "unet"})
+    (cache / "cases" / b / "ct.npy").unlink()  # forces a redo of case b
+    s = prepare_dataset(data, cache, log=lambda m: None)
+    assert s["prepared"] == [b] and len(s["skipped"]) == 3
+    again = CaseStore(cache)
+    assert again.derived(a, "stage_a") == {"weights": "w"} and again.teacher_losses() == {a: 0.5}
+    assert again.derived(b, "stage_a") is None and again.teachers == {"T": {"model": "unet"}}

@@ -119,26 +119,31 @@ def test_cli_writes_the_manifest_keeps_the_rest_and_skips_on_rerun(world, store_
     args = ["teacher", "--store", str(store_dir), "--weights", str(world["weights"]), "--model", "unet", *TILE_ARGS]
     assert T.main(args) == 0
     after = json.loads((store_dir / "manifest.json").read_text())
-    # every other field intact
-    assert {k: v for k, v in after.items() if k != "teacher"} == {**before, "cases": after["cases"]}
+    # every other field intact: the scores are derived data, in their own namespace
+    assert {k: v for k, v in after.items() if k != "derived"} == {**before, "cases": after["cases"]}
     for old, new in zip(before["cases"], after["cases"]):
-        assert {k: v for k, v in new.items() if k not in ("teacher_loss", "teacher")} == old
-    # the scores: train cases only, equal to the independent computation
+        assert {k: v for k, v in new.items() if k != "derived"} == old
+    # the scores: train cases only, under the teacher's id, equal to the independent computation
     store = CaseStore(store_dir)
-    rec = after["teacher"]
+    tid = store.default_teacher
+    rec = after["derived"]["teachers"][tid]
+    assert tid == T.teacher_id(rec) == T.teacher_id({**rec, "date": "other"}) and tid.startswith("unet-")
     assert rec["source"] == Path(world["weights"]).resolve().as_posix() and rec["model"] == "unet"
     assert rec["loss"] == "soft_dice" and rec["tile_shape"] == list(TILE) and rec["date"]
+    rows = {r["id"]: r for r in store.case_rows()}
     for c in after["cases"]:
         if c["split"] != "train":
-            assert "teacher_loss" not in c and "teacher" not in c
+            assert "derived" not in c and "teacher_loss" not in rows[c["id"]]
             continue
-        assert T.same_teacher(c["teacher"], rec)
+        assert list(c["derived"]["teacher"]) == [tid]
         if c["id"] not in _lesion_train_ids(store):
-            assert c["teacher_loss"] is None  # NaN -> null
+            assert c["derived"]["teacher"][tid] is None and math.isnan(rows[c["id"]]["teacher_loss"])  # NaN -> null
             continue
         p = _independent_prob(store_dir, c["id"], world["model"])
         t = np.load(store_dir / "cases" / c["id"] / "seg.npy") > 0
-        assert c["teacher_loss"] == pytest.approx(1.0 - 2.0 * (p * t).sum() / (p.sum() + t.sum()), rel=1e-6)
+        expected = 1.0 - 2.0 * (p * t).sum() / (p.sum() + t.sum())
+        assert c["derived"]["teacher"][tid] == pytest.approx(expected, rel=1e-6)
+        assert rows[c["id"]]["teacher_loss"] == c["derived"]["teacher"][tid]
     # re-run: every case skipped, the file is not rewritten
     text = (store_dir / "manifest.json").read_text()
     logs = []
@@ -147,12 +152,14 @@ def test_cli_writes_the_manifest_keeps_the_rest_and_skips_on_rerun(world, store_
     assert fv_summary["scored"] == [] and len(fv_summary["skipped"]) == len(store.split_indices("train"))
     assert T.main(args) == 0
     assert (store_dir / "manifest.json").read_text() == text
-    # another loss is another teacher: re-scored; --overwrite re-scores the same teacher
+    # another loss is another teacher: re-scored (the first teacher's scores stay); --overwrite re-scores the same
     assert T.main(args + ["--loss", "combined"]) == 0
-    comb = json.loads((store_dir / "manifest.json").read_text())
-    assert all(c["teacher"]["loss"] == "combined" for c in comb["cases"] if c["split"] == "train")
-    s = T.score_store(store_dir, world["model"], comb["teacher"], tile_shape=TILE, step=STEP, loss="combined",
-                      overwrite=True, **QUIET)
+    comb = CaseStore(store_dir)
+    train_ids = {store.ids[i] for i in store.split_indices("train")}
+    assert comb.default_teacher != tid and comb.teachers[comb.default_teacher]["loss"] == "combined"
+    assert set(comb.teacher_losses()) == set(comb.teacher_losses(tid)) == train_ids
+    s = T.score_store(store_dir, world["model"], comb.teachers[comb.default_teacher], tile_shape=TILE, step=STEP,
+                      loss="combined", overwrite=True, **QUIET)
     assert len(s["scored"]) == len(store.split_indices("train"))
 
 
@@ -164,7 +171,7 @@ def test_transfer_teacher_curriculum_follows_the_scores(world, store_dir):
     T.write_teacher_losses(store_dir, hand, None)
     store = CaseStore(store_dir)
     train_ids = [store.ids[i] for i in store.split_indices("train")]
-    table = case_table_from_manifest(store.cases, train_ids)
+    table = case_table_from_manifest(store.case_rows(), train_ids)
     np.testing.assert_allclose(table.difficulty["teacher_loss"][[train_ids.index(c) for c in lesion]],
                                [hand[c] for c in lesion])
     cur = get_curriculum("transfer_teacher", steps_per_epoch=2, k_min=1)
@@ -180,9 +187,9 @@ def test_transfer_teacher_curriculum_follows_the_scores(world, store_dir):
     assert T.main(["teacher", "--store", str(store_dir), "--weights", str(world["weights"]), "--model", "unet",
                    "--overwrite", *TILE_ARGS]) == 0
     store = CaseStore(store_dir)
-    table = case_table_from_manifest(store.cases, train_ids)
+    table = case_table_from_manifest(store.case_rows(), train_ids)
     ranks = np.asarray(get_curriculum("transfer_teacher", steps_per_epoch=2).init(table)["ranks"])
-    losses = {c["id"]: c["teacher_loss"] for c in store.cases if c["id"] in lesion}
+    losses = {c: v for c, v in store.teacher_losses().items() if c in lesion}
     assert [c for c in sorted(lesion, key=lambda c: ranks[train_ids.index(c)])] == sorted(lesion, key=losses.get)
 
 
@@ -194,24 +201,29 @@ def test_failing_case_is_reported_and_skipped(world, store_dir, capsys):
                    *TILE_ARGS]) == 1
     out = capsys.readouterr().out
     assert f"{bad}: FAILED, skipped" in out
-    cases = {c["id"]: c for c in json.loads((store_dir / "manifest.json").read_text())["cases"]}
-    assert "teacher_loss" not in cases[bad]
-    assert all("teacher_loss" in cases[c] for c in _lesion_train_ids(store) if c != bad)
+    losses = CaseStore(store_dir).teacher_losses()
+    assert bad not in losses
+    assert all(c in losses for c in _lesion_train_ids(store) if c != bad)
 
 
-def test_out_manifest_leaves_the_store_untouched(world, store_dir, tmp_path):
+def test_out_manifest_is_gone_and_bad_scores_write_nothing(world, store_dir, capsys):
+    """--out_manifest (a scored copy of the manifest) was removed: scores of a split by one teacher live in the
+    store under that teacher's id and leave everything else alone."""
     text = (store_dir / "manifest.json").read_text()
-    out = tmp_path / "scored" / "manifest.json"
-    assert T.main(["teacher", "--store", str(store_dir), "--weights", str(world["weights"]), "--model", "unet",
-                   "--out_manifest", str(out), "--split", "val", *TILE_ARGS]) == 0
+    args = ["teacher", "--store", str(store_dir), "--weights", str(world["weights"]), "--model", "unet", *TILE_ARGS]
+    assert T.main(args + ["--out_manifest", str(store_dir / "scored.json"), "--split", "val"]) == 2
+    assert "--out_manifest was removed" in capsys.readouterr().err
     assert (store_dir / "manifest.json").read_text() == text
-    cases = json.loads(out.read_text())["cases"]
-    assert [c["id"] for c in cases if "teacher_loss" in c] == [c["id"] for c in cases if c["split"] == "val"]
+    cases = CaseStore(store_dir).cases
     with pytest.raises(DataError, match="nope"):
         T.write_teacher_losses(store_dir, {"nope": 0.5}, None)
     with pytest.raises(DataError, match="negative"):
         T.write_teacher_losses(store_dir, {cases[0]["id"]: -1.0}, None)
     assert (store_dir / "manifest.json").read_text() == text
+    assert T.main(args + ["--split", "val"]) == 0
+    store = CaseStore(store_dir)
+    assert sorted(store.teacher_losses()) == sorted(c["id"] for c in cases if c["split"] == "val")
+    assert [{k: v for k, v in c.items() if k != "derived"} for c in store.cases] == cases
 
 
 def test_run_teacher_best_and_last_checkpoints(world, store_dir, tmp_path):
@@ -241,10 +253,12 @@ def test_run_teacher_best_and_last_checkpoints(world, store_dir, tmp_path):
         loaded, info = T.load_run_model(run, which)
         assert info == {"checkpoint": which, "checkpoint_step": step}
         assert T.main(["teacher", "--store", str(store_dir), "--run", str(run), "--which", which]) == 0
-        entry = {c["id"]: c for c in json.loads((store_dir / "manifest.json").read_text())["cases"]}[cid]
-        assert entry["teacher"]["checkpoint"] == which and entry["teacher"]["tile_shape"] == list(cfg.eval.tile_shape)
+        scored = CaseStore(store_dir)
+        rec = scored.teachers[scored.default_teacher]
+        assert rec["checkpoint"] == which and rec["tile_shape"] == list(cfg.eval.tile_shape)
         p = _independent_prob(store_dir, cid, model)  # the run's eval tiles: TILE/STEP
-        assert entry["teacher_loss"] == pytest.approx(1.0 - 2.0 * (p * t).sum() / (p.sum() + t.sum()), rel=1e-6)
+        assert scored.teacher_losses()[cid] == pytest.approx(1.0 - 2.0 * (p * t).sum() / (p.sum() + t.sum()),
+                                                             rel=1e-6)
     with pytest.raises(ConfigError, match="config.json"):
         T.load_run_model(tmp_path, "best")
 
@@ -258,7 +272,7 @@ def test_usage_errors_and_help(world, store_dir, capsys):
     assert T.main(base + ["--weights", str(world["weights"]), "--model", "unet", "--tile", "3,x"]) == 2
     assert T.main(base + ["--weights", str(world["weights"]), "--model", "unet", "--split", "nope"]) == 2
     assert T.main(base + ["--weights", str(world["weights"]), "--loss", "mse"]) == 2
-    assert "teacher_loss" not in (store_dir / "manifest.json").read_text()
+    assert '"derived"' not in (store_dir / "manifest.json").read_text()
     r = subprocess.run([sys.executable, "-m", "clips_jax.experiments.teacher", "--help"], capture_output=True,
                        text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120)
     assert r.returncode == 0

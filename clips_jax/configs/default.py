@@ -24,6 +24,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.store = ""            # a case store from `python -m clips_jax.data.prepare`; "" = built-in phantoms
+    c.data.teacher = ""          # transfer-teacher scores to read (a teacher id of the store); "" = its default
     c.data.spacing_mm = 6.0      # phantom store grid (TMTV-Net stage A: 6 mm isotropic; 0 = native, refiner)
     c.data.patch_shape = (32, 32, 32)   # (z, y, x) voxels, divisible by 16 (TMTV-Net: 128 x 96 x 96)
     c.data.batch_size = 2        # global batch (all devices)

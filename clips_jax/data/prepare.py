@@ -8,9 +8,12 @@ Examples:
 For every study found under DATA (`study.find_studies`: autoPET NIfTI folders or DICOM):
 `load_study` -> difficulty measures on the NATIVE grid (`store.difficulty_measures`) -> `resample_case`
 to the training grid (TMTV-Net: 6 mm) -> `store.write_case_arrays` (atomic per case) -> the manifest
-`CACHE/manifest.json` is rewritten atomically after each finished case. Re-running skips finished cases
-(arrays present and listed in the manifest); a study that fails is reported on one line and skipped, the
-others carry on; the command ends with a one-screen summary and exits with status 1 if any case failed.
+`CACHE/manifest.json` is updated after each finished case (`store.update_manifest`, the store's one locked
+writer, so `stage_a` or the teacher scoring may run on the same store meanwhile). Re-running skips finished
+cases (arrays present and listed in the manifest; their entries, derived data included, are kept); a re-prepared
+case gets a new entry without derived data (its stage-A map is deleted with its old folder, as it should be); a
+study that fails is reported on one line and skipped, the others carry on; the command ends with a one-screen
+summary and exits with status 1 if any case failed.
 
 Native grid: `--spacing native` (or 0) keeps every case on its own PET grid (no resampling; the manifest's
 `geometry` equals `native_geometry`, top-level `spacing_mm` is null and `grid` is "native"). That is the store
@@ -181,13 +184,19 @@ def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm
              "dtype": np.dtype(dtype).name, "seed": int(seed),
              "split_source": "json" if split_json is not None else "seed"}
     done: dict[str, dict] = {}
+    fresh: dict[str, dict] = {}  # entries of cases prepared by this run and not yet written
     summary = {"prepared": [], "skipped": [], "failed": [], "errors": {}, "total": len(studies)}
 
     def flush():
-        entries = []
-        for cid in sorted(done):
-            entries.append({**done[cid], "split": splits[cid]})
-        st.write_manifest(out, entries, extra)
+        def change(doc: dict) -> None:
+            # The manifest lists exactly the cases of `done`; a case not re-prepared keeps its current entry on
+            # disk (with what other writers added meanwhile, e.g. derived data), a fresh one gets its new entry.
+            current = {c.get("id"): c for c in doc.get("cases", [])}
+            doc.update(extra)
+            doc["cases"] = [{**(fresh[cid] if cid in fresh else current.get(cid, done[cid])), "split": splits[cid]}
+                            for cid in sorted(done)]
+        st.update_manifest(out, change, create=True)
+        fresh.clear()
 
     t0 = time.time()
     for k, (path, (cid, pat)) in enumerate(zip(studies, ids)):
@@ -202,7 +211,7 @@ def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm
             meas = st.difficulty_measures(case.seg, case.suv, case.ct, native.spacing_mm)
             rs = case if native_grid else resample_fn(case, spacing_mm)
             st.write_case_arrays(out, cid, rs.ct, rs.suv, rs.seg, dtype=dtype)
-            done[cid] = {"id": cid, "patient": pat, "source": Path(path).resolve().relative_to(
+            done[cid] = fresh[cid] = {"id": cid, "patient": pat, "source": Path(path).resolve().relative_to(
                 Path(input_dir).resolve()).as_posix(), "has_seg": case.seg is not None,
                 "shape": list(rs.geometry.shape), "geometry": rs.geometry.to_json(),
                 "native_geometry": native.to_json(), **meas}

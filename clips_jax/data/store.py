@@ -2,7 +2,8 @@
 
 A dataset is preprocessed once by `python -m clips_jax.data.prepare` (see `clips_jax/data/prepare.py`) into
 
-    CACHE/manifest.json              one entry per finished case (written atomically after every case)
+    CACHE/manifest.json              one entry per finished case (rewritten after every case, see "Writing")
+    CACHE/.manifest.lock             empty lock file of the manifest's writers (see "Writing")
     CACHE/cases/<id>/ct.npy          (z, y, x) CT in HU on the resampled grid (float32 or float16)
     CACHE/cases/<id>/suv.npy         (z, y, x) SUVbw on the resampled grid (same dtype)
     CACHE/cases/<id>/seg.npy         (z, y, x) uint8 0/1 lesion mask (all zeros when the study has no SEG)
@@ -23,17 +24,49 @@ Manifest entry per case (JSON; NaN is written as `null` and read back as NaN):
   `id`, `patient`, `source` (study folder relative to the input root), `split` ("train"/"val"/"test"/"unused"),
   `has_seg`, `geometry` (resampled grid) and `native_geometry` (`Geometry.to_json()`), `shape`, and the
   difficulty measures computed on the NATIVE grid by `difficulty_measures`:
-  `tmtv_ml`, `n_lesions`, `smallest_lesion_ml`, `suv_max`, `tbr`, `dmax_mm`, `body_ml`; optionally
-  `stage_a` (provenance of `stage_a.npy`: weights, model, spacing, tiles; written by `clips_jax.stage_a`).
-Top-level keys: `version`, `spacing_mm` (list of 3, or null for a native-grid store), `grid` ("resampled" or
-"native"), `dtype`, `seed`, `split_source`.
+  `tmtv_ml`, `n_lesions`, `smallest_lesion_ml`, `suv_max`, `tbr`, `dmax_mm`, `body_ml`: the prepared case,
+  written by `prepare` only; and optionally `derived`, data computed later from the case (its own namespace):
+    `derived.stage_a`             provenance of `stage_a.npy` (weights, model, spacing, tiles; `clips_jax.stage_a`)
+    `derived.teacher.<teacher>`   the case's loss under a transfer teacher (`clips_jax.experiments.teacher`;
+                                  null = NaN, e.g. a lesion-free case), one entry per teacher id
+Top-level keys: `version` (2), `spacing_mm` (list of 3, or null for a native-grid store), `grid` ("resampled" or
+"native"), `dtype`, `seed`, `split_source`; optionally `derived.teachers` (teacher id -> provenance record of
+that teacher: source, model, checkpoint, loss kind, tiles, dtype, date) and `derived.default_teacher` (the
+teacher whose losses readers get when they name none: the one scored last by the teacher command).
+Re-preparing a case replaces its entry and its folder, so its derived data (the stage-A map and record, teacher
+losses) is dropped with it, as it should be: it was computed from the old arrays.
+
+Reading: `CaseStore(CACHE)` (the manifest as it was when opened; cheap to reopen). Derived data through one
+accessor each: `CaseStore.derived(case, "stage_a")`, and `CaseStore.case_rows(teacher=None)`, the per-case rows
+the curricula build their case table from (`clips_jax.curricula.case_table_from_manifest`): each entry with the
+column `teacher_loss` of the chosen teacher (default: `derived.default_teacher`), where that teacher scored it.
+
+Writing: `CaseStore.update(change)` (or the module function `update_manifest`) is the one writer of
+manifest.json. It takes an exclusive `fcntl.flock` on `CACHE/.manifest.lock`, reads the manifest from disk,
+applies `change` to it, writes it atomically (a temporary file renamed over it; permissions from the umask),
+releases the lock and refreshes the store's in-memory copy. `prepare`, `stage_a` and the teacher scoring all
+write through it, one case at a time, so they may run on the same store at the same time (each change is
+applied to the current file, nothing of another writer is lost). `set_derived` and `set_teacher_losses` are
+the derived-data writers built on it. The lock is advisory and local: a network file system without working
+`flock` does not serialise writers on different machines.
+
+Older stores: a version-1 manifest (written before derived data had its namespace: top-level `stage_a`,
+`teacher_loss` and `teacher` keys in case entries, and a top-level `teacher` record) opens as it is and is
+migrated on read (`migrate_manifest`): `stage_a` -> `derived.stage_a`; the `teacher_loss` column, exactly as
+it was, -> the teacher `LEGACY_TEACHER` ("v1"), which becomes the default teacher (its record: the old
+top-level `teacher` record); the per-case `teacher` records are dropped (so the teacher command re-scores once,
+under the teacher's own id). The file itself is rewritten in the new format at its next update.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import fcntl
 import json
+import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -45,7 +78,12 @@ from clips_jax.fileio import atomic_dir, json_safe, write_text_atomic
 from clips_jax.metrics.lesions import label_lesions
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2: derived data (stage-A records, teacher losses) under `derived` (1: top-level keys; migrated on read)."""
+LOCK = ".manifest.lock"
+DERIVED = "derived"
+LEGACY_TEACHER = "v1"
+"""Teacher id of the `teacher_loss` column of a version-1 manifest (see "Older stores" above)."""
 
 BODY_HU = -500.0
 """Body mask threshold: voxels with CT > -500 HU are body (`body_ml` and the background of `tbr`; our choice)."""
@@ -125,17 +163,111 @@ def difficulty_measures(seg: np.ndarray | None, suv: np.ndarray, ct: np.ndarray,
     return out
 
 
-# The old private name, still imported by the stage-A maps and the teacher scoring: the sanitiser is
-# `clips_jax.fileio.json_safe`.
-_json_safe = json_safe
+# ---------------------------------------------------------------------------------------------------------
+# The manifest: reading (with migration) and the one writer
+# ---------------------------------------------------------------------------------------------------------
+
+def migrate_manifest(doc: Mapping[str, Any]) -> dict:
+    """A version-1 manifest document in the current format (module docstring, "Older stores"); a current one is
+    returned as a copy. Raises DataError for a version newer than this code reads."""
+    doc = copy.deepcopy(dict(doc))
+    version = doc.get("version", 1)
+    if not isinstance(version, int) or version > MANIFEST_VERSION:
+        raise DataError(f"case-store format {version!r}, newer than this clips-jax reads ({MANIFEST_VERSION}); "
+                        "upgrade clips-jax or prepare the store again with this version")
+    if version < 2:
+        top_record = doc.pop("teacher", None)
+        scored = False
+        for c in doc.get("cases", []):
+            derived: dict = c.setdefault(DERIVED, {})
+            if "stage_a" in c:
+                derived["stage_a"] = c.pop("stage_a")
+            c.pop("teacher", None)
+            if "teacher_loss" in c:
+                derived.setdefault("teacher", {})[LEGACY_TEACHER] = c.pop("teacher_loss")
+                scored = True
+            if not derived:
+                del c[DERIVED]
+        if scored or isinstance(top_record, Mapping):
+            top = doc.setdefault(DERIVED, {})
+            top.setdefault("teachers", {})[LEGACY_TEACHER] = dict(top_record) if isinstance(top_record, Mapping) else {}
+            top["default_teacher"] = LEGACY_TEACHER
+    doc["version"] = MANIFEST_VERSION
+    return doc
 
 
-def write_manifest(cache_dir: str | Path, cases: list[dict], extra: Mapping[str, Any] | None = None) -> Path:
-    """Write `cache_dir/manifest.json` atomically: `{"version", **extra, "cases": cases}` (NaN -> null)."""
+def read_manifest(cache_dir: str | Path) -> dict:
+    """The manifest document of a store, in the current format (migrated on read).
+
+    Raises DataError naming the file (and what to do) if it is missing, unreadable or of a newer format."""
     path = Path(cache_dir) / MANIFEST
-    doc = {"version": MANIFEST_VERSION, **(extra or {}), "cases": list(cases)}
-    write_text_atomic(path, json.dumps(json_safe(doc), indent=1, allow_nan=False))
-    return path
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no manifest; run `python -m clips_jax.data.prepare --input DATA "
+                        f"--output {Path(cache_dir)}` first") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable manifest ({e}); delete it and run prepare again") from e
+    try:
+        return migrate_manifest(doc)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+
+
+@contextlib.contextmanager
+def manifest_lock(cache_dir: str | Path) -> Iterator[None]:
+    """Hold the exclusive lock of a store's manifest (`fcntl.flock` on `CACHE/.manifest.lock`, created if
+    missing) for the duration of the block. DataError if the lock file cannot be opened (e.g. read-only store)."""
+    path = Path(cache_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise DataError(f"{path}: cannot open the manifest's lock file ({e}); the store must be writable to "
+                        "update it") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def update_manifest(cache_dir: str | Path, change: Callable[[dict], Any], *, create: bool = False) -> dict:
+    """The one writer of `cache_dir/manifest.json`: read, change and write it under the manifest lock.
+
+    Args:
+      change: called with the current manifest document (read from disk under the lock, migrated to the current
+        format); it changes it in place, or returns a new document (any non-None return value replaces it).
+        An exception leaves the file untouched (and propagates).
+      create: a missing or unreadable manifest starts as `{"version", "cases": []}` (the prepare command)
+        instead of raising DataError.
+    Returns: the document written, as a reader will parse it (NaN written and returned as None).
+    """
+    path = Path(cache_dir) / MANIFEST
+    if create:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    with manifest_lock(cache_dir):
+        try:
+            doc = read_manifest(cache_dir)
+        except DataError:
+            if not create or (path.is_file() and _newer_format(path)):
+                raise
+            doc = {"version": MANIFEST_VERSION, "cases": []}
+        new = change(doc)
+        doc = doc if new is None else dict(new)
+        doc["version"] = MANIFEST_VERSION
+        text = json.dumps(json_safe(doc), indent=1, allow_nan=False)
+        write_text_atomic(path, text)
+    return json.loads(text)
+
+
+def _newer_format(path: Path) -> bool:
+    try:
+        v = json.loads(path.read_text(encoding="utf-8")).get("version", 1)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return not isinstance(v, int) or v > MANIFEST_VERSION
 
 
 def write_case_arrays(cache_dir: str | Path, case_id: str, ct: np.ndarray, suv: np.ndarray,
@@ -176,21 +308,104 @@ class CaseStore:
 
     def __init__(self, cache_dir: str | Path):
         self.cache_dir = Path(cache_dir)
-        path = self.cache_dir / MANIFEST
-        try:
-            self.manifest: dict = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"{path}: no manifest; run `python -m clips_jax.data.prepare --input DATA "
-                            f"--output {self.cache_dir}` first") from None
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: unreadable manifest ({e}); delete it and run prepare again") from e
-        version = self.manifest.get("version", MANIFEST_VERSION)
-        if not isinstance(version, int) or version > MANIFEST_VERSION:
-            raise DataError(f"{path}: case-store format {version!r}, newer than this clips-jax reads "
-                            f"({MANIFEST_VERSION}); upgrade clips-jax or prepare the store again with this version")
+        self._load(read_manifest(self.cache_dir))
+
+    def _load(self, doc: dict) -> None:
+        self.manifest: dict = doc
         self.cases: list[dict] = list(self.manifest.get("cases", []))
         self.ids: list[str] = [c["id"] for c in self.cases]
         self._index = {cid: i for i, cid in enumerate(self.ids)}
+
+    # -- writing (module docstring, "Writing") -------------------------------------------------------------
+    def update(self, change: Callable[[dict], Any]) -> None:
+        """Change the manifest on disk (`update_manifest`: under the lock, applied to the current file) and
+        refresh this store's in-memory copy from the document written."""
+        self._load(update_manifest(self.cache_dir, change))
+
+    def update_cases(self, changes: Mapping[str, Callable[[dict], Any]]) -> None:
+        """Apply `changes[case_id](entry)` (in place) to the current manifest entry of each listed case, in one
+        locked update. DataError naming the first id that is not in the manifest (nothing is written then)."""
+        def change(doc: dict) -> None:
+            by_id = {c.get("id"): c for c in doc.get("cases", [])}
+            unknown = [k for k in changes if k not in by_id]
+            if unknown:
+                raise DataError(f"case {unknown[0]!r} (and {len(unknown) - 1} more) is not in the store "
+                                f"{self.cache_dir}; was it re-prepared without it?")
+            for cid, fn in changes.items():
+                fn(by_id[cid])
+        self.update(change)
+
+    def set_derived(self, name: str, values: Mapping[str, Any], *, key: str | None = None) -> None:
+        """Set `derived.<name>` (or `derived.<name>.<key>`) of the listed cases: `values` {case id: value}.
+        One locked update (`update_cases`)."""
+        def setter(value):
+            def fn(entry: dict) -> None:
+                d = entry.setdefault(DERIVED, {})
+                if key is None:
+                    d[name] = value
+                else:
+                    d.setdefault(name, {})[key] = value
+            return fn
+        self.update_cases({cid: setter(v) for cid, v in values.items()})
+
+    def set_teacher_losses(self, teacher: str, losses: Mapping[str, float], record: Mapping[str, Any] | None,
+                           *, default: bool = True) -> None:
+        """Store per-case losses of one transfer teacher (`derived.teacher.<teacher>`; NaN -> null), its record
+        (top-level `derived.teachers.<teacher>`, when given) and, with `default`, make it the default teacher.
+        One locked update; DataError for a case id not in the manifest."""
+        def change(doc: dict) -> None:
+            by_id = {c.get("id"): c for c in doc.get("cases", [])}
+            unknown = [k for k in losses if k not in by_id]
+            if unknown:
+                raise DataError(f"teacher scores for case {unknown[0]!r} (and {len(unknown) - 1} more) not in the "
+                                f"store {self.cache_dir}; score the store the cases belong to")
+            for cid, v in losses.items():
+                by_id[cid].setdefault(DERIVED, {}).setdefault("teacher", {})[teacher] = v
+            top = doc.setdefault(DERIVED, {})
+            if record is not None or teacher not in top.get("teachers", {}):
+                top.setdefault("teachers", {})[teacher] = dict(record or {})
+            if default:
+                top["default_teacher"] = teacher
+        self.update(change)
+
+    # -- derived data (module docstring) ---------------------------------------------------------------------
+    def derived(self, case: int | str, name: str, default: Any = None) -> Any:
+        """`derived.<name>` of one case (e.g. "stage_a": the record of its stage-A map), or `default`."""
+        return self.cases[self.index(case)].get(DERIVED, {}).get(name, default)
+
+    @property
+    def teachers(self) -> dict[str, dict]:
+        """Teacher id -> provenance record of every teacher that scored cases of this store."""
+        return dict(self.manifest.get(DERIVED, {}).get("teachers", {}))
+
+    @property
+    def default_teacher(self) -> str | None:
+        """The teacher readers get when they name none (the one the teacher command scored last), or None."""
+        return self.manifest.get(DERIVED, {}).get("default_teacher")
+
+    def teacher_losses(self, teacher: str | None = None) -> dict[str, float]:
+        """{case id: loss (NaN for null)} of the cases one teacher scored (None = `default_teacher`; no
+        teacher at all: {}). ConfigError for a teacher id the store does not know."""
+        tid = self.default_teacher if not teacher else str(teacher)
+        if tid is None:
+            return {}
+        if tid not in self.teachers:
+            raise ConfigError(f"store {self.cache_dir}: no teacher {tid!r} (known: {sorted(self.teachers)}); score "
+                              "the cases first: python -m clips_jax.experiments.teacher --store ...")
+        out = {}
+        for c in self.cases:
+            scores = c.get(DERIVED, {}).get("teacher", {})
+            if tid in scores:
+                out[c["id"]] = float("nan") if scores[tid] is None else float(scores[tid])
+        return out
+
+    def case_rows(self, teacher: str | None = None) -> list[dict]:
+        """The manifest entries with the derived column `teacher_loss` of `teacher` (None = the default
+        teacher) where it scored the case: the rows of `clips_jax.curricula.case_table_from_manifest`."""
+        losses = self.teacher_losses(teacher)
+        return [{**c, "teacher_loss": losses[c["id"]]} if c["id"] in losses else dict(c) for c in self.cases]
+
+    # -- reading ---------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -28,8 +28,11 @@ positive control) and every seed 0..`--seeds`-1 it
    docs/statistics.md); the minimal detectable effect; and whether the controls behaved as expected.
 
 The transfer-teacher (bootstrapping) curriculum ranks the training cases by the soft-Dice loss of the first
-seed's baseline model (`none`, trained first, without curriculum): those scores are added as `teacher_loss`
-to a copy of the store manifest in `WORKDIR/teacher_store` (whose `cases` folder links to the original).
+seed's baseline model (`none`, trained first, without curriculum): those scores are stored in the comparison's
+case store itself, as derived data under the teacher's own id (`clips_jax.experiments.teacher.teacher_id`: the
+baseline run's folder, checkpoint and settings; so several comparisons on one store do not clash, and the store's
+default teacher is left as it is), listed in `WORKDIR/teacher_scores.csv`; the transfer-teacher runs read them
+through `data.teacher = <that id>`.
 
 All outputs are written atomically. The library entry point is `run_comparison`; the CLI is `main`.
 """
@@ -99,10 +102,11 @@ def learning_curves_png(curves: Mapping[str, Sequence[Sequence[Mapping]]], path:
 # Runs: configs, finished check, test evaluation, teacher scores
 # ---------------------------------------------------------------------------------------------------------
 
-def run_config(base, name: str, seed: int, store_dir: str | os.PathLike):
+def run_config(base, name: str, seed: int, store_dir: str | os.PathLike, teacher: str = ""):
     """The training config of one (experiment, seed): a copy of `base` with `seed` (+ the experiment's
-    `seed_offset`), the curriculum preset, its options (`presets.curriculum_options`) and `data.store =
-    store_dir`. `base` is not modified."""
+    `seed_offset`), the curriculum preset, its options (`presets.curriculum_options`), `data.store =
+    store_dir` and, when given, `data.teacher = teacher` (the teacher id whose scores it reads). `base` is not
+    modified."""
     import ml_collections
 
     exp = presets.get_experiment(name)
@@ -113,6 +117,8 @@ def run_config(base, name: str, seed: int, store_dir: str | os.PathLike):
                                       stage_steps=int(cfg.curriculum.stage_steps))
     cfg.curriculum.options = ml_collections.ConfigDict(opts)
     cfg.data.store = str(store_dir)
+    if teacher:
+        cfg.data.teacher = str(teacher)
     return cfg
 
 
@@ -166,49 +172,43 @@ def evaluate_test(cfg, run_dir: str | os.PathLike, store) -> list[dict]:
     return rows
 
 
-def make_teacher_store(store, teacher_cfg, teacher_run: str | os.PathLike, out_dir: str | os.PathLike,
-                       log: Callable[[str], None] = print):
-    """A case store identical to `store` plus a `teacher_loss` column scored by a trained teacher run.
+def score_teacher(store, teacher_cfg, teacher_run: str | os.PathLike, scores_csv: str | os.PathLike,
+                  log: Callable[[str], None] = print) -> str:
+    """Score the training cases of `store` with a trained teacher run, into the store itself; returns the
+    teacher id the scores are stored under (for `data.teacher`).
 
-    The teacher (the baseline model of `teacher_run`) predicts every training case; its soft-Dice loss w.r.t.
-    the ground truth is the case's difficulty (higher = harder; NaN for lesion-free cases). `out_dir` gets a
-    copy of the manifest with that column, `teacher_scores.csv`, and a `cases` symbolic link to the original
-    arrays. Reused when `out_dir/manifest.json` exists. Returns the new `CaseStore`.
+    The teacher (the best-validation model of `teacher_run`) predicts every training case; its soft-Dice loss
+    w.r.t. the ground truth is the case's difficulty (higher = harder; NaN for lesion-free cases). The scores go
+    into the store as derived data of that teacher (`teacher.write_teacher_losses`, namespaced by the teacher
+    id, not made the store's default teacher); cases it already scored are not scored again. `scores_csv` gets
+    `case,teacher_loss` of the training cases. DataError if a case fails to score (nothing of it is written).
     """
     from clips_jax.experiments import teacher
-    from clips_jax.data.store import CaseStore, write_manifest
 
-    out_dir = Path(out_dir)
-    if (out_dir / "manifest.json").is_file():
-        return CaseStore(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log(f"scoring the training cases with the teacher {teacher_run} (transfer-teacher curriculum)")
     model, info = teacher.load_run_model(teacher_run, "best", config=teacher_cfg)
     e = teacher_cfg.eval
     tile, step = tuple(e.tile_shape), tuple(e.tile_step)
-    failed: dict[str, str] = {}
-    scores = teacher.score_cases(store, model, indices=store.split_indices("train"), tile_shape=tile, step=step,
-                                 batch_size=int(e.batch_size), loss="soft_dice", failed=failed,
-                                 log=lambda _: None)
-    if failed:
-        cid = next(iter(failed))
-        raise DataError(f"teacher scoring failed for {len(failed)} training case(s), first {cid}: {failed[cid]}")
     record = teacher.make_record(Path(teacher_run).absolute().as_posix(), str(teacher_cfg.model.kind),
                                  "soft_dice", tile, step, **info)
-    cases = teacher.apply_scores(store.cases, scores, record)
-    link = out_dir / "cases"
-    if not link.exists():
-        tmp = out_dir / f".cases.tmp{os.getpid()}"
-        if tmp.is_symlink():
-            tmp.unlink()
-        tmp.symlink_to((store.cache_dir / "cases").absolute(), target_is_directory=True)
-        os.replace(tmp, link)
-    write_text_atomic(out_dir / "teacher_scores.csv", "case,teacher_loss\n" + "".join(
-        f"{k},{'nan' if not math.isfinite(v) else f'{v:.6g}'}\n" for k, v in scores.items()))
-    extra = {k: v for k, v in store.manifest.items() if k not in ("version", "cases")}
-    extra[teacher.RECORD_KEY] = record
-    write_manifest(out_dir, cases, extra)
-    return CaseStore(out_dir)
+    tid = teacher.teacher_id(record)
+    train = [int(i) for i in store.split_indices("train")]
+    todo = set(teacher.pending_cases(store, [store.ids[i] for i in train], record))
+    if todo:
+        log(f"scoring {len(todo)} training cases with the teacher {teacher_run} (transfer-teacher curriculum; "
+            f"teacher id {tid} in {store.cache_dir})")
+        failed: dict[str, str] = {}
+        scores = teacher.score_cases(store, model, indices=[i for i in train if store.ids[i] in todo], tile_shape=tile,
+                                     step=step, batch_size=int(e.batch_size), loss="soft_dice", failed=failed,
+                                     log=lambda _: None)
+        if failed:
+            cid = next(iter(failed))
+            raise DataError(f"teacher scoring failed for {len(failed)} training case(s), first {cid}: {failed[cid]}")
+        teacher.write_teacher_losses(store, scores, record, teacher=tid, default=False)
+    losses = store.teacher_losses(tid)
+    write_text_atomic(scores_csv, "case,teacher_loss\n" + "".join(
+        f"{k},{'nan' if not math.isfinite(v) else f'{v:.6g}'}\n" for k, v in losses.items()
+        if k in {store.ids[i] for i in train}))
+    return tid
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,13 +279,13 @@ class _Runner:
         self.status: dict[str, dict[int, str]] = {}
         self.rows: dict[str, dict[int, list[dict]]] = {}
         self.curves: dict[str, list[list[dict]]] = {}
-        self.teacher_store = None
+        self.teacher: str | None = None
 
-    def train(self, name: str, seed: int, store_dir) -> tuple[Any, Path, str]:
+    def train(self, name: str, seed: int, store_dir, teacher: str = "") -> tuple[Any, Path, str]:
         """Train (or skip, when finished) one run; returns (config, run folder, "trained"|"skipped")."""
         from clips_jax import trainer
 
-        cfg = run_config(self.base, name, seed, store_dir)
+        cfg = run_config(self.base, name, seed, store_dir, teacher)
         run_dir = self.workdir / "runs" / name / f"seed{seed}"
         if run_finished(run_dir, cfg.steps):
             self.log(f"[{name} seed {seed}] finished earlier: skipped")
@@ -297,21 +297,22 @@ class _Runner:
         self.log(f"[{name} seed {seed}] trained in {time.time() - t:.0f} s")
         return cfg, run_dir, "trained"
 
-    def store_for(self, name: str, first_seed: int):
-        """The store a run trains on: the teacher-scored copy for the transfer teacher (made once, from the
-        first seed's baseline model, trained first if needed), else the comparison's store."""
+    def teacher_for(self, name: str, first_seed: int) -> str:
+        """The teacher id a run reads ("" = none): for the transfer teacher, the scores of the first seed's
+        baseline model in the comparison's store (scored once, the baseline trained first if needed)."""
         if not presets.get_experiment(name).needs_teacher:
-            return self.store.cache_dir.absolute()
-        if self.teacher_store is None:
+            return ""
+        if self.teacher is None:
             tcfg, trun, _ = self.train(presets.BASELINE, first_seed, self.store.cache_dir.absolute())
-            self.teacher_store = make_teacher_store(self.store, tcfg, trun, self.workdir / "teacher_store", self.log)
-        return self.teacher_store.cache_dir.absolute()
+            self.teacher = score_teacher(self.store, tcfg, trun, self.workdir / "teacher_scores.csv", self.log)
+        return self.teacher
 
     def run(self, name: str, seed: int, first_seed: int) -> None:
         """Train one run, evaluate it on the test split and keep its rows and learning curves."""
         from clips_jax import trainer
 
-        cfg, run_dir, status = self.train(name, seed, self.store_for(name, first_seed))
+        cfg, run_dir, status = self.train(name, seed, self.store.cache_dir.absolute(),
+                                          self.teacher_for(name, first_seed))
         rows = evaluate_test(cfg, run_dir, self.store)
         self.status.setdefault(name, {})[seed] = status
         self.rows.setdefault(name, {})[seed] = rows

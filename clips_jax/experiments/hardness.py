@@ -113,7 +113,7 @@ def manifest_hardness(store, indices: Sequence[int], key: str) -> dict[str, floa
         raise ConfigError(f"--hardness=manifest:{key}: use one of "
                           f"{sorted(k for k in HARDER_WHEN if k != 'teacher_loss')}")
     ids = [store.ids[int(i)] for i in indices]
-    table = case_table_from_manifest(store.manifest["cases"], ids)
+    table = case_table_from_manifest(store.case_rows(), ids)
     values = oriented_difficulty(table, key)
     return {c: float(v) if table.has_lesion[j] else float("nan") for j, (c, v) in enumerate(zip(ids, values))}
 

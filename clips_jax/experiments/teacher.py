@@ -1,17 +1,17 @@
-r"""Transfer-teacher scoring: a trained model's loss on each training case, stored in the case-store manifest.
+r"""Transfer-teacher scoring: a trained model's loss on each training case, stored in the case store.
 
 Examples:
     clips-teacher --store cache/autopet --weights weights/tmtv-net
     python -m clips_jax.experiments.teacher --store CACHE --weights DIR [--model ensemble|unet|refiner]
     python -m clips_jax.experiments.teacher --store CACHE --run WORKDIR [--which best|last]
         [--split train] [--loss soft_dice|combined] [--tile Z,Y,X] [--step Z,Y,X] [--batch_size 1]
-        [--dtype float32|bfloat16] [--out_manifest PATH] [--overwrite]
+        [--dtype float32|bfloat16] [--overwrite]
 
 How it fits: scoring is an experiment step that runs a network (it is not a curriculum; the curricula only read
 its result). The curriculum preset "transfer_teacher" (transfer teacher / bootstrapping, docs/curricula.md;
-`clips_jax.curricula.registry`, measure `teacher_loss`) ranks the training cases by the `teacher_loss` column
-of the manifest (`case_table_from_manifest`), easiest (lowest loss) first, and paces them like any predefined
-curriculum. This module fills that column once, before training:
+`clips_jax.curricula.registry`, measure `teacher_loss`) ranks the training cases by their `teacher_loss`
+(`CaseStore.case_rows(teacher)` -> `case_table_from_manifest`), easiest (lowest loss) first, and paces them like
+any predefined curriculum. This module computes those losses once, before training:
 
 1. the teacher is a stage-A model: the `ensemble` (or a `unet`) of a converted / exported weights directory
    (`--weights`, default teacher: the converted TMTV-Net ensemble, see docs/weights.md), or the trained
@@ -36,27 +36,32 @@ curriculum. This module fills that column once, before training:
      would be an FP-only score on another scale than the lesion cases' ordering; the predefined curricula
      sample lesion-free cases outside the ordering at a fixed proportion (`stratify_negatives`, docs/curricula.md
      "Case table and difficulty measures"), and a NaN-scored lesion case would be ranked last (hardest).
-4. `write_teacher_losses`: each scored case's manifest entry gets `teacher_loss` and a `teacher` record
-   (source, model, checkpoint, loss kind, tiles, compute dtype, date); the manifest also gets a top-level
-   `teacher` record of the latest run. Everything else of the manifest is kept as it is (re-read from disk
-   just before each write). The manifest is rewritten atomically after every case, so an interrupted run
-   keeps what it scored.
+4. `write_teacher_losses`: the losses are derived data of the store, kept per teacher: the teacher id
+   (`teacher_id`: the model kind and a hash of the provenance record without its date) names the namespace,
+   each scored case gets `derived.teacher.<id>` = its loss, the manifest's `derived.teachers.<id>` = the
+   record (source, model, checkpoint, loss kind, tiles, compute dtype, date), and the teacher becomes the
+   store's default teacher (the one training reads unless `data.teacher` names another). Written through the
+   store's one locked writer after every case (`CaseStore.set_teacher_losses`; everything else of the manifest,
+   and other teachers' scores, are kept), so an interrupted run keeps what it scored and `prepare` or
+   `stage_a` may run on the same store meanwhile. `prepare` keeps the entries (and so the scores) of cases it
+   does not redo; a re-prepared case loses its scores.
 
-Re-running skips the cases whose entry already holds a `teacher` record of the same teacher and settings
-(every record field but the date; a run's checkpoint step included, so a run trained further is re-scored);
-`--overwrite` re-scores them. A failing case is reported on one line and skipped (exit status 1). With
-`--out_manifest PATH` the store's manifest is left untouched and the scored copy goes to PATH (scores already
-in PATH count for skipping); to train on it, put it as `manifest.json` in a folder whose `cases` is a link to
-the store's `cases` folder. Do not run `prepare` or `stage_a` on the same store at the same time (all rewrite
-the manifest). `prepare` keeps the per-case entries (and so the scores) of cases it does not redo.
+Re-running skips the cases already scored by the same teacher and settings (the same teacher id: every record
+field but the date; a run's checkpoint step included, so a run trained further is a new teacher and re-scores);
+`--overwrite` re-scores them. A failing case is reported on one line and skipped (exit status 1). Several
+teachers can score one store without clashing (the curriculum comparison scores its baseline teacher into the
+comparison's store this way). The former `--out_manifest` (a scored copy of the manifest) is gone: scores of a
+teacher no longer disturb anything else in the store.
 
 Scores of a teacher trained on the same cases are optimistic (memorised easy cases); prefer out-of-fold
 teachers (docs/curricula.md): score each fold's held-out cases with that fold's model (`score_cases` with
-`indices`, then `write_teacher_losses`), see `clips_jax.curricula.out_of_fold_difficulty`.
+`indices`, then `write_teacher_losses(store, scores, record, teacher="oof")`: one common teacher id for all folds,
+the record of the fold written last is kept), see `clips_jax.curricula.out_of_fold_difficulty`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -66,7 +71,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from clips_jax.errors import ConfigError, DataError
+from clips_jax.errors import ConfigError
 from clips_jax.metrics.case_losses import (CASE_LOSSES, CE_WEIGHT, PROB_CLIP, case_loss,  # noqa: F401 - re-exported
                                            combined_case_loss, soft_dice_of_probs)
 
@@ -75,7 +80,7 @@ LOSSES = CASE_LOSSES
 
 LOSS_KEY = "teacher_loss"
 RECORD_KEY = "teacher"
-"""Manifest keys: the per-case loss, and the provenance record (per case and top-level)."""
+"""The per-case loss column of `CaseStore.case_rows`, and the derived namespace (`derived.teacher.<id>`)."""
 
 DEFAULT_TILE = (128, 96, 96)
 DEFAULT_STEP = (64, 48, 48)
@@ -201,102 +206,66 @@ def make_record(source: str, model: str, loss: str, tile_shape: Sequence[int], s
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def apply_scores(cases: Sequence[Mapping[str, Any]], scores: Mapping[str, float],
-                 record: Mapping[str, Any] | None) -> list[dict]:
-    """Copies of manifest entries with `teacher_loss` (and the `teacher` record, if given) set for the scored ids.
+def teacher_id(record: Mapping[str, Any] | None) -> str:
+    """The id a teacher's scores are stored under: "<model>-<10 hex digits of a hash of the record without its
+    date>" (equal ids <=> `same_teacher`), or "unrecorded" for scores written without a record."""
+    if not isinstance(record, Mapping):
+        return "unrecorded"
+    text = json.dumps({k: v for k, v in record.items() if k != "date"}, sort_keys=True, default=str)
+    return f"{record.get('model', 'teacher')}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
-    Args: cases: manifest entries (dicts with "id"); scores: {case id: loss (NaN allowed)}; record: provenance.
-    Returns: new list of new dicts, same order; entries not in `scores` are copied unchanged.
-    Raises: DataError naming the first id of `scores` that is not in `cases`, or a negative/infinite loss.
-    """
+
+def check_scores(scores: Mapping[str, float]) -> dict[str, float]:
+    """{case id: loss} validated by `clips_jax.curricula.predefined.teacher_difficulty` (DataError for a
+    negative or infinite loss; NaN allowed)."""
     from clips_jax.curricula.predefined import teacher_difficulty
 
-    ids = {str(c.get("id")) for c in cases}
-    unknown = [k for k in scores if k not in ids]
-    if unknown:
-        raise DataError(f"teacher scores for case {unknown[0]!r} (and {len(unknown) - 1} more) not in the manifest; "
-                        "score the store the manifest belongs to")
-    checked = dict(zip(scores, teacher_difficulty(np.array(list(scores.values()), np.float64)).tolist()))
-    out = []
-    for c in cases:
-        c = dict(c)
-        if c.get("id") in checked:
-            c[LOSS_KEY] = checked[c["id"]]
-            if record is not None:
-                c[RECORD_KEY] = dict(record)
-        out.append(c)
-    return out
+    return dict(zip(scores, teacher_difficulty(np.array(list(scores.values()), np.float64)).tolist()))
 
 
-def _manifest_paths(store_dir: str | os.PathLike, out_manifest: str | os.PathLike | None) -> tuple[Path, Path]:
-    """(manifest to read, manifest to write): the store's, or `out_manifest` (read from it once it exists)."""
-    from clips_jax.data.store import MANIFEST
-
-    own = Path(store_dir) / MANIFEST
-    if out_manifest is None or Path(out_manifest).absolute() == own.absolute():
-        return own, own
-    out = Path(out_manifest)
-    return (out if out.is_file() else own), out
-
-
-def read_manifest(store_dir: str | os.PathLike, out_manifest: str | os.PathLike | None = None) -> dict:
-    """The manifest document the scores are merged into (see `write_teacher_losses`). DataError if unreadable."""
-    src, _ = _manifest_paths(store_dir, out_manifest)
-    try:
-        return json.loads(src.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{src}: no manifest; run `python -m clips_jax.data.prepare` first") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{src}: unreadable manifest ({e})") from e
-
-
-def write_teacher_losses(store_dir: str | os.PathLike, scores: Mapping[str, float],
-                         record: Mapping[str, Any] | None, *, out_manifest: str | os.PathLike | None = None) -> Path:
-    """Merge teacher losses into a store's manifest, atomically, keeping every other field as it is.
+def write_teacher_losses(store, scores: Mapping[str, float], record: Mapping[str, Any] | None, *,
+                         teacher: str | None = None, default: bool = True) -> Path:
+    """Store teacher losses in a case store (`CaseStore.set_teacher_losses`: one locked update of the manifest,
+    everything else kept).
 
     Args:
-      store_dir: the case-store folder.
-      scores: {case id: loss} (NaN -> null); ids must be in the manifest.
-      record: teacher provenance (`make_record`): stored in each scored entry under "teacher" and as the
-        top-level "teacher"; None writes the losses only.
-      out_manifest: write here instead of `store_dir/manifest.json` (the store is then untouched); when this
-        file already exists it is the document merged into (so successive calls accumulate).
-    Returns: the path written. Raises: DataError for an unreadable manifest or unknown case ids.
-    The manifest is re-read from disk right before writing (other fields changed meanwhile are kept).
+      store: the case-store folder, or a `CaseStore` (its in-memory copy is refreshed).
+      scores: {case id: loss} (NaN -> null); ids must be in the store.
+      record: teacher provenance (`make_record`), stored as `derived.teachers.<teacher>`; None stores the losses
+        only.
+      teacher: the teacher id; default `teacher_id(record)`.
+      default: also make this teacher the store's default teacher (the one read when none is named).
+    Returns: the manifest path. Raises: DataError for an unreadable manifest, unknown case ids or a
+    negative/infinite loss (nothing written then).
     """
-    from clips_jax.data.store import _json_safe
-    from clips_jax.fileio import write_text_atomic
+    from clips_jax.data.store import MANIFEST, CaseStore
 
-    _, dst = _manifest_paths(store_dir, out_manifest)
-    doc = read_manifest(store_dir, out_manifest)
-    doc["cases"] = apply_scores(doc.get("cases", []), scores, record)
-    if record is not None:
-        doc[RECORD_KEY] = dict(record)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(dst, json.dumps(_json_safe(doc), indent=1, allow_nan=False))
-    return dst
+    store = store if isinstance(store, CaseStore) else CaseStore(store)
+    store.set_teacher_losses(teacher or teacher_id(record), check_scores(scores), record, default=default)
+    return store.cache_dir / MANIFEST
 
 
-def pending_cases(manifest: Mapping[str, Any], ids: Sequence[str], record: Mapping[str, Any],
-                  overwrite: bool = False) -> list[str]:
-    """The ids among `ids` still to score: all with `overwrite`, else those whose manifest entry lacks a
-    `teacher_loss` or has a record of another teacher (`same_teacher`). Order of `ids` is kept."""
-    by_id = {c.get("id"): c for c in manifest.get("cases", [])}
+def pending_cases(store, ids: Sequence[str], record: Mapping[str, Any], overwrite: bool = False,
+                  teacher: str | None = None) -> list[str]:
+    """The ids among `ids` still to score: all with `overwrite`, else those the teacher (id `teacher`, default
+    `teacher_id(record)`) has not scored in `store` (a `CaseStore`). Order of `ids` is kept."""
     if overwrite:
         return list(ids)
-    return [i for i in ids if LOSS_KEY not in by_id.get(i, {}) or not same_teacher(by_id[i].get(RECORD_KEY), record)]
+    tid = teacher or teacher_id(record)
+    done = store.teacher_losses(tid) if tid in store.teachers else {}
+    return [i for i in ids if i not in done]
 
 
 def score_store(store_dir: str | os.PathLike, model, record: Mapping[str, Any], *, split: str = "train",
                 tile_shape: Sequence[int] = DEFAULT_TILE, step: Sequence[int] = DEFAULT_STEP, batch_size: int = 1,
-                loss: str = "soft_dice", dtype: str = "float32", overwrite: bool = False,
-                out_manifest: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict:
+                loss: str = "soft_dice", dtype: str = "float32", overwrite: bool = False, default: bool = True,
+                log: Callable[[str], None] = print) -> dict:
     """Score the cases of a split that are not yet scored by this teacher and write them (the whole command).
 
     Args: as `score_cases` / `write_teacher_losses`; `record` from `make_record` with the same loss, tiles
-      and dtype. The manifest is written after every case.
+      and dtype. The scores are written after every case, under `teacher_id(record)`.
     Returns: {"scored": ids, "skipped": ids already scored by the same teacher, "failed": ids, "errors":
-      {id: message}, "total": cases in the split, "written": manifest path or None}.
+      {id: message}, "total": cases in the split, "written": manifest path or None, "teacher": the teacher id}.
     Raises: ConfigError for an empty/unknown split or bad settings; DataError for an unreadable manifest.
     """
     from clips_jax.data.store import CaseStore
@@ -306,23 +275,26 @@ def score_store(store_dir: str | os.PathLike, model, record: Mapping[str, Any], 
     if not idx:
         raise ConfigError(f"store {store.cache_dir}: no case in split {split!r}; use --split train/val/test/unused")
     ids = [store.ids[i] for i in idx]
-    todo = set(pending_cases(read_manifest(store_dir, out_manifest), ids, record, overwrite))
+    tid = teacher_id(record)
+    todo = set(pending_cases(store, ids, record, overwrite))
     summary: dict[str, Any] = {"scored": [], "skipped": [i for i in ids if i not in todo], "failed": [],
-                               "errors": {}, "total": len(ids), "written": None}
+                               "errors": {}, "total": len(ids), "written": None, "teacher": tid}
     if summary["skipped"]:
         log(f"{len(summary['skipped'])} of {len(ids)} cases already scored by this teacher: skipped "
             "(--overwrite re-scores them)")
 
     def on_case(cid: str, value: float) -> None:
-        summary["written"] = str(write_teacher_losses(store_dir, {cid: value}, record, out_manifest=out_manifest))
+        summary["written"] = str(write_teacher_losses(store, {cid: value}, record, teacher=tid, default=default))
         summary["scored"].append(cid)
 
-    score_cases(store, model, indices=[i for i in idx if store.ids[i] in todo], tile_shape=tile_shape, step=step,
-                batch_size=batch_size, loss=loss, dtype=dtype, on_case=on_case, failed=summary["errors"], log=log)
+    # A fixed snapshot of the store to score from (`on_case` refreshes `store`, which other writers may change).
+    score_cases(CaseStore(store.cache_dir), model, indices=[i for i in idx if store.ids[i] in todo],
+                tile_shape=tile_shape, step=step, batch_size=batch_size, loss=loss, dtype=dtype, on_case=on_case,
+                failed=summary["errors"], log=log)
     summary["failed"] = list(summary["errors"])
     log(f"summary: {len(ids)} cases in split {split!r}, {len(summary['scored'])} scored, "
-        f"{len(summary['skipped'])} already done, {len(summary['failed'])} failed; manifest "
-        f"{_manifest_paths(store_dir, out_manifest)[1]}")
+        f"{len(summary['skipped'])} already done, {len(summary['failed'])} failed; teacher {tid} in "
+        f"{store.cache_dir}")
     for cid in summary["failed"]:
         log(f"  failed {cid}: {summary['errors'][cid]}")
     return summary
@@ -344,6 +316,10 @@ def run_from_flags(fv, log: Callable[[str], None] = print) -> int:
     weights, run = fv["weights"].value, fv["run"].value
     if not fv["store"].value or bool(weights) == bool(run):
         raise UsageError("give --store and exactly one of --weights or --run (see --help)")
+    if fv["out_manifest"].value:
+        raise UsageError("--out_manifest was removed: the scores are stored in the store under the teacher's own "
+                         "id (derived.teacher.<id>) and disturb nothing else; drop the flag, and train with "
+                         "--config.data.teacher=<id> to use a teacher other than the store's default")
     if int(fv["batch_size"].value) < 1:
         raise ConfigError(f"--batch_size={fv['batch_size'].value}: need >= 1")
     store = CaseStore(fv["store"].value)
@@ -368,11 +344,11 @@ def run_from_flags(fv, log: Callable[[str], None] = print) -> int:
     record = make_record(source, name, fv["loss"].value, tile, stp, fv["dtype"].value, **more)
     log(f"teacher: {name} from {source}" + (f" ({more['checkpoint']} checkpoint, step "
                                             f"{more['checkpoint_step']})" if more else "")
-        + f"; loss {fv['loss'].value}; tiles {tile} step {stp}")
+        + f"; loss {fv['loss'].value}; tiles {tile} step {stp}; teacher id {teacher_id(record)}")
     summary = score_store(store.cache_dir, model, record, split=fv["split"].value, tile_shape=tile, step=stp,
                           batch_size=int(fv["batch_size"].value), loss=fv["loss"].value,
                           dtype=fv["dtype"].value, overwrite=bool(fv["overwrite"].value),
-                          out_manifest=fv["out_manifest"].value or None, log=log)
+                          log=log)
     return 1 if summary["failed"] else 0
 
 
@@ -399,8 +375,8 @@ def define_flags(fv) -> None:
                         "eval.tile_step for --run)", **kw)
     flags.DEFINE_integer("batch_size", 1, "tiles per model call (more = faster on GPU, more memory)", **kw)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of the tiles", **kw)
-    flags.DEFINE_string("out_manifest", None, "write the scored manifest here instead of the store's "
-                        "manifest.json (which is then left untouched)", **kw)
+    flags.DEFINE_string("out_manifest", None, "removed (an error when given): scores are stored per teacher in "
+                        "the store, see the module docstring", **kw)
     flags.DEFINE_bool("overwrite", False, "re-score cases already scored by the same teacher", **kw)
 
 
