@@ -20,4 +20,6 @@ train: install
 	$(BIN)/python -m clips_jax.train
 
 test: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -n 2 tests

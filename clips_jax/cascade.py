@@ -55,6 +55,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from clips_jax.checks import zyx_triple
 from clips_jax.data import store as st
 from clips_jax.data.case import Case
 from clips_jax.data.channels import make_channels
@@ -64,10 +65,10 @@ from clips_jax.errors import ConfigError
 from clips_jax.fileio import atomic_path, json_safe
 from clips_jax.inference import Progress, argmax_mask, nnx_predictor, tiled_inference, upsample_probability
 
-
 # ----------------------------------------------------------------------------------------------------------
 # The two-stage cascade
 # ----------------------------------------------------------------------------------------------------------
+
 
 class CascadeResult(NamedTuple):
     """Outputs of `cascade`.
@@ -86,12 +87,27 @@ class CascadeResult(NamedTuple):
     cascade_channel: np.ndarray
 
 
-def cascade(ct_hu: np.ndarray, suv: np.ndarray, geometry: Any, ensemble_fn: Callable, refiner_fn: Callable, *,
-            spacing_mm: float = 6.0, ensemble_params: Any = None, refiner_params: Any = None,
-            stage_a_tile: Sequence[int] = (128, 96, 96), stage_a_step: Sequence[int] = (64, 48, 48),
-            stage_b_tile: Sequence[int] = (96, 96, 96), stage_b_step: Sequence[int] = (48, 48, 48),
-            batch_size: int = 1, blend: str = "central", dtype: str = "float32", tta: bool = False,
-            round_stage_b_fp16: bool = True, progress: Progress | None = None) -> CascadeResult:
+def cascade(
+    ct_hu: np.ndarray,
+    suv: np.ndarray,
+    geometry: Any,
+    ensemble_fn: Callable,
+    refiner_fn: Callable,
+    *,
+    spacing_mm: float = 6.0,
+    ensemble_params: Any = None,
+    refiner_params: Any = None,
+    stage_a_tile: Sequence[int] = (128, 96, 96),
+    stage_a_step: Sequence[int] = (64, 48, 48),
+    stage_b_tile: Sequence[int] = (96, 96, 96),
+    stage_b_step: Sequence[int] = (48, 48, 48),
+    batch_size: int = 1,
+    blend: str = "central",
+    dtype: str = "float32",
+    tta: bool = False,
+    round_stage_b_fp16: bool = True,
+    progress: Progress | None = None,
+) -> CascadeResult:
     """TMTV-Net's two-stage inference for one PET/CT study on the PET grid (see the module docstring).
 
     Stage A: CT/SUV resampled to `spacing_mm` (`resample_case`: linear, outside -1024 HU / 0 SUV, grid
@@ -114,16 +130,30 @@ def cascade(ct_hu: np.ndarray, suv: np.ndarray, geometry: Any, ensemble_fn: Call
     coarse = resample_case(case, spacing_mm)
     common = dict(batch_size=batch_size, blend=blend, dtype=dtype, tta=tta)
     prog_a = None if progress is None else (lambda d, t: progress("A", d, t))
-    prob6 = tiled_inference(make_channels(coarse.ct, coarse.suv), ensemble_fn, tile_shape=stage_a_tile,
-                            step=stage_a_step, params=ensemble_params, progress=prog_a, **common)[..., 1]
+    prob6 = tiled_inference(
+        make_channels(coarse.ct, coarse.suv),
+        ensemble_fn,
+        tile_shape=stage_a_tile,
+        step=stage_a_step,
+        params=ensemble_params,
+        progress=prog_a,
+        **common,
+    )[..., 1]
     spacing_c = coarse.geometry.spacing_mm
     channel = upsample_probability(prob6, geometry.shape, geometry.spacing_mm, spacing_c)
     volume_b = np.empty(case.suv.shape + (6,), np.float32)  # filled in place: no float32 copy of the 5
     volume_b[..., :5] = make_channels(case.ct, case.suv, dtype=np.float16 if round_stage_b_fp16 else np.float32)
     volume_b[..., 5] = channel
     prog_b = None if progress is None else (lambda d, t: progress("B", d, t))
-    probs = tiled_inference(volume_b, refiner_fn, tile_shape=stage_b_tile, step=stage_b_step,
-                            params=refiner_params, progress=prog_b, **common)
+    probs = tiled_inference(
+        volume_b,
+        refiner_fn,
+        tile_shape=stage_b_tile,
+        step=stage_b_step,
+        params=refiner_params,
+        progress=prog_b,
+        **common,
+    )
     return CascadeResult(argmax_mask(probs), probs, np.ascontiguousarray(prob6), coarse.geometry, channel)
 
 
@@ -134,13 +164,6 @@ def cascade(ct_hu: np.ndarray, suv: np.ndarray, geometry: Any, ensemble_fn: Call
 FILE_NAME = "stage_a.npy"
 NAME = "stage_a"
 """Name of the extra case array (pipeline `extra_channels=("stage_a",)`) and of its manifest record."""
-
-
-def _triple(value, name: str) -> tuple[int, int, int]:
-    t = tuple(int(v) for v in np.broadcast_to(np.asarray(value), (3,)))
-    if min(t) < 1:
-        raise ConfigError(f"{name}={value!r}: need three positive integers (z, y, x)")
-    return t
 
 
 def shares_voxel0(fine: Geometry, coarse: Geometry, atol_mm: float = 1e-3) -> bool:
@@ -157,10 +180,19 @@ def shares_voxel0(fine: Geometry, coarse: Geometry, atol_mm: float = 1e-3) -> bo
     return bool(np.allclose(da, db, atol=1e-6))
 
 
-def stage_a_probability(ct_hu: np.ndarray, suv: np.ndarray, geometry: Geometry, coarse: Geometry,
-                        predictor: Callable, *, params: Any = None, tile_shape: Sequence[int] = (128, 96, 96),
-                        step: Sequence[int] = (64, 48, 48), batch_size: int = 1,
-                        dtype: str = "float32") -> np.ndarray:
+def stage_a_probability(
+    ct_hu: np.ndarray,
+    suv: np.ndarray,
+    geometry: Geometry,
+    coarse: Geometry,
+    predictor: Callable,
+    *,
+    params: Any = None,
+    tile_shape: Sequence[int] = (128, 96, 96),
+    step: Sequence[int] = (64, 48, 48),
+    batch_size: int = 1,
+    dtype: str = "float32",
+) -> np.ndarray:
     """The stage-A lesion probability of one case on the case's own grid ("Stage-A maps" steps 2-4, above).
 
     Args:
@@ -180,8 +212,15 @@ def stage_a_probability(ct_hu: np.ndarray, suv: np.ndarray, geometry: Geometry, 
     else:
         ct6 = resample_to_grid(ct_hu, geometry, coarse, order=1, cval=-1024.0)
         suv6 = resample_to_grid(suv, geometry, coarse, order=1, cval=0.0)
-    prob6 = tiled_inference(make_channels(ct6, suv6), predictor, params=params, tile_shape=tile_shape, step=step,
-                            batch_size=batch_size, dtype=dtype)[..., 1]
+    prob6 = tiled_inference(
+        make_channels(ct6, suv6),
+        predictor,
+        params=params,
+        tile_shape=tile_shape,
+        step=step,
+        batch_size=batch_size,
+        dtype=dtype,
+    )[..., 1]
     if same:
         return np.ascontiguousarray(prob6, dtype=np.float32)
     if shares_voxel0(geometry, coarse):
@@ -210,10 +249,21 @@ def _select(store: st.CaseStore, cases) -> list[int]:
     return [store.index(c if isinstance(c, str) else int(c)) for c in cases]
 
 
-def compute_stage_a(store: st.CaseStore | str | Path, model, *, tile_shape: Sequence[int] = (128, 96, 96),
-                    step: Sequence[int] = (64, 48, 48), batch_size: int = 1, spacing_mm=6.0,
-                    dtype: str = "float32", out_dtype=None, source: Mapping[str, Any] | None = None,
-                    cases=None, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+def compute_stage_a(
+    store: st.CaseStore | str | Path,
+    model,
+    *,
+    tile_shape: Sequence[int] = (128, 96, 96),
+    step: Sequence[int] = (64, 48, 48),
+    batch_size: int = 1,
+    spacing_mm=6.0,
+    dtype: str = "float32",
+    out_dtype=None,
+    source: Mapping[str, Any] | None = None,
+    cases=None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Compute and store `stage_a.npy` for the cases of a store (the command `python -m clips_jax.stage_a`).
 
     Steps 1-5 of "Stage-A maps" in the module docstring; read the training-time caveat there too.
@@ -238,7 +288,7 @@ def compute_stage_a(store: st.CaseStore | str | Path, model, *, tile_shape: Sequ
       ConfigError for bad tiles/steps/dtypes or unknown cases (before any case is touched).
     """
     store = store if isinstance(store, st.CaseStore) else st.CaseStore(store)
-    tile, stp = _triple(tile_shape, "tile_shape"), _triple(step, "step")
+    tile, stp = zyx_triple(tile_shape, "tile_shape"), zyx_triple(step, "step")
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     sp = [float(v) for v in np.broadcast_to(np.asarray(spacing_mm, np.float64), (3,))]
@@ -250,11 +300,22 @@ def compute_stage_a(store: st.CaseStore | str | Path, model, *, tile_shape: Sequ
     if out_dt not in (np.dtype(np.float16), np.dtype(np.float32)):
         raise ConfigError(f"out_dtype {out_dt}: use float16 or float32")
     predictor, params = _as_predictor(model)
-    record = json.loads(json.dumps(json_safe({**dict(source or {}), "spacing_mm": sp, "tile_shape": list(tile),
-                                               "step": list(stp), "dtype": dtype})))
+    record = json.loads(
+        json.dumps(
+            json_safe(
+                {**dict(source or {}), "spacing_mm": sp, "tile_shape": list(tile), "step": list(stp), "dtype": dtype}
+            )
+        )
+    )
     selected = [store.ids[i] for i in _select(store, cases)]  # by id: each write refreshes the store's cases
-    summary: dict[str, Any] = {"computed": [], "skipped": [], "failed": [], "errors": {}, "total": len(selected),
-                               "record": record}
+    summary: dict[str, Any] = {
+        "computed": [],
+        "skipped": [],
+        "failed": [],
+        "errors": {},
+        "total": len(selected),
+        "record": record,
+    }
     t0 = time.time()
     for k, cid in enumerate(selected):
         prefix = f"[{k + 1}/{len(selected)}] {cid}"
@@ -269,21 +330,35 @@ def compute_stage_a(store: st.CaseStore | str | Path, model, *, tile_shape: Sequ
             grid = store.geometry(i)
             native = Geometry.from_json(entry["native_geometry"]) if entry.get("native_geometry") else grid
             coarse = native.resampled(sp)
-            prob = stage_a_probability(a["ct"], a["suv"], grid, coarse, predictor, params=params, tile_shape=tile,
-                                       step=stp, batch_size=int(batch_size), dtype=dtype)
+            prob = stage_a_probability(
+                a["ct"],
+                a["suv"],
+                grid,
+                coarse,
+                predictor,
+                params=params,
+                tile_shape=tile,
+                step=stp,
+                batch_size=int(batch_size),
+                dtype=dtype,
+            )
             with atomic_path(path) as tmp:
                 np.save(tmp, np.ascontiguousarray(prob, dtype=out_dt))
             store.set_derived(NAME, {cid: record})
             summary["computed"].append(cid)
-            log(f"{prefix}: ok, {grid.shape} voxels (stage A on {coarse.shape}), max p {float(prob.max()):.3f}, "
-                f"{int((prob > 0.5).sum())} voxels > 0.5 ({time.time() - t0:.0f} s)")
+            log(
+                f"{prefix}: ok, {grid.shape} voxels (stage A on {coarse.shape}), max p {float(prob.max()):.3f}, "
+                f"{int((prob > 0.5).sum())} voxels > 0.5 ({time.time() - t0:.0f} s)"
+            )
         except Exception as e:  # noqa: BLE001 - a batch command reports the case and carries on
             msg = f"{type(e).__name__}: {e}".splitlines()[0]
             summary["failed"].append(cid)
             summary["errors"][cid] = msg
             log(f"{prefix}: FAILED, skipped ({msg})")
-    log(f"summary: {len(selected)} cases, {len(summary['computed'])} computed, {len(summary['skipped'])} already "
-        f"done, {len(summary['failed'])} failed; store {store.cache_dir}")
+    log(
+        f"summary: {len(selected)} cases, {len(summary['computed'])} computed, {len(summary['skipped'])} already "
+        f"done, {len(summary['failed'])} failed; store {store.cache_dir}"
+    )
     for cid in summary["failed"]:
         log(f"  failed {cid}: {summary['errors'][cid]}")
     return summary

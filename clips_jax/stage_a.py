@@ -69,11 +69,20 @@ def run_from_flags(fv, log: Callable[[str], None] = print) -> int:
     model = load_model(fv["weights"].value, name)
     out_dtype = fv["out_dtype"].value
     cases = fv["split"].value or ([c for c in fv["cases"].value.split(",") if c] if fv["cases"].value else None)
-    summary = compute_stage_a(store, model, tile_shape=tile, step=step, batch_size=fv["batch_size"].value,
-                              spacing_mm=sp[0] if len(set(sp)) == 1 else list(sp), dtype=fv["dtype"].value,
-                              out_dtype=None if out_dtype == "store" else np.dtype(out_dtype),
-                              source={"weights": Path(fv["weights"].value).resolve().as_posix(), "model": name},
-                              cases=cases, overwrite=fv["overwrite"].value, log=log)
+    summary = compute_stage_a(
+        store,
+        model,
+        tile_shape=tile,
+        step=step,
+        batch_size=fv["batch_size"].value,
+        spacing_mm=sp[0] if len(set(sp)) == 1 else list(sp),
+        dtype=fv["dtype"].value,
+        out_dtype=None if out_dtype == "store" else np.dtype(out_dtype),
+        source={"weights": Path(fv["weights"].value).resolve().as_posix(), "model": name},
+        cases=cases,
+        overwrite=fv["overwrite"].value,
+        log=log,
+    )
     return 1 if summary["failed"] else 0
 
 
@@ -85,8 +94,7 @@ def define_flags(fv) -> None:
     flags.DEFINE_string("store", None, "case store folder (any grid: 6 mm or native)", **kw)
     flags.DEFINE_string("weights", None, "weights directory (convert_weights output or a trainer export)", **kw)
     flags.DEFINE_string("model", "ensemble", "network of the weights directory: ensemble or unet", **kw)
-    flags.DEFINE_string("tile", "128,96,96", "stage-A tile z,y,x voxels at the coarse spacing (multiples of 16)",
-                        **kw)
+    flags.DEFINE_string("tile", "128,96,96", "stage-A tile z,y,x voxels at the coarse spacing (multiples of 16)", **kw)
     flags.DEFINE_string("step", "64,48,48", "tile step z,y,x voxels", **kw)
     flags.DEFINE_integer("batch_size", 1, "tiles per model call (more = faster on GPU, more memory)", **kw)
     flags.DEFINE_string("spacing", "6", "stage-A grid spacing in mm: one number or z,y,x", **kw)

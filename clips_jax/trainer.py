@@ -27,14 +27,11 @@ reads its slice of each global batch and takes part in every checkpoint save.
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,17 +39,19 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from clips_jax import curricula, evaluation, losses, runs
-from clips_jax.runs import MetricsWriter, read_metrics  # noqa: F401 - re-exported (tests, scripts)
 from clips_jax.data.pipeline import make_train_iterator
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ClipsError, ConfigError
 from clips_jax.fileio import write_text_atomic
 from clips_jax.metrics import finite_mean
-from clips_jax.model import Ensemble, Refiner, UNet, load_model, read_weights_meta
+from clips_jax.model import Refiner, UNet, load_model, read_weights_meta
 from clips_jax.model.layers import COMPUTE_DTYPES, model_dtype
+from clips_jax.runs import MetricsWriter, read_metrics  # noqa: F401 - re-exported (tests, scripts)
+
 
 class TrainingDiverged(ClipsError):
     """Raised when the loss or gradient stayed non-finite for `max_nonfinite` steps in a row."""
@@ -61,6 +60,7 @@ class TrainingDiverged(ClipsError):
 # ---------------------------------------------------------------------------------------------------------
 # Distributed set-up
 # ---------------------------------------------------------------------------------------------------------
+
 
 def maybe_initialize_distributed() -> None:
     """Call `jax.distributed.initialize` when this process is one of several, else do nothing.
@@ -74,9 +74,11 @@ def maybe_initialize_distributed() -> None:
     if coord:
         # Cross-process collectives of the CPU backend (only used when the devices are CPUs).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coord,
-                                   num_processes=int(os.environ["CLIPS_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["CLIPS_PROCESS_ID"]))
+        jax.distributed.initialize(
+            coordinator_address=coord,
+            num_processes=int(os.environ["CLIPS_NUM_PROCESSES"]),
+            process_id=int(os.environ["CLIPS_PROCESS_ID"]),
+        )
     elif os.environ.get("CLIPS_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
 
@@ -87,13 +89,13 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
     n = len(devices) if num_devices in (0, None) else int(num_devices)
     if not 1 <= n <= len(devices):
         raise ConfigError(f"num_devices={num_devices}: {len(devices)} devices available")
-    return jax.sharding.Mesh(np.asarray(devices[:n]), ("data",),
-                             axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.sharding.Mesh(np.asarray(devices[:n]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Model, optimiser, state
 # ---------------------------------------------------------------------------------------------------------
+
 
 def build_training_model(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Callable]:
     """The network to train and a filter selecting its trainable parameters, from a training config.
@@ -119,9 +121,11 @@ def build_training_model(config: ml_collections.ConfigDict) -> tuple[nnx.Module,
     rngs = nnx.Rngs(int(config.seed))
     weights = m.get("init_weights", "")
     if m.get("require_init_weights", False) and not weights:
-        raise ConfigError("this config fine-tunes converted TMTV-Net weights: set --config.model.init_weights=DIR "
-                          "(convert them with `python -m convert_weights --ensemble e_latest.model --refiner "
-                          "r_latest.model --out DIR`; see docs/weights.md)")
+        raise ConfigError(
+            "this config fine-tunes converted TMTV-Net weights: set --config.model.init_weights=DIR "
+            "(convert them with `python -m convert_weights --ensemble e_latest.model --refiner "
+            "r_latest.model --out DIR`; see docs/weights.md)"
+        )
     if m.kind == "unet":
         if weights:
             names = read_weights_meta(weights)["models"]
@@ -132,8 +136,15 @@ def build_training_model(config: ml_collections.ConfigDict) -> tuple[nnx.Module,
             else:
                 raise ConfigError(f"{weights}: has no 'unet' or 'ensemble' model to fine-tune ({sorted(names)})")
         else:
-            model = UNet(5, 2, channels=tuple(m.channels), init_channels=m.get("init_channels") or None,
-                         bottleneck_kernel=int(m.bottleneck_kernel), dtype=dtype, rngs=rngs)
+            model = UNet(
+                5,
+                2,
+                channels=tuple(m.channels),
+                init_channels=m.get("init_channels") or None,
+                bottleneck_kernel=int(m.bottleneck_kernel),
+                dtype=dtype,
+                rngs=rngs,
+            )
         return model, nnx.Param
     if m.kind == "stacking":
         if not weights:
@@ -144,14 +155,14 @@ def build_training_model(config: ml_collections.ConfigDict) -> tuple[nnx.Module,
         if weights:
             model = load_model(weights, "refiner", dtype=dtype)
         else:
-            model = Refiner(6, 2, features=int(m.refiner_features), n_blocks=int(m.refiner_blocks),
-                            dtype=dtype, rngs=rngs)
+            model = Refiner(
+                6, 2, features=int(m.refiner_features), n_blocks=int(m.refiner_blocks), dtype=dtype, rngs=rngs
+            )
         return model, nnx.Param
     raise ConfigError(f"model.kind={m.kind!r}: use 'unet', 'stacking' or 'refiner'")
 
 
-def cosine_restarts_schedule(lr: float, period_steps: int, decay: float = 0.9, warmup_steps: int = 0
-                             ) -> optax.Schedule:
+def cosine_restarts_schedule(lr: float, period_steps: int, decay: float = 0.9, warmup_steps: int = 0) -> optax.Schedule:
     """Cosine annealing with warm restarts (the original's `CosineAnnealingWarmRestartsDecayed`,
     `main/corelib/src/optimizers_v2.py` of qurit-frizi/TMTV-Net): within each period of `period_steps` the rate goes
     from `lr * decay**k` (k = completed periods) down to 0 along a half cosine; optional linear warm-up."""
@@ -161,7 +172,7 @@ def cosine_restarts_schedule(lr: float, period_steps: int, decay: float = 0.9, w
         t = jnp.maximum(count - warmup_steps, 0)
         k = t // period
         frac = (t % period) / period
-        value = lr * (decay ** k) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        value = lr * (decay**k) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
         if warmup_steps:
             value = jnp.where(count < warmup_steps, lr * (count + 1) / warmup_steps, value)
         return value
@@ -173,8 +184,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     """AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 1e-6) after global-norm clipping (1.0), with
     cosine warm restarts (period `optim.restart_steps`, x0.9 per restart)."""
     o = config.optim
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm),
-                       optax.adamw(make_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip_norm),
+        optax.adamw(make_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
+    )
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -187,9 +200,14 @@ def init_train_state(model: nnx.Module, trainable, tx: optax.GradientTransformat
     """Split the model into (graphdef, state). `state` is the pytree the step donates and checkpoints:
     `{"params": trainable params, "rest": everything else, "opt_state", "step", "nonfinite", "skipped"}`."""
     graphdef, params, rest = nnx.split(model, trainable, ...)
-    state = {"params": params, "rest": rest, "opt_state": tx.init(params),
-             "step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32),
-             "skipped": jnp.zeros((), jnp.int32)}
+    state = {
+        "params": params,
+        "rest": rest,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "nonfinite": jnp.zeros((), jnp.int32),
+        "skipped": jnp.zeros((), jnp.int32),
+    }
     return graphdef, state
 
 
@@ -225,8 +243,9 @@ def make_loss_fn(graphdef, config: ml_collections.ConfigDict, use_sigma: bool) -
         s = sigma if use_sigma else None
         if deep:
             outs = [o.astype(jnp.float32) for o in model(x, s, deep_supervision=True)]
-            per_sample, terms = losses.deep_supervision_loss(outs, batch["label"], x, batch["labeled"],
-                                                             weights=tuple(lc.ds_weights), **kw)
+            per_sample, terms = losses.deep_supervision_loss(
+                outs, batch["label"], x, batch["labeled"], weights=tuple(lc.ds_weights), **kw
+            )
         else:
             logits = model(x, s).astype(jnp.float32)
             per_sample, terms = losses.combined_loss(logits, batch["label"], x, batch["labeled"], **kw)
@@ -235,8 +254,9 @@ def make_loss_fn(graphdef, config: ml_collections.ConfigDict, use_sigma: bool) -
     return loss_fn
 
 
-def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                    use_sigma: bool, with_gain: bool) -> Callable:
+def make_train_step(
+    graphdef, config: ml_collections.ConfigDict, tx: optax.GradientTransformation, use_sigma: bool, with_gain: bool
+) -> Callable:
     """The pure train step `(state, batch, sigma) -> (state, metrics)` (not yet jitted).
 
     batch: `{"image": (B, D, H, W, C) float32, "label": (B, D, H, W) int32, "labeled": (B,) bool}`.
@@ -262,8 +282,13 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
         new["step"] = state["step"] + 1
         new["nonfinite"] = jnp.where(finite, 0, state["nonfinite"] + 1)
         new["skipped"] = state["skipped"] + (~finite).astype(jnp.int32)
-        metrics = {"loss": loss, "per_sample": per_sample, "supervised": supervised, "grad_norm": gnorm,
-                   "finite": finite}
+        metrics = {
+            "loss": loss,
+            "per_sample": per_sample,
+            "supervised": supervised,
+            "grad_norm": gnorm,
+            "finite": finite,
+        }
         if with_gain:
             _, (_, after) = loss_fn(new["params"], state["rest"], batch, sigma)
             metrics["gain"] = supervised - after
@@ -275,6 +300,7 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
 # ---------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------
+
 
 def phantom_dirs(config: ml_collections.ConfigDict) -> tuple[Path, Path]:
     """(raw phantom folder, case-store folder) of the built-in phantoms of `config.data.phantoms`: the raw
@@ -296,6 +322,7 @@ def ensure_store(config: ml_collections.ConfigDict, log: Callable[[str], None]) 
     if not (store_dir / "manifest.json").is_file() or len(CaseStore(store_dir)) < ph.cases:
         from clips_jax.data.phantoms import write_phantoms
         from clips_jax.data.prepare import prepare_dataset
+
         if jax.process_index() == 0:
             log(f"generating {ph.cases} synthetic PET/CT phantoms ({ph.size}) into {raw} (first run only)")
             write_phantoms(raw, ph.cases, ph.seed, ph.size)
@@ -308,6 +335,7 @@ def ensure_store(config: ml_collections.ConfigDict, log: Callable[[str], None]) 
 # ---------------------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------------------
+
 
 def extra_channels(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """Input channels beyond the 5 image channels: the refiner's stage-A probability ("stage_a")."""
@@ -326,17 +354,31 @@ def evaluate_cases(model: nnx.Module, store: CaseStore, indices, config: ml_coll
     "cases": [{"id": case id, **validation_row}, ...]}` (means ignore NaN; NaN when no case defines one).
     """
     e = config.eval
-    rows = evaluation.evaluate_cases(model, store, indices, tile_shape=tuple(e.tile_shape), step=tuple(e.tile_step),
-                                     batch_size=int(e.batch_size), row_fn=evaluation.validation_row,
-                                     extra_channels=extra_channels(config), id_key="id")
+    rows = evaluation.evaluate_cases(
+        model,
+        store,
+        indices,
+        tile_shape=tuple(e.tile_shape),
+        step=tuple(e.tile_step),
+        batch_size=int(e.batch_size),
+        row_fn=evaluation.validation_row,
+        extra_channels=extra_channels(config),
+        id_key="id",
+    )
     mean = lambda k: finite_mean(r[k] for r in rows)  # noqa: E731
-    return {"val_dice": mean("dice"), "val_tmtv_abs_err_ml": mean("tmtv_abs_err_ml"),
-            "val_fpv_ml": mean("fpv_ml"), "val_fnv_ml": mean("fnv_ml"), "cases": rows}
+    return {
+        "val_dice": mean("dice"),
+        "val_tmtv_abs_err_ml": mean("tmtv_abs_err_ml"),
+        "val_fpv_ml": mean("fpv_ml"),
+        "val_fnv_ml": mean("fnv_ml"),
+        "cases": rows,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _fmt_time(s: float) -> str:
     s = int(max(0, s))
@@ -349,9 +391,20 @@ def _fmt_time(s: float) -> str:
 
 #: Config keys that define the training data stream (with the curriculum's). A checkpoint records them; resuming
 #: with other values would continue a different stream than the one checkpointed, so it is refused.
-STREAM_KEYS = ("seed", "data.store", "data.patch_shape", "data.batch_size", "data.p_foreground",
-               "data.p_hot_negative", "data.hot_suv", "data.augment", "data.use_unlabeled", "curriculum.name",
-               "curriculum.steps_per_epoch", "curriculum.stage_steps")
+STREAM_KEYS = (
+    "seed",
+    "data.store",
+    "data.patch_shape",
+    "data.batch_size",
+    "data.p_foreground",
+    "data.p_hot_negative",
+    "data.hot_suv",
+    "data.augment",
+    "data.use_unlabeled",
+    "curriculum.name",
+    "curriculum.steps_per_epoch",
+    "curriculum.stage_steps",
+)
 
 
 def stream_settings(config) -> dict:
@@ -368,7 +421,7 @@ def stream_settings(config) -> dict:
 
 
 def choose_pipeline(config: ml_collections.ConfigDict, store: CaseStore, train_idx: np.ndarray) -> str:
-    """"device" or "host": the data path of a run (`config.data.pipeline`).
+    """ "device" or "host": the data path of a run (`config.data.pipeline`).
 
     "auto" takes the device path (`clips_jax.data.device`: the store on the accelerator, crops and augmentation
     inside the compiled step) when the store is on a resampled grid and its training cases fit
@@ -419,23 +472,28 @@ class _Run:
     def make_curriculum(self) -> None:
         """The curriculum over the training cases, and what it needs from the loop."""
         c = self.config
-        self.table = curricula.case_table_from_manifest(self.store.case_rows(teacher=c.data.get("teacher") or None),
-                                                        [self.store.ids[i] for i in self.train_idx])
+        self.table = curricula.case_table_from_manifest(
+            self.store.case_rows(teacher=c.data.get("teacher") or None), [self.store.ids[i] for i in self.train_idx]
+        )
         self.cur = curricula.get_curriculum(c.curriculum.name, **curricula.options_from_config(c))
         cur_state = self.cur.init(self.table)
         self.cur_state = cur_state if jax.tree.leaves(cur_state) else {"_empty": np.zeros((), np.int32)}
         if (self.cur.needs_losses or self.cur.needs_gain) and float(c.data.p_foreground) <= 0:
-            raise ConfigError(f"curriculum {c.curriculum.name!r} learns from the supervised loss of lesion-centred "
-                              "crops, and data.p_foreground=0 samples none: set --config.data.p_foreground (e.g. 0.5)")
+            raise ConfigError(
+                f"curriculum {c.curriculum.name!r} learns from the supervised loss of lesion-centred "
+                "crops, and data.p_foreground=0 samples none: set --config.data.p_foreground (e.g. 0.5)"
+            )
 
     def make_model(self) -> None:
         """Mesh, model, optimiser and the pure train step (the state replicated on the mesh)."""
         c = self.config
         self.mesh = make_mesh(int(c.num_devices))
         if c.data.batch_size % self.mesh.size:
-            raise ConfigError(f"data.batch_size={c.data.batch_size} must be divisible by the {self.mesh.size} "
-                              f"devices: set --config.data.batch_size to a multiple of {self.mesh.size} or "
-                              "--config.num_devices")
+            raise ConfigError(
+                f"data.batch_size={c.data.batch_size} must be divisible by the {self.mesh.size} "
+                f"devices: set --config.data.batch_size to a multiple of {self.mesh.size} or "
+                "--config.num_devices"
+            )
         self.repl, self.dsh = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
         model, trainable = build_training_model(c)
         self.tx, self.schedule = make_optimizer(c), make_schedule(c)
@@ -453,14 +511,21 @@ class _Run:
             self.state, self.cur_state, meta = runs.restore_last(self.last_mgr, self.state, self.cur_state, self.repl)
             saved, now = meta.get("stream"), json.loads(json.dumps(stream_settings(self.config)))
             if meta.get("pipeline", "host") != pipeline:
-                raise ConfigError(f"{self.workdir}: its checkpoint was written by the {meta.get('pipeline', 'host')} "
-                                  f"data path and this run would use the {pipeline} one (data.pipeline): resume "
-                                  "with the same data.pipeline, or use a new --workdir")
+                raise ConfigError(
+                    f"{self.workdir}: its checkpoint was written by the {meta.get('pipeline', 'host')} "
+                    f"data path and this run would use the {pipeline} one (data.pipeline): resume "
+                    "with the same data.pipeline, or use a new --workdir"
+                )
             if saved is not None and saved != now:
-                diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-                                 if saved.get(k) != now.get(k))
-                raise ConfigError(f"{self.workdir}: its checkpoint was trained with other data/curriculum settings "
-                                  f"({diff}); resume with the same settings, or use a new --workdir")
+                diff = ", ".join(
+                    f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+                    for k in sorted(set(saved) | set(now))
+                    if saved.get(k) != now.get(k)
+                )
+                raise ConfigError(
+                    f"{self.workdir}: its checkpoint was trained with other data/curriculum settings "
+                    f"({diff}); resume with the same settings, or use a new --workdir"
+                )
             self.step = int(meta["step"])
             self.writer.log(f"resumed from {self.workdir / 'checkpoints' / 'last'} at step {self.step}")
         self.start_step = self.summary["start_step"] = self.step
@@ -479,11 +544,14 @@ class _Run:
         head = {k: v for k, v in ev.items() if k != "cases"}
         if initial:
             self.summary["initial"] = head
-            self.writer.log(f"step 0 (untrained): val Dice {ev['val_dice']:.4f}  TMTV |err| "
-                            f"{ev['val_tmtv_abs_err_ml']:.1f} ml")
+            self.writer.log(
+                f"step 0 (untrained): val Dice {ev['val_dice']:.4f}  TMTV |err| {ev['val_tmtv_abs_err_ml']:.1f} ml"
+            )
             return
-        self.writer.log(f"step {step_no}: val Dice {ev['val_dice']:.4f}  TMTV |err| {ev['val_tmtv_abs_err_ml']:.1f} ml"
-                        f"  FPV {ev['val_fpv_ml']:.1f} ml  FNV {ev['val_fnv_ml']:.1f} ml")
+        self.writer.log(
+            f"step {step_no}: val Dice {ev['val_dice']:.4f}  TMTV |err| {ev['val_tmtv_abs_err_ml']:.1f} ml"
+            f"  FPV {ev['val_fpv_ml']:.1f} ml  FNV {ev['val_fnv_ml']:.1f} ml"
+        )
         self.summary["final"] = head
         if np.isfinite(ev["val_dice"]) and ev["val_dice"] > self.summary.get("best", {}).get("val_dice", -1.0):
             self.summary["best"] = {"step": step_no, **head}
@@ -494,19 +562,26 @@ class _Run:
         """Checkpoint the whole state (never during a non-finite streak)."""
         if int(jax.device_get(self.state["nonfinite"])) > 0:
             return
-        meta = {"step": self.step, "curriculum": self.config.curriculum.name, "stream": stream_settings(self.config),
-                **meta}
+        meta = {
+            "step": self.step,
+            "curriculum": self.config.curriculum.name,
+            "stream": stream_settings(self.config),
+            **meta,
+        }
         runs.save_last(self.last_mgr, self.step, self.state, self.cur_state, meta)
 
-    def after_steps(self, last_loss: float, last_gnorm: float, last_sigma: float, save_meta: Callable[[], dict]
-                    ) -> None:
+    def after_steps(
+        self, last_loss: float, last_gnorm: float, last_sigma: float, save_meta: Callable[[], dict]
+    ) -> None:
         """The bookkeeping due at `self.step`: divergence stop, progress line, validation, checkpoint, debug stop."""
         c, step_no, total = self.config, self.step, int(self.config.steps)
         self.check_diverged(int(jax.device_get(self.state["nonfinite"])), step_no)
         if step_no % int(c.log_every) == 0 or step_no == total:
             rate = self.steps_done / max(time.time() - self.t0, 1e-9)
-            self.writer.log(f"step {step_no}/{total}  loss {last_loss:.4f}  |g| {last_gnorm:.3f}  sigma "
-                            f"{last_sigma:.3f}  {rate:.2f} step/s  ETA {_fmt_time((total - step_no) / rate)}")
+            self.writer.log(
+                f"step {step_no}/{total}  loss {last_loss:.4f}  |g| {last_gnorm:.3f}  sigma "
+                f"{last_sigma:.3f}  {rate:.2f} step/s  ETA {_fmt_time((total - step_no) / rate)}"
+            )
         if c.eval.every_steps and (step_no % int(c.eval.every_steps) == 0 or step_no == total) and len(self.val_idx):
             self.evaluate(step_no)
         if step_no % int(c.checkpoint.every_steps) == 0 or step_no == total:
@@ -522,13 +597,15 @@ class _Run:
             raise TrainingDiverged(
                 f"loss or gradient non-finite for {nonfinite} steps in a row (up to step {step_no}); updates "
                 f"were skipped and the last good checkpoint is kept in {self.workdir / 'checkpoints' / 'last'} "
-                f"(step {self.last_mgr.latest_step()}). Lower optim.lr, check the input data, or raise max_nonfinite.")
+                f"(step {self.last_mgr.latest_step()}). Lower optim.lr, check the input data, or raise max_nonfinite."
+            )
 
     def next_stop(self) -> int:
         """The next step at which `after_steps` has work (log, eval, checkpoint, debug stop) or the run ends."""
         c, s = self.config, self.step
-        periods = [int(c.log_every), int(c.checkpoint.every_steps)] + ([int(c.eval.every_steps)]
-                                                                         if c.eval.every_steps else [])
+        periods = [int(c.log_every), int(c.checkpoint.every_steps)] + (
+            [int(c.eval.every_steps)] if c.eval.every_steps else []
+        )
         stops = [int(c.steps)] + [(s // p + 1) * p for p in periods if p > 0]
         if int(c.debug.stop_after_steps) >= 0:
             stops.append(self.start_step + int(c.debug.stop_after_steps))
@@ -536,16 +613,30 @@ class _Run:
 
     def stage_row(self, step_no: int, weights: np.ndarray, sigma: float) -> dict:
         """The "curriculum" metrics row of a stage that starts at `step_no`."""
-        return {"kind": "curriculum", "step": step_no, "stage": step_no // int(self.config.curriculum.stage_steps),
-                **curricula.summarise_weights(weights, self.table),
-                "weights": weights.tolist() if len(weights) <= 1000 else None, "sigma": float(sigma)}
+        return {
+            "kind": "curriculum",
+            "step": step_no,
+            "stage": step_no // int(self.config.curriculum.stage_steps),
+            **curricula.summarise_weights(weights, self.table),
+            "weights": weights.tolist() if len(weights) <= 1000 else None,
+            "sigma": float(sigma),
+        }
 
     def train_row(self, step_no: int, m: Mapping[str, Any], case_index, centred, reward: float) -> dict:
         """The "train" metrics row of step `step_no` (1-based: the state after it)."""
-        row = {"kind": "train", "step": step_no, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-               "finite": bool(m["finite"]), "sigma": float(m["sigma"]), "lr": float(self.schedule(step_no - 1)),
-               "cases": [self.store.ids[i] for i in case_index], "case_losses": np.asarray(m["per_sample"]).tolist(),
-               "case_supervised": np.asarray(m["supervised"]).tolist(), "lesion_centred": np.asarray(centred).tolist()}
+        row = {
+            "kind": "train",
+            "step": step_no,
+            "loss": float(m["loss"]),
+            "grad_norm": float(m["grad_norm"]),
+            "finite": bool(m["finite"]),
+            "sigma": float(m["sigma"]),
+            "lr": float(self.schedule(step_no - 1)),
+            "cases": [self.store.ids[i] for i in case_index],
+            "case_losses": np.asarray(m["per_sample"]).tolist(),
+            "case_supervised": np.asarray(m["supervised"]).tolist(),
+            "lesion_centred": np.asarray(centred).tolist(),
+        }
         if self.cur.needs_gain:
             row["gain"] = reward
         return row
@@ -556,19 +647,29 @@ class _Run:
         self.best_mgr.wait_until_finished()
         elapsed = time.time() - self.t0
         s = self.summary
-        s.update({"steps": int(self.config.steps), "steps_this_run": self.steps_done, "skipped_updates":
-                  int(jax.device_get(self.state["skipped"])), "wall_s": round(elapsed, 2),
-                  "steps_per_s": round(self.steps_done / max(elapsed, 1e-9), 3), "devices": self.mesh.size,
-                  "processes": jax.process_count(), "best_checkpoint_step": self.best_mgr.best_step(),
-                  "pipeline": self.pipeline})
+        s.update(
+            {
+                "steps": int(self.config.steps),
+                "steps_this_run": self.steps_done,
+                "skipped_updates": int(jax.device_get(self.state["skipped"])),
+                "wall_s": round(elapsed, 2),
+                "steps_per_s": round(self.steps_done / max(elapsed, 1e-9), 3),
+                "devices": self.mesh.size,
+                "processes": jax.process_count(),
+                "best_checkpoint_step": self.best_mgr.best_step(),
+                "pipeline": self.pipeline,
+            }
+        )
         runs.write_json(self.workdir, "summary.json", s)
         if "final" in s:
             init = s.get("initial", {}).get("val_dice", float("nan"))
             best = s.get("best", {})
-            self.writer.log(f"done: {self.steps_done} steps in {_fmt_time(elapsed)} ({s['steps_per_s']} step/s); "
-                            f"val Dice {init:.4f} (untrained) -> {s['final']['val_dice']:.4f} (final), "
-                            f"{best.get('val_dice', float('nan')):.4f} (best, step {best.get('step')}, kept in "
-                            f"checkpoints/best); skipped updates {s['skipped_updates']}; workdir {self.workdir}")
+            self.writer.log(
+                f"done: {self.steps_done} steps in {_fmt_time(elapsed)} ({s['steps_per_s']} step/s); "
+                f"val Dice {init:.4f} (untrained) -> {s['final']['val_dice']:.4f} (final), "
+                f"{best.get('val_dice', float('nan')):.4f} (best, step {best.get('step')}, kept in "
+                f"checkpoints/best); skipped updates {s['skipped_updates']}; workdir {self.workdir}"
+            )
         return s
 
 
@@ -587,21 +688,38 @@ def _host_loop(run: _Run, meta: dict | None) -> None:
 
     def new_iterator(stage_no: int, weights: np.ndarray):
         d = c.data
-        return make_train_iterator(run.store, weights, seed=int(c.seed), stage=stage_no, batch_size=int(d.batch_size),
-                                   patch_shape=tuple(d.patch_shape), num_workers=int(d.num_workers),
-                                   case_indices=run.train_idx, p_foreground=float(d.p_foreground),
-                                   augment=bool(d.augment), num_batches=stage_steps, extra_channels=extra_channels(c),
-                                   p_hot_negative=float(d.get("p_hot_negative", 0.0)),
-                                   hot_suv=float(d.get("hot_suv", 2.5)))
+        return make_train_iterator(
+            run.store,
+            weights,
+            seed=int(c.seed),
+            stage=stage_no,
+            batch_size=int(d.batch_size),
+            patch_shape=tuple(d.patch_shape),
+            num_workers=int(d.num_workers),
+            case_indices=run.train_idx,
+            p_foreground=float(d.p_foreground),
+            augment=bool(d.augment),
+            num_batches=stage_steps,
+            extra_channels=extra_channels(c),
+            p_hot_negative=float(d.get("p_hot_negative", 0.0)),
+            hot_suv=float(d.get("hot_suv", 2.5)),
+        )
 
     def save_meta():
         data_states = [it.get_state()["grain"]] if it is not None else None
         if data_states is not None and jax.process_count() > 1:
-            data_states = multihost_utils.process_allgather(
-                np.asarray([data_states[0]["next_index"]]), tiled=False).reshape(-1).tolist()
+            data_states = (
+                multihost_utils.process_allgather(np.asarray([data_states[0]["next_index"]]), tiled=False)
+                .reshape(-1)
+                .tolist()
+            )
             data_states = [{"next_index": int(v)} for v in data_states]
-        return {"pipeline": "host", "stage": stage, "stage_weights": np.asarray(stage_weights).tolist(),
-                "data_state": data_states}
+        return {
+            "pipeline": "host",
+            "stage": stage,
+            "stage_weights": np.asarray(stage_weights).tolist(),
+            "data_state": data_states,
+        }
 
     poison = set(int(s) for s in c.debug.poison_steps)
     it = None
@@ -623,8 +741,10 @@ def _host_loop(run: _Run, meta: dict | None) -> None:
         local = next(it)
         if step_no in poison:
             local = dict(local, image=np.full_like(local["image"], np.nan))
-        batch = {k: jax.make_array_from_process_local_data(run.dsh, np.asarray(local[k]))
-                 for k in ("image", "label", "labeled")}
+        batch = {
+            k: jax.make_array_from_process_local_data(run.dsh, np.asarray(local[k]))
+            for k in ("image", "label", "labeled")
+        }
         sigma = cur_sigma(run.cur_state, jnp.int32(step_no))
         run.state, metrics = step_fn(run.state, batch, sigma)
         run.step, run.steps_done = step_no + 1, run.steps_done + 1
@@ -638,8 +758,9 @@ def _host_loop(run: _Run, meta: dict | None) -> None:
         m = jax.device_get({k: v for k, v in metrics.items() if k not in step_out})
         m.update({k: np.asarray(jax.device_get(v)) for k, v in step_out.items()})
         m["sigma"] = float(sigma)
-        obs = curricula.observation_from_step(run.position[case_index], centred, m["finite"], m["supervised"], m.get("gain"),
-                                     step_no)
+        obs = curricula.observation_from_step(
+            run.position[case_index], centred, m["finite"], m["supervised"], m.get("gain"), step_no
+        )
         run.cur_state = cur_update(run.cur_state, obs)
         run.writer.write(run.train_row(run.step, m, case_index, centred, float(obs.reward)))
         run.after_steps(float(m["loss"]), float(m["grad_norm"]), float(sigma), save_meta)

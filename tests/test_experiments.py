@@ -22,12 +22,20 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from clips_jax.configs import default as default_config  # noqa: E402
 
-
 # ---- pure statistics -------------------------------------------------------------------------------------
 
+
 def _row(case, dice, tp=1, fn=0, pred=1.0, true=2.0, fpv=0.5, nsd=0.5):
-    return {"case": case, "dice": dice, "nsd": nsd, "a1_tp": tp, "a1_fn": fn, "tmtv_pred_ml": pred,
-            "tmtv_true_ml": true, "fpv_ml": fpv}
+    return {
+        "case": case,
+        "dice": dice,
+        "nsd": nsd,
+        "a1_tp": tp,
+        "a1_fn": fn,
+        "tmtv_pred_ml": pred,
+        "tmtv_true_ml": true,
+        "fpv_ml": fpv,
+    }
 
 
 def _runs(dice_by_seed, err=None):
@@ -44,23 +52,42 @@ def test_summarise_rows_tests_holm_and_controls():
     n_cases, n_runs = 30, 4
     case = rng.normal(0.6, 0.15, n_cases)
     case[0] = np.nan  # a lesion-free case
-    hardness = -np.nan_to_num(case, nan=np.nan)   # lower case effect = harder
+    hardness = -np.nan_to_num(case, nan=np.nan)  # lower case effect = harder
     table = lambda shift=0.0, hard_shift=0.0: np.clip(  # noqa: E731
-        case + shift + hard_shift * (hardness > np.nanquantile(hardness, 2 / 3))
-        + rng.normal(0, 0.02, (n_runs, 1)) + rng.normal(0, 0.03, (n_runs, n_cases)), 0, 1)
-    per_run = {"none": _runs(table()), "better": _runs(table(0.2)), "same": _runs(table()),
-               "control_negative": _runs(table()), "control_positive": _runs(table(0.0, -0.3))}
+        case
+        + shift
+        + hard_shift * (hardness > np.nanquantile(hardness, 2 / 3))
+        + rng.normal(0, 0.02, (n_runs, 1))
+        + rng.normal(0, 0.03, (n_runs, n_cases)),
+        0,
+        1,
+    )
+    per_run = {
+        "none": _runs(table()),
+        "better": _runs(table(0.2)),
+        "same": _runs(table()),
+        "control_negative": _runs(table()),
+        "control_positive": _runs(table(0.0, -0.3)),
+    }
     ids = [f"c{j}" for j in range(n_cases)]
     rows, notes, design = cc.summarise(per_run, ids, hardness)
     assert tuple(rows[0]) == cc.RESULT_COLUMNS
-    assert [(r["curriculum"], r["subset"]) for r in rows[:4]] == [("none", "all"), ("none", "hard"),
-                                                                ("better", "all"), ("better", "hard")]
+    assert [(r["curriculum"], r["subset"]) for r in rows[:4]] == [
+        ("none", "all"),
+        ("none", "hard"),
+        ("better", "all"),
+        ("better", "hard"),
+    ]
     by = {(r["curriculum"], r["subset"]): r for r in rows}
     assert by[("none", "all")]["role"] == "baseline" and math.isnan(by[("none", "all")]["dice_p"])
     assert by[("control_positive", "hard")]["role"] == "positive control"
     # the same numbers as the statistics module's own test, on the Dice table
-    direct = {(r["curriculum"], r["subset"]): r for r in statistics.compare(
-        {n: results.metric_table(v, ids, "dice") for n, v in per_run.items()}, "none", hardness)}
+    direct = {
+        (r["curriculum"], r["subset"]): r
+        for r in statistics.compare(
+            {n: results.metric_table(v, ids, "dice") for n, v in per_run.items()}, "none", hardness
+        )
+    }
     for key in (("better", "all"), ("same", "hard")):
         assert by[key]["dice_diff"] == pytest.approx(direct[key]["diff"])
         assert by[key]["dice_p"] == pytest.approx(direct[key]["p"])
@@ -84,8 +111,9 @@ def test_summarise_rows_tests_holm_and_controls():
 def test_summarise_without_hardness_leaves_out_the_choosing_run():
     rng = np.random.default_rng(1)
     base = np.clip(rng.normal(0.6, 0.2, 12) + rng.normal(0, 0.05, (3, 12)), 0, 1)
-    rows, notes, design = cc.summarise({"none": _runs(base), "x": _runs(base[::-1])}, [f"c{j}" for j in range(12)],
-                                       None)
+    rows, notes, design = cc.summarise(
+        {"none": _runs(base), "x": _runs(base[::-1])}, [f"c{j}" for j in range(12)], None
+    )
     assert design["hard_by"] == "baseline run 0"
     hard = {f"c{j}" for j in np.argsort(base[0])[:4]}
     assert set(design["hard_cases"]) == hard
@@ -123,11 +151,13 @@ def test_hardness_sources(tmp_path):
 
 
 def test_seed_means_and_mean_sd():
-    rows = [_row("a", 0.8, tp=2, fn=2, pred=5.0, true=3.0, fpv=1.0),
-            _row("b", float("nan"), tp=0, fn=0, pred=4.0, true=0.0, fpv=3.0, nsd=float("nan"))]
+    rows = [
+        _row("a", 0.8, tp=2, fn=2, pred=5.0, true=3.0, fpv=1.0),
+        _row("b", float("nan"), tp=0, fn=0, pred=4.0, true=0.0, fpv=3.0, nsd=float("nan")),
+    ]
     m = cc.seed_means(rows)
     assert m["dice"] == pytest.approx(0.8)
-    assert m["lesion_sensitivity"] == pytest.approx(0.5)      # 2 / (2 + 2); case b has no lesion
+    assert m["lesion_sensitivity"] == pytest.approx(0.5)  # 2 / (2 + 2); case b has no lesion
     assert m["tmtv_abs_err_ml"] == pytest.approx((2.0 + 4.0) / 2)
     assert m["fpv_ml"] == pytest.approx(2.0)
     assert cc.seed_means(rows, {"b"})["n_cases"] == 1
@@ -150,11 +180,12 @@ def test_soft_dice_loss_closed_form():
     p[0, 0, 0] = 1.0
     p[0, 0, 2] = 0.5
     # 1 - 2 * 1 / (1.5 + 2)
-    assert cc.soft_dice_loss(p, t) == pytest.approx(1 - 2 / 3.5)
-    assert math.isnan(cc.soft_dice_loss(p, np.zeros_like(t)))
+    assert cc.soft_dice_of_probs(p, t) == pytest.approx(1 - 2 / 3.5)
+    assert math.isnan(cc.soft_dice_of_probs(p, np.zeros_like(t)))
 
 
 # ---- presets ---------------------------------------------------------------------------------------------
+
 
 def test_presets_cover_every_family_and_build():
     families = {curricula.PRESETS[e.preset]["family"] for e in presets.EXPERIMENTS.values()}
@@ -172,10 +203,11 @@ def test_presets_cover_every_family_and_build():
         assert cur is not None
         if exp.paced:  # every pacing reaches the whole training set within the run (at about half of it)
             merged = {**curricula.PRESETS[exp.preset], **opts}
-            config_cls = curricula.registry.FAMILIES[merged["family"]][0]   # the family's own pacing defaults
+            config_cls = curricula.registry.FAMILIES[merged["family"]][0]  # the family's own pacing defaults
             assert issubclass(config_cls, curricula.PacingConfig), name
-            cfg = config_cls(**{k: v for k, v in merged.items() if k in config_cls.__dataclass_fields__},
-                             steps_per_epoch=10)
+            cfg = config_cls(
+                **{k: v for k, v in merged.items() if k in config_cls.__dataclass_fields__}, steps_per_epoch=10
+            )
             assert 0 < curricula.full_set_step(cfg) <= 60 * presets.GROW_FRACTION, name
     # pacing reaches the whole set at half the run: 30 steps = 3 epochs
     assert presets.curriculum_options("predefined", 60, 10, 0)["grow_epochs"] == pytest.approx(3.0)
@@ -187,8 +219,17 @@ def test_presets_cover_every_family_and_build():
 
 
 def test_run_defaults_respect_command_line_config_keys():
-    argv = ["prog", "--config.log_every=3", "--config.eval.at_start=true", "--steps=7", "--config", "x.py",
-            "--noconfig.quiet", "--config.steps", "50"]
+    argv = [
+        "prog",
+        "--config.log_every=3",
+        "--config.eval.at_start=true",
+        "--steps=7",
+        "--config",
+        "x.py",
+        "--noconfig.quiet",
+        "--config.steps",
+        "50",
+    ]
     assert cc.config_keys_in_argv(argv) == {"log_every", "eval.at_start", "quiet", "steps"}
     keep = {"log_every", "eval.at_start"}
     cfg = default_config.get_config()
@@ -208,6 +249,7 @@ def test_run_defaults_respect_command_line_config_keys():
 
 
 # ---- end to end ------------------------------------------------------------------------------------------
+
 
 def _tiny(cache, **debug):
     cfg = default_config.get_config("tiny")
@@ -272,7 +314,11 @@ def test_end_to_end_interrupt_and_resume(tmp_path):
     rows = _read_csv(wd / "results.csv")
     assert tuple(rows[0]) == cc.RESULT_COLUMNS
     assert [(r["curriculum"], r["subset"]) for r in rows] == [
-        ("none", "all"), ("none", "hard"), ("transfer_teacher", "all"), ("transfer_teacher", "hard")]
+        ("none", "all"),
+        ("none", "hard"),
+        ("transfer_teacher", "all"),
+        ("transfer_teacher", "hard"),
+    ]
     per_case = {n: _read_csv(wd / "runs" / n / "seed0" / "test_metrics.csv") for n in names}
     for r in rows:
         if r["subset"] != "all":
@@ -287,8 +333,11 @@ def test_end_to_end_interrupt_and_resume(tmp_path):
         assert float(r["fpv_ml_mean"]) == pytest.approx(np.mean(fpv), rel=1e-5, abs=1e-6)
         assert r["dice_sd"] == "nan"  # one seed
     tt_all = [r for r in rows if r["curriculum"] == "transfer_teacher" and r["subset"] == "all"][0]
-    d = [float(a["dice"]) - float(b["dice"]) for a, b in zip(per_case["transfer_teacher"], per_case["none"])
-         if float(b["tmtv_true_ml"]) > 0]
+    d = [
+        float(a["dice"]) - float(b["dice"])
+        for a, b in zip(per_case["transfer_teacher"], per_case["none"])
+        if float(b["tmtv_true_ml"]) > 0
+    ]
     assert float(tt_all["dice_diff"]) == pytest.approx(np.mean(d), abs=1e-6)
     assert tt_all["dice_p"] == "nan"  # one run per arm: no run variance, no test
     # the hard cases were fixed before the runs, from the phantoms' latent difficulty
@@ -325,8 +374,11 @@ sys.exit(cc.main(sys.argv))
 
 
 def _entry(args, driver=True):
-    cmd = [sys.executable, "-c", _ENTRY_DRIVER] if driver else [sys.executable, "-m",
-                                                                "clips_jax.experiments.compare_curricula"]
+    cmd = (
+        [sys.executable, "-c", _ENTRY_DRIVER]
+        if driver
+        else [sys.executable, "-m", "clips_jax.experiments.compare_curricula"]
+    )
     r = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=300)
     calls = [json.loads(line[5:]) for line in r.stdout.splitlines() if line.startswith("CALL ")]
     return r, calls
@@ -334,18 +386,40 @@ def _entry(args, driver=True):
 
 def test_command_line_reaches_run_comparison(tmp_path):
     wd = str(tmp_path / "exp")
-    r, calls = _entry(["--curricula", "none,cbs", "--seeds", "2", "--workdir", wd, "--steps", "40",
-                       "--config.data.batch_size=3", "--config.eval.every_steps=7", "--noresume",
-                       "--data", "some/store", "--controls", "--hardness", "manifest:tmtv_ml"])
+    r, calls = _entry(
+        [
+            "--curricula",
+            "none,cbs",
+            "--seeds",
+            "2",
+            "--workdir",
+            wd,
+            "--steps",
+            "40",
+            "--config.data.batch_size=3",
+            "--config.eval.every_steps=7",
+            "--noresume",
+            "--data",
+            "some/store",
+            "--controls",
+            "--hardness",
+            "manifest:tmtv_ml",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     assert len(calls) == 1
     c = calls[0]
-    assert (c["curricula"], c["seeds"], c["workdir"], c["data"], c["resume"]) == (["none", "cbs"], 2, wd,
-                                                                                   "some/store", False)
+    assert (c["curricula"], c["seeds"], c["workdir"], c["data"], c["resume"]) == (
+        ["none", "cbs"],
+        2,
+        wd,
+        "some/store",
+        False,
+    )
     assert c["steps"] == 40 and c["quiet"] is True
     assert c["controls"] is True and c["hardness"] == "manifest:tmtv_ml"
-    assert c["batch"] == 3 and c["eval_every"] == 7                                # --config.KEY wins
-    assert c["ckpt_every"] == math.ceil(40 / presets.EVALS_PER_RUN)                # experiment default
+    assert c["batch"] == 3 and c["eval_every"] == 7  # --config.KEY wins
+    assert c["ckpt_every"] == math.ceil(40 / presets.EVALS_PER_RUN)  # experiment default
     assert c["log_every"] == presets.RUN_OVERRIDES["log_every"]
     assert c["eval_at_start"] == presets.RUN_OVERRIDES["eval.at_start"]
 
@@ -357,7 +431,12 @@ def test_command_line_reaches_run_comparison(tmp_path):
     assert c["curricula"] == list(presets.DEFAULT_CURRICULA) and c["seeds"] == 3 and c["resume"] is True
     assert c["controls"] is False and c["hardness"] == "auto"
     assert (c["steps"], c["eval_every"], c["ckpt_every"], c["log_every"], c["batch"]) == (
-        base.steps, base.eval.every_steps, base.checkpoint.every_steps, base.log_every, base.data.batch_size)
+        base.steps,
+        base.eval.every_steps,
+        base.checkpoint.every_steps,
+        base.log_every,
+        base.data.batch_size,
+    )
 
 
 def test_command_line_errors_are_clear(tmp_path):
@@ -366,6 +445,6 @@ def test_command_line_errors_are_clear(tmp_path):
     assert r.returncode == 2  # a usage error (README, "Command-line convention")
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
     assert "unknown experiment 'nosuch'" in r.stderr and "transfer_teacher" in r.stderr
-    assert not wd.exists()                                                         # nothing written
+    assert not wd.exists()  # nothing written
     r, _ = _entry(["--workdir", str(wd), "stray"], driver=False)
     assert r.returncode != 0 and "stray" in r.stderr

@@ -38,8 +38,7 @@ def world(tmp_path_factory):
     paths = write_phantoms(root / "data", 2, seed=5, size=(30, 22, 20), spacing_mm=(4.0, 3.5, 3.5))
     prepare_dataset(root / "data", root / "native", spacing_mm="native", log=lambda m: None)
     prepare_dataset(root / "data", root / "six", spacing_mm=6.0, log=lambda m: None)
-    ens = Ensemble(4, unet_kwargs=dict(channels=(4, 4, 8, 8), init_channels=4, bottleneck_kernel=3),
-                   rngs=nnx.Rngs(3))
+    ens = Ensemble(4, unet_kwargs=dict(channels=(4, 4, 8, 8), init_channels=4, bottleneck_kernel=3), rngs=nnx.Rngs(3))
     save_weights(root / "w", {"ensemble": ens})
     return {"root": root, "paths": paths, "weights": root / "w", "model": load_model(root / "w", "ensemble")}
 
@@ -63,8 +62,19 @@ def test_native_store_matches_the_cascade_and_skips_on_rerun(world):
     case = load_study(world["paths"][0])
     i0 = store.index(world["paths"][0].name)
     pred, params = nnx_predictor(world["model"])
-    ref = cascade(case.ct, case.suv, case.geometry, pred, _zero_refiner, ensemble_params=params,
-                  stage_a_tile=TILE, stage_a_step=STEP, stage_b_tile=TILE, stage_b_step=STEP, batch_size=2)
+    ref = cascade(
+        case.ct,
+        case.suv,
+        case.geometry,
+        pred,
+        _zero_refiner,
+        ensemble_params=params,
+        stage_a_tile=TILE,
+        stage_a_step=STEP,
+        stage_b_tile=TILE,
+        stage_b_step=STEP,
+        batch_size=2,
+    )
     assert ref.stage_a_prob.shape != case.geometry.shape  # a real upsampling happened
     np.testing.assert_allclose(np.load(store.case_dir(i0) / "stage_a.npy"), ref.cascade_channel, atol=1e-6)
     # manifest records the producer, on disk and in memory
@@ -113,8 +123,19 @@ def test_cli(world, tmp_path, capsys):
     import shutil
 
     shutil.copytree(world["root"] / "six", tmp_path / "six")
-    args = ["stage_a", "--store", str(tmp_path / "six"), "--weights", str(world["weights"]), "--tile", "16,16,16",
-            "--step", "8,8,8", "--batch_size", "2"]
+    args = [
+        "stage_a",
+        "--store",
+        str(tmp_path / "six"),
+        "--weights",
+        str(world["weights"]),
+        "--tile",
+        "16,16,16",
+        "--step",
+        "8,8,8",
+        "--batch_size",
+        "2",
+    ]
     assert main(args + ["--out_dtype", "float32"]) == 0
     assert "2 computed" in capsys.readouterr().out
     store = CaseStore(tmp_path / "six")

@@ -19,13 +19,13 @@ from clips_jax.errors import ConfigError, DataError
 def _hand_case():
     """A (20, 16, 16) grid, spacing (2, 3, 4) mm, with 3 lesions under 18-connectivity (hand-made)."""
     seg = np.zeros((20, 16, 16), np.uint8)
-    seg[2:4, 2:4, 2:4] = 1            # A: 8 voxels, centroid (2.5, 2.5, 2.5)
-    seg[10, 10, 10] = 1               # B: 2 voxels joined by an edge (18-connected), centroid (10.5, 10.5, 10)
+    seg[2:4, 2:4, 2:4] = 1  # A: 8 voxels, centroid (2.5, 2.5, 2.5)
+    seg[10, 10, 10] = 1  # B: 2 voxels joined by an edge (18-connected), centroid (10.5, 10.5, 10)
     seg[11, 11, 10] = 1
-    seg[15, 5, 12:15] = 1             # C: 3 voxels, centroid (15, 5, 13)
-    seg[16, 6, 15] = 1                # D: touches C only by a corner -> separate under 18-conn; (16, 6, 15)
+    seg[15, 5, 12:15] = 1  # C: 3 voxels, centroid (15, 5, 13)
+    seg[16, 6, 15] = 1  # D: touches C only by a corner -> separate under 18-conn; (16, 6, 15)
     ct = np.full(seg.shape, -1000.0, np.float32)
-    ct[:, 1:15, 1:15] = 40.0          # body: 20 * 14 * 14 voxels
+    ct[:, 1:15, 1:15] = 40.0  # body: 20 * 14 * 14 voxels
     suv = np.where(ct > -500, 1.0, 0.0).astype(np.float32)
     suv[seg > 0] = 4.0
     suv[2, 2, 2] = 9.0
@@ -80,6 +80,7 @@ def test_assign_splits():
 
 # ---- prepare + CaseStore on tiny phantoms -------------------------------------------------------------
 
+
 @pytest.fixture()
 def dataset(tmp_path):
     data = tmp_path / "data"
@@ -105,8 +106,8 @@ def test_prepare_store_and_rerun(dataset, tmp_path):
         assert c["tmtv_ml"] == pytest.approx(truth["tmtv_ml"])
         assert Geometry.from_json(c["native_geometry"]).same_grid(g)
         if truth["n_lesions"]:
-            assert c["smallest_lesion_ml"] == pytest.approx(min(l["volume_ml"] for l in truth["lesions"]))
-            assert c["suv_max"] == pytest.approx(max(l["suv_max"] for l in truth["lesions"]), rel=1e-5)
+            assert c["smallest_lesion_ml"] == pytest.approx(min(les["volume_ml"] for les in truth["lesions"]))
+            assert c["suv_max"] == pytest.approx(max(les["suv_max"] for les in truth["lesions"]), rel=1e-5)
         arr = store.case_arrays(p.name)
         rg = g.resampled(6.0)
         assert store.geometry(p.name).same_grid(rg)
@@ -117,8 +118,9 @@ def test_prepare_store_and_rerun(dataset, tmp_path):
     assert not store.has_seg[un] and not store.has_lesion[un]
     assert np.isnan(store.difficulty("tmtv_ml")[un])
     assert store.case_arrays(un)["seg"].max() == 0
-    np.testing.assert_array_equal(store.has_lesion, [bool(store.cases[i]["has_seg"]) and
-                                                     store.cases[i]["tmtv_ml"] > 0 for i in range(4)])
+    np.testing.assert_array_equal(
+        store.has_lesion, [bool(store.cases[i]["has_seg"]) and store.cases[i]["tmtv_ml"] > 0 for i in range(4)]
+    )
     allidx = np.sort(np.concatenate([store.split_indices(k) for k in ("train", "val", "test")]))
     np.testing.assert_array_equal(allidx, np.arange(4))
     json.loads((cache / "manifest.json").read_text())  # strict JSON (NaN written as null)
@@ -154,8 +156,19 @@ def test_prepare_cli(dataset, tmp_path):
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": [paths[0].name, paths[1].name], "val": [paths[2].name], "test": []}))
     cache = tmp_path / "cli_cache"
-    cmd = [sys.executable, "-m", "clips_jax.data.prepare", "--input", str(data), "--output", str(cache),
-           "--split", str(split), "--dtype", "float16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clips_jax.data.prepare",
+        "--input",
+        str(data),
+        "--output",
+        str(cache),
+        "--split",
+        str(split),
+        "--dtype",
+        "float16",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "summary: 4 studies, 4 prepared" in r.stdout
@@ -239,10 +252,13 @@ def test_store_of_a_newer_format_is_refused(tmp_path):
 
 # ---- the manifest's one writer: lock, derived namespace, migration ------------------------------------------
 
+
 def _tiny_manifest(path, n=4, version=None, top=None, extra=None):
     """A hand-written manifest of `n` cases c0..; `extra` {case index: more entry keys}, `top`: more top keys."""
-    cases = [{"id": f"c{i}", "split": "train", "has_seg": True, "tmtv_ml": float(i + 1), **(extra or {}).get(i, {})}
-             for i in range(n)]
+    cases = [
+        {"id": f"c{i}", "split": "train", "has_seg": True, "tmtv_ml": float(i + 1), **(extra or {}).get(i, {})}
+        for i in range(n)
+    ]
     doc = {"spacing_mm": [6.0] * 3, "grid": "resampled", "cases": cases, **(top or {})}
     if version is not None:
         doc["version"] = version
@@ -305,10 +321,16 @@ def test_version1_manifest_is_migrated_on_read(tmp_path):
     from clips_jax.data.store import LEGACY_TEACHER, MANIFEST_VERSION
 
     rec = {"source": "/w", "model": "unet", "loss": "soft_dice"}
-    v1 = _tiny_manifest(tmp_path / "s", version=1, top={"teacher": rec, "seed": 3},
-                        extra={0: {"stage_a": {"weights": "w"}, "teacher_loss": 0.5, "teacher": rec},
-                               1: {"teacher_loss": None, "teacher": rec},
-                               2: {"teacher_loss": 0.1, "teacher": {**rec, "loss": "combined"}}})  # a mixed column
+    v1 = _tiny_manifest(
+        tmp_path / "s",
+        version=1,
+        top={"teacher": rec, "seed": 3},
+        extra={
+            0: {"stage_a": {"weights": "w"}, "teacher_loss": 0.5, "teacher": rec},
+            1: {"teacher_loss": None, "teacher": rec},
+            2: {"teacher_loss": 0.1, "teacher": {**rec, "loss": "combined"}},
+        },
+    )  # a mixed column
     store = CaseStore(tmp_path / "s")
     assert store.manifest["version"] == MANIFEST_VERSION and store.manifest["seed"] == 3
     assert store.derived(0, "stage_a") == {"weights": "w"}
@@ -347,9 +369,15 @@ def test_two_processes_updating_different_cases_lose_nothing(tmp_path):
     _tiny_manifest(tmp_path / "s", n=4)
     (tmp_path / "s" / "barrier").mkdir()
     n = 200
-    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "s"), ids, str(n)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for ids in ("c0,c1", "c2,c3")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(tmp_path / "s"), ids, str(n)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for ids in ("c0,c1", "c2,c3")
+    ]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clips_jax.configs import default as default_config  # noqa: E402
 from clips_jax.curricula import case_table_from_manifest, get_curriculum
 from clips_jax.data.channels import make_channels
 from clips_jax.data.store import CaseStore
@@ -24,8 +25,6 @@ from clips_jax.errors import ConfigError, DataError
 from clips_jax.experiments import teacher as T
 from clips_jax.inference import nnx_predictor, tiled_inference
 from clips_jax.model import UNet, load_model, save_weights
-
-from clips_jax.configs import default as default_config  # noqa: E402
 
 TILE, STEP = (48, 32, 32), (16, 16, 16)  # one tile per 48x22x22 case (fast); tiling is tested elsewhere
 TILE_ARGS = ["--tile", "48,32,32", "--step", "16,16,16"]
@@ -48,8 +47,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher")
     store = trainer.ensure_store(_tiny_config(root / "cache"), lambda m: None)
     save_weights(root / "w", {"unet": UNet(5, 2, **UNET, rngs=nnx.Rngs(7))})
-    return {"root": root, "store_dir": store.cache_dir, "weights": root / "w",
-            "model": load_model(root / "w", "unet")}
+    return {"root": root, "store_dir": store.cache_dir, "weights": root / "w", "model": load_model(root / "w", "unet")}
 
 
 @pytest.fixture
@@ -71,6 +69,7 @@ def _lesion_train_ids(store):
 
 # ---- losses ---------------------------------------------------------------------------------------------
 
+
 def test_case_losses_closed_form():
     p = np.array([0.5, 1.0, 0.0, 0.25])
     t = np.array([1, 1, 0, 0])
@@ -90,6 +89,7 @@ def test_case_losses_closed_form():
 
 # ---- scoring --------------------------------------------------------------------------------------------
 
+
 def test_scores_equal_an_independent_computation(world):
     store = CaseStore(world["store_dir"])
     train = store.split_indices("train")
@@ -106,8 +106,9 @@ def test_scores_equal_an_independent_computation(world):
     assert scores[cid] == pytest.approx(expected, rel=1e-6)
     assert all(0.0 <= scores[c] <= 1.0 for c in lesion)
     # the combined loss of the same case
-    comb = T.score_cases(store, world["model"], indices=[store.index(cid)], tile_shape=TILE, step=STEP,
-                         loss="combined", **QUIET)
+    comb = T.score_cases(
+        store, world["model"], indices=[store.index(cid)], tile_shape=TILE, step=STEP, loss="combined", **QUIET
+    )
     pc = np.clip(p, 1e-7, 1 - 1e-7)
     dice = 1 - (2 * (pc * t).sum() + 1e-3) / (pc.sum() + t.sum() + 1e-5 + 1e-3)
     ce = -np.mean(np.where(t, np.log(pc), np.log(1 - pc)))
@@ -147,8 +148,9 @@ def test_cli_writes_the_manifest_keeps_the_rest_and_skips_on_rerun(world, store_
     # re-run: every case skipped, the file is not rewritten
     text = (store_dir / "manifest.json").read_text()
     logs = []
-    fv_summary = T.score_store(store_dir, world["model"], {**rec, "date": "later"}, tile_shape=TILE, step=STEP,
-                               log=logs.append)
+    fv_summary = T.score_store(
+        store_dir, world["model"], {**rec, "date": "later"}, tile_shape=TILE, step=STEP, log=logs.append
+    )
     assert fv_summary["scored"] == [] and len(fv_summary["skipped"]) == len(store.split_indices("train"))
     assert T.main(args) == 0
     assert (store_dir / "manifest.json").read_text() == text
@@ -158,8 +160,16 @@ def test_cli_writes_the_manifest_keeps_the_rest_and_skips_on_rerun(world, store_
     train_ids = {store.ids[i] for i in store.split_indices("train")}
     assert comb.default_teacher != tid and comb.teachers[comb.default_teacher]["loss"] == "combined"
     assert set(comb.teacher_losses()) == set(comb.teacher_losses(tid)) == train_ids
-    s = T.score_store(store_dir, world["model"], comb.teachers[comb.default_teacher], tile_shape=TILE, step=STEP,
-                      loss="combined", overwrite=True, **QUIET)
+    s = T.score_store(
+        store_dir,
+        world["model"],
+        comb.teachers[comb.default_teacher],
+        tile_shape=TILE,
+        step=STEP,
+        loss="combined",
+        overwrite=True,
+        **QUIET,
+    )
     assert len(s["scored"]) == len(store.split_indices("train"))
 
 
@@ -172,8 +182,9 @@ def test_transfer_teacher_curriculum_follows_the_scores(world, store_dir):
     store = CaseStore(store_dir)
     train_ids = [store.ids[i] for i in store.split_indices("train")]
     table = case_table_from_manifest(store.case_rows(), train_ids)
-    np.testing.assert_allclose(table.difficulty["teacher_loss"][[train_ids.index(c) for c in lesion]],
-                               [hand[c] for c in lesion])
+    np.testing.assert_allclose(
+        table.difficulty["teacher_loss"][[train_ids.index(c) for c in lesion]], [hand[c] for c in lesion]
+    )
     cur = get_curriculum("transfer_teacher", steps_per_epoch=2, k_min=1)
     state = cur.init(table)
     ranks = np.asarray(state["ranks"])
@@ -184,8 +195,22 @@ def test_transfer_teacher_curriculum_follows_the_scores(world, store_dir):
     easiest = min(lesion, key=hand.get)
     assert {c for c in lesion if w[train_ids.index(c)] > 0} == {easiest}
     # and from the CLI's own scores
-    assert T.main(["teacher", "--store", str(store_dir), "--weights", str(world["weights"]), "--model", "unet",
-                   "--overwrite", *TILE_ARGS]) == 0
+    assert (
+        T.main(
+            [
+                "teacher",
+                "--store",
+                str(store_dir),
+                "--weights",
+                str(world["weights"]),
+                "--model",
+                "unet",
+                "--overwrite",
+                *TILE_ARGS,
+            ]
+        )
+        == 0
+    )
     store = CaseStore(store_dir)
     table = case_table_from_manifest(store.case_rows(), train_ids)
     ranks = np.asarray(get_curriculum("transfer_teacher", steps_per_epoch=2).init(table)["ranks"])
@@ -197,8 +222,12 @@ def test_failing_case_is_reported_and_skipped(world, store_dir, capsys):
     store = CaseStore(store_dir)
     bad = _lesion_train_ids(store)[0]
     (store_dir / "cases" / bad / "suv.npy").unlink()
-    assert T.main(["teacher", "--store", str(store_dir), "--weights", str(world["weights"]), "--model", "unet",
-                   *TILE_ARGS]) == 1
+    assert (
+        T.main(
+            ["teacher", "--store", str(store_dir), "--weights", str(world["weights"]), "--model", "unet", *TILE_ARGS]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert f"{bad}: FAILED, skipped" in out
     losses = CaseStore(store_dir).teacher_losses()
@@ -257,8 +286,7 @@ def test_run_teacher_best_and_last_checkpoints(world, store_dir, tmp_path):
         rec = scored.teachers[scored.default_teacher]
         assert rec["checkpoint"] == which and rec["tile_shape"] == list(cfg.eval.tile_shape)
         p = _independent_prob(store_dir, cid, model)  # the run's eval tiles: TILE/STEP
-        assert scored.teacher_losses()[cid] == pytest.approx(1.0 - 2.0 * (p * t).sum() / (p.sum() + t.sum()),
-                                                             rel=1e-6)
+        assert scored.teacher_losses()[cid] == pytest.approx(1.0 - 2.0 * (p * t).sum() / (p.sum() + t.sum()), rel=1e-6)
     with pytest.raises(ConfigError, match="config.json"):
         T.load_run_model(tmp_path, "best")
 
@@ -273,8 +301,13 @@ def test_usage_errors_and_help(world, store_dir, capsys):
     assert T.main(base + ["--weights", str(world["weights"]), "--model", "unet", "--split", "nope"]) == 2
     assert T.main(base + ["--weights", str(world["weights"]), "--loss", "mse"]) == 2
     assert '"derived"' not in (store_dir / "manifest.json").read_text()
-    r = subprocess.run([sys.executable, "-m", "clips_jax.experiments.teacher", "--help"], capture_output=True,
-                       text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "clips_jax.experiments.teacher", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=120,
+    )
     assert r.returncode == 0
     for flag in ("--store", "--weights", "--run", "--which", "--loss", "--out_manifest", "--overwrite"):
         assert flag in r.stdout

@@ -58,8 +58,12 @@ def study_id(root: str | Path, study: str | Path) -> tuple[str, str]:
     return cid, re.sub(r"[^A-Za-z0-9._-]+", "_", parts[0])
 
 
-def assign_splits(patients: Mapping[str, str], seed: int = 0,
-                  fractions: Sequence[float] = DEFAULT_FRACTIONS, split_json: Mapping | None = None) -> dict:
+def assign_splits(
+    patients: Mapping[str, str],
+    seed: int = 0,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    split_json: Mapping | None = None,
+) -> dict:
     """Split name per case id, by patient.
 
     Args:
@@ -125,10 +129,19 @@ def parse_spacing(text: str):
     return sp[0] if len(sp) == 1 else sp
 
 
-def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm=6.0, seed: int = 0,
-                    split_json: Mapping | None = None, dtype=np.float32,
-                    find_fn: Callable | None = None, load_fn: Callable | None = None,
-                    resample_fn: Callable | None = None, log: Callable[[str], None] = print) -> dict:
+def prepare_dataset(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    spacing_mm=6.0,
+    seed: int = 0,
+    split_json: Mapping | None = None,
+    dtype=np.float32,
+    find_fn: Callable | None = None,
+    load_fn: Callable | None = None,
+    resample_fn: Callable | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Build or update the case store `output_dir` from the studies under `input_dir` (see module docstring).
 
     Args:
@@ -145,6 +158,7 @@ def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm
     """
     if find_fn is None or load_fn is None:
         from clips_jax.data import study
+
         find_fn = find_fn or study.find_studies
         load_fn = load_fn or study.load_study
     if resample_fn is None:
@@ -178,11 +192,17 @@ def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm
     if old_store is not None and old and "spacing_mm" in old_store.manifest:
         was = old_store.manifest["spacing_mm"]
         if (was is None) != (spacing_list is None) or (was is not None and not np.allclose(was, spacing_list)):
-            raise ConfigError(f"{out}: this store was prepared with spacing {was or NATIVE} mm, not "
-                              f"{spacing_list or NATIVE}; use another --output folder")
-    extra = {"spacing_mm": spacing_list, "grid": NATIVE if native_grid else "resampled",
-             "dtype": np.dtype(dtype).name, "seed": int(seed),
-             "split_source": "json" if split_json is not None else "seed"}
+            raise ConfigError(
+                f"{out}: this store was prepared with spacing {was or NATIVE} mm, not "
+                f"{spacing_list or NATIVE}; use another --output folder"
+            )
+    extra = {
+        "spacing_mm": spacing_list,
+        "grid": NATIVE if native_grid else "resampled",
+        "dtype": np.dtype(dtype).name,
+        "seed": int(seed),
+        "split_source": "json" if split_json is not None else "seed",
+    }
     done: dict[str, dict] = {}
     fresh: dict[str, dict] = {}  # entries of cases prepared by this run and not yet written
     summary = {"prepared": [], "skipped": [], "failed": [], "errors": {}, "total": len(studies)}
@@ -193,8 +213,11 @@ def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm
             # disk (with what other writers added meanwhile, e.g. derived data), a fresh one gets its new entry.
             current = {c.get("id"): c for c in doc.get("cases", [])}
             doc.update(extra)
-            doc["cases"] = [{**(fresh[cid] if cid in fresh else current.get(cid, done[cid])), "split": splits[cid]}
-                            for cid in sorted(done)]
+            doc["cases"] = [
+                {**(fresh[cid] if cid in fresh else current.get(cid, done[cid])), "split": splits[cid]}
+                for cid in sorted(done)
+            ]
+
         st.update_manifest(out, change, create=True)
         fresh.clear()
 
@@ -211,14 +234,22 @@ def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm
             meas = st.difficulty_measures(case.seg, case.suv, case.ct, native.spacing_mm)
             rs = case if native_grid else resample_fn(case, spacing_mm)
             st.write_case_arrays(out, cid, rs.ct, rs.suv, rs.seg, dtype=dtype)
-            done[cid] = fresh[cid] = {"id": cid, "patient": pat, "source": Path(path).resolve().relative_to(
-                Path(input_dir).resolve()).as_posix(), "has_seg": case.seg is not None,
-                "shape": list(rs.geometry.shape), "geometry": rs.geometry.to_json(),
-                "native_geometry": native.to_json(), **meas}
+            done[cid] = fresh[cid] = {
+                "id": cid,
+                "patient": pat,
+                "source": Path(path).resolve().relative_to(Path(input_dir).resolve()).as_posix(),
+                "has_seg": case.seg is not None,
+                "shape": list(rs.geometry.shape),
+                "geometry": rs.geometry.to_json(),
+                "native_geometry": native.to_json(),
+                **meas,
+            }
             flush()
             summary["prepared"].append(cid)
-            log(f"{prefix}: ok, {rs.geometry.shape} voxels, {meas['n_lesions']} lesions, "
-                f"TMTV {meas['tmtv_ml']:.1f} ml ({time.time() - t0:.0f} s)")
+            log(
+                f"{prefix}: ok, {rs.geometry.shape} voxels, {meas['n_lesions']} lesions, "
+                f"TMTV {meas['tmtv_ml']:.1f} ml ({time.time() - t0:.0f} s)"
+            )
         except Exception as e:  # noqa: BLE001 - a batch command reports the case and carries on
             msg = f"{type(e).__name__}: {e}".splitlines()[0]
             summary["failed"].append(cid)
@@ -226,8 +257,10 @@ def prepare_dataset(input_dir: str | Path, output_dir: str | Path, *, spacing_mm
             log(f"{prefix}: FAILED, skipped ({msg})")
     flush()
     counts = {s: sum(1 for c in done if splits[c] == s) for s in (*SPLITS, "unused")}
-    log(f"summary: {len(studies)} studies, {len(summary['prepared'])} prepared, {len(summary['skipped'])} "
-        f"already done, {len(summary['failed'])} failed; splits {counts}; store {out}")
+    log(
+        f"summary: {len(studies)} studies, {len(summary['prepared'])} prepared, {len(summary['skipped'])} "
+        f"already done, {len(summary['failed'])} failed; splits {counts}; store {out}"
+    )
     for cid in summary["failed"]:
         log(f"  failed {cid}: {summary['errors'][cid]}")
     return summary
@@ -239,8 +272,13 @@ def define_flags(fv) -> None:
 
     flags.DEFINE_string("input", None, "Dataset root (autoPET NIfTI folders or DICOM studies).", flag_values=fv)
     flags.DEFINE_string("output", None, "Case-store folder to create or update.", flag_values=fv)
-    flags.DEFINE_string("spacing", "6", "Training grid spacing in mm: one number or z,y,x; 'native' (or 0) "
-                        "keeps each case on its PET grid (refiner training).", flag_values=fv)
+    flags.DEFINE_string(
+        "spacing",
+        "6",
+        "Training grid spacing in mm: one number or z,y,x; 'native' (or 0) "
+        "keeps each case on its PET grid (refiner training).",
+        flag_values=fv,
+    )
     flags.DEFINE_string("split", None, "Optional JSON file {train: [ids], val: [...], test: [...]}.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the patient-level train/val/test split.", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Storage dtype of ct and suv.", flag_values=fv)
@@ -254,10 +292,18 @@ def run_from_flags(fv) -> int:
         try:
             split = json.loads(Path(fv["split"].value).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise DataError(f"--split={fv['split'].value}: cannot read the split file ({e}); expected JSON "
-                            '{"train": [ids], "val": [...], "test": [...]}') from e
-    summary = prepare_dataset(fv["input"].value, fv["output"].value, spacing_mm=parse_spacing(fv["spacing"].value),
-                              seed=fv["seed"].value, split_json=split, dtype=np.dtype(fv["dtype"].value))
+            raise DataError(
+                f"--split={fv['split'].value}: cannot read the split file ({e}); expected JSON "
+                '{"train": [ids], "val": [...], "test": [...]}'
+            ) from e
+    summary = prepare_dataset(
+        fv["input"].value,
+        fv["output"].value,
+        spacing_mm=parse_spacing(fv["spacing"].value),
+        seed=fv["seed"].value,
+        split_json=split,
+        dtype=np.dtype(fv["dtype"].value),
+    )
     return 1 if summary["failed"] else 0
 
 

@@ -167,14 +167,17 @@ def difficulty_measures(seg: np.ndarray | None, suv: np.ndarray, ct: np.ndarray,
 # The manifest: reading (with migration) and the one writer
 # ---------------------------------------------------------------------------------------------------------
 
+
 def migrate_manifest(doc: Mapping[str, Any]) -> dict:
     """A version-1 manifest document in the current format (module docstring, "Older stores"); a current one is
     returned as a copy. Raises DataError for a version newer than this code reads."""
     doc = copy.deepcopy(dict(doc))
     version = doc.get("version", 1)
     if not isinstance(version, int) or version > MANIFEST_VERSION:
-        raise DataError(f"case-store format {version!r}, newer than this clips-jax reads ({MANIFEST_VERSION}); "
-                        "upgrade clips-jax or prepare the store again with this version")
+        raise DataError(
+            f"case-store format {version!r}, newer than this clips-jax reads ({MANIFEST_VERSION}); "
+            "upgrade clips-jax or prepare the store again with this version"
+        )
     if version < 2:
         top_record = doc.pop("teacher", None)
         scored = False
@@ -206,8 +209,9 @@ def read_manifest(cache_dir: str | Path) -> dict:
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
     except FileNotFoundError:
-        raise DataError(f"{path}: no manifest; run `python -m clips_jax.data.prepare --input DATA "
-                        f"--output {Path(cache_dir)}` first") from None
+        raise DataError(
+            f"{path}: no manifest; run `python -m clips_jax.data.prepare --input DATA --output {Path(cache_dir)}` first"
+        ) from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable manifest ({e}); delete it and run prepare again") from e
     try:
@@ -224,8 +228,9 @@ def manifest_lock(cache_dir: str | Path) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise DataError(f"{path}: cannot open the manifest's lock file ({e}); the store must be writable to "
-                        "update it") from e
+        raise DataError(
+            f"{path}: cannot open the manifest's lock file ({e}); the store must be writable to update it"
+        ) from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -270,8 +275,9 @@ def _newer_format(path: Path) -> bool:
     return not isinstance(v, int) or v > MANIFEST_VERSION
 
 
-def write_case_arrays(cache_dir: str | Path, case_id: str, ct: np.ndarray, suv: np.ndarray,
-                      seg: np.ndarray | None, dtype=np.float32) -> Path:
+def write_case_arrays(
+    cache_dir: str | Path, case_id: str, ct: np.ndarray, suv: np.ndarray, seg: np.ndarray | None, dtype=np.float32
+) -> Path:
     """Store one resampled case as `cache_dir/cases/<case_id>/{ct,suv,seg,fg}.npy`, atomically (whole folder).
 
     Args:
@@ -325,19 +331,24 @@ class CaseStore:
     def update_cases(self, changes: Mapping[str, Callable[[dict], Any]]) -> None:
         """Apply `changes[case_id](entry)` (in place) to the current manifest entry of each listed case, in one
         locked update. DataError naming the first id that is not in the manifest (nothing is written then)."""
+
         def change(doc: dict) -> None:
             by_id = {c.get("id"): c for c in doc.get("cases", [])}
             unknown = [k for k in changes if k not in by_id]
             if unknown:
-                raise DataError(f"case {unknown[0]!r} (and {len(unknown) - 1} more) is not in the store "
-                                f"{self.cache_dir}; was it re-prepared without it?")
+                raise DataError(
+                    f"case {unknown[0]!r} (and {len(unknown) - 1} more) is not in the store "
+                    f"{self.cache_dir}; was it re-prepared without it?"
+                )
             for cid, fn in changes.items():
                 fn(by_id[cid])
+
         self.update(change)
 
     def set_derived(self, name: str, values: Mapping[str, Any], *, key: str | None = None) -> None:
         """Set `derived.<name>` (or `derived.<name>.<key>`) of the listed cases: `values` {case id: value}.
         One locked update (`update_cases`)."""
+
         def setter(value):
             def fn(entry: dict) -> None:
                 d = entry.setdefault(DERIVED, {})
@@ -345,20 +356,26 @@ class CaseStore:
                     d[name] = value
                 else:
                     d.setdefault(name, {})[key] = value
+
             return fn
+
         self.update_cases({cid: setter(v) for cid, v in values.items()})
 
-    def set_teacher_losses(self, teacher: str, losses: Mapping[str, float], record: Mapping[str, Any] | None,
-                           *, default: bool = True) -> None:
+    def set_teacher_losses(
+        self, teacher: str, losses: Mapping[str, float], record: Mapping[str, Any] | None, *, default: bool = True
+    ) -> None:
         """Store per-case losses of one transfer teacher (`derived.teacher.<teacher>`; NaN -> null), its record
         (top-level `derived.teachers.<teacher>`, when given) and, with `default`, make it the default teacher.
         One locked update; DataError for a case id not in the manifest."""
+
         def change(doc: dict) -> None:
             by_id = {c.get("id"): c for c in doc.get("cases", [])}
             unknown = [k for k in losses if k not in by_id]
             if unknown:
-                raise DataError(f"teacher scores for case {unknown[0]!r} (and {len(unknown) - 1} more) not in the "
-                                f"store {self.cache_dir}; score the store the cases belong to")
+                raise DataError(
+                    f"teacher scores for case {unknown[0]!r} (and {len(unknown) - 1} more) not in the "
+                    f"store {self.cache_dir}; score the store the cases belong to"
+                )
             for cid, v in losses.items():
                 by_id[cid].setdefault(DERIVED, {}).setdefault("teacher", {})[teacher] = v
             top = doc.setdefault(DERIVED, {})
@@ -366,6 +383,7 @@ class CaseStore:
                 top.setdefault("teachers", {})[teacher] = dict(record or {})
             if default:
                 top["default_teacher"] = teacher
+
         self.update(change)
 
     # -- derived data (module docstring) ---------------------------------------------------------------------
@@ -390,8 +408,10 @@ class CaseStore:
         if tid is None:
             return {}
         if tid not in self.teachers:
-            raise ConfigError(f"store {self.cache_dir}: no teacher {tid!r} (known: {sorted(self.teachers)}); score "
-                              "the cases first: python -m clips_jax.experiments.teacher --store ...")
+            raise ConfigError(
+                f"store {self.cache_dir}: no teacher {tid!r} (known: {sorted(self.teachers)}); score "
+                "the cases first: python -m clips_jax.experiments.teacher --store ..."
+            )
         out = {}
         for c in self.cases:
             scores = c.get(DERIVED, {}).get("teacher", {})
@@ -451,8 +471,10 @@ class CaseStore:
             raise DataError(f"{d}: cannot read the cached arrays ({e}); run prepare again") from e
         for n in extra:
             if out[n].shape != out["ct"].shape:
-                raise DataError(f"{d / (n + '.npy')}: shape {out[n].shape} differs from the case grid "
-                                f"{out['ct'].shape}; delete it and compute it again")
+                raise DataError(
+                    f"{d / (n + '.npy')}: shape {out[n].shape} differs from the case grid "
+                    f"{out['ct'].shape}; delete it and compute it again"
+                )
         return out
 
     def has_array(self, case: int | str, name: str) -> bool:
@@ -474,7 +496,7 @@ class CaseStore:
     def _missing_message(self, name: str, ids: Sequence[str]) -> str:
         hint = EXTRA_HINTS.get(name, "compute it for every case first").format(store=self.cache_dir)
         more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
-        return (f"store {self.cache_dir}: case {', '.join(ids[:3])}{more} has no {name}.npy; {hint}")
+        return f"store {self.cache_dir}: case {', '.join(ids[:3])}{more} has no {name}.npy; {hint}"
 
     def foreground(self, case: int | str) -> np.ndarray:
         """(K, 3) int32 (z, y, x) indices of the lesion voxels on the stored grid (K = 0 if none)."""

@@ -49,13 +49,18 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from clips_jax.errors import ClipsError, ConfigError, DataError
+from clips_jax.errors import ConfigError, DataError
 from clips_jax.experiments import hardness as hardness_lib
 from clips_jax.experiments import presets
-from clips_jax.experiments.results import (RESULT_COLUMNS, SUMMARY_METRICS, case_summary_values,  # noqa: F401
-                                           mean_sd, results_markdown, seed_means, summarise, write_results_csv)
-from clips_jax.experiments.teacher import soft_dice_loss  # noqa: F401 - one implementation, re-exported
+from clips_jax.experiments.results import (
+    case_summary_values,  # noqa: F401
+    results_markdown,
+    seed_means,
+    summarise,
+    write_results_csv,
+)
 from clips_jax.fileio import write_text_atomic
+from clips_jax.metrics.case_losses import soft_dice_of_probs  # noqa: F401 - re-exported for the comparison's users
 
 
 def learning_curves_png(curves: Mapping[str, Sequence[Sequence[Mapping]]], path: str | os.PathLike) -> Path:
@@ -102,6 +107,7 @@ def learning_curves_png(curves: Mapping[str, Sequence[Sequence[Mapping]]], path:
 # Runs: configs, finished check, test evaluation, teacher scores
 # ---------------------------------------------------------------------------------------------------------
 
+
 def run_config(base, name: str, seed: int, store_dir: str | os.PathLike, teacher: str = ""):
     """The training config of one (experiment, seed): a copy of `base` with `seed` (+ the experiment's
     `seed_offset`), the curriculum preset, its options (`presets.curriculum_options`), `data.store =
@@ -113,8 +119,13 @@ def run_config(base, name: str, seed: int, store_dir: str | os.PathLike, teacher
     cfg = ml_collections.ConfigDict(base.to_dict())  # a deep, unlocked copy
     cfg.seed = int(seed) + exp.seed_offset
     cfg.curriculum.name = exp.preset
-    opts = presets.curriculum_options(name, int(cfg.steps), int(cfg.curriculum.steps_per_epoch), int(seed),
-                                      stage_steps=int(cfg.curriculum.stage_steps))
+    opts = presets.curriculum_options(
+        name,
+        int(cfg.steps),
+        int(cfg.curriculum.steps_per_epoch),
+        int(seed),
+        stage_steps=int(cfg.curriculum.stage_steps),
+    )
     cfg.curriculum.options = ml_collections.ConfigDict(opts)
     cfg.data.store = str(store_dir)
     if teacher:
@@ -148,8 +159,9 @@ def predict_cases(model, store, indices, cfg):
     from clips_jax import evaluation
 
     e = cfg.eval
-    yield from evaluation.predict_cases(model, store, indices, tile_shape=tuple(e.tile_shape),
-                                        step=tuple(e.tile_step), batch_size=int(e.batch_size))
+    yield from evaluation.predict_cases(
+        model, store, indices, tile_shape=tuple(e.tile_shape), step=tuple(e.tile_step), batch_size=int(e.batch_size)
+    )
 
 
 def evaluate_test(cfg, run_dir: str | os.PathLike, store) -> list[dict]:
@@ -165,15 +177,26 @@ def evaluate_test(cfg, run_dir: str | os.PathLike, store) -> list[dict]:
         return read_metrics_csv(path)
     model = load_trained_model(cfg, run_dir)
     e = cfg.eval
-    rows = evaluation.evaluate_cases(model, store, store.split_indices("test"), tile_shape=tuple(e.tile_shape),
-                                     step=tuple(e.tile_step), batch_size=int(e.batch_size),
-                                     row_fn=evaluation.test_row)
+    rows = evaluation.evaluate_cases(
+        model,
+        store,
+        store.split_indices("test"),
+        tile_shape=tuple(e.tile_shape),
+        step=tuple(e.tile_step),
+        batch_size=int(e.batch_size),
+        row_fn=evaluation.test_row,
+    )
     write_metrics_csv(path, rows)
     return rows
 
 
-def score_teacher(store, teacher_cfg, teacher_run: str | os.PathLike, scores_csv: str | os.PathLike,
-                  log: Callable[[str], None] = print) -> str:
+def score_teacher(
+    store,
+    teacher_cfg,
+    teacher_run: str | os.PathLike,
+    scores_csv: str | os.PathLike,
+    log: Callable[[str], None] = print,
+) -> str:
     """Score the training cases of `store` with a trained teacher run, into the store itself; returns the
     teacher id the scores are stored under (for `data.teacher`).
 
@@ -188,32 +211,50 @@ def score_teacher(store, teacher_cfg, teacher_run: str | os.PathLike, scores_csv
     model, info = teacher.load_run_model(teacher_run, "best", config=teacher_cfg)
     e = teacher_cfg.eval
     tile, step = tuple(e.tile_shape), tuple(e.tile_step)
-    record = teacher.make_record(Path(teacher_run).absolute().as_posix(), str(teacher_cfg.model.kind),
-                                 "soft_dice", tile, step, **info)
+    record = teacher.make_record(
+        Path(teacher_run).absolute().as_posix(), str(teacher_cfg.model.kind), "soft_dice", tile, step, **info
+    )
     tid = teacher.teacher_id(record)
     train = [int(i) for i in store.split_indices("train")]
     todo = set(teacher.pending_cases(store, [store.ids[i] for i in train], record))
     if todo:
-        log(f"scoring {len(todo)} training cases with the teacher {teacher_run} (transfer-teacher curriculum; "
-            f"teacher id {tid} in {store.cache_dir})")
+        log(
+            f"scoring {len(todo)} training cases with the teacher {teacher_run} (transfer-teacher curriculum; "
+            f"teacher id {tid} in {store.cache_dir})"
+        )
         failed: dict[str, str] = {}
-        scores = teacher.score_cases(store, model, indices=[i for i in train if store.ids[i] in todo], tile_shape=tile,
-                                     step=step, batch_size=int(e.batch_size), loss="soft_dice", failed=failed,
-                                     log=lambda _: None)
+        scores = teacher.score_cases(
+            store,
+            model,
+            indices=[i for i in train if store.ids[i] in todo],
+            tile_shape=tile,
+            step=step,
+            batch_size=int(e.batch_size),
+            loss="soft_dice",
+            failed=failed,
+            log=lambda _: None,
+        )
         if failed:
             cid = next(iter(failed))
             raise DataError(f"teacher scoring failed for {len(failed)} training case(s), first {cid}: {failed[cid]}")
         teacher.write_teacher_losses(store, scores, record, teacher=tid, default=False)
     losses = store.teacher_losses(tid)
-    write_text_atomic(scores_csv, "case,teacher_loss\n" + "".join(
-        f"{k},{'nan' if not math.isfinite(v) else f'{v:.6g}'}\n" for k, v in losses.items()
-        if k in {store.ids[i] for i in train}))
+    write_text_atomic(
+        scores_csv,
+        "case,teacher_loss\n"
+        + "".join(
+            f"{k},{'nan' if not math.isfinite(v) else f'{v:.6g}'}\n"
+            for k, v in losses.items()
+            if k in {store.ids[i] for i in train}
+        ),
+    )
     return tid
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The comparison
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _settings_key(cfg) -> str:
     d = cfg.to_dict()
@@ -264,11 +305,24 @@ def open_experiment(base, workdir: Path, store, names: Sequence[str], seeds: int
         conflicts = settings_conflicts(json.loads(old.get("settings_key", "{}")), json.loads(key))
         if conflicts or old.get("store") != str(store.cache_dir.absolute()):
             what = ", ".join(conflicts[:5]) if conflicts else f"data {old.get('store')}"
-            raise ConfigError(f"{exp_file}: this workdir was made with other settings ({what}); use a new "
-                              "--workdir (results of different settings must not be mixed)")
-    write_text_atomic(exp_file, json.dumps({"settings_key": key, "store": str(store.cache_dir.absolute()),
-                                            "curricula": list(names), "seeds": int(seeds), "hardness": hardness,
-                                            "base_config": json.loads(base.to_json_best_effort())}, indent=1))
+            raise ConfigError(
+                f"{exp_file}: this workdir was made with other settings ({what}); use a new "
+                "--workdir (results of different settings must not be mixed)"
+            )
+    write_text_atomic(
+        exp_file,
+        json.dumps(
+            {
+                "settings_key": key,
+                "store": str(store.cache_dir.absolute()),
+                "curricula": list(names),
+                "seeds": int(seeds),
+                "hardness": hardness,
+                "base_config": json.loads(base.to_json_best_effort()),
+            },
+            indent=1,
+        ),
+    )
 
 
 class _Runner:
@@ -290,8 +344,10 @@ class _Runner:
         if run_finished(run_dir, cfg.steps):
             self.log(f"[{name} seed {seed}] finished earlier: skipped")
             return cfg, run_dir, "skipped"
-        self.log(f"[{name} seed {seed}] training ({cfg.steps} steps, curriculum {cfg.curriculum.name}, seed "
-                 f"{cfg.seed}) in {run_dir}")
+        self.log(
+            f"[{name} seed {seed}] training ({cfg.steps} steps, curriculum {cfg.curriculum.name}, seed "
+            f"{cfg.seed}) in {run_dir}"
+        )
         t = time.time()
         trainer.train_and_evaluate(cfg, run_dir)
         self.log(f"[{name} seed {seed}] trained in {time.time() - t:.0f} s")
@@ -311,8 +367,9 @@ class _Runner:
         """Train one run, evaluate it on the test split and keep its rows and learning curves."""
         from clips_jax import trainer
 
-        cfg, run_dir, status = self.train(name, seed, self.store.cache_dir.absolute(),
-                                          self.teacher_for(name, first_seed))
+        cfg, run_dir, status = self.train(
+            name, seed, self.store.cache_dir.absolute(), self.teacher_for(name, first_seed)
+        )
         rows = evaluate_test(cfg, run_dir, self.store)
         self.status.setdefault(name, {})[seed] = status
         self.rows.setdefault(name, {})[seed] = rows
@@ -320,8 +377,9 @@ class _Runner:
         self.log(f"[{name} seed {seed}] test Dice {seed_means(rows)['dice']:.4f} over {len(rows)} cases")
 
 
-def write_report(runner: _Runner, names: Sequence[str], seeds: int, hard: "hardness_lib.Hardness",
-                 wall: float) -> tuple[list[dict], list[str]]:
+def write_report(
+    runner: _Runner, names: Sequence[str], seeds: int, hard: "hardness_lib.Hardness", wall: float
+) -> tuple[list[dict], list[str]]:
     """Compute the comparison (`results.summarise`) and write results.csv/md and the two figures."""
     from clips_jax.metrics import plots
 
@@ -329,28 +387,41 @@ def write_report(runner: _Runner, names: Sequence[str], seeds: int, hard: "hardn
     case_ids = [store.ids[int(i)] for i in store.split_indices("test")]
     rows, notes, design = summarise(runner.rows, case_ids, hard.array(case_ids))
     if hard.values is None:
-        notes.append("the hard cases were chosen by the baseline's first run (no independent --hardness); give "
-                     "--hardness=run:DIR, weights:DIR or manifest:KEY for a hard subset fixed before the runs")
+        notes.append(
+            "the hard cases were chosen by the baseline's first run (no independent --hardness); give "
+            "--hardness=run:DIR, weights:DIR or manifest:KEY for a hard subset fixed before the runs"
+        )
     write_results_csv(workdir / "results.csv", rows)
     plots.boxplots({n: [r for k in sorted(v) for r in v[k]] for n, v in runner.rows.items()}, workdir / "boxplots.png")
     learning_curves_png(runner.curves, workdir / "learning_curves.png")
     count = lambda what: sum(s == what for r in runner.status.values() for s in r.values())  # noqa: E731
-    header = [f"- base config: steps {base.steps}, batch {base.data.batch_size}, patch {tuple(base.data.patch_shape)}, "
-              f"model channels {tuple(base.model.channels)}",
-              f"- data: {store.cache_dir} ({len(store.split_indices('train'))} train, "
-              f"{len(store.split_indices('val'))} val, {len(case_ids)} test cases)",
-              f"- seeds: {list(range(int(seeds)))}; evaluated checkpoint: best validation Dice (else last)",
-              "- curricula: " + ", ".join(f"{n} ({presets.EXPERIMENTS[n].family})" for n in names),
-              f"- hardness: {hard.spec}",
-              f"- this invocation: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall ({count('trained')} runs "
-              f"trained, {count('skipped')} skipped)"]
+    header = [
+        f"- base config: steps {base.steps}, batch {base.data.batch_size}, patch {tuple(base.data.patch_shape)}, "
+        f"model channels {tuple(base.model.channels)}",
+        f"- data: {store.cache_dir} ({len(store.split_indices('train'))} train, "
+        f"{len(store.split_indices('val'))} val, {len(case_ids)} test cases)",
+        f"- seeds: {list(range(int(seeds)))}; evaluated checkpoint: best validation Dice (else last)",
+        "- curricula: " + ", ".join(f"{n} ({presets.EXPERIMENTS[n].family})" for n in names),
+        f"- hardness: {hard.spec}",
+        f"- this invocation: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall ({count('trained')} runs "
+        f"trained, {count('skipped')} skipped)",
+    ]
     write_text_atomic(workdir / "results.md", results_markdown(rows, notes, header, design, hard.description))
     return rows, notes
 
 
-def run_comparison(base_config, workdir: str | os.PathLike, curricula: Sequence[str] = presets.DEFAULT_CURRICULA,
-                   seeds: int = 3, data: str = "", resume: bool = True, *, controls: bool = False,
-                   hardness: str = "auto", log: Callable[[str], None] = print) -> dict:
+def run_comparison(
+    base_config,
+    workdir: str | os.PathLike,
+    curricula: Sequence[str] = presets.DEFAULT_CURRICULA,
+    seeds: int = 3,
+    data: str = "",
+    resume: bool = True,
+    *,
+    controls: bool = False,
+    hardness: str = "auto",
+    log: Callable[[str], None] = print,
+) -> dict:
     """Train, evaluate and compare; the whole of `python -m clips_jax.experiments.compare_curricula`.
 
     Args:
@@ -379,15 +450,18 @@ def run_comparison(base_config, workdir: str | os.PathLike, curricula: Sequence[
     hardness_lib.parse_spec(hardness)  # a bad spec fails before anything is created
     workdir = Path(workdir)
     if (workdir / "experiment.json").exists() and not resume:
-        raise ConfigError(f"{workdir} already holds an experiment and --noresume was given; choose a new --workdir "
-                          "(or drop --noresume to continue it)")
+        raise ConfigError(
+            f"{workdir} already holds an experiment and --noresume was given; choose a new --workdir "
+            "(or drop --noresume to continue it)"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     store = CaseStore(data) if data else trainer.ensure_store(base_config, log)
     if len(store.split_indices("test")) == 0:
         raise ConfigError(f"case store {store.cache_dir}: no 'test' cases; prepare it with a test split")
     open_experiment(base_config, workdir, store, names, seeds, hardness)
-    hard = hardness_lib.resolve(hardness, store, workdir, log=log,
-                                phantom_raw=None if data else trainer.phantom_dirs(base_config)[0])
+    hard = hardness_lib.resolve(
+        hardness, store, workdir, log=log, phantom_raw=None if data else trainer.phantom_dirs(base_config)[0]
+    )
     runner = _Runner(base_config, workdir, store, log)
     for seed in range(int(seeds)):  # seed-major: an interrupted comparison has every curriculum of the first seeds
         for name in names:
@@ -401,6 +475,7 @@ def run_comparison(base_config, workdir: str | os.PathLike, curricula: Sequence[
 # ---------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------
+
 
 def config_keys_in_argv(argv: Sequence[str]) -> set[str]:
     """Dotted config keys set on the command line: `--config.a.b=1`, `--config.a.b 1`, `--noconfig.a.b`
@@ -422,6 +497,7 @@ def apply_run_defaults(cfg, steps: int, overrides: bool = False, keep: set[str] 
         0 keeps the config's steps and periods.
       overrides: also apply `presets.RUN_OVERRIDES`.
     """
+
     def put(key, value):
         if key in keep:
             return
@@ -448,31 +524,60 @@ def define_flags(fv) -> None:
 
     from clips_jax.configs import default_path
 
-    config_flags.DEFINE_config_file("config", default_path(), "Base training config: a packaged name (default, "
-                                    "default:tiny, ...) or a file path[:variant].", lock_config=False,
-                                    flag_values=fv)
-    flags.DEFINE_list("curricula", list(presets.DEFAULT_CURRICULA),
-                      f"Experiments to compare (presets.py): {', '.join(presets.EXPERIMENTS)}.", flag_values=fv)
+    config_flags.DEFINE_config_file(
+        "config",
+        default_path(),
+        "Base training config: a packaged name (default, default:tiny, ...) or a file path[:variant].",
+        lock_config=False,
+        flag_values=fv,
+    )
+    flags.DEFINE_list(
+        "curricula",
+        list(presets.DEFAULT_CURRICULA),
+        f"Experiments to compare (presets.py): {', '.join(presets.EXPERIMENTS)}.",
+        flag_values=fv,
+    )
     flags.DEFINE_integer("seeds", 3, "Seeds per curriculum (0..seeds-1).", flag_values=fv)
     flags.DEFINE_string("workdir", "runs/compare_curricula", "Output folder.", flag_values=fv)
     flags.DEFINE_string("data", "", "Case store from `clips-prepare`; empty = built-in phantoms.", flag_values=fv)
-    flags.DEFINE_bool("resume", True, "Continue an existing workdir (finished runs skipped); --noresume refuses an "
-                                      "existing experiment workdir.", flag_values=fv)
-    flags.DEFINE_bool("experiment_defaults", True, "Apply presets.RUN_OVERRIDES (settings of the default "
-                      "comparison) over --config, except keys given as --config.KEY; --noexperiment_defaults uses "
-                      "the config as given.", flag_values=fv)
-    flags.DEFINE_bool("controls", False, "Also run a negative control (the baseline again with independent seeds) "
-                      "and a positive control (never samples the hardest third of the training cases), and report "
-                      "whether each behaved as expected.", flag_values=fv)
-    flags.DEFINE_string("hardness", "auto", "Source of the test cases' hardness, fixed before the compared runs: "
-                        "auto (phantom on built-in phantoms, else baseline), phantom[:DIR], run:DIR (a trained run "
-                        "of another study), weights:DIR (converted TMTV-Net weights), manifest:KEY, csv:PATH, or "
-                        "baseline (the baseline's first run picks them and is left out of the hard-case test).",
-                        flag_values=fv)
-    flags.DEFINE_integer("steps", presets.DEFAULT_STEPS,
-                         "Training steps per run (experiment default, sized for ~30 min of the whole default "
-                         "comparison on a 2-core CPU); 0 = the config's own steps/eval/checkpoint settings.",
-                         flag_values=fv)
+    flags.DEFINE_bool(
+        "resume",
+        True,
+        "Continue an existing workdir (finished runs skipped); --noresume refuses an existing experiment workdir.",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool(
+        "experiment_defaults",
+        True,
+        "Apply presets.RUN_OVERRIDES (settings of the default "
+        "comparison) over --config, except keys given as --config.KEY; --noexperiment_defaults uses "
+        "the config as given.",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool(
+        "controls",
+        False,
+        "Also run a negative control (the baseline again with independent seeds) "
+        "and a positive control (never samples the hardest third of the training cases), and report "
+        "whether each behaved as expected.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "hardness",
+        "auto",
+        "Source of the test cases' hardness, fixed before the compared runs: "
+        "auto (phantom on built-in phantoms, else baseline), phantom[:DIR], run:DIR (a trained run "
+        "of another study), weights:DIR (converted TMTV-Net weights), manifest:KEY, csv:PATH, or "
+        "baseline (the baseline's first run picks them and is left out of the hard-case test).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "steps",
+        presets.DEFAULT_STEPS,
+        "Training steps per run (experiment default, sized for ~30 min of the whole default "
+        "comparison on a 2-core CPU); 0 = the config's own steps/eval/checkpoint settings.",
+        flag_values=fv,
+    )
 
 
 def run_from_flags(fv, argv: Sequence[str]) -> int:
@@ -484,12 +589,20 @@ def run_from_flags(fv, argv: Sequence[str]) -> int:
     logging.set_verbosity(logging.WARNING)
     cfg = load_config(fv)
     with cfg.unlocked():
-        apply_run_defaults(cfg, int(fv["steps"].value), bool(fv["experiment_defaults"].value),
-                           keep=config_keys_in_argv(argv))
+        apply_run_defaults(
+            cfg, int(fv["steps"].value), bool(fv["experiment_defaults"].value), keep=config_keys_in_argv(argv)
+        )
         cfg.quiet = True
-    run_comparison(cfg, fv["workdir"].value, curricula=fv["curricula"].value, seeds=fv["seeds"].value,
-                   data=fv["data"].value, resume=fv["resume"].value, controls=fv["controls"].value,
-                   hardness=fv["hardness"].value)
+    run_comparison(
+        cfg,
+        fv["workdir"].value,
+        curricula=fv["curricula"].value,
+        seeds=fv["seeds"].value,
+        data=fv["data"].value,
+        resume=fv["resume"].value,
+        controls=fv["controls"].value,
+        hardness=fv["hardness"].value,
+    )
     return 0
 
 

@@ -71,8 +71,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
     """Split `--hardness` into (kind, argument); ConfigError for an unknown kind or a missing argument."""
     kind, _, arg = str(spec).partition(":")
     if kind not in KINDS:
-        raise ConfigError(f"--hardness={spec!r}: unknown source; use one of auto, baseline, phantom[:DIR], "
-                          "run:DIR, weights:DIR, manifest:KEY, csv:PATH")
+        raise ConfigError(
+            f"--hardness={spec!r}: unknown source; use one of auto, baseline, phantom[:DIR], "
+            "run:DIR, weights:DIR, manifest:KEY, csv:PATH"
+        )
     if kind in ("run", "weights", "manifest", "csv") and not arg:
         raise ConfigError(f"--hardness={spec!r}: {kind} needs an argument ({kind}:...)")
     if kind in ("auto", "baseline") and arg:
@@ -83,6 +85,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------------------
 # The sources
 # ---------------------------------------------------------------------------------------------------------
+
 
 def phantom_difficulty(store, indices: Sequence[int], raw_dir: str | Path) -> dict[str, float]:
     """Latent phantom difficulty u of store cases, read from `raw_dir/<manifest source>/truth.json`.
@@ -98,8 +101,10 @@ def phantom_difficulty(store, indices: Sequence[int], raw_dir: str | Path) -> di
         try:
             u = float(json.loads(path.read_text())["difficulty"])
         except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"{path}: no phantom difficulty ({type(e).__name__}: {e}); --hardness=phantom needs "
-                            "the raw phantom folder the store was prepared from (phantom:DIR)") from None
+            raise DataError(
+                f"{path}: no phantom difficulty ({type(e).__name__}: {e}); --hardness=phantom needs "
+                "the raw phantom folder the store was prepared from (phantom:DIR)"
+            ) from None
         out[str(row["id"])] = u if has_lesion[int(i)] else float("nan")
     return out
 
@@ -110,22 +115,38 @@ def manifest_hardness(store, indices: Sequence[int], key: str) -> dict[str, floa
     from clips_jax.curricula.core import HARDER_WHEN, case_table_from_manifest, oriented_difficulty
 
     if key not in HARDER_WHEN or key == "teacher_loss":
-        raise ConfigError(f"--hardness=manifest:{key}: use one of "
-                          f"{sorted(k for k in HARDER_WHEN if k != 'teacher_loss')}")
+        raise ConfigError(
+            f"--hardness=manifest:{key}: use one of {sorted(k for k in HARDER_WHEN if k != 'teacher_loss')}"
+        )
     ids = [store.ids[int(i)] for i in indices]
     table = case_table_from_manifest(store.case_rows(), ids)
     values = oriented_difficulty(table, key)
     return {c: float(v) if table.has_lesion[j] else float("nan") for j, (c, v) in enumerate(zip(ids, values))}
 
 
-def model_hardness(model, store, indices: Sequence[int], tile_shape: Sequence[int], step: Sequence[int],
-                   batch_size: int = 1, log: Callable[[str], None] = print) -> dict[str, float]:
+def model_hardness(
+    model,
+    store,
+    indices: Sequence[int],
+    tile_shape: Sequence[int],
+    step: Sequence[int],
+    batch_size: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
     """1 - Dice of a reference model on store cases (tiled inference of `clips_jax.evaluation`); NaN for
     lesion-free cases. Args: model: an NNX module; tile_shape, step: (z, y, x) voxels of the store grid."""
     from clips_jax import evaluation
 
-    rows = evaluation.evaluate_cases(model, store, indices, tile_shape=tuple(tile_shape), step=tuple(step),
-                                     batch_size=int(batch_size), row_fn=evaluation.validation_row, log=log)
+    rows = evaluation.evaluate_cases(
+        model,
+        store,
+        indices,
+        tile_shape=tuple(tile_shape),
+        step=tuple(step),
+        batch_size=int(batch_size),
+        row_fn=evaluation.validation_row,
+        log=log,
+    )
     return {r["case"]: 1.0 - float(r["dice"]) for r in rows}
 
 
@@ -134,10 +155,19 @@ def _run_model_hardness(run_dir: str, store, indices, log) -> dict[str, float]:
 
     model, info = load_run_model(run_dir, "best")
     cfg = json.loads((Path(run_dir) / "config.json").read_text())
-    log(f"hardness: scoring {len(indices)} test cases with run {run_dir} ({info['checkpoint']} checkpoint, step "
-        f"{info['checkpoint_step']})")
-    return model_hardness(model, store, indices, cfg["eval"]["tile_shape"], cfg["eval"]["tile_step"],
-                          int(cfg["eval"]["batch_size"]), log=lambda _: None)
+    log(
+        f"hardness: scoring {len(indices)} test cases with run {run_dir} ({info['checkpoint']} checkpoint, step "
+        f"{info['checkpoint_step']})"
+    )
+    return model_hardness(
+        model,
+        store,
+        indices,
+        cfg["eval"]["tile_shape"],
+        cfg["eval"]["tile_step"],
+        int(cfg["eval"]["batch_size"]),
+        log=lambda _: None,
+    )
 
 
 def _weights_model_hardness(weights: str, store, indices, log) -> dict[str, float]:
@@ -149,8 +179,7 @@ def _weights_model_hardness(weights: str, store, indices, log) -> dict[str, floa
     if kind not in names:
         raise ConfigError(f"--hardness=weights:{weights}: no 'ensemble' or 'unet' model in it ({sorted(names)})")
     log(f"hardness: scoring {len(indices)} test cases with the {kind} of {weights}")
-    return model_hardness(load_model(weights, kind), store, indices, DEFAULT_TILE, DEFAULT_STEP,
-                          log=lambda _: None)
+    return model_hardness(load_model(weights, kind), store, indices, DEFAULT_TILE, DEFAULT_STEP, log=lambda _: None)
 
 
 def read_hardness_csv(path: str | Path) -> dict[str, float]:
@@ -175,31 +204,48 @@ def read_hardness_csv(path: str | Path) -> dict[str, float]:
 # Resolve once per comparison workdir
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _compute(kind: str, arg: str, store, indices, phantom_raw: Path | None, log) -> tuple[dict | None, str, str]:
     """(values, resolved spec, description) of a parsed source."""
     spec = _resolved_spec(kind, arg, phantom_raw)
     if kind == "baseline":
-        return None, spec, ("the baseline's first run (seed 0) picks the hard cases (lowest Dice) and is left out "
-                            "of the hard-case test")
+        return (
+            None,
+            spec,
+            (
+                "the baseline's first run (seed 0) picks the hard cases (lowest Dice) and is left out "
+                "of the hard-case test"
+            ),
+        )
     if kind == "phantom":
         if spec is None:
             raise ConfigError("--hardness=phantom: give the raw phantom folder of this store (phantom:DIR)")
-        return (phantom_difficulty(store, indices, spec.partition(":")[2]), spec,
-                "the phantoms' latent difficulty (truth.json), known before any run")
+        return (
+            phantom_difficulty(store, indices, spec.partition(":")[2]),
+            spec,
+            "the phantoms' latent difficulty (truth.json), known before any run",
+        )
     if kind == "manifest":
-        return (manifest_hardness(store, indices, arg), spec,
-                f"the case-store measure {arg!r} (larger = harder after orientation)")
+        return (
+            manifest_hardness(store, indices, arg),
+            spec,
+            f"the case-store measure {arg!r} (larger = harder after orientation)",
+        )
     path = spec.partition(":")[2]
     if kind == "csv":
         return read_hardness_csv(path), spec, f"the hardness file {path}"
     score = _run_model_hardness if kind == "run" else _weights_model_hardness
-    return (score(path, store, indices, log), spec,
-            f"1 - Dice of the reference {'run' if kind == 'run' else 'weights'} {path} on each test case, computed "
-            "before the comparison")
+    return (
+        score(path, store, indices, log),
+        spec,
+        f"1 - Dice of the reference {'run' if kind == 'run' else 'weights'} {path} on each test case, computed "
+        "before the comparison",
+    )
 
 
-def resolve(spec: str, store, workdir: str | Path, *, phantom_raw: Path | None = None,
-            log: Callable[[str], None] = print) -> Hardness:
+def resolve(
+    spec: str, store, workdir: str | Path, *, phantom_raw: Path | None = None, log: Callable[[str], None] = print
+) -> Hardness:
     """The hardness of the store's "test" cases for the comparison in `workdir`, computed once and kept there.
 
     Args:
@@ -220,8 +266,10 @@ def resolve(spec: str, store, workdir: str | Path, *, phantom_raw: Path | None =
         meta = json.loads(meta_path.read_text())
         wanted = _resolved_spec(kind, arg, phantom_raw)
         if wanted is not None and wanted != meta["spec"]:
-            raise ConfigError(f"{workdir}: its hard cases were fixed by {meta['spec']!r}, not {wanted!r}; use a new "
-                              "--workdir (or the same --hardness) so that results are not mixed")
+            raise ConfigError(
+                f"{workdir}: its hard cases were fixed by {meta['spec']!r}, not {wanted!r}; use a new "
+                "--workdir (or the same --hardness) so that results are not mixed"
+            )
         values = None if meta["spec"] == "baseline" else read_hardness_csv(csv_path)
         return Hardness(values, meta["spec"], meta["description"])
     values, resolved, description = _compute(kind, arg, store, indices, phantom_raw, log)
@@ -232,8 +280,12 @@ def resolve(spec: str, store, workdir: str | Path, *, phantom_raw: Path | None =
             v = values.get(c, float("nan"))
             buf.write(f"{c},{'nan' if not math.isfinite(v) else repr(float(v))}\n")
         write_text_atomic(csv_path, buf.getvalue())
-    write_text_atomic(meta_path, json.dumps({"spec": resolved, "description": description,
-                                             "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+    write_text_atomic(
+        meta_path,
+        json.dumps(
+            {"spec": resolved, "description": description, "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1
+        ),
+    )
     return Hardness(values, resolved, description)
 
 

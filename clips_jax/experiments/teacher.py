@@ -72,8 +72,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from clips_jax.errors import ConfigError
-from clips_jax.metrics.case_losses import (CASE_LOSSES, CE_WEIGHT, PROB_CLIP, case_loss,  # noqa: F401 - re-exported
-                                           combined_case_loss, soft_dice_of_probs)
+from clips_jax.metrics.case_losses import (
+    CASE_LOSSES,
+    case_loss,  # noqa: F401 - re-exported
+    combined_case_loss,
+)
 
 LOSSES = CASE_LOSSES
 """Per-case teacher loss kinds (see the module docstring)."""
@@ -88,19 +91,19 @@ DEFAULT_STEP = (64, 48, 48)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-case losses: `clips_jax.metrics.case_losses` (below the evaluation and the curricula), re-exported here
-# under the names this module has always had: soft_dice_loss = soft_dice_of_probs (probabilities, not the
-# logits-based training loss `clips_jax.losses.soft_dice_loss`), combined_teacher_loss = combined_case_loss,
-# case_loss, LOSSES, PROB_CLIP, CE_WEIGHT.
+# Per-case losses: `clips_jax.metrics.case_losses` (below the evaluation and the curricula), used here under
+# their own names (soft_dice_of_probs takes probabilities; the logits-based training loss is
+# `clips_jax.losses.soft_dice_loss`): combined_teacher_loss = combined_case_loss, case_loss, LOSSES, PROB_CLIP,
+# CE_WEIGHT.
 # ---------------------------------------------------------------------------------------------------------
 
-soft_dice_loss = soft_dice_of_probs
 combined_teacher_loss = combined_case_loss
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Teachers: a training run's checkpoint
 # ---------------------------------------------------------------------------------------------------------
+
 
 def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None) -> tuple[Any, dict]:
     """The trained network of a training run: `clips_jax.runs.load_run_model` (kept here under its old name)."""
@@ -113,11 +116,22 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None)
 # Scoring
 # ---------------------------------------------------------------------------------------------------------
 
-def score_cases(store, model, *, indices=None, tile_shape: Sequence[int] = DEFAULT_TILE,
-                step: Sequence[int] = DEFAULT_STEP, batch_size: int = 1, loss: str = "soft_dice",
-                dtype: str = "float32", extra_channels: Sequence[str] | None = None,
-                on_case: Callable[[str, float], None] | None = None, failed: dict[str, str] | None = None,
-                log: Callable[[str], None] = print) -> dict[str, float]:
+
+def score_cases(
+    store,
+    model,
+    *,
+    indices=None,
+    tile_shape: Sequence[int] = DEFAULT_TILE,
+    step: Sequence[int] = DEFAULT_STEP,
+    batch_size: int = 1,
+    loss: str = "soft_dice",
+    dtype: str = "float32",
+    extra_channels: Sequence[str] | None = None,
+    on_case: Callable[[str, float], None] | None = None,
+    failed: dict[str, str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
     """The teacher loss of store cases (steps 2-3 of the module docstring); writes nothing itself.
 
     Each lesion case goes through `clips_jax.evaluation.predict_cases` (tiles reaching the end of every axis;
@@ -168,9 +182,18 @@ def score_cases(store, model, *, indices=None, tile_shape: Sequence[int] = DEFAU
                 value = float("nan")
                 log(f"{prefix}: {'unlabeled' if not has_seg[i] else 'lesion-free'}, no teacher loss (NaN)")
             else:
-                case, prob = next(evaluation.predict_cases(pair, store, [i], tile_shape=tile_shape, step=step,
-                                                           batch_size=int(batch_size), dtype=dtype,
-                                                           extra_channels=extra))
+                case, prob = next(
+                    evaluation.predict_cases(
+                        pair,
+                        store,
+                        [i],
+                        tile_shape=tile_shape,
+                        step=step,
+                        batch_size=int(batch_size),
+                        dtype=dtype,
+                        extra_channels=extra,
+                    )
+                )
                 value = evaluation.teacher_row(prob, case, loss=loss)[LOSS_KEY]
                 log(f"{prefix}: {loss} {value:.4f} ({time.time() - t0:.0f} s)")
         except Exception as e:  # noqa: BLE001 - a batch command reports the case and carries on
@@ -189,6 +212,7 @@ def score_cases(store, model, *, indices=None, tile_shape: Sequence[int] = DEFAU
 # The manifest
 # ---------------------------------------------------------------------------------------------------------
 
+
 def same_teacher(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
     """True if two teacher records describe the same teacher and settings (every field but "date")."""
     if not isinstance(a, Mapping) or not isinstance(b, Mapping):
@@ -197,13 +221,27 @@ def same_teacher(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bo
     return json.dumps(strip(a), sort_keys=True) == json.dumps(strip(b), sort_keys=True)
 
 
-def make_record(source: str, model: str, loss: str, tile_shape: Sequence[int], step: Sequence[int],
-                dtype: str = "float32", **more: Any) -> dict:
+def make_record(
+    source: str,
+    model: str,
+    loss: str,
+    tile_shape: Sequence[int],
+    step: Sequence[int],
+    dtype: str = "float32",
+    **more: Any,
+) -> dict:
     """A teacher provenance record (JSON-safe): source (weights dir or run dir), model, loss kind, tiles,
     compute dtype, any `more` fields (e.g. checkpoint, checkpoint_step) and the date (UTC, ISO 8601)."""
-    return {"source": str(source), "model": str(model), **{k: v for k, v in more.items()}, "loss": str(loss),
-            "tile_shape": [int(v) for v in tile_shape], "step": [int(v) for v in step], "dtype": str(dtype),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "source": str(source),
+        "model": str(model),
+        **{k: v for k, v in more.items()},
+        "loss": str(loss),
+        "tile_shape": [int(v) for v in tile_shape],
+        "step": [int(v) for v in step],
+        "dtype": str(dtype),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def teacher_id(record: Mapping[str, Any] | None) -> str:
@@ -223,8 +261,14 @@ def check_scores(scores: Mapping[str, float]) -> dict[str, float]:
     return dict(zip(scores, teacher_difficulty(np.array(list(scores.values()), np.float64)).tolist()))
 
 
-def write_teacher_losses(store, scores: Mapping[str, float], record: Mapping[str, Any] | None, *,
-                         teacher: str | None = None, default: bool = True) -> Path:
+def write_teacher_losses(
+    store,
+    scores: Mapping[str, float],
+    record: Mapping[str, Any] | None,
+    *,
+    teacher: str | None = None,
+    default: bool = True,
+) -> Path:
     """Store teacher losses in a case store (`CaseStore.set_teacher_losses`: one locked update of the manifest,
     everything else kept).
 
@@ -245,8 +289,9 @@ def write_teacher_losses(store, scores: Mapping[str, float], record: Mapping[str
     return store.cache_dir / MANIFEST
 
 
-def pending_cases(store, ids: Sequence[str], record: Mapping[str, Any], overwrite: bool = False,
-                  teacher: str | None = None) -> list[str]:
+def pending_cases(
+    store, ids: Sequence[str], record: Mapping[str, Any], overwrite: bool = False, teacher: str | None = None
+) -> list[str]:
     """The ids among `ids` still to score: all with `overwrite`, else those the teacher (id `teacher`, default
     `teacher_id(record)`) has not scored in `store` (a `CaseStore`). Order of `ids` is kept."""
     if overwrite:
@@ -256,10 +301,21 @@ def pending_cases(store, ids: Sequence[str], record: Mapping[str, Any], overwrit
     return [i for i in ids if i not in done]
 
 
-def score_store(store_dir: str | os.PathLike, model, record: Mapping[str, Any], *, split: str = "train",
-                tile_shape: Sequence[int] = DEFAULT_TILE, step: Sequence[int] = DEFAULT_STEP, batch_size: int = 1,
-                loss: str = "soft_dice", dtype: str = "float32", overwrite: bool = False, default: bool = True,
-                log: Callable[[str], None] = print) -> dict:
+def score_store(
+    store_dir: str | os.PathLike,
+    model,
+    record: Mapping[str, Any],
+    *,
+    split: str = "train",
+    tile_shape: Sequence[int] = DEFAULT_TILE,
+    step: Sequence[int] = DEFAULT_STEP,
+    batch_size: int = 1,
+    loss: str = "soft_dice",
+    dtype: str = "float32",
+    overwrite: bool = False,
+    default: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Score the cases of a split that are not yet scored by this teacher and write them (the whole command).
 
     Args: as `score_cases` / `write_teacher_losses`; `record` from `make_record` with the same loss, tiles
@@ -277,24 +333,45 @@ def score_store(store_dir: str | os.PathLike, model, record: Mapping[str, Any], 
     ids = [store.ids[i] for i in idx]
     tid = teacher_id(record)
     todo = set(pending_cases(store, ids, record, overwrite))
-    summary: dict[str, Any] = {"scored": [], "skipped": [i for i in ids if i not in todo], "failed": [],
-                               "errors": {}, "total": len(ids), "written": None, "teacher": tid}
+    summary: dict[str, Any] = {
+        "scored": [],
+        "skipped": [i for i in ids if i not in todo],
+        "failed": [],
+        "errors": {},
+        "total": len(ids),
+        "written": None,
+        "teacher": tid,
+    }
     if summary["skipped"]:
-        log(f"{len(summary['skipped'])} of {len(ids)} cases already scored by this teacher: skipped "
-            "(--overwrite re-scores them)")
+        log(
+            f"{len(summary['skipped'])} of {len(ids)} cases already scored by this teacher: skipped "
+            "(--overwrite re-scores them)"
+        )
 
     def on_case(cid: str, value: float) -> None:
         summary["written"] = str(write_teacher_losses(store, {cid: value}, record, teacher=tid, default=default))
         summary["scored"].append(cid)
 
     # A fixed snapshot of the store to score from (`on_case` refreshes `store`, which other writers may change).
-    score_cases(CaseStore(store.cache_dir), model, indices=[i for i in idx if store.ids[i] in todo],
-                tile_shape=tile_shape, step=step, batch_size=batch_size, loss=loss, dtype=dtype, on_case=on_case,
-                failed=summary["errors"], log=log)
+    score_cases(
+        CaseStore(store.cache_dir),
+        model,
+        indices=[i for i in idx if store.ids[i] in todo],
+        tile_shape=tile_shape,
+        step=step,
+        batch_size=batch_size,
+        loss=loss,
+        dtype=dtype,
+        on_case=on_case,
+        failed=summary["errors"],
+        log=log,
+    )
     summary["failed"] = list(summary["errors"])
-    log(f"summary: {len(ids)} cases in split {split!r}, {len(summary['scored'])} scored, "
+    log(
+        f"summary: {len(ids)} cases in split {split!r}, {len(summary['scored'])} scored, "
         f"{len(summary['skipped'])} already done, {len(summary['failed'])} failed; teacher {tid} in "
-        f"{store.cache_dir}")
+        f"{store.cache_dir}"
+    )
     for cid in summary["failed"]:
         log(f"  failed {cid}: {summary['errors'][cid]}")
     return summary
@@ -303,6 +380,7 @@ def score_store(store_dir: str | os.PathLike, model, record: Mapping[str, Any], 
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
+
 
 def run_from_flags(fv, log: Callable[[str], None] = print) -> int:
     """Run the command with parsed absl flags `fv` (see `define_flags`); returns 0 when every case of the split
@@ -317,9 +395,11 @@ def run_from_flags(fv, log: Callable[[str], None] = print) -> int:
     if not fv["store"].value or bool(weights) == bool(run):
         raise UsageError("give --store and exactly one of --weights or --run (see --help)")
     if fv["out_manifest"].value:
-        raise UsageError("--out_manifest was removed: the scores are stored in the store under the teacher's own "
-                         "id (derived.teacher.<id>) and disturb nothing else; drop the flag, and train with "
-                         "--config.data.teacher=<id> to use a teacher other than the store's default")
+        raise UsageError(
+            "--out_manifest was removed: the scores are stored in the store under the teacher's own "
+            "id (derived.teacher.<id>) and disturb nothing else; drop the flag, and train with "
+            "--config.data.teacher=<id> to use a teacher other than the store's default"
+        )
     if int(fv["batch_size"].value) < 1:
         raise ConfigError(f"--batch_size={fv['batch_size'].value}: need >= 1")
     store = CaseStore(fv["store"].value)
@@ -332,8 +412,10 @@ def run_from_flags(fv, log: Callable[[str], None] = print) -> int:
         tile_default, step_default = DEFAULT_TILE, DEFAULT_STEP
         sp = store.manifest.get("spacing_mm")
         if name != "refiner" and not (sp and np.allclose(sp, 6.0)):
-            log(f"warning: the store grid is {sp or 'native'} mm; the TMTV-Net stage-A models were trained on "
-                "the 6 mm grid")
+            log(
+                f"warning: the store grid is {sp or 'native'} mm; the TMTV-Net stage-A models were trained on "
+                "the 6 mm grid"
+            )
     else:
         model, more = load_run_model(run, fv["which"].value)
         cfg = json.loads((Path(run) / "config.json").read_text())
@@ -342,13 +424,24 @@ def run_from_flags(fv, log: Callable[[str], None] = print) -> int:
     tile = parse_zyx(fv["tile"].value or ",".join(map(str, tile_default)), "tile")
     stp = parse_zyx(fv["step"].value or ",".join(map(str, step_default)), "step")
     record = make_record(source, name, fv["loss"].value, tile, stp, fv["dtype"].value, **more)
-    log(f"teacher: {name} from {source}" + (f" ({more['checkpoint']} checkpoint, step "
-                                            f"{more['checkpoint_step']})" if more else "")
-        + f"; loss {fv['loss'].value}; tiles {tile} step {stp}; teacher id {teacher_id(record)}")
-    summary = score_store(store.cache_dir, model, record, split=fv["split"].value, tile_shape=tile, step=stp,
-                          batch_size=int(fv["batch_size"].value), loss=fv["loss"].value,
-                          dtype=fv["dtype"].value, overwrite=bool(fv["overwrite"].value),
-                          log=log)
+    log(
+        f"teacher: {name} from {source}"
+        + (f" ({more['checkpoint']} checkpoint, step {more['checkpoint_step']})" if more else "")
+        + f"; loss {fv['loss'].value}; tiles {tile} step {stp}; teacher id {teacher_id(record)}"
+    )
+    summary = score_store(
+        store.cache_dir,
+        model,
+        record,
+        split=fv["split"].value,
+        tile_shape=tile,
+        step=stp,
+        batch_size=int(fv["batch_size"].value),
+        loss=fv["loss"].value,
+        dtype=fv["dtype"].value,
+        overwrite=bool(fv["overwrite"].value),
+        log=log,
+    )
     return 1 if summary["failed"] else 0
 
 
@@ -358,25 +451,56 @@ def define_flags(fv) -> None:
 
     kw = dict(flag_values=fv)
     flags.DEFINE_string("store", None, "case store folder whose manifest gets the teacher_loss column", **kw)
-    flags.DEFINE_string("weights", None, "teacher: a weights directory (convert_weights output or a trainer "
-                        "export); exclusive with --run", **kw)
-    flags.DEFINE_enum("model", "ensemble", ["ensemble", "unet", "refiner"], "network of --weights (the refiner "
-                      "needs a native-grid store with stage-A maps and is not a sensible teacher otherwise)", **kw)
-    flags.DEFINE_string("run", None, "teacher: a training run's workdir (config.json + checkpoints/); exclusive "
-                        "with --weights", **kw)
-    flags.DEFINE_enum("which", "best", ["best", "last"], "checkpoint of --run: best validation Dice (the last "
-                      "one if the run never validated) or the last one", **kw)
+    flags.DEFINE_string(
+        "weights",
+        None,
+        "teacher: a weights directory (convert_weights output or a trainer export); exclusive with --run",
+        **kw,
+    )
+    flags.DEFINE_enum(
+        "model",
+        "ensemble",
+        ["ensemble", "unet", "refiner"],
+        "network of --weights (the refiner "
+        "needs a native-grid store with stage-A maps and is not a sensible teacher otherwise)",
+        **kw,
+    )
+    flags.DEFINE_string(
+        "run", None, "teacher: a training run's workdir (config.json + checkpoints/); exclusive with --weights", **kw
+    )
+    flags.DEFINE_enum(
+        "which",
+        "best",
+        ["best", "last"],
+        "checkpoint of --run: best validation Dice (the last one if the run never validated) or the last one",
+        **kw,
+    )
     flags.DEFINE_string("split", "train", "cases to score: the cases of this split", **kw)
-    flags.DEFINE_enum("loss", "soft_dice", list(LOSSES), "per-case loss: soft_dice = 1 - soft Dice; combined = "
-                      "training soft Dice + 2 * cross-entropy; NaN for lesion-free cases", **kw)
-    flags.DEFINE_string("tile", "", "tile z,y,x voxels of the store grid (default: 128,96,96 for --weights, the "
-                        "run's eval.tile_shape for --run)", **kw)
-    flags.DEFINE_string("step", "", "tile step z,y,x voxels (default: 64,48,48 for --weights, the run's "
-                        "eval.tile_step for --run)", **kw)
+    flags.DEFINE_enum(
+        "loss",
+        "soft_dice",
+        list(LOSSES),
+        "per-case loss: soft_dice = 1 - soft Dice; combined = "
+        "training soft Dice + 2 * cross-entropy; NaN for lesion-free cases",
+        **kw,
+    )
+    flags.DEFINE_string(
+        "tile",
+        "",
+        "tile z,y,x voxels of the store grid (default: 128,96,96 for --weights, the run's eval.tile_shape for --run)",
+        **kw,
+    )
+    flags.DEFINE_string(
+        "step", "", "tile step z,y,x voxels (default: 64,48,48 for --weights, the run's eval.tile_step for --run)", **kw
+    )
     flags.DEFINE_integer("batch_size", 1, "tiles per model call (more = faster on GPU, more memory)", **kw)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of the tiles", **kw)
-    flags.DEFINE_string("out_manifest", None, "removed (an error when given): scores are stored per teacher in "
-                        "the store, see the module docstring", **kw)
+    flags.DEFINE_string(
+        "out_manifest",
+        None,
+        "removed (an error when given): scores are stored per teacher in the store, see the module docstring",
+        **kw,
+    )
     flags.DEFINE_bool("overwrite", False, "re-score cases already scored by the same teacher", **kw)
 
 
