@@ -319,8 +319,8 @@ def test_teacher_scores_equal_direct_calls(store, unet):
     # the old names still work and are the moved functions
     from clips_jax.metrics import case_losses
 
-    assert T.soft_dice_of_probs is case_losses.soft_dice_of_probs and T.case_loss is case_losses.case_loss
-    assert T.combined_teacher_loss is case_losses.combined_case_loss and cc.soft_dice_of_probs is T.soft_dice_of_probs
+    assert cc.soft_dice_of_probs is case_losses.soft_dice_of_probs and T.case_loss is case_losses.case_loss
+    assert T.combined_teacher_loss is case_losses.combined_case_loss
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------

@@ -53,7 +53,10 @@ from clips_jax.errors import ConfigError, DataError
 from clips_jax.experiments import hardness as hardness_lib
 from clips_jax.experiments import presets
 from clips_jax.experiments.results import (
+    RESULT_COLUMNS,  # noqa: F401 - re-exported (the comparison's result table)
+    SUMMARY_METRICS,  # noqa: F401 - re-exported
     case_summary_values,  # noqa: F401
+    mean_sd,  # noqa: F401 - re-exported
     results_markdown,
     seed_means,
     summarise,

@@ -91,10 +91,9 @@ DEFAULT_STEP = (64, 48, 48)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-case losses: `clips_jax.metrics.case_losses` (below the evaluation and the curricula), used here under
-# their own names (soft_dice_of_probs takes probabilities; the logits-based training loss is
-# `clips_jax.losses.soft_dice_loss`): combined_teacher_loss = combined_case_loss, case_loss, LOSSES, PROB_CLIP,
-# CE_WEIGHT.
+# Per-case losses live in `clips_jax.metrics.case_losses` (below the evaluation and the curricula):
+# `soft_dice_of_probs` (probabilities; the logits-based training loss is `clips_jax.losses.soft_dice_loss`),
+# `combined_case_loss` (also named combined_teacher_loss here), `case_loss`, `CASE_LOSSES` (LOSSES here).
 # ---------------------------------------------------------------------------------------------------------
 
 combined_teacher_loss = combined_case_loss
