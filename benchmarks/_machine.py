@@ -42,3 +42,21 @@ def load_avg() -> str:
         return "%.2f %.2f %.2f" % os.getloadavg()
     except OSError:
         return "n/a"
+
+
+def portable_command(script: str, args: list[str]) -> str:
+    """The command line as a reader would type it: `python <script relative to the repository> ARGS`, with
+    every absolute path argument (an output file, a cache folder) reduced to its last component, so a
+    recorded result names no folder of the machine it ran on."""
+    import shlex
+
+    repo = Path(__file__).resolve().parents[1]
+    script_path = Path(script).resolve()
+    shown = script_path.relative_to(repo).as_posix() if script_path.is_relative_to(repo) else script_path.name
+
+    def clean(a: str) -> str:
+        key, eq, value = a.partition("=") if a.startswith("--") and "=" in a else ("", "", a)
+        value = Path(value).name if value.startswith("/") else value
+        return f"{key}{eq}{value}" if eq else value
+
+    return " ".join(shlex.quote(clean(a)) for a in ["python", shown, *args])

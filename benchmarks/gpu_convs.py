@@ -37,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import portable_command  # noqa: E402
 
 
 def _conv_items(fn, *args) -> list[dict]:
@@ -227,7 +228,7 @@ def run(small: bool, repeats: int, budget_s: float) -> dict:
     t_start = time.perf_counter()
     doc = {
         "script": "benchmarks/gpu_convs.py",
-        "command": " ".join(sys.argv),
+        "command": portable_command(__file__, sys.argv[1:]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": jax.devices()[0].device_kind,
         "backend": jax.default_backend(),

@@ -84,7 +84,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -100,7 +99,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "tests"))
 import train_step as ts  # noqa: E402  (puts the repo and tests/ on sys.path too)
 from _flops import matmul_gflop  # noqa: E402
-from _machine import cpu_model, load_avg, peak_rss_gib  # noqa: E402
+from _machine import cpu_model, load_avg, peak_rss_gib, portable_command  # noqa: E402
 
 ALPHA = 1e-5
 """Mumford-Shah weight of the loss (the paper's Eq. 1)."""
@@ -927,11 +926,7 @@ def main(argv: list[str] | None = None) -> int:
         "(default 450 with --device gpu, unlimited otherwise)",
     )
     args = ap.parse_args(argv)
-    command = (
-        " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-        if argv is None
-        else " ".join(shlex.quote(a) for a in [sys.executable, __file__, *argv])
-    )
+    command = portable_command(__file__, sys.argv[1:] if argv is None else list(argv))
     only = {f.strip() for f in args.only.split(",") if f.strip()}
     if only - set(FIGURES):
         ap.error(f"--only: unknown figure(s) {sorted(only - set(FIGURES))}; choose from {', '.join(FIGURES)}")
