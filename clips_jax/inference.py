@@ -164,14 +164,21 @@ def _tile_probs_impl(predictor, dtype_name, with_params, params, x):
 _tile_probs = jax.jit(_tile_probs_impl, static_argnums=(0, 1, 2))
 
 
+def _hashable(obj: Any) -> bool:
+    """Whether `obj` can be a static (cached) jit argument; unhashable predictors get private jits."""
+    try:
+        hash(obj)
+    except TypeError:
+        return False
+    return True
+
+
 def _make_prob_fn(predictor: Callable, params: Any, dtype: str) -> Callable[[np.ndarray], jax.Array]:
     """A function tile-batch -> probabilities, compiled once per (predictor, dtype, batch shape)."""
     if dtype not in COMPUTE_DTYPES:
         raise ConfigError(f"dtype={dtype!r} unknown; use one of {tuple(COMPUTE_DTYPES)}")
     with_params = params is not None
-    try:
-        hash(predictor)
-    except TypeError:  # unhashable callable: a private jit (compiled once per call of tiled_inference)
+    if not _hashable(predictor):  # a private jit (compiled once per call of tiled_inference)
         private = jax.jit(functools.partial(_tile_probs_impl, predictor, dtype, with_params))
         return lambda x: private(params, x)
     return lambda x: _tile_probs(predictor, dtype, with_params, params, x)
@@ -312,12 +319,25 @@ def _device_chunk_cached(predictor, dtype_name, with_params, tile):
     )
 
 
-def _device_chunk_fn(predictor, dtype_name: str, with_params: bool, tile: tuple) -> Callable:
-    """The compiled chunk function, shared across calls for a hashable predictor (one compile per shape)."""
-    try:
-        return _device_chunk_cached(predictor, dtype_name, with_params, tile)
-    except TypeError:  # unhashable predictor: a private jit for this call
-        return _device_chunk_cached.__wrapped__(predictor, dtype_name, with_params, tile)
+def _device_tiler(predictor, params, dtype: str, tile: tuple, batch_size: int, channels: int) -> tuple[Callable, int]:
+    """(the compiled chunk function of the device pass, the number of classes K), made once per
+    `tiled_inference` call: the chunk is shared across calls for a hashable predictor (one compile per shape),
+    private to this call otherwise; K comes from tracing the predictor once (raises ConfigError for a wrong
+    output shape)."""
+    with_params = params is not None
+    shape = (batch_size, *tile, channels)
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    if _hashable(predictor):
+        chunk = _device_chunk_cached(predictor, dtype, with_params, tile)
+        probe = jax.eval_shape(lambda p, v: _tile_probs(predictor, dtype, with_params, p, v), params, x)
+    else:
+        chunk = _device_chunk_cached.__wrapped__(predictor, dtype, with_params, tile)
+        probe = jax.eval_shape(lambda p, v: _tile_probs_impl(predictor, dtype, with_params, p, v), params, x)
+    if probe.ndim != 5 or tuple(probe.shape[:4]) != shape[:4]:
+        raise ConfigError(
+            f"predictor returned shape {tuple(probe.shape)} for input {shape}; expected logits {(*shape[:4], 'K')}"
+        )
+    return chunk, int(probe.shape[-1])
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -329,23 +349,10 @@ def _device_finish(acc, wsum, crop):
     return jnp.where(zero[..., None], 0.0, acc / jnp.where(zero, 1.0, wsum)[..., None])
 
 
-def _probe_probs(predictor, params, dtype: str, shape: tuple) -> jax.ShapeDtypeStruct:
-    """The predictor's probability shape for a tile batch of `shape`, without running it (through the jitted
-    `_tile_probs`, whose trace cache makes repeated probes free for a hashable predictor)."""
-    x = jax.ShapeDtypeStruct(shape, jnp.float32)
-    with_params = params is not None
-    try:
-        hash(predictor)
-    except TypeError:
-        return jax.eval_shape(lambda p, v: _tile_probs_impl(predictor, dtype, with_params, p, v), params, x)
-    return jax.eval_shape(lambda p, v: _tile_probs(predictor, dtype, with_params, p, v), params, x)
-
-
 def _device_pass(
     volume: np.ndarray,
-    predictor,
+    tiler: tuple[Callable, int],
     params,
-    dtype: str,
     tile: tuple,
     step: tuple,
     batch_size: int,
@@ -357,8 +364,9 @@ def _device_pass(
 ) -> tuple[np.ndarray, int]:
     """`_tiled_pass` with the padded volume and the accumulators on the default device: the same tiles,
     weights and tile order (so the same result up to float32 rounding), cut and blended inside compiled
-    calls of TILE_BATCHES_PER_CALL batches. Device memory: the padded volume, `(Dp, Hp, Wp, K)` + `(Dp, Hp, Wp)`
-    float32 accumulators and the model's activations. Returns (probabilities (D, H, W, K) float32, done)."""
+    calls of TILE_BATCHES_PER_CALL batches (`tiler`: `_device_tiler`'s chunk function and K). Device memory:
+    the padded volume, `(Dp, Hp, Wp, K)` + `(Dp, Hp, Wp)` float32 accumulators and the model's activations.
+    Returns (probabilities (D, H, W, K) float32, done)."""
     shape = volume.shape[:3]
     pads = pad_to_multiple(shape, tile)
     padded_shape = tuple(n + a + b for n, (a, b) in zip(shape, pads))
@@ -374,15 +382,9 @@ def _device_pass(
     o = o.reshape(n_calls, per_call, batch_size, 3)
     valid = valid.reshape(n_calls, per_call, batch_size)
     vol = jnp.pad(jnp.asarray(volume), tuple(pads) + ((0, 0),))
-    probe = _probe_probs(predictor, params, dtype, (batch_size, *tile, volume.shape[-1]))
-    if probe.ndim != 5 or tuple(probe.shape[:4]) != (batch_size, *tile):
-        raise ConfigError(
-            f"predictor returned shape {tuple(probe.shape)} for input "
-            f"{(batch_size, *tile, volume.shape[-1])}; expected logits {(batch_size, *tile, 'K')}"
-        )
-    acc = jnp.zeros(padded_shape + (probe.shape[-1],), jnp.float32)
+    chunk, n_classes = tiler
+    acc = jnp.zeros(padded_shape + (n_classes,), jnp.float32)
     wsum = jnp.zeros(padded_shape, jnp.float32)
-    chunk = _device_chunk_fn(predictor, dtype, params is not None, tile)
     w_dev = jnp.asarray(w)
     for k in range(n_calls):
         n = min(per_call, n_batches - k * per_call)
@@ -454,6 +456,8 @@ def tiled_inference(
     w = weight_map(tile, blend)
     prob_fn = _make_prob_fn(predictor, params, dtype)
     on_device = tiles_on_device_default() if tiles_on_device is None else bool(tiles_on_device)
+    if on_device:
+        tiler = _device_tiler(predictor, params, dtype, tile, int(batch_size), vol.shape[-1])
     flips = list(itertools.product((False, True), repeat=3)) if tta else [(False, False, False)]
     padded_shape = [n + left + right for n, (left, right) in zip(vol.shape[:3], pad_to_multiple(vol.shape[:3], tile))]
     total = len(flips) * len(tile_origins(padded_shape, tile, stp, cover_end))
@@ -464,9 +468,8 @@ def tiled_inference(
         if on_device:
             p, done = _device_pass(
                 np.ascontiguousarray(v),
-                predictor,
+                tiler,
                 params,
-                dtype,
                 tile,
                 stp,
                 int(batch_size),

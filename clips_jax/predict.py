@@ -538,7 +538,7 @@ def run_batch(
     studies = find_studies(input_path)
     n = len(studies)
     result: dict = {"ok": [], "skipped": [], "failed": {}, "not_studies": {}}
-    for folder, why in skipped_folders(input_path):
+    for folder, why in skipped_folders(input_path, studies):
         print(f"skipped folder {folder}: {why}", file=err, flush=True)
         result["not_studies"][str(folder)] = why
     progress = _tile_progress(err)

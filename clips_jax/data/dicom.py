@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,7 +39,7 @@ from pydicom.valuerep import DA, DT, TM
 from clips_jax.data.case import Case
 from clips_jax.data.geometry import Geometry
 from clips_jax.data.resample import resample_to_grid
-from clips_jax.errors import DataError
+from clips_jax.errors import DataError, DataWarning
 
 CT_OUTSIDE_HU = -1024.0
 _MODALITY_NAMES = {"PT": "PET", "CT": "CT"}
@@ -342,10 +343,6 @@ def _regular_positions(
 
     Raises DataError naming the neighbouring files when a gap exceeds MISSING_SLICE_STEPS median steps.
     """
-    import warnings
-
-    from clips_jax.errors import DataWarning
-
     k = np.arange(len(pos))
     slope, intercept = np.polyfit(k, pos, 1)
     tol = max(SLICE_FIT_TOL_MM, SLICE_FIT_TOL_FRACTION * abs(slope))
@@ -625,25 +622,25 @@ def _axial_range(geom: Geometry, direction: np.ndarray) -> tuple[float, float]:
     return p[0], p[1]
 
 
-def ct_axial_coverage(ct_geom: Geometry, pet_geom: Geometry) -> float:
-    """Fraction (0..1) of the PET's axial extent (first to last slice centre, along the PET's slice axis) that
-    the CT's slice range covers."""
-    a = np.asarray(pet_geom.affine, dtype=np.float64)
-    direction = a[:3, 2] / np.linalg.norm(a[:3, 2])
-    p0, p1 = _axial_range(pet_geom, direction)
-    c0, c1 = _axial_range(ct_geom, direction)
-    if p1 - p0 <= 0:
-        return 1.0 if c0 <= p0 <= c1 else 0.0
-    return max(0.0, min(p1, c1) - max(p0, c0)) / (p1 - p0)
-
-
-def _check_ct_coverage(coverage: float, ct_geom: Geometry, pet_geom: Geometry, where: str, allow: bool) -> None:
-    """DataError (or, with `allow`, a DataWarning) when the CT covers less than MIN_CT_COVERAGE of the PET."""
-    if coverage >= MIN_CT_COVERAGE:
-        return
+def ct_axial_coverage(ct_geom: Geometry, pet_geom: Geometry) -> tuple[float, tuple[float, float], tuple[float, float]]:
+    """(fraction 0..1 of the PET's axial extent that the CT's slice range covers, PET range, CT range), the
+    ranges in mm from the first to the last slice centre along the PET's slice axis."""
     a = np.asarray(pet_geom.affine, dtype=np.float64)
     direction = a[:3, 2] / np.linalg.norm(a[:3, 2])
     (p0, p1), (c0, c1) = _axial_range(pet_geom, direction), _axial_range(ct_geom, direction)
+    if p1 - p0 <= 0:
+        fraction = 1.0 if c0 <= p0 <= c1 else 0.0
+    else:
+        fraction = max(0.0, min(p1, c1) - max(p0, c0)) / (p1 - p0)
+    return fraction, (p0, p1), (c0, c1)
+
+
+def _check_ct_coverage(ct_geom: Geometry, pet_geom: Geometry, where: str, allow: bool) -> float:
+    """The CT's coverage of the PET (`ct_axial_coverage`); below MIN_CT_COVERAGE a DataError naming both ranges,
+    or with `allow` a DataWarning."""
+    coverage, (p0, p1), (c0, c1) = ct_axial_coverage(ct_geom, pet_geom)
+    if coverage >= MIN_CT_COVERAGE:
+        return coverage
     msg = (
         f"{where}: the CT covers {100 * coverage:.0f} % of the PET's axial extent (PET {p0:.1f} to {p1:.1f} mm, "
         f"CT {c0:.1f} to {c1:.1f} mm along the PET slice axis; need {100 * MIN_CT_COVERAGE:.0f} %)"
@@ -653,13 +650,10 @@ def _check_ct_coverage(coverage: float, ct_geom: Geometry, pet_geom: Geometry, w
             msg + "; give the CT of the same bed range, or pass --allow_partial_ct to fill the "
             "uncovered PET slices with air"
         )
-    import warnings
-
-    from clips_jax.errors import DataWarning
-
     warnings.warn(
         DataWarning(msg + "; the uncovered PET slices get air (-1024 HU), as --allow_partial_ct asks"), stacklevel=3
     )
+    return coverage
 
 
 def read_dicom_study(folder: str | os.PathLike, *, allow_partial_ct: bool = False) -> Case:
@@ -715,8 +709,7 @@ def read_dicom_study(folder: str | os.PathLike, *, allow_partial_ct: bool = Fals
         suv = (pet.astype(np.float64) * factor).astype(np.float32)
 
     ct, ct_geom, ct_ds, _ = stack_series(series[ct_uid])
-    coverage = ct_axial_coverage(ct_geom, pet_geom)
-    _check_ct_coverage(coverage, ct_geom, pet_geom, f"{folder}", allow_partial_ct)
+    coverage = _check_ct_coverage(ct_geom, pet_geom, f"{folder}", allow_partial_ct)
     ct_resampled = not ct_geom.same_grid(pet_geom)
     if ct_resampled:
         ct = resample_to_grid(ct, ct_geom, pet_geom, order=1, cval=CT_OUTSIDE_HU)

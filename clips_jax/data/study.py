@@ -152,14 +152,11 @@ def why_not_a_study(folder: str | os.PathLike) -> str | None:
     return "no DICOM or NIfTI study files"
 
 
-def skipped_folders(root: str | os.PathLike) -> list[tuple[Path, str]]:
-    """The immediate sub-folders of a batch `root` that `find_studies` does not count as studies, with the
-    reason (`why_not_a_study`), so batch commands can list every folder they skip. Empty when `root` itself is
-    one study."""
+def skipped_folders(root: str | os.PathLike, studies: list[Path]) -> list[tuple[Path, str]]:
+    """The immediate sub-folders of a batch `root` that are not among `studies` (what `find_studies(root)`
+    returned), with the reason (`why_not_a_study`), so batch commands can list every folder they skip. Empty
+    when `root` itself is the study."""
     root = Path(root)
-    if not root.is_dir() or is_nifti_study(root):
-        return []
-    studies = find_studies(root)
     if studies == [root]:
         return []
     subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

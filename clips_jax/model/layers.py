@@ -190,26 +190,32 @@ def prefer_2d_convs() -> bool:
     return mode in ("2d", "fold") or (mode == "auto" and jax.default_backend() == "cpu")
 
 
-def _use_2d_convs(
+def _plain_channels_last_3d(
     lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, **kwargs
 ) -> bool:
-    """True if `conv_general_3d` may (and should) decompose this call into 2-D convolutions."""
-    if not prefer_2d_convs():
-        return False
-    if any(v is not None for v in kwargs.values()):  # out_sharding / preferred_element_type: leave to lax
+    """True for a plain NDHWC x DHWIO convolution: explicit padding, no dilation, no groups, no extra lax
+    options (out_sharding / preferred_element_type). Only such calls may be rewritten by `conv_general_3d`."""
+    if any(v is not None for v in kwargs.values()):
         return False
     if lhs.ndim != 5 or rhs.ndim != 5 or isinstance(padding, str) or feature_group_count != 1:
         return False
     if any(v not in (None, 1) for v in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
         return False
-    if jnp.dtype(lhs.dtype) != jnp.float32 or jnp.dtype(rhs.dtype) != jnp.float32:
-        return False  # keep one fp32-accumulating conv for reduced precision
     want = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NDHWC", "DHWIO", "NDHWC"))
-    # None means lax's default NCDHW / OIDHW layout: not the channels-last one decomposed here
+    # None means lax's default NCDHW / OIDHW layout: not the channels-last one rewritten here
     return (
         dimension_numbers is not None
         and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == want
     )
+
+
+def _use_2d_convs(lhs, rhs, *conv_args, **kwargs) -> bool:
+    """True if `conv_general_3d` may (and should) decompose this call into 2-D convolutions (CPU)."""
+    if not prefer_2d_convs():
+        return False
+    if jnp.dtype(lhs.dtype) != jnp.float32 or jnp.dtype(rhs.dtype) != jnp.float32:
+        return False  # keep one fp32-accumulating conv for reduced precision
+    return _plain_channels_last_3d(lhs, rhs, *conv_args, **kwargs)
 
 
 FOLD_FEW_CHANNELS = 8
@@ -220,25 +226,15 @@ measured on an H200 (BENCHMARKS.md, "Where the GPU time goes"), the refiner's 9^
 against 3.1 ms with its gradients (batch 2, 128x96x96); padding the channels to 8 or 16 did not help."""
 
 
-def _fold_few_channels(
-    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, **kwargs
-) -> bool:
+def _fold_few_channels(lhs, rhs, window_strides, *conv_args, **kwargs) -> bool:
     """True for the accelerator rule above (`CLIPS_CONV3D=auto`, not on CPU, where `_use_2d_convs` decides)."""
     if conv3d_mode() != "auto" or jax.default_backend() == "cpu":
         return False
-    if any(v is not None for v in kwargs.values()) or feature_group_count != 1 or isinstance(padding, str):
-        return False
-    if lhs.ndim != 5 or rhs.ndim != 5 or rhs.shape[3] >= FOLD_FEW_CHANNELS or rhs.shape[0] == 1:
+    if rhs.ndim != 5 or rhs.shape[3] >= FOLD_FEW_CHANNELS or rhs.shape[0] == 1:
         return False
     if any(int(v) != 1 for v in window_strides):
         return False
-    if any(v not in (None, 1) for v in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
-        return False
-    want = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NDHWC", "DHWIO", "NDHWC"))
-    return (
-        dimension_numbers is not None
-        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == want
-    )
+    return _plain_channels_last_3d(lhs, rhs, *conv_args, **kwargs)
 
 
 def conv_general_3d(
