@@ -15,7 +15,9 @@ def zyx_triple(value: Any, name: str) -> tuple[int, int, int]:
     Raises ConfigError naming `name` for anything else (wrong length, not integers, < 1).
     """
     try:
-        t = tuple(int(v) for v in np.broadcast_to(np.asarray(value), (3,)))
+        raw = np.broadcast_to(np.asarray(value), (3,))
+        exact = raw.dtype != bool and all(float(v) == int(v) for v in raw)  # 2.5 or True is not a size
+        t = tuple(int(v) for v in raw) if exact else (0,)
     except (TypeError, ValueError):
         t = (0,)
     if len(t) != 3 or min(t) < 1:

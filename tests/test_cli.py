@@ -67,3 +67,12 @@ def test_run_tool_usage_help_and_returned_status(capsys):
 def test_error_cuts_an_embedded_traceback(capsys):
     cli.error("flag --config=x: Error whilst parsing: Traceback (most recent call last):\n  File a\nValueError: bad")
     assert capsys.readouterr().err == "error: flag --config=x: Error whilst parsing: ValueError: bad\n"
+
+
+def test_zyx_triple_checks_library_sizes():
+    from clips_jax.checks import zyx_triple
+
+    assert zyx_triple(4, "tile") == (4, 4, 4) and zyx_triple((128, 96, 96.0), "tile") == (128, 96, 96)
+    for bad in (2.5, (96.7, 96, 96), True, (1, 2), "a", 0, (4, -1, 4)):
+        with pytest.raises(ConfigError, match="tile"):
+            zyx_triple(bad, "tile")

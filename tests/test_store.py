@@ -250,6 +250,27 @@ def test_store_of_a_newer_format_is_refused(tmp_path):
     assert len(CaseStore(tmp_path)) == 0
 
 
+def test_prepare_refuses_a_store_it_cannot_read_and_touches_nothing(dataset, tmp_path):
+    data, _ = dataset
+    import json as _json
+
+    from clips_jax.data.store import MANIFEST_VERSION
+    from clips_jax.errors import DataError
+
+    out = tmp_path / "cache"
+    prepare_dataset(data, out, spacing_mm=6.0, seed=0, log=lambda m: None)
+    doc = _json.loads((out / "manifest.json").read_text())
+    doc["version"] = MANIFEST_VERSION + 1  # a store written by a newer clips-jax
+    (out / "manifest.json").write_text(_json.dumps(doc))
+    before = {p: p.stat().st_mtime_ns for p in (out / "cases").rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match="newer than this clips-jax"):
+        prepare_dataset(data, out, spacing_mm=6.0, seed=0, log=lambda m: None)
+    assert {p: p.stat().st_mtime_ns for p in (out / "cases").rglob("*") if p.is_file()} == before
+    (out / "manifest.json").write_text("{ not json")
+    with pytest.raises(DataError, match="unreadable manifest.*delete it and run prepare again"):
+        prepare_dataset(data, out, spacing_mm=6.0, seed=0, log=lambda m: None)
+
+
 # ---- the manifest's one writer: lock, derived namespace, migration ------------------------------------------
 
 

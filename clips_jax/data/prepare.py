@@ -183,12 +183,10 @@ def prepare_dataset(
 
     native_grid = is_native(spacing_mm)
     spacing_list = None if native_grid else list(np.broadcast_to(np.asarray(spacing_mm, float), (3,)))
-    old = {}
-    try:
-        old_store = st.CaseStore(out)
-        old = {c["id"]: c for c in old_store.cases}
-    except Exception:  # no or unreadable manifest: start afresh (cases are re-done)
-        old_store, old = None, {}
+    # An existing manifest must be readable (a newer format or a damaged file is an error saying what to do:
+    # never redo, and so overwrite, the cases of a store this version cannot read); none: a new store.
+    old_store = st.CaseStore(out) if (Path(out) / st.MANIFEST).is_file() else None
+    old = {c["id"]: c for c in old_store.cases} if old_store is not None else {}
     if old_store is not None and old and "spacing_mm" in old_store.manifest:
         was = old_store.manifest["spacing_mm"]
         if (was is None) != (spacing_list is None) or (was is not None and not np.allclose(was, spacing_list)):

@@ -256,7 +256,7 @@ def update_manifest(cache_dir: str | Path, change: Callable[[dict], Any], *, cre
         try:
             doc = read_manifest(cache_dir)
         except DataError:
-            if not create or (path.is_file() and _newer_format(path)):
+            if not create or path.is_file():  # only a missing manifest starts a new store
                 raise
             doc = {"version": MANIFEST_VERSION, "cases": []}
         new = change(doc)
@@ -265,14 +265,6 @@ def update_manifest(cache_dir: str | Path, change: Callable[[dict], Any], *, cre
         text = json.dumps(json_safe(doc), indent=1, allow_nan=False)
         write_text_atomic(path, text)
     return json.loads(text)
-
-
-def _newer_format(path: Path) -> bool:
-    try:
-        v = json.loads(path.read_text(encoding="utf-8")).get("version", 1)
-    except (OSError, ValueError, AttributeError):
-        return False
-    return not isinstance(v, int) or v > MANIFEST_VERSION
 
 
 def write_case_arrays(

@@ -206,8 +206,8 @@ def score_teacher(
     The teacher (the best-validation model of `teacher_run`) predicts every training case; its soft-Dice loss
     w.r.t. the ground truth is the case's difficulty (higher = harder; NaN for lesion-free cases). The scores go
     into the store as derived data of that teacher (`teacher.write_teacher_losses`, namespaced by the teacher
-    id, not made the store's default teacher); cases it already scored are not scored again. `scores_csv` gets
-    `case,teacher_loss` of the training cases. DataError if a case fails to score (nothing of it is written).
+    id, not made the store's default teacher; `teacher.score_store`); cases it already scored are not scored
+    again. `scores_csv` gets `case,teacher_loss` of the training cases. DataError if a case fails to score.
     """
     from clips_jax.experiments import teacher
 
@@ -217,38 +217,36 @@ def score_teacher(
     record = teacher.make_record(
         Path(teacher_run).absolute().as_posix(), str(teacher_cfg.model.kind), "soft_dice", tile, step, **info
     )
-    tid = teacher.teacher_id(record)
-    train = [int(i) for i in store.split_indices("train")]
-    todo = set(teacher.pending_cases(store, [store.ids[i] for i in train], record))
-    if todo:
-        log(
-            f"scoring {len(todo)} training cases with the teacher {teacher_run} (transfer-teacher curriculum; "
-            f"teacher id {tid} in {store.cache_dir})"
+    log(
+        f"teacher {teacher_run}: scoring the training cases of {store.cache_dir} not yet scored by it "
+        "(transfer-teacher curriculum)"
+    )
+    summary = teacher.score_store(
+        store.cache_dir,
+        model,
+        record,
+        split="train",
+        tile_shape=tile,
+        step=step,
+        batch_size=int(e.batch_size),
+        loss="soft_dice",
+        default=False,
+        log=lambda _: None,
+    )
+    if summary["failed"]:
+        cid = summary["failed"][0]
+        raise DataError(
+            f"teacher scoring failed for {len(summary['failed'])} training case(s), first {cid}: "
+            f"{summary['errors'][cid]}; the cases scored are kept, a rerun scores the rest"
         )
-        failed: dict[str, str] = {}
-        scores = teacher.score_cases(
-            store,
-            model,
-            indices=[i for i in train if store.ids[i] in todo],
-            tile_shape=tile,
-            step=step,
-            batch_size=int(e.batch_size),
-            loss="soft_dice",
-            failed=failed,
-            log=lambda _: None,
-        )
-        if failed:
-            cid = next(iter(failed))
-            raise DataError(f"teacher scoring failed for {len(failed)} training case(s), first {cid}: {failed[cid]}")
-        teacher.write_teacher_losses(store, scores, record, teacher=tid, default=False)
-    losses = store.teacher_losses(tid)
+    tid = summary["teacher"]
+    train_ids = {store.ids[int(i)] for i in store.split_indices("train")}
+    losses = type(store)(store.cache_dir).teacher_losses(tid)  # re-read: score_store wrote through its own handle
     write_text_atomic(
         scores_csv,
         "case,teacher_loss\n"
         + "".join(
-            f"{k},{'nan' if not math.isfinite(v) else f'{v:.6g}'}\n"
-            for k, v in losses.items()
-            if k in {store.ids[i] for i in train}
+            f"{k},{'nan' if not math.isfinite(v) else f'{v:.6g}'}\n" for k, v in losses.items() if k in train_ids
         ),
     )
     return tid

@@ -82,8 +82,7 @@ LOSSES = CASE_LOSSES
 """Per-case teacher loss kinds (see the module docstring)."""
 
 LOSS_KEY = "teacher_loss"
-RECORD_KEY = "teacher"
-"""The per-case loss column of `CaseStore.case_rows`, and the derived namespace (`derived.teacher.<id>`)."""
+"""The per-case loss column of `CaseStore.case_rows` (stored under `derived.teacher.<id>`)."""
 
 DEFAULT_TILE = (128, 96, 96)
 DEFAULT_STEP = (64, 48, 48)
@@ -212,14 +211,6 @@ def score_cases(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def same_teacher(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
-    """True if two teacher records describe the same teacher and settings (every field but "date")."""
-    if not isinstance(a, Mapping) or not isinstance(b, Mapping):
-        return False
-    strip = lambda r: {k: v for k, v in r.items() if k != "date"}  # noqa: E731
-    return json.dumps(strip(a), sort_keys=True) == json.dumps(strip(b), sort_keys=True)
-
-
 def make_record(
     source: str,
     model: str,
@@ -245,7 +236,7 @@ def make_record(
 
 def teacher_id(record: Mapping[str, Any] | None) -> str:
     """The id a teacher's scores are stored under: "<model>-<10 hex digits of a hash of the record without its
-    date>" (equal ids <=> `same_teacher`), or "unrecorded" for scores written without a record."""
+    date>" (equal ids: the same teacher and settings), or "unrecorded" for scores written without a record."""
     if not isinstance(record, Mapping):
         return "unrecorded"
     text = json.dumps({k: v for k, v in record.items() if k != "date"}, sort_keys=True, default=str)
