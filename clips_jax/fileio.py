@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,11 +31,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; the target gets what open() would give
+    tmp_path = _new_temp(target.parent, f".{target.name}.", f".tmp{''.join(target.suffixes)}", directory=False)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -55,8 +51,7 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; choose another output or remove it first")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the target gets what mkdir() would give
+    tmp = _new_temp(target.parent, f".{target.name}.", ".tmp", directory=True)
     try:
         yield tmp
         if target.exists():
@@ -72,17 +67,20 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         raise
 
 
-def current_umask() -> int:
-    """The process umask (read from /proc/self/status where available, so no other thread sees it changed)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _new_temp(parent: Path, prefix: str, suffix: str, *, directory: bool) -> Path:
+    """A new, uniquely named file (mode 0666) or directory (0777) in `parent`, made as `open()` / `mkdir()`
+    would: the kernel applies the umask and any default ACL (mkstemp / mkdtemp would give 0600 / 0700)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            if directory:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: no free temporary name for {prefix}*{suffix}")
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:
