@@ -146,6 +146,46 @@ def test_prepare_reports_corrupt_case(dataset, tmp_path):
     assert not (tmp_path / "c" / "cases" / paths[1].name).exists()
 
 
+def test_prepare_lists_skipped_folders_names_unlabelled_studies_and_creates_nothing_on_failure(dataset, tmp_path):
+    data, paths = dataset
+    (paths[3] / "SEG.nii.gz").unlink()  # an unlabelled study
+    (data / "empty_folder").mkdir()
+    (data / "only_ct").mkdir()
+    (paths[0] / "CTres.nii.gz").rename(data / "only_ct" / "CTres.nii.gz")  # paths[0] is no study any more
+    lines = []
+    s = prepare_dataset(data, tmp_path / "c", log=lines.append)
+    assert set(s["not_studies"]) == {str(data / "empty_folder"), str(data / "only_ct"), str(paths[0])}
+    assert sum(line.startswith("skipped folder") for line in lines) == 3
+    (line,) = [m for m in lines if paths[3].name in m and ": ok" in m]
+    assert "no lesion mask" in line and "nan" not in line
+    # every study fails: no store folder is left behind, and the summary says so
+    for p in paths[1:]:
+        (p / "SUV.nii.gz").write_bytes(b"broken")
+    lines = []
+    s = prepare_dataset(data, tmp_path / "none", log=lines.append)
+    assert len(s["failed"]) == 3 and not s["prepared"]
+    assert not (tmp_path / "none").exists() and "nothing written" in lines[-4]
+
+
+def test_prepare_usage_errors_leave_no_folder(tmp_path):
+    for argv, code in (
+        (["--input", str(tmp_path / "missing")], 1),
+        (["--input", str(tmp_path)], 1),  # a folder without studies
+        (["--input", str(tmp_path), "--split", str(tmp_path / "no_split.json")], 1),
+        (["--input", str(tmp_path), "--spacing", "abc"], 2),
+    ):
+        out = tmp_path / "store"
+        r = subprocess.run(
+            [sys.executable, "-m", "clips_jax.data.prepare", *argv, "--output", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == code, (argv, r.stderr)
+        assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+        assert not out.exists(), argv
+
+
 def test_study_id(tmp_path):
     (tmp_path / "PETCT_a" / "2001-01").mkdir(parents=True)
     assert study_id(tmp_path, tmp_path / "PETCT_a" / "2001-01") == ("PETCT_a__2001-01", "PETCT_a")

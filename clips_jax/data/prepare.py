@@ -34,6 +34,7 @@ Splits (recomputed on every run over all studies found, so stable for a fixed da
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -43,6 +44,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from clips_jax import batch
 from clips_jax.data import store as st
 from clips_jax.errors import ConfigError, DataError
 
@@ -137,6 +139,7 @@ def prepare_dataset(
     seed: int = 0,
     split_json: Mapping | None = None,
     dtype=np.float32,
+    allow_partial_ct: bool = False,
     find_fn: Callable | None = None,
     load_fn: Callable | None = None,
     resample_fn: Callable | None = None,
@@ -144,33 +147,118 @@ def prepare_dataset(
 ) -> dict:
     """Build or update the case store `output_dir` from the studies under `input_dir` (see module docstring).
 
+    Steps: find the studies (listing the folders that are not studies) -> ids and splits -> check an existing
+    store's grid -> one `batch.for_each_case` over the studies (load, measure, resample, write, manifest) ->
+    summary. Nothing is created before the first case is written: a usage error, or a run in which every
+    study fails, leaves no new folder behind.
+
     Args:
-      input_dir: dataset root. output_dir: cache folder (created).
+      input_dir: dataset root. output_dir: cache folder (created with the first case).
       spacing_mm: training grid spacing (one number or (z, y, x)), mm; "native", None or 0 keep each case on
         its native PET grid (no resampling, `resample_fn` unused).
       seed / split_json: see `assign_splits`.
       dtype: storage dtype of ct/suv (np.float32 or np.float16).
+      allow_partial_ct: DICOM studies whose CT covers less than 90 % of the PET's axial extent are prepared
+        with a warning (uncovered slices get air) instead of failing (`clips_jax.data.dicom.read_dicom_study`).
       find_fn, load_fn, resample_fn: overrides of `study.find_studies`, `study.load_study` and
         `resample.resample_case` (tests; other dataset layouts).
       log: one-line progress/failure sink.
     Returns:
-      summary dict: `prepared`, `skipped`, `failed` (lists of case ids), `errors` (id -> message), `total`.
+      summary dict: `prepared`, `skipped`, `failed` (lists of case ids), `errors` (id -> message), `total`,
+      `not_studies` (folder -> why it is not a study).
+    Raises:
+      ConfigError / DataError before anything is written: no study, two studies with one case id, a bad split
+      file, a store prepared with another spacing or one this version cannot read.
     """
-    if find_fn is None or load_fn is None:
-        from clips_jax.data import study
+    find_fn, load_fn, resample_fn = _default_steps(find_fn, load_fn, resample_fn, allow_partial_ct)
+    out = Path(output_dir)
+    studies = [Path(p) for p in find_fn(input_dir)]
+    not_studies = _report_skipped_folders(input_dir, studies, log) if find_fn is _find_studies else {}
+    ids = _case_ids(input_dir, studies)
+    splits = _splits(dict(ids.values()), seed, split_json, log)
+    native_grid = is_native(spacing_mm)
+    spacing_list = None if native_grid else list(np.broadcast_to(np.asarray(spacing_mm, float), (3,)))
+    old = _existing_cases(out, spacing_list)
+    writer = _ManifestWriter(out, splits, header=_manifest_header(spacing_list, dtype, seed, split_json))
+    path_of = {cid: path for path, (cid, _) in ids.items()}
 
-        find_fn = find_fn or study.find_studies
-        load_fn = load_fn or study.load_study
+    def prepare_one(cid: str):
+        path = path_of[cid]
+        if cid in old and st.case_complete(out, cid):
+            writer.keep(cid, old[cid])
+            return batch.skipped()
+        case = load_fn(path)
+        native = case.geometry
+        meas = st.difficulty_measures(case.seg, case.suv, case.ct, native.spacing_mm)
+        rs = case if native_grid else resample_fn(case, spacing_mm)
+        st.write_case_arrays(out, cid, rs.ct, rs.suv, rs.seg, dtype=dtype)
+        source = Path(path).resolve().relative_to(Path(input_dir).resolve()).as_posix()
+        writer.add(cid, _case_entry(cid, ids[path][1], source, case.seg is not None, rs.geometry, native, meas))
+        return batch.done(f"ok, {rs.geometry.shape} voxels, {_lesion_text(meas)} ({time.time() - t0:.0f} s)")
+
+    t0 = time.time()
+    outcomes = batch.for_each_case(path_of, prepare_one, log=log)
+    writer.flush()
+    counts = {s: sum(1 for c in writer.done if splits[c] == s) for s in (*SPLITS, "unused")}
+    where = f"store {out}" if writer.done else f"nothing written ({out} not created)"
+    log(
+        f"summary: {outcomes.total} studies, {len(outcomes.done)} prepared, {len(outcomes.skipped)} "
+        f"already done, {len(outcomes.failed)} failed; splits {counts}; {where}"
+    )
+    for line in outcomes.failure_lines():
+        log(line)
+    return {
+        "prepared": outcomes.done,
+        "skipped": outcomes.skipped,
+        "failed": list(outcomes.failed),
+        "errors": outcomes.failed,
+        "total": outcomes.total,
+        "not_studies": not_studies,
+    }
+
+
+def _find_studies(root):
+    """`study.find_studies` (imported lazily: the study loaders pull in pydicom)."""
+    from clips_jax.data.study import find_studies
+
+    return find_studies(root)
+
+
+def _default_steps(find_fn, load_fn, resample_fn, allow_partial_ct: bool):
+    """The (find, load, resample) functions: the given overrides, else the study finder, the study loader
+    (with `allow_partial_ct`) and `resample.resample_case`."""
+    if load_fn is None:
+        from clips_jax.data.study import load_study
+
+        load_fn = functools.partial(load_study, allow_partial_ct=allow_partial_ct)
     if resample_fn is None:
         from clips_jax.data.resample import resample_case as resample_fn
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    studies = [Path(p) for p in find_fn(input_dir)]
-    ids = [study_id(input_dir, p) for p in studies]
-    dup = {c for c, _ in ids if sum(1 for d, _ in ids if d == c) > 1}
-    if dup:
-        raise ConfigError(f"{input_dir}: several studies map to the same case id {sorted(dup)[:3]}")
-    patients = {c: p for c, p in ids}
+    return find_fn or _find_studies, load_fn, resample_fn
+
+
+def _report_skipped_folders(root, studies: list[Path], log) -> dict[str, str]:
+    """Log "skipped folder <folder>: <why>" for each sub-folder of `root` that is not a study; folder -> why."""
+    from clips_jax.data.study import skipped_folders
+
+    found = {str(folder): why for folder, why in skipped_folders(root, studies)}
+    for folder, why in found.items():
+        log(f"skipped folder {folder}: {why}")
+    return found
+
+
+def _case_ids(root, studies: list[Path]) -> dict[Path, tuple[str, str]]:
+    """study folder -> (case id, patient id) (`study_id`); ConfigError when two studies get one case id."""
+    ids = {p: study_id(root, p) for p in studies}
+    seen: dict[str, Path] = {}
+    for p, (cid, _) in ids.items():
+        if cid in seen:
+            raise ConfigError(f"{root}: the studies {seen[cid]} and {p} map to the same case id {cid!r}")
+        seen[cid] = p
+    return ids
+
+
+def _splits(patients: Mapping[str, str], seed: int, split_json: Mapping | None, log) -> dict[str, str]:
+    """`assign_splits`, warning about studies in no split and split-file ids that match no study."""
     splits = assign_splits(patients, seed, split_json=split_json)
     if split_json is not None:
         n_unused = sum(1 for s in splits.values() if s == "unused")
@@ -180,88 +268,97 @@ def prepare_dataset(
             log(f"warning: {n_unused} studies are in no split of the split file (split 'unused')")
         if missing:
             log(f"warning: {len(missing)} ids of the split file were not found, e.g. {sorted(missing)[:3]}")
+    return splits
 
-    native_grid = is_native(spacing_mm)
-    spacing_list = None if native_grid else list(np.broadcast_to(np.asarray(spacing_mm, float), (3,)))
-    # An existing manifest must be readable (a newer format or a damaged file is an error saying what to do:
-    # never redo, and so overwrite, the cases of a store this version cannot read); none: a new store.
-    old_store = st.CaseStore(out) if (Path(out) / st.MANIFEST).is_file() else None
-    old = {c["id"]: c for c in old_store.cases} if old_store is not None else {}
-    if old_store is not None and old and "spacing_mm" in old_store.manifest:
-        was = old_store.manifest["spacing_mm"]
+
+def _existing_cases(out: Path, spacing_list) -> dict[str, dict]:
+    """Case id -> manifest entry of an existing store at `out` ({} for a new one).
+
+    An existing manifest must be readable (a newer format or a damaged file is an error saying what to do:
+    never redo, and so overwrite, the cases of a store this version cannot read) and prepared for the same
+    grid (ConfigError naming both spacings otherwise).
+    """
+    if not (out / st.MANIFEST).is_file():
+        return {}
+    store = st.CaseStore(out)
+    old = {c["id"]: c for c in store.cases}
+    if old and "spacing_mm" in store.manifest:
+        was = store.manifest["spacing_mm"]
         if (was is None) != (spacing_list is None) or (was is not None and not np.allclose(was, spacing_list)):
             raise ConfigError(
                 f"{out}: this store was prepared with spacing {was or NATIVE} mm, not "
                 f"{spacing_list or NATIVE}; use another --output folder"
             )
-    extra = {
+    return old
+
+
+def _manifest_header(spacing_list, dtype, seed: int, split_json) -> dict:
+    """The store-level manifest fields this run sets (grid, dtype, split provenance)."""
+    return {
         "spacing_mm": spacing_list,
-        "grid": NATIVE if native_grid else "resampled",
+        "grid": NATIVE if spacing_list is None else "resampled",
         "dtype": np.dtype(dtype).name,
         "seed": int(seed),
         "split_source": "json" if split_json is not None else "seed",
     }
-    done: dict[str, dict] = {}
-    fresh: dict[str, dict] = {}  # entries of cases prepared by this run and not yet written
-    summary = {"prepared": [], "skipped": [], "failed": [], "errors": {}, "total": len(studies)}
 
-    def flush():
+
+def _case_entry(cid: str, patient: str, source: str, has_seg: bool, grid, native, meas: Mapping) -> dict:
+    """The manifest entry of a freshly prepared case (`clips_jax.data.store` module docstring)."""
+    return {
+        "id": cid,
+        "patient": patient,
+        "source": source,
+        "has_seg": has_seg,
+        "shape": list(grid.shape),
+        "geometry": grid.to_json(),
+        "native_geometry": native.to_json(),
+        **meas,
+    }
+
+
+def _lesion_text(meas: Mapping) -> str:
+    """ "3 lesions, TMTV 12.5 ml" for a labelled case; "no lesion mask (unlabelled study)" without a mask."""
+    if meas.get("n_lesions") is None or not np.isfinite(meas["n_lesions"]):
+        return "no lesion mask (unlabelled study)"
+    return f"{int(meas['n_lesions'])} lesions, TMTV {meas['tmtv_ml']:.1f} ml"
+
+
+class _ManifestWriter:
+    """Keeps the manifest of the store `out` equal to the cases finished so far (`done`), through the store's
+    one locked writer (`store.update_manifest`) after each fresh case; writes nothing until a case is done."""
+
+    def __init__(self, out: Path, splits: Mapping[str, str], header: Mapping):
+        self.out, self.splits, self.header = out, splits, dict(header)
+        self.done: dict[str, dict] = {}
+        self.fresh: dict[str, dict] = {}  # entries of cases prepared by this run and not yet written
+
+    def keep(self, cid: str, entry: dict) -> None:
+        """A finished case of an earlier run stays as it is on disk (its derived data included)."""
+        self.done[cid] = entry
+
+    def add(self, cid: str, entry: dict) -> None:
+        """A case prepared now: recorded, and the manifest rewritten."""
+        self.done[cid] = self.fresh[cid] = entry
+        self.flush()
+
+    def flush(self) -> None:
+        """Rewrite the manifest: exactly the cases of `done`, each with its current split (nothing when none)."""
+        if not self.done:
+            return
+
         def change(doc: dict) -> None:
-            # The manifest lists exactly the cases of `done`; a case not re-prepared keeps its current entry on
-            # disk (with what other writers added meanwhile, e.g. derived data), a fresh one gets its new entry.
+            # A case not re-prepared keeps its current entry on disk (with what other writers added meanwhile,
+            # e.g. derived data); a fresh one gets its new entry.
             current = {c.get("id"): c for c in doc.get("cases", [])}
-            doc.update(extra)
+            doc.update(self.header)
             doc["cases"] = [
-                {**(fresh[cid] if cid in fresh else current.get(cid, done[cid])), "split": splits[cid]}
-                for cid in sorted(done)
+                {**(self.fresh[c] if c in self.fresh else current.get(c, self.done[c])), "split": self.splits[c]}
+                for c in sorted(self.done)
             ]
 
-        st.update_manifest(out, change, create=True)
-        fresh.clear()
-
-    t0 = time.time()
-    for k, (path, (cid, pat)) in enumerate(zip(studies, ids)):
-        prefix = f"[{k + 1}/{len(studies)}] {cid}"
-        if cid in old and st.case_complete(out, cid):
-            done[cid] = old[cid]
-            summary["skipped"].append(cid)
-            continue
-        try:
-            case = load_fn(path)
-            native = case.geometry
-            meas = st.difficulty_measures(case.seg, case.suv, case.ct, native.spacing_mm)
-            rs = case if native_grid else resample_fn(case, spacing_mm)
-            st.write_case_arrays(out, cid, rs.ct, rs.suv, rs.seg, dtype=dtype)
-            done[cid] = fresh[cid] = {
-                "id": cid,
-                "patient": pat,
-                "source": Path(path).resolve().relative_to(Path(input_dir).resolve()).as_posix(),
-                "has_seg": case.seg is not None,
-                "shape": list(rs.geometry.shape),
-                "geometry": rs.geometry.to_json(),
-                "native_geometry": native.to_json(),
-                **meas,
-            }
-            flush()
-            summary["prepared"].append(cid)
-            log(
-                f"{prefix}: ok, {rs.geometry.shape} voxels, {meas['n_lesions']} lesions, "
-                f"TMTV {meas['tmtv_ml']:.1f} ml ({time.time() - t0:.0f} s)"
-            )
-        except Exception as e:  # noqa: BLE001 - a batch command reports the case and carries on
-            msg = f"{type(e).__name__}: {e}".splitlines()[0]
-            summary["failed"].append(cid)
-            summary["errors"][cid] = msg
-            log(f"{prefix}: FAILED, skipped ({msg})")
-    flush()
-    counts = {s: sum(1 for c in done if splits[c] == s) for s in (*SPLITS, "unused")}
-    log(
-        f"summary: {len(studies)} studies, {len(summary['prepared'])} prepared, {len(summary['skipped'])} "
-        f"already done, {len(summary['failed'])} failed; splits {counts}; store {out}"
-    )
-    for cid in summary["failed"]:
-        log(f"  failed {cid}: {summary['errors'][cid]}")
-    return summary
+        st.update_manifest(self.out, change, create=True)
+        self.fresh.clear()
 
 
 def define_flags(fv) -> None:
@@ -280,6 +377,13 @@ def define_flags(fv) -> None:
     flags.DEFINE_string("split", None, "Optional JSON file {train: [ids], val: [...], test: [...]}.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the patient-level train/val/test split.", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Storage dtype of ct and suv.", flag_values=fv)
+    flags.DEFINE_boolean(
+        "allow_partial_ct",
+        False,
+        "accept a DICOM CT covering less than 90 % of the PET's axial extent (uncovered PET slices get air; "
+        "a warning names the study)",
+        flag_values=fv,
+    )
     flags.mark_flags_as_required(["input", "output"], flag_values=fv)
 
 
@@ -301,6 +405,7 @@ def run_from_flags(fv) -> int:
         seed=fv["seed"].value,
         split_json=split,
         dtype=np.dtype(fv["dtype"].value),
+        allow_partial_ct=fv["allow_partial_ct"].value,
     )
     return 1 if summary["failed"] else 0
 
