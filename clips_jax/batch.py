@@ -72,6 +72,7 @@ def for_each_case(
     *,
     log: Callable[[str], None] | None = print,
     on_failure: Callable[[str, str], None] | None = None,
+    after_each: Callable[[str, Outcome], None] | None = None,
 ) -> Outcomes:
     """Run `step(case_id)` for every id, logging one line per case; a failing case is reported, not raised.
 
@@ -83,6 +84,9 @@ def for_each_case(
         "[k/n] <id>: FAILED, skipped (<error line>)" for failures.
       on_failure: optional `on_failure(case_id, error_line)` called for each failure (e.g. to fill a caller's
         dict as it goes).
+      after_each: optional `after_each(case_id, outcome)` called after each case that did not fail, outside
+        the failure handling: its exceptions stop the batch (e.g. a results file that cannot be written is not
+        one case's problem).
     Returns:
       `Outcomes` (ids by fate, `failed` id -> `error_line`).
     """
@@ -103,4 +107,6 @@ def for_each_case(
         (out.skipped if result.skipped else out.done).append(cid)
         if result.message:
             say(f"{prefix}: {result.message}")
+        if after_each is not None:
+            after_each(cid, result)
     return out

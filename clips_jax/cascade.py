@@ -55,6 +55,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from clips_jax import batch
 from clips_jax.checks import zyx_triple
 from clips_jax.data import store as st
 from clips_jax.data.case import Case
@@ -63,7 +64,7 @@ from clips_jax.data.geometry import Geometry
 from clips_jax.data.resample import resample_case, resample_to_grid
 from clips_jax.errors import ConfigError
 from clips_jax.fileio import atomic_path, json_safe
-from clips_jax.inference import Progress, argmax_mask, nnx_predictor, tiled_inference, upsample_probability
+from clips_jax.inference import Progress, argmax_mask, as_predictor, tiled_inference, upsample_probability
 
 # ----------------------------------------------------------------------------------------------------------
 # The two-stage cascade
@@ -228,19 +229,6 @@ def stage_a_probability(
     return resample_to_grid(prob6, coarse, geometry, order=1, cval=0.0)
 
 
-def _as_predictor(model) -> tuple[Callable, Any]:
-    """(predictor, params) from an NNX module, a (predictor, params) pair, or a plain predictor callable."""
-    if isinstance(model, tuple) and len(model) == 2:
-        return model
-    from flax import nnx
-
-    if isinstance(model, nnx.Module):
-        return nnx_predictor(model)
-    if callable(model):
-        return model, None
-    raise ConfigError(f"stage-A model {type(model).__name__}: pass an NNX module, (predictor, params) or a callable")
-
-
 def _select(store: st.CaseStore, cases) -> list[int]:
     if cases is None:
         return list(range(len(store)))
@@ -289,6 +277,48 @@ def compute_stage_a(
     """
     store = store if isinstance(store, st.CaseStore) else st.CaseStore(store)
     tile, stp = zyx_triple(tile_shape, "tile_shape"), zyx_triple(step, "step")
+    sp, out_dt = _check_stage_a_settings(store, batch_size, spacing_mm, dtype, out_dtype)
+    predictor, params = as_predictor(model)
+    settings = {"spacing_mm": sp, "tile_shape": list(tile), "step": list(stp), "dtype": dtype}
+    record = json.loads(json.dumps(json_safe({**dict(source or {}), **settings})))
+    selected = [store.ids[i] for i in _select(store, cases)]  # by id: each write refreshes the store's cases
+    tiles = dict(tile_shape=tile, step=stp, batch_size=int(batch_size), dtype=dtype)
+    t0 = time.time()
+
+    def one_case(cid: str):
+        i = store.index(cid)
+        path = store.case_dir(i) / FILE_NAME
+        if not overwrite and path.is_file() and store.derived(i, NAME) == record:
+            return batch.skipped()
+        grid, coarse, prob = _stage_a_of_case(store, i, sp, predictor, params, tiles)
+        with atomic_path(path) as tmp:
+            np.save(tmp, np.ascontiguousarray(prob, dtype=out_dt))
+        store.set_derived(NAME, {cid: record})
+        return batch.done(
+            f"ok, {grid.shape} voxels (stage A on {coarse.shape}), max p {float(prob.max()):.3f}, "
+            f"{int((prob > 0.5).sum())} voxels > 0.5 ({time.time() - t0:.0f} s)"
+        )
+
+    outcomes = batch.for_each_case(selected, one_case, log=log)
+    log(
+        f"summary: {outcomes.total} cases, {len(outcomes.done)} computed, {len(outcomes.skipped)} already "
+        f"done, {len(outcomes.failed)} failed; store {store.cache_dir}"
+    )
+    for line in outcomes.failure_lines():
+        log(line)
+    return {
+        "computed": outcomes.done,
+        "skipped": outcomes.skipped,
+        "failed": list(outcomes.failed),
+        "errors": outcomes.failed,
+        "total": outcomes.total,
+        "record": record,
+    }
+
+
+def _check_stage_a_settings(store: st.CaseStore, batch_size, spacing_mm, dtype, out_dtype):
+    """(spacing [z, y, x] mm as floats, storage np.dtype) of `compute_stage_a`'s settings; ConfigError naming
+    the bad one (batch size < 1, non-positive spacing, unknown compute or storage dtype)."""
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     sp = [float(v) for v in np.broadcast_to(np.asarray(spacing_mm, np.float64), (3,))]
@@ -299,66 +329,16 @@ def compute_stage_a(
     out_dt = np.dtype(out_dtype if out_dtype is not None else store.manifest.get("dtype", "float32"))
     if out_dt not in (np.dtype(np.float16), np.dtype(np.float32)):
         raise ConfigError(f"out_dtype {out_dt}: use float16 or float32")
-    predictor, params = _as_predictor(model)
-    record = json.loads(
-        json.dumps(
-            json_safe(
-                {**dict(source or {}), "spacing_mm": sp, "tile_shape": list(tile), "step": list(stp), "dtype": dtype}
-            )
-        )
-    )
-    selected = [store.ids[i] for i in _select(store, cases)]  # by id: each write refreshes the store's cases
-    summary: dict[str, Any] = {
-        "computed": [],
-        "skipped": [],
-        "failed": [],
-        "errors": {},
-        "total": len(selected),
-        "record": record,
-    }
-    t0 = time.time()
-    for k, cid in enumerate(selected):
-        prefix = f"[{k + 1}/{len(selected)}] {cid}"
-        try:
-            i = store.index(cid)
-            entry = store.cases[i]
-            path = store.case_dir(i) / FILE_NAME
-            if not overwrite and path.is_file() and store.derived(i, NAME) == record:
-                summary["skipped"].append(cid)
-                continue
-            a = store.case_arrays(i)
-            grid = store.geometry(i)
-            native = Geometry.from_json(entry["native_geometry"]) if entry.get("native_geometry") else grid
-            coarse = native.resampled(sp)
-            prob = stage_a_probability(
-                a["ct"],
-                a["suv"],
-                grid,
-                coarse,
-                predictor,
-                params=params,
-                tile_shape=tile,
-                step=stp,
-                batch_size=int(batch_size),
-                dtype=dtype,
-            )
-            with atomic_path(path) as tmp:
-                np.save(tmp, np.ascontiguousarray(prob, dtype=out_dt))
-            store.set_derived(NAME, {cid: record})
-            summary["computed"].append(cid)
-            log(
-                f"{prefix}: ok, {grid.shape} voxels (stage A on {coarse.shape}), max p {float(prob.max()):.3f}, "
-                f"{int((prob > 0.5).sum())} voxels > 0.5 ({time.time() - t0:.0f} s)"
-            )
-        except Exception as e:  # noqa: BLE001 - a batch command reports the case and carries on
-            msg = f"{type(e).__name__}: {e}".splitlines()[0]
-            summary["failed"].append(cid)
-            summary["errors"][cid] = msg
-            log(f"{prefix}: FAILED, skipped ({msg})")
-    log(
-        f"summary: {len(selected)} cases, {len(summary['computed'])} computed, {len(summary['skipped'])} already "
-        f"done, {len(summary['failed'])} failed; store {store.cache_dir}"
-    )
-    for cid in summary["failed"]:
-        log(f"  failed {cid}: {summary['errors'][cid]}")
-    return summary
+    return sp, out_dt
+
+
+def _stage_a_of_case(store: st.CaseStore, i: int, spacing_mm, predictor, params, tiles: Mapping):
+    """(store grid, coarse grid, stage-A probability (z, y, x) float32 on the store grid) of store case `i`:
+    steps 1-4 of "Stage-A maps" (module docstring); `tiles` = tile_shape, step, batch_size, dtype."""
+    entry = store.cases[i]
+    grid = store.geometry(i)
+    native = Geometry.from_json(entry["native_geometry"]) if entry.get("native_geometry") else grid
+    coarse = native.resampled(spacing_mm)
+    a = store.case_arrays(i)
+    prob = stage_a_probability(a["ct"], a["suv"], grid, coarse, predictor, params=params, **tiles)
+    return grid, coarse, prob

@@ -37,11 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from clips_jax import batch
 from clips_jax.checks import zyx_triple
 from clips_jax.data.pipeline import make_eval_cases
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ConfigError
-from clips_jax.inference import nnx_predictor, pad_to_multiple, tile_origins, tile_overlap, tiled_inference, weight_map
+from clips_jax.inference import as_predictor, pad_to_multiple, tile_origins, tile_overlap, tiled_inference, weight_map
 from clips_jax.metrics import case_metrics, dice
 from clips_jax.metrics.case_losses import case_loss
 from clips_jax.metrics.lesions import fpv_fnv_ml, lesion_overlaps
@@ -85,16 +86,6 @@ def model_channels(model: Any) -> tuple[str, ...]:
     if not isinstance(model, nnx.Module):
         raise ConfigError(f"model {type(model).__name__}: pass an NNX module or a (predictor, params) pair")
     return ("stage_a",) if isinstance(model, Refiner) else ()
-
-
-def as_predictor(model: Any) -> tuple[Callable, Any]:
-    """`(predictor, params)` for `tiled_inference` from an NNX module (`nnx_predictor`: one compilation per
-    architecture, weights as a traced argument) or a `(predictor, params)` pair (returned as is; `params` may
-    be None for `predictor(x)`). ConfigError for anything else."""
-    if _is_pair(model):
-        return model[0], model[1]
-    model_channels(model)  # type check
-    return nnx_predictor(model)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,25 +326,24 @@ def evaluate_cases(
     rows: list[dict] = []
     t0 = time.time()
 
-    def add(k: int, case: Mapping[str, Any], prob: np.ndarray) -> None:
+    def add(k: int, case: Mapping[str, Any], prob: np.ndarray) -> str:
         rows.append({id_key: case["id"], **row_fn(prob, case)})
-        if log is not None:
-            log(f"[{k + 1}/{len(idx)}] {case['id']}: evaluated ({time.time() - t0:.0f} s)")
+        return f"evaluated ({time.time() - t0:.0f} s)"
 
     if failed is None:
         for k, (case, prob) in enumerate(predict_cases(pair, st, idx, **kw)):
-            add(k, case, prob)
-        return rows
-    for k, i in enumerate(idx):
-        cid = st.ids[int(i)]
-        try:
-            case, prob = next(predict_cases(pair, st, idx[k : k + 1], **kw))
-            add(k, case, prob)
-        except Exception as e:  # noqa: BLE001 - a batch command reports the case and carries on
-            msg = f"{type(e).__name__}: {e}".splitlines()[0]
-            failed[cid] = msg
+            message = add(k, case, prob)
             if log is not None:
-                log(f"[{k + 1}/{len(idx)}] {cid}: FAILED, skipped ({msg})")
+                log(f"[{k + 1}/{len(idx)}] {case['id']}: {message}")
+        return rows
+    positions = iter(range(len(idx)))  # for_each_case runs the ids in order, one step each
+
+    def one_case(_cid: str):
+        k = next(positions)
+        case, prob = next(predict_cases(pair, st, idx[k : k + 1], **kw))
+        return batch.done(add(k, case, prob))
+
+    batch.for_each_case([st.ids[int(i)] for i in idx], one_case, log=log, on_failure=failed.__setitem__)
     return rows
 
 

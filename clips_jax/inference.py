@@ -647,3 +647,24 @@ def nnx_predictor(model: Any) -> tuple[NNXPredictor, Any]:
 
     graphdef, state = nnx.split(model)
     return NNXPredictor(graphdef), state
+
+
+def as_predictor(model: Any) -> tuple[Callable, Any]:
+    """`(predictor, params)` for `tiled_inference` from what callers hold as "the model".
+
+    Args:
+      model: a `(predictor, params)` pair (returned as is; `params` may be None for `predictor(x)`), a Flax
+        NNX module (`nnx_predictor`: one compilation per architecture, weights as a traced argument), or a
+        plain callable `predictor(x (B, D, H, W, C) float32) -> logits (B, D, H, W, K)` (params None).
+    Raises:
+      ConfigError for anything else.
+    """
+    from flax import nnx
+
+    if isinstance(model, tuple) and len(model) == 2 and callable(model[0]):
+        return model[0], model[1]
+    if isinstance(model, nnx.Module):
+        return nnx_predictor(model)
+    if callable(model):
+        return model, None
+    raise ConfigError(f"model {type(model).__name__}: pass an NNX module, a (predictor, params) pair or a callable")

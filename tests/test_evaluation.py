@@ -196,7 +196,8 @@ def test_uncoverable_case_is_refused_or_recorded(store, unet):
         unet, store, idx, tile_shape=(16, 16, 16), step=(20, 20, 20), failed=failed, log=lines.append
     )
     assert rows == [] and list(failed) == [store.ids[int(i)] for i in idx]
-    assert all("ConfigError" in m and "\n" not in m for m in failed.values())
+    # a user error is shown as its own one-line message (clips_jax.batch.error_line), naming the case
+    assert all(m.startswith(f"case {cid}: tiles (16, 16, 16)") and "\n" not in m for cid, m in failed.items())
     assert any("FAILED, skipped" in line for line in lines)
 
 

@@ -71,6 +71,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from clips_jax import batch
 from clips_jax.errors import ConfigError
 from clips_jax.metrics.case_losses import (
     CASE_LOSSES,
@@ -169,41 +170,29 @@ def score_cases(
     extra = tuple(evaluation.model_channels(model) if extra_channels is None else extra_channels)
     has_seg, has_lesion = store.has_seg, store.has_lesion
     store.require_extra(extra, [i for i in idx if has_lesion[i]])  # only lesion cases go through the network
+    tiles = dict(tile_shape=tile_shape, step=step, batch_size=int(batch_size), dtype=dtype, extra_channels=extra)
     scores: dict[str, float] = {}
     t0 = time.time()
-    for k, i in enumerate(idx):
-        cid = store.ids[i]
-        prefix = f"[{k + 1}/{len(idx)}] {cid}"
-        try:
-            seg = store.case_arrays(i)["seg"]
-            if not has_seg[i] or not np.any(seg):
-                value = float("nan")
-                log(f"{prefix}: {'unlabeled' if not has_seg[i] else 'lesion-free'}, no teacher loss (NaN)")
-            else:
-                case, prob = next(
-                    evaluation.predict_cases(
-                        pair,
-                        store,
-                        [i],
-                        tile_shape=tile_shape,
-                        step=step,
-                        batch_size=int(batch_size),
-                        dtype=dtype,
-                        extra_channels=extra,
-                    )
-                )
-                value = evaluation.teacher_row(prob, case, loss=loss)[LOSS_KEY]
-                log(f"{prefix}: {loss} {value:.4f} ({time.time() - t0:.0f} s)")
-        except Exception as e:  # noqa: BLE001 - a batch command reports the case and carries on
-            msg = f"{type(e).__name__}: {e}".splitlines()[0]
-            if failed is not None:
-                failed[cid] = msg
-            log(f"{prefix}: FAILED, skipped ({msg})")
-            continue
-        scores[cid] = value
-        if on_case is not None:
-            on_case(cid, value)
-    return scores
+
+    def one_case(cid: str):
+        i = store.index(cid)
+        if not has_seg[i] or not np.any(store.case_arrays(i)["seg"]):
+            scores[cid] = float("nan")
+            message = f"{'unlabeled' if not has_seg[i] else 'lesion-free'}, no teacher loss (NaN)"
+        else:
+            case, prob = next(evaluation.predict_cases(pair, store, [i], **tiles))
+            scores[cid] = evaluation.teacher_row(prob, case, loss=loss)[LOSS_KEY]
+            message = f"{loss} {scores[cid]:.4f} ({time.time() - t0:.0f} s)"
+        return batch.done(message)
+
+    outcomes = batch.for_each_case(
+        [store.ids[i] for i in idx],
+        one_case,
+        log=log,
+        on_failure=None if failed is None else failed.__setitem__,
+        after_each=None if on_case is None else lambda cid, _: on_case(cid, scores[cid]),
+    )
+    return {cid: scores[cid] for cid in outcomes.done}
 
 
 # ---------------------------------------------------------------------------------------------------------
