@@ -674,71 +674,22 @@ class _Run:
 
 
 def _host_loop(run: _Run, meta: dict | None) -> None:
-    """Train with the host grain pipeline: weights per stage on the host, one jitted step per batch."""
+    """Train with the host grain pipeline: weights per stage on the host, one jitted step per batch.
+
+    Per step: the stage's batch iterator (a new stage: `end_stage`, new weights, new iterator) -> the batch
+    as global arrays (NaN images on `debug.poison_steps`) -> the jitted step at the curriculum's sigma -> the
+    per-sample results of every host -> the curriculum's observation and update -> metrics row, logging,
+    checkpoints (`_Run.after_steps`, with the data position for an exact resume).
+    """
     c, cur = run.config, run.cur
-    stage_steps = int(c.curriculum.stage_steps)
-    cur_weights, cur_sigma = jax.jit(cur.weights), jax.jit(cur.sigma)
+    cur_sigma = jax.jit(cur.sigma)
     cur_update = jax.jit(cur.update, out_shardings=run.repl)
-    cur_end_stage = jax.jit(cur.end_stage, out_shardings=run.repl)
     step_fn = jax.jit(run.step_fn, donate_argnums=(0,), out_shardings=(run.repl, run.repl))
-    stage, stage_weights, data_state = 0, None, None
-    if meta is not None:
-        stage, stage_weights = int(meta["stage"]), np.asarray(meta["stage_weights"], np.float64)
-        data_state = meta["data_state"][jax.process_index()] if meta.get("data_state") else None
-
-    def new_iterator(stage_no: int, weights: np.ndarray):
-        d = c.data
-        return make_train_iterator(
-            run.store,
-            weights,
-            seed=int(c.seed),
-            stage=stage_no,
-            batch_size=int(d.batch_size),
-            patch_shape=tuple(d.patch_shape),
-            num_workers=int(d.num_workers),
-            case_indices=run.train_idx,
-            p_foreground=float(d.p_foreground),
-            augment=bool(d.augment),
-            num_batches=stage_steps,
-            extra_channels=extra_channels(c),
-            p_hot_negative=float(d.get("p_hot_negative", 0.0)),
-            hot_suv=float(d.get("hot_suv", 2.5)),
-        )
-
-    def save_meta():
-        data_states = [it.get_state()["grain"]] if it is not None else None
-        if data_states is not None and jax.process_count() > 1:
-            data_states = (
-                multihost_utils.process_allgather(np.asarray([data_states[0]["next_index"]]), tiled=False)
-                .reshape(-1)
-                .tolist()
-            )
-            data_states = [{"next_index": int(v)} for v in data_states]
-        return {
-            "pipeline": "host",
-            "stage": stage,
-            "stage_weights": np.asarray(stage_weights).tolist(),
-            "data_state": data_states,
-        }
-
+    stages = _HostStages(run, meta)
     poison = set(int(s) for s in c.debug.poison_steps)
-    it = None
     while run.step < int(c.steps):
         step_no = run.step
-        if it is None or step_no % stage_steps == 0:
-            new_stage = step_no // stage_steps
-            if stage_weights is None or new_stage != stage:
-                if stage_weights is not None:  # a stage has ended (also when resuming at its boundary)
-                    run.cur_state = cur_end_stage(run.cur_state)
-                stage = new_stage
-                stage_weights = np.asarray(jax.device_get(cur_weights(run.cur_state, jnp.int32(step_no))), np.float64)
-                data_state = None
-                run.writer.write(run.stage_row(step_no, stage_weights, cur_sigma(run.cur_state, jnp.int32(step_no))))
-            it = new_iterator(stage, stage_weights)
-            if data_state is not None:
-                it.grain_iterator.set_state(data_state)
-                data_state = None
-        local = next(it)
+        local = next(stages.iterator(step_no))
         if step_no in poison:
             local = dict(local, image=np.full_like(local["image"], np.nan))
         batch = {
@@ -748,22 +699,100 @@ def _host_loop(run: _Run, meta: dict | None) -> None:
         sigma = cur_sigma(run.cur_state, jnp.int32(step_no))
         run.state, metrics = step_fn(run.state, batch, sigma)
         run.step, run.steps_done = step_no + 1, run.steps_done + 1
-
-        case_index, centred = np.asarray(local["case_index"]), np.asarray(local["lesion_centred"])
-        step_out = {k: metrics[k] for k in ("supervised", "gain", "per_sample") if k in metrics}
-        if jax.process_count() > 1:
-            case_index = multihost_utils.process_allgather(case_index, tiled=True)
-            centred = multihost_utils.process_allgather(centred, tiled=True)
-            step_out = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in step_out.items()}
-        m = jax.device_get({k: v for k, v in metrics.items() if k not in step_out})
-        m.update({k: np.asarray(jax.device_get(v)) for k, v in step_out.items()})
+        case_index, centred, m = _gather_step_results(local, metrics)
         m["sigma"] = float(sigma)
         obs = curricula.observation_from_step(
             run.position[case_index], centred, m["finite"], m["supervised"], m.get("gain"), step_no
         )
         run.cur_state = cur_update(run.cur_state, obs)
         run.writer.write(run.train_row(run.step, m, case_index, centred, float(obs.reward)))
-        run.after_steps(float(m["loss"]), float(m["grad_norm"]), float(sigma), save_meta)
+        run.after_steps(float(m["loss"]), float(m["grad_norm"]), float(sigma), stages.checkpoint_meta)
+
+
+class _HostStages:
+    """The host pipeline's curriculum stages: stage number, its sampling weights (fixed for the stage) and its
+    grain batch iterator, restored from and saved into the checkpoint's metadata for an exact resume."""
+
+    def __init__(self, run: _Run, meta: dict | None):
+        self.run = run
+        self.stage_steps = int(run.config.curriculum.stage_steps)
+        self.weights_fn, self.sigma_fn = jax.jit(run.cur.weights), jax.jit(run.cur.sigma)
+        self.end_stage_fn = jax.jit(run.cur.end_stage, out_shardings=run.repl)
+        self.stage, self.weights, self.data_state, self.it = 0, None, None, None
+        if meta is not None:
+            self.stage, self.weights = int(meta["stage"]), np.asarray(meta["stage_weights"], np.float64)
+            self.data_state = meta["data_state"][jax.process_index()] if meta.get("data_state") else None
+
+    def iterator(self, step_no: int):
+        """The batch iterator for `step_no`: the current one, or a new one at a stage boundary (the curriculum
+        ends its stage and gives the new weights) and on the first call (resumed at the saved position)."""
+        run = self.run
+        if self.it is not None and step_no % self.stage_steps != 0:
+            return self.it
+        new_stage = step_no // self.stage_steps
+        if self.weights is None or new_stage != self.stage:
+            if self.weights is not None:  # a stage has ended (also when resuming at its boundary)
+                run.cur_state = self.end_stage_fn(run.cur_state)
+            self.stage = new_stage
+            step = jnp.int32(step_no)
+            self.weights = np.asarray(jax.device_get(self.weights_fn(run.cur_state, step)), np.float64)
+            self.data_state = None
+            run.writer.write(run.stage_row(step_no, self.weights, self.sigma_fn(run.cur_state, step)))
+        self.it = _host_iterator(run, self.stage, self.weights)
+        if self.data_state is not None:
+            self.it.grain_iterator.set_state(self.data_state)
+            self.data_state = None
+        return self.it
+
+    def checkpoint_meta(self) -> dict:
+        """What a checkpoint needs to resume the data exactly: stage, its weights, every host's grain position."""
+        data_states = [self.it.get_state()["grain"]] if self.it is not None else None
+        if data_states is not None and jax.process_count() > 1:
+            positions = multihost_utils.process_allgather(np.asarray([data_states[0]["next_index"]]), tiled=False)
+            data_states = [{"next_index": int(v)} for v in positions.reshape(-1).tolist()]
+        return {
+            "pipeline": "host",
+            "stage": self.stage,
+            "stage_weights": np.asarray(self.weights).tolist(),
+            "data_state": data_states,
+        }
+
+
+def _host_iterator(run: _Run, stage: int, weights: np.ndarray):
+    """The grain batch iterator of one curriculum stage (`make_train_iterator` with the config's data
+    settings; `weights` (n_train,) float64 sampling probabilities over the training cases)."""
+    c, d = run.config, run.config.data
+    return make_train_iterator(
+        run.store,
+        weights,
+        seed=int(c.seed),
+        stage=stage,
+        batch_size=int(d.batch_size),
+        patch_shape=tuple(d.patch_shape),
+        num_workers=int(d.num_workers),
+        case_indices=run.train_idx,
+        p_foreground=float(d.p_foreground),
+        augment=bool(d.augment),
+        num_batches=int(c.curriculum.stage_steps),
+        extra_channels=extra_channels(c),
+        p_hot_negative=float(d.get("p_hot_negative", 0.0)),
+        hot_suv=float(d.get("hot_suv", 2.5)),
+    )
+
+
+def _gather_step_results(local: dict, metrics: dict):
+    """(case_index (B,) int, lesion_centred (B,) bool, metrics as host numbers/arrays) of one step over every
+    host: the per-sample results ("supervised", "gain", "per_sample") are gathered across processes so each
+    host's curriculum sees the whole global batch."""
+    case_index, centred = np.asarray(local["case_index"]), np.asarray(local["lesion_centred"])
+    step_out = {k: metrics[k] for k in ("supervised", "gain", "per_sample") if k in metrics}
+    if jax.process_count() > 1:
+        case_index = multihost_utils.process_allgather(case_index, tiled=True)
+        centred = multihost_utils.process_allgather(centred, tiled=True)
+        step_out = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in step_out.items()}
+    m = jax.device_get({k: v for k, v in metrics.items() if k not in step_out})
+    m.update({k: np.asarray(jax.device_get(v)) for k, v in step_out.items()})
+    return case_index, centred, m
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
