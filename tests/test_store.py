@@ -462,3 +462,17 @@ def test_prepare_keeps_derived_data_of_kept_cases_and_drops_it_for_redone_ones(d
     again = CaseStore(cache)
     assert again.derived(a, "stage_a") == {"weights": "w"} and again.teacher_losses() == {a: 0.5}
     assert again.derived(b, "stage_a") is None and again.teachers == {"T": {"model": "unet"}}
+
+
+def test_a_file_system_without_locks_is_one_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    from clips_jax.data import store as st
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(st.fcntl, "flock", no_locks)
+    with pytest.raises(DataError, match="cannot lock the store's manifest.*local disk"):
+        st.update_manifest(tmp_path / "c", lambda doc: doc.update(x=1), create=True)
+    assert not (tmp_path / "c" / "manifest.json").exists()

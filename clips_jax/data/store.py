@@ -232,7 +232,13 @@ def manifest_lock(cache_dir: str | Path) -> Iterator[None]:
             f"{path}: cannot open the manifest's lock file ({e}); the store must be writable to update it"
         ) from e
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # e.g. some network file systems without lock support (ENOLCK, EOPNOTSUPP)
+            raise DataError(
+                f"{path}: cannot lock the store's manifest ({e}); this file system does not support file "
+                "locks: put the case store on a local disk (or one with lock support) and run again"
+            ) from e
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -295,6 +301,19 @@ def case_complete(cache_dir: str | Path, case_id: str) -> bool:
     return all((d / f"{n}.npy").is_file() for n in (*ARRAY_NAMES, "fg"))
 
 
+def _derived_setter(name: str, key: str | None, value: Any) -> Callable[[dict], None]:
+    """A case-entry change that sets `derived.<name>` (key None) or `derived.<name>.<key>` to `value`."""
+
+    def set_value(entry: dict) -> None:
+        d = entry.setdefault(DERIVED, {})
+        if key is None:
+            d[name] = value
+        else:
+            d.setdefault(name, {})[key] = value
+
+    return set_value
+
+
 class CaseStore:
     """Read side of a prepared cache: manifest, memory-mapped arrays, splits and difficulty vectors.
 
@@ -320,9 +339,12 @@ class CaseStore:
         refresh this store's in-memory copy from the document written."""
         self._load(update_manifest(self.cache_dir, change))
 
-    def update_cases(self, changes: Mapping[str, Callable[[dict], Any]]) -> None:
-        """Apply `changes[case_id](entry)` (in place) to the current manifest entry of each listed case, in one
-        locked update. DataError naming the first id that is not in the manifest (nothing is written then)."""
+    def update_cases(
+        self, changes: Mapping[str, Callable[[dict], Any]], *, store_change: Callable[[dict], Any] | None = None
+    ) -> None:
+        """Apply `changes[case_id](entry)` (in place) to the current manifest entry of each listed case, and
+        `store_change(doc)` to the document's top level if given, in one locked update. DataError naming the
+        first id that is not in the manifest (nothing is written then)."""
 
         def change(doc: dict) -> None:
             by_id = {c.get("id"): c for c in doc.get("cases", [])}
@@ -334,24 +356,15 @@ class CaseStore:
                 )
             for cid, fn in changes.items():
                 fn(by_id[cid])
+            if store_change is not None:
+                store_change(doc)
 
         self.update(change)
 
     def set_derived(self, name: str, values: Mapping[str, Any], *, key: str | None = None) -> None:
         """Set `derived.<name>` (or `derived.<name>.<key>`) of the listed cases: `values` {case id: value}.
         One locked update (`update_cases`)."""
-
-        def setter(value):
-            def fn(entry: dict) -> None:
-                d = entry.setdefault(DERIVED, {})
-                if key is None:
-                    d[name] = value
-                else:
-                    d.setdefault(name, {})[key] = value
-
-            return fn
-
-        self.update_cases({cid: setter(v) for cid, v in values.items()})
+        self.update_cases({cid: _derived_setter(name, key, v) for cid, v in values.items()})
 
     def set_teacher_losses(
         self, teacher: str, losses: Mapping[str, float], record: Mapping[str, Any] | None, *, default: bool = True
@@ -360,23 +373,15 @@ class CaseStore:
         (top-level `derived.teachers.<teacher>`, when given) and, with `default`, make it the default teacher.
         One locked update; DataError for a case id not in the manifest."""
 
-        def change(doc: dict) -> None:
-            by_id = {c.get("id"): c for c in doc.get("cases", [])}
-            unknown = [k for k in losses if k not in by_id]
-            if unknown:
-                raise DataError(
-                    f"teacher scores for case {unknown[0]!r} (and {len(unknown) - 1} more) not in the "
-                    f"store {self.cache_dir}; score the store the cases belong to"
-                )
-            for cid, v in losses.items():
-                by_id[cid].setdefault(DERIVED, {}).setdefault("teacher", {})[teacher] = v
+        def record_teacher(doc: dict) -> None:
             top = doc.setdefault(DERIVED, {})
             if record is not None or teacher not in top.get("teachers", {}):
                 top.setdefault("teachers", {})[teacher] = dict(record or {})
             if default:
                 top["default_teacher"] = teacher
 
-        self.update(change)
+        setters = {cid: _derived_setter("teacher", teacher, v) for cid, v in losses.items()}
+        self.update_cases(setters, store_change=record_teacher)
 
     # -- derived data (module docstring) ---------------------------------------------------------------------
     def derived(self, case: int | str, name: str, default: Any = None) -> Any:
