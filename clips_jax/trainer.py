@@ -407,9 +407,11 @@ STREAM_KEYS = (
 )
 
 
-def stream_settings(config) -> dict:
-    """{dotted key: JSON value} of `STREAM_KEYS` plus `curriculum.options` (absent keys give None)."""
-    out = {}
+def stream_settings(config, teacher: str | None = None) -> dict:
+    """{dotted key: JSON value} of `STREAM_KEYS` plus `curriculum.options` (absent keys give None) and
+    "data.teacher": the teacher whose scores the case table holds (`teacher`: `data.teacher` resolved to the
+    store's default teacher; None when the store has no teacher scores)."""
+    out: dict = {"data.teacher": teacher}
     for key in STREAM_KEYS:
         node = config
         for part in key.split("."):
@@ -472,8 +474,9 @@ class _Run:
     def make_curriculum(self) -> None:
         """The curriculum over the training cases, and what it needs from the loop."""
         c = self.config
+        self.teacher = c.data.get("teacher") or self.store.default_teacher  # resolved: part of the resume check
         self.table = curricula.case_table_from_manifest(
-            self.store.case_rows(teacher=c.data.get("teacher") or None), [self.store.ids[i] for i in self.train_idx]
+            self.store.case_rows(teacher=self.teacher), [self.store.ids[i] for i in self.train_idx]
         )
         self.cur = curricula.get_curriculum(c.curriculum.name, **curricula.options_from_config(c))
         cur_state = self.cur.init(self.table)
@@ -509,19 +512,17 @@ class _Run:
         meta = None
         if self.last_mgr.latest_step() is not None:
             self.state, self.cur_state, meta = runs.restore_last(self.last_mgr, self.state, self.cur_state, self.repl)
-            saved, now = meta.get("stream"), json.loads(json.dumps(stream_settings(self.config)))
+            saved = meta.get("stream")
+            now = json.loads(json.dumps(stream_settings(self.config, self.teacher)))
             if meta.get("pipeline", "host") != pipeline:
                 raise ConfigError(
                     f"{self.workdir}: its checkpoint was written by the {meta.get('pipeline', 'host')} "
                     f"data path and this run would use the {pipeline} one (data.pipeline): resume "
                     "with the same data.pipeline, or use a new --workdir"
                 )
-            if saved is not None and saved != now:
-                diff = ", ".join(
-                    f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
-                    for k in sorted(set(saved) | set(now))
-                    if saved.get(k) != now.get(k)
-                )
+            changed = [k for k in sorted(saved or {}) if saved[k] != now.get(k)]  # keys an older run lacks: unchecked
+            if changed:
+                diff = ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in changed)
                 raise ConfigError(
                     f"{self.workdir}: its checkpoint was trained with other data/curriculum settings "
                     f"({diff}); resume with the same settings, or use a new --workdir"
@@ -565,7 +566,7 @@ class _Run:
         meta = {
             "step": self.step,
             "curriculum": self.config.curriculum.name,
-            "stream": stream_settings(self.config),
+            "stream": stream_settings(self.config, self.teacher),
             **meta,
         }
         runs.save_last(self.last_mgr, self.step, self.state, self.cur_state, meta)

@@ -88,6 +88,25 @@ def test_one_step_on_4_devices_equals_1_device():
     assert max(moved) > 1e-5
 
 
+def test_resume_with_another_transfer_teacher_is_refused(phantom_cache, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(phantom_cache, cache)
+    cfg = tiny_config(cache, **{"debug.stop_after_steps": 3})
+    store = trainer.ensure_store(cfg, lambda s: None)
+    losses = {cid: 0.1 * k for k, cid in enumerate(store.ids)}
+    store.set_teacher_losses("teacher_a", losses, {"model": "a"})
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        trainer.train_and_evaluate(cfg, run)
+    store.set_teacher_losses("teacher_b", {k: -v for k, v in losses.items()}, {"model": "b"})  # new default
+    with pytest.raises(trainer.ConfigError, match="data.teacher: 'teacher_a' -> 'teacher_b'"):
+        trainer.train_and_evaluate(tiny_config(cache), run)
+    summary = trainer.train_and_evaluate(tiny_config(cache, **{"data.teacher": "teacher_a"}), run)
+    assert summary["start_step"] == 2
+
+
 def test_kill_and_resume_gives_identical_losses(phantom_cache, tmp_path):
     full = tmp_path / "full"
     trainer.train_and_evaluate(tiny_config(phantom_cache), full)
