@@ -108,6 +108,22 @@ def _scan_series(folder: Path) -> dict[str, list[tuple[Path, Dataset]]]:
     return series
 
 
+def series_headers(folder: str | os.PathLike, series_uid: str) -> list[Dataset]:
+    """The pixel-free headers of the image series `series_uid` found below `folder`, in file-walk order.
+
+    For writers that reference the source images, e.g. the DICOM SEG of `clips_jax.data.dicom_seg`, which
+    needs the PET slices' UIDs, positions and patient/study modules (the Case keeps only JSON-friendly meta, so
+    the headers are read again here rather than carried along).
+
+    Raises:
+      DataError naming the folder if no file of that series is found (or a file is damaged, `_scan_series`).
+    """
+    items = _scan_series(Path(folder)).get(str(series_uid))
+    if not items:
+        raise DataError(f"{folder}: no DICOM file of series {series_uid} (the folder changed since it was read?)")
+    return [ds for _, ds in items]
+
+
 def _is_dicomdir(ds: Dataset) -> bool:
     """Whether `ds` is a DICOMDIR (Media Storage Directory Storage, SOP class 1.2.840.10008.1.3.10)."""
     meta = getattr(ds, "file_meta", None)
