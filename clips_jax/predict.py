@@ -1,7 +1,7 @@
 """Whole-body lesion segmentation of PET/CT studies: mask, TMTV report and MIP figure per study.
 
     clips-predict --input PATH --weights DIR --out DIR [--tta] [--dtype float32|bfloat16]
-        [--batch_size N] [--stage_a_only] [--overwrite]          (or: python -m clips_jax.predict ...)
+        [--batch_size N] [--stage_a_only] [--overwrite] [--nodicom_seg]   (or: python -m clips_jax.predict ...)
 
 Examples (convert the TMTV-Net weights once, then segment one study or a folder of studies):
 
@@ -22,6 +22,10 @@ Per study `<id>` (the study folder name) it writes into --out, each file atomica
                       runtimes per stage, software versions
   <id>_report.md      the same as a readable report
   <id>_mip.png        coronal and sagittal PET MIPs with the mask outline (red)
+  <id>_SEG.dcm        DICOM input only (unless --nodicom_seg): the mask as a DICOM SEG in the PET's frame of
+                      reference, each frame referencing its PET slice (`clips_jax.data.dicom_seg`)
+Every output carries its provenance (CLIPS-JAX version, sha256 of the weights files, the options) and the
+notice "research use only, not for clinical decisions".
 Exit status (README, "Command-line convention"): 0 if every study succeeded (or was skipped), 1 if any
 failed or on an input error (a weights directory that cannot be used, no study found), 2 on a usage error
 (no --weights, a malformed flag). Field definitions, options and memory use: docs/predict.md.
@@ -42,6 +46,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +66,9 @@ STAGE_A_NAMES = ("ensemble", "unet")
 """Model names a weights directory may use for the stage-A network, in order of preference."""
 
 OUTPUT_SUFFIXES = {"seg": "_SEG.nii.gz", "json": "_report.json", "md": "_report.md", "png": "_mip.png"}
-"""Output file name = `<study id>` + suffix, in the --out folder."""
+"""Output file name = `<study id>` + suffix, in the --out folder (the outputs every study gets)."""
+DICOM_SEG_SUFFIX = "_SEG.dcm"
+"""The DICOM SEG of a DICOM study (`<study id>` + suffix); not in OUTPUT_SUFFIXES, since NIfTI studies have none."""
 
 Progress = Callable[[str, int, int], None]
 
@@ -86,6 +93,7 @@ class Options:
       overwrite: redo studies whose outputs exist (else they are skipped).
       allow_partial_ct: accept a DICOM CT covering less than 90 % of the PET's axial extent (uncovered PET
         slices get air; the report's patient section records `ct_coverage`).
+      dicom_seg: for DICOM input, also write the mask as a DICOM SEG (`<id>_SEG.dcm`); ignored for NIfTI input.
     """
 
     tta: bool = False
@@ -97,6 +105,7 @@ class Options:
     spacing_mm: float = 6.0
     overwrite: bool = False
     allow_partial_ct: bool = False
+    dicom_seg: bool = True
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
@@ -119,7 +128,8 @@ class Models:
     Attributes:
       stage_a: (predictor, params) of the stage-A network (5 channels at 6 mm -> 2 logits).
       refiner: (predictor, params) of the refiner (6 channels native -> 2 logits), or None.
-      info: JSON-friendly description for the report: weights dir, model names/classes/configs, source.
+      info: JSON-friendly description for the report: weights dir, model names/classes/configs, source, and
+        "weights_sha256" (`clips_jax.provenance.weights_sha256`, set by `load_models`; absent in memory).
     """
 
     stage_a: tuple[Any, Any]
@@ -156,13 +166,14 @@ def load_models(weights_dir: str | Path, *, dtype: str = "float32", stage_a_only
       dtype: "float32" or "bfloat16" computation dtype of the networks (parameters stay float32).
       stage_a_only: do not load the refiner (and do not require one).
     Returns:
-      `Models`.
+      `Models`; `info["weights_sha256"]` is the hash of the directory's files (`provenance.weights_sha256`).
     Raises:
       WeightsError (one line) if the directory is not a weights directory, has no stage-A model, has no
       refiner while one is needed, or a checkpoint cannot be restored.
     """
     from clips_jax.model import load_model, read_weights_meta
     from clips_jax.model.layers import model_dtype
+    from clips_jax.provenance import weights_sha256
 
     d = Path(weights_dir)
     if not d.is_dir():
@@ -182,6 +193,7 @@ def load_models(weights_dir: str | Path, *, dtype: str = "float32", stage_a_only
     refiner = None if stage_a_only else load_model(d, "refiner", dtype=mdtype)
     info = {
         "weights_dir": str(weights_dir),
+        "weights_sha256": weights_sha256(d),
         "source": meta.get("source", {}),
         "stage_a": {"name": a_name, **names[a_name]},
     }
@@ -353,13 +365,18 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 def report_markdown(report: dict) -> str:
     """The Markdown report of one study from its JSON dict (see `predict_study`)."""
-    s, r = report["results"], report
+    s, r, p = report["results"], report, report["provenance"]
+    notice = p["notice"][:1].upper() + p["notice"][1:]
+    digest = p["weights_sha256"] or "none (networks built in memory)"
     lines = [
         f"# Lesion segmentation report: {r['study_id']}",
         "",
+        f"**{notice}.** {p['software']}; weights sha256 `{digest}`; options as listed under Model and run.",
+        "",
         f"Input: `{r['input']}`  ",
         f"Mask: `{r['outputs']['seg']}` (PET grid {r['grid']['shape']} voxels "
-        f"(z, y, x), spacing {r['grid']['spacing_mm']} mm)",
+        f"(z, y, x), spacing {r['grid']['spacing_mm']} mm)" + ("  " if r.get("dicom_seg") else ""),
+        *_dicom_seg_lines(r.get("dicom_seg")),
         "",
         "## Results",
         "",
@@ -391,10 +408,27 @@ def report_markdown(report: dict) -> str:
         "- runtime (s): " + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in r["seconds"].items()),
         f"- software: {json.dumps(r['software'])}",
         "",
-        "Definitions: docs/predict.md. Research use only; not a medical device.",
+        f"Definitions: docs/predict.md. {notice}; not a medical device.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _dicom_seg_lines(info: dict | None) -> list[str]:
+    """The report line on the DICOM SEG (none for NIfTI input)."""
+    if not info:
+        return []
+    if not info["written"]:
+        return [f"DICOM SEG: not written ({info['reason']})"]
+    refs = (
+        "each frame references its PET slice"
+        if info["per_frame_references"]
+        else info.get("note", "no per-slice references")
+    )
+    return [
+        f"DICOM SEG: `{info['file']}` ({info['frames']} frame(s), PET series {info['source_series_uid']}, "
+        f"frame of reference {info['frame_of_reference_uid']}; {refs})"
+    ]
 
 
 def safe_id(name: str) -> str:
@@ -409,18 +443,78 @@ def output_paths(out_dir: str | Path, study_id: str) -> dict[str, Path]:
 
 
 def _software() -> dict:
+    from importlib import metadata
+
     import flax
     import jax
 
     import clips_jax
 
+    def installed(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
     return {
         "clips_jax": clips_jax.__version__,
         "jax": jax.__version__,
         "flax": flax.__version__,
+        "pydicom": installed("pydicom"),
+        "highdicom": installed("highdicom"),
         "backend": jax.default_backend(),
         "python": sys.version.split()[0],
     }
+
+
+def _report_options(options: Options) -> dict:
+    """The options that shape a study's outputs, as recorded in its report and provenance."""
+    return {
+        "tta": options.tta,
+        "dtype": options.dtype,
+        "batch_size": options.batch_size,
+        "stage_a_only": options.stage_a_only,
+        "stage_a_tile": list(options.stage_a_tile),
+        "stage_b_tile": list(options.stage_b_tile),
+        "stage_a_spacing_mm": options.spacing_mm,
+        "allow_partial_ct": options.allow_partial_ct,
+        "dicom_seg": options.dicom_seg,
+    }
+
+
+def write_study_dicom_seg(
+    study: str | Path, path: Path, mask: np.ndarray, geometry: Any, meta: dict, options: Options, prov: dict
+) -> dict | None:
+    """The DICOM SEG output of one study (`clips_jax.data.dicom_seg.write_dicom_seg`), for DICOM input only.
+
+    Args:
+      study: the study folder; `path`: the SEG file to write (`<id>` + DICOM_SEG_SUFFIX).
+      mask: (z, y, x) uint8 mask on `geometry`, the PET grid; `meta`: the loaded Case's meta.
+      options: `Options` (`dicom_seg`); `prov`: `clips_jax.provenance.provenance(...)`.
+    Returns:
+      None for NIfTI input (also an exported DICOM study: its meta says "dicom" but it is read as NIfTI);
+      {"written": False, "reason"} with --nodicom_seg, or when the PET headers cannot carry a SEG (e.g. no
+      FrameOfReferenceUID: a DataWarning says so, the other outputs are written); else {"written": True,
+      "file": name, **write_dicom_seg's summary}.
+    """
+    from clips_jax.data.study import is_nifti_study
+
+    if meta.get("source") != "dicom" or is_nifti_study(study):  # load_study reads a NIfTI layout first
+        return None
+    if not options.dicom_seg:
+        return {"written": False, "reason": "--nodicom_seg"}
+    from clips_jax.data.dicom import series_headers
+    from clips_jax.data.dicom_seg import seg_obstacle, write_dicom_seg
+    from clips_jax.errors import DataWarning
+
+    headers = series_headers(study, meta["pet_series_uid"])
+    problem = seg_obstacle(headers)
+    if problem:
+        warnings.warn(DataWarning(f"{study}: no DICOM SEG written: {problem}"), stacklevel=2)
+        return {"written": False, "reason": problem}
+    resampled = bool(meta.get("pet_slices_resampled"))
+    info = write_dicom_seg(path, mask, geometry, headers, slices_resampled=resampled, provenance=prov)
+    return {"written": True, "file": path.name, **info}
 
 
 def predict_study(
@@ -437,15 +531,18 @@ def predict_study(
       out_dir: output folder (created).
       models, options, progress: see `segment`.
     Returns:
-      the report dict also written as `<id>_report.json` (keys: study_id, input, outputs, grid, patient,
-      results (`mask_statistics`), model, options, seconds (load, stage_a, stage_b, report, total; the first
-      study's stage times include compilation), software).
+      the report dict also written as `<id>_report.json` (keys: study_id, input, outputs (+ "dicom_seg" when
+      written), grid, patient, results (`mask_statistics`), model, options, seconds (load, stage_a, stage_b,
+      report, total; the first study's stage times include compilation), software, provenance
+      (`clips_jax.provenance.provenance`), dicom_seg (`write_study_dicom_seg`)).
     Raises:
       DataError for unreadable studies (from the loaders), ConfigError for bad options.
     """
+    import clips_jax
     from clips_jax.data.nifti import save_nifti
     from clips_jax.fileio import json_safe, write_text_atomic
     from clips_jax.metrics.plots import mip_figure
+    from clips_jax.provenance import provenance
 
     t0 = time.perf_counter()
     case = load_study(study, allow_partial_ct=options.allow_partial_ct)
@@ -463,25 +560,30 @@ def predict_study(
     stats = mask_statistics(seg.mask, suv, geometry.spacing_mm)
     title = f"{study_id}: TMTV {stats['tmtv_ml']:.1f} ml, {stats['lesion_count']} lesion(s)"
     mip_figure(suv, truth, seg.mask, geometry.spacing_mm, paths["png"], title=title)
+    options_used = _report_options(options)
+    prov = provenance(
+        software_version=clips_jax.__version__,
+        weights_sha256=models.info.get("weights_sha256"),
+        options=options_used,
+    )
+    seg_path = Path(out_dir) / f"{study_id}{DICOM_SEG_SUFFIX}"
+    dicom_seg = write_study_dicom_seg(study, seg_path, seg.mask, geometry, meta, options, prov)
+    outputs = {k: p.name for k, p in paths.items()}
+    if dicom_seg and dicom_seg["written"]:
+        outputs["dicom_seg"] = seg_path.name
     report = {
         "study_id": study_id,
         "input": str(study),
-        "outputs": {k: p.name for k, p in paths.items()},
+        "outputs": outputs,
         "grid": {"shape": list(geometry.shape), "spacing_mm": [round(float(s), 4) for s in geometry.spacing_mm]},
         "patient": {k: meta[k] for k in _PATIENT_KEYS if meta.get(k) not in (None, "")},
         "results": stats,
         "model": models.info,
-        "options": {
-            "tta": options.tta,
-            "dtype": options.dtype,
-            "batch_size": options.batch_size,
-            "stage_a_only": options.stage_a_only,
-            "stage_a_tile": list(options.stage_a_tile),
-            "stage_b_tile": list(options.stage_b_tile),
-            "stage_a_spacing_mm": options.spacing_mm,
-        },
+        "options": options_used,
         "seconds": {"load": t_load, **seg.seconds},
         "software": _software(),
+        "provenance": prov,
+        "dicom_seg": dicom_seg,
     }
     report["seconds"]["report"] = time.perf_counter() - t1
     report["seconds"]["total"] = time.perf_counter() - t0
@@ -604,6 +706,13 @@ def define_flags(fv) -> None:
     )
     flags.DEFINE_boolean("overwrite", False, "redo studies whose outputs exist (default: skip them)", **kw)
     flags.DEFINE_boolean(
+        "dicom_seg",
+        True,
+        "DICOM input: also write the mask as a DICOM SEG (<id>_SEG.dcm) referencing the PET slices; "
+        "--nodicom_seg turns it off (NIfTI input never gets one)",
+        **kw,
+    )
+    flags.DEFINE_boolean(
         "allow_partial_ct",
         False,
         "accept a DICOM CT covering less than 90 % of the PET's axial "
@@ -638,6 +747,7 @@ def run_from_flags(fv, out=None, err=None) -> int:
         stage_a_only=fv["stage_a_only"].value,
         overwrite=fv["overwrite"].value,
         allow_partial_ct=fv["allow_partial_ct"].value,
+        dicom_seg=fv["dicom_seg"].value,
         stage_a_tile=parse_zyx(fv["stage_a_tile"].value, "stage_a_tile"),
         stage_b_tile=parse_zyx(fv["stage_b_tile"].value, "stage_b_tile"),
     )

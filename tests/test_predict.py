@@ -294,6 +294,7 @@ def _write_dicom_series(folder, modality, stored, spacing_zyx, origin_lps, *, sl
         ds.SOPClassUID, ds.SOPInstanceUID = sop, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.PatientID, ds.PatientSex, ds.StudyDate = modality, "P042", "M", "20240102"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = "1.2.3.4", series, k + 1
+        ds.FrameOfReferenceUID = "1.2.3.4.5"
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [origin_lps[0], origin_lps[1], origin_lps[2] + k * spacing_zyx[0]]
         ds.PixelSpacing = [spacing_zyx[1], spacing_zyx[2]]
@@ -351,6 +352,17 @@ def test_cli_dicom_study_seg_matches_load_study_geometry(tmp_path, weights):
     assert seg_shape == tuple(reversed(case.geometry.shape)) and seg_dtype == np.uint8
     rep = json.loads((out / "dicom_study_report.json").read_text())
     assert rep["patient"]["patient_id"] == "P042" and rep["patient"]["patient_weight_kg"] == 70.0
+    # the DICOM SEG (on by default for DICOM input) holds the NIfTI mask, slice by slice (tests/test_dicom_seg.py)
+    import highdicom as hd
+    import pydicom
+
+    seg = hd.seg.segread(out / "dicom_study_SEG.dcm")
+    assert rep["outputs"]["dicom_seg"] == "dicom_study_SEG.dcm" and seg.FrameOfReferenceUID == "1.2.3.4.5"
+    mask = np.asarray(nib.load(out / "dicom_study_SEG.nii.gz").dataobj).transpose(2, 1, 0)
+    pets = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((study / "PT").iterdir())]
+    frames = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in pets], assert_missing_frames_are_empty=True)
+    for ds, frame in zip(pets, frames[..., 0]):  # axial slices 3 mm apart from z = 20 mm: plane (z - 20) / 3
+        np.testing.assert_array_equal(frame, mask[round((float(ds.ImagePositionPatient[2]) - 20.0) / 3.0)])
 
 
 def test_batch_with_a_corrupt_study_finishes_the_others_and_resumes(tmp_path, weights, capsys):
