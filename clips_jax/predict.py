@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from clips_jax.errors import ClipsError, ConfigError, WeightsError
+from clips_jax.errors import ConfigError, WeightsError
 
 WEIGHTS_HELP = (
     "no --weights given. Get the pretrained TMTV-Net weights: download e_latest.model and r_latest.model from "
@@ -502,7 +502,7 @@ def write_study_dicom_seg(
     if meta.get("source") != "dicom" or is_nifti_study(study):  # load_study reads a NIfTI layout first
         return None
     if not options.dicom_seg:
-        return {"written": False, "reason": "--nodicom_seg"}
+        return _not_written(path, "--nodicom_seg")
     from clips_jax.data.dicom import series_headers
     from clips_jax.data.dicom_seg import seg_obstacle, write_dicom_seg
     from clips_jax.errors import DataWarning
@@ -511,10 +511,19 @@ def write_study_dicom_seg(
     problem = seg_obstacle(headers)
     if problem:
         warnings.warn(DataWarning(f"{study}: no DICOM SEG written: {problem}"), stacklevel=2)
-        return {"written": False, "reason": problem}
+        return _not_written(path, problem)
     resampled = bool(meta.get("pet_slices_resampled"))
     info = write_dicom_seg(path, mask, geometry, headers, slices_resampled=resampled, provenance=prov)
     return {"written": True, "file": path.name, **info}
+
+
+def _not_written(path: Path, reason: str) -> dict:
+    """{"written": False, "reason"}; a SEG an earlier run left at `path` is deleted (it would no longer match
+    this run's NIfTI mask), and the record says so ("removed_stale": name)."""
+    if not path.is_file():
+        return {"written": False, "reason": reason}
+    path.unlink()
+    return {"written": False, "reason": reason, "removed_stale": path.name}
 
 
 def predict_study(
@@ -625,59 +634,63 @@ def run_batch(
 ) -> dict:
     """Segment every study found under `input_path` (`find_studies`), one progress line per study.
 
-    A failing study prints one line `[i/n] <id> FAILED: <error>` and the others go on; studies whose four
-    outputs exist are skipped unless `options.overwrite`.
+    The batch loop is `clips_jax.batch.for_each_case`: `[k/n] <id>: ok, TMTV ...` per study, a failing study
+    `[k/n] <id>: FAILED, skipped (<error>)` and the others go on; studies whose outputs exist (the four files,
+    and the DICOM SEG for a DICOM study when `options.dicom_seg`) are skipped unless `options.overwrite`.
+    Folders under `input_path` that are not studies are listed on `err` with the reason.
 
     Returns:
-      {"ok": [ids], "skipped": [ids], "failed": {id: message}}.
+      {"ok": [ids], "skipped": [ids], "failed": {id: message}, "not_studies": {folder: why}}.
     Raises:
       DataError if no study is found under `input_path`.
     """
+    from clips_jax import batch
     from clips_jax.data.study import find_studies, skipped_folders
 
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     studies = find_studies(input_path)
-    n = len(studies)
-    result: dict = {"ok": [], "skipped": [], "failed": {}, "not_studies": {}}
-    for folder, why in skipped_folders(input_path, studies):
+    not_studies = {str(folder): why for folder, why in skipped_folders(input_path, studies)}
+    for folder, why in not_studies.items():
         print(f"skipped folder {folder}: {why}", file=err, flush=True)
-        result["not_studies"][str(folder)] = why
     progress = _tile_progress(err)
-    for i, study in enumerate(studies, 1):
-        sid = safe_id(study.name)
-        paths = output_paths(out_dir, sid)
-        if not options.overwrite and all(p.is_file() for p in paths.values()):
-            print(f"[{i}/{n}] {sid} skipped (outputs exist; --overwrite to redo)", file=out, flush=True)
-            result["skipped"].append(sid)
-            continue
+    by_id = {safe_id(study.name): study for study in studies}
+
+    def one_study(sid: str):
+        if not options.overwrite and _outputs_complete(by_id[sid], out_dir, sid, options):
+            return batch.skipped("skipped (outputs exist; --overwrite to redo)")
         t0 = time.perf_counter()
-        try:
-            rep = predict_study(study, out_dir, models, options, progress)
-        except Exception as e:  # noqa: BLE001 - one bad study must not stop the batch; reported below
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if not isinstance(e, ClipsError):
-                msg = f"{type(e).__name__}: {msg}"
-            print(f"[{i}/{n}] {sid} FAILED: {msg}", file=out, flush=True)
-            result["failed"][sid] = msg
-            continue
-        s = rep["results"]
-        print(
-            f"[{i}/{n}] {sid} ok, TMTV {s['tmtv_ml']:.1f} ml, {s['lesion_count']} lesion(s), "
-            f"{time.perf_counter() - t0:.1f} s",
-            file=out,
-            flush=True,
+        s = predict_study(by_id[sid], out_dir, models, options, progress)["results"]
+        return batch.done(
+            f"ok, TMTV {s['tmtv_ml']:.1f} ml, {s['lesion_count']} lesion(s), {time.perf_counter() - t0:.1f} s"
         )
-        result["ok"].append(sid)
+
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    outcomes = batch.for_each_case(by_id, one_study, log=say)
+    n = outcomes.total
     where = f"outputs in {out_dir}" if Path(out_dir).is_dir() else "no outputs written"
-    not_studies = f"; {len(result['not_studies'])} folder(s) without a study" if result["not_studies"] else ""
-    print(
-        f"done: {len(result['ok'])} ok, {len(result['skipped'])} skipped, {len(result['failed'])} failed "
-        f"of {n} stud{'y' if n == 1 else 'ies'}{not_studies}; {where}",
-        file=out,
-        flush=True,
+    without = f"; {len(not_studies)} folder(s) without a study" if not_studies else ""
+    say(
+        f"done: {len(outcomes.done)} ok, {len(outcomes.skipped)} skipped, {len(outcomes.failed)} failed "
+        f"of {n} stud{'y' if n == 1 else 'ies'}{without}; {where}"
     )
-    return result
+    for line in outcomes.failure_lines():
+        say(line)
+    return {"ok": outcomes.done, "skipped": outcomes.skipped, "failed": outcomes.failed, "not_studies": not_studies}
+
+
+def _outputs_complete(study: Path, out_dir: str | Path, sid: str, options: Options) -> bool:
+    """Whether a study's outputs from an earlier run are all there: the four files of `output_paths`, plus the
+    DICOM SEG for a DICOM study when `options.dicom_seg` (so a study done with `--nodicom_seg`, or before SEG
+    output existed, gets its SEG on a later run)."""
+    from clips_jax.data.study import is_nifti_study
+
+    if not all(p.is_file() for p in output_paths(out_dir, sid).values()):
+        return False
+    wants_seg = options.dicom_seg and not is_nifti_study(study)
+    return not wants_seg or (Path(out_dir) / f"{sid}{DICOM_SEG_SUFFIX}").is_file()
 
 
 def define_flags(fv) -> None:

@@ -290,6 +290,14 @@ def test_nodicom_seg_flag_writes_no_seg(tmp_path, models, fake_segment):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in predict.output_paths(out, "study").values())
     rep = json.loads((out / "study_report.json").read_text())
     assert rep["dicom_seg"] == {"written": False, "reason": "--nodicom_seg"} and rep["options"]["dicom_seg"] is False
+    # a later plain run does not count the study as done: its SEG is missing
+    assert predict.main([*argv, "--stage_a_only", "--stage_a_tile", "32,32,32"]) == 0
+    assert (out / f"study{predict.DICOM_SEG_SUFFIX}").is_file()
+    # redone with --nodicom_seg: the older SEG would not match the new mask, so it goes (and the report says so)
+    assert predict.main([*argv, "--stage_a_only", "--stage_a_tile", "32,32,32", "--nodicom_seg", "--overwrite"]) == 0
+    assert not (out / f"study{predict.DICOM_SEG_SUFFIX}").exists()
+    rep = json.loads((out / "study_report.json").read_text())
+    assert rep["dicom_seg"]["removed_stale"] == f"study{predict.DICOM_SEG_SUFFIX}"
 
 
 def test_nifti_input_writes_no_seg_even_from_an_exported_dicom_study(tmp_path, models, fake_segment):

@@ -250,7 +250,7 @@ def test_cli_nifti_study_outputs_on_the_pet_grid(tmp_path, weights, capsys):
         ]
     )
     assert rc == 0
-    assert "[1/1] case_a ok" in capsys.readouterr().out
+    assert "[1/1] case_a: ok" in capsys.readouterr().out
     names = sorted(p.name for p in out.iterdir())
     assert names == ["case_a_SEG.nii.gz", "case_a_mip.png", "case_a_report.json", "case_a_report.md"]
     seg_aff, seg_shape, seg_dtype = _nifti_grid(out / "case_a_SEG.nii.gz")
@@ -383,16 +383,18 @@ def test_batch_with_a_corrupt_study_finishes_the_others_and_resumes(tmp_path, we
     assert f"skipped folder {root / 'e_empty'}: no DICOM or NIfTI study files" in err
     text = captured.out.splitlines()
     assert "2 folder(s) without a study" in text[3]
-    assert text[0].startswith("[1/3] a_good ok, TMTV") and text[0].endswith(" s")
-    assert text[1].startswith("[2/3] b_bad FAILED:") and "SUV.nii.gz" in text[1]
-    assert text[2].startswith("[3/3] c_good ok") and "2 ok, 0 skipped, 1 failed of 3" in text[3]
+    assert text[0].startswith("[1/3] a_good: ok, TMTV") and text[0].endswith(" s")
+    assert text[1].startswith("[2/3] b_bad: FAILED, skipped (") and "SUV.nii.gz" in text[1]
+    assert text[2].startswith("[3/3] c_good: ok") and "2 ok, 0 skipped, 1 failed of 3" in text[3]
+    assert text[4].startswith("  failed b_bad: ") and "SUV.nii.gz" in text[4]
     for name in ("a_good", "c_good"):
         assert all(p.is_file() for p in predict.output_paths(out, name).values())
     assert not any(p.name.startswith("b_bad") for p in out.iterdir())
     before = (out / "a_good_SEG.nii.gz").stat().st_mtime_ns
     assert predict.main(argv) == 1  # resume: good ones skipped, bad one retried
     text = capsys.readouterr().out
-    assert "[1/3] a_good skipped" in text and "[3/3] c_good skipped" in text and "b_bad FAILED" in text
+    assert "[1/3] a_good: skipped (outputs exist" in text and "[3/3] c_good: skipped" in text
+    assert "[2/3] b_bad: FAILED" in text
     assert (out / "a_good_SEG.nii.gz").stat().st_mtime_ns == before
 
 
