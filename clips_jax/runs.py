@@ -22,11 +22,12 @@ scoring, the comparison and the hardness scoring use to get a trained network ba
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -89,13 +90,19 @@ def open_for_training(workdir: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class MetricsWriter:
-    """Appends one JSON object per line to `workdir/metrics.jsonl` (process 0 only) and prints progress."""
+PRINT_FLUSHED = functools.partial(print, flush=True)
+"""The default progress sink: a console line, flushed at once (logs piped to a file stay current)."""
 
-    def __init__(self, workdir: Path, quiet: bool = False):
+
+class MetricsWriter:
+    """Appends one JSON object per line to `workdir/metrics.jsonl` (process 0 only) and sends progress lines
+    to `echo` (default `print`: the training command's console; a library caller may pass its own sink)."""
+
+    def __init__(self, workdir: Path, quiet: bool = False, echo: Callable[[str], None] = PRINT_FLUSHED):
         self.path = Path(workdir) / "metrics.jsonl"
         self.primary = jax.process_index() == 0
         self.quiet = quiet
+        self.echo = echo
 
     def write(self, row: dict) -> None:
         """Append one row (a dict; made JSON-ready with `json_safe`)."""
@@ -108,9 +115,9 @@ class MetricsWriter:
                 f.write("".join(json.dumps(json_safe(r)) + "\n" for r in rows))
 
     def log(self, line: str) -> None:
-        """Print one progress line (process 0, unless quiet)."""
+        """Send one progress line to `echo` (process 0, unless quiet)."""
         if self.primary and not self.quiet:
-            print(line, flush=True)
+            self.echo(line)
 
 
 def read_metrics(workdir: str | os.PathLike, kind: str | None = None) -> list[dict]:

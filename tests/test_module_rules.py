@@ -6,6 +6,8 @@
 * `clips_jax.data` knows no network: nothing of the model, tiled inference, the cascade and its command, the
   trainer, the run folder or the evaluation.
 * `clips_jax.inference` takes arrays: nothing of `clips_jax.data` (nor of the cascade built on both).
+* Only command-line modules (those with a `main`, and `clips_jax.cli`) call `print` or define absl flags;
+  library functions report through a `log` sink the command passes in.
 """
 
 import ast
@@ -141,3 +143,37 @@ def test_data_knows_no_network():
 
 def test_inference_knows_no_data():
     assert violations("clips_jax.inference", lambda n: within(n, INFERENCE_MUST_NOT_IMPORT)) == []
+
+
+def calls_print_or_defines_flags(path: Path) -> list[str]:
+    """Lines of `path` that call `print(...)` or use absl flags (`flags.DEFINE_*`, `FlagValues`, `FLAGS`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+            found.append(f"{path.name}:{node.lineno} print(...)")
+        elif isinstance(node, ast.Attribute) and (
+            node.attr.startswith("DEFINE") or node.attr in ("FLAGS", "FlagValues")
+        ):
+            found.append(f"{path.name}:{node.lineno} flags.{node.attr}")
+    return found
+
+
+def is_command(path: Path) -> bool:
+    """A command-line module: it defines `main` (its console script / `python -m` entry), or is `cli.py`, the
+    convention's own module; `statistics.py` prints its simulation table under `__main__`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    has_main = any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
+    return has_main or path.name == "cli.py" or path == PACKAGE / "experiments" / "statistics.py"
+
+
+def test_only_command_line_modules_print_or_parse_flags(tmp_path):
+    # library code reports through a `log` / `echo` sink a command passes in (its default may be print itself)
+    offenders = [
+        hit for f in sorted(PACKAGE.rglob("*.py")) if not is_command(f) for hit in calls_print_or_defines_flags(f)
+    ]
+    assert offenders == []
+    # the rule does see what it forbids
+    planted = tmp_path / "planted.py"
+    planted.write_text("def f(log=print):\n    print('x')\n    flags.DEFINE_string('a', None, '')\n")
+    hits = [h.split(" ", 1)[1] for h in calls_print_or_defines_flags(planted)]
+    assert hits == ["print(...)", "flags.DEFINE_string"]

@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -403,7 +403,7 @@ def write_phantoms(
     size="small",
     spacing_mm: Sequence[float] = DEFAULT_SPACING_MM,
     *,
-    verbose: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Generate `n` phantoms under `out/<case_id>/` (see `case_id`), skipping cases already present.
 
@@ -422,10 +422,10 @@ def write_phantoms(
             ph = make_phantom(case_seed(seed, i), size, spacing_mm)
             ph.truth.update({"case_id": cid, "dataset_seed": int(seed), "index": i})
             write_phantom(d, ph)
-            if verbose:
-                print(f"[{i + 1}/{n}] {cid}: {ph.truth['n_lesions']} lesions, TMTV {ph.truth['tmtv_ml']:.1f} ml")
-        elif verbose:
-            print(f"[{i + 1}/{n}] {cid}: already present, skipped")
+            if log is not None:
+                log(f"[{i + 1}/{n}] {cid}: {ph.truth['n_lesions']} lesions, TMTV {ph.truth['tmtv_ml']:.1f} ml")
+        elif log is not None:
+            log(f"[{i + 1}/{n}] {cid}: already present, skipped")
         paths.append(d)
     return paths
 
@@ -450,7 +450,7 @@ def run_from_flags(fv) -> int:
     size = fv["size"].value
     if size not in SIZES:
         size = cli.parse_zyx(size, "size")
-    paths = write_phantoms(fv["out"].value, fv["cases"].value, fv["seed"].value, size, verbose=True)
+    paths = write_phantoms(fv["out"].value, fv["cases"].value, fv["seed"].value, size, log=print)
     print(f"{len(paths)} phantom studies in {fv['out'].value}")
     return 0
 
