@@ -408,7 +408,8 @@ def write_phantoms(
     """Generate `n` phantoms under `out/<case_id>/` (see `case_id`), skipping cases already present.
 
     Case `i` uses `make_phantom(case_seed(seed, i), size, spacing_mm)` and its truth also records
-    `case_id` and `dataset_seed`. Returns the `n` case directories (existing and new), in index order.
+    `case_id` and `dataset_seed`. `log`: optional one-line progress sink (a line per case). Returns the `n` case
+    directories (existing and new), in index order.
     """
     if n < 0:
         raise ConfigError(f"--cases {n}: need a number >= 0")
