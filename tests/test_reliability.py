@@ -1,0 +1,186 @@
+"""Per-patient reliability measures, score and checks (`clips_jax.metrics.reliability`) and calibration
+(`clips_jax.metrics.calibration`): hand-checkable cases."""
+
+import math
+
+import numpy as np
+import pytest
+
+from clips_jax.metrics import calibration as cal
+from clips_jax.metrics import reliability as rel
+
+SP = (6.0, 6.0, 6.0)  # 0.216 ml voxels
+
+
+def box(shape, sl):
+    m = np.zeros(shape, bool)
+    m[sl] = True
+    return m
+
+
+def test_pairwise_dice_identical_disjoint_and_empty():
+    a = box((8, 8, 8), np.s_[1:3, 1:3, 1:3])
+    b = box((8, 8, 8), np.s_[5:7, 5:7, 5:7])
+    empty = np.zeros((8, 8, 8), bool)
+    assert rel.pairwise_dice(np.stack([a, a, a])).tolist() == [1.0, 1.0, 1.0]
+    assert rel.pairwise_dice(np.stack([a, b])).tolist() == [0.0]
+    assert rel.pairwise_dice(np.stack([empty, empty])).tolist() == [1.0]  # agreement on "no lesion"
+    assert rel.pairwise_dice(np.stack([empty, empty]), 0.216, 0.5).tolist() == [1.0]
+    # half overlap: |A and B| = 4, |A| = |B| = 8 -> 0.5; with smoothing s = 0.5 ml, v = 1 ml: (8 + 0.5) / 16.5
+    c = box((8, 8, 8), np.s_[2:4, 1:3, 1:3])
+    assert rel.pairwise_dice(np.stack([a, c])).tolist() == [0.5]
+    assert rel.pairwise_dice(np.stack([a, c]), 1.0, 0.5)[0] == pytest.approx(8.5 / 16.5)
+    # pair order (0, 1), (0, 2), (1, 2)
+    assert rel.pairwise_dice(np.stack([a, a, b])).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_cv_disagreement_entropy():
+    assert rel.coefficient_of_variation([0, 0, 0]) == 0.0
+    assert rel.coefficient_of_variation([1, 3]) == pytest.approx(0.5)  # s.d. 1, mean 2
+    a = box((6, 6, 6), np.s_[0:2, 0:2, 0:2])  # 8 voxels
+    c = box((6, 6, 6), np.s_[1:3, 0:2, 0:2])  # overlap 4, union 12
+    assert rel.disagreement_fraction(np.stack([a, c])) == pytest.approx(8 / 12)
+    assert rel.disagreement_fraction(np.zeros((2, 6, 6, 6), bool)) == 0.0
+    h = rel.binary_entropy_bits(np.array([0.0, 0.5, 1.0, 0.25]))
+    assert h.dtype == np.float32
+    assert h.tolist()[:3] == [0.0, 1.0, 0.0] and h[3] == pytest.approx(0.811278, abs=1e-6)
+
+
+def test_lesion_region_is_a_ball_in_mm():
+    c = box((9, 9, 9), np.s_[4, 4, 4])
+    r = rel.lesion_region(c, (6.0, 6.0, 6.0), 6.0)
+    assert r.sum() == 7  # the voxel and its 6 face neighbours
+    r = rel.lesion_region(c, (2.0, 6.0, 6.0), 6.0)
+    assert r[:, 4, 4].sum() == 7 and r.sum() == 7 + 4  # +-3 voxels along z (2 mm), +-1 in y and x
+    assert not rel.lesion_region(np.zeros((4, 4, 4), bool), SP).any()
+
+
+def test_mask_fraction_on_grid_counts_fine_voxels_per_coarse_voxel():
+    m = np.zeros((12, 12, 12), bool)
+    m[2:5, 2:5, 2:5] = True  # exactly coarse voxel (1, 1, 1) with a factor of 3 (fine i -> round(i / 3))
+    f = rel.mask_fraction_on_grid(m, (2.0, 2.0, 2.0), (6.0, 6.0, 6.0), (4, 4, 4))
+    assert f.dtype == np.float32 and f.shape == (4, 4, 4)
+    assert f[1, 1, 1] == 1.0 and f.sum() == 1.0
+    m2 = np.zeros((12, 12, 12), bool)
+    m2[2, 2:5, 2:5] = True  # one of the three z-planes of that coarse voxel
+    f2 = rel.mask_fraction_on_grid(m2, (2.0, 2.0, 2.0), (6.0, 6.0, 6.0), (4, 4, 4))
+    assert f2[1, 1, 1] == pytest.approx(1 / 3) and f2.sum() == pytest.approx(1 / 3)
+
+
+def test_identical_confident_members_are_perfectly_reliable():
+    lesion = box((10, 10, 10), np.s_[3:6, 3:6, 3:6])
+    p = lesion.astype(np.float32)
+    members = np.stack([p] * 4)
+    out = rel.assess(p, lesion, SP, members)
+    assert out["member_dice_mean"] == 1.0 and out["member_dice_min"] == 1.0
+    assert out["member_disagreement"] == 0.0 and out["member_tmtv_cv"] == 0.0 and out["member_sd_mean"] == 0.0
+    assert out["expected_dice"] == 1.0 and out["entropy_mean_bits"] == 0.0 and out["uncertain_ml"] == 0.0
+    assert out["score"] == 1.0 and out["review"] is False and out["reasons"] == []
+    assert out["tmtv_ml"] == pytest.approx(27 * 0.216) and out["member_tmtv_ml"] == [pytest.approx(27 * 0.216)] * 4
+    assert out["components"] == {"members": 1.0, "voxels": 1.0}
+    assert any("flip" in n for n in out["notes"])
+
+
+def test_lesion_free_agreement_is_reliable():
+    z = np.zeros((8, 8, 8), np.float32)
+    out = rel.assess(z, z > 0, SP, np.stack([z, z]))
+    assert out["member_dice_mean"] == 1.0 and out["expected_dice"] == 1.0 and out["score"] == 1.0
+    assert out["region_ml"] == 0.0 and out["tmtv_ml"] == 0.0 and not out["review"]
+
+
+def test_disjoint_members_give_a_low_score_and_a_reason_in_words():
+    a = box((12, 12, 12), np.s_[1:5, 1:5, 1:5]).astype(np.float32)  # 64 voxels = 13.8 ml each
+    b = box((12, 12, 12), np.s_[7:11, 7:11, 7:11]).astype(np.float32)
+    members = np.stack([a, b])
+    prob = members.mean(axis=0)  # 0.5 on both boxes: nothing > 0.5
+    out = rel.assess(prob, prob > 0.5, SP, members)
+    assert out["member_dice_mean"] == pytest.approx(0.5 / (2 * 64 * 0.216 + 0.5))  # smoothed 0
+    assert out["member_disagreement"] == 1.0
+    assert out["uncertain_ml"] == pytest.approx(128 * 0.216)
+    assert out["entropy_mean_bits"] == pytest.approx(128 * 0.216 / out["region_ml"])  # H = 1 on the boxes, 0 around
+    assert out["score"] < 0.1 and out["review"] is True
+    assert out["reasons"][0].startswith("the 2 ensemble members disagree on 100 % of the lesion volume")
+    assert any("no lesion in the mask" in r for r in out["reasons"])
+    assert rel.assess(prob, prob > 0.5, SP, members, threshold=0.0)["review"] is False
+
+
+def test_single_network_uses_voxel_probabilities_only():
+    p = np.zeros((8, 8, 8), np.float32)
+    p[2:6, 2:6, 2:6] = 0.6
+    out = rel.assess(p, p > 0.5, SP)
+    assert out["member_dice_mean"] is None and out["member_tmtv_cv"] is None and out["members"] == 0
+    assert out["score"] == pytest.approx(out["expected_dice"])
+    # sum p f = 0.6 * 64 v, sum p = 0.6 * 64 v, sum f = 64 v (v = 0.216 ml)
+    v = 0.216
+    assert out["expected_dice"] == pytest.approx((2 * 0.6 * 64 * v + 0.5) / (1.6 * 64 * v + 0.5))
+    assert any("single network" in n for n in out["notes"])
+    tta = np.stack([p, np.roll(p, 2, axis=0)])
+    out = rel.assess(p, p > 0.5, SP, tta=tta)
+    assert out["tta_passes"] == 2 and out["tta_dice_mean"] < 1.0
+    assert out["score"] == pytest.approx(math.sqrt(out["tta_dice_mean"] * out["expected_dice"]))
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(ValueError, match="members shape"):
+        rel.measures(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), SP, np.zeros((2, 4, 4, 5)))
+
+
+def test_auroc_delong_youden_tertile_spearman():
+    label = np.array([True, True, False, False, False])
+    assert rel.auroc([0.9, 0.8, 0.1, 0.2, 0.3], label) == 1.0
+    assert rel.auroc([0.1, 0.2, 0.9, 0.8, 0.7], label) == 0.0
+    assert rel.auroc([0.5] * 5, label) == 0.5
+    assert rel.auroc([0.9, 0.2, 0.1, 0.5, 0.3], label) == pytest.approx(4 / 6)  # 0.9 beats 3, 0.2 beats 1
+    assert math.isnan(rel.auroc([1, 2], [True, True]))
+    d = rel.delong_interval([0.9, 0.2, 0.1, 0.5, 0.3], label)
+    assert d["auroc"] == pytest.approx(4 / 6) and d["ci_low"] < d["auroc"] < d["ci_high"] <= 1.0
+    assert d["n_pos"] == 2 and d["n_neg"] == 3
+    # DeLong's variance by hand: V10 = (1, 1/3), V01 = (1/2, 1, 1/2) (psi averaged per negative)
+    se = math.sqrt(np.var([1, 1 / 3], ddof=1) / 2 + np.var([0.5, 1, 0.5], ddof=1) / 3)
+    assert d["se"] == pytest.approx(se)
+    assert rel.worst_tertile([0.9, np.nan, 0.1, 0.5, 0.3, 0.8]).tolist() == [False, False, True, False, True, False]
+    y = rel.youden_threshold([0.2, 0.3, 0.8, 0.9, 0.7], [True, True, False, False, False])
+    assert y["threshold"] == pytest.approx(0.5) and y["j"] == 1.0  # midpoint between 0.3 and 0.7
+    s = rel.spearman([1, 2, 3, np.nan], [10, 20, 30, 0])
+    assert s["rho"] == pytest.approx(1.0) and s["n"] == 3
+
+
+def test_calibration_bins_ece_and_temperature():
+    p = np.array([0.05, 0.05, 0.95, 0.95, 0.55, 0.55])
+    t = np.array([0, 0, 1, 1, 1, 0])
+    b = cal.calibration_bins(p, t, n_bins=10)
+    assert b["count"].tolist() == [2, 0, 0, 0, 0, 2, 0, 0, 0, 2]
+    assert b["positives"].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 2]
+    # |0 - 0.1| + |1 - 1.1| + |2 - 1.9| over 6 voxels
+    assert cal.expected_calibration_error(b) == pytest.approx(0.3 / 6)
+    both = cal.add_bins(cal.add_bins(None, b), b)
+    assert both["count"].sum() == 12 and cal.expected_calibration_error(both) == pytest.approx(0.05)
+    assert math.isnan(cal.expected_calibration_error(cal.calibration_bins(p, t, where=np.zeros(6, bool))))
+    assert cal.calibration_bins(np.array([1.0]), np.array([1]))["count"][-1] == 1  # p = 1 in the last bin
+    # temperature: the mask never changes, T = 1 is the identity
+    q = cal.apply_temperature(np.array([0.1, 0.5, 0.9]), 2.0)
+    assert q[1] == pytest.approx(0.5) and 0.1 < q[0] < 0.5 < q[2] < 0.9
+    assert cal.apply_temperature(p, 1.0).tolist() == p.astype(np.float32).tolist()
+
+
+def test_fit_temperature_recovers_overconfidence():
+    rng = np.random.default_rng(0)
+    logit = rng.normal(0, 2, 200_000)
+    truth = rng.random(logit.size) < 1 / (1 + np.exp(-logit))  # calibrated at T = 1
+    over = 1 / (1 + np.exp(-3.0 * logit))  # three times too confident
+    t = cal.fit_temperature(cal.logit_histogram(over, truth))
+    assert t == pytest.approx(3.0, rel=0.05)
+    fixed = cal.apply_temperature(over, t)
+    before = cal.expected_calibration_error(cal.calibration_bins(over, truth))
+    after = cal.expected_calibration_error(cal.calibration_bins(fixed, truth))
+    assert after < 0.01 < before
+    assert cal.fit_temperature(cal.logit_histogram(over, np.zeros(over.size, bool))) == 1.0
+
+
+def test_lesion_neighbourhood():
+    p = np.zeros((9, 9, 9), np.float32)
+    p[2, 2, 2] = 0.9
+    t = np.zeros((9, 9, 9), bool)
+    t[6, 6, 6] = True
+    n = cal.lesion_neighbourhood(p, t, SP)
+    assert n.sum() == 14 and n[2, 2, 2] and n[6, 6, 6]
