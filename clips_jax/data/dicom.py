@@ -13,8 +13,9 @@ shapes differ, in `main/main.py`) it:
 * orders slices by their position along the slice normal (ImagePositionPatient . normal from
   ImageOrientationPatient), checks constant spacing and consistent orientation, applies each slice's own
   RescaleSlope/Intercept, and builds the affine (DICOM LPS -> our RAS: x and y rows negated);
-* computes SUVbw with checks: Units must be BQML; DecayCorrection START / ADMIN / NONE handled (see
-  `suv_factor`); weight, dose and half-life must be present and positive;
+* computes SUVbw with checks (`clips_jax.data.suv`, re-exported here: `suv_factor`, `suv_parameters`,
+  `acquisition_datetime`): Units BQML, GML / CM2ML of any SUVType, Philips CNTS with a scale factor;
+  DecayCorrection START / ADMIN / NONE; weight, dose and half-life present and positive, a dose in MBq recognised;
 * resamples the CT onto the PET grid (trilinear, outside -1024 HU) whenever the grids differ by geometry.
 
 Single-frame images only (one slice per file); enhanced multi-frame objects raise DataError.
@@ -23,22 +24,28 @@ Compressed transfer syntaxes need pydicom's optional pixel plugins; without them
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
 from absl import logging
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.valuerep import DA, DT, TM
 
 from clips_jax.data.case import Case
 from clips_jax.data.geometry import Geometry
 from clips_jax.data.resample import resample_to_grid
+from clips_jax.data.suv import (  # the SUV arithmetic, re-exported for existing imports
+    SERIES_SUV_TAGS,  # noqa: F401
+    acquisition_datetime,
+    injected_dose_bq,  # noqa: F401
+    series_suv_inputs,
+    suv_factor,
+    suv_parameters,
+)
 from clips_jax.errors import DataError, DataWarning
 
 CT_OUTSIDE_HU = -1024.0
@@ -131,44 +138,18 @@ def _is_dicomdir(ds: Dataset) -> bool:
     return sop == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds
 
 
-SERIES_SUV_TAGS = ("Units", "DecayCorrection", "PatientWeight")
-"""Tags SUV depends on that must agree across the slices of a PET series (with the radiopharmaceutical's dose,
-start time and half-life, `_suv_tags`); per-slice RescaleSlope and acquisition times legitimately differ."""
-
-
-def _suv_tags(ds: Dataset) -> tuple:
-    """The series-level SUV inputs of one slice header: Units, DecayCorrection, PatientWeight, and the first
-    RadiopharmaceuticalInformationSequence item's dose, start (date)time and half-life."""
-    seq = ds.get("RadiopharmaceuticalInformationSequence")
-    info = seq[0] if seq else Dataset()
-    return tuple(str(ds.get(k, "")).strip() for k in SERIES_SUV_TAGS) + tuple(
-        str(info.get(k, "")).strip()
-        for k in (
-            "RadionuclideTotalDose",
-            "RadiopharmaceuticalStartTime",
-            "RadiopharmaceuticalStartDateTime",
-            "RadionuclideHalfLife",
-        )
-    )
-
-
 def check_series_agree(items: list[tuple[Path, Dataset]], where: str) -> None:
-    """Raise DataError naming two files when the series-level SUV tags (`_suv_tags`) differ between slices."""
-    names = (
-        *SERIES_SUV_TAGS,
-        "RadionuclideTotalDose",
-        "RadiopharmaceuticalStartTime",
-        "RadiopharmaceuticalStartDateTime",
-        "RadionuclideHalfLife",
-    )
-    first_path, first = items[0][0], _suv_tags(items[0][1])
+    """Raise DataError naming two files when the series-level SUV inputs (`series_suv_inputs`: Units,
+    DecayCorrection, weight, SUVType, the radiopharmaceutical's dose, start (date)time and half-life, ...) differ
+    between slices; per-slice RescaleSlope and acquisition times legitimately differ."""
+    first_path, first = items[0][0], series_suv_inputs(items[0][1])
     for path, ds in items[1:]:
-        tags = _suv_tags(ds)
-        if tags != first:
-            k = next(i for i, (a, b) in enumerate(zip(first, tags)) if a != b)
+        tags = series_suv_inputs(ds)
+        k = next((k for k in [*first, *tags.keys() - first.keys()] if first.get(k) != tags.get(k)), None)
+        if k is not None:
             raise DataError(
-                f"{where}: {names[k]} differs between slices ({first[k]!r} in {first_path.name}, "
-                f"{tags[k]!r} in {path.name}); SUV needs one value per series: export the series "
+                f"{where}: {k} differs between slices ({first.get(k, '')!r} in {first_path.name}, "
+                f"{tags.get(k, '')!r} in {path.name}); SUV needs one value per series: export the series "
                 "again or correct the tag"
             )
 
@@ -443,183 +424,6 @@ def _series_geometry(
     a[:3, 3] = first
     a[:2, :] *= -1.0  # LPS -> RAS
     return Geometry(shape, a).validate(label)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# SUV
-
-
-def _positive(ds: Dataset, keyword: str, tag: str, what: str, where: str) -> float:
-    v = ds.get(keyword)
-    try:
-        f = float(v) if v not in (None, "") else None
-    except (TypeError, ValueError):
-        f = None
-    if f is None or not np.isfinite(f) or f <= 0:
-        found = "missing" if v in (None, "") else f"{v!r}"
-        raise DataError(
-            f"{where}: {what} {keyword} {tag} is {found}; it must be present and > 0 to compute "
-            "SUVbw (fix the DICOM header, e.g. set the patient weight)"
-        )
-    return f
-
-
-def _datetime(date, time, what: str, where: str) -> _dt.datetime | None:
-    """Combine a DICOM DA and TM value into a naive datetime (None if either is absent)."""
-    if date in (None, "") or time in (None, ""):
-        return None
-    try:
-        d, t = DA(str(date)), TM(str(time))
-        return _dt.datetime.combine(d, _dt.time(t.hour, t.minute, t.second, t.microsecond))
-    except (ValueError, TypeError) as e:
-        raise DataError(f"{where}: cannot parse {what} date/time {date!r} {time!r} ({e})") from e
-
-
-def acquisition_datetime(ds: Dataset) -> _dt.datetime | None:
-    """AcquisitionDateTime, else AcquisitionDate + AcquisitionTime of one slice (naive), or None."""
-    if ds.get("AcquisitionDateTime"):
-        try:
-            return DT(str(ds.AcquisitionDateTime)).replace(tzinfo=None)
-        except (ValueError, TypeError) as e:
-            raise DataError(
-                f"{_series_label(ds)}: cannot parse AcquisitionDateTime {ds.AcquisitionDateTime!r} ({e})"
-            ) from e
-    date = ds.get("AcquisitionDate") or ds.get("SeriesDate") or ds.get("StudyDate")
-    return _datetime(date, ds.get("AcquisitionTime"), "acquisition", _series_label(ds))
-
-
-def suv_parameters(
-    ds: Dataset, *, earliest_acquisition: _dt.datetime | None = None, where: str | None = None
-) -> dict[str, Any]:
-    """All quantities of the SUVbw conversion of one PET slice header, checked; see `suv_factor`.
-
-    Returns a JSON-friendly dict: units ("BQML" or "GML"), suv_factor, patient_weight_kg, injected_dose_bq,
-    half_life_s, decay_correction, injection_time, reference_time (ISO strings or None), decay_s, decay_factor.
-    Units GML (0054,1001) means the pixels are SUVbw already: factor 1, the dose fields None, plus a "note".
-    """
-    where = where or _series_label(ds)
-    units = str(ds.get("Units", "")).strip().upper()
-    if units == "GML":  # already SUVbw (g/ml), as several research exports ship it: used as is
-        return {
-            "units": "GML",
-            "suv_factor": 1.0,
-            "patient_weight_kg": None,
-            "injected_dose_bq": None,
-            "half_life_s": None,
-            "decay_correction": str(ds.get("DecayCorrection", "")).strip().upper(),
-            "injection_time": None,
-            "reference_time": None,
-            "decay_s": None,
-            "decay_factor": None,
-            "note": "PET Units GML: the images are SUVbw already; used without conversion",
-        }
-    if units != "BQML":
-        found = repr(units) if units else "missing"
-        raise DataError(
-            f"{where}: PET Units (0054,1001) is {found}; supported are BQML (Bq/ml, converted to "
-            "SUVbw) and GML (already SUVbw). Export the attenuation-corrected, quantitative PET "
-            "series (not counts or a screen capture)"
-        )
-    weight = _positive(ds, "PatientWeight", "(0010,1030)", "patient weight", where)
-    seq = ds.get("RadiopharmaceuticalInformationSequence")
-    if not seq:
-        raise DataError(
-            f"{where}: RadiopharmaceuticalInformationSequence (0054,0016) is missing; need the "
-            "injected dose, half-life and injection time to compute SUVbw"
-        )
-    info = seq[0]
-    dose = _positive(info, "RadionuclideTotalDose", "(0018,1074)", "injected dose", where)
-    half = _positive(info, "RadionuclideHalfLife", "(0018,1075)", "radionuclide half-life", where)
-    corr = str(ds.get("DecayCorrection", "")).strip().upper()
-    inj = ref = None
-    decay_s = 0.0
-    if corr == "ADMIN":
-        decay = 1.0  # pixels already decay-corrected to the administration time
-    elif corr in ("START", "NONE"):
-        if corr == "START":
-            # Reference = series start (SeriesDate/SeriesTime). QIBA rule: if the series time is later than
-            # the earliest acquisition (some scanners rewrite it on post-processing), use the earliest
-            # acquisition time instead.
-            ref = _datetime(ds.get("SeriesDate") or ds.get("StudyDate"), ds.get("SeriesTime"), "series", where)
-            if ref is None or (earliest_acquisition is not None and earliest_acquisition < ref):
-                ref = earliest_acquisition if earliest_acquisition is not None else acquisition_datetime(ds)
-        else:
-            ref = acquisition_datetime(ds)  # no decay correction: activity at this slice's acquisition
-        if ref is None:
-            raise DataError(
-                f"{where}: no SeriesDate/SeriesTime or AcquisitionDate/Time; cannot decay-correct the injected dose"
-            )
-        assumed_date = False
-        if info.get("RadiopharmaceuticalStartDateTime"):
-            try:
-                inj = DT(str(info.RadiopharmaceuticalStartDateTime)).replace(tzinfo=None)
-            except (ValueError, TypeError) as e:
-                raise DataError(
-                    f"{where}: cannot parse RadiopharmaceuticalStartDateTime "
-                    f"{info.RadiopharmaceuticalStartDateTime!r} ({e})"
-                ) from e
-        else:
-            inj = _datetime(ref.strftime("%Y%m%d"), info.get("RadiopharmaceuticalStartTime"), "injection", where)
-            assumed_date = True
-        if inj is None:
-            raise DataError(
-                f"{where}: injection time missing (RadiopharmaceuticalStartDateTime (0018,1078) and "
-                "RadiopharmaceuticalStartTime (0018,1072)); cannot decay-correct the dose"
-            )
-        if assumed_date and inj > ref:
-            inj -= _dt.timedelta(days=1)  # injected before midnight, scanned after
-            logging.warning(
-                "%s: injection time after scan time on the same day; assuming injection on the previous day", where
-            )
-        decay_s = (ref - inj).total_seconds()
-        if decay_s < 0:
-            raise DataError(
-                f"{where}: injection {inj.isoformat()} is after the reference time "
-                f"{ref.isoformat()}; check the radiopharmaceutical times"
-            )
-        decay = 2.0 ** (-decay_s / half)
-    else:
-        found = repr(corr) if corr else "missing"
-        raise DataError(f"{where}: DecayCorrection (0054,1102) is {found}; supported: START, ADMIN, NONE")
-    return {
-        "units": "BQML",
-        "suv_factor": weight * 1000.0 / (dose * decay),
-        "patient_weight_kg": weight,
-        "injected_dose_bq": dose,
-        "half_life_s": half,
-        "decay_correction": corr,
-        "injection_time": inj.isoformat() if inj else None,
-        "reference_time": ref.isoformat() if ref else None,
-        "decay_s": decay_s,
-        "decay_factor": decay,
-    }
-
-
-def suv_factor(ds: Dataset, *, earliest_acquisition: _dt.datetime | None = None, where: str | None = None) -> float:
-    """Multiplier turning this PET slice's Bq/ml values into SUVbw: `weight_g / dose_Bq_at_reference`.
-
-    SUV = pixel_Bq_per_ml * PatientWeight[kg] * 1000 / (RadionuclideTotalDose[Bq] * 2^(-dt / half-life)),
-    where dt depends on DecayCorrection (0054,1102):
-      * START: images are decay-corrected to the series start; dt = reference - injection, reference =
-        SeriesDate/SeriesTime, or the earliest slice AcquisitionDate/Time (`earliest_acquisition`) if that is
-        earlier or the series time is missing (QIBA rule for rewritten series times).
-      * ADMIN: images are already decay-corrected to the injection; dt = 0.
-      * NONE: no decay correction; dt = this slice's acquisition time - injection (per slice; decay during the
-        frame is ignored).
-    Injection = RadiopharmaceuticalStartDateTime if present, else RadiopharmaceuticalStartTime on the
-    reference date (previous day if that would be after the reference). Time zones are ignored.
-
-    Args:
-      ds: one PET slice header (pydicom Dataset).
-      earliest_acquisition: earliest acquisition datetime of the series (START only), or None.
-      where: series/folder label used in error messages (default: built from the header).
-    Returns:
-      the factor (float, g/Bq).
-    Raises:
-      DataError naming the series: Units not BQML, PatientWeight / RadionuclideTotalDose /
-      RadionuclideHalfLife missing or <= 0, unknown DecayCorrection, missing or inconsistent times.
-    """
-    return float(suv_parameters(ds, earliest_acquisition=earliest_acquisition, where=where)["suv_factor"])
 
 
 # --------------------------------------------------------------------------------------------------------------
