@@ -154,14 +154,21 @@ def tile_origins(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _tile_probs_impl(predictor, dtype_name, with_params, params, x):
-    """softmax(predictor(x)) in float32; x is cast to the compute dtype first."""
+def _tile_probs_impl(predictor, dtype_name, with_params, groups, params, x):
+    """softmax(predictor(x)) in float32, over each of `groups` consecutive channel groups of equal size (1: over
+    all K channels); x is cast to the compute dtype first."""
     x = x.astype(COMPUTE_DTYPES[dtype_name])
-    logits = predictor(params, x) if with_params else predictor(x)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    logits = (predictor(params, x) if with_params else predictor(x)).astype(jnp.float32)
+    if groups == 1:
+        return jax.nn.softmax(logits, axis=-1)
+    k = logits.shape[-1]
+    if k % groups:
+        raise ConfigError(f"softmax_groups={groups}: the predictor's {k} output channels do not split into {groups}")
+    grouped = jax.nn.softmax(logits.reshape(*logits.shape[:-1], groups, k // groups), axis=-1)
+    return grouped.reshape(logits.shape)
 
 
-_tile_probs = jax.jit(_tile_probs_impl, static_argnums=(0, 1, 2))
+_tile_probs = jax.jit(_tile_probs_impl, static_argnums=(0, 1, 2, 3))
 
 
 def _hashable(obj: Any) -> bool:
@@ -173,15 +180,15 @@ def _hashable(obj: Any) -> bool:
     return True
 
 
-def _make_prob_fn(predictor: Callable, params: Any, dtype: str) -> Callable[[np.ndarray], jax.Array]:
-    """A function tile-batch -> probabilities, compiled once per (predictor, dtype, batch shape)."""
+def _make_prob_fn(predictor: Callable, params: Any, dtype: str, groups: int = 1) -> Callable[[np.ndarray], jax.Array]:
+    """A function tile-batch -> probabilities, compiled once per (predictor, dtype, groups, batch shape)."""
     if dtype not in COMPUTE_DTYPES:
         raise ConfigError(f"dtype={dtype!r} unknown; use one of {tuple(COMPUTE_DTYPES)}")
     with_params = params is not None
     if not _hashable(predictor):  # a private jit (compiled once per call of tiled_inference)
-        private = jax.jit(functools.partial(_tile_probs_impl, predictor, dtype, with_params))
+        private = jax.jit(functools.partial(_tile_probs_impl, predictor, dtype, with_params, groups))
         return lambda x: private(params, x)
-    return lambda x: _tile_probs(predictor, dtype, with_params, params, x)
+    return lambda x: _tile_probs(predictor, dtype, with_params, groups, params, x)
 
 
 def tile_overlap(
@@ -284,7 +291,7 @@ def tiles_on_device_default() -> bool:
     return jax.default_backend() != "cpu"
 
 
-def _device_chunk_impl(predictor, dtype_name, with_params, tile, params, acc, wsum, vol, w, origins, valid, n):
+def _device_chunk_impl(predictor, dtype_name, with_params, groups, tile, params, acc, wsum, vol, w, origins, valid, n):
     """`n` tile batches of the device pass: cut, predict, blend, all on the device.
 
     vol `(Dp, Hp, Wp, C)` the zero-padded volume; acc `(Dp, Hp, Wp, K)` and wsum `(Dp, Hp, Wp)` float32
@@ -299,7 +306,7 @@ def _device_chunk_impl(predictor, dtype_name, with_params, tile, params, acc, ws
 
     def body(i, carry):
         acc, wsum = carry
-        probs = _tile_probs_impl(predictor, dtype_name, with_params, params, jax.vmap(cut)(origins[i]))
+        probs = _tile_probs_impl(predictor, dtype_name, with_params, groups, params, jax.vmap(cut)(origins[i]))
         for j in range(origins.shape[1]):
             o = origins[i, j]
             wt = w * valid[i, j]
@@ -313,13 +320,15 @@ def _device_chunk_impl(predictor, dtype_name, with_params, tile, params, acc, ws
 
 
 @functools.lru_cache(maxsize=32)
-def _device_chunk_cached(predictor, dtype_name, with_params, tile):
+def _device_chunk_cached(predictor, dtype_name, with_params, groups, tile):
     return jax.jit(
-        functools.partial(_device_chunk_impl, predictor, dtype_name, with_params, tile), donate_argnums=(1, 2)
+        functools.partial(_device_chunk_impl, predictor, dtype_name, with_params, groups, tile), donate_argnums=(1, 2)
     )
 
 
-def _device_tiler(predictor, params, dtype: str, tile: tuple, batch_size: int, channels: int) -> tuple[Callable, int]:
+def _device_tiler(
+    predictor, params, dtype: str, tile: tuple, batch_size: int, channels: int, groups: int = 1
+) -> tuple[Callable, int]:
     """(the compiled chunk function of the device pass, the number of classes K), made once per
     `tiled_inference` call: the chunk is shared across calls for a hashable predictor (one compile per shape),
     private to this call otherwise; K comes from tracing the predictor once (raises ConfigError for a wrong
@@ -328,11 +337,11 @@ def _device_tiler(predictor, params, dtype: str, tile: tuple, batch_size: int, c
     shape = (batch_size, *tile, channels)
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     if _hashable(predictor):
-        chunk = _device_chunk_cached(predictor, dtype, with_params, tile)
-        probe = jax.eval_shape(lambda p, v: _tile_probs(predictor, dtype, with_params, p, v), params, x)
+        chunk = _device_chunk_cached(predictor, dtype, with_params, groups, tile)
+        probe = jax.eval_shape(lambda p, v: _tile_probs(predictor, dtype, with_params, groups, p, v), params, x)
     else:
-        chunk = _device_chunk_cached.__wrapped__(predictor, dtype, with_params, tile)
-        probe = jax.eval_shape(lambda p, v: _tile_probs_impl(predictor, dtype, with_params, p, v), params, x)
+        chunk = _device_chunk_cached.__wrapped__(predictor, dtype, with_params, groups, tile)
+        probe = jax.eval_shape(lambda p, v: _tile_probs_impl(predictor, dtype, with_params, groups, p, v), params, x)
     if probe.ndim != 5 or tuple(probe.shape[:4]) != shape[:4]:
         raise ConfigError(
             f"predictor returned shape {tuple(probe.shape)} for input {shape}; expected logits {(*shape[:4], 'K')}"
@@ -410,6 +419,8 @@ def tiled_inference(
     params: Any = None,
     cover_end: bool = False,
     tiles_on_device: bool | None = None,
+    softmax_groups: int = 1,
+    on_pass: Callable[[tuple[bool, bool, bool], np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Whole-volume class probabilities by overlapping tiles (the original TMTV-Net dense inference).
 
@@ -434,6 +445,13 @@ def tiled_inference(
         blend inside compiled calls (`_device_pass`); False: cut and blend on the host (`_tiled_pass`, the
         lighter one in memory); None (default): `tiles_on_device_default()`, i.e. on accelerators. Both give
         the same result up to float32 rounding (tested).
+      softmax_groups: the softmax runs over each of this many consecutive, equal channel groups of the logits
+        (1: over all K). E.g. an ensemble predictor returning its own 2 logits followed by each member's 2
+        (`Ensemble.logits_with_members`) with `softmax_groups = 1 + n_members` gives every member's
+        probabilities in the same pass (channels 2g, 2g + 1 = group g).
+      on_pass: optional `on_pass(flip, probs)` after every TTA pass (once without TTA), with the flip
+        (z, y, x) and that pass's `(D, H, W, K)` probabilities flipped back (read-only: copy what you keep),
+        e.g. to measure how much the flips disagree.
     Returns:
       `(D, H, W, K)` float32 probabilities; each voxel sums to 1, except zero-weight voxels which are all 0:
       with blend="central" these are the outer planes of the *padded* volume (z-planes for 128x96x96, all
@@ -454,10 +472,12 @@ def tiled_inference(
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     w = weight_map(tile, blend)
-    prob_fn = _make_prob_fn(predictor, params, dtype)
+    if int(softmax_groups) < 1:
+        raise ConfigError(f"softmax_groups={softmax_groups} must be >= 1")
+    prob_fn = _make_prob_fn(predictor, params, dtype, int(softmax_groups))
     on_device = tiles_on_device_default() if tiles_on_device is None else bool(tiles_on_device)
     if on_device:
-        tiler = _device_tiler(predictor, params, dtype, tile, int(batch_size), vol.shape[-1])
+        tiler = _device_tiler(predictor, params, dtype, tile, int(batch_size), vol.shape[-1], int(softmax_groups))
     flips = list(itertools.product((False, True), repeat=3)) if tta else [(False, False, False)]
     padded_shape = [n + left + right for n, (left, right) in zip(vol.shape[:3], pad_to_multiple(vol.shape[:3], tile))]
     total = len(flips) * len(tile_origins(padded_shape, tile, stp, cover_end))
@@ -482,6 +502,10 @@ def tiled_inference(
         else:
             p, done = _tiled_pass(v, prob_fn, tile, stp, int(batch_size), w, cover_end, progress, done, total)
         p = np.flip(p, axes) if axes else p
+        if on_pass is not None:
+            view = p.view()
+            view.flags.writeable = False
+            on_pass(flip, view)
         if result is None:
             result = np.ascontiguousarray(p)  # the pass's own accumulator: no copy (the first pass is unflipped)
         else:
@@ -626,27 +650,33 @@ def upsample_probability(
 class NNXPredictor:
     """Predictor `(state, x) -> logits` rebuilding an NNX model from its graph definition inside `jit`.
 
-    Hashable by the graph definition, so every model of the same architecture shares one compiled tile
-    function; the weights travel as the traced `params` argument of `tiled_inference`.
+    Hashable by the graph definition (and the method name), so every model of the same architecture shares one
+    compiled tile function; the weights travel as the traced `params` argument of `tiled_inference`.
+    `method`: the model's method to call, "__call__" (the logits) or e.g. "logits_with_members" of an
+    `Ensemble`.
     """
 
     graphdef: Any
+    method: str = "__call__"
 
     def __call__(self, state: Any, x: jax.Array) -> jax.Array:
         from flax import nnx
 
-        return nnx.merge(self.graphdef, state)(x)
+        return getattr(nnx.merge(self.graphdef, state), self.method)(x)
 
 
-def nnx_predictor(model: Any) -> tuple[NNXPredictor, Any]:
+def nnx_predictor(model: Any, method: str = "__call__") -> tuple[NNXPredictor, Any]:
     """Split an NNX model (`x (B, D, H, W, C) -> logits`) into `(predictor, params)` for `tiled_inference`.
 
     Usage: `pred, state = nnx_predictor(model); probs = tiled_inference(volume, pred, params=state)`.
+    `method`: another method of the model with the same input, e.g. `Ensemble.logits_with_members`.
     """
     from flax import nnx
 
+    if not callable(getattr(model, method, None)):
+        raise ConfigError(f"{type(model).__name__} has no method {method!r}")
     graphdef, state = nnx.split(model)
-    return NNXPredictor(graphdef), state
+    return NNXPredictor(graphdef, method), state
 
 
 def as_predictor(model: Any) -> tuple[Callable, Any]:

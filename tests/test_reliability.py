@@ -184,3 +184,93 @@ def test_lesion_neighbourhood():
     t[6, 6, 6] = True
     n = cal.lesion_neighbourhood(p, t, SP)
     assert n.sum() == 14 and n[2, 2, 2] and n[6, 6, 6]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Members in one pass: grouped softmax, per-pass callback, mean ensembles
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _two_pairs(x):
+    """4 logits: pair 0 = (0, x0), pair 1 = (0, -2 x0): two independent 2-class softmaxes."""
+    import jax.numpy as jnp
+
+    a = x[..., :1]
+    return jnp.concatenate([jnp.zeros_like(a), a, jnp.zeros_like(a), -2.0 * a], axis=-1)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_softmax_groups_give_each_pair_its_own_probabilities(on_device):
+    from clips_jax.errors import ConfigError
+    from clips_jax.inference import tiled_inference
+
+    vol = np.random.default_rng(0).normal(size=(12, 10, 9, 1)).astype(np.float32)
+    kw = dict(tile_shape=(8, 8, 8), step=(4, 4, 4), blend="constant", cover_end=True, tiles_on_device=on_device)
+    out = tiled_inference(vol, _two_pairs, softmax_groups=2, **kw)
+    sig = 1.0 / (1.0 + np.exp(-vol[..., 0].astype(np.float64)))
+    np.testing.assert_allclose(out[..., 1], sig, atol=1e-6)
+    np.testing.assert_allclose(out[..., 3], 1.0 / (1.0 + np.exp(2.0 * vol[..., 0])), atol=1e-6)
+    np.testing.assert_allclose(out[..., 0] + out[..., 1], 1.0, atol=1e-6)
+    with pytest.raises(ConfigError, match="softmax_groups"):
+        tiled_inference(vol, _two_pairs, softmax_groups=3, **kw)
+
+
+def test_on_pass_sees_every_flip_and_their_mean_is_the_tta_result():
+    from clips_jax.inference import tiled_inference
+
+    def skew(x):  # not flip-equivariant: the passes differ
+        import jax.numpy as jnp
+
+        ramp = jnp.arange(x.shape[1], dtype=jnp.float32)[None, :, None, None, None]
+        return jnp.concatenate([jnp.zeros_like(x[..., :1]), x[..., :1] + 0.3 * ramp], axis=-1)
+
+    vol = np.random.default_rng(1).normal(size=(8, 8, 8, 1)).astype(np.float32)
+    seen = []
+    kw = dict(tile_shape=(8, 8, 8), step=(4, 4, 4), blend="constant", cover_end=True)
+    out = tiled_inference(vol, skew, tta=True, on_pass=lambda f, p: seen.append((f, p[..., 1].copy())), **kw)
+    assert len(seen) == 8 and len({f for f, _ in seen}) == 8
+    np.testing.assert_allclose(np.mean([p for _, p in seen], axis=0), out[..., 1], atol=1e-6)
+    assert np.abs(seen[0][1] - seen[-1][1]).max() > 0.1
+    once = []
+    tiled_inference(vol, skew, on_pass=lambda f, p: once.append(f), **kw)
+    assert once == [(False, False, False)]
+
+
+def _tiny_unets(n):
+    from flax import nnx
+
+    from clips_jax.model import UNet
+
+    return [UNet(channels=(4, 4, 8, 8), init_channels=4, bottleneck_kernel=3, rngs=nnx.Rngs(i)) for i in range(n)]
+
+
+def test_mean_ensemble_from_members_and_logits_with_members(tmp_path):
+    import jax
+
+    from clips_jax.errors import ConfigError
+    from clips_jax.inference import nnx_predictor, tiled_inference
+    from clips_jax.model import Ensemble, load_model, save_weights
+
+    unets = _tiny_unets(3)
+    ens = Ensemble.from_members(unets)
+    assert ens.combine == "mean" and ens.config["combine"] == "mean" and not hasattr(ens, "stacking")
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 16, 5))
+    members = np.stack([np.asarray(jax.nn.softmax(u(x), -1)[..., 1]) for u in unets])
+    np.testing.assert_allclose(np.asarray(jax.nn.softmax(ens(x), -1)[..., 1]), members.mean(0), atol=1e-6)
+    both = np.asarray(ens.logits_with_members(x))
+    assert both.shape == (1, 16, 16, 16, 8)
+    np.testing.assert_allclose(np.asarray(jax.nn.softmax(both[..., 4:6], -1)[..., 1]), members[1], atol=1e-6)
+    # saved and loaded, then tiled: channels 1 = ensemble, 3 + 2i = member i (one network pass)
+    save_weights(tmp_path / "w", {"ensemble": ens})
+    loaded = load_model(tmp_path / "w", "ensemble")
+    assert loaded.combine == "mean"
+    vol = np.asarray(x[0])
+    pred, state = nnx_predictor(loaded, "logits_with_members")
+    out = tiled_inference(vol, pred, params=state, tile_shape=(16, 16, 16), step=(8, 8, 8), softmax_groups=4)
+    plain = tiled_inference(vol, *nnx_predictor(loaded)[:1], params=nnx_predictor(loaded)[1], tile_shape=(16,) * 3)
+    np.testing.assert_allclose(out[..., :2], plain, atol=1e-5)
+    np.testing.assert_allclose(out[..., 3::2].mean(-1), out[..., 1], atol=1e-5)
+    with pytest.raises(ConfigError):
+        Ensemble.from_members(unets[:1])
+    with pytest.raises(ConfigError, match="no method"):
+        nnx_predictor(loaded, "nothing")

@@ -42,7 +42,13 @@ def build_model(class_name: str, config: Mapping, *, dtype=None, seed: int = 0) 
         raise WeightsError(f"unknown model class {class_name!r}; expected one of {sorted(MODEL_CLASSES)}")
     cfg = config.to_json() if hasattr(config, "to_json") else dict(config)
     if class_name == "Ensemble":
-        return Ensemble(cfg.get("n_members", 4), unet_kwargs=cfg.get("unet_kwargs"), dtype=dtype, rngs=nnx.Rngs(seed))
+        return Ensemble(
+            cfg.get("n_members", 4),
+            unet_kwargs=cfg.get("unet_kwargs"),
+            dtype=dtype,
+            combine=cfg.get("combine", "stacking"),
+            rngs=nnx.Rngs(seed),
+        )
     return MODEL_CLASSES[class_name](**cfg, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
