@@ -88,6 +88,33 @@ def exit_status(exc: BaseException) -> int:
     return EXIT_INPUT
 
 
+def define_study_flags(fv) -> None:
+    """The flags of every command that reads studies (predict, prepare, export), defined once on `fv`:
+    `--allow_partial_ct` and `--skip_damaged` (`clips_jax.data.dicom.read_dicom_study`). `study_options(fv)`
+    reads them back as keyword arguments of `clips_jax.data.study.load_study`."""
+    from absl import flags
+
+    flags.DEFINE_boolean(
+        "allow_partial_ct",
+        False,
+        "accept a DICOM CT covering less than 90 % of the PET's axial extent (uncovered PET slices get air; "
+        "a warning names the study and the report records the coverage)",
+        flag_values=fv,
+    )
+    flags.DEFINE_boolean(
+        "skip_damaged",
+        False,
+        "leave out DICOM files that cannot be read (truncated, damaged) with a warning naming each, instead of "
+        "stopping at the first; a slice so missing inside a series is still an error",
+        flag_values=fv,
+    )
+
+
+def study_options(fv) -> dict[str, bool]:
+    """{"allow_partial_ct", "skip_damaged"} from flags defined by `define_study_flags`."""
+    return {"allow_partial_ct": bool(fv["allow_partial_ct"].value), "skip_damaged": bool(fv["skip_damaged"].value)}
+
+
 def run_tool(argv: Sequence[str] | None, define_flags: Callable, run_from_flags: Callable, doc: str | None) -> int:
     """Parse `argv` (argv[0] = program name; None = sys.argv) with the command's flags and run it.
 

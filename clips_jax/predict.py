@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from clips_jax import cli
 from clips_jax.errors import ConfigError, WeightsError
 
 WEIGHTS_HELP = (
@@ -93,6 +94,8 @@ class Options:
       overwrite: redo studies whose outputs exist (else they are skipped).
       allow_partial_ct: accept a DICOM CT covering less than 90 % of the PET's axial extent (uncovered PET
         slices get air; the report's patient section records `ct_coverage`).
+      skip_damaged: leave out DICOM files that cannot be read, with a warning naming each (a slice so missing
+        inside a series is still an error); default: the study fails naming the first damaged file.
       dicom_seg: for DICOM input, also write the mask as a DICOM SEG (`<id>_SEG.dcm`); ignored for NIfTI input.
     """
 
@@ -105,6 +108,7 @@ class Options:
     spacing_mm: float = 6.0
     overwrite: bool = False
     allow_partial_ct: bool = False
+    skip_damaged: bool = False
     dicom_seg: bool = True
 
     def __post_init__(self):
@@ -478,6 +482,7 @@ def _report_options(options: Options) -> dict:
         "stage_b_tile": list(options.stage_b_tile),
         "stage_a_spacing_mm": options.spacing_mm,
         "allow_partial_ct": options.allow_partial_ct,
+        "skip_damaged": options.skip_damaged,
         "dicom_seg": options.dicom_seg,
     }
 
@@ -554,7 +559,7 @@ def predict_study(
     from clips_jax.provenance import provenance
 
     t0 = time.perf_counter()
-    case = load_study(study, allow_partial_ct=options.allow_partial_ct)
+    case = load_study(study, allow_partial_ct=options.allow_partial_ct, skip_damaged=options.skip_damaged)
     study_id = safe_id(case.case_id)
     paths = output_paths(out_dir, study_id)
     geometry, suv, truth = case.geometry, case.suv, case.seg
@@ -602,11 +607,11 @@ def predict_study(
     return report
 
 
-def load_study(path: str | Path, *, allow_partial_ct: bool = False):
+def load_study(path: str | Path, **options):
     """`clips_jax.data.study.load_study` (indirection kept so the loader is imported lazily)."""
     from clips_jax.data.study import load_study as _load
 
-    return _load(path, allow_partial_ct=allow_partial_ct)
+    return _load(path, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -725,13 +730,7 @@ def define_flags(fv) -> None:
         "--nodicom_seg turns it off (NIfTI input never gets one)",
         **kw,
     )
-    flags.DEFINE_boolean(
-        "allow_partial_ct",
-        False,
-        "accept a DICOM CT covering less than 90 % of the PET's axial "
-        "extent (uncovered PET slices get air; recorded in the report)",
-        **kw,
-    )
+    cli.define_study_flags(fv)
     flags.DEFINE_string(
         "stage_a_tile",
         "128,96,96",
@@ -759,7 +758,7 @@ def run_from_flags(fv, out=None, err=None) -> int:
         batch_size=fv["batch_size"].value,
         stage_a_only=fv["stage_a_only"].value,
         overwrite=fv["overwrite"].value,
-        allow_partial_ct=fv["allow_partial_ct"].value,
+        **cli.study_options(fv),
         dicom_seg=fv["dicom_seg"].value,
         stage_a_tile=parse_zyx(fv["stage_a_tile"].value, "stage_a_tile"),
         stage_b_tile=parse_zyx(fv["stage_b_tile"].value, "stage_b_tile"),

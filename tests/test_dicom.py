@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from clips_jax.data.dicom import read_dicom_study, suv_factor
-from clips_jax.errors import DataError
+from clips_jax.errors import DataError, DataWarning
 
 PET_SOP = "1.2.840.10008.5.1.4.1.1.128"
 CT_SOP = "1.2.840.10008.5.1.4.1.1.2"
@@ -372,6 +372,29 @@ def test_a_damaged_header_is_named_not_skipped(tmp_path):
     victim = sorted((tmp_path / "st" / "PT").iterdir())[3]
     victim.write_bytes(victim.read_bytes()[:600])  # cut in the header: parses, but without the series UID
     with pytest.raises(DataError, match=f"{victim.name}: DICOM file without SeriesInstanceUID"):
+        read_dicom_study(tmp_path / "st")
+
+
+def test_skip_damaged_leaves_out_named_files_and_a_gap_stays_an_error(tmp_path):
+    write_study(tmp_path / "st")
+    full = read_dicom_study(tmp_path / "st")
+    files = sorted(
+        (tmp_path / "st" / "PT").iterdir(),
+        key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]),
+    )
+    end = files[-1]  # an end slice with truncated pixel data: left out, the stack is one slice shorter
+    end.write_bytes(end.read_bytes()[:-300])
+    with pytest.warns(DataWarning, match=f"skipped \\(--skip_damaged\\): {end}"):
+        case = read_dicom_study(tmp_path / "st", skip_damaged=True)
+    assert case.suv.shape[0] == full.suv.shape[0] - 1
+    assert len(case.meta["skipped_files"]) == 1 and end.name in case.meta["skipped_files"][0]
+    same_start = np.allclose(case.geometry.origin_mm, full.geometry.origin_mm)  # which end of the volume went
+    np.testing.assert_allclose(case.suv, full.suv[:-1] if same_start else full.suv[1:], rtol=1e-6)
+    middle = files[3]  # a damaged header inside the series: left out, and the gap is the missing-slice error
+    middle.write_bytes(middle.read_bytes()[:600])
+    with pytest.warns(DataWarning, match=middle.name), pytest.raises(DataError, match="missing slice"):
+        read_dicom_study(tmp_path / "st", skip_damaged=True)
+    with pytest.raises(DataError, match=f"{middle.name}.*--skip_damaged"):
         read_dicom_study(tmp_path / "st")
 
 

@@ -98,21 +98,36 @@ def dicom_modalities(folder: str | os.PathLike, stop_when: frozenset[str] = froz
     return found
 
 
-def _scan_series(folder: Path) -> dict[str, list[tuple[Path, Dataset]]]:
-    """Group the DICOM image files below `folder` by SeriesInstanceUID: uid -> [(path, header), ...]."""
+def _scan_series(folder: Path, skip_damaged: bool = False) -> dict[str, list[tuple[Path, Dataset]]]:
+    """Group the DICOM image files below `folder` by SeriesInstanceUID: uid -> [(path, header), ...].
+
+    A file with the DICOM magic that cannot be parsed, or without SeriesInstanceUID / Modality, is an error
+    naming it; with `skip_damaged` it is left out with a `DataWarning` naming it instead.
+    """
     series: dict[str, list[tuple[Path, Dataset]]] = {}
     for path in _walk_files(folder):
-        ds = _read_header(path)
-        if ds is None or _is_dicomdir(ds):
-            continue  # not DICOM, or a DICOMDIR (a directory record, not an object of the study)
-        if "SeriesInstanceUID" not in ds or "Modality" not in ds:
-            # Every composite DICOM object carries both (type 1): without them the file is cut short or damaged.
-            raise DataError(
-                f"{path}: DICOM file without SeriesInstanceUID (0020,000E) or Modality (0008,0060): "
-                "truncated or damaged; remove it or export the series again"
-            )
+        try:
+            ds = _read_header(path)
+            if ds is None or _is_dicomdir(ds):
+                continue  # not DICOM, or a DICOMDIR (a directory record, not an object of the study)
+            if "SeriesInstanceUID" not in ds or "Modality" not in ds:
+                # Every composite DICOM object carries both (type 1): without them the file is cut short or damaged.
+                raise DataError(
+                    f"{path}: DICOM file without SeriesInstanceUID (0020,000E) or Modality (0008,0060): "
+                    "truncated or damaged; remove it, export the series again, or pass --skip_damaged"
+                )
+        except DataError as e:
+            if not skip_damaged:
+                raise
+            _warn_skipped(e)
+            continue
         series.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
     return series
+
+
+def _warn_skipped(error: DataError) -> None:
+    """The `DataWarning` of a damaged file left out under --skip_damaged (the error names the file)."""
+    warnings.warn(DataWarning(f"skipped (--skip_damaged): {error}"), stacklevel=3)
 
 
 def series_headers(folder: str | os.PathLike, series_uid: str) -> list[Dataset]:
@@ -227,7 +242,7 @@ class SeriesStack(NamedTuple):
     resampled: bool
 
 
-def stack_series(items: list[tuple[Path, Dataset]], slice_factors=None) -> SeriesStack:
+def stack_series(items: list[tuple[Path, Dataset]], slice_factors=None, *, skip_damaged: bool = False) -> SeriesStack:
     """Read one single-frame image series into a volume.
 
     Slice positions along the stack normal follow the established converters' rules (`_regular_positions`):
@@ -240,6 +255,9 @@ def stack_series(items: list[tuple[Path, Dataset]], slice_factors=None) -> Serie
       items: [(path, header), ...] of one series (any order).
       slice_factors: optional `f(headers in position order) -> (n,) factors` applied to each slice before any
         resampling along the stack (per-slice SUV factors).
+      skip_damaged: slices whose pixel data cannot be decoded are left out with a `DataWarning` naming each
+        file (default: an error naming the first); the stack is then built from the others, so a slice missing
+        inside the series is still the missing-slice error of the geometry rules.
     Returns:
       SeriesStack(volume (z, y, x) float32 with each slice's RescaleSlope/Intercept (and factor) applied,
        its Geometry (RAS affine), the slice headers (no pixel data) in position order, resampled: whether the
@@ -256,7 +274,12 @@ def stack_series(items: list[tuple[Path, Dataset]], slice_factors=None) -> Serie
     normal = _stack_normal(items, label, iop)
     order, pos = _slice_order(items, label, normal, ipps)
     grid = _regular_positions(items, label, order, pos)
-    vol, datasets = _read_pixels(items, order, label, rows, cols)
+    vol, datasets, damaged = _read_pixels(items, order, label, rows, cols, skip_damaged)
+    if damaged:
+        for _, error in damaged:
+            _warn_skipped(error)
+        bad = {path for path, _ in damaged}
+        return stack_series([it for it in items if it[0] not in bad], slice_factors)
     if slice_factors is not None:
         vol = (vol.astype(np.float64) * np.asarray(slice_factors(datasets), np.float64)[:, None, None]).astype(
             np.float32
@@ -385,30 +408,46 @@ def _pixel_advice(path: Path) -> str:
         compressed = False
     if compressed:
         return "install pydicom's pixel plugins for this compression (pylibjpeg, gdcm) or export uncompressed"
-    return "the file is truncated or damaged (uncompressed pixel data of the wrong length); export the series again"
+    return (
+        "the file is truncated or damaged (uncompressed pixel data of the wrong length); export the series again "
+        "(or pass --skip_damaged to leave it out)"
+    )
 
 
-def _read_pixels(items: list[tuple[Path, Dataset]], order: np.ndarray, label: str, rows: int, cols: int):
+def _read_pixels(
+    items: list[tuple[Path, Dataset]], order: np.ndarray, label: str, rows: int, cols: int, collect: bool = False
+):
     """(volume (z, y, x) float32 with each slice's RescaleSlope/Intercept applied, the pixel-free headers in
-    volume order). Raises DataError naming the file when pixel data cannot be decoded or has the wrong size."""
+    volume order, damaged: [(path, DataError), ...]). A file whose pixel data cannot be decoded or has the wrong
+    size raises a DataError naming it, or, with `collect`, is listed in `damaged`."""
     vol = np.empty((len(items), rows, cols), dtype=np.float32)
-    datasets = []
+    datasets, damaged = [], []
     for z, i in enumerate(order):
         path = items[i][0]
         try:
-            ds = pydicom.dcmread(path)
-            pix = ds.pixel_array
-        except Exception as e:  # pixel decoding can fail in many ways (codec plugins missing, truncation)
-            raise DataError(
-                f"{path}: {label}: cannot decode pixel data ({type(e).__name__}: {e}); " + _pixel_advice(path)
-            ) from e
-        if pix.shape != (rows, cols):
-            raise DataError(f"{path}: {label}: pixel array shape {pix.shape} != Rows x Columns {(rows, cols)}")
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        vol[z] = pix.astype(np.float64) * slope + intercept
+            vol[z] = _slice_values(path, label, rows, cols)
+        except DataError as e:
+            if not collect:
+                raise
+            damaged.append((path, e))
         datasets.append(items[i][1])
-    return vol, datasets
+    return vol, datasets, damaged
+
+
+def _slice_values(path: Path, label: str, rows: int, cols: int) -> np.ndarray:
+    """(rows, cols) float64 values of one slice file (RescaleSlope/Intercept applied); DataError naming it."""
+    try:
+        ds = pydicom.dcmread(path)
+        pix = ds.pixel_array
+    except Exception as e:  # pixel decoding can fail in many ways (codec plugins missing, truncation)
+        raise DataError(
+            f"{path}: {label}: cannot decode pixel data ({type(e).__name__}: {e}); " + _pixel_advice(path)
+        ) from e
+    if pix.shape != (rows, cols):
+        raise DataError(f"{path}: {label}: pixel array shape {pix.shape} != Rows x Columns {(rows, cols)}")
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return pix.astype(np.float64) * slope + intercept
 
 
 def _series_geometry(
@@ -476,13 +515,20 @@ def _check_ct_coverage(ct_geom: Geometry, pet_geom: Geometry, where: str, allow:
     return coverage
 
 
-def read_dicom_study(folder: str | os.PathLike, *, allow_partial_ct: bool = False) -> Case:
+def read_dicom_study(folder: str | os.PathLike, *, allow_partial_ct: bool = False, skip_damaged: bool = False) -> Case:
     """Read a DICOM PET/CT study folder into a Case on the PET grid (SUVbw, CT in HU, seg None).
+
+    Steps: find the series (`_scan_series`; the largest PT and CT series when there are several) -> check they
+    belong to one patient -> the PET in SUVbw (`_pet_suv`: SUV tags checked on every header before any pixel
+    is read) -> the CT, checked to cover the PET (`_check_ct_coverage`) and resampled onto the PET grid -> meta.
 
     Args:
       folder: directory searched recursively for DICOM files (names and extensions do not matter).
       allow_partial_ct: accept a CT covering less than MIN_CT_COVERAGE of the PET's axial extent (a warning;
         the uncovered PET slices get air, -1024 HU; `meta["ct_coverage"]` records the fraction). Default: an error.
+      skip_damaged: leave out files that cannot be parsed or decoded, with a `DataWarning` naming each
+        (`meta["skipped_files"]` lists them); a slice so missing inside a series is still a missing-slice error.
+        Default: an error naming the first damaged file.
     Returns:
       Case(case_id=folder name, ct float32 HU resampled onto the PET grid if needed (outside -1024),
       suv float32, seg=None, geometry=PET grid, meta with patient/series/SUV details).
@@ -493,51 +539,24 @@ def read_dicom_study(folder: str | os.PathLike, *, allow_partial_ct: bool = Fals
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory; give the folder holding the PET and CT DICOM series")
-    series = _scan_series(folder)
-    if not series:
-        raise DataError(f"no DICOM files in {folder}; expected a PET (PT) and a CT series")
-    pt_uid = _choose_series(series, "PT", folder)
-    ct_uid = _choose_series(series, "CT", folder)
-    pet_label = f"{folder}: {_series_label(series[pt_uid][0][1], len(series[pt_uid]))}"
-    pt_h, ct_h = series[pt_uid][0][1], series[ct_uid][0][1]
-    if str(pt_h.get("PatientID", "")) != str(ct_h.get("PatientID", "")):
-        raise DataError(
-            f"{folder}: the PET and CT series belong to different patients (PatientID "
-            f"{pt_h.get('PatientID', '')!r} vs {ct_h.get('PatientID', '')!r}); give one study per folder"
-        )
-    if str(pt_h.get("StudyInstanceUID", "")) != str(ct_h.get("StudyInstanceUID", "")):
-        logging.warning(
-            "%s: PET and CT series come from different studies (StudyInstanceUID %s vs %s)",
-            folder,
-            pt_h.get("StudyInstanceUID", ""),
-            ct_h.get("StudyInstanceUID", ""),
-        )
-    # Check the SUV tags on the headers before reading any pixels (fail fast).
-    check_series_agree(series[pt_uid], pet_label)
-    acq = [t for t in (acquisition_datetime(ds) for _, ds in series[pt_uid]) if t is not None]
-    earliest = min(acq) if acq else None
-    suv_parameters(series[pt_uid][0][1], earliest_acquisition=earliest, where=pet_label)
-
-    corr = str(series[pt_uid][0][1].get("DecayCorrection", "")).strip().upper()
-    if corr == "NONE":  # each slice decays to its own acquisition time: factors before any resampling
-        suv, pet_geom, pet_ds, pet_resampled = stack_series(
-            series[pt_uid], slice_factors=lambda hs: [suv_factor(ds, where=pet_label) for ds in hs]
-        )
-    else:
-        pet, pet_geom, pet_ds, pet_resampled = stack_series(series[pt_uid])
-        factor = suv_factor(pet_ds[0], earliest_acquisition=earliest, where=pet_label)
-        suv = (pet.astype(np.float64) * factor).astype(np.float32)
-
-    ct, ct_geom, ct_ds, _ = stack_series(series[ct_uid])
+    caught: list = []
+    try:  # warnings are collected to list the skipped files, and re-issued even when reading then fails
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            series = _scan_series(folder, skip_damaged)
+            if not series:
+                raise DataError(f"no DICOM files in {folder}; expected a PET (PT) and a CT series")
+            pt_uid, ct_uid = _choose_series(series, "PT", folder), _choose_series(series, "CT", folder)
+            _check_same_patient(series[pt_uid][0][1], series[ct_uid][0][1], folder)
+            suv, pet_geom, pet_ds, pet_resampled, params = _pet_suv(series[pt_uid], folder, skip_damaged)
+            ct, ct_geom, ct_ds, _ = stack_series(series[ct_uid], skip_damaged=skip_damaged)
+    finally:
+        skipped = _replay(caught)
     coverage = _check_ct_coverage(ct_geom, pet_geom, f"{folder}", allow_partial_ct)
     ct_resampled = not ct_geom.same_grid(pet_geom)
     if ct_resampled:
         ct = resample_to_grid(ct, ct_geom, pet_geom, order=1, cval=CT_OUTSIDE_HU)
-
     h = pet_ds[0]
-    params = suv_parameters(h, earliest_acquisition=earliest, where=pet_label)
-    if corr == "NONE" and params["units"] == "BQML":
-        params["suv_factor"] = None  # per slice
     meta = {
         "source": "dicom",
         "patient_id": str(h.get("PatientID", "")),
@@ -554,6 +573,58 @@ def read_dicom_study(folder: str | os.PathLike, *, allow_partial_ct: bool = Fals
         "ct_resampled_to_pet": bool(ct_resampled),
         "pet_slices_resampled": bool(pet_resampled),
         "ct_coverage": round(float(coverage), 4),
+        "skipped_files": skipped,
         **params,
     }
     return Case(folder.name, ct, suv, None, pet_geom, meta)
+
+
+def _check_same_patient(pt_h: Dataset, ct_h: Dataset, folder: Path) -> None:
+    """DataError when the PET and CT headers name different patients; a log warning for different studies."""
+    if str(pt_h.get("PatientID", "")) != str(ct_h.get("PatientID", "")):
+        raise DataError(
+            f"{folder}: the PET and CT series belong to different patients (PatientID "
+            f"{pt_h.get('PatientID', '')!r} vs {ct_h.get('PatientID', '')!r}); give one study per folder"
+        )
+    if str(pt_h.get("StudyInstanceUID", "")) != str(ct_h.get("StudyInstanceUID", "")):
+        logging.warning(
+            "%s: PET and CT series come from different studies (StudyInstanceUID %s vs %s)",
+            folder,
+            pt_h.get("StudyInstanceUID", ""),
+            ct_h.get("StudyInstanceUID", ""),
+        )
+
+
+def _pet_suv(items: list[tuple[Path, Dataset]], folder: Path, skip_damaged: bool):
+    """(suv (z, y, x) float32 SUVbw, Geometry, headers in volume order, slices resampled, SUV parameters) of
+    the PET series `items`. The series-level SUV tags are checked on every header before any pixel is read
+    (`check_series_agree`, `suv_parameters`); DecayCorrection NONE applies each slice's own factor before any
+    resampling along the stack (then `suv_factor` in the parameters is None: it varies by slice)."""
+    label = f"{folder}: {_series_label(items[0][1], len(items))}"
+    check_series_agree(items, label)
+    acq = [t for t in (acquisition_datetime(ds) for _, ds in items) if t is not None]
+    earliest = min(acq) if acq else None
+    suv_parameters(items[0][1], earliest_acquisition=earliest, where=label)  # fail fast, before any pixel
+    if str(items[0][1].get("DecayCorrection", "")).strip().upper() == "NONE":
+        factors = lambda hs: [suv_factor(ds, where=label) for ds in hs]  # noqa: E731 - one use, named by its role
+        suv, geom, datasets, resampled = stack_series(items, slice_factors=factors, skip_damaged=skip_damaged)
+        params = suv_parameters(datasets[0], earliest_acquisition=earliest, where=label)
+        return suv, geom, datasets, resampled, {**params, "suv_factor": None}
+    pet, geom, datasets, resampled = stack_series(items, skip_damaged=skip_damaged)
+    params = suv_parameters(datasets[0], earliest_acquisition=earliest, where=label)  # the first slice's, as applied
+    suv = (pet.astype(np.float64) * params["suv_factor"]).astype(np.float32)
+    return suv, geom, datasets, resampled, params
+
+
+def _replay(caught: list) -> list[str]:
+    """Re-issue the warnings caught while reading a study (so callers still see them) and return the messages
+    of the damaged files left out under --skip_damaged."""
+    skipped, seen = [], set()
+    for w in caught:
+        if (w.category, str(w.message)) in seen:  # e.g. the same SUV note from the check and the conversion
+            continue
+        seen.add((w.category, str(w.message)))
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if issubclass(w.category, DataWarning) and str(w.message).startswith("skipped (--skip_damaged)"):
+            skipped.append(str(w.message))
+    return skipped

@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from clips_jax import cli
 from clips_jax.data.case import Case
 from clips_jax.data.nifti import save_nifti
 from clips_jax.data.study import META_NAME, find_studies, load_study
@@ -71,13 +72,7 @@ def define_flags(fv) -> None:
         "Replace --out if it already exists (only after the new folder is complete).",
         flag_values=fv,
     )
-    flags.DEFINE_boolean(
-        "allow_partial_ct",
-        False,
-        "Accept a CT covering less than 90 % of the PET's axial extent "
-        "(uncovered PET slices get air; meta.json records ct_coverage).",
-        flag_values=fv,
-    )
+    cli.define_study_flags(fv)
     flags.mark_flags_as_required(["dicom", "out"], flag_values=fv)
 
 
@@ -89,7 +84,7 @@ def run_from_flags(fv) -> int:
             f"{fv['dicom'].value} holds {len(studies)} studies ({', '.join(p.name for p in studies[:5])}"
             f"{', ...' if len(studies) > 5 else ''}); export them one at a time"
         )
-    case = load_study(studies[0], allow_partial_ct=fv["allow_partial_ct"].value)
+    case = load_study(studies[0], **cli.study_options(fv))
     try:
         out = export_case(case, fv["out"].value, overwrite=fv["overwrite"].value)
     except FileExistsError as e:
@@ -103,7 +98,6 @@ def run_from_flags(fv) -> int:
 
 def main(argv=None) -> int:
     """`clips-export`; `argv` as `sys.argv` (None = sys.argv). Returns the exit status."""
-    from clips_jax import cli
 
     return cli.run_tool(argv, define_flags, run_from_flags, __doc__)
 

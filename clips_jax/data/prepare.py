@@ -44,7 +44,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from clips_jax import batch
+from clips_jax import batch, cli
 from clips_jax.data import store as st
 from clips_jax.errors import ConfigError, DataError
 
@@ -140,6 +140,7 @@ def prepare_dataset(
     split_json: Mapping | None = None,
     dtype=np.float32,
     allow_partial_ct: bool = False,
+    skip_damaged: bool = False,
     find_fn: Callable | None = None,
     load_fn: Callable | None = None,
     resample_fn: Callable | None = None,
@@ -160,6 +161,8 @@ def prepare_dataset(
       dtype: storage dtype of ct/suv (np.float32 or np.float16).
       allow_partial_ct: DICOM studies whose CT covers less than 90 % of the PET's axial extent are prepared
         with a warning (uncovered slices get air) instead of failing (`clips_jax.data.dicom.read_dicom_study`).
+      skip_damaged: DICOM files that cannot be read are left out with a warning naming each instead of failing
+        the study (`clips_jax.data.dicom.read_dicom_study`).
       find_fn, load_fn, resample_fn: overrides of `study.find_studies`, `study.load_study` and
         `resample.resample_case` (tests; other dataset layouts).
       log: one-line progress/failure sink.
@@ -170,7 +173,8 @@ def prepare_dataset(
       ConfigError / DataError before anything is written: no study, two studies with one case id, a bad split
       file, a store prepared with another spacing or one this version cannot read.
     """
-    find_fn, load_fn, resample_fn = _default_steps(find_fn, load_fn, resample_fn, allow_partial_ct)
+    reading = {"allow_partial_ct": allow_partial_ct, "skip_damaged": skip_damaged}
+    find_fn, load_fn, resample_fn = _default_steps(find_fn, load_fn, resample_fn, reading)
     out = Path(output_dir)
     studies = [Path(p) for p in find_fn(input_dir)]
     not_studies = _report_skipped_folders(input_dir, studies, log) if find_fn is _find_studies else {}
@@ -224,13 +228,13 @@ def _find_studies(root):
     return find_studies(root)
 
 
-def _default_steps(find_fn, load_fn, resample_fn, allow_partial_ct: bool):
+def _default_steps(find_fn, load_fn, resample_fn, reading: Mapping[str, bool]):
     """The (find, load, resample) functions: the given overrides, else the study finder, the study loader
-    (with `allow_partial_ct`) and `resample.resample_case`."""
+    (with the `reading` options of `study.load_study`) and `resample.resample_case`."""
     if load_fn is None:
         from clips_jax.data.study import load_study
 
-        load_fn = functools.partial(load_study, allow_partial_ct=allow_partial_ct)
+        load_fn = functools.partial(load_study, **reading)
     if resample_fn is None:
         from clips_jax.data.resample import resample_case as resample_fn
     return find_fn or _find_studies, load_fn, resample_fn
@@ -377,13 +381,7 @@ def define_flags(fv) -> None:
     flags.DEFINE_string("split", None, "Optional JSON file {train: [ids], val: [...], test: [...]}.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the patient-level train/val/test split.", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Storage dtype of ct and suv.", flag_values=fv)
-    flags.DEFINE_boolean(
-        "allow_partial_ct",
-        False,
-        "accept a DICOM CT covering less than 90 % of the PET's axial extent (uncovered PET slices get air; "
-        "a warning names the study)",
-        flag_values=fv,
-    )
+    cli.define_study_flags(fv)
     flags.mark_flags_as_required(["input", "output"], flag_values=fv)
 
 
@@ -405,14 +403,13 @@ def run_from_flags(fv) -> int:
         seed=fv["seed"].value,
         split_json=split,
         dtype=np.dtype(fv["dtype"].value),
-        allow_partial_ct=fv["allow_partial_ct"].value,
+        **cli.study_options(fv),
     )
     return 1 if summary["failed"] else 0
 
 
 def main(argv=None) -> int:
     """`clips-prepare`; `argv` as `sys.argv` (None = sys.argv). Returns the exit status."""
-    from clips_jax import cli
 
     return cli.run_tool(argv, define_flags, run_from_flags, __doc__)
 

@@ -115,11 +115,12 @@ def load_nifti_study(folder: str | os.PathLike) -> Case:
     return Case(folder.name, ct, suv, seg, geom, meta)
 
 
-def load_study(path: str | os.PathLike, *, allow_partial_ct: bool = False) -> Case:
+def load_study(path: str | os.PathLike, *, allow_partial_ct: bool = False, skip_damaged: bool = False) -> Case:
     """Load a study folder of either layout (NIfTI checked first, then DICOM).
 
-    `allow_partial_ct`: accept a DICOM CT covering less than 90 % of the PET's axial extent (a warning; see
-    `dicom.read_dicom_study`).
+    `allow_partial_ct`: accept a DICOM CT covering less than 90 % of the PET's axial extent (a warning);
+    `skip_damaged`: leave out DICOM files that cannot be read, with a warning naming each (see
+    `dicom.read_dicom_study`). Both concern DICOM input only.
 
     Raises:
       DataError if `path` is not a directory or is neither layout (message says what is expected).
@@ -131,7 +132,8 @@ def load_study(path: str | os.PathLike, *, allow_partial_ct: bool = False) -> Ca
         return load_nifti_study(path)
     mods = dicom_modalities(path)
     if mods:
-        return read_dicom_study(path, allow_partial_ct=allow_partial_ct)  # reports which modality is missing
+        # read_dicom_study reports which modality is missing
+        return read_dicom_study(path, allow_partial_ct=allow_partial_ct, skip_damaged=skip_damaged)
     raise DataError(f"{path}: not a study folder; {LAYOUT_HELP}")
 
 
