@@ -92,12 +92,19 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.clip(np.log(q) - np.log1p(-q), -LOGIT_RANGE, LOGIT_RANGE)
 
 
-def apply_temperature(prob: np.ndarray, temperature: float) -> np.ndarray:
-    """p_T = sigmoid(logit(p) / T), float32 of p's shape; T = 1 returns p unchanged (as float32)."""
+def apply_temperature(prob: np.ndarray, temperature: float, chunk: int = 1 << 22) -> np.ndarray:
+    """p_T = sigmoid(logit(p) / T), float32 of p's shape (computed in float32, `chunk` voxels at a time, so a
+    whole-body PET-grid map needs no float64 copy; p clipped to [1e-7, 1 - 1e-7]); T = 1 returns p as float32."""
     p = np.asarray(prob, np.float32)
     if temperature == 1.0:
         return p
-    return (1.0 / (1.0 + np.exp(-_logit(p) / float(temperature)))).astype(np.float32)
+    src = p.reshape(-1)
+    out = np.empty(src.shape, np.float32)
+    for i in range(0, src.size, chunk):
+        q = np.clip(src[i : i + chunk], np.float32(1e-7), np.float32(1 - 1e-7))
+        z = (np.log(q) - np.log1p(-q)) / np.float32(temperature)
+        out[i : i + chunk] = 1.0 / (1.0 + np.exp(-z))
+    return out.reshape(p.shape)
 
 
 def logit_histogram(prob: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) -> dict:
