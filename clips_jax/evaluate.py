@@ -11,12 +11,17 @@ Folder layouts accepted for --truth and --pred (matched by case id):
     DIR/<case>.nii.gz or DIR/<case>/SUV.nii.gz. A voxel is foreground when its value is > 0.5.
 
 Outputs (all written atomically), with one --pred in OUT itself, with several in OUT/<name>/:
-    metrics.csv         one row per case, columns `clips_jax.metrics.COLUMNS` (docs/metrics.md)
+    metrics.csv         one row per case, columns `clips_jax.metrics.COLUMNS` (docs/metrics.md); plus
+                        `reliability` and `review` when clips-predict's `<case>_report.json` lies next to the mask
     reports/<case>.txt  per-patient text report (the fields of the CLIPS precursor's report)
     mips/<case>.png     coronal + sagittal PET MIPs with truth/prediction outlines (needs --suv)
     bland_altman.png    TMTV agreement
-and OUT/summary.md (mean, median, IQR per column, lesion-free cases apart, skipped cases listed) and, with
-several --pred, OUT/boxplots.png (Dice, NSD, TMTV error per experiment).
+    calibration.png     reliability diagram, when lesion probability maps (`<case>_PROB.nii.gz`, written by
+                        clips-predict --save_probabilities) lie next to the masks
+and OUT/summary.md (mean, median, IQR per column, lesion-free cases apart, skipped cases listed; with
+reliability scores: how well they find the worst tertile of Dice (AUROC) and track |TMTV error| (Spearman);
+with probability maps: the expected calibration error) and, with several --pred, OUT/boxplots.png (Dice, NSD,
+TMTV error per experiment). Definitions: docs/reliability.md.
 
 Problems with single cases (missing on one side, unreadable file, prediction or SUV grid differing from
 the ground-truth grid) are printed on stderr, listed in summary.md, and the case is skipped; the other
@@ -26,6 +31,7 @@ or on an input error (a missing or empty folder), 2 on a usage error.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -45,7 +51,9 @@ __all__ = ["find_cases", "parse_pred_args", "evaluate", "main"]
 _NIFTI_EXTS = (".nii.gz", ".nii")
 _ROLE_FILE = {"seg": "SEG", "suv": "SUV"}
 # Top-level files with these suffixes belong to another role and are never taken as `<case>.nii.gz`.
-_OTHER_SUFFIXES = {"SEG", "SUV", "CT", "CTres", "PET", "PRED"}
+_OTHER_SUFFIXES = {"SEG", "SUV", "CT", "CTres", "PET", "PRED", "PROB"}
+RELIABILITY_COLUMNS = ("reliability", "review")
+"""Extra metrics.csv columns from clips-predict's report next to a mask: the score and the flag (1/0)."""
 
 
 def _stem(name: str) -> str | None:
@@ -160,6 +168,7 @@ def evaluate(
     truth_cases, suv_cases, pred_cases = _find_inputs(preds, truth_dir, suv_dir, problem)
     exp_dir = {name: (out_dir if len(preds) == 1 else out_dir / _safe(name)) for name in preds}
     rows: dict[str, list[dict]] = {name: [] for name in preds}
+    bins: dict[str, dict] = {name: {} for name in preds}
     for case, truth_path in truth_cases.items():
         loaded = _load_truth_and_suv(case, truth_path, suv_dir, suv_cases, problem)
         if loaded is None:
@@ -170,12 +179,108 @@ def evaluate(
             if pred is None:
                 continue
             row = {"case": case, **case_metrics(pred, truth, tgeom.spacing_mm, suv, **metric_kw)}
+            row.update(_read_reliability(pred_cases[name][case], problem))
+            prob = _load_probability(case, name, pred_cases[name][case], tgeom, problem)
+            if prob is not None:
+                _add_calibration(bins[name], prob, truth, tgeom.spacing_mm)
             rows[name].append(row)
             _write_case_outputs(
                 exp_dir[name], name, case, row, pred, truth, suv, tgeom.spacing_mm, mips=mips, plots=plots, **metric_kw
             )
-    _write_cohort_outputs(rows, exp_dir, out_dir, problems, plots=plots, **metric_kw)
+    _write_cohort_outputs(rows, exp_dir, out_dir, problems, plots=plots, bins=bins, **metric_kw)
     return rows, problems
+
+
+def _sidecar(mask_path: Path, suffix: str) -> Path:
+    """The file clips-predict writes beside a mask: `<id>_SEG.nii.gz` (or `<id>.nii.gz`) -> `<id><suffix>`;
+    `<case>/SEG.nii.gz` -> `<case>/<suffix without its leading "_">`."""
+    name = mask_path.name
+    stem = _stem(name) or name
+    if stem == "SEG":
+        return mask_path.parent / suffix.lstrip("_")
+    return mask_path.parent / f"{stem[:-4] if stem.endswith('_SEG') else stem}{suffix}"
+
+
+def _read_reliability(mask_path: Path, problem) -> dict:
+    """{"reliability": score, "review": 1.0/0.0} from the predict report beside the mask; {} when there is none
+    (or it has no reliability record); an unreadable report is reported through `problem`."""
+    path = _sidecar(mask_path, "_report.json")
+    if not path.is_file():
+        return {}
+    try:
+        r = json.loads(path.read_text()).get("reliability")
+    except (OSError, ValueError) as e:
+        problem(f"{path}: unreadable report ({e}); no reliability score for this case")
+        return {}
+    if not r or r.get("score") is None:
+        return {}
+    return {"reliability": float(r["score"]), "review": float(bool(r["review"]))}
+
+
+def _load_probability(case: str, name: str, mask_path: Path, tgeom, problem) -> np.ndarray | None:
+    """The lesion probability map beside the mask (`<id>_PROB.nii.gz`) on the truth grid, or None."""
+    for ext in _NIFTI_EXTS:
+        path = _sidecar(mask_path, "_PROB" + ext)
+        if path.is_file():
+            break
+    else:
+        return None
+    try:
+        prob, geom = load_nifti(path, np.float32)
+    except DataError as e:
+        problem(f"case {case}: {e}; no calibration for it")
+        return None
+    if not geom.same_grid(tgeom):
+        problem(f"case {case}: probability map of {name} is not on the ground-truth grid; no calibration for it")
+        return None
+    return prob
+
+
+def _add_calibration(acc: dict, prob: np.ndarray, truth: np.ndarray, spacing_mm) -> None:
+    """Add one case's reliability-diagram bins (all voxels, lesion neighbourhood) to `acc` (in place)."""
+    from clips_jax.metrics import calibration as cal
+
+    where = cal.lesion_neighbourhood(prob, truth, spacing_mm)
+    for region, w in (("all", None), ("neighbourhood", where)):
+        acc[region] = cal.add_bins(acc.get(region), cal.calibration_bins(prob, truth, 10, w))
+    acc["cases"] = acc.get("cases", 0) + 1
+
+
+def reliability_markdown(rows: dict[str, list[dict]], bins: dict[str, dict]) -> str:
+    """The summary's "Reliability and calibration" section ("" when no case has a score or a probability map):
+    per experiment, the AUROC of the review risk (1 - score) for the worst tertile of Dice among the lesion
+    cases (DeLong 95 % interval), Spearman of the risk with |TMTV error|, flagged cases; the ECE."""
+    from clips_jax.metrics import calibration as cal
+    from clips_jax.metrics import reliability as rel
+
+    out = []
+    for name, rs in rows.items():
+        scored = [r for r in rs if np.isfinite(r.get("reliability", np.nan))]
+        lines = []
+        if scored:
+            lesion = [r for r in scored if np.isfinite(r["dice"])]
+            bad = rel.worst_tertile([r["dice"] for r in lesion])
+            a = rel.delong_interval([1 - r["reliability"] for r in lesion], bad)
+            err = [abs(r["tmtv_pred_ml"] - r["tmtv_true_ml"]) for r in scored]
+            sp = rel.spearman([1 - r["reliability"] for r in scored], err)
+            flagged = [r for r in scored if r["review"] == 1.0]
+            hits = sum(1 for r, b in zip(lesion, bad) if b and r["review"] == 1.0)
+            lines += [
+                f"- reliability score (clips-predict reports) for {len(scored)} cases: AUROC of 1 - score for the "
+                f"worst tertile of Dice {a['auroc']:.3f} (95 % DeLong {a['ci_low']:.3f}-{a['ci_high']:.3f}; "
+                f"{a['n_pos']} of {len(lesion)} lesion cases); Spearman with |TMTV error| rho {sp['rho']:.3f} "
+                f"(p {sp['p']:.2g}, n {sp['n']}); flagged for review: {len(flagged)} ({hits} in the worst tertile)",
+            ]
+        b = bins.get(name) or {}
+        if b.get("cases"):
+            lines.append(
+                f"- calibration ({b['cases']} probability maps): ECE {cal.expected_calibration_error(b['all']):.4f} "
+                f"over all voxels, {cal.expected_calibration_error(b['neighbourhood']):.4f} in the lesion "
+                "neighbourhood (truth or p > 0.5, + 6 mm); diagram calibration.png"
+            )
+        if lines:
+            out += [f"### {name}", "", *lines, ""]
+    return "\n".join(["## Reliability and calibration", "", *out]) if out else ""
 
 
 def _find_inputs(preds: dict[str, Path], truth_dir: Path, suv_dir: Path | None, problem):
@@ -275,15 +380,27 @@ def _write_cohort_outputs(
     problems: list[str],
     *,
     plots,
+    bins: dict[str, dict],
     tolerance_mm: float,
     lesion_threshold: float,
     suv_threshold: float,
 ) -> None:
-    """metrics.csv and the Bland-Altman plot per experiment, the box plots (several experiments), summary.md."""
+    """metrics.csv and the Bland-Altman plot per experiment (+ the reliability diagram with probability maps),
+    the box plots (several experiments), summary.md (+ the reliability and calibration section)."""
+    from clips_jax.metrics import calibration as cal
+
     for name, name_rows in rows.items():
-        write_metrics_csv(exp_dir[name] / "metrics.csv", name_rows)
+        extra = RELIABILITY_COLUMNS if any("reliability" in r for r in name_rows) else ()
+        write_metrics_csv(exp_dir[name] / "metrics.csv", name_rows, extra_columns=extra)
         if name_rows:
             plots.bland_altman(name_rows, exp_dir[name] / "bland_altman.png", title=f"TMTV, {name}")
+        b = bins.get(name) or {}
+        if b.get("cases"):
+            curves = {
+                f"{label}, ECE {cal.expected_calibration_error(b[k]):.4f}": b[k]
+                for k, label in (("all", "all voxels"), ("neighbourhood", "lesion neighbourhood"))
+            }
+            plots.reliability_diagram(curves, exp_dir[name] / "calibration.png", f"calibration, {name}")
     if len(rows) > 1:
         plots.boxplots(rows, out_dir / "boxplots.png")
     settings = (
@@ -291,10 +408,9 @@ def _write_cohort_outputs(
         f"SUV threshold {suv_threshold:g} (SUV >= threshold); lesions 18-connected. "
         "Column definitions: docs/metrics.md."
     )
-    write_text_atomic(
-        out_dir / "summary.md",
-        summary_markdown({n: summarise(r) for n, r in rows.items()}, settings=settings, problems=problems),
-    )
+    text = summary_markdown({n: summarise(r) for n, r in rows.items()}, settings=settings, problems=problems)
+    section = reliability_markdown(rows, bins)
+    write_text_atomic(out_dir / "summary.md", text.rstrip("\n") + "\n\n" + section if section else text)
 
 
 def define_flags(fv) -> None:

@@ -274,3 +274,43 @@ def test_mean_ensemble_from_members_and_logits_with_members(tmp_path):
         Ensemble.from_members(unets[:1])
     with pytest.raises(ConfigError, match="no method"):
         nnx_predictor(loaded, "nothing")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# clips-evaluate reads predict's reliability record and probability maps
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_adds_score_columns_auroc_and_calibration(tmp_path):
+    import csv
+    import json
+
+    from clips_jax.data.geometry import Geometry
+    from clips_jax.data.nifti import save_nifti
+    from clips_jax.evaluate import main
+
+    geom = Geometry.from_spacing((10, 12, 12), (3.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    rng = np.random.default_rng(0)
+    for k in range(6):  # case k: prediction shifted by k voxels -> Dice falls with k; score falls with k too
+        t = box(geom.shape, np.s_[3:7, 3:8, 3:8])
+        p = np.roll(t, k, axis=2)
+        save_nifti(truth_dir / f"c{k}_SEG.nii.gz", t, geom, dtype=np.uint8)
+        save_nifti(pred_dir / f"c{k}_SEG.nii.gz", p, geom, dtype=np.uint8)
+        prob = np.clip(p * 0.8 + rng.random(geom.shape) * 0.1, 0, 1).astype(np.float32)
+        if k != 5:  # one case without a probability map, one without a report
+            save_nifti(pred_dir / f"c{k}_PROB.nii.gz", prob, geom, dtype=np.float32)
+        if k != 4:
+            rel_rec = {"reliability": {"score": 1.0 - 0.15 * k, "review": k >= 3}}
+            (pred_dir / f"c{k}_report.json").write_text(json.dumps(rel_rec))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(pred_dir), "--truth", str(truth_dir), "--out", str(out)]) == 0
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == [f"c{k}" for k in range(6)]  # the PROB files are not taken as masks
+    assert rows[0]["reliability"] == "1" and rows[3]["review"] == "1" and rows[4]["reliability"] == "nan"
+    summary = (out / "summary.md").read_text()
+    assert "## Reliability and calibration" in summary
+    # 5 scored lesion cases, worst tertile = the 2 most shifted ones, which have the lowest scores
+    assert "worst tertile of Dice 1.000" in summary and "flagged for review: 2 (2 in the worst tertile)" in summary
+    assert "calibration (5 probability maps)" in summary and (out / "calibration.png").is_file()

@@ -223,17 +223,19 @@ def _cell(key: str, v) -> str:
     return f"{v:.6g}"
 
 
-def write_metrics_csv(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
-    """Write rows (dicts with "case" and METRIC_KEYS) to a CSV with exactly COLUMNS, atomically.
+def write_metrics_csv(path: str | os.PathLike, rows: Iterable[Mapping], extra_columns: Sequence[str] = ()) -> Path:
+    """Write rows (dicts with "case" and METRIC_KEYS) to a CSV with exactly COLUMNS (+ `extra_columns` after
+    them, e.g. the reliability score; a row without one gets `nan`), atomically.
 
     Floats use 6 significant digits, counts are integers, undefined values are written as `nan`.
     Returns the path.
     """
+    cols = tuple(COLUMNS) + tuple(extra_columns)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
+    w.writerow(cols)
     for r in rows:
-        w.writerow([_cell(k, r[k]) for k in COLUMNS])
+        w.writerow([_cell(k, r.get(k, float("nan")) if k in extra_columns else r[k]) for k in cols])
     write_text_atomic(path, buf.getvalue())
     return Path(path)
 
