@@ -93,7 +93,7 @@ class Options:
       spacing_mm: stage-A grid spacing (6 mm).
       overwrite: redo studies whose outputs exist (else they are skipped).
       allow_partial_ct: accept a DICOM CT covering less than 90 % of the PET's axial extent (uncovered PET
-        slices get air; the report's patient section records `ct_coverage`).
+        slices get air; the report's `input_notes` say how much of the PET the CT covers).
       skip_damaged: leave out DICOM files that cannot be read, with a warning naming each (a slice so missing
         inside a series is still an error); default: the study fails naming the first damaged file.
       dicom_seg: for DICOM input, also write the mask as a DICOM SEG (`<id>_SEG.dcm`); ignored for NIfTI input.
@@ -363,6 +363,24 @@ _PATIENT_KEYS = (
 )
 
 
+def input_notes(meta: dict) -> list[str]:
+    """What a reader of the report must know about how the input was read, in words (empty when nothing):
+    a CT covering only part of the PET (--allow_partial_ct), damaged files left out (--skip_damaged), PET
+    slices resampled onto a regular grid, the CT resampled onto the PET grid, and the SUV conversion's own
+    notes (SUVType conversions, a dose read as MBq, the reference time used; `clips_jax.data.suv`)."""
+    notes = []
+    coverage = meta.get("ct_coverage")
+    if coverage is not None and coverage < 1.0:
+        notes.append(f"the CT covers {100 * coverage:.0f} % of the PET's axial extent; the rest was filled with air")
+    notes += [f"file left out: {m}" for m in meta.get("skipped_files") or []]
+    if meta.get("pet_slices_resampled"):
+        notes.append("the PET slices were irregularly spaced and were resampled onto a regular grid")
+    if meta.get("ct_resampled_to_pet"):
+        notes.append("the CT was resampled onto the PET grid (linear)")
+    notes += [str(n) for n in meta.get("notes") or []]
+    return notes
+
+
 def _fmt(v: Any, digits: int = 2) -> str:
     return "n/a" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
@@ -394,6 +412,8 @@ def report_markdown(report: dict) -> str:
         f"| TLG = SUVmean x TMTV | {_fmt(s['tlg'], 1)} | g (SUV x ml) |",
         "",
     ]
+    if r.get("input_notes"):
+        lines += ["## Input notes", "", *[f"- {n}" for n in r["input_notes"]], ""]
     if r["patient"]:
         lines += ["## Patient and study", "", "| field | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in r["patient"].items()] + [""]
@@ -591,6 +611,7 @@ def predict_study(
         "outputs": outputs,
         "grid": {"shape": list(geometry.shape), "spacing_mm": [round(float(s), 4) for s in geometry.spacing_mm]},
         "patient": {k: meta[k] for k in _PATIENT_KEYS if meta.get(k) not in (None, "")},
+        "input_notes": input_notes(meta),
         "results": stats,
         "model": models.info,
         "options": options_used,

@@ -417,3 +417,40 @@ def test_weights_errors_exit_with_instructions(tmp_path, weights, capsys):
         err = capsys.readouterr().err
         assert expect in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_input_notes_say_how_the_input_was_read():
+    assert predict.input_notes({"source": "nifti"}) == []
+    notes = predict.input_notes(
+        {
+            "ct_coverage": 0.8,
+            "skipped_files": ["skipped (--skip_damaged): /s/PT/7.dcm: damaged DICOM file"],
+            "pet_slices_resampled": True,
+            "ct_resampled_to_pet": False,
+            "notes": ["RadionuclideTotalDose 368.08 read as MBq"],
+        }
+    )
+    assert notes[0].startswith("the CT covers 80 % of the PET's axial extent")
+    assert "/s/PT/7.dcm" in notes[1] and "resampled onto a regular grid" in notes[2]
+    assert notes[3] == "RadionuclideTotalDose 368.08 read as MBq" and len(notes) == 4
+    report = {"input_notes": notes}
+    assert all(f"- {n}" in predict.report_markdown({**_minimal_report(), **report}) for n in notes)
+
+
+def _minimal_report():
+    """A report dict with just what `report_markdown` reads (the other tests build real ones)."""
+    prov = {"notice": "research use only", "software": "clips-jax", "weights_sha256": None}
+    results = {k: 0.0 for k in ("tmtv_ml", "dmax_mm", "suv_max", "suv_mean", "tlg")}
+    return {
+        "study_id": "s",
+        "input": "s",
+        "outputs": {"seg": "s_SEG.nii.gz"},
+        "grid": {"shape": [1, 1, 1], "spacing_mm": [1, 1, 1]},
+        "results": {**results, "lesion_count": 0},
+        "provenance": prov,
+        "patient": {},
+        "model": {"stage_a": {}, "stage_b": None},
+        "options": {},
+        "seconds": {},
+        "software": {},
+    }
