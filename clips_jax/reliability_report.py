@@ -19,14 +19,48 @@ Conventions (docs/reliability.md):
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from clips_jax.errors import WeightsError
 from clips_jax.metrics import calibration as cal
 from clips_jax.metrics import reliability as rel
 
-__all__ = ["study_reliability", "uncertainty_map", "markdown_headline", "markdown_section", "batch_note", "review_list"]
+__all__ = [
+    "SETTINGS_FILE",
+    "batch_note",
+    "markdown_headline",
+    "markdown_section",
+    "read_settings",
+    "review_list",
+    "study_reliability",
+    "uncertainty_map",
+]
+
+SETTINGS_FILE = "reliability.json"
+"""Optional file of a weights directory: {"temperature": T > 0, "review_threshold": t in [0, 1], "tile_shape",
+"tile_step", ...}, written by `clips-reliability` (docs/reliability.md)."""
+
+
+def read_settings(weights_dir: str | Path) -> dict:
+    """The weights directory's `reliability.json`, or {} when absent.
+
+    Raises WeightsError naming the file when it is unreadable or its temperature / threshold are invalid."""
+    path = Path(weights_dir) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+        t, thr = doc.get("temperature", 1.0), doc.get("review_threshold", 0.5)
+    except (OSError, ValueError, AttributeError) as e:
+        raise WeightsError(f"{path}: unreadable ({e}); fix or delete it") from None
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (t, thr))
+    if not (numbers and t > 0 and 0 <= thr <= 1):
+        raise WeightsError(f"{path}: need temperature > 0 and review_threshold in [0, 1]; fix or delete it")
+    return doc
 
 
 def _threshold(option: float | None, settings: Mapping) -> tuple[float, str]:

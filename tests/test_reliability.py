@@ -2,6 +2,7 @@
 (`clips_jax.metrics.calibration`): hand-checkable cases."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +315,44 @@ def test_evaluate_adds_score_columns_auroc_and_calibration(tmp_path):
     # 5 scored lesion cases, worst tertile = the 2 most shifted ones, which have the lowest scores
     assert "worst tertile of Dice 1.000" in summary and "flagged for review: 2 (2 in the worst tertile)" in summary
     assert "calibration (5 probability maps)" in summary and (out / "calibration.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --hardness reliability:DIR
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_hardness_from_the_reliability_of_a_reference_ensemble(tmp_path):
+    import json
+
+    from clips_jax import trainer
+    from clips_jax.configs import default as default_config
+    from clips_jax.experiments import hardness as hl
+    from clips_jax.experiments.reliability import predict_case, reference_pair
+    from clips_jax.model import Ensemble, save_weights
+
+    cfg = default_config.get_config("tiny")
+    cfg.data.phantoms.cache = str(tmp_path / "cache")
+    store = trainer.ensure_store(cfg, lambda _: None)
+    weights = tmp_path / "ens"
+    ens = Ensemble.from_members(_tiny_unets(2))
+    save_weights(weights, {"ensemble": ens})
+    settings = {"temperature": 1.0, "review_threshold": 0.5, "tile_shape": [32, 16, 16], "tile_step": [16, 8, 8]}
+    (weights / "reliability.json").write_text(json.dumps(settings))
+    h = hl.resolve(f"reliability:{weights}", store, tmp_path / "w")
+    assert h.spec == f"reliability:{weights.absolute()}" and "reliability score" in h.description
+    test = [store.ids[int(i)] for i in store.split_indices("test")]
+    lesion = {store.ids[int(i)] for i in store.split_indices("test") if store.has_lesion[int(i)]}
+    assert set(h.values) == set(test) and lesion
+    # by hand for one lesion case: 1 - score of the ensemble and its members on the store grid
+    from clips_jax.data.pipeline import make_eval_cases
+
+    cid = sorted(lesion)[0]
+    case = next(make_eval_cases(store, [store.index(cid)]))
+    p = predict_case(case["image"], *reference_pair(ens), (32, 16, 16), (16, 8, 8))
+    want = 1.0 - rel.assess(p["prob"], p["prob"] > 0.5, case["geometry"].spacing_mm, p["members"])["score"]
+    assert h.values[cid] == pytest.approx(want, abs=1e-6) and 0.0 <= want <= 1.0
+    assert all(math.isnan(v) for c, v in h.values.items() if c not in lesion)
+    assert (tmp_path / "w" / "hardness.csv").is_file()
+    assert hl.resolve(f"reliability:{weights}", store, tmp_path / "w").values == pytest.approx(h.values, nan_ok=True)
+    assert hl._resolved_spec("reliability", "a,b", None) == f"reliability:{Path('a').absolute()},{Path('b').absolute()}"

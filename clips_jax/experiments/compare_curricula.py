@@ -568,7 +568,8 @@ def define_flags(fv) -> None:
         "auto",
         "Source of the test cases' hardness, fixed before the compared runs: "
         "auto (phantom on built-in phantoms, else baseline), phantom[:DIR], run:DIR (a trained run "
-        "of another study), weights:DIR (converted TMTV-Net weights), manifest:KEY, csv:PATH, or "
+        "of another study), weights:DIR (converted TMTV-Net weights), reliability:DIR (1 - the reliability "
+        "score of a reference model or ensemble, docs/reliability.md), manifest:KEY, csv:PATH, or "
         "baseline (the baseline's first run picks them and is left out of the hard-case test).",
         flag_values=fv,
     )

@@ -18,7 +18,13 @@ Sources (`--hardness` of `python -m clips_jax.experiments.compare_curricula`), l
   manifest:KEY    a case-store manifest measure oriented so that larger = harder (`clips_jax.curricula.core.
                   HARDER_WHEN`, e.g. manifest:tmtv_ml: a small TMTV is hard), or manifest:composite (mean
                   oriented rank percentile over the lesion measures, computed over the test lesion cases).
-  csv:PATH        a file with columns case,hardness (e.g. a reliability score of a reference model).
+  reliability:DIR 1 - the reliability score (`clips_jax.metrics.reliability`: member agreement and voxel
+                  uncertainty, no ground truth needed) of a reference model on each test case: DIR a weights
+                  directory (its ensemble with its members, else its unet; tiles and temperature from its
+                  reliability.json when present, else the original stage-A tiles 128 x 96 x 96), or several
+                  run dirs separated by commas (their best checkpoints as a mean ensemble, the first run's
+                  eval tiles), e.g. the ensemble of `clips-reliability` (docs/reliability.md).
+  csv:PATH        a file with columns case,hardness (e.g. a score computed elsewhere).
   baseline        no independent source: the baseline's first run picks the hard cases and is left out of
                   the hard-case test (`clips_jax.experiments.statistics.compare`).
   auto            phantom on the built-in phantoms, baseline otherwise (with a note in results.md).
@@ -43,7 +49,7 @@ import numpy as np
 from clips_jax.errors import ConfigError, DataError
 from clips_jax.fileio import write_text_atomic
 
-KINDS = ("auto", "baseline", "phantom", "run", "weights", "manifest", "csv")
+KINDS = ("auto", "baseline", "phantom", "run", "weights", "reliability", "manifest", "csv")
 
 
 class Hardness(NamedTuple):
@@ -73,9 +79,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if kind not in KINDS:
         raise ConfigError(
             f"--hardness={spec!r}: unknown source; use one of auto, baseline, phantom[:DIR], "
-            "run:DIR, weights:DIR, manifest:KEY, csv:PATH"
+            "run:DIR, weights:DIR, reliability:DIR[,DIR...], manifest:KEY, csv:PATH"
         )
-    if kind in ("run", "weights", "manifest", "csv") and not arg:
+    if kind in ("run", "weights", "reliability", "manifest", "csv") and not arg:
         raise ConfigError(f"--hardness={spec!r}: {kind} needs an argument ({kind}:...)")
     if kind in ("auto", "baseline") and arg:
         raise ConfigError(f"--hardness={spec!r}: {kind} takes no argument")
@@ -182,6 +188,50 @@ def _weights_model_hardness(weights: str, store, indices, log) -> dict[str, floa
     return model_hardness(load_model(weights, kind), store, indices, DEFAULT_TILE, DEFAULT_STEP, log=lambda _: None)
 
 
+def _reliability_reference(spec: str):
+    """(model, tile, step, batch size, temperature) of `reliability:` `spec`: a weights directory or run dirs."""
+    from clips_jax.experiments.teacher import DEFAULT_STEP, DEFAULT_TILE
+
+    paths = [p for p in spec.split(",") if p]
+    if len(paths) == 1 and (Path(paths[0]) / "clips_weights.json").is_file():
+        from clips_jax.model import load_model, read_weights_meta
+        from clips_jax.reliability_report import read_settings
+
+        names = read_weights_meta(paths[0])["models"]
+        kind = "ensemble" if "ensemble" in names else "unet"
+        if kind not in names:
+            raise ConfigError(f"--hardness=reliability:{spec}: no 'ensemble' or 'unet' model ({sorted(names)})")
+        st = read_settings(paths[0])
+        tile, step = st.get("tile_shape", DEFAULT_TILE), st.get("tile_step", DEFAULT_STEP)
+        return load_model(paths[0], kind), tile, step, 1, float(st.get("temperature", 1.0))
+    from clips_jax.model import Ensemble
+    from clips_jax.runs import load_run_model, read_config
+
+    models = [load_run_model(p, "best")[0] for p in paths]
+    e = read_config(paths[0]).eval
+    model = models[0] if len(models) == 1 else Ensemble.from_members(models)
+    return model, e.tile_shape, e.tile_step, int(e.batch_size), 1.0
+
+
+def reliability_hardness(spec: str, store, indices: Sequence[int], log: Callable[[str], None]) -> dict[str, float]:
+    """1 - reliability score of the reference model(s) of `spec` on store cases (no ground truth used); NaN
+    for lesion-free cases, as the other sources."""
+    from clips_jax.data.pipeline import make_eval_cases
+    from clips_jax.experiments.reliability import predict_case, reference_pair
+    from clips_jax.metrics import calibration, reliability
+
+    model, tile, step, batch_size, temperature = _reliability_reference(spec)
+    pair, n_members = reference_pair(model)
+    log(f"hardness: reliability of {len(indices)} test cases with {spec} ({n_members or 'no'} members)")
+    out, has_lesion = {}, store.has_lesion
+    for case in make_eval_cases(store, np.asarray(indices, np.int64)):
+        p = predict_case(case["image"], pair, n_members, tile, step, batch_size)
+        prob = calibration.apply_temperature(p["prob"], temperature)
+        s = reliability.assess(prob, p["prob"] > 0.5, case["geometry"].spacing_mm, p.get("members"))["score"]
+        out[case["id"]] = 1.0 - s if has_lesion[case["case_index"]] else float("nan")
+    return out
+
+
 def read_hardness_csv(path: str | Path) -> dict[str, float]:
     """{case: hardness} from a CSV with columns case,hardness ("nan" or empty = undefined)."""
     try:
@@ -234,6 +284,13 @@ def _compute(kind: str, arg: str, store, indices, phantom_raw: Path | None, log)
     path = spec.partition(":")[2]
     if kind == "csv":
         return read_hardness_csv(path), spec, f"the hardness file {path}"
+    if kind == "reliability":
+        return (
+            reliability_hardness(path, store, indices, log),
+            spec,
+            f"1 - the reliability score of the reference model {path} on each test case (member agreement and "
+            "voxel uncertainty, no ground truth; docs/reliability.md), computed before the comparison",
+        )
     score = _run_model_hardness if kind == "run" else _weights_model_hardness
     return (
         score(path, store, indices, log),
@@ -298,4 +355,6 @@ def _resolved_spec(kind: str, arg: str, phantom_raw: Path | None) -> str | None:
         return None if raw is None else f"phantom:{Path(raw).absolute()}"
     if kind == "manifest":
         return f"manifest:{arg}"
+    if kind == "reliability":
+        return "reliability:" + ",".join(str(Path(p).absolute()) for p in arg.split(",") if p)
     return f"{kind}:{Path(arg).absolute()}"

@@ -52,9 +52,8 @@ from clips_jax.errors import ConfigError
 from clips_jax.fileio import atomic_path, json_safe, write_text_atomic
 from clips_jax.metrics import calibration as cal
 from clips_jax.metrics import reliability as rel
+from clips_jax.reliability_report import SETTINGS_FILE
 
-SETTINGS_FILE = "reliability.json"
-"""The file in a weights directory with the temperature and the review threshold (read by `clips-predict`)."""
 CASE_MEASURES = (
     "member_dice_mean",
     "member_tmtv_cv",
@@ -169,39 +168,63 @@ def ensure_cohort(config, workdir: Path, seed: int, val_cases: int, test_lesion_
 # ---------------------------------------------------------------------------------------------------------
 
 
-def predict_case(case: dict, pair, n_members: int, eval_cfg, tta: bool) -> dict[str, np.ndarray]:
-    """{"prob": (z, y, x), "members": (n, z, y, x), "tta": (8, z, y, x) or absent} float32 of one store case."""
+def predict_case(
+    image: np.ndarray, pair, n_members: int, tile, step, batch_size: int = 1, tta: bool = False
+) -> dict[str, np.ndarray]:
+    """Tiled inference of one volume with a reference model, members in the same pass.
+
+    Args:
+      image: `(z, y, x, C)` input channels (`make_eval_cases`' "image"). pair: (predictor, params); for an
+        `Ensemble` that of `logits_with_members` (`n_members` > 0), else the plain model's (`n_members` 0).
+      tile, step, batch_size: as the config's eval tiles (tiles reaching the end of every axis, checked).
+      tta: also the 8 flip passes.
+    Returns:
+      {"prob": (z, y, x), "members": (n, z, y, x) (only with members), "tta": (8, z, y, x) (only with tta)}
+      float32.
+    """
     from clips_jax.evaluation import check_coverage
     from clips_jax.inference import tiled_inference
 
-    tile, step = tuple(eval_cfg.tile_shape), tuple(eval_cfg.tile_step)
-    check_coverage(case["image"].shape[:3], tile, step, case=str(case["id"]))
+    tile, step = tuple(tile), tuple(step)
+    check_coverage(image.shape[:3], tile, step)
     passes: list[np.ndarray] = []
     out = tiled_inference(
-        case["image"],
+        image,
         pair[0],
         params=pair[1],
         tile_shape=tile,
         step=step,
-        batch_size=int(eval_cfg.batch_size),
+        batch_size=int(batch_size),
         cover_end=True,
         softmax_groups=1 + n_members,
         tta=tta,
         on_pass=(lambda f, p: passes.append(np.array(p[..., 1]))) if tta else None,
     )
-    res = {"prob": np.array(out[..., 1]), "members": np.moveaxis(out[..., 3::2], -1, 0).copy()}
+    res = {"prob": np.array(out[..., 1])}
+    if n_members:
+        res["members"] = np.moveaxis(out[..., 3::2], -1, 0).copy()
     if tta:
         res["tta"] = np.stack(passes)
     return res
+
+
+def reference_pair(model) -> tuple[tuple, int]:
+    """((predictor, params), n_members) of a reference model: an `Ensemble` with its members, else the model."""
+    from clips_jax.inference import nnx_predictor
+    from clips_jax.model import Ensemble
+
+    if isinstance(model, Ensemble):
+        return nnx_predictor(model, "logits_with_members"), int(model.n_members)
+    return nnx_predictor(model), 0
 
 
 def predict_cohort(ensemble, store, eval_cfg, out: Path, tta: bool, log) -> None:
     """Every cohort case's predictions into `out/<case>.npz` (float16), skipping those present."""
     from clips_jax import batch
     from clips_jax.data.pipeline import make_eval_cases
-    from clips_jax.inference import nnx_predictor
 
-    pair = nnx_predictor(ensemble, "logits_with_members")
+    pair, n_members = reference_pair(ensemble)
+    e = eval_cfg
     idx = np.concatenate([store.split_indices("val"), store.split_indices("test")])
     t0 = time.time()
 
@@ -210,7 +233,7 @@ def predict_cohort(ensemble, store, eval_cfg, out: Path, tta: bool, log) -> None
         if path.is_file():
             return batch.skipped("predicted earlier")
         case = next(make_eval_cases(store, [store.index(cid)]))
-        res = predict_case(case, pair, ensemble.n_members, eval_cfg, tta)
+        res = predict_case(case["image"], pair, n_members, e.tile_shape, e.tile_step, e.batch_size, tta)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, **{k: v.astype(np.float16) for k, v in res.items()})
@@ -255,7 +278,7 @@ def score_cohort(store, pred_dir: Path, raw: Path, temperature: float, n_bins: i
         cid, spacing = case["id"], case["geometry"].spacing_mm
         p = load_prediction(pred_dir, cid)
         scaled = cal.apply_temperature(p["prob"], temperature)
-        a = rel.assess(scaled, p["prob"] > 0.5, spacing, p["members"], p.get("tta"))
+        a = rel.assess(scaled, p["prob"] > 0.5, spacing, p.get("members"), p.get("tta"))
         source = store.cases[store.index(cid)].get("source", cid)
         difficulty = json.loads((raw / str(source) / "truth.json").read_text())["difficulty"]
         row = {"split": splits[cid], "case": cid, "difficulty": difficulty, **validation_row(p["prob"], case)}

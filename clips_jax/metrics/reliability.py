@@ -405,10 +405,11 @@ def youden_threshold(score_values: Sequence[float], label: Sequence[bool]) -> di
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Spearman rank correlation of the finite pairs (`scipy.stats.spearmanr`): {"rho", "p", "n"}."""
+    """Spearman rank correlation of the finite pairs (`scipy.stats.spearmanr`): {"rho", "p", "n"}; NaNs with
+    fewer than 3 pairs or a constant side."""
     x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
     ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3:
+    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:  # too few, or a constant: undefined
         return {"rho": float("nan"), "p": float("nan"), "n": int(ok.sum())}
     res = stats.spearmanr(x[ok], y[ok])
     return {"rho": float(res.statistic), "p": float(res.pvalue), "n": int(ok.sum())}
