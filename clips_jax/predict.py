@@ -1,7 +1,8 @@
 """Whole-body lesion segmentation of PET/CT studies: mask, TMTV report and MIP figure per study.
 
     clips-predict --input PATH --weights DIR --out DIR [--tta] [--dtype float32|bfloat16]
-        [--batch_size N] [--stage_a_only] [--overwrite] [--nodicom_seg]   (or: python -m clips_jax.predict ...)
+        [--batch_size N] [--stage_a_only] [--overwrite] [--nodicom_seg] [--noreliability]
+        [--review_threshold T] [--save_probabilities]   (or: python -m clips_jax.predict ...)
 
 Examples (convert the TMTV-Net weights once, then segment one study or a folder of studies):
 
@@ -24,6 +25,10 @@ Per study `<id>` (the study folder name) it writes into --out, each file atomica
   <id>_mip.png        coronal and sagittal PET MIPs with the mask outline (red)
   <id>_SEG.dcm        DICOM input only (unless --nodicom_seg): the mask as a DICOM SEG in the PET's frame of
                       reference, each frame referencing its PET slice (`clips_jax.data.dicom_seg`)
+  <id>_PROB.nii.gz    with --save_probabilities: the lesion probability (float32) on the PET grid
+Each report carries a reliability score (1 = reliable) from the ensemble members' disagreement and the voxel
+uncertainty, with a review flag and its reasons (`clips_jax.reliability_report`, docs/reliability.md); the MIP
+figure shows the uncertainty beside the mask, and a batch ends with the list of studies flagged for review.
 Every output carries its provenance (CLIPS-JAX version, sha256 of the weights files, the options) and the
 notice "research use only, not for clinical decisions".
 Exit status (README, "Command-line convention"): 0 if every study succeeded (or was skipped), 1 if any
@@ -68,6 +73,8 @@ STAGE_A_NAMES = ("ensemble", "unet")
 
 OUTPUT_SUFFIXES = {"seg": "_SEG.nii.gz", "json": "_report.json", "md": "_report.md", "png": "_mip.png"}
 """Output file name = `<study id>` + suffix, in the --out folder (the outputs every study gets)."""
+PROB_SUFFIX = "_PROB.nii.gz"
+"""The lesion probability map of `--save_probabilities` (`<study id>` + suffix)."""
 DICOM_SEG_SUFFIX = "_SEG.dcm"
 """The DICOM SEG of a DICOM study (`<study id>` + suffix); not in OUTPUT_SUFFIXES, since NIfTI studies have none."""
 
@@ -97,6 +104,12 @@ class Options:
       skip_damaged: leave out DICOM files that cannot be read, with a warning naming each (a slice so missing
         inside a series is still an error); default: the study fails naming the first damaged file.
       dicom_seg: for DICOM input, also write the mask as a DICOM SEG (`<id>_SEG.dcm`); ignored for NIfTI input.
+      reliability: compute the study's reliability (member disagreement, voxel uncertainty, score, review flag;
+        `clips_jax.reliability_report`) on the stage-A grid; no extra network pass.
+      review_threshold: review when the score is below this; None = the weights directory's
+        `reliability.json`, else `clips_jax.metrics.reliability.DEFAULT_REVIEW_THRESHOLD`.
+      save_probabilities: also write the lesion probability on the PET grid (`<id>_PROB.nii.gz`, float32,
+        temperature-scaled when the weights have a temperature), e.g. for calibration in `clips-evaluate`.
     """
 
     tta: bool = False
@@ -110,6 +123,9 @@ class Options:
     allow_partial_ct: bool = False
     skip_damaged: bool = False
     dicom_seg: bool = True
+    reliability: bool = True
+    review_threshold: float | None = None
+    save_probabilities: bool = False
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
@@ -123,6 +139,8 @@ class Options:
             object.__setattr__(self, name, t)
         if any(v % 16 for v in self.stage_a_tile):
             raise ConfigError(f"--stage_a_tile {self.stage_a_tile}: every size must be divisible by 16 (U-Net)")
+        if self.review_threshold is not None and not 0.0 <= self.review_threshold <= 1.0:
+            raise ConfigError(f"--review_threshold {self.review_threshold}: the score is in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,16 +152,27 @@ class Models:
       refiner: (predictor, params) of the refiner (6 channels native -> 2 logits), or None.
       info: JSON-friendly description for the report: weights dir, model names/classes/configs, source, and
         "weights_sha256" (`clips_jax.provenance.weights_sha256`, set by `load_models`; absent in memory).
+      members: for an `Ensemble` stage A, (predictor, params) of `Ensemble.logits_with_members` (the ensemble's
+        2 logits + 2 per member in one pass), else None; n_members: its member count (0 without).
+      settings: the weights directory's `reliability.json` ({"temperature", "review_threshold", ...}; {} when
+        absent), written by `clips-reliability`.
     """
 
     stage_a: tuple[Any, Any]
     refiner: tuple[Any, Any] | None
     info: dict
+    members: tuple[Any, Any] | None = None
+    n_members: int = 0
+    settings: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_modules(cls, stage_a: Any, refiner: Any | None = None, info: dict | None = None) -> "Models":
-        """Wrap NNX modules (e.g. an `Ensemble`/`UNet` and a `Refiner`) already in memory."""
+    def from_modules(
+        cls, stage_a: Any, refiner: Any | None = None, info: dict | None = None, settings: dict | None = None
+    ) -> "Models":
+        """Wrap NNX modules (e.g. an `Ensemble`/`UNet` and a `Refiner`) already in memory; `settings` as the
+        attribute (the temperature and review threshold of `reliability.json`)."""
         from clips_jax.inference import nnx_predictor
+        from clips_jax.model import Ensemble
 
         def describe(module) -> dict:
             config = getattr(module, "config", {})  # a model's ModelConfig -> plain dict for the JSON report
@@ -156,7 +185,15 @@ class Models:
         desc.setdefault("stage_a", describe(stage_a))
         if refiner is not None:
             desc.setdefault("stage_b", describe(refiner))
-        return cls(nnx_predictor(stage_a), None if refiner is None else nnx_predictor(refiner), desc)
+        is_ens = isinstance(stage_a, Ensemble)
+        return cls(
+            nnx_predictor(stage_a),
+            None if refiner is None else nnx_predictor(refiner),
+            desc,
+            nnx_predictor(stage_a, "logits_with_members") if is_ens else None,
+            int(stage_a.n_members) if is_ens else 0,
+            dict(settings or {}),
+        )
 
 
 def load_models(weights_dir: str | Path, *, dtype: str = "float32", stage_a_only: bool = False) -> Models:
@@ -178,6 +215,7 @@ def load_models(weights_dir: str | Path, *, dtype: str = "float32", stage_a_only
     from clips_jax.model import load_model, read_weights_meta
     from clips_jax.model.layers import model_dtype
     from clips_jax.provenance import weights_sha256
+    from clips_jax.reliability_report import read_settings
 
     d = Path(weights_dir)
     if not d.is_dir():
@@ -203,7 +241,7 @@ def load_models(weights_dir: str | Path, *, dtype: str = "float32", stage_a_only
     }
     if refiner is not None:
         info["stage_b"] = {"name": "refiner", **names["refiner"]}
-    return Models.from_modules(stage_a, refiner, info)
+    return Models.from_modules(stage_a, refiner, info, read_settings(d))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,11 +255,20 @@ class Segmentation:
 
     mask: (z, y, x) uint8 {0, 1} on the PET grid. stage_a_prob: (d, h, w) float32 on the coarse grid.
     seconds: wall time per stage {"stage_a": s, "stage_b": s or None}.
+    stage_a_spacing_mm: (z, y, x) spacing of the coarse grid (shares voxel 0 with the PET grid).
+    members: (n, d, h, w) float32 member probabilities on the coarse grid (an ensemble with
+      `options.reliability`), else None. tta: (8, d, h, w) float32 stage-A probability of each flip pass
+      (`options.tta` and `options.reliability`), else None.
+    prob: (z, y, x) float32 final lesion probability on the PET grid (`options.save_probabilities`), else None.
     """
 
     mask: np.ndarray
     stage_a_prob: np.ndarray
     seconds: dict
+    stage_a_spacing_mm: tuple = (6.0, 6.0, 6.0)
+    members: np.ndarray | None = None
+    tta: np.ndarray | None = None
+    prob: np.ndarray | None = None
 
 
 def stage_b_input(
@@ -270,21 +317,14 @@ def segment(
     common = dict(batch_size=options.batch_size, dtype=options.dtype, tta=options.tta)
     t0 = time.perf_counter()
     coarse = resample_case(Case("predict", ct_hu, suv, None, geometry), options.spacing_mm)
-    pred_a, params_a = models.stage_a
-    prob6 = tiled_inference(
-        make_channels(coarse.ct, coarse.suv),
-        pred_a,
-        params=params_a,
-        tile_shape=options.stage_a_tile,
-        step=tuple(t // 2 for t in options.stage_a_tile),
-        progress=None if progress is None else (lambda d, t: progress("A", d, t)),
-        **common,
-    )[..., 1]
-    prob6 = np.ascontiguousarray(prob6)
-    channel = upsample_probability(prob6, geometry.shape, geometry.spacing_mm, coarse.geometry.spacing_mm)
+    prob6, members, tta = _stage_a(make_channels(coarse.ct, coarse.suv), models, options, progress)
+    sp6 = tuple(float(v) for v in coarse.geometry.spacing_mm)
+    channel = upsample_probability(prob6, geometry.shape, geometry.spacing_mm, sp6)
     seconds = {"stage_a": time.perf_counter() - t0, "stage_b": None}
+    extra = dict(stage_a_spacing_mm=sp6, members=members, tta=tta)
     if options.stage_a_only:
-        return Segmentation((channel > 0.5).astype(np.uint8), prob6, seconds)
+        prob = _scaled(channel, models) if options.save_probabilities else None
+        return Segmentation((channel > 0.5).astype(np.uint8), prob6, seconds, **extra, prob=prob)
     t1 = time.perf_counter()
     volume = stage_b_input(ct_hu, suv, channel)
     del channel
@@ -300,9 +340,49 @@ def segment(
     )
     del volume
     mask = argmax_mask(probs)
+    prob = _scaled(probs[..., 1], models) if options.save_probabilities else None
     del probs
     seconds["stage_b"] = time.perf_counter() - t1
-    return Segmentation(mask, prob6, seconds)
+    return Segmentation(mask, prob6, seconds, **extra, prob=prob)
+
+
+def _stage_a(
+    volume: np.ndarray, models: Models, options: Options, progress: Progress | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Tiled inference of stage A on the coarse channels `(d, h, w, 5)`: (lesion probability (d, h, w),
+    member probabilities (n, d, h, w) or None, flip passes (8, d, h, w) or None), float32.
+
+    With `options.reliability` an ensemble runs as `logits_with_members` (the same network pass gives every
+    member; softmax per channel pair) and `--tta` keeps each flip pass's lesion probability."""
+    from clips_jax.inference import tiled_inference
+
+    with_members = options.reliability and models.members is not None
+    pred, params = models.members if with_members else models.stage_a
+    passes: list[np.ndarray] = []
+    keep_passes = options.reliability and options.tta
+    out = tiled_inference(
+        volume,
+        pred,
+        params=params,
+        tile_shape=options.stage_a_tile,
+        step=tuple(t // 2 for t in options.stage_a_tile),
+        progress=None if progress is None else (lambda d, t: progress("A", d, t)),
+        batch_size=options.batch_size,
+        dtype=options.dtype,
+        tta=options.tta,
+        softmax_groups=1 + models.n_members if with_members else 1,
+        on_pass=(lambda f, p: passes.append(np.array(p[..., 1]))) if keep_passes else None,
+    )
+    members = np.moveaxis(out[..., 3::2], -1, 0).copy() if with_members else None
+    return np.ascontiguousarray(out[..., 1]), members, np.stack(passes) if keep_passes else None
+
+
+def _scaled(prob: np.ndarray, models: Models) -> np.ndarray:
+    """A lesion probability map temperature-scaled with the weights' temperature (a float32 copy)."""
+    from clips_jax.metrics.calibration import apply_temperature
+
+    t = float(models.settings.get("temperature", 1.0) or 1.0)
+    return np.array(apply_temperature(prob, t), np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -387,6 +467,8 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 def report_markdown(report: dict) -> str:
     """The Markdown report of one study from its JSON dict (see `predict_study`)."""
+    from clips_jax import reliability_report as rr
+
     s, r, p = report["results"], report, report["provenance"]
     notice = p["notice"][:1].upper() + p["notice"][1:]
     digest = p["weights_sha256"] or "none (networks built in memory)"
@@ -394,6 +476,8 @@ def report_markdown(report: dict) -> str:
         f"# Lesion segmentation report: {r['study_id']}",
         "",
         f"**{notice}.** {p['software']}; weights sha256 `{digest}`; options as listed under Model and run.",
+        "",
+        rr.markdown_headline(r.get("reliability")),
         "",
         f"Input: `{r['input']}`  ",
         f"Mask: `{r['outputs']['seg']}` (PET grid {r['grid']['shape']} voxels "
@@ -411,6 +495,7 @@ def report_markdown(report: dict) -> str:
         f"| SUVmean in the mask | {_fmt(s['suv_mean'])} | g/ml |",
         f"| TLG = SUVmean x TMTV | {_fmt(s['tlg'], 1)} | g (SUV x ml) |",
         "",
+        *rr.markdown_section(r.get("reliability")),
     ]
     if r.get("input_notes"):
         lines += ["## Input notes", "", *[f"- {n}" for n in r["input_notes"]], ""]
@@ -504,6 +589,9 @@ def _report_options(options: Options) -> dict:
         "allow_partial_ct": options.allow_partial_ct,
         "skip_damaged": options.skip_damaged,
         "dicom_seg": options.dicom_seg,
+        "reliability": options.reliability,
+        "review_threshold": options.review_threshold,
+        "save_probabilities": options.save_probabilities,
     }
 
 
@@ -573,6 +661,7 @@ def predict_study(
       DataError for unreadable studies (from the loaders), ConfigError for bad options.
     """
     import clips_jax
+    from clips_jax import reliability_report as rr
     from clips_jax.data.nifti import save_nifti
     from clips_jax.fileio import json_safe, write_text_atomic
     from clips_jax.metrics.plots import mip_figure
@@ -592,8 +681,14 @@ def predict_study(
     t1 = time.perf_counter()
     save_nifti(paths["seg"], seg.mask, geometry, dtype=np.uint8)
     stats = mask_statistics(seg.mask, suv, geometry.spacing_mm)
+    reliability = _study_reliability(seg, geometry, models, options)
     title = f"{study_id}: TMTV {stats['tmtv_ml']:.1f} ml, {stats['lesion_count']} lesion(s)"
-    mip_figure(suv, truth, seg.mask, geometry.spacing_mm, paths["png"], title=title)
+    title += rr.batch_note(reliability).replace(",", ";", 1)
+    panel = _uncertainty_panel(seg, models, options)
+    mip_figure(suv, truth, seg.mask, geometry.spacing_mm, paths["png"], title=title, **panel)
+    prob_path = Path(out_dir) / f"{study_id}{PROB_SUFFIX}"
+    if seg.prob is not None:
+        save_nifti(prob_path, seg.prob, geometry, dtype=np.float32)
     options_used = _report_options(options)
     prov = provenance(
         software_version=clips_jax.__version__,
@@ -605,6 +700,8 @@ def predict_study(
     outputs = {k: p.name for k, p in paths.items()}
     if dicom_seg and dicom_seg["written"]:
         outputs["dicom_seg"] = seg_path.name
+    if seg.prob is not None:
+        outputs["probabilities"] = prob_path.name
     report = {
         "study_id": study_id,
         "input": str(study),
@@ -613,6 +710,7 @@ def predict_study(
         "patient": {k: meta[k] for k in _PATIENT_KEYS if meta.get(k) not in (None, "")},
         "input_notes": input_notes(meta),
         "results": stats,
+        "reliability": reliability,
         "model": models.info,
         "options": options_used,
         "seconds": {"load": t_load, **seg.seconds},
@@ -626,6 +724,38 @@ def predict_study(
     write_text_atomic(paths["md"], report_markdown(report))
     write_text_atomic(paths["json"], json.dumps(report, indent=1, allow_nan=False))
     return report
+
+
+def _study_reliability(seg: Segmentation, geometry: Any, models: Models, options: Options) -> dict | None:
+    """The report's `reliability` record (`clips_jax.reliability_report.study_reliability`), None when off."""
+    if not options.reliability:
+        return None
+    from clips_jax.reliability_report import study_reliability
+
+    return study_reliability(
+        seg.mask,
+        geometry.spacing_mm,
+        seg.stage_a_prob,
+        seg.stage_a_spacing_mm,
+        seg.members,
+        seg.tta,
+        settings=models.settings,
+        threshold=options.review_threshold,
+    )
+
+
+def _uncertainty_panel(seg: Segmentation, models: Models, options: Options) -> dict:
+    """`mip_figure` keywords of the uncertainty panel: the entropy of the stage-A probability ({} when off)."""
+    if not options.reliability:
+        return {}
+    from clips_jax.reliability_report import uncertainty_map
+
+    t = float(models.settings.get("temperature", 1.0) or 1.0)
+    return {
+        "uncertainty": uncertainty_map(seg.stage_a_prob, t),
+        "uncertainty_spacing_mm": seg.stage_a_spacing_mm,
+        "uncertainty_label": "uncertainty: entropy of p (bits)",
+    }
 
 
 def load_study(path: str | Path, **options):
@@ -663,14 +793,19 @@ def run_batch(
     The batch loop is `clips_jax.batch.for_each_case`: `[k/n] <id>: ok, TMTV ...` per study, a failing study
     `[k/n] <id>: FAILED, skipped (<error>)` and the others go on; studies whose outputs exist (the four files,
     and the DICOM SEG for a DICOM study when `options.dicom_seg`) are skipped unless `options.overwrite`.
-    Folders under `input_path` that are not studies are listed on `err` with the reason.
+    Folders under `input_path` that are not studies are listed on `err` with the reason. With
+    `options.reliability` each line carries the study's reliability score (", reliability 0.62", "REVIEW" when
+    flagged), and the run ends with the list of studies flagged for review, lowest score first (skipped studies
+    included, from their report JSON).
 
     Returns:
-      {"ok": [ids], "skipped": [ids], "failed": {id: message}, "not_studies": {folder: why}}.
+      {"ok": [ids], "skipped": [ids], "failed": {id: message}, "not_studies": {folder: why},
+       "review": [ids flagged for review]}.
     Raises:
       DataError if no study is found under `input_path`.
     """
     from clips_jax import batch
+    from clips_jax import reliability_report as rr
     from clips_jax.data.study import find_studies, skipped_folders
 
     out = sys.stdout if out is None else out
@@ -681,14 +816,18 @@ def run_batch(
         print(f"skipped folder {folder}: {why}", file=err, flush=True)
     progress = _tile_progress(err)
     by_id = {safe_id(study.name): study for study in studies}
+    records: dict[str, dict | None] = {}
 
     def one_study(sid: str):
         if not options.overwrite and _outputs_complete(by_id[sid], out_dir, sid, options):
+            records[sid] = _earlier_reliability(out_dir, sid)
             return batch.skipped("skipped (outputs exist; --overwrite to redo)")
         t0 = time.perf_counter()
-        s = predict_study(by_id[sid], out_dir, models, options, progress)["results"]
+        report = predict_study(by_id[sid], out_dir, models, options, progress)
+        s, records[sid] = report["results"], report.get("reliability")
         return batch.done(
-            f"ok, TMTV {s['tmtv_ml']:.1f} ml, {s['lesion_count']} lesion(s), {time.perf_counter() - t0:.1f} s"
+            f"ok, TMTV {s['tmtv_ml']:.1f} ml, {s['lesion_count']} lesion(s){rr.batch_note(records[sid])}, "
+            f"{time.perf_counter() - t0:.1f} s"
         )
 
     def say(line: str) -> None:
@@ -704,7 +843,24 @@ def run_batch(
     )
     for line in outcomes.failure_lines():
         say(line)
-    return {"ok": outcomes.done, "skipped": outcomes.skipped, "failed": outcomes.failed, "not_studies": not_studies}
+    for line in rr.review_list(records):
+        say(line)
+    review = [sid for sid, r in records.items() if r and r["review"]]
+    return {
+        "ok": outcomes.done,
+        "skipped": outcomes.skipped,
+        "failed": outcomes.failed,
+        "not_studies": not_studies,
+        "review": review,
+    }
+
+
+def _earlier_reliability(out_dir: str | Path, sid: str) -> dict | None:
+    """The reliability record of a study's existing report JSON (None when absent or unreadable)."""
+    try:
+        return json.loads(output_paths(out_dir, sid)["json"].read_text()).get("reliability")
+    except (OSError, ValueError):
+        return None
 
 
 def _outputs_complete(study: Path, out_dir: str | Path, sid: str, options: Options) -> bool:
@@ -714,6 +870,8 @@ def _outputs_complete(study: Path, out_dir: str | Path, sid: str, options: Optio
     from clips_jax.data.study import is_nifti_study
 
     if not all(p.is_file() for p in output_paths(out_dir, sid).values()):
+        return False
+    if options.save_probabilities and not (Path(out_dir) / f"{sid}{PROB_SUFFIX}").is_file():
         return False
     wants_seg = options.dicom_seg and not is_nifti_study(study)
     return not wants_seg or (Path(out_dir) / f"{sid}{DICOM_SEG_SUFFIX}").is_file()
@@ -759,6 +917,27 @@ def define_flags(fv) -> None:
         **kw,
     )
     flags.DEFINE_string("stage_b_tile", "96,96,96", "(advanced) stage-B tile Z,Y,X voxels; step = tile / 2", **kw)
+    flags.DEFINE_boolean(
+        "reliability",
+        True,
+        "per-study reliability score and review flag from the ensemble members' disagreement and the voxel "
+        "uncertainty (no extra network pass; docs/reliability.md); --noreliability leaves it out",
+        **kw,
+    )
+    flags.DEFINE_float(
+        "review_threshold",
+        None,
+        "flag a study for review when its reliability score is below this (default: the weights' "
+        "reliability.json, else 0.5)",
+        **kw,
+    )
+    flags.DEFINE_boolean(
+        "save_probabilities",
+        False,
+        "also write the lesion probability map <id>_PROB.nii.gz (float32, PET grid), e.g. for the calibration "
+        "figures of clips-evaluate",
+        **kw,
+    )
 
 
 def run_from_flags(fv, out=None, err=None) -> int:
@@ -781,6 +960,9 @@ def run_from_flags(fv, out=None, err=None) -> int:
         overwrite=fv["overwrite"].value,
         **cli.study_options(fv),
         dicom_seg=fv["dicom_seg"].value,
+        reliability=fv["reliability"].value,
+        review_threshold=fv["review_threshold"].value,
+        save_probabilities=fv["save_probabilities"].value,
         stage_a_tile=parse_zyx(fv["stage_a_tile"].value, "stage_a_tile"),
         stage_b_tile=parse_zyx(fv["stage_b_tile"].value, "stage_b_tile"),
     )

@@ -356,3 +356,141 @@ def test_hardness_from_the_reliability_of_a_reference_ensemble(tmp_path):
     assert (tmp_path / "w" / "hardness.csv").is_file()
     assert hl.resolve(f"reliability:{weights}", store, tmp_path / "w").values == pytest.approx(h.values, nan_ok=True)
     assert hl._resolved_spec("reliability", "a,b", None) == f"reliability:{Path('a').absolute()},{Path('b').absolute()}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# clips-predict: the reliability record, Markdown line, MIP panel, batch review list, probability maps
+# ---------------------------------------------------------------------------------------------------------
+
+PRED_TILES = ["--stage_a_tile", "32,32,32", "--stage_b_tile", "32,32,32"]
+
+
+@pytest.fixture(scope="module")
+def predict_weights(tmp_path_factory):
+    """Weights dirs of random tiny networks: {ensemble (4 members, stacking), refiner} and {unet}."""
+    from flax import nnx
+
+    from clips_jax.model import Ensemble, Refiner, save_weights
+
+    root = tmp_path_factory.mktemp("rel_weights")
+    kw = dict(channels=(4, 4, 8, 8), init_channels=4, bottleneck_kernel=3)
+    ens = Ensemble(4, unet_kwargs=kw, rngs=nnx.Rngs(0))
+    save_weights(root / "cascade", {"ensemble": ens, "refiner": Refiner(features=4, n_blocks=1, rngs=nnx.Rngs(1))})
+    save_weights(root / "unet", {"unet": _tiny_unets(1)[0]})
+    return root
+
+
+def _nifti_study(folder, seed, shape=(24, 32, 32)):
+    from clips_jax.data.nifti import save_nifti
+    from clips_jax.data.phantoms import make_phantom
+
+    ph = make_phantom(seed, shape)
+    folder.mkdir(parents=True)
+    save_nifti(folder / "CTres.nii.gz", ph.ct, ph.geometry, dtype=np.float32)
+    save_nifti(folder / "SUV.nii.gz", ph.suv, ph.geometry, dtype=np.float32)
+    return ph
+
+
+def test_segment_keeps_the_members_of_the_same_pass(predict_weights):
+    from clips_jax import predict
+    from clips_jax.data.case import Case
+    from clips_jax.data.channels import make_channels
+    from clips_jax.data.phantoms import make_phantom
+    from clips_jax.data.resample import resample_case
+    from clips_jax.inference import nnx_predictor, tiled_inference
+    from clips_jax.model import load_model
+
+    ph = make_phantom(5, (24, 32, 32))
+    ens = load_model(predict_weights / "cascade", "ensemble")
+    models = predict.Models.from_modules(ens)
+    assert models.n_members == 4 and models.members is not None
+    opts = predict.Options(stage_a_tile=(32, 32, 32), stage_a_only=True, tta=True)
+    seg = predict.segment(ph.ct, ph.suv, ph.geometry, models, opts)
+    assert seg.members.shape == (4, *seg.stage_a_prob.shape) and seg.tta.shape == (8, *seg.stage_a_prob.shape)
+    np.testing.assert_allclose(seg.tta.mean(0), seg.stage_a_prob, atol=1e-6)  # TTA = mean of the passes
+    coarse = resample_case(Case("x", ph.ct, ph.suv, None, ph.geometry), 6.0)
+    x = make_channels(coarse.ct, coarse.suv)
+    pred, params = nnx_predictor(ens.member(2))
+    alone = tiled_inference(x, pred, params=params, tile_shape=(32,) * 3, step=(16,) * 3, tta=True)[..., 1]
+    np.testing.assert_allclose(seg.members[2], alone, atol=1e-5)  # member 2 of the one pass = member 2 alone
+    plain = predict.segment(
+        ph.ct,
+        ph.suv,
+        ph.geometry,
+        models,
+        predict.Options(stage_a_tile=(32,) * 3, stage_a_only=True, reliability=False),
+    )
+    assert plain.members is None and plain.tta is None
+    no_tta = predict.segment(
+        ph.ct, ph.suv, ph.geometry, models, predict.Options(stage_a_tile=(32,) * 3, stage_a_only=True)
+    )
+    np.testing.assert_allclose(no_tta.stage_a_prob, plain.stage_a_prob, atol=1e-6)  # same ensemble output
+
+
+def test_predict_report_review_flag_mip_and_batch_list(tmp_path, predict_weights, capsys):
+    import json
+    import shutil
+
+    from clips_jax import predict
+
+    weights = tmp_path / "w"
+    shutil.copytree(predict_weights / "cascade", weights)
+    (weights / "reliability.json").write_text(json.dumps({"temperature": 2.0, "review_threshold": 1.0}))
+    for name, seed in (("a", 3), ("b", 4)):
+        _nifti_study(tmp_path / "in" / name, seed)
+    out = tmp_path / "out"
+    argv = ["predict", "--input", str(tmp_path / "in"), "--weights", str(weights), "--out", str(out), *PRED_TILES]
+    assert predict.main([*argv, "--save_probabilities"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0].startswith("[1/2] a: ok, TMTV") and "reliability" in text[0] and "REVIEW" in text[0]
+    assert text[3] == "review (2 studies below the reliability threshold):"
+    assert text[4].startswith("  ") and text[5].startswith("  ")
+    rep = json.loads((out / "a_report.json").read_text())
+    r = rep["reliability"]
+    assert r["review"] is True and r["threshold"] == 1.0 and r["threshold_source"] == "weights"
+    assert r["temperature"] == 2.0 and r["members"] == 4 and len(r["member_tmtv_ml"]) == 4
+    assert 0.0 <= r["score"] <= 1.0 and r["reasons"] and r["grid"] == "stage A, 6x6x6 mm"
+    assert rep["outputs"]["probabilities"] == "a_PROB.nii.gz" and rep["options"]["save_probabilities"] is True
+    md = (out / "a_report.md").read_text()
+    assert md.splitlines()[4].startswith("**REVIEW: reliability ") and "## Reliability" in md
+    import nibabel as nib
+    import PIL.Image
+
+    prob = np.asarray(nib.load(out / "a_PROB.nii.gz").dataobj)
+    mask = np.asarray(nib.load(out / "a_SEG.nii.gz").dataobj)
+    assert prob.shape == mask.shape and prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
+    np.testing.assert_array_equal(prob > 0.5, mask > 0)  # T = 2 changes the confidence, never the mask
+    with_panel = PIL.Image.open(out / "a_mip.png").size[0]
+    # --noreliability: no record, no panel (a narrower figure); the threshold option overrides the weights'
+    assert predict.main([*argv, "--noreliability", "--overwrite", "--out", str(tmp_path / "o2")]) == 0
+    rep2 = json.loads((tmp_path / "o2" / "a_report.json").read_text())
+    assert rep2["reliability"] is None and "not computed" in (tmp_path / "o2" / "a_report.md").read_text()
+    assert PIL.Image.open(tmp_path / "o2" / "a_mip.png").size[0] < with_panel
+    assert "review (" not in capsys.readouterr().out
+    assert predict.main([*argv, "--review_threshold", "0", "--overwrite", "--out", str(tmp_path / "o3")]) == 0
+    r3 = json.loads((tmp_path / "o3" / "a_report.json").read_text())["reliability"]
+    assert r3["review"] is False and r3["threshold_source"] == "option" and r3["score"] == pytest.approx(r["score"])
+    assert "(review threshold 0.00; no review flag)." in (tmp_path / "o3" / "a_report.md").read_text()
+    # a resumed batch lists the flagged studies from their reports
+    capsys.readouterr()
+    assert predict.main(argv) == 0
+    assert "review (2 studies below the reliability threshold):" in capsys.readouterr().out
+    (weights / "reliability.json").write_text('{"temperature": -1}')
+    assert predict.main([*argv, "--out", str(tmp_path / "o4")]) == 1
+    assert "reliability.json" in capsys.readouterr().err
+
+
+def test_single_unet_is_measured_by_its_voxel_probabilities(tmp_path, predict_weights):
+    import json
+
+    from clips_jax import predict
+
+    _nifti_study(tmp_path / "in" / "s", 6)
+    argv = ["predict", "--input", str(tmp_path / "in" / "s"), "--weights", str(predict_weights / "unet")]
+    assert predict.main([*argv, "--out", str(tmp_path / "out"), "--stage_a_only", "--tta", *PRED_TILES[:2]]) == 0
+    r = json.loads((tmp_path / "out" / "s_report.json").read_text())["reliability"]
+    assert r["members"] == 0 and r["member_dice_mean"] is None and r["member_tmtv_ml"] is None
+    assert r["tta_passes"] == 8 and set(r["components"]) == {"tta", "voxels"}
+    assert r["threshold_source"] == "default" and any("single network" in n for n in r["notes"])
+    md = (tmp_path / "out" / "s_report.md").read_text()
+    assert "single network" in md and "the default; not fixed" in md
