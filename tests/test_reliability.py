@@ -494,3 +494,11 @@ def test_single_unet_is_measured_by_its_voxel_probabilities(tmp_path, predict_we
     assert r["threshold_source"] == "default" and any("single network" in n for n in r["notes"])
     md = (tmp_path / "out" / "s_report.md").read_text()
     assert "single network" in md and "the default; not fixed" in md
+
+
+def test_save_weights_accepts_a_relative_path(tmp_path, monkeypatch):
+    from clips_jax.model import Ensemble, load_model, save_weights
+
+    monkeypatch.chdir(tmp_path)
+    save_weights("rel/ens", {"ensemble": Ensemble.from_members(_tiny_unets(2))})  # orbax itself needs absolute
+    assert load_model("rel/ens", "ensemble").combine == "mean"

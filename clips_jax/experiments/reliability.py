@@ -462,7 +462,7 @@ def run_validation(
         raise ConfigError("need --members >= 2, --val_cases >= 3 and --test_lesion_cases >= 3")
     if config.data.store:
         raise ConfigError("clips-reliability validates on built-in phantoms (known truth); leave data.store empty")
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()
     settings = {"config": config.to_dict(), "members": members, "cohort_seed": cohort_seed}
     settings.update(val_cases=val_cases, test_lesion_cases=test_lesion_cases, tta=bool(tta))
     _check_workdir(workdir, json.loads(json.dumps(json_safe(settings))))

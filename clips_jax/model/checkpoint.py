@@ -106,7 +106,7 @@ def save_weights(
             else:
                 class_name, config, params = type(m).__name__, m.config.to_json(), param_dict(m)
             params = jax.tree.map(lambda a: np.asarray(a, dtype=np.float32), params)
-            ckptr.save(tmp / name, _stringify(params))
+            ckptr.save((tmp / name).absolute(), _stringify(params))  # orbax needs an absolute path
             meta["models"][name] = {"class": class_name, "config": config}
         ckptr.wait_until_finished()
         ckptr.close()
