@@ -65,6 +65,24 @@ class Outcomes:
         """ "  failed <id>: <error>" for each failed case (the end-of-run list), [] when none failed."""
         return [f"  failed {cid}: {msg}" for cid, msg in self.failed.items()]
 
+    def log_summary(self, log: Callable[[str], None], headline: str) -> None:
+        """Send the end of a run to `log`: the one-line `headline`, then `failure_lines`."""
+        log(headline)
+        for line in self.failure_lines():
+            log(line)
+
+    def as_summary(self, done_key: str) -> dict:
+        """The summary dict the store commands return: {done_key: done ids, "skipped": ids, "failed": ids,
+        "errors": id -> error line, "total": n}."""
+        failed = dict(self.failed)
+        return {
+            done_key: list(self.done),
+            "skipped": list(self.skipped),
+            "failed": list(failed),
+            "errors": failed,
+            "total": self.total,
+        }
+
 
 def for_each_case(
     ids: Iterable[str],

@@ -300,20 +300,12 @@ def compute_stage_a(
         )
 
     outcomes = batch.for_each_case(selected, one_case, log=log)
-    log(
+    outcomes.log_summary(
+        log,
         f"summary: {outcomes.total} cases, {len(outcomes.done)} computed, {len(outcomes.skipped)} already "
-        f"done, {len(outcomes.failed)} failed; store {store.cache_dir}"
+        f"done, {len(outcomes.failed)} failed; store {store.cache_dir}",
     )
-    for line in outcomes.failure_lines():
-        log(line)
-    return {
-        "computed": outcomes.done,
-        "skipped": outcomes.skipped,
-        "failed": list(outcomes.failed),
-        "errors": outcomes.failed,
-        "total": outcomes.total,
-        "record": record,
-    }
+    return {**outcomes.as_summary("computed"), "record": record}
 
 
 def _check_stage_a_settings(store: st.CaseStore, batch_size, spacing_mm, dtype, out_dtype):

@@ -837,12 +837,11 @@ def run_batch(
     n = outcomes.total
     where = f"outputs in {out_dir}" if Path(out_dir).is_dir() else "no outputs written"
     without = f"; {len(not_studies)} folder(s) without a study" if not_studies else ""
-    say(
+    outcomes.log_summary(
+        say,
         f"done: {len(outcomes.done)} ok, {len(outcomes.skipped)} skipped, {len(outcomes.failed)} failed "
-        f"of {n} stud{'y' if n == 1 else 'ies'}{without}; {where}"
+        f"of {n} stud{'y' if n == 1 else 'ies'}{without}; {where}",
     )
-    for line in outcomes.failure_lines():
-        say(line)
     for line in rr.review_list(records):
         say(line)
     review = [sid for sid, r in records.items() if r and r["review"]]

@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from test_dicom import write_series
 
 from clips_jax.data.dicom import acquisition_datetime, read_dicom_study, stack_series, suv_factor, suv_parameters
 from clips_jax.errors import DataError, DataWarning
@@ -78,42 +77,22 @@ def lps_to_ras(v) -> np.ndarray:
 
 
 def write_ct(folder: Path, pet_header, *, origin_lps, spacing_zyx, shape, hu) -> None:
-    """A synthetic single-frame CT series of the PET's patient, study and frame of reference.
-
-    Slice k at origin_lps + k * spacing_z along +z; row direction +x, column direction +y (as the DROs);
-    `hu(k, j, i)` gives the stored values (HU + 1024) of each voxel, ints >= 0.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    nz, ny, nx = shape
-    sz, sy, sx = spacing_zyx
-    k, j, i = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
-    stored = np.asarray(hu(k, j, i)).astype(np.int16)
-    series_uid = generate_uid()
-    for z in range(nz):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.Modality = "CT"
-        for key in ("PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "FrameOfReferenceUID"):
-            setattr(ds, key, pet_header.get(key))
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesDescription = "synthetic CT"
-        ds.InstanceNumber = z + 1
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [float(origin_lps[0]), float(origin_lps[1]), float(origin_lps[2] + z * sz)]
-        ds.PixelSpacing = [float(sy), float(sx)]
-        ds.SliceThickness = float(sz)
-        ds.Rows, ds.Columns = ny, nx
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-        ds.PixelData = np.ascontiguousarray(stored[z].astype("<i2")).tobytes()
-        ds.save_as(folder / f"CT{z:03d}.dcm", enforce_file_format=True)
+    """A synthetic single-frame CT series of the PET's patient, study and frame of reference
+    (`test_dicom.write_series`: slice k at origin_lps + k * spacing_z along +z; row direction +x, column
+    direction +y, as the DROs); `hu(k, j, i)` gives the stored values (HU + 1024) of each voxel, ints >= 0."""
+    k, j, i = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    same = ("PatientID", "PatientName", "StudyDate", "FrameOfReferenceUID")
+    write_series(
+        folder,
+        "CT",
+        np.asarray(hu(k, j, i)).astype(np.int16),
+        spacing_zyx=spacing_zyx,
+        origin_lps=origin_lps,
+        intercept=-1024.0,
+        study_uid=str(pet_header.get("StudyInstanceUID")),
+        tags={key: pet_header.get(key) for key in same},
+        description="synthetic CT",
+    )
 
 
 def study_folder(tmp_path: Path, dro: str) -> Path:

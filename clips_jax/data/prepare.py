@@ -205,20 +205,12 @@ def prepare_dataset(
     writer.flush()
     counts = {s: sum(1 for c in writer.done if splits[c] == s) for s in (*SPLITS, "unused")}
     where = f"store {out}" if writer.done else f"nothing written ({out} not created)"
-    log(
+    outcomes.log_summary(
+        log,
         f"summary: {outcomes.total} studies, {len(outcomes.done)} prepared, {len(outcomes.skipped)} "
-        f"already done, {len(outcomes.failed)} failed; splits {counts}; {where}"
+        f"already done, {len(outcomes.failed)} failed; splits {counts}; {where}",
     )
-    for line in outcomes.failure_lines():
-        log(line)
-    return {
-        "prepared": outcomes.done,
-        "skipped": outcomes.skipped,
-        "failed": list(outcomes.failed),
-        "errors": outcomes.failed,
-        "total": outcomes.total,
-        "not_studies": not_studies,
-    }
+    return {**outcomes.as_summary("prepared"), "not_studies": not_studies}
 
 
 def _find_studies(root):
