@@ -502,3 +502,60 @@ def test_save_weights_accepts_a_relative_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     save_weights("rel/ens", {"ensemble": Ensemble.from_members(_tiny_unets(2))})  # orbax itself needs absolute
     assert load_model("rel/ens", "ensemble").combine == "mean"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# clips-reliability's pieces (the whole command trains 4 networks: run by hand, docs/reliability.md)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _rows(split, dice, score, err=None):
+    from clips_jax.experiments.reliability import CASE_MEASURES
+
+    err = err or [10.0 * (1 - d) if np.isfinite(d) else 5.0 for d in dice]
+    rows = []
+    for k, (d, s, e) in enumerate(zip(dice, score, err)):
+        row = {"split": split, "case": f"{split}{k}", "dice": d, "score": s, "review_risk": 1 - s}
+        rows.append({**row, "tmtv_abs_err_ml": e, "difficulty": 1 - s, **{m: 0.5 for m in CASE_MEASURES}})
+    return rows
+
+
+def test_split_statistics_fix_the_threshold_on_validation_only():
+    from clips_jax.experiments import reliability as exp
+
+    val = _rows("val", [0.1, 0.2, 0.8, 0.9, 0.7, 0.6], [0.2, 0.3, 0.8, 0.9, 0.7, 0.6])
+    # test: the score ranks the Dice perfectly, but is shifted: the validation threshold (0.45) flags 1 of 2
+    test = _rows("test", [0.1, 0.2, 0.8, 0.9, 0.7, 0.6, float("nan")], [0.4, 0.5, 0.8, 0.9, 0.7, 0.6, 0.95])
+    st = exp.split_statistics(val, test)
+    assert st["threshold"]["threshold"] == pytest.approx(0.45) and st["threshold"]["j"] == 1.0
+    assert st["auroc"]["auroc"] == 1.0 and st["auroc"]["n_pos"] == 2 and st["auroc"]["n_neg"] == 4
+    assert st["test_flag"] == {"flagged": 1, "sensitivity": 0.5, "specificity": 1.0}
+    assert st["n"] == {"val": 6, "val_lesion": 6, "test": 7, "test_lesion": 6}
+    assert st["spearman_abs_tmtv_error"]["n"] == 7 and st["spearman_dice"]["rho"] == pytest.approx(-1.0)
+    assert st["worst_tertile_dice_max"] == 0.2 and st["secondary_auroc"]["difficulty"] == 1.0
+    res = {
+        "command": "clips-reliability", "machine": "2-core CPU", "seconds": {"total": 10.0, "training": 6.0},
+        "members": 4, "config": "default", "cohort_seed": 1, "tta": False, "temperature": 1.5, "statistics": st,
+        "ece": {"raw": {"all": 0.01, "neighbourhood": 0.2}, "scaled": {"all": 0.01, "neighbourhood": 0.1}},
+    }  # fmt: skip
+    md = exp.report_markdown(res)
+    assert "**AUROC 1.000**" in md and "target >= 0.8: met" in md and "**score < 0.450**" in md
+    assert "T = 1.500 (T > 1: the ensemble was over-confident)" in md
+
+
+def test_cohort_ids_fill_the_test_split_with_lesion_cases(tmp_path):
+    import json
+
+    from clips_jax.experiments.reliability import _check_workdir, cohort_ids
+
+    split = cohort_ids(tmp_path / "raw", 3, (24, 32, 32), 2, 3, log=lambda _: None)
+    assert len(split["val"]) == 2 and split["val"][0] == "phantom_s3_0000"
+    lesions = [json.loads((tmp_path / "raw" / c / "truth.json").read_text())["n_lesions"] > 0 for c in split["test"]]
+    assert sum(lesions) == 3 and lesions[-1]  # stops at the case that completes the lesion count
+    assert cohort_ids(tmp_path / "raw", 3, (24, 32, 32), 2, 3, log=lambda _: None) == split  # deterministic
+    _check_workdir(tmp_path / "w", {"a": 1})
+    _check_workdir(tmp_path / "w", {"a": 1})
+    from clips_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="other settings"):
+        _check_workdir(tmp_path / "w", {"a": 2})
