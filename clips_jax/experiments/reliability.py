@@ -344,6 +344,14 @@ def _f(v, d: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{d}f}"
 
 
+def _t_meaning(t: float) -> str:
+    if t > 1.05:
+        return "T > 1: the ensemble was over-confident"
+    if t < 0.95:
+        return "T < 1: the ensemble was under-confident"
+    return "T near 1: nearly calibrated already"
+
+
 def report_markdown(res: dict) -> str:
     """reliability.md from the results dict of `run_validation`."""
     s, a, t = res["statistics"], res["statistics"]["auroc"], res["statistics"]["threshold"]
@@ -377,8 +385,7 @@ def report_markdown(res: dict) -> str:
         "",
         "## Calibration of the voxel probabilities (test split)",
         "",
-        f"Temperature fitted on the validation split: T = {res['temperature']:.3f} (T > 1: the ensemble was "
-        "over-confident).",
+        f"Temperature fitted on the validation split: T = {res['temperature']:.3f} ({_t_meaning(res['temperature'])}).",
         "",
         "| voxels | ECE raw | ECE after T |",
         "|---|---|---|",
