@@ -5,7 +5,11 @@ Modules:
   surface   HD, HD95, ASSD, NSD, BJI on deepmind-style surfels (anisotropic spacing, exact crop).
   lesions   18-connected lesions, autoPET FPV/FNV, lesion matching (any overlap; Hungarian at IoU), Dmax.
   report    `case_metrics` (one row of metrics.csv), text report, CSV, `summarise`, Markdown summary.
-  plots     box plots, Bland-Altman, PET MIPs with outlines (matplotlib, imported on demand only).
+  plots     box plots, Bland-Altman, PET MIPs with outlines (and an uncertainty panel), reliability diagrams
+            (matplotlib, imported on demand only).
+  reliability  per-patient reliability: ensemble / flip agreement, voxel uncertainty, score, review reasons;
+            AUROC (DeLong), Youden threshold, Spearman (docs/reliability.md).
+  calibration  reliability-diagram bins, expected calibration error, temperature scaling.
 
 The library API used by the trainer and the experiments is re-exported here (numpy in, floats out, no I/O
 except the explicit writers). Column definitions and empty-mask conventions: docs/metrics.md.
