@@ -452,7 +452,7 @@ def input_notes(meta: dict) -> list[str]:
     coverage = meta.get("ct_coverage")
     if coverage is not None and coverage < 1.0:
         notes.append(f"the CT covers {100 * coverage:.0f} % of the PET's axial extent; the rest was filled with air")
-    notes += [f"file left out: {m}" for m in meta.get("skipped_files") or []]
+    notes += [f"file left out (--skip_damaged): {f['file']}: {f['reason']}" for f in meta.get("skipped_files") or []]
     if meta.get("pet_slices_resampled"):
         notes.append("the PET slices were irregularly spaced and were resampled onto a regular grid")
     if meta.get("ct_resampled_to_pet"):
@@ -620,7 +620,8 @@ def write_study_dicom_seg(
     from clips_jax.data.dicom_seg import seg_obstacle, write_dicom_seg
     from clips_jax.errors import DataWarning
 
-    headers = series_headers(study, meta["pet_series_uid"])
+    skipped = meta.get("skipped_files")  # read with --skip_damaged: the same files are left out here
+    headers = series_headers(study, meta["pet_series_uid"], exclude=skipped if options.skip_damaged else None)
     problem = seg_obstacle(headers)
     if problem:
         warnings.warn(DataWarning(f"{study}: no DICOM SEG written: {problem}"), stacklevel=2)

@@ -371,7 +371,7 @@ def test_a_damaged_header_is_named_not_skipped(tmp_path):
     write_study(tmp_path / "st")
     victim = sorted((tmp_path / "st" / "PT").iterdir())[3]
     victim.write_bytes(victim.read_bytes()[:600])  # cut in the header: parses, but without the series UID
-    with pytest.raises(DataError, match=f"{victim.name}: DICOM file without SeriesInstanceUID"):
+    with pytest.raises(DataError, match=f"{victim.name}: DICOM (file without SeriesInstanceUID|image without pixel)"):
         read_dicom_study(tmp_path / "st")
 
 
@@ -384,10 +384,11 @@ def test_skip_damaged_leaves_out_named_files_and_a_gap_stays_an_error(tmp_path):
     )
     end = files[-1]  # an end slice with truncated pixel data: left out, the stack is one slice shorter
     end.write_bytes(end.read_bytes()[:-300])
-    with pytest.warns(DataWarning, match=f"skipped \\(--skip_damaged\\): {end}"):
+    with pytest.warns(DataWarning, match=f"left out {end} \\(--skip_damaged\\): .*pixel data cut short"):
         case = read_dicom_study(tmp_path / "st", skip_damaged=True)
     assert case.suv.shape[0] == full.suv.shape[0] - 1
-    assert len(case.meta["skipped_files"]) == 1 and end.name in case.meta["skipped_files"][0]
+    ((left_out,),) = [case.meta["skipped_files"]]
+    assert left_out["file"] == str(end) and "--skip_damaged" not in left_out["reason"]
     same_start = np.allclose(case.geometry.origin_mm, full.geometry.origin_mm)  # which end of the volume went
     np.testing.assert_allclose(case.suv, full.suv[:-1] if same_start else full.suv[1:], rtol=1e-6)
     middle = files[3]  # a damaged header inside the series: left out, and the gap is the missing-slice error
@@ -396,6 +397,15 @@ def test_skip_damaged_leaves_out_named_files_and_a_gap_stays_an_error(tmp_path):
         read_dicom_study(tmp_path / "st", skip_damaged=True)
     with pytest.raises(DataError, match=f"{middle.name}.*--skip_damaged"):
         read_dicom_study(tmp_path / "st")
+
+
+def test_skip_damaged_with_too_few_readable_slices_is_one_error(tmp_path):
+    write_study(tmp_path / "st")
+    files = sorted((tmp_path / "st" / "PT").iterdir())
+    for f in files:
+        f.write_bytes(f.read_bytes()[:-300])
+    with pytest.warns(DataWarning), pytest.raises(DataError, match=f"only 0 of {len(files)} slices readable"):
+        read_dicom_study(tmp_path / "st", skip_damaged=True)
 
 
 def test_patient_weight_must_agree_across_slices(tmp_path):

@@ -329,3 +329,29 @@ def test_weights_hash_follows_the_files_not_their_place(tmp_path, models):
     assert weights_sha256(copy) != digest
     (copy / "clips_weights.json").rename(copy / "renamed.json")
     assert weights_sha256(copy) not in (digest, weights_sha256(src))
+
+
+def test_skip_damaged_study_gets_its_seg_without_the_left_out_slices(tmp_path, models, fake_segment, capsys):
+    study, out = tmp_path / "study", tmp_path / "out"
+    write_study(study)
+    files = sorted(
+        (study / "PT").iterdir(),
+        key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]),
+    )
+    files[-1].write_bytes(files[-1].read_bytes()[:-200])  # an end slice with its pixel data cut short
+    files[0].write_bytes(files[0].read_bytes()[:600])  # the other end cut in its header
+    fake_segment(lambda shape: np.ones(shape, np.uint8))
+    argv = ["predict", "--input", str(study), "--weights", models.info["weights_dir"], "--out", str(out)]
+    argv += ["--stage_a_only", "--stage_a_tile", "32,32,32"]
+    assert predict.main(argv) == 1  # without the flag: the study fails, naming a damaged file, and writes nothing
+    assert not out.exists() or not any(out.iterdir())
+    capsys.readouterr()
+    assert predict.main([*argv, "--skip_damaged"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: left out")]
+    assert len(warned) == 2 and all("--skip_damaged" in line for line in warned)
+    rep = json.loads((out / "study_report.json").read_text())
+    assert rep["dicom_seg"]["written"] and rep["grid"]["shape"][0] == len(files) - 2
+    assert sum("file left out (--skip_damaged)" in n for n in rep["input_notes"]) == 2
+    seg = pydicom.dcmread(out / f"study{predict.DICOM_SEG_SUFFIX}")
+    kept = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files[1:-1]}
+    assert set().union(*source_uids(seg)) == kept

@@ -424,7 +424,7 @@ def test_input_notes_say_how_the_input_was_read():
     notes = predict.input_notes(
         {
             "ct_coverage": 0.8,
-            "skipped_files": ["skipped (--skip_damaged): /s/PT/7.dcm: damaged DICOM file"],
+            "skipped_files": [{"file": "/s/PT/7.dcm", "reason": "damaged DICOM file"}],
             "pet_slices_resampled": True,
             "ct_resampled_to_pet": False,
             "notes": ["RadionuclideTotalDose 368.08 read as MBq"],

@@ -7,16 +7,22 @@ no Units (0054,1001) or DecayCorrection (0054,1102) check; CT resampled onto the
 shapes differ, in `main/main.py`) it:
 
 * finds DICOM files by content, not by the `.dcm` extension (files without the 128-byte preamble + "DICM"
-  magic are skipped as non-DICOM; a file with the magic that cannot be parsed raises DataError);
+  magic are skipped as non-DICOM); accounts for every file: one with the magic that cannot be parsed, is cut
+  short (no pixel data, no SeriesInstanceUID) or has pixel data of the wrong size is a `DamagedFile` error
+  naming it, or, with `skip_damaged` (--skip_damaged), is left out with a warning naming it
+  (`meta["skipped_files"]`);
 * groups files by SeriesInstanceUID and picks one PT and one CT series (PT series with Units BQML are
   preferred; among equals the one with most slices, with a logged warning naming the choice);
 * orders slices by their position along the slice normal (ImagePositionPatient . normal from
-  ImageOrientationPatient), checks constant spacing and consistent orientation, applies each slice's own
+  ImageOrientationPatient), checks consistent orientation, size and pixel spacing, applies the slice-position
+  rules of `stack_series` (a regular grid within the fit tolerance; a gap of more than 1.5 steps is a
+  missing-slice error; otherwise resampled along the stack with a warning), applies each slice's own
   RescaleSlope/Intercept, and builds the affine (DICOM LPS -> our RAS: x and y rows negated);
 * computes SUVbw with checks (`clips_jax.data.suv`, re-exported here: `suv_factor`, `suv_parameters`,
   `acquisition_datetime`): Units BQML, GML / CM2ML of any SUVType, Philips CNTS with a scale factor;
   DecayCorrection START / ADMIN / NONE; weight, dose and half-life present and positive, a dose in MBq recognised;
-* resamples the CT onto the PET grid (trilinear, outside -1024 HU) whenever the grids differ by geometry.
+* checks that the CT covers at least 90 % of the PET's axial extent (`allow_partial_ct`: a warning, air
+  outside) and resamples it onto the PET grid (trilinear, outside -1024 HU) whenever the grids differ.
 
 Single-frame images only (one slice per file); enhanced multi-frame objects raise DataError.
 Compressed transfer syntaxes need pydicom's optional pixel plugins; without them a DataError names the file.
@@ -64,19 +70,39 @@ def _walk_files(folder: Path):
             yield Path(root) / name
 
 
-def _read_header(path: Path, **kwargs) -> Dataset | None:
+DAMAGED_ADVICE = "remove it or export the series again, or pass --skip_damaged to leave it out"
+
+
+class DamagedFile(DataError):
+    """A DICOM file that cannot be used: cut short, unparsable, or pixel data of the wrong size. `path` and
+    `reason` (without advice); the message adds what to do. `--skip_damaged` leaves such files out."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}; {DAMAGED_ADVICE}")
+
+
+def _read_header(path: Path, *, check_pixels: bool = False, **kwargs) -> Dataset | None:
     """The DICOM header of `path` (no pixel data), or None if the file is not DICOM.
 
-    Raises DataError if the file carries the DICOM magic but cannot be parsed (damaged/truncated).
+    `check_pixels`: also require the Pixel Data element (7FE0,0010) (read lazily, not loaded): pydicom parses
+    a file cut short before it without complaint, minus the pixels and every later element.
+    Raises DamagedFile if the file carries the DICOM magic but cannot be parsed (or lacks its pixel data).
     """
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, **kwargs)
+        if not check_pixels:
+            return pydicom.dcmread(path, stop_before_pixels=True, **kwargs)
+        ds = pydicom.dcmread(path, defer_size=1024, **kwargs)
     except InvalidDicomError:
         return None
     except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(
-            f"{path}: damaged DICOM file ({type(e).__name__}: {e}); remove it or export the series again"
-        ) from e
+        raise DamagedFile(path, f"damaged DICOM file ({type(e).__name__}: {e})") from e
+    has_pixels = "PixelData" in ds
+    if has_pixels:
+        del ds.PixelData  # headers stay pixel-free (the stack reads the pixels itself)
+    elif str(ds.get("Modality", "")).upper() in ("PT", "CT") or "Rows" in ds:  # an image without pixels
+        raise DamagedFile(path, "DICOM image without pixel data (7FE0,0010): the file is cut short")
+    return ds
 
 
 def dicom_modalities(folder: str | os.PathLike, stop_when: frozenset[str] = frozenset({"PT", "CT"})) -> set[str]:
@@ -98,49 +124,62 @@ def dicom_modalities(folder: str | os.PathLike, stop_when: frozenset[str] = froz
     return found
 
 
-def _scan_series(folder: Path, skip_damaged: bool = False) -> dict[str, list[tuple[Path, Dataset]]]:
+def _scan_series(folder: Path, skipped: list | None = None) -> dict[str, list[tuple[Path, Dataset]]]:
     """Group the DICOM image files below `folder` by SeriesInstanceUID: uid -> [(path, header), ...].
 
-    A file with the DICOM magic that cannot be parsed, or without SeriesInstanceUID / Modality, is an error
-    naming it; with `skip_damaged` it is left out with a `DataWarning` naming it instead.
+    A file with the DICOM magic that cannot be parsed, lacks its pixel data, or lacks SeriesInstanceUID /
+    Modality is a `DamagedFile` error naming it; with a `skipped` list (--skip_damaged) it is left out instead
+    (`_leave_out`: a `DataWarning` naming it, and a record in `skipped`).
     """
     series: dict[str, list[tuple[Path, Dataset]]] = {}
     for path in _walk_files(folder):
         try:
-            ds = _read_header(path)
+            ds = _read_header(path, check_pixels=True)
             if ds is None or _is_dicomdir(ds):
                 continue  # not DICOM, or a DICOMDIR (a directory record, not an object of the study)
             if "SeriesInstanceUID" not in ds or "Modality" not in ds:
                 # Every composite DICOM object carries both (type 1): without them the file is cut short or damaged.
-                raise DataError(
-                    f"{path}: DICOM file without SeriesInstanceUID (0020,000E) or Modality (0008,0060): "
-                    "truncated or damaged; remove it, export the series again, or pass --skip_damaged"
+                raise DamagedFile(
+                    path, "DICOM file without SeriesInstanceUID (0020,000E) or Modality (0008,0060): truncated"
                 )
-        except DataError as e:
-            if not skip_damaged:
+        except DamagedFile as e:
+            if skipped is None:
                 raise
-            _warn_skipped(e)
+            _leave_out(e, skipped)
             continue
         series.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
     return series
 
 
-def _warn_skipped(error: DataError) -> None:
-    """The `DataWarning` of a damaged file left out under --skip_damaged (the error names the file)."""
-    warnings.warn(DataWarning(f"skipped (--skip_damaged): {error}"), stacklevel=3)
+def _leave_out(error: DamagedFile, skipped: list) -> None:
+    """Leave a damaged file out (--skip_damaged): a `DataWarning` naming it, and {"file", "reason"} in
+    `skipped` (the study's `meta["skipped_files"]`)."""
+    warnings.warn(DataWarning(f"left out {error.path} (--skip_damaged): {error.reason}"), stacklevel=3)
+    skipped.append({"file": str(error.path), "reason": error.reason})
 
 
-def series_headers(folder: str | os.PathLike, series_uid: str) -> list[Dataset]:
+def series_headers(folder: str | os.PathLike, series_uid: str, *, exclude=None) -> list[Dataset]:
     """The pixel-free headers of the image series `series_uid` found below `folder`, in file-walk order.
 
     For writers that reference the source images, e.g. the DICOM SEG of `clips_jax.data.dicom_seg`, which
     needs the PET slices' UIDs, positions and patient/study modules (the Case keeps only JSON-friendly meta, so
     the headers are read again here rather than carried along).
 
+    Args:
+      exclude: None: every file must be readable (a damaged one is an error). Else the files the study was
+        read without (`meta["skipped_files"]`, {"file"} records or paths): those are left out, and so, quietly,
+        is any other damaged file (it was reported when the study was read with --skip_damaged).
     Raises:
       DataError naming the folder if no file of that series is found (or a file is damaged, `_scan_series`).
     """
-    items = _scan_series(Path(folder)).get(str(series_uid))
+    if exclude is None:
+        items = _scan_series(Path(folder)).get(str(series_uid))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)
+            items = _scan_series(Path(folder), skipped=[]).get(str(series_uid))
+        left_out = {Path(e["file"] if isinstance(e, dict) else e) for e in exclude}
+        items = [(path, ds) for path, ds in items or [] if path not in left_out]
     if not items:
         raise DataError(f"{folder}: no DICOM file of series {series_uid} (the folder changed since it was read?)")
     return [ds for _, ds in items]
@@ -242,7 +281,7 @@ class SeriesStack(NamedTuple):
     resampled: bool
 
 
-def stack_series(items: list[tuple[Path, Dataset]], slice_factors=None, *, skip_damaged: bool = False) -> SeriesStack:
+def stack_series(items: list[tuple[Path, Dataset]], slice_factors=None, *, skipped: list | None = None) -> SeriesStack:
     """Read one single-frame image series into a volume.
 
     Slice positions along the stack normal follow the established converters' rules (`_regular_positions`):
@@ -255,9 +294,11 @@ def stack_series(items: list[tuple[Path, Dataset]], slice_factors=None, *, skip_
       items: [(path, header), ...] of one series (any order).
       slice_factors: optional `f(headers in position order) -> (n,) factors` applied to each slice before any
         resampling along the stack (per-slice SUV factors).
-      skip_damaged: slices whose pixel data cannot be decoded are left out with a `DataWarning` naming each
-        file (default: an error naming the first); the stack is then built from the others, so a slice missing
-        inside the series is still the missing-slice error of the geometry rules.
+      skipped: None: a slice whose pixel data is damaged (cut short, wrong size) is a `DamagedFile` error. A
+        list (--skip_damaged): such slices are left out (`_leave_out`: a warning naming each, recorded in the
+        list) and the stack is built from the others, so a slice missing inside the series is still the
+        missing-slice error of the geometry rules. Pixel data that cannot be decoded for want of a codec
+        plugin is always an error (it is not damage).
     Returns:
       SeriesStack(volume (z, y, x) float32 with each slice's RescaleSlope/Intercept (and factor) applied,
        its Geometry (RAS affine), the slice headers (no pixel data) in position order, resampled: whether the
@@ -274,12 +315,18 @@ def stack_series(items: list[tuple[Path, Dataset]], slice_factors=None, *, skip_
     normal = _stack_normal(items, label, iop)
     order, pos = _slice_order(items, label, normal, ipps)
     grid = _regular_positions(items, label, order, pos)
-    vol, datasets, damaged = _read_pixels(items, order, label, rows, cols, skip_damaged)
+    vol, datasets, damaged = _read_pixels(items, order, label, rows, cols, collect=skipped is not None)
     if damaged:
-        for _, error in damaged:
-            _warn_skipped(error)
-        bad = {path for path, _ in damaged}
-        return stack_series([it for it in items if it[0] not in bad], slice_factors)
+        for error in damaged:
+            _leave_out(error, skipped)
+        bad = {error.path for error in damaged}
+        kept = [it for it in items if it[0] not in bad]
+        if len(kept) < 2:
+            raise DataError(
+                f"{items[0][0].parent}: {label}: only {len(kept)} of {len(items)} slices readable (first damaged: "
+                f"{damaged[0].path}: {damaged[0].reason}); export the series again"
+            )
+        return stack_series(kept, slice_factors)  # read again without them (the damaged ones are gone)
     if slice_factors is not None:
         vol = (vol.astype(np.float64) * np.asarray(slice_factors(datasets), np.float64)[:, None, None]).astype(
             np.float32
@@ -398,53 +445,51 @@ def _resample_slices(vol: np.ndarray, pos: np.ndarray, grid: np.ndarray) -> np.n
     return ((1.0 - w) * vol[i0] + w * vol[i0 + 1]).astype(np.float32)
 
 
-def _pixel_advice(path: Path) -> str:
-    """What to do about pixel data that cannot be decoded: a damaged file for uncompressed transfer syntaxes,
-    a missing codec plugin for compressed ones."""
+def _is_compressed(path: Path) -> bool:
+    """Whether the file's transfer syntax is a compressed one (False when that cannot be read)."""
     try:
-        ts = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
-        compressed = bool(ts.is_compressed)
-    except Exception:  # noqa: BLE001 - the advice is a best guess
-        compressed = False
-    if compressed:
-        return "install pydicom's pixel plugins for this compression (pylibjpeg, gdcm) or export uncompressed"
-    return (
-        "the file is truncated or damaged (uncompressed pixel data of the wrong length); export the series again "
-        "(or pass --skip_damaged to leave it out)"
-    )
+        return bool(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed)
+    except Exception:  # noqa: BLE001 - a best guess for the advice
+        return False
 
 
 def _read_pixels(
     items: list[tuple[Path, Dataset]], order: np.ndarray, label: str, rows: int, cols: int, collect: bool = False
 ):
     """(volume (z, y, x) float32 with each slice's RescaleSlope/Intercept applied, the pixel-free headers in
-    volume order, damaged: [(path, DataError), ...]). A file whose pixel data cannot be decoded or has the wrong
-    size raises a DataError naming it, or, with `collect`, is listed in `damaged`."""
+    volume order, damaged: [DamagedFile, ...]). A damaged slice file (`_slice_values`) raises, or, with
+    `collect`, is listed in `damaged`; pixel data that cannot be decoded for another reason always raises."""
     vol = np.empty((len(items), rows, cols), dtype=np.float32)
     datasets, damaged = [], []
     for z, i in enumerate(order):
         path = items[i][0]
         try:
             vol[z] = _slice_values(path, label, rows, cols)
-        except DataError as e:
+        except DamagedFile as e:
             if not collect:
                 raise
-            damaged.append((path, e))
+            damaged.append(e)
         datasets.append(items[i][1])
     return vol, datasets, damaged
 
 
 def _slice_values(path: Path, label: str, rows: int, cols: int) -> np.ndarray:
-    """(rows, cols) float64 values of one slice file (RescaleSlope/Intercept applied); DataError naming it."""
+    """(rows, cols) float64 values of one slice file (RescaleSlope/Intercept applied).
+
+    Raises DamagedFile for uncompressed pixel data of the wrong length or shape (a file cut short), and a
+    plain DataError naming the file when a compressed transfer syntax lacks its codec plugin."""
     try:
         ds = pydicom.dcmread(path)
         pix = ds.pixel_array
     except Exception as e:  # pixel decoding can fail in many ways (codec plugins missing, truncation)
-        raise DataError(
-            f"{path}: {label}: cannot decode pixel data ({type(e).__name__}: {e}); " + _pixel_advice(path)
-        ) from e
+        if _is_compressed(path):
+            raise DataError(
+                f"{path}: {label}: cannot decode pixel data ({type(e).__name__}: {e}); install pydicom's pixel "
+                "plugins for this compression (pylibjpeg, gdcm) or export uncompressed"
+            ) from e
+        raise DamagedFile(path, f"{label}: pixel data cut short or damaged ({type(e).__name__}: {e})") from e
     if pix.shape != (rows, cols):
-        raise DataError(f"{path}: {label}: pixel array shape {pix.shape} != Rows x Columns {(rows, cols)}")
+        raise DamagedFile(path, f"{label}: pixel array shape {pix.shape} != Rows x Columns {(rows, cols)}")
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return pix.astype(np.float64) * slope + intercept
@@ -539,19 +584,14 @@ def read_dicom_study(folder: str | os.PathLike, *, allow_partial_ct: bool = Fals
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory; give the folder holding the PET and CT DICOM series")
-    caught: list = []
-    try:  # warnings are collected to list the skipped files, and re-issued even when reading then fails
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            series = _scan_series(folder, skip_damaged)
-            if not series:
-                raise DataError(f"no DICOM files in {folder}; expected a PET (PT) and a CT series")
-            pt_uid, ct_uid = _choose_series(series, "PT", folder), _choose_series(series, "CT", folder)
-            _check_same_patient(series[pt_uid][0][1], series[ct_uid][0][1], folder)
-            suv, pet_geom, pet_ds, pet_resampled, params = _pet_suv(series[pt_uid], folder, skip_damaged)
-            ct, ct_geom, ct_ds, _ = stack_series(series[ct_uid], skip_damaged=skip_damaged)
-    finally:
-        skipped = _replay(caught)
+    skipped: list | None = [] if skip_damaged else None  # files left out under --skip_damaged
+    series = _scan_series(folder, skipped)
+    if not series:
+        raise DataError(f"no DICOM files in {folder}; expected a PET (PT) and a CT series")
+    pt_uid, ct_uid = _choose_series(series, "PT", folder), _choose_series(series, "CT", folder)
+    _check_same_patient(series[pt_uid][0][1], series[ct_uid][0][1], folder)
+    suv, pet_geom, pet_ds, pet_resampled, params = _pet_suv(series[pt_uid], folder, skipped)
+    ct, ct_geom, ct_ds, _ = stack_series(series[ct_uid], skipped=skipped)
     coverage = _check_ct_coverage(ct_geom, pet_geom, f"{folder}", allow_partial_ct)
     ct_resampled = not ct_geom.same_grid(pet_geom)
     if ct_resampled:
@@ -573,7 +613,7 @@ def read_dicom_study(folder: str | os.PathLike, *, allow_partial_ct: bool = Fals
         "ct_resampled_to_pet": bool(ct_resampled),
         "pet_slices_resampled": bool(pet_resampled),
         "ct_coverage": round(float(coverage), 4),
-        "skipped_files": skipped,
+        "skipped_files": skipped or [],
         **params,
     }
     return Case(folder.name, ct, suv, None, pet_geom, meta)
@@ -595,7 +635,7 @@ def _check_same_patient(pt_h: Dataset, ct_h: Dataset, folder: Path) -> None:
         )
 
 
-def _pet_suv(items: list[tuple[Path, Dataset]], folder: Path, skip_damaged: bool):
+def _pet_suv(items: list[tuple[Path, Dataset]], folder: Path, skipped: list | None):
     """(suv (z, y, x) float32 SUVbw, Geometry, headers in volume order, slices resampled, SUV parameters) of
     the PET series `items`. The series-level SUV tags are checked on every header before any pixel is read
     (`check_series_agree`, `suv_parameters`); DecayCorrection NONE applies each slice's own factor before any
@@ -607,24 +647,10 @@ def _pet_suv(items: list[tuple[Path, Dataset]], folder: Path, skip_damaged: bool
     suv_parameters(items[0][1], earliest_acquisition=earliest, where=label)  # fail fast, before any pixel
     if str(items[0][1].get("DecayCorrection", "")).strip().upper() == "NONE":
         factors = lambda hs: [suv_factor(ds, where=label) for ds in hs]  # noqa: E731 - one use, named by its role
-        suv, geom, datasets, resampled = stack_series(items, slice_factors=factors, skip_damaged=skip_damaged)
+        suv, geom, datasets, resampled = stack_series(items, slice_factors=factors, skipped=skipped)
         params = suv_parameters(datasets[0], earliest_acquisition=earliest, where=label)
         return suv, geom, datasets, resampled, {**params, "suv_factor": None}
-    pet, geom, datasets, resampled = stack_series(items, skip_damaged=skip_damaged)
+    pet, geom, datasets, resampled = stack_series(items, skipped=skipped)
     params = suv_parameters(datasets[0], earliest_acquisition=earliest, where=label)  # the first slice's, as applied
     suv = (pet.astype(np.float64) * params["suv_factor"]).astype(np.float32)
     return suv, geom, datasets, resampled, params
-
-
-def _replay(caught: list) -> list[str]:
-    """Re-issue the warnings caught while reading a study (so callers still see them) and return the messages
-    of the damaged files left out under --skip_damaged."""
-    skipped, seen = [], set()
-    for w in caught:
-        if (w.category, str(w.message)) in seen:  # e.g. the same SUV note from the check and the conversion
-            continue
-        seen.add((w.category, str(w.message)))
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if issubclass(w.category, DataWarning) and str(w.message).startswith("skipped (--skip_damaged)"):
-            skipped.append(str(w.message))
-    return skipped
