@@ -680,6 +680,16 @@ def predict_study(
     seg = segment(ct, suv, geometry, models, options, progress)
     del ct
     t1 = time.perf_counter()
+    options_used = _report_options(options)
+    prov = provenance(
+        software_version=clips_jax.__version__,
+        weights_sha256=models.info.get("weights_sha256"),
+        options=options_used,
+    )
+    seg_path = Path(out_dir) / f"{study_id}{DICOM_SEG_SUFFIX}"
+    # The DICOM SEG first: it is the output that can still fail on the input's headers, and then nothing
+    # of this study is written (a later run retries it).
+    dicom_seg = write_study_dicom_seg(study, seg_path, seg.mask, geometry, meta, options, prov)
     save_nifti(paths["seg"], seg.mask, geometry, dtype=np.uint8)
     stats = mask_statistics(seg.mask, suv, geometry.spacing_mm)
     reliability = _study_reliability(seg, geometry, models, options)
@@ -690,14 +700,6 @@ def predict_study(
     prob_path = Path(out_dir) / f"{study_id}{PROB_SUFFIX}"
     if seg.prob is not None:
         save_nifti(prob_path, seg.prob, geometry, dtype=np.float32)
-    options_used = _report_options(options)
-    prov = provenance(
-        software_version=clips_jax.__version__,
-        weights_sha256=models.info.get("weights_sha256"),
-        options=options_used,
-    )
-    seg_path = Path(out_dir) / f"{study_id}{DICOM_SEG_SUFFIX}"
-    dicom_seg = write_study_dicom_seg(study, seg_path, seg.mask, geometry, meta, options, prov)
     outputs = {k: p.name for k, p in paths.items()}
     if dicom_seg and dicom_seg["written"]:
         outputs["dicom_seg"] = seg_path.name
@@ -864,9 +866,10 @@ def _earlier_reliability(out_dir: str | Path, sid: str) -> dict | None:
 
 
 def _outputs_complete(study: Path, out_dir: str | Path, sid: str, options: Options) -> bool:
-    """Whether a study's outputs from an earlier run are all there: the four files of `output_paths`, plus the
-    DICOM SEG for a DICOM study when `options.dicom_seg` (so a study done with `--nodicom_seg`, or before SEG
-    output existed, gets its SEG on a later run)."""
+    """Whether a study's outputs from an earlier run are all there: the four files of `output_paths`, the
+    probability map with `options.save_probabilities`, plus the DICOM SEG for a DICOM study when
+    `options.dicom_seg` (so a study done with `--nodicom_seg`, or before SEG output existed, gets its SEG on a
+    later run), unless its report says its headers cannot carry one."""
     from clips_jax.data.study import is_nifti_study
 
     if not all(p.is_file() for p in output_paths(out_dir, sid).values()):
@@ -874,7 +877,19 @@ def _outputs_complete(study: Path, out_dir: str | Path, sid: str, options: Optio
     if options.save_probabilities and not (Path(out_dir) / f"{sid}{PROB_SUFFIX}").is_file():
         return False
     wants_seg = options.dicom_seg and not is_nifti_study(study)
-    return not wants_seg or (Path(out_dir) / f"{sid}{DICOM_SEG_SUFFIX}").is_file()
+    if not wants_seg or (Path(out_dir) / f"{sid}{DICOM_SEG_SUFFIX}").is_file():
+        return True
+    return _seg_impossible(output_paths(out_dir, sid)["json"])
+
+
+def _seg_impossible(report_path: Path) -> bool:
+    """Whether the earlier report says no SEG could be written for the study's headers (e.g. no
+    FrameOfReferenceUID): then the study is done, not redone on every run. --nodicom_seg does not count."""
+    try:
+        info = json.loads(report_path.read_text(encoding="utf-8")).get("dicom_seg") or {}
+    except (OSError, ValueError):
+        return False
+    return info.get("written") is False and info.get("reason") not in (None, "--nodicom_seg")
 
 
 def define_flags(fv) -> None:

@@ -11,6 +11,7 @@ transpose anywhere fails); tests/test_predict.py runs the real tiny networks on 
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -279,6 +280,11 @@ def test_no_frame_of_reference_warns_and_writes_the_rest(tmp_path, models, fake_
     assert rep["dicom_seg"]["written"] is False and "FrameOfReferenceUID" in rep["dicom_seg"]["reason"]
     assert all(p.is_file() for p in predict.output_paths(out, "study").values())
     assert "DICOM SEG: not written (" in (out / "study_report.md").read_text()
+    # a batch rerun counts the study as done (its headers cannot carry a SEG): not segmented again
+    calls = []
+    fake_segment(lambda shape: calls.append(shape) or asymmetric_mask(shape))
+    result = predict.run_batch(study, out, models, OPTS, out=io.StringIO(), err=io.StringIO())
+    assert result["skipped"] == ["study"] and calls == []
 
 
 def test_nodicom_seg_flag_writes_no_seg(tmp_path, models, fake_segment):
