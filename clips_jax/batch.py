@@ -95,7 +95,7 @@ def for_each_case(
     """Run `step(case_id)` for every id, logging one line per case; a failing case is reported, not raised.
 
     Args:
-      ids: case (or study) ids, in run order (str).
+      ids: case (or study) ids, in run order (str, unique: ValueError otherwise).
       step: does one case; returns `done(msg)`, `skipped(msg)` or None (= `done()`). Any exception it raises
         (Exception, not KeyboardInterrupt/SystemExit) marks the case failed and the loop goes on.
       log: one-line progress sink (None = silent): "[k/n] <id>: <msg>" for outcomes with a message and
@@ -109,6 +109,9 @@ def for_each_case(
       `Outcomes` (ids by fate, `failed` id -> `error_line`).
     """
     ids = [str(i) for i in ids]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ValueError(f"for_each_case: ids must be unique; repeated: {repeated[:5]}")
     out = Outcomes(total=len(ids))
     say = log if log is not None else (lambda _line: None)
     for k, cid in enumerate(ids):

@@ -293,13 +293,16 @@ def compute_stage_a(
         grid, coarse, prob = _stage_a_of_case(store, i, sp, predictor, params, tiles)
         with atomic_path(path) as tmp:
             np.save(tmp, np.ascontiguousarray(prob, dtype=out_dt))
-        store.set_derived(NAME, {cid: record})
         return batch.done(
             f"ok, {grid.shape} voxels (stage A on {coarse.shape}), max p {float(prob.max()):.3f}, "
             f"{int((prob > 0.5).sum())} voxels > 0.5 ({time.time() - t0:.0f} s)"
         )
 
-    outcomes = batch.for_each_case(selected, one_case, log=log)
+    def write_record(cid: str, outcome) -> None:  # outside the per-case handling: a manifest write that fails
+        if not outcome.skipped:  # stops the run instead of failing every case alike
+            store.set_derived(NAME, {cid: record})
+
+    outcomes = batch.for_each_case(selected, one_case, log=log, after_each=write_record)
     outcomes.log_summary(
         log,
         f"summary: {outcomes.total} cases, {len(outcomes.done)} computed, {len(outcomes.skipped)} already "

@@ -336,10 +336,10 @@ def evaluate_cases(
             if log is not None:
                 log(f"[{k + 1}/{len(idx)}] {case['id']}: {message}")
         return rows
-    positions = iter(range(len(idx)))  # for_each_case runs the ids in order, one step each
+    position = {st.ids[int(i)]: k for k, i in enumerate(idx)}  # ids are unique (for_each_case checks)
 
-    def one_case(_cid: str):
-        k = next(positions)
+    def one_case(cid: str):
+        k = position[cid]
         case, prob = next(predict_cases(pair, st, idx[k : k + 1], **kw))
         return batch.done(add(k, case, prob))
 

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from clips_jax import cli
-from clips_jax.errors import ConfigError, WeightsError
+from clips_jax.errors import ConfigError, DataError, WeightsError
 
 WEIGHTS_HELP = (
     "no --weights given. Get the pretrained TMTV-Net weights: download e_latest.model and r_latest.model from "
@@ -818,7 +818,7 @@ def run_batch(
     for folder, why in not_studies.items():
         print(f"skipped folder {folder}: {why}", file=err, flush=True)
     progress = _tile_progress(err)
-    by_id = {safe_id(study.name): study for study in studies}
+    by_id = _studies_by_id(studies)
     records: dict[str, dict | None] = {}
 
     def one_study(sid: str):
@@ -863,6 +863,21 @@ def _earlier_reliability(out_dir: str | Path, sid: str) -> dict | None:
         return json.loads(output_paths(out_dir, sid)["json"].read_text()).get("reliability")
     except (OSError, ValueError):
         return None
+
+
+def _studies_by_id(studies: list[Path]) -> dict[str, Path]:
+    """study id (`safe_id` of the folder name) -> folder; DataError naming both folders when two get one id
+    (their outputs would overwrite each other)."""
+    by_id: dict[str, Path] = {}
+    for study in studies:
+        sid = safe_id(study.name)
+        if sid in by_id:
+            raise DataError(
+                f"the studies {by_id[sid]} and {study} get the same study id {sid!r} (and output names); "
+                "rename one folder"
+            )
+        by_id[sid] = study
+    return by_id
 
 
 def _outputs_complete(study: Path, out_dir: str | Path, sid: str, options: Options) -> bool:

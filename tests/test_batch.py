@@ -55,3 +55,8 @@ def test_after_each_errors_stop_the_batch_and_interrupts_are_not_swallowed():
 
     with pytest.raises(KeyboardInterrupt):
         batch.for_each_case(["a"], interrupted, log=None)
+
+
+def test_repeated_ids_are_refused():
+    with pytest.raises(ValueError, match="repeated: \\['a'\\]"):
+        batch.for_each_case(["a", "b", "a"], step, log=None)

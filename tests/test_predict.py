@@ -7,6 +7,7 @@ Tiny networks (U-Nets with channels (4, 4, 8, 8), refiner with 4 features) and s
 
 from __future__ import annotations
 
+import io
 import json
 
 import jax.numpy as jnp
@@ -454,3 +455,11 @@ def _minimal_report():
         "seconds": {},
         "software": {},
     }
+
+
+def test_two_study_folders_with_one_study_id_are_refused(tmp_path, weights):
+    for name in ("Patient 1", "Patient_1"):  # both become the study id "Patient_1": outputs would collide
+        _write_nifti_study(tmp_path / "in" / name, 1, shape=(24, 32, 32))
+    models = predict.load_models(weights / "cascade")
+    with pytest.raises(predict.DataError, match="'Patient_1'.*rename one folder"):
+        predict.run_batch(tmp_path / "in", tmp_path / "out", models, predict.Options(), out=io.StringIO())

@@ -476,3 +476,19 @@ def test_a_file_system_without_locks_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="cannot lock the store's manifest.*local disk"):
         st.update_manifest(tmp_path / "c", lambda doc: doc.update(x=1), create=True)
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_prepare_stops_at_a_manifest_it_cannot_write_instead_of_failing_every_case(dataset, tmp_path, monkeypatch):
+    import errno
+
+    from clips_jax.data import store as st
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(st.fcntl, "flock", no_locks)
+    data, paths = dataset
+    lines = []
+    with pytest.raises(DataError, match="cannot lock the store's manifest"):
+        prepare_dataset(data, tmp_path / "c", log=lines.append)
+    assert sum(": ok," in m for m in lines) == 1 and not any("FAILED" in m for m in lines)  # stopped at once

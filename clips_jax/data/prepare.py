@@ -197,14 +197,19 @@ def prepare_dataset(
         rs = case if native_grid else resample_fn(case, spacing_mm)
         st.write_case_arrays(out, cid, rs.ct, rs.suv, rs.seg, dtype=dtype)
         source = Path(path).resolve().relative_to(Path(input_dir).resolve()).as_posix()
-        writer.add(cid, _case_entry(cid, ids[path][1], source, case.seg is not None, rs.geometry, native, meas))
+        fresh[cid] = _case_entry(cid, ids[path][1], source, case.seg is not None, rs.geometry, native, meas)
         return batch.done(f"ok, {rs.geometry.shape} voxels, {_lesion_text(meas)} ({time.time() - t0:.0f} s)")
 
-    t0 = time.time()
-    outcomes = batch.for_each_case(path_of, prepare_one, log=log)
+    def write_entry(cid: str, _outcome) -> None:  # outside the per-case handling: a manifest that cannot be
+        if cid in fresh:  # written (e.g. no file locks) stops the run instead of failing every case alike
+            writer.add(cid, fresh.pop(cid))
+
+    t0, fresh = time.time(), {}
+    outcomes = batch.for_each_case(path_of, prepare_one, log=log, after_each=write_entry)
     writer.flush()
     counts = {s: sum(1 for c in writer.done if splits[c] == s) for s in (*SPLITS, "unused")}
-    where = f"store {out}" if writer.done else f"nothing written ({out} not created)"
+    where = f"store {out}" if writer.done else "nothing written"
+    where += "" if out.exists() else f" ({out} not created)"
     outcomes.log_summary(
         log,
         f"summary: {outcomes.total} studies, {len(outcomes.done)} prepared, {len(outcomes.skipped)} "
@@ -243,12 +248,14 @@ def _report_skipped_folders(root, studies: list[Path], log) -> dict[str, str]:
 
 
 def _case_ids(root, studies: list[Path]) -> dict[Path, tuple[str, str]]:
-    """study folder -> (case id, patient id) (`study_id`); ConfigError when two studies get one case id."""
+    """study folder -> (case id, patient id) (`study_id`); DataError when two studies get one case id."""
     ids = {p: study_id(root, p) for p in studies}
     seen: dict[str, Path] = {}
     for p, (cid, _) in ids.items():
         if cid in seen:
-            raise ConfigError(f"{root}: the studies {seen[cid]} and {p} map to the same case id {cid!r}")
+            raise DataError(
+                f"{root}: the studies {seen[cid]} and {p} map to the same case id {cid!r}; rename one folder"
+            )
         seen[cid] = p
     return ids
 
