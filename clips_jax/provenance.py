@@ -23,13 +23,21 @@ _CHUNK = 1 << 20
 def weights_sha256(weights_dir: str | os.PathLike) -> str:
     """SHA-256 (64 hex digits) of the files of a weights directory, as stored.
 
-    Every regular file below `weights_dir` (symbolic links followed) in sorted order of its relative POSIX path
-    contributes `path`, a NUL byte, its size in bytes (decimal), a NUL byte and its content, so the hash changes
-    when a file is renamed, added, removed or altered, and not when the directory is copied elsewhere. Saving the
-    same parameters again gives another hash (orbax records timestamps in its metadata files).
+    Every regular file below `weights_dir` (symbolic links to files and folders followed; names starting with
+    "." left out: hidden files and the temporary folders of interrupted atomic writes) in sorted order of its
+    relative POSIX path contributes `path`, a NUL byte, its size in bytes (decimal), a NUL byte and its content,
+    so the hash changes when a file is renamed, added, removed or altered, and not when the directory is copied
+    elsewhere. Saving the same parameters again gives another hash (orbax records timestamps in its metadata).
     """
     root = Path(weights_dir)
-    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+    files = []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            path = Path(folder) / name
+            if not name.startswith(".") and path.is_file():
+                files.append((path.relative_to(root).as_posix(), path))
+    files.sort()
     h = hashlib.sha256()
     for rel, path in files:
         h.update(rel.encode("utf-8") + b"\0" + str(path.stat().st_size).encode("ascii") + b"\0")

@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from clips_jax.data.dicom import read_dicom_study, suv_factor
+from clips_jax.data.dicom import read_dicom_study, suv_factor, suv_parameters
 from clips_jax.errors import DataError, DataWarning
 
 PET_SOP = "1.2.840.10008.5.1.4.1.1.128"
@@ -224,7 +224,9 @@ def test_suv_factor_injection_before_midnight_and_full_datetime():
     for k, v in pet_tags(SeriesTime="003000", RadiopharmaceuticalInformationSequence=[info]).items():
         setattr(ds, k, v)
     ds.AcquisitionTime = "003000"
-    assert suv_factor(ds) == pytest.approx(70000.0 / (350e6 * 0.5 ** (3600.0 / HALF_LIFE_S)), rel=1e-12)
+    with pytest.warns(DataWarning, match="injection assumed the day before"):
+        assert suv_factor(ds) == pytest.approx(70000.0 / (350e6 * 0.5 ** (3600.0 / HALF_LIFE_S)), rel=1e-12)
+        assert any("day before" in n for n in suv_parameters(ds)["notes"])  # so the report shows the guess
 
 
 def test_several_pet_series_pick_the_largest_with_a_warning(tmp_path, caplog):

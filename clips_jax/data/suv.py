@@ -28,7 +28,6 @@ import re
 import warnings
 from typing import Any
 
-from absl import logging
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.valuerep import DA, DT, TM
@@ -232,23 +231,23 @@ def injected_dose_bq(info: Dataset, where: str) -> tuple[float, str, str | None]
     )
 
 
-def _injection_time(info: Dataset, ref: _dt.datetime, where: str) -> _dt.datetime:
-    """RadiopharmaceuticalStartDateTime (0018,1078), else RadiopharmaceuticalStartTime (0018,1072) on the
-    reference date (the previous day if that would be after the reference: injected before midnight)."""
+def _injection_time(info: Dataset, ref: _dt.datetime, where: str) -> tuple[_dt.datetime, str | None]:
+    """(injection datetime, note or None): RadiopharmaceuticalStartDateTime (0018,1078), else
+    RadiopharmaceuticalStartTime (0018,1072) on the reference date, or the day before if that would be after
+    the reference (injected before midnight: an accepted guess, so a `DataWarning` and a note for the report)."""
     if info.get("RadiopharmaceuticalStartDateTime"):
-        return _parse_dt(info.RadiopharmaceuticalStartDateTime, "RadiopharmaceuticalStartDateTime", where)
+        return _parse_dt(info.RadiopharmaceuticalStartDateTime, "RadiopharmaceuticalStartDateTime", where), None
     inj = _datetime(ref.strftime("%Y%m%d"), info.get("RadiopharmaceuticalStartTime"), "injection", where)
     if inj is None:
         raise DataError(
             f"{where}: injection time missing (RadiopharmaceuticalStartDateTime (0018,1078) and "
             "RadiopharmaceuticalStartTime (0018,1072)); cannot decay-correct the dose"
         )
-    if inj > ref:
-        logging.warning(
-            "%s: injection time after scan time on the same day; assuming injection on the previous day", where
-        )
-        inj -= _dt.timedelta(days=1)
-    return inj
+    if inj <= ref:
+        return inj, None
+    note = "injection time (0018,1072) after the scan time on the same day: injection assumed the day before"
+    warnings.warn(DataWarning(f"{where}: {note}"), stacklevel=2)
+    return inj - _dt.timedelta(days=1), note
 
 
 def _decay_constant(half_life_s: float) -> float:
@@ -337,7 +336,7 @@ def _decay_terms(ds: Dataset, info: Dataset, half_life_s: float, earliest, where
     else:
         found = repr(corr) if corr else "missing"
         raise DataError(f"{where}: DecayCorrection (0054,1102) is {found}; supported: START, ADMIN, NONE")
-    inj = _injection_time(info, ref, where)
+    inj, day_note = _injection_time(info, ref, where)
     decay_s = (ref - inj).total_seconds()
     if decay_s < 0:
         raise DataError(
@@ -353,7 +352,7 @@ def _decay_terms(ds: Dataset, info: Dataset, half_life_s: float, earliest, where
         "decay_factor": 2.0 ** (-decay_s / half_life_s),
         "frame_duration_s": frame_s,
         "frame_factor": frame,
-        "notes": _notes(note, frame_note),
+        "notes": _notes(note, day_note, frame_note),
     }
 
 
