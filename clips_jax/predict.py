@@ -443,24 +443,6 @@ _PATIENT_KEYS = (
 )
 
 
-def input_notes(meta: dict) -> list[str]:
-    """What a reader of the report must know about how the input was read, in words (empty when nothing):
-    a CT covering only part of the PET (--allow_partial_ct), damaged files left out (--skip_damaged), PET
-    slices resampled onto a regular grid, the CT resampled onto the PET grid, and the SUV conversion's own
-    notes (SUVType conversions, a dose read as MBq, the reference time used; `clips_jax.data.suv`)."""
-    notes = []
-    coverage = meta.get("ct_coverage")
-    if coverage is not None and coverage < 1.0:
-        notes.append(f"the CT covers {100 * coverage:.0f} % of the PET's axial extent; the rest was filled with air")
-    notes += [f"file left out (--skip_damaged): {f['file']}: {f['reason']}" for f in meta.get("skipped_files") or []]
-    if meta.get("pet_slices_resampled"):
-        notes.append("the PET slices were irregularly spaced and were resampled onto a regular grid")
-    if meta.get("ct_resampled_to_pet"):
-        notes.append("the CT was resampled onto the PET grid (linear)")
-    notes += [str(n) for n in meta.get("notes") or []]
-    return notes
-
-
 def _fmt(v: Any, digits: int = 2) -> str:
     return "n/a" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
@@ -664,6 +646,7 @@ def predict_study(
     import clips_jax
     from clips_jax import reliability_report as rr
     from clips_jax.data.nifti import save_nifti
+    from clips_jax.data.study import input_notes as study_input_notes
     from clips_jax.fileio import json_safe, write_text_atomic
     from clips_jax.metrics.plots import mip_figure
     from clips_jax.provenance import provenance
@@ -711,7 +694,7 @@ def predict_study(
         "outputs": outputs,
         "grid": {"shape": list(geometry.shape), "spacing_mm": [round(float(s), 4) for s in geometry.spacing_mm]},
         "patient": {k: meta[k] for k in _PATIENT_KEYS if meta.get(k) not in (None, "")},
-        "input_notes": input_notes(meta),
+        "input_notes": study_input_notes(meta),
         "results": stats,
         "reliability": reliability,
         "model": models.info,

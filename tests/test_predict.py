@@ -421,8 +421,10 @@ def test_weights_errors_exit_with_instructions(tmp_path, weights, capsys):
 
 
 def test_input_notes_say_how_the_input_was_read():
-    assert predict.input_notes({"source": "nifti"}) == []
-    notes = predict.input_notes(
+    from clips_jax.data.study import input_notes
+
+    assert input_notes({"source": "nifti"}) == []
+    notes = input_notes(
         {
             "ct_coverage": 0.8,
             "skipped_files": [{"file": "/s/PT/7.dcm", "reason": "damaged DICOM file"}],

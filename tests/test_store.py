@@ -158,6 +158,7 @@ def test_prepare_lists_skipped_folders_names_unlabelled_studies_and_creates_noth
     assert sum(line.startswith("skipped folder") for line in lines) == 3
     (line,) = [m for m in lines if paths[3].name in m and ": ok" in m]
     assert "no lesion mask" in line and "nan" not in line
+    assert all(c["input_notes"] == [] for c in CaseStore(tmp_path / "c").cases)  # phantoms: nothing to say
     # every study fails: no store folder is left behind, and the summary says so
     for p in paths[1:]:
         (p / "SUV.nii.gz").write_bytes(b"broken")

@@ -37,7 +37,6 @@ from typing import NamedTuple
 
 import numpy as np
 import pydicom
-from absl import logging
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -233,13 +232,13 @@ def _choose_series(series: dict[str, list[tuple[Path, Dataset]]], modality: str,
     chosen = cands[0]
     if len(cands) > 1:
         others = "; ".join(_series_label(series[u][0][1], len(series[u])) for u in cands[1:])
-        logging.warning(
-            "%s: %d %s series found; using %s (most slices) and ignoring %s",
-            folder,
-            len(cands),
-            _MODALITY_NAMES[modality],
-            _series_label(series[chosen][0][1], len(series[chosen])),
-            others,
+        chosen_label = _series_label(series[chosen][0][1], len(series[chosen]))
+        warnings.warn(
+            DataWarning(
+                f"{folder}: {len(cands)} {_MODALITY_NAMES[modality]} series found; using {chosen_label} "
+                f"(most slices) and ignoring {others}"
+            ),
+            stacklevel=3,
         )
     return chosen
 
@@ -627,11 +626,12 @@ def _check_same_patient(pt_h: Dataset, ct_h: Dataset, folder: Path) -> None:
             f"{pt_h.get('PatientID', '')!r} vs {ct_h.get('PatientID', '')!r}); give one study per folder"
         )
     if str(pt_h.get("StudyInstanceUID", "")) != str(ct_h.get("StudyInstanceUID", "")):
-        logging.warning(
-            "%s: PET and CT series come from different studies (StudyInstanceUID %s vs %s)",
-            folder,
-            pt_h.get("StudyInstanceUID", ""),
-            ct_h.get("StudyInstanceUID", ""),
+        warnings.warn(
+            DataWarning(
+                f"{folder}: PET and CT series come from different studies (StudyInstanceUID "
+                f"{pt_h.get('StudyInstanceUID', '')} vs {ct_h.get('StudyInstanceUID', '')})"
+            ),
+            stacklevel=3,
         )
 
 

@@ -197,7 +197,8 @@ def prepare_dataset(
         rs = case if native_grid else resample_fn(case, spacing_mm)
         st.write_case_arrays(out, cid, rs.ct, rs.suv, rs.seg, dtype=dtype)
         source = Path(path).resolve().relative_to(Path(input_dir).resolve()).as_posix()
-        fresh[cid] = _case_entry(cid, ids[path][1], source, case.seg is not None, rs.geometry, native, meas)
+        entry = _case_entry(cid, ids[path][1], source, case.seg is not None, rs.geometry, native, meas)
+        fresh[cid] = {**entry, "input_notes": _input_notes(case.meta)}
         return batch.done(f"ok, {rs.geometry.shape} voxels, {_lesion_text(meas)} ({time.time() - t0:.0f} s)")
 
     def write_entry(cid: str, _outcome) -> None:  # outside the per-case handling: a manifest that cannot be
@@ -223,6 +224,13 @@ def _find_studies(root):
     from clips_jax.data.study import find_studies
 
     return find_studies(root)
+
+
+def _input_notes(meta) -> list[str]:
+    """`study.input_notes` (imported lazily: the study loaders pull in pydicom)."""
+    from clips_jax.data.study import input_notes
+
+    return input_notes(meta)
 
 
 def _default_steps(find_fn, load_fn, resample_fn, reading: Mapping[str, bool]):
@@ -346,8 +354,9 @@ class _ManifestWriter:
         self.flush()
 
     def flush(self) -> None:
-        """Rewrite the manifest: exactly the cases of `done`, each with its current split (nothing when none)."""
-        if not self.done:
+        """Rewrite the manifest: exactly the cases of `done`, each with its current split (nothing while no case
+        is done and there is no store yet: a run in which every study fails leaves nothing behind)."""
+        if not self.done and not (self.out / st.MANIFEST).is_file():
             return
 
         def change(doc: dict) -> None:

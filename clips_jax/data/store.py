@@ -22,7 +22,8 @@ pickles cheaply (a path and the manifest) and opens memory maps on demand.
 
 Manifest entry per case (JSON; NaN is written as `null` and read back as NaN):
   `id`, `patient`, `source` (study folder relative to the input root), `split` ("train"/"val"/"test"/"unused"),
-  `has_seg`, `geometry` (resampled grid) and `native_geometry` (`Geometry.to_json()`), `shape`, and the
+  `has_seg`, `input_notes` (how the study was read, `study.input_notes`; from this version on), `geometry`
+  (resampled grid) and `native_geometry` (`Geometry.to_json()`), `shape`, and the
   difficulty measures computed on the NATIVE grid by `difficulty_measures`:
   `tmtv_ml`, `n_lesions`, `smallest_lesion_ml`, `suv_max`, `tbr`, `dmax_mm`, `body_ml`: the prepared case,
   written by `prepare` only; and optionally `derived`, data computed later from the case (its own namespace):

@@ -191,3 +191,22 @@ def find_studies(root: str | os.PathLike) -> list[Path]:
     if studies:
         return studies
     raise DataError(f"no study found in {root}: {LAYOUT_HELP}, either {root} itself or its immediate sub-folders")
+
+
+def input_notes(meta: dict) -> list[str]:
+    """What a reader of a report (`clips-predict`) or a case store (`clips-prepare`) must know about how a
+    study was read, from its `Case.meta`, in words (empty when nothing):
+    a CT covering only part of the PET (--allow_partial_ct), damaged files left out (--skip_damaged), PET
+    slices resampled onto a regular grid, the CT resampled onto the PET grid, and the SUV conversion's own
+    notes (SUVType conversions, a dose read as MBq, the reference time used; `clips_jax.data.suv`)."""
+    notes = []
+    coverage = meta.get("ct_coverage")
+    if coverage is not None and coverage < 1.0:
+        notes.append(f"the CT covers {100 * coverage:.0f} % of the PET's axial extent; the rest was filled with air")
+    notes += [f"file left out (--skip_damaged): {f['file']}: {f['reason']}" for f in meta.get("skipped_files") or []]
+    if meta.get("pet_slices_resampled"):
+        notes.append("the PET slices were irregularly spaced and were resampled onto a regular grid")
+    if meta.get("ct_resampled_to_pet"):
+        notes.append("the CT was resampled onto the PET grid (linear)")
+    notes += [str(n) for n in meta.get("notes") or []]
+    return notes
