@@ -10,7 +10,8 @@ Conventions (docs/reliability.md):
 * everything is measured on the stage-A grid (where the members are); the final mask (after the refiner, on
   the PET grid) enters as the fraction of each 6 mm voxel it covers (`mask_fraction_on_grid`);
 * the probabilities are temperature-scaled first when the weights directory's `reliability.json` has a
-  temperature (`clips_jax.metrics.calibration.apply_temperature`; the mask never changes);
+  temperature (`clips_jax.metrics.calibration.apply_temperature`; the mask never changes); the lesion region
+  is fixed by the unscaled probability (`candidate_prob`);
 * the review threshold: `--review_threshold`, else the weights' `reliability.json` (fixed on a validation split
   by `clips-reliability`), else `reliability.DEFAULT_REVIEW_THRESHOLD`; the record says which;
 * a single U-Net (no members) is measured by its voxel probabilities (and flips with `--tta`) only: member
@@ -100,7 +101,7 @@ def study_reliability(
     thr, source = _threshold(threshold, settings)
     fraction = rel.mask_fraction_on_grid(mask, spacing_mm, stage_a_spacing_mm, stage_a_prob.shape)
     prob = cal.apply_temperature(stage_a_prob, t)
-    out = rel.assess(prob, fraction, stage_a_spacing_mm, members, tta, threshold=thr)
+    out = rel.assess(prob, fraction, stage_a_spacing_mm, members, tta, threshold=thr, candidate_prob=stage_a_prob)
     grid = "x".join(f"{float(s):g}" for s in stage_a_spacing_mm)
     return {**out, "temperature": t, "threshold_source": source, "grid": f"stage A, {grid} mm"}
 

@@ -516,7 +516,8 @@ def _rows(split, dice, score, err=None):
     rows = []
     for k, (d, s, e) in enumerate(zip(dice, score, err)):
         row = {"split": split, "case": f"{split}{k}", "dice": d, "score": s, "review_risk": 1 - s}
-        rows.append({**row, "tmtv_abs_err_ml": e, "difficulty": 1 - s, **{m: 0.5 for m in CASE_MEASURES}})
+        row.update(tmtv_abs_err_ml=e, tmtv_true_ml=10.0 if np.isfinite(d) else 0.0, difficulty=1 - s)
+        rows.append({**row, **{m: 0.5 for m in CASE_MEASURES}})
     return rows
 
 
@@ -559,3 +560,17 @@ def test_cohort_ids_fill_the_test_split_with_lesion_cases(tmp_path):
 
     with pytest.raises(ConfigError, match="other settings"):
         _check_workdir(tmp_path / "w", {"a": 2})
+
+
+def test_the_lesion_region_is_fixed_by_the_unscaled_probability():
+    from clips_jax.metrics import calibration as cal
+
+    p = np.full((10, 10, 10), 0.01, np.float32)  # faint background everywhere
+    p[4:6, 4:6, 4:6] = 0.95
+    hot = cal.apply_temperature(p, 6.0)  # a large T lifts the background above CANDIDATE_P (0.25)
+    assert hot[0, 0, 0] > rel.CANDIDATE_P
+    lifted = rel.measures(hot, p > 0.5, SP)
+    fixed = rel.measures(hot, p > 0.5, SP, candidate_prob=p)
+    assert lifted["region_ml"] == pytest.approx(1000 * 0.216)  # the whole volume
+    assert fixed["region_ml"] == pytest.approx(rel.measures(p, p > 0.5, SP)["region_ml"])  # the lesion + 6 mm
+    assert fixed["expected_dice"] > 5 * lifted["expected_dice"]

@@ -227,7 +227,8 @@ def reliability_hardness(spec: str, store, indices: Sequence[int], log: Callable
     for case in make_eval_cases(store, np.asarray(indices, np.int64)):
         p = predict_case(case["image"], pair, n_members, tile, step, batch_size)
         prob = calibration.apply_temperature(p["prob"], temperature)
-        s = reliability.assess(prob, p["prob"] > 0.5, case["geometry"].spacing_mm, p.get("members"))["score"]
+        spacing = case["geometry"].spacing_mm
+        s = reliability.assess(prob, p["prob"] > 0.5, spacing, p.get("members"), candidate_prob=p["prob"])["score"]
         out[case["id"]] = 1.0 - s if has_lesion[case["case_index"]] else float("nan")
     return out
 

@@ -21,7 +21,7 @@ Steps (docs/reliability.md; everything resumable: re-running the command skips w
 4. predictions: each cohort case once through the ensemble by tiled inference with the config's evaluation
    tiles (one pass gives the ensemble and every member: `Ensemble.logits_with_members`), cached as
    `WORKDIR/predictions/<case>.npz` (float16);
-5. validation split only: the temperature T (voxel NLL over the lesion neighbourhoods,
+5. validation split only: the temperature T (voxel NLL over every voxel of the validation cases,
    `clips_jax.metrics.calibration.fit_temperature`), then the review threshold maximising Youden's J for the
    worst tertile of Dice (`reliability.youden_threshold`); both are written to
    `WORKDIR/ensemble/reliability.json`, which `clips-predict` reads;
@@ -255,14 +255,16 @@ def load_prediction(out: Path, cid: str) -> dict[str, np.ndarray]:
 
 
 def fit_cohort_temperature(store, pred_dir: Path) -> float:
-    """T fitted on the lesion neighbourhoods of the validation cases (`calibration.fit_temperature`)."""
+    """T fitted on every voxel of the validation cases (`calibration.fit_temperature`; the standard likelihood
+    of Guo et al. 2017). Not on the lesion neighbourhoods: they are selected by the prediction itself (p > 0.5),
+    which biases T (measured on the phantoms: T = 5.7 there, and a 100 times worse all-voxel ECE;
+    docs/reliability.md)."""
     from clips_jax.data.pipeline import make_eval_cases
 
     hist = None
     for case in make_eval_cases(store, "val"):
         prob = load_prediction(pred_dir, case["id"])["prob"]
-        where = cal.lesion_neighbourhood(prob, case["label"], case["geometry"].spacing_mm)
-        hist = cal.add_bins(hist, cal.logit_histogram(prob, case["label"], where))
+        hist = cal.add_bins(hist, cal.logit_histogram(prob, case["label"]))
     return 1.0 if hist is None else cal.fit_temperature(hist)
 
 
@@ -278,7 +280,7 @@ def score_cohort(store, pred_dir: Path, raw: Path, temperature: float, n_bins: i
         cid, spacing = case["id"], case["geometry"].spacing_mm
         p = load_prediction(pred_dir, cid)
         scaled = cal.apply_temperature(p["prob"], temperature)
-        a = rel.assess(scaled, p["prob"] > 0.5, spacing, p.get("members"), p.get("tta"))
+        a = rel.assess(scaled, p["prob"] > 0.5, spacing, p.get("members"), p.get("tta"), candidate_prob=p["prob"])
         source = store.cases[store.index(cid)].get("source", cid)
         difficulty = json.loads((raw / str(source) / "truth.json").read_text())["difficulty"]
         row = {"split": splits[cid], "case": cid, "difficulty": difficulty, **validation_row(p["prob"], case)}
@@ -314,6 +316,7 @@ def split_statistics(val: Sequence[dict], test: Sequence[dict]) -> dict:
         "auroc": rel.delong_interval(risk, bad),
         "spearman_abs_tmtv_error": rel.spearman(_risk(test, "review_risk"), [r["tmtv_abs_err_ml"] for r in test]),
         "spearman_dice": rel.spearman(risk, [r["dice"] for r in test_l]),
+        "spearman_rel_tmtv_error": rel.spearman(risk, [r["tmtv_abs_err_ml"] / r["tmtv_true_ml"] for r in test_l]),
         "test_flag": {
             "flagged": int(flag.sum()),
             "sensitivity": float(flag[bad].mean()) if bad.any() else float("nan"),
@@ -378,7 +381,8 @@ def report_markdown(res: dict) -> str:
         f"{a['n_pos']} worst-tertile cases with Dice <= {_f(s['worst_tertile_dice_max'])} vs {a['n_neg']} others); "
         f"target >= 0.8: {'met' if a['auroc'] >= 0.8 else 'NOT met'}",
         f"- Spearman correlation of the review risk (1 - score) with |TMTV error|: rho {_f(sp['rho'])} "
-        f"(p {sp['p']:.2g}, n {sp['n']}); with Dice (lesion cases): rho {_f(s['spearman_dice']['rho'])}",
+        f"(p {sp['p']:.2g}, n {sp['n']}); with Dice (lesion cases): rho {_f(s['spearman_dice']['rho'])}; with "
+        f"the relative TMTV error |error| / true TMTV (lesion cases): rho {_f(s['spearman_rel_tmtv_error']['rho'])}",
         f"- review threshold fixed on the validation split (Youden's J {_f(t['j'])}): **score < {_f(t['threshold'])}**;"
         f" on the test split it flags {fl['flagged']} of {s['n']['test_lesion']} lesion cases, sensitivity "
         f"{_f(fl['sensitivity'], 2)}, specificity {_f(fl['specificity'], 2)} for the worst tertile",

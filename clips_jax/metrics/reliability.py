@@ -40,7 +40,10 @@ Measures (`measures`; volumes in ml, probabilities and Dice unitless; None when 
 
 The lesion region: every voxel that anything calls possible lesion (mask > 0, p >= `CANDIDATE_P`, any
 member's or pass's p > 0.5), dilated by `MARGIN_MM` (its surroundings). Summaries over the region do not
-depend on how much lesion-free body is in the field of view.
+depend on how much lesion-free body is in the field of view. With temperature-scaled probabilities pass the
+unscaled ones as `candidate_prob`: the region is then fixed by what the networks said, and the temperature only
+changes the confidence measured inside it (a large T would otherwise lift thousands of background voxels
+above `CANDIDATE_P` and make the region, not the lesions, dominate `expected_dice`).
 
 The score (`score`, 1 = reliable, 0 = unreliable): the geometric mean of the available components, each a
 Dice-like number in [0, 1]:
@@ -218,19 +221,21 @@ def measures(
     tta: np.ndarray | None = None,
     *,
     margin_mm: float = MARGIN_MM,
+    candidate_prob: np.ndarray | None = None,
 ) -> dict:
     """The named measures of the module docstring (floats; None where members / passes are absent).
 
     Args: see the module docstring (prob, mask `(z, y, x)`; members `(n, z, y, x)`, tta `(k, z, y, x)`,
-    spacing (z, y, x) mm). Raises ValueError for mismatched shapes.
+    spacing (z, y, x) mm; candidate_prob `(z, y, x)`: the probability that defines the lesion region, default
+    `prob`). Raises ValueError for mismatched shapes.
     """
     p = np.clip(np.asarray(prob, np.float32), 0.0, 1.0)
     f = np.clip(np.asarray(mask, np.float32), 0.0, 1.0)
-    for name, a in (("mask", f), ("members", members), ("tta", tta)):
+    for name, a in (("mask", f), ("members", members), ("tta", tta), ("candidate_prob", candidate_prob)):
         if a is not None and tuple(np.shape(a)[-3:]) != p.shape:
             raise ValueError(f"reliability: {name} shape {np.shape(a)} does not match prob {p.shape}")
     voxel_ml = float(np.prod([float(s) for s in spacing_mm])) / 1000.0
-    cand = (f > 0) | (p >= CANDIDATE_P)
+    cand = (f > 0) | ((p if candidate_prob is None else np.asarray(candidate_prob)) >= CANDIDATE_P)
     for samples in (members, tta):
         if samples is not None:
             cand |= (np.asarray(samples) > 0.5).any(axis=0)
@@ -308,6 +313,7 @@ def assess(
     *,
     threshold: float | None = None,
     margin_mm: float = MARGIN_MM,
+    candidate_prob: np.ndarray | None = None,
 ) -> dict:
     """Measures, score, review flag and reasons of one study (arguments: `measures`).
 
@@ -316,7 +322,7 @@ def assess(
     what was not measured]}.
     """
     t = DEFAULT_REVIEW_THRESHOLD if threshold is None else float(threshold)
-    m = measures(prob, mask, spacing_mm, members, tta, margin_mm=margin_mm)
+    m = measures(prob, mask, spacing_mm, members, tta, margin_mm=margin_mm, candidate_prob=candidate_prob)
     s = score(m)
     review = bool(s < t)
     notes = []
