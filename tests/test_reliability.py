@@ -516,7 +516,7 @@ def _rows(split, dice, score, err=None):
     rows = []
     for k, (d, s, e) in enumerate(zip(dice, score, err)):
         row = {"split": split, "case": f"{split}{k}", "dice": d, "score": s, "review_risk": 1 - s}
-        row.update(tmtv_abs_err_ml=e, tmtv_true_ml=10.0 if np.isfinite(d) else 0.0, difficulty=1 - s)
+        row.update(tmtv_abs_err_ml=e, tmtv_true_ml=10.0 if np.isfinite(d) else 0.0, difficulty=1 - s, tmtv_pred_ml=s)
         rows.append({**row, **{m: 0.5 for m in CASE_MEASURES}})
     return rows
 

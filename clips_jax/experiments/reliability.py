@@ -311,6 +311,7 @@ def split_statistics(val: Sequence[dict], test: Sequence[dict]) -> dict:
     risk = _risk(test_l, "review_risk")
     flag = np.array([r["score"] < youden["threshold"] for r in test_l])
     secondary = {k: rel.auroc(_risk(test_l, k), bad) for k in (*CASE_MEASURES, "difficulty")}
+    secondary["small_predicted_tmtv"] = rel.auroc([-r["tmtv_pred_ml"] for r in test_l], bad)  # a trivial baseline
     return {
         "threshold": youden,
         "auroc": rel.delong_interval(risk, bad),
@@ -405,7 +406,8 @@ def report_markdown(res: dict) -> str:
         "|---|---|",
         *[f"| {k} | {_f(v)} |" for k, v in s["secondary_auroc"].items()],
         "",
-        "`difficulty` is the phantoms' latent difficulty (known only for phantoms), a reference, not a measure.",
+        "`difficulty` is the phantoms' latent difficulty (known only for phantoms) and `small_predicted_tmtv` "
+        "the predicted TMTV (smaller = riskier): references a score must beat, not measures.",
         "",
     ]
     return "\n".join(lines)
