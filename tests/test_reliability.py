@@ -536,7 +536,8 @@ def test_split_statistics_fix_the_threshold_on_validation_only():
     assert st["worst_tertile_dice_max"] == 0.2 and st["secondary_auroc"]["difficulty"] == 1.0
     res = {
         "command": "clips-reliability", "machine": "2-core CPU", "seconds": {"total": 10.0, "training": 6.0},
-        "members": 4, "config": "default", "cohort_seed": 1, "tta": False, "temperature": 1.5, "statistics": st,
+        "members": 4, "config": "default", "cohort_seed": 1, "tta": False,
+        "member_train_s": 500.0, "member_val_dice": [0.3, 0.4], "temperature": 1.5, "statistics": st,
         "ece": {"raw": {"all": 0.01, "neighbourhood": 0.2}, "scaled": {"all": 0.01, "neighbourhood": 0.1}},
     }  # fmt: skip
     md = exp.report_markdown(res)

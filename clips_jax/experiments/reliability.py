@@ -364,10 +364,11 @@ def report_markdown(res: dict) -> str:
         "# Reliability score: validation on phantoms",
         "",
         f"Command: `{res['command']}`  ",
-        f"Machine: {res['machine']}; wall time {res['seconds']['total']:.0f} s "
-        + "("
+        f"Machine: {res['machine']}; wall time of this invocation {res['seconds']['total']:.0f} s ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in res["seconds"].items() if k != "total")
-        + ")",
+        + "; a resumed invocation skips what is done); the members' training loops took "
+        + f"{_f(res['member_train_s'], 0)} s (their summary.json), best validation Dice "
+        + ", ".join(_f(d) for d in res["member_val_dice"]),
         "",
         f"Ensemble: {res['members']} members of `{res['config']}` (seeds 0..{res['members'] - 1}), mean of their "
         f"probabilities; cohort: phantoms of dataset seed {res['cohort_seed']}, {s['n']['val']} validation "
@@ -398,7 +399,11 @@ def report_markdown(res: dict) -> str:
         f"| lesion neighbourhood (truth or p > 0.5, +6 mm) | {_f(ece['raw']['neighbourhood'], 4)} | "
         f"{_f(ece['scaled']['neighbourhood'], 4)} |",
         "",
-        "Figures: `reliability_diagram.png` (lesion neighbourhood), `score_vs_dice.png`.",
+        "All voxels is the unbiased summary (dominated by confident background); the lesion neighbourhood is "
+        "selected by the truth and the prediction, which biases its diagram (towards lesion where the truth "
+        "selects, towards background where the prediction does).",
+        "",
+        "Figures: `reliability_diagram.png`, `score_vs_dice.png`.",
         "",
         "## Secondary: each measure alone (AUROC for the worst tertile, test split)",
         "",
@@ -417,13 +422,13 @@ def write_outputs(workdir: Path, res: dict, rows: Sequence[dict], bins: dict) ->
     from clips_jax.metrics import plots
 
     write_cases_csv(workdir / "cases.csv", rows)
+    ece, t = res["ece"], res["temperature"]
     curves = {
-        f"raw, ECE {res['ece']['raw']['neighbourhood']:.4f}": bins["raw"]["neighbourhood"],
-        f"T = {res['temperature']:.2f}, ECE {res['ece']['scaled']['neighbourhood']:.4f}": bins["scaled"][
-            "neighbourhood"
-        ],
+        f"{label}, {kind}: ECE {ece[key][region]:.4f}": bins[key][region]
+        for region, label in (("all", "all voxels"), ("neighbourhood", "lesion neighbourhood"))
+        for key, kind in (("raw", "raw"), ("scaled", f"T = {t:.2f}"))
     }
-    plots.reliability_diagram(curves, workdir / "reliability_diagram.png", "test split, lesion neighbourhood voxels")
+    plots.reliability_diagram(curves, workdir / "reliability_diagram.png", "test split")
     test = [r for r in rows if r["split"] == "test" and math.isfinite(r["dice"])]
     bad = rel.worst_tertile([r["dice"] for r in test])
     thr = res["statistics"]["threshold"]["threshold"]
@@ -505,6 +510,8 @@ def run_validation(
         "members": members,
         "cohort_seed": cohort_seed,
         "tta": bool(tta),
+        "member_train_s": sum(_summary(d).get("wall_s", float("nan")) for d in run_dirs),
+        "member_val_dice": [_summary(d).get("best", {}).get("val_dice") for d in run_dirs],
         "temperature": temperature,
         "statistics": stats,
         "ece": {k: {r: cal.expected_calibration_error(b) for r, b in v.items()} for k, v in bins.items()},
@@ -513,6 +520,13 @@ def run_validation(
     write_settings(workdir / "ensemble", temperature, stats["threshold"]["threshold"], config.eval, res)
     write_outputs(workdir, res, rows, bins)
     return res
+
+
+def _summary(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def write_settings(weights_dir: Path, temperature: float, threshold: float, eval_cfg, res: dict) -> None:
