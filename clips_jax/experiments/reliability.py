@@ -19,8 +19,9 @@ Steps (docs/reliability.md; everything resumable: re-running the command skips w
    brings the lesion-bearing test cases to `--test_lesion_cases`; prepared on the config's grid into
    `WORKDIR/cohort/store`;
 4. predictions: each cohort case once through the ensemble by tiled inference with the config's evaluation
-   tiles (one pass gives the ensemble and every member: `Ensemble.logits_with_members`), cached as
-   `WORKDIR/predictions/<case>.npz` (float16);
+   tile and half of it as step, as `clips-predict --stage_a_tile <tile>` tiles stage A (one pass gives the
+   ensemble and every member: `Ensemble.logits_with_members`), cached as `WORKDIR/predictions/<case>.npz`
+   (float16);
 5. validation split only: the temperature T (voxel NLL over every voxel of the validation cases,
    `clips_jax.metrics.calibration.fit_temperature`), then the review threshold maximising Youden's J for the
    worst tertile of Dice (`reliability.youden_threshold`); both are written to
@@ -218,6 +219,13 @@ def reference_pair(model) -> tuple[tuple, int]:
     return nnx_predictor(model), 0
 
 
+def predict_step(eval_cfg) -> tuple[int, int, int]:
+    """Half the config's evaluation tile: the step of `clips-predict`'s stage A (`--stage_a_tile` / 2), so that
+    the scores, threshold and temperature fixed here are those `clips-predict` produces with these weights and
+    `--stage_a_tile` = the tile (the training's validation steps differ, and the score moves with the tiling)."""
+    return tuple(int(t) // 2 for t in eval_cfg.tile_shape)
+
+
 def predict_cohort(ensemble, store, eval_cfg, out: Path, tta: bool, log) -> None:
     """Every cohort case's predictions into `out/<case>.npz` (float16), skipping those present."""
     from clips_jax import batch
@@ -233,7 +241,7 @@ def predict_cohort(ensemble, store, eval_cfg, out: Path, tta: bool, log) -> None
         if path.is_file():
             return batch.skipped("predicted earlier")
         case = next(make_eval_cases(store, [store.index(cid)]))
-        res = predict_case(case["image"], pair, n_members, e.tile_shape, e.tile_step, e.batch_size, tta)
+        res = predict_case(case["image"], pair, n_members, e.tile_shape, predict_step(e), e.batch_size, tta)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, **{k: v.astype(np.float16) for k, v in res.items()})
@@ -483,6 +491,7 @@ def run_validation(
     workdir = Path(workdir).absolute()
     settings = {"config": config.to_dict(), "members": members, "cohort_seed": cohort_seed}
     settings.update(val_cases=val_cases, test_lesion_cases=test_lesion_cases, tta=bool(tta))
+    settings.update(tiling="eval tile, step tile / 2 (as clips-predict's stage A)")
     _check_workdir(workdir, json.loads(json.dumps(json_safe(settings))))
     sec, t0 = {}, time.time()
 
@@ -535,7 +544,7 @@ def write_settings(weights_dir: Path, temperature: float, threshold: float, eval
         "temperature": temperature,
         "review_threshold": threshold,
         "tile_shape": list(eval_cfg.tile_shape),
-        "tile_step": list(eval_cfg.tile_step),
+        "tile_step": list(predict_step(eval_cfg)),
         "fixed_on": "validation split of the phantom cohort (clips-reliability; docs/reliability.md)",
         "test_auroc": res["statistics"]["auroc"]["auroc"],
         "date": res["date"],
