@@ -305,28 +305,43 @@ def make_train_step(
 def phantom_dirs(config: ml_collections.ConfigDict) -> tuple[Path, Path]:
     """(raw phantom folder, case-store folder) of the built-in phantoms of `config.data.phantoms`: the raw
     studies (`<case_id>/{CTres,SUV,SEG}.nii.gz + truth.json`) and the store prepared from them at
-    `config.data.spacing_mm`, both under `config.data.phantoms.cache`."""
+    `config.data.spacing_mm`, both under `config.data.phantoms.cache`. A store with an explicit split
+    (`data.phantoms.split`, `clips_jax.data.cohort`) has its own folder (`cohort.split_tag`)."""
+    from clips_jax.data.cohort import split_tag
+
     d, ph = config.data, config.data.phantoms
     cache = Path(ph.cache).expanduser()
     grid = "native" if not d.spacing_mm else f"{float(d.spacing_mm):g}mm"
-    return cache / f"phantoms_{ph.size}_s{ph.seed}", cache / f"store_{ph.size}_n{ph.cases}_s{ph.seed}_{grid}"
+    store = f"store_{ph.size}_n{ph.cases}_s{ph.seed}_{grid}{split_tag(ph)}"
+    return cache / f"phantoms_{ph.size}_s{ph.seed}", cache / store
 
 
 def ensure_store(config: ml_collections.ConfigDict, log: Callable[[str], None]) -> CaseStore:
-    """Open `config.data.store`, or generate + prepare the built-in phantoms (cached) when it is empty."""
+    """Open `config.data.store`, or generate + prepare the built-in phantoms (cached) when it is empty.
+
+    The phantoms' split: prepare's seeded one, or the explicit split of `data.phantoms.split`
+    (`clips_jax.data.cohort.phantom_split`, e.g. "study"), kept in the store folder as `split.json`.
+    Generation and preparation are resumable: phantoms and prepared cases already present are skipped."""
     d = config.data
     if d.store:
         return CaseStore(d.store)
     ph = d.phantoms
     raw, store_dir = phantom_dirs(config)
     if not (store_dir / "manifest.json").is_file() or len(CaseStore(store_dir)) < ph.cases:
+        from clips_jax.data.cohort import phantom_split
         from clips_jax.data.phantoms import write_phantoms
         from clips_jax.data.prepare import prepare_dataset
 
         if jax.process_index() == 0:
             log(f"generating {ph.cases} synthetic PET/CT phantoms ({ph.size}) into {raw} (first run only)")
-            write_phantoms(raw, ph.cases, ph.seed, ph.size)
-            prepare_dataset(raw, store_dir, spacing_mm=d.spacing_mm or "native", seed=ph.seed, log=log)
+            paths = write_phantoms(raw, ph.cases, ph.seed, ph.size)
+            split = phantom_split(ph, raw, [p.name for p in paths])
+            if split is not None:
+                store_dir.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(store_dir / "split.json", json.dumps(split, indent=1))
+            prepare_dataset(
+                raw, store_dir, spacing_mm=d.spacing_mm or "native", seed=ph.seed, split_json=split, log=log
+            )
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("phantoms")
     return CaseStore(store_dir)

@@ -346,6 +346,13 @@ def test_end_to_end_interrupt_and_resume(tmp_path):
     for f in ("results.md", "learning_curves.png", "boxplots.png"):
         assert (wd / f).stat().st_size > 0
     assert "transfer_teacher" in (wd / "results.md").read_text()
+    # every run says whether it plateaued (a 4-step run validates twice: too few for the check)
+    plat = _read_csv(wd / "plateau.csv")
+    assert [(r["curriculum"], r["seed"], r["plateaued"]) for r in plat] == [
+        ("none", "0", "0"),
+        ("transfer_teacher", "0", "0"),
+    ]
+    assert "need >= 5" in plat[0]["reason"] and "## Plateau" in (wd / "results.md").read_text()
 
     # --noresume refuses an existing experiment (nothing deleted)
     with pytest.raises(ConfigError, match="noresume"):

@@ -52,7 +52,7 @@ def installed(tmp_path_factory):
     (wheel,) = wheels.glob("clips_jax-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
-    assert "clips_jax/configs/default.py" in names and "clips_jax/configs/tmtv_finetune.py" in names
+    assert {f"clips_jax/configs/{c}.py" for c in ("default", "tmtv_finetune", "curriculum_study")} <= set(names)
     target = root / "site"
     r = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(wheel)],

@@ -20,12 +20,15 @@ positive control) and every seed 0..`--seeds`-1 it
    held-out "test" split (`clips_jax.evaluation`: tiled inference on the store grid with the model's own input
    channels, `clips_jax.metrics.case_metrics` per case), written to `<run>/test_metrics.csv` (skipped when it
    exists);
-3. writes `WORKDIR/results.csv`, `WORKDIR/results.md`, `WORKDIR/learning_curves.png` and
+3. checks whether the run plateaued (`plateau.py`: the best validation Dice of its last 20 % of steps at most
+   0.01 above the best before, with at least 5 validations), kept in `WORKDIR/plateau.csv`;
+4. writes `WORKDIR/results.csv`, `WORKDIR/results.md`, `WORKDIR/learning_curves.png` and
    `WORKDIR/boxplots.png` (`results.py`): per curriculum the mean +- s.d. over seeds of Dice, NSD, |TMTV error|,
    lesion sensitivity and FP volume on all test cases and on the hard third, and, against the baseline, the
    difference in Dice and in |TMTV error| with its 95 % interval, p-value and Holm-adjusted p-value from a
    mixed model whose unit is the patient and which accounts for run-to-run variance (`statistics.py`,
-   docs/statistics.md); the minimal detectable effect; and whether the controls behaved as expected.
+   docs/statistics.md); the minimal detectable effect; whether the controls behaved as expected; and which
+   runs plateaued.
 
 The transfer-teacher (bootstrapping) curriculum ranks the training cases by the soft-Dice loss of the first
 seed's baseline model (`none`, trained first, without curriculum): those scores are stored in the comparison's
@@ -51,7 +54,7 @@ import numpy as np
 
 from clips_jax.errors import ConfigError, DataError
 from clips_jax.experiments import hardness as hardness_lib
-from clips_jax.experiments import presets
+from clips_jax.experiments import plateau, presets
 from clips_jax.experiments.results import (
     RESULT_COLUMNS,  # noqa: F401 - re-exported (the comparison's result table)
     SUMMARY_METRICS,  # noqa: F401 - re-exported
@@ -334,6 +337,7 @@ class _Runner:
         self.status: dict[str, dict[int, str]] = {}
         self.rows: dict[str, dict[int, list[dict]]] = {}
         self.curves: dict[str, list[list[dict]]] = {}
+        self.plateau: dict[str, dict[int, dict]] = {}
         self.teacher: str | None = None
 
     def train(self, name: str, seed: int, store_dir, teacher: str = "") -> tuple[Any, Path, str]:
@@ -375,7 +379,11 @@ class _Runner:
         self.status.setdefault(name, {})[seed] = status
         self.rows.setdefault(name, {})[seed] = rows
         self.curves.setdefault(name, []).append(trainer.read_metrics(run_dir))
-        self.log(f"[{name} seed {seed}] test Dice {seed_means(rows)['dice']:.4f} over {len(rows)} cases")
+        plat = self.plateau.setdefault(name, {})[seed] = plateau.run_plateau(run_dir, int(cfg.steps))
+        self.log(
+            f"[{name} seed {seed}] test Dice {seed_means(rows)['dice']:.4f} over {len(rows)} cases; plateau: "
+            + ("yes" if plat["plateaued"] else f"no ({plat['reason']})")
+        )
 
 
 def write_report(
@@ -393,6 +401,7 @@ def write_report(
             "--hardness=run:DIR, weights:DIR or manifest:KEY for a hard subset fixed before the runs"
         )
     write_results_csv(workdir / "results.csv", rows)
+    write_text_atomic(workdir / "plateau.csv", plateau.plateau_csv(runner.plateau))
     plots.boxplots({n: [r for k in sorted(v) for r in v[k]] for n, v in runner.rows.items()}, workdir / "boxplots.png")
     learning_curves_png(runner.curves, workdir / "learning_curves.png")
     count = lambda what: sum(s == what for r in runner.status.values() for s in r.values())  # noqa: E731
@@ -407,7 +416,10 @@ def write_report(
         f"- this invocation: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall ({count('trained')} runs "
         f"trained, {count('skipped')} skipped)",
     ]
-    write_text_atomic(workdir / "results.md", results_markdown(rows, notes, header, design, hard.description))
+    write_text_atomic(
+        workdir / "results.md",
+        results_markdown(rows, notes, header, design, hard.description, plateau.plateau_lines(runner.plateau)),
+    )
     return rows, notes
 
 

@@ -342,9 +342,11 @@ def results_markdown(
     header: Sequence[str],
     design: Mapping[str, Any] | None = None,
     hard_description: str = "",
+    sections: Sequence[str] = (),
 ) -> str:
     """results.md: the header, how the hard cases were chosen, one table per subset (summary metrics and the
-    two endpoints against the baseline), the minimal detectable effects, the controls and the notes."""
+    two endpoints against the baseline), the minimal detectable effects, the controls, `sections` (markdown
+    lines, e.g. the plateau check of `plateau.plateau_lines`) and the notes."""
     design = design or {}
     out = ["# Curriculum comparison", "", *header, ""]
     if design:
@@ -406,6 +408,7 @@ def results_markdown(
     verdicts = control_verdicts(rows)
     if verdicts:
         out += ["## Controls", "", *[f"- {v}" for v in verdicts], ""]
+    out += list(sections)
     if notes:
         out += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(out)

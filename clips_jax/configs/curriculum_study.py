@@ -1,0 +1,62 @@
+"""The curriculum study on phantoms: a cohort and runs sized so that a comparison of curricula can answer.
+
+    clips-compare --config curriculum_study --steps 0 --seeds 5 --controls --workdir runs/curriculum_study
+
+(`--steps 0` keeps this file's steps and validation periods; docs/experiments.md, "A powered, controlled
+study on phantoms", has the pilot, the time it takes and its results.)
+
+What differs from `default.py` (the small U-Net, 32^3 patches, batch 2 and the loss stay):
+
+* the cohort: 140 "small" phantoms (96 x 64 x 64 voxels at 3 x 2.04 x 2.04 mm: shrunken patients, lesion
+  radii shrunk less, `clips_jax/data/phantoms.py`) on a 3 mm grid (96 x 44 x 44 voxels, 16 evaluation tiles per
+  case instead of the default store's 63), with the difficulty-stratified split of
+  `clips_jax/data/cohort.py`: 40 lesion-bearing + 8 lesion-free test cases, 12 validation cases, the rest
+  (about 60 lesion-bearing + 20 lesion-free) for training, every split covering the latent difficulty
+  evenly, so the training split has its hard tail and the test split its hard third;
+* the runs: long enough to plateau (the best validation Dice of the last 20 % of steps at most 0.01 above the
+  best before: `clips_jax/experiments/plateau.py`), with 10 validations per run and the learning rate
+  annealed to 0 over the run (one cosine period, the default schedule).
+
+Variant "pilot" (`--config curriculum_study:pilot`): the same cohort and model with `steps` halved, to see
+whether a shorter run would plateau too.
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+# Load the sibling default config by path (config files are loaded by path, not as a package).
+_spec = importlib.util.spec_from_file_location("clips_default_config", pathlib.Path(__file__).with_name("default.py"))
+default = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(default)
+
+#: Validations (and checkpoints) per run: at least 5 are needed by the plateau check, 2 of them in the last 20 %.
+EVALS = 10
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """The study config; `variant` "" or "pilot" (module docstring)."""
+    c = default.get_config()
+    c.steps = 1000
+    c.log_every = 50
+
+    c.data.spacing_mm = 3.0
+    ph = c.data.phantoms
+    ph.cases = 140
+    ph.seed = 0
+    ph.size = "small"
+    ph.split = "study"  # clips_jax/data/cohort.py: study_split with the counts below
+    ph.test_lesion_cases = 40
+    ph.test_free_cases = 8
+    ph.val_cases = 12
+
+    c.eval.at_start = False  # the untrained model's Dice (~0) is the same for every run
+
+    if variant == "pilot":
+        c.steps //= 2
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} of clips_jax/configs/curriculum_study.py (use '' or 'pilot')")
+    c.eval.every_steps = c.steps // EVALS
+    c.checkpoint.every_steps = c.steps // EVALS
+    return c

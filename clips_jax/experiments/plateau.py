@@ -1,0 +1,165 @@
+"""Did a training run plateau? The check every run of a curriculum comparison reports.
+
+Why: a comparison of curricula is only about the curricula when every run has trained to the end of its
+learning curve. A run stopped while its validation Dice still rises compares how fast curricula learn, not
+where they end. The criterion (docs/experiments.md, "A powered, controlled study on phantoms"):
+
+    a run has plateaued when the best validation Dice of its last 20 % of steps is no more than 0.01 above
+    the best validation Dice before them, and it validated at least 5 times.
+
+`plateau_check(curve, steps)` applies it to a validation curve [(step, Dice), ...]; `run_plateau(run_dir)`
+reads a run's curve from its `metrics.jsonl` (`clips_jax.trainer.read_metrics`, the "eval" rows; the untrained
+model's step-0 validation is not counted) and its length from `config.json`. `plateau_lines` gives the section
+of the comparison's results.md (`clips_jax.experiments.compare_curricula` keeps one record per run, also in
+`WORKDIR/plateau.csv`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+#: The last fraction of the steps whose best validation is compared with the best before it.
+LAST_FRACTION = 0.2
+
+#: How much the best validation Dice of the last fraction may exceed the best before (Dice units).
+TOLERANCE = 0.01
+
+#: Validations (after step 0) a run needs for the check to pass.
+MIN_EVALS = 5
+
+#: The columns of WORKDIR/plateau.csv (one row per run).
+PLATEAU_COLUMNS = (
+    "curriculum",
+    "seed",
+    "plateaued",
+    "n_evals",
+    "best_before",
+    "best_last",
+    "gain",
+    "boundary_step",
+    "reason",
+)
+
+
+def plateau_check(
+    curve: Sequence[tuple[int, float]],
+    steps: int,
+    *,
+    last_fraction: float = LAST_FRACTION,
+    tolerance: float = TOLERANCE,
+    min_evals: int = MIN_EVALS,
+) -> dict:
+    """Apply the plateau criterion (module docstring) to one validation curve.
+
+    Args:
+      curve: (step, validation Dice) pairs; steps <= 0 (the untrained model) and non-finite Dice are ignored.
+      steps: the run's number of training steps (> 0).
+      last_fraction, tolerance, min_evals: the criterion's parameters.
+    Returns:
+      {"plateaued": bool, "n_evals": validations counted, "boundary_step": steps * (1 - last_fraction)
+      (validations after it are "last"), "best_before", "best_last": the best Dice of each part (NaN when the
+      part is empty), "gain": best_last - best_before, "reason": "" when plateaued, else why not}.
+    """
+    if int(steps) <= 0:
+        raise ValueError(f"plateau_check: steps={steps} must be > 0")
+    boundary = float(steps) * (1.0 - float(last_fraction))
+    pts = [(int(s), float(d)) for s, d in curve if int(s) > 0 and d is not None and math.isfinite(float(d))]
+    before = [d for s, d in pts if s <= boundary]
+    last = [d for s, d in pts if s > boundary]
+    best_before = max(before) if before else float("nan")
+    best_last = max(last) if last else float("nan")
+    gain = best_last - best_before
+    if len(pts) < int(min_evals):
+        reason = f"{len(pts)} validations (need >= {int(min_evals)})"
+    elif not before or not last:
+        reason = f"no validation {'before' if not before else 'in the last'} {100 * last_fraction:g} % of the steps"
+    elif gain > float(tolerance):
+        reason = f"still improving: best of the last {100 * last_fraction:g} % is {gain:+.3f} above the best before"
+    else:
+        reason = ""
+    return {
+        "plateaued": reason == "",
+        "n_evals": len(pts),
+        "boundary_step": boundary,
+        "best_before": best_before,
+        "best_last": best_last,
+        "gain": gain,
+        "reason": reason,
+    }
+
+
+def validation_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
+    """[(step, val_dice), ...] of a run, from its metrics.jsonl (`clips_jax.trainer.read_metrics`, "eval" rows)."""
+    from clips_jax.trainer import read_metrics
+
+    return [(int(r["step"]), r.get("val_dice")) for r in read_metrics(run_dir, "eval")]
+
+
+def run_plateau(run_dir: str | os.PathLike, steps: int | None = None, **criterion) -> dict:
+    """`plateau_check` of a run folder's validation curve; `steps` defaults to the run's `config.json` steps.
+    `criterion`: last_fraction / tolerance / min_evals overrides."""
+    if steps is None:
+        steps = int(json.loads((Path(run_dir) / "config.json").read_text())["steps"])
+    return plateau_check(validation_curve(run_dir), int(steps), **criterion)
+
+
+def plateau_lines(records: Mapping[str, Mapping[int, Mapping]]) -> list[str]:
+    """The "Plateau" section of results.md: per experiment how many runs plateaued, the mean gain of the last
+    20 % over the best before, and each run that did not with its reason.
+
+    Args: records: experiment -> seed -> `plateau_check` dict.
+    """
+    if not records:
+        return []
+    out = [
+        "## Plateau",
+        "",
+        f"A run has plateaued when the best validation Dice of its last {100 * LAST_FRACTION:g} % of steps is at most "
+        f"{TOLERANCE} above the best before, with at least {MIN_EVALS} validations "
+        "(`clips_jax/experiments/plateau.py`; per run: plateau.csv).",
+        "",
+        "| experiment | runs plateaued | best val Dice before (mean) | gain of the last part (mean, max) |",
+        "|---|---|---|---|",
+    ]
+    failures = []
+    for name, by_seed in records.items():
+        recs = [by_seed[k] for k in sorted(by_seed)]
+        ok = sum(bool(r["plateaued"]) for r in recs)
+        gains = [r["gain"] for r in recs if math.isfinite(r["gain"])]
+        before = [r["best_before"] for r in recs if math.isfinite(r["best_before"])]
+        mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+        out.append(
+            f"| {name} | {ok}/{len(recs)} | {mean(before):.3f} | "
+            + (f"{mean(gains):+.3f}, {max(gains):+.3f}" if gains else "—")
+            + " |"
+        )
+        failures += [f"- {name} seed {k}: {r['reason']}" for k, r in sorted(by_seed.items()) if not r["plateaued"]]
+    out.append("")
+    if failures:
+        out += ["Runs that did not plateau:", "", *failures, ""]
+    else:
+        out += ["Every run plateaued.", ""]
+    return out
+
+
+def plateau_csv(records: Mapping[str, Mapping[int, Mapping]]) -> str:
+    """WORKDIR/plateau.csv text: PLATEAU_COLUMNS, one row per (experiment, seed)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PLATEAU_COLUMNS)
+    for name, by_seed in records.items():
+        for k in sorted(by_seed):
+            r = by_seed[k]
+            num = lambda v: "nan" if not math.isfinite(v) else f"{v:.6g}"  # noqa: E731
+            w.writerow(
+                [name, k, int(bool(r["plateaued"])), r["n_evals"], num(r["best_before"]), num(r["best_last"])]
+                + [num(r["gain"]), f"{r['boundary_step']:g}", r["reason"]]
+            )
+    return buf.getvalue()

@@ -1,0 +1,188 @@
+"""Tests of the curriculum study's pieces: the phantom cohort's explicit split (`clips_jax.data.cohort`), the
+study config (`clips_jax/configs/curriculum_study.py`) and the plateau check (`clips_jax.experiments.plateau`)
+that every run of a comparison reports."""
+
+import json
+import math
+import random
+
+import pytest
+
+from clips_jax.configs import config_path, names
+from clips_jax.data import cohort
+from clips_jax.errors import ConfigError
+from clips_jax.experiments import plateau
+
+
+def _load(spec: str):
+    import importlib.util
+
+    path, _, variant = config_path(spec).partition(":")
+    mod_spec = importlib.util.spec_from_file_location("study_cfg_under_test", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(variant)
+
+
+def _truths(n_lesion: int, n_free: int, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    out = {f"L{i:03d}": {"difficulty": rng.random(), "n_lesions": 1 + i % 5, "tmtv_ml": 10.0} for i in range(n_lesion)}
+    out.update({f"F{i:03d}": {"difficulty": rng.random(), "n_lesions": 0, "tmtv_ml": 0.0} for i in range(n_free)})
+    return out
+
+
+# ---- the cohort's split ---------------------------------------------------------------------------------
+
+
+def test_study_split_counts_partition_and_determinism():
+    truths = _truths(100, 25)
+    split = cohort.study_split(truths, test_lesion_cases=40, test_free_cases=8, val_cases=12)
+    ids = [c for s in cohort.SPLITS for c in split[s]]
+    assert sorted(ids) == sorted(truths) and len(ids) == len(set(ids))  # a partition
+    les = lambda s: [c for c in split[s] if truths[c]["n_lesions"] > 0]  # noqa: E731
+    assert len(les("test")) == 40 and len(split["test"]) == 48
+    assert len(les("val")) == 12 == len(split["val"])
+    assert len(les("train")) == 48 and len(split["train"]) == 48 + 17
+    # no random numbers: the same truths in another order give the same split
+    shuffled = dict(random.Random(1).sample(sorted(truths.items()), len(truths)))
+    assert cohort.study_split(shuffled, test_lesion_cases=40, test_free_cases=8, val_cases=12) == split
+
+
+def test_study_split_is_stratified_by_difficulty():
+    truths = _truths(120, 0, seed=3)
+    split = cohort.study_split(truths, test_lesion_cases=40, test_free_cases=0, val_cases=20)
+    order = sorted(truths, key=lambda c: (truths[c]["difficulty"], c))
+    # in every sixth of the difficulty order each split holds its share (test 1/3, val 1/6, train 1/2) +- 1
+    for k in range(6):
+        block = set(order[20 * k : 20 * (k + 1)])
+        counts = {s: len(block & set(split[s])) for s in cohort.SPLITS}
+        assert abs(counts["test"] - 20 / 3) <= 1 and abs(counts["val"] - 20 / 6) <= 1
+        assert abs(counts["train"] - 10) <= 1
+    summary = cohort.split_summary(split, truths)
+    assert summary["train"]["hard_lesion"] >= 18  # the training split keeps its hard tail (u >= 2/3)
+    assert summary["test"]["hard_lesion"] >= 12
+
+
+def test_study_split_refuses_a_cohort_too_small():
+    with pytest.raises(ConfigError, match="generate more phantoms"):
+        cohort.study_split(_truths(53, 10), test_lesion_cases=40, test_free_cases=8, val_cases=12)
+    with pytest.raises(ConfigError, match="lesion-free"):
+        cohort.study_split(_truths(80, 3), test_lesion_cases=40, test_free_cases=8, val_cases=12)
+    with pytest.raises(ConfigError):
+        cohort.study_split(_truths(80, 10), test_lesion_cases=0)
+
+
+def test_split_setting_json_file_and_store_tag(tmp_path):
+    import ml_collections
+
+    ph = ml_collections.ConfigDict({"split": ""})
+    assert cohort.split_tag(ph) == "" and cohort.phantom_split(ph, tmp_path, []) is None
+    f = tmp_path / "split.json"
+    f.write_text(json.dumps({"train": ["a"], "val": ["b"], "test": ["c"]}))
+    ph.split = str(f)
+    assert cohort.phantom_split(ph, tmp_path, ["a", "b", "c"]) == {"train": ["a"], "val": ["b"], "test": ["c"]}
+    assert cohort.split_tag(ph).startswith("_split") and len(cohort.split_tag(ph)) == len("_split") + 8
+    ph.split = str(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="not 'study'"):
+        cohort.split_tag(ph)
+
+
+@pytest.fixture(scope="module")
+def study_truths():
+    """The truths of the study config's phantoms, generated in memory (~0.1 s each on the 2-core VM)."""
+    from clips_jax.data.phantoms import case_id, case_seed, make_phantom
+
+    ph = _load("curriculum_study").data.phantoms
+    return {case_id(ph.seed, i): make_phantom(case_seed(ph.seed, i), ph.size).truth for i in range(int(ph.cases))}
+
+
+def test_the_study_cohort_meets_the_counts(study_truths):
+    ph = _load("curriculum_study").data.phantoms
+    split = cohort.study_split(study_truths, **cohort.study_counts(ph))
+    s = cohort.split_summary(split, study_truths)
+    assert s["test"]["lesion"] >= 40 and s["test"]["lesion_free"] >= 1
+    assert s["val"]["lesion"] >= 10
+    assert s["train"]["lesion"] >= 40 and s["train"]["hard_lesion"] >= 15  # a real hard tail
+    # the hard training cases really are the small ones (median TMTV of hard < half that of easy)
+    assert s["train"]["median_tmtv_ml_hard"] < 0.5 * s["train"]["median_tmtv_ml_easy"]
+    # the test split's hard third (ceil(40/3) = 14 cases by latent difficulty) is available
+    assert s["test"]["hard_lesion"] >= math.ceil(40 / 3)
+    assert cohort.study_split(study_truths, **cohort.study_counts(ph)) == split
+
+
+# ---- the study config -----------------------------------------------------------------------------------
+
+
+def test_study_config_loads_by_name_and_makes_sense():
+    from clips_jax.trainer import phantom_dirs
+
+    assert "curriculum_study" in names()
+    c = _load("curriculum_study")
+    base = _load("default")
+    assert c.steps > 0 and c.eval.every_steps > 0 and c.steps % c.eval.every_steps == 0
+    evals = c.steps // c.eval.every_steps
+    assert evals >= plateau.MIN_EVALS
+    last = [s for s in range(c.eval.every_steps, c.steps + 1, c.eval.every_steps) if s > 0.8 * c.steps]
+    assert len(last) >= 1 and evals - len(last) >= 1  # validations on both sides of the plateau boundary
+    assert c.checkpoint.every_steps == c.eval.every_steps and not c.eval.at_start
+    assert c.data.phantoms.split == "study" and cohort.study_counts(c.data.phantoms)["test_lesion_cases"] >= 40
+    # the default small U-Net and patch, annealed to 0 over the run (one cosine period)
+    assert tuple(c.model.channels) == tuple(base.model.channels) and tuple(c.data.patch_shape) == (32, 32, 32)
+    assert c.optim.restart_steps == 0 and c.model.kind == "unet"
+    assert phantom_dirs(c)[1].name.endswith("_study40+8v12")
+    p = _load("curriculum_study:pilot")
+    assert p.steps == c.steps // 2 and p.steps // p.eval.every_steps == evals
+    with pytest.raises(ValueError, match="unknown variant"):
+        _load("curriculum_study:nope")
+
+
+# ---- the plateau check ----------------------------------------------------------------------------------
+
+
+def _curve(values, every=100):
+    return [(every * (k + 1), v) for k, v in enumerate(values)]
+
+
+def test_plateau_passes_on_a_flat_end_and_fails_while_rising():
+    flat = plateau.plateau_check(_curve([0.2, 0.4, 0.5, 0.55, 0.6, 0.61, 0.6, 0.62, 0.615, 0.625]), 1000)
+    assert flat["plateaued"] and flat["n_evals"] == 10 and flat["reason"] == ""
+    assert flat["best_before"] == pytest.approx(0.62) and flat["gain"] == pytest.approx(0.005)
+    rising = plateau.plateau_check(_curve([0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.62, 0.64, 0.65]), 1000)
+    assert not rising["plateaued"] and "still improving" in rising["reason"]
+    assert rising["gain"] == pytest.approx(0.03)
+    # a last part that is worse than the best before is a plateau (the best checkpoint is from before)
+    assert plateau.plateau_check(_curve([0.3, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.4, 0.4]), 1000)["plateaued"]
+
+
+def test_plateau_boundary_tolerance_and_counts():
+    # step 800 of 1000 belongs to "before" (the last 20 % are steps > 800)
+    c = plateau.plateau_check([(200, 0.1), (400, 0.2), (600, 0.3), (800, 0.5), (1000, 0.509)], 1000)
+    assert c["boundary_step"] == 800 and c["best_before"] == 0.5 and c["plateaued"]
+    assert not plateau.plateau_check([(200, 0.1), (400, 0.2), (600, 0.3), (800, 0.5), (1000, 0.52)], 1000)["plateaued"]
+    # 4 validations are too few, even when flat; step 0 (untrained) and NaN do not count
+    few = plateau.plateau_check([(0, 0.0), (250, 0.5), (500, 0.5), (750, float("nan")), (900, 0.5), (1000, 0.5)], 1000)
+    assert few["n_evals"] == 4 and not few["plateaued"] and "need >= 5" in few["reason"]
+    # no validation in the last 20 %
+    late = plateau.plateau_check(_curve([0.1, 0.2, 0.3, 0.4, 0.5], every=100), 1000)
+    assert not late["plateaued"] and "last 20 %" in late["reason"]
+    with pytest.raises(ValueError):
+        plateau.plateau_check([], 0)
+
+
+def test_run_plateau_reads_the_run_folder_and_reports(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"steps": 500}))
+    rows = [{"kind": "train", "step": s, "loss": 1.0} for s in range(1, 501)]
+    rows += [{"kind": "eval", "step": s, "val_dice": d} for s, d in _curve([0.1, 0.3, 0.4, 0.45, 0.2], 100)]
+    rows.append({"kind": "eval", "step": 500, "val_dice": 0.452})  # a resumed run re-logs: the last row wins
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = plateau.run_plateau(run)
+    assert rec["plateaued"] and rec["best_last"] == pytest.approx(0.452) and rec["n_evals"] == 5
+    assert not plateau.run_plateau(run, tolerance=0.001)["plateaued"]
+
+    records = {"none": {0: rec, 1: plateau.plateau_check(_curve([0.1, 0.2, 0.3, 0.4, 0.5]), 500)}}
+    md = "\n".join(plateau.plateau_lines(records))
+    assert "| none | 1/2 |" in md and "none seed 1: still improving" in md
+    csv_text = plateau.plateau_csv(records).splitlines()
+    assert csv_text[0] == ",".join(plateau.PLATEAU_COLUMNS) and csv_text[1].startswith("none,0,1,5,")
