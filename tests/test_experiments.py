@@ -164,6 +164,12 @@ def test_seed_means_and_mean_sd():
     mean, sd = cc.mean_sd([0.1, 0.4, float("nan"), 0.7])
     assert mean == pytest.approx(0.4) and sd == pytest.approx(np.std([0.1, 0.4, 0.7], ddof=1))
     assert math.isnan(cc.mean_sd([0.3])[1])
+    # a lesion-free case with a false positive has Dice 0 in its metrics row (docs/metrics.md): the comparison's
+    # Dice and NSD leave it out all the same (its false positive counts in the TMTV error and FP volume)
+    fp_free = _row("c", 0.0, tp=0, fn=0, pred=1.5, true=0.0, fpv=1.5, nsd=0.0)
+    v = results.case_summary_values(fp_free)
+    assert math.isnan(v["dice"]) and math.isnan(v["nsd"]) and v["tmtv_abs_err_ml"] == pytest.approx(1.5)
+    assert cc.seed_means([rows[0], fp_free])["dice"] == pytest.approx(0.8)
 
 
 def test_settings_conflicts_ignores_added_keys():

@@ -69,14 +69,18 @@ ALPHA = 0.05
 def case_summary_values(row: Mapping[str, float]) -> dict[str, float]:
     """The five summary metrics of one `case_metrics` row (floats; NaN where undefined).
 
-    dice, nsd: as in the row (NaN for a lesion-free case); tmtv_abs_err_ml = |tmtv_pred_ml - tmtv_true_ml|;
+    dice, nsd: as in the row for a lesion case, NaN for a lesion-free case (`tmtv_true_ml == 0`, docs/metrics.md:
+    the row has 0 there when the prediction is not empty, NaN when it is; the comparison's Dice is over lesion
+    cases only, so that a false positive on a lesion-free case never enters it as a Dice of 0 in some runs and
+    not in others: it counts in the TMTV error and FP volume); tmtv_abs_err_ml = |tmtv_pred_ml - tmtv_true_ml|;
     lesion_sensitivity = a1_tp / (a1_tp + a1_fn) (any-overlap matching; NaN without true lesions);
     fpv_ml: autoPET false-positive component volume (defined for every case).
     """
     tp, fn = float(row["a1_tp"]), float(row["a1_fn"])
+    lesion = float(row["tmtv_true_ml"]) > 0
     return {
-        "dice": float(row["dice"]),
-        "nsd": float(row["nsd"]),
+        "dice": float(row["dice"]) if lesion else float("nan"),
+        "nsd": float(row["nsd"]) if lesion else float("nan"),
         "tmtv_abs_err_ml": abs(float(row["tmtv_pred_ml"]) - float(row["tmtv_true_ml"])),
         "lesion_sensitivity": tp / (tp + fn) if tp + fn > 0 else float("nan"),
         "fpv_ml": float(row["fpv_ml"]),
