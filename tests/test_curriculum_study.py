@@ -130,8 +130,6 @@ def test_study_config_loads_by_name_and_makes_sense():
     assert tuple(c.model.channels) == tuple(base.model.channels) and tuple(c.data.patch_shape) == (32, 32, 32)
     assert c.optim.restart_steps == 0 and c.model.kind == "unet"
     assert phantom_dirs(c)[1].name.endswith("_study40+8v12")
-    p = _load("curriculum_study:pilot")
-    assert p.steps == c.steps // 2 and p.steps // p.eval.every_steps == evals
     with pytest.raises(ValueError, match="unknown variant"):
         _load("curriculum_study:nope")
 
@@ -186,3 +184,19 @@ def test_run_plateau_reads_the_run_folder_and_reports(tmp_path):
     assert "| none | 1/2 |" in md and "none seed 1: still improving" in md
     csv_text = plateau.plateau_csv(records).splitlines()
     assert csv_text[0] == ",".join(plateau.PLATEAU_COLUMNS) and csv_text[1].startswith("none,0,1,5,")
+
+
+# ---- planning: the power table --------------------------------------------------------------------------
+
+
+def test_power_table_is_deterministic_and_grows_with_the_effect():
+    from clips_jax.experiments import statistics
+
+    grid = {"effects": (0.0, 0.15), "cases": (30,), "runs": (3,)}
+    table = statistics.power_table(200, 1, grid=grid, n_curricula=4)
+    assert table == statistics.power_table(200, 1, grid=grid, n_curricula=4)
+    header, _, null, big = table.splitlines()
+    assert "p < 0.0125 (Holm, 4 curricula)" in header
+    power = lambda line: [float(c.strip(" %")) for c in line.strip("|").split("|")[3:]]  # noqa: E731
+    assert null.startswith("| +0.00 | 30 (10) | 3 |") and power(null)[0] <= 15  # the level, about 5 %
+    assert power(big)[0] >= 60 and power(big)[0] >= power(big)[1] > power(null)[1]

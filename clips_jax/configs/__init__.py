@@ -1,7 +1,8 @@
 """The training configs shipped with the package (ml_collections `get_config(variant)` files).
 
-`default.py` (the built-in synthetic-phantom job; variants `tiny`, ...) and `tmtv_finetune.py` (fine-tuning
-the converted TMTV-Net on a real case store). They are ordinary files inside the installed package, so every
+`default.py` (the built-in synthetic-phantom job; variants `tiny`, ...), `tmtv_finetune.py` (fine-tuning
+the converted TMTV-Net on a real case store) and `curriculum_study.py` (the curriculum study on a phantom cohort
+with an explicit split, docs/experiments.md). They are ordinary files inside the installed package, so every
 command finds its defaults from any folder; `--config` takes a path (`path.py[:variant]`) or a packaged name
 (`default`, `default:tiny`, `tmtv_finetune`): `config_path` resolves both.
 """

@@ -6,7 +6,9 @@ What it is for
 same held-out test cases, giving per curriculum a table ``(n_runs, n_cases)`` of a per-case metric (Dice; any
 metric where larger is better). `compare` tests each curriculum against the baseline on all cases and on the
 hard third of the cases; `holm` adjusts its p-values across curricula; `minimal_detectable_effect` says how
-large a difference the design can detect; `simulate` checks the error rates of the whole procedure.
+large a difference the design can detect; `simulate` checks the error rates of the whole procedure;
+`power_table` gives the power of the hard-case test over effects, test cases and seeds (to plan a study,
+docs/experiments.md).
 
 Why not a per-case Wilcoxon over seed-averaged differences
 ----------------------------------------------------------
@@ -521,7 +523,70 @@ def simulation_table(n_sims: int = 20000, rng_seed: int = 2026) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m clips_jax.experiments.statistics [N_SIMS [RNG_SEED]]
+#: The grid of `power_table`: true ΔDice on the hard third, test cases (the hard third is ceil(n/3) of them),
+#: runs (seeds) per arm.
+POWER_GRID = {"effects": (0.03, 0.05, 0.10), "cases": (40, 100, 200), "runs": (3, 5, 10)}
+
+
+def power_table(
+    n_sims: int = 2000,
+    rng_seed: int = 2026,
+    *,
+    sd_run: float = 0.02,
+    sd_noise: float = 0.08,
+    sd_case: float = 0.15,
+    n_curricula: int = 8,
+    grid: Mapping[str, Sequence] | None = None,
+) -> str:
+    """Markdown table: power of the hard-case test (`compare` with an independent hardness) to detect a true
+    ΔDice on the truly hard third, per effect, number of test cases and runs per arm (`simulate`, the same
+    rng_seed in every cell; deterministic).
+
+    Two levels: 5 % (one curriculum against the baseline) and 5 % / `n_curricula` (the threshold Holm's first
+    step applies to the smallest p among `n_curricula` compared curricula: the power when one curriculum has
+    the effect and the others none). The variances (run, per-case noise, case) are `simulate`'s; pass those
+    measured on your own baseline runs (`minimal_detectable_effect` reports sd_run and sd_case_noise).
+
+    Args: n_sims: simulations per cell; grid: {"effects", "cases", "runs"} (default POWER_GRID).
+    Returns: the table as a string, one row per (effect, cases, runs).
+    """
+    g = {**POWER_GRID, **(grid or {})}
+    holm_alpha = 0.05 / max(1, int(n_curricula))
+    lines = [
+        f"| true ΔDice, hard third | test cases (hard) | runs per arm | power, p < 0.05 | power, p < {holm_alpha:.4g} "
+        f"(Holm, {n_curricula} curricula) |",
+        "|---|---|---|---|---|",
+    ]
+    for effect in g["effects"]:
+        for n_cases in g["cases"]:
+            for n_runs in g["runs"]:
+                kw = dict(
+                    n_cases=int(n_cases),
+                    n_runs=int(n_runs),
+                    effect_hard=float(effect),
+                    sd_run=sd_run,
+                    sd_noise=sd_noise,
+                    sd_case=sd_case,
+                    rng_seed=rng_seed,
+                )
+                one = simulate(n_sims, **kw)["rate_hard"]
+                holm_first = simulate(n_sims, alpha=holm_alpha, **kw)["rate_hard"]
+                lines.append(
+                    f"| {effect:+.2f} | {n_cases} ({math.ceil(n_cases / 3)}) | {n_runs} | {100 * one:.0f} % "
+                    f"| {100 * holm_first:.0f} % |"
+                )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # python -m clips_jax.experiments.statistics [N_SIMS [RNG_SEED]]                 error rates (SCENARIOS)
+    # python -m clips_jax.experiments.statistics power [N_SIMS [RNG_SEED [SD_RUN [SD_NOISE]]]]   power grid
     import sys
 
-    print(simulation_table(*(int(a) for a in sys.argv[1:3])))
+    args = sys.argv[1:]
+    if args[:1] == ["power"]:
+        nums = args[1:5]
+        kw = dict(zip(("sd_run", "sd_noise"), (float(a) for a in nums[2:4])))
+        print(power_table(*(int(a) for a in nums[:2]), **kw))
+    else:
+        print(simulation_table(*(int(a) for a in args[:2])))
