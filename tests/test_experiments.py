@@ -106,6 +106,7 @@ def test_summarise_rows_tests_holm_and_controls():
     assert any(v.startswith("negative control `control_negative`") for v in verdicts), verdicts
     md = cc.results_markdown(rows, notes, ["- header"], design, "a test hardness")
     assert "a test hardness" in md and "## Controls" in md and "## Minimal detectable effect" in md
+    assert "per-case noise s.d." in md
 
 
 def test_summarise_without_hardness_leaves_out_the_choosing_run():

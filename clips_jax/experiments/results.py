@@ -403,12 +403,18 @@ def results_markdown(
         ]
         for subset in SUBSETS:
             m = design["mde"][subset]
+            d, t = m["dice"], m["tmtv_abs_err_ml"]
             out.append(
-                f"- {titles[subset].lower()}: Dice {m['dice']['mde']:.3f}, |TMTV error| "
-                f"{m['tmtv_abs_err_ml']['mde']:.1f} ml ({m['dice']['n_runs']} runs per arm, "
-                f"{m['dice']['n_cases']} cases)"
+                f"- {titles[subset].lower()}: Dice {d['mde']:.3f} (run s.d. {d['sd_run']:.3f}, per-case noise s.d. "
+                f"{d['sd_case_noise']:.3f}), |TMTV error| {t['mde']:.1f} ml (run s.d. {t['sd_run']:.2f}, noise s.d. "
+                f"{t['sd_case_noise']:.2f} ml) ({d['n_runs']} runs per arm, {d['n_cases']} cases)"
             )
-        out.append("")
+        out += [
+            "",
+            "The run and noise s.d. are what `python -m clips_jax.experiments.statistics power N SEED SD_RUN "
+            "SD_NOISE` takes to plan a larger study (docs/experiments.md).",
+            "",
+        ]
     verdicts = control_verdicts(rows)
     if verdicts:
         out += ["## Controls", "", *[f"- {v}" for v in verdicts], ""]
