@@ -25,8 +25,9 @@ temporaries, which on a CPU backend costs page faults of ~45 MB per crop), and a
 (draw, plain crop, affine crop, each intensity augmentation, the channels; each stage jitted alone).
 `--small`: 48 x 32 x 32 phantoms at 4 mm (32 x 21 x 21 at 6 mm), 24 x 16 x 16 crops, 2 cases, 3 batches, no
 in-loop run and no breakdown (a few seconds; `tests/test_device_data.py` calls `compare(small=True)`).
-`--keep_freed_memory`: first set glibc's malloc to reuse freed memory for every size (`keep_freed_memory`), for
-both paths: on a CPU backend each device call otherwise page-faults its fresh ~90 MB of output and temporaries.
+The allocator is set as the command-line tools set it (`clips_jax.host_memory`: glibc keeps freed memory for
+reuse, for both paths); `CLIPS_MALLOC=default` leaves glibc as it comes, and then on a CPU backend each device
+call page-faults its fresh ~90 MB of output and temporaries (blocks above 32 MB are mapped anew every time).
 The last line printed is `ratio device/host: X` (per-call device crops/s over host crops/s, 2 decimals).
 Prints the machine, the date and the numbers.
 """
@@ -280,24 +281,6 @@ def _in_loop(dstore, key, wj, patch, batch_size, batches, kw, log) -> float:
     return in_loop
 
 
-def keep_freed_memory() -> bool:
-    """glibc only: serve every size from the heap and never return freed memory to the OS (mallopt
-    M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2**31 - 1), for the whole process, host and device path alike.
-
-    By default glibc maps every allocation above 32 MB fresh (and unmaps it on free), so each call that
-    returns a 47 MB batch page-faults all of it again; NumPy's smaller host arrays are reused from the heap.
-    Returns False where mallopt is unavailable."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
-
-
 def _header():
     import jax
     import numpy as np
@@ -315,8 +298,9 @@ def main(argv):
 
     f = flags.FLAGS
     if f.compare:
-        if f.keep_freed_memory:
-            print(f"keep_freed_memory (mallopt): {keep_freed_memory()}")
+        from clips_jax import host_memory
+
+        print(f"allocator: {host_memory.configure_from_env()} (clips_jax.host_memory, {host_memory.MALLOC_ENV})")
         _header()
         compare(
             small=f.small,
@@ -401,12 +385,6 @@ if __name__ == "__main__":
     flags.DEFINE_bool("small", False, "with --compare: tiny phantoms and crops (seconds)")
     flags.DEFINE_string(
         "cache_dir", "", "with --compare: phantom/store cache (default: <temp>/clips_jax_bench_phantoms)"
-    )
-    flags.DEFINE_bool(
-        "keep_freed_memory",
-        False,
-        "with --compare: glibc mallopt so that freed memory is reused "
-        "instead of unmapped (see keep_freed_memory; both paths)",
     )
     flags.DEFINE_integer("rounds", 3, "with --compare: alternating rounds per path (--small: 1 unless given)")
     flags.DEFINE_integer("batch_size", 2, "with --compare: crops per batch (both paths)")

@@ -7,7 +7,8 @@ with a trivial jitted predictor (a fixed 6 -> 2 linear map, so compute is cheap 
 blending dominate the memory). It prints the machine, the date, the resident set size before the pass, the
 peak resident set size (VmHWM from /proc/self/status, else getrusage) after it, and the difference.
 Run with JAX_PLATFORMS=cpu to keep the accelerator out of it (CPU device buffers then count as host memory,
-which is the stricter measure).
+which is the stricter measure). The allocator is set as the command-line tools set it (`clips_jax.host_memory`;
+`CLIPS_MALLOC=default` leaves glibc as it comes).
 
     .venv/bin/python benchmarks/inference_memory.py
     .venv/bin/python benchmarks/inference_memory.py --shape 326,400,400 --batch-size 2 --tta
@@ -59,7 +60,9 @@ def main() -> None:
     shape = tuple(int(v) for v in args.shape.split(","))
     tile = tuple(int(v) for v in args.tile.split(","))
     step = tuple(t // 2 for t in tile)
+    from clips_jax import host_memory
 
+    print(f"allocator: {host_memory.configure_from_env()} (clips_jax.host_memory; {host_memory.MALLOC_ENV})")
     print(
         f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}"

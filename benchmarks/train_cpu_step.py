@@ -18,6 +18,9 @@ back to back, alternating which goes first, and the medians over rounds are comp
 * NEW: the library as it is (`CLIPS_CONV3D=auto`: small convolutions fold the depth taps into the channels;
   class reductions unrolled in `clips_jax.losses`).
 
+The allocator: as the command-line tools set it (`clips_jax.host_memory`: freed memory kept for reuse, the
+default since 2026-12-01); `CLIPS_MALLOC=default` leaves glibc as it comes (how every step ran before).
+
 Also prints the first-step loss and gradient norm of both (they agree to float32 round-off) and XLA's cost
 analysis.
 """
@@ -124,13 +127,16 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from clips_jax import trainer
+    from clips_jax import host_memory, trainer
     from clips_jax.configs import default as default_config
+
+    malloc = host_memory.configure_from_env()
 
     print(f"command   {' '.join([Path(sys.executable).name] + sys.argv)}")
     print(f"date      {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"machine   {platform.node()} | {cpu_model()} | {os.cpu_count()} cores | {platform.platform()}")
     print(f"versions  python {platform.python_version()} | jax {jax.__version__} on {jax.devices()[0].platform}")
+    print(f"malloc    {malloc} ({host_memory.MALLOC_ENV}={os.environ.get(host_memory.MALLOC_ENV, '')!r})")
     print(f"load avg  start {load_avg()}")
 
     cfg = default_config.get_config()

@@ -25,6 +25,7 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
+from clips_jax import host_memory
 from clips_jax.errors import ClipsError, ConfigError
 
 EXIT_OK = 0
@@ -118,6 +119,8 @@ def study_options(fv) -> dict[str, bool]:
 def run_tool(argv: Sequence[str] | None, define_flags: Callable, run_from_flags: Callable, doc: str | None) -> int:
     """Parse `argv` (argv[0] = program name; None = sys.argv) with the command's flags and run it.
 
+    Before running, sets this process's allocator from `CLIPS_MALLOC` (`clips_jax.host_memory`: by default
+    freed memory is reused, which makes XLA's CPU calls faster).
     Returns the exit status (never raises for a user error): help -> 0; a flag error, `ConfigError` or
     `UsageError` -> one `error:` line, 2; any other `ClipsError` -> one `error:` line, 1; otherwise what
     `run_from_flags` returns.
@@ -138,6 +141,7 @@ def run_tool(argv: Sequence[str] | None, define_flags: Callable, run_from_flags:
         rest = fv(argv)
         if len(rest) > 1:
             raise UsageError(f"unexpected arguments {rest[1:]}; every input is a --flag (see --help)")
+        host_memory.configure_from_env()
         return int(run_from_flags(fv) or 0)
     except (flags.Error, ClipsError) as e:
         error(e)
