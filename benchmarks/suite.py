@@ -953,8 +953,11 @@ def main(argv: list[str] | None = None) -> int:
     if jax.devices()[0].platform == "cpu" and not args.small:
         progress("full-size figures on a CPU take hours; use --small for the CPU check")
 
+    from clips_jax import host_memory
+
     settings = {k: v for k, v in profile.items() if k != "estimate_s"}
     settings.update(
+        allocator=host_memory.configure_from_env(),  # as the command-line tools set it (CLIPS_MALLOC)
         alpha=ALPHA,
         cache=args.cache,
         xla_flags=os.environ.get("XLA_FLAGS", ""),
