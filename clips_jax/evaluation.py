@@ -42,7 +42,15 @@ from clips_jax.checks import zyx_triple
 from clips_jax.data.pipeline import make_eval_cases
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ConfigError
-from clips_jax.inference import as_predictor, pad_to_multiple, tile_origins, tile_overlap, tiled_inference, weight_map
+from clips_jax.inference import (
+    as_predictor,
+    is_predictor_pair,
+    pad_to_multiple,
+    tile_origins,
+    tile_overlap,
+    tiled_inference,
+    weight_map,
+)
 from clips_jax.metrics import case_metrics, dice
 from clips_jax.metrics.case_losses import case_loss
 from clips_jax.metrics.lesions import fpv_fnv_ml, lesion_overlaps
@@ -60,10 +68,6 @@ IMAGE_CHANNELS = 5
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _is_pair(model: Any) -> bool:
-    return isinstance(model, tuple) and len(model) == 2 and callable(model[0])
-
-
 def model_channels(model: Any) -> tuple[str, ...]:
     """The extra input channels a model takes after the `IMAGE_CHANNELS` image channels, in order.
 
@@ -77,7 +81,7 @@ def model_channels(model: Any) -> tuple[str, ...]:
     Raises:
       ConfigError for anything that is neither an NNX module nor a pair.
     """
-    if _is_pair(model):
+    if is_predictor_pair(model):
         return ()
     from flax import nnx
 

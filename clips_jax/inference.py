@@ -679,6 +679,11 @@ def nnx_predictor(model: Any, method: str = "__call__") -> tuple[NNXPredictor, A
     return NNXPredictor(graphdef, method), state
 
 
+def is_predictor_pair(model: Any) -> bool:
+    """Whether `model` is a `(predictor, params)` pair (a 2-tuple whose first item is callable)."""
+    return isinstance(model, tuple) and len(model) == 2 and callable(model[0])
+
+
 def as_predictor(model: Any) -> tuple[Callable, Any]:
     """`(predictor, params)` for `tiled_inference` from what callers hold as "the model".
 
@@ -691,7 +696,7 @@ def as_predictor(model: Any) -> tuple[Callable, Any]:
     """
     from flax import nnx
 
-    if isinstance(model, tuple) and len(model) == 2 and callable(model[0]):
+    if is_predictor_pair(model):
         return model[0], model[1]
     if isinstance(model, nnx.Module):
         return nnx_predictor(model)
