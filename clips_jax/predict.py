@@ -307,19 +307,10 @@ def segment(
     Raises:
       ConfigError if the refiner is needed but missing; DataError for non-finite inputs.
     """
-    from clips_jax.data.case import Case
-    from clips_jax.data.channels import make_channels
-    from clips_jax.data.resample import resample_case
-    from clips_jax.inference import argmax_mask, tiled_inference, upsample_probability
-
     if not options.stage_a_only and models.refiner is None:
         raise ConfigError("no refiner loaded; use --stage_a_only or a weights directory with a 'refiner'")
-    common = dict(batch_size=options.batch_size, dtype=options.dtype, tta=options.tta)
     t0 = time.perf_counter()
-    coarse = resample_case(Case("predict", ct_hu, suv, None, geometry), options.spacing_mm)
-    prob6, members, tta = _stage_a(make_channels(coarse.ct, coarse.suv), models, options, progress)
-    sp6 = tuple(float(v) for v in coarse.geometry.spacing_mm)
-    channel = upsample_probability(prob6, geometry.shape, geometry.spacing_mm, sp6)
+    prob6, sp6, channel, members, tta = _stage_a_on_pet_grid(ct_hu, suv, geometry, models, options, progress)
     seconds = {"stage_a": time.perf_counter() - t0, "stage_b": None}
     extra = dict(stage_a_spacing_mm=sp6, members=members, tta=tta)
     if options.stage_a_only:
@@ -327,7 +318,38 @@ def segment(
         return Segmentation((channel > 0.5).astype(np.uint8), prob6, seconds, **extra, prob=prob)
     t1 = time.perf_counter()
     volume = stage_b_input(ct_hu, suv, channel)
-    del channel
+    del channel  # (z, y, x) float32: not kept through stage B's peak
+    mask, prob = _stage_b(volume, models, options, progress)
+    seconds["stage_b"] = time.perf_counter() - t1
+    return Segmentation(mask, prob6, seconds, **extra, prob=prob)
+
+
+def _stage_a_on_pet_grid(ct_hu, suv, geometry, models: Models, options: Options, progress: Progress | None):
+    """Stage A of `segment`: resample the study to `options.spacing_mm`, make the 5 channels, run the
+    ensemble, and bring its lesion probability back to the PET grid.
+
+    Returns `(prob6 (d, h, w) float32 on the coarse grid, its spacing (z, y, x) mm, the probability
+    (z, y, x) float32 on `geometry`, member probabilities or None, flip passes or None)` (see `_stage_a`)."""
+    from clips_jax.data.case import Case
+    from clips_jax.data.channels import make_channels
+    from clips_jax.data.resample import resample_case
+    from clips_jax.inference import upsample_probability
+
+    coarse = resample_case(Case("predict", ct_hu, suv, None, geometry), options.spacing_mm)
+    prob6, members, tta = _stage_a(make_channels(coarse.ct, coarse.suv), models, options, progress)
+    sp6 = tuple(float(v) for v in coarse.geometry.spacing_mm)
+    channel = upsample_probability(prob6, geometry.shape, geometry.spacing_mm, sp6)
+    return prob6, sp6, channel, members, tta
+
+
+def _stage_b(
+    volume: np.ndarray, models: Models, options: Options, progress: Progress | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stage B of `segment`: the refiner over the PET-grid input `volume` `(z, y, x, 6)` float32
+    (`stage_b_input`). Returns `(mask (z, y, x) uint8, lesion probability
+    (z, y, x) float32 when options.save_probabilities, else None)`."""
+    from clips_jax.inference import argmax_mask, tiled_inference
+
     pred_b, params_b = models.refiner
     probs = tiled_inference(
         volume,
@@ -336,14 +358,13 @@ def segment(
         tile_shape=options.stage_b_tile,
         step=tuple(t // 2 for t in options.stage_b_tile),
         progress=None if progress is None else (lambda d, t: progress("B", d, t)),
-        **common,
+        batch_size=options.batch_size,
+        dtype=options.dtype,
+        tta=options.tta,
     )
-    del volume
     mask = argmax_mask(probs)
     prob = _scaled(probs[..., 1], models) if options.save_probabilities else None
-    del probs
-    seconds["stage_b"] = time.perf_counter() - t1
-    return Segmentation(mask, prob6, seconds, **extra, prob=prob)
+    return mask, prob
 
 
 def _stage_a(
