@@ -1002,8 +1002,40 @@ def run_from_flags(fv, out=None, err=None) -> int:
     )
     find_studies(fv["input"].value)  # fail before loading weights when the input is wrong
     models = load_models(fv["weights"].value, dtype=options.dtype, stage_a_only=options.stage_a_only)
+    options = calibrated_stage_a_tile(options, models.settings, explicit=fv["stage_a_tile"].present)
     result = run_batch(fv["input"].value, fv["out"].value, models, options, out=out, err=err)
     return 1 if result["failed"] else 0
+
+
+def calibrated_stage_a_tile(options: Options, settings: dict, *, explicit: bool) -> Options:
+    """The stage-A tiling that matches the weights' reliability calibration.
+
+    `clips-reliability` fixes the temperature and the review threshold with one stage-A tiling and records it
+    in `reliability.json` (`tile_shape`, `tile_step`, voxels (z, y, x)); the member disagreement it scores
+    depends on the tiling. Without `--stage_a_tile` (`explicit` False) that tiling is used (when its step is
+    half the tile, the only step `clips-predict` runs); with a different explicit tile a `DataWarning` says
+    the calibration may not carry over. With reliability off, or no recorded tiling, `options` is returned.
+    Raises: ConfigError if the recorded tile is one the U-Net cannot take (not divisible by 16).
+    """
+    from clips_jax.errors import DataWarning
+    from clips_jax.reliability_report import SETTINGS_FILE
+
+    tile = tuple(int(v) for v in settings.get("tile_shape") or ())
+    if not options.reliability or len(tile) != 3 or tile == tuple(options.stage_a_tile):
+        return options
+    half = tuple(t // 2 for t in tile)
+    if not explicit and tuple(int(v) for v in settings.get("tile_step") or half) == half:
+        return dataclasses.replace(options, stage_a_tile=tile)
+    warnings.warn(
+        DataWarning(
+            f"stage-A tiles {tuple(options.stage_a_tile)}: the weights' reliability calibration "
+            f"({SETTINGS_FILE}) was fixed with tiles {tile}, step {tuple(settings.get('tile_step') or half)}; "
+            f"the reliability scores and review threshold may not carry over (pass --stage_a_tile "
+            f"{','.join(map(str, tile))}, or calibrate again with clips-reliability)"
+        ),
+        stacklevel=2,
+    )
+    return options
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -575,3 +575,20 @@ def test_the_lesion_region_is_fixed_by_the_unscaled_probability():
     assert lifted["region_ml"] == pytest.approx(1000 * 0.216)  # the whole volume
     assert fixed["region_ml"] == pytest.approx(rel.measures(p, p > 0.5, SP)["region_ml"])  # the lesion + 6 mm
     assert fixed["expected_dice"] > 5 * lifted["expected_dice"]
+
+
+def test_predict_takes_the_calibrated_stage_a_tile_and_warns_on_another():
+    from clips_jax.errors import DataWarning
+    from clips_jax.predict import Options, calibrated_stage_a_tile
+
+    settings = {"temperature": 1.0, "review_threshold": 0.5, "tile_shape": [32, 32, 32], "tile_step": [16, 16, 16]}
+    opts = Options()
+    assert calibrated_stage_a_tile(opts, settings, explicit=False).stage_a_tile == (32, 32, 32)
+    assert calibrated_stage_a_tile(opts, {}, explicit=False) is opts  # nothing recorded: the default stays
+    off = Options(reliability=False)
+    assert calibrated_stage_a_tile(off, settings, explicit=False) is off  # no scores, nothing to match
+    with pytest.warns(DataWarning, match=r"fixed with tiles \(32, 32, 32\).*--stage_a_tile 32,32,32"):
+        assert calibrated_stage_a_tile(opts, settings, explicit=True).stage_a_tile == (128, 96, 96)
+    other_step = dict(settings, tile_step=[24, 24, 24])  # a step clips-predict cannot run: keep, and say so
+    with pytest.warns(DataWarning, match="step"):
+        assert calibrated_stage_a_tile(opts, other_step, explicit=False).stage_a_tile == (128, 96, 96)
