@@ -27,10 +27,11 @@ Figures (one JSON entry per figure and variant, named "figure/variant"):
 3. `tile_forward/{ensemble,refiner}_{float32,bfloat16}`: one jitted forward pass of a stage-A ensemble tile
    (1x128x96x96x5, 4 U-Nets + stacking) and a refiner tile (1x96x96x96x6), full width, random weights
    (abstract model + random fill, as `benchmarks/model_forward.py`).
-4. `predict/float32`: `clips_jax.predict.segment` (stage A: resample to 6 mm, tiled ensemble; stage B: tiled
-   refiner on the native grid) of an autoPET-size phantom (326 x 400 x 400 at 3 x 2.04 x 2.04 mm), in memory
-   (no NIfTI read/write), with the figure-3 random full-width models: a cold run (compilation included) and a
-   warm run; stage A / stage B / total seconds.
+4. `predict/{float32,bfloat16,float32_batch4}`: `clips_jax.predict.segment` (stage A: resample to 6 mm, tiled
+   ensemble; stage B: tiled refiner on the native grid) of an autoPET-size phantom (326 x 400 x 400 at 3 x 2.04
+   x 2.04 mm), in memory (no NIfTI read/write), with the figure-3 random full-width models: a cold run
+   (compilation included) and a warm run; stage A / stage B / total seconds; in float32 and bfloat16 with one
+   tile per call, and in float32 with 4 tiles per call (`--batch_size 4`). `--small` runs the float32 one only.
 5. `torch_reference/{fp32,amp,compile}`: the PyTorch reference U-Net training step (`tests/torch_reference.py`
    via `bench_torch`, same batch and widths, Dice + 2 CE): fp32, AMP (fp16 autocast + GradScaler; CUDA only)
    and `torch.compile` with AMP (CUDA only; a failure is recorded, the entry is optional). Only where torch is
@@ -48,12 +49,12 @@ torch.compile's compilation), then the median of N, each ending in `loss.item()`
 GPU time budget (H200, whole run under 8 minutes; device memory for JAX capped at 60 % with
 XLA_PYTHON_CLIENT_MEM_FRACTION unless set, so torch has room in the same process): estimated start-up ~20 s;
 figure 1 ~2 x 60 s (compile ~40 s, 3 warm-up + 20 timed steps); figure 2 ~2 x 70 s (compile ~50 s, 1 warm-up +
-5 timed chunks of 10 steps) + 15 s; figure 3 4 x ~20 s (2 warm-up + 10 timed); figure 4 ~100 s (phantom 10 s,
-cold and warm run); figure 5 ~30 s eager + ~90 s torch.compile; the composed diagnostic ~50 s. These are
-guesses (no GPU run yet): the budget check below keeps the total in bounds whatever they turn out to be, and
-the lowest-priority entries (torch.compile, the composed diagnostic) come last. `--budget-s` (default 450 with
---device gpu, unlimited otherwise) is checked before each entry: an entry whose estimate no longer fits is
-skipped with its reason, so the run ends inside the budget plus at most one entry's overrun.
+5 timed chunks of 10 steps) + 15 s; figure 3 4 x ~20 s (2 warm-up + 10 timed); figure 4 ~45 s per variant (on
+the H200, 2026-11-30: phantom ~10 s, cold run 16 s, warm run 11.5 s); figure 5 ~30 s eager + ~90 s
+torch.compile; the composed diagnostic ~50 s. Whatever they turn out to be, the budget check below keeps the
+total in bounds, and the lowest-priority entries (torch.compile, the composed diagnostic) come last.
+`--budget-s` (default 450 with --device gpu, unlimited otherwise) is checked before each entry: an entry whose
+estimate no longer fits is skipped with its reason, so the run ends inside the budget plus at most one entry's overrun.
 
 JSON layout (written atomically after every entry, so a run cut short keeps what it measured):
 
@@ -146,7 +147,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "sample_batch_only": 15,
             "composed": 50,
             "tile_forward": 25,
-            "predict": 100,
+            "predict": 45,
             "torch": 30,
             "torch_compile": 90,
         },
@@ -183,7 +184,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "torch_repeats": 3,
         "skip_variants": {
             "train_step_device_data/bfloat16": "--small: one chunk compile only (~30 s on 2 cores); "
-            "the bfloat16 train step runs in train_step_no_data/bfloat16"
+            "the bfloat16 train step runs in train_step_no_data/bfloat16",
+            "predict/bfloat16": "--small: the float32 predict runs the same code path",
+            "predict/float32_batch4": "--small: the float32 predict runs the same code path",
         },
         "estimate_s": {
             "train_step_no_data": 10,
@@ -655,7 +658,7 @@ def fig_tile_forward(ctx: Context, kind: str, dtype: str) -> dict:
     }
 
 
-def fig_predict(ctx: Context, dtype: str) -> dict:
+def fig_predict(ctx: Context, dtype: str, batch_size: int = 1) -> dict:
     from clips_jax import predict
     from clips_jax.data.phantoms import make_phantom
 
@@ -669,7 +672,10 @@ def fig_predict(ctx: Context, dtype: str) -> dict:
         ctx.model("ensemble", dtype), ctx.model("refiner", dtype), {"weights_dir": "random (benchmark)"}
     )
     opts = predict.Options(
-        dtype=dtype, batch_size=1, stage_a_tile=tuple(p["stage_a_tile"]), stage_b_tile=tuple(p["stage_b_tile"])
+        dtype=dtype,
+        batch_size=batch_size,
+        stage_a_tile=tuple(p["stage_a_tile"]),
+        stage_b_tile=tuple(p["stage_b_tile"]),
     )
     runs_ = []
     for r in range(int(p["predict_runs"])):
@@ -697,7 +703,8 @@ def fig_predict(ctx: Context, dtype: str) -> dict:
         "spacing_mm": list(spacing),
         "stage_a_tile": list(p["stage_a_tile"]),
         "stage_b_tile": list(p["stage_b_tile"]),
-        "batch_size": 1,
+        "dtype": dtype,
+        "batch_size": batch_size,
         "tta": False,
         "phantom_s": phantom_s,
         "runs": runs_,
@@ -1011,13 +1018,18 @@ def main(argv: list[str] | None = None) -> int:
                     estimate_s=est["tile_forward"],
                     skip=skip_for("tile_forward"),
                 )
-        suite.entry(
-            "predict",
-            "float32",
-            lambda: fig_predict(ctx, "float32"),
-            estimate_s=est["predict"],
-            skip=skip_for("predict"),
-        )
+        for variant, dtype, batch in (
+            ("float32", "float32", 1),
+            ("bfloat16", "bfloat16", 1),
+            ("float32_batch4", "float32", 4),
+        ):
+            suite.entry(
+                "predict",
+                variant,
+                lambda dtype=dtype, batch=batch: fig_predict(ctx, dtype, batch),
+                estimate_s=est["predict"],
+                skip=skip_for("predict", variant),
+            )
         ctx._models.clear()
         cuda = torch_mod is not None and torch_mod.cuda.is_available()
         for mode_ in ("fp32", "amp", "compile"):

@@ -30,6 +30,8 @@ ENTRIES = {
     "tile_forward/refiner_float32",
     "tile_forward/refiner_bfloat16",
     "predict/float32",
+    "predict/bfloat16",
+    "predict/float32_batch4",
     "torch_reference/fp32",
     "torch_reference/amp",
     "torch_reference/compile",
@@ -87,6 +89,8 @@ def test_suite_small_writes_every_figure(tmp_path):
     for figure in FIGURES[:-1]:  # every JAX figure has at least one measured entry
         assert any(e["status"] == "ok" for e in entries.values() if e["figure"] == figure), figure
     assert all(entries[f"torch_reference/{m}"]["skip_reason"] == "--skip-torch" for m in ("fp32", "amp", "compile"))
+    assert entries["predict/float32"]["status"] == "ok"
+    assert all(entries[f"predict/{v}"]["skip_reason"].startswith("--small") for v in ("bfloat16", "float32_batch4"))
     dev = entries["train_step_device_data/float32"]["numbers"]
     assert dev["method"].startswith("trainer chunk") and "chunk_error" not in dev  # the real chunk, not the fallback
     assert dev["chunk_steps"] == 2 and _is_finite_number(dev["ratio_with_to_without_data"])
