@@ -21,6 +21,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+from clips_jax import host_memory
 from clips_jax.errors import ClipsError
 
 
@@ -116,6 +117,7 @@ def for_each_case(
     say = log if log is not None else (lambda _line: None)
     for k, cid in enumerate(ids):
         prefix = f"[{k + 1}/{len(ids)}] {cid}"
+        host_memory.release_freed()  # one case's freed memory is not held through the next (CLIPS_MALLOC=keep)
         try:
             result = step(cid) or done()
         except Exception as e:  # noqa: BLE001 - one bad case must not stop the batch; reported below

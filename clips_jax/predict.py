@@ -307,6 +307,8 @@ def segment(
     Raises:
       ConfigError if the refiner is needed but missing; DataError for non-finite inputs.
     """
+    from clips_jax.inference import argmax_mask
+
     if not options.stage_a_only and models.refiner is None:
         raise ConfigError("no refiner loaded; use --stage_a_only or a weights directory with a 'refiner'")
     t0 = time.perf_counter()
@@ -318,8 +320,12 @@ def segment(
         return Segmentation((channel > 0.5).astype(np.uint8), prob6, seconds, **extra, prob=prob)
     t1 = time.perf_counter()
     volume = stage_b_input(ct_hu, suv, channel)
-    del channel  # (z, y, x) float32: not kept through stage B's peak
-    mask, prob = _stage_b(volume, models, options, progress)
+    del channel
+    probs = _stage_b(volume, models, options, progress)
+    del volume  # before the post-processing below: only `probs` stays full-size
+    mask = argmax_mask(probs)
+    prob = _scaled(probs[..., 1], models) if options.save_probabilities else None
+    del probs
     seconds["stage_b"] = time.perf_counter() - t1
     return Segmentation(mask, prob6, seconds, **extra, prob=prob)
 
@@ -342,16 +348,14 @@ def _stage_a_on_pet_grid(ct_hu, suv, geometry, models: Models, options: Options,
     return prob6, sp6, channel, members, tta
 
 
-def _stage_b(
-    volume: np.ndarray, models: Models, options: Options, progress: Progress | None
-) -> tuple[np.ndarray, np.ndarray | None]:
+def _stage_b(volume: np.ndarray, models: Models, options: Options, progress: Progress | None) -> np.ndarray:
     """Stage B of `segment`: the refiner over the PET-grid input `volume` `(z, y, x, 6)` float32
-    (`stage_b_input`). Returns `(mask (z, y, x) uint8, lesion probability
-    (z, y, x) float32 when options.save_probabilities, else None)`."""
-    from clips_jax.inference import argmax_mask, tiled_inference
+    (`stage_b_input`). Returns the class
+    probabilities `(z, y, x, 2)` float32."""
+    from clips_jax.inference import tiled_inference
 
     pred_b, params_b = models.refiner
-    probs = tiled_inference(
+    return tiled_inference(
         volume,
         pred_b,
         params=params_b,
@@ -362,9 +366,6 @@ def _stage_b(
         dtype=options.dtype,
         tta=options.tta,
     )
-    mask = argmax_mask(probs)
-    prob = _scaled(probs[..., 1], models) if options.save_probabilities else None
-    return mask, prob
 
 
 def _stage_a(
@@ -1011,27 +1012,32 @@ def calibrated_stage_a_tile(options: Options, settings: dict, *, explicit: bool)
     """The stage-A tiling that matches the weights' reliability calibration.
 
     `clips-reliability` fixes the temperature and the review threshold with one stage-A tiling and records it
-    in `reliability.json` (`tile_shape`, `tile_step`, voxels (z, y, x)); the member disagreement it scores
-    depends on the tiling. Without `--stage_a_tile` (`explicit` False) that tiling is used (when its step is
-    half the tile, the only step `clips-predict` runs); with a different explicit tile a `DataWarning` says
-    the calibration may not carry over. With reliability off, or no recorded tiling, `options` is returned.
-    Raises: ConfigError if the recorded tile is one the U-Net cannot take (not divisible by 16).
+    in `reliability.json` (`tile_shape`, `tile_step`, voxels (z, y, x); checked by `read_settings`); the
+    member disagreement it scores, and the masks themselves, depend on the tiling. Without `--stage_a_tile`
+    (`explicit` False) the recorded tile is used, whether or not reliability is on, so that the same weights
+    always segment alike. A `DataWarning` says when the calibration cannot carry over: an explicit other tile,
+    or a recorded step other than half the tile (the only step `clips-predict` runs). With no recorded tiling,
+    `options` is returned as it is.
     """
     from clips_jax.errors import DataWarning
     from clips_jax.reliability_report import SETTINGS_FILE
 
-    tile = tuple(int(v) for v in settings.get("tile_shape") or ())
-    if not options.reliability or len(tile) != 3 or tile == tuple(options.stage_a_tile):
+    if not settings.get("tile_shape"):
         return options
-    half = tuple(t // 2 for t in tile)
-    if not explicit and tuple(int(v) for v in settings.get("tile_step") or half) == half:
+    tile = tuple(int(v) for v in settings["tile_shape"])
+    step = tuple(int(v) for v in settings.get("tile_step") or (t // 2 for t in tile))
+    if step != tuple(t // 2 for t in tile):
+        problem = f"step {step}, which clips-predict does not run (it steps by half the tile); calibrate again"
+    elif explicit and tile != tuple(options.stage_a_tile):
+        problem = f"tiles {tile}; pass --stage_a_tile {','.join(map(str, tile))} or calibrate again"
+    elif not explicit:
         return dataclasses.replace(options, stage_a_tile=tile)
+    else:
+        return options
     warnings.warn(
         DataWarning(
-            f"stage-A tiles {tuple(options.stage_a_tile)}: the weights' reliability calibration "
-            f"({SETTINGS_FILE}) was fixed with tiles {tile}, step {tuple(settings.get('tile_step') or half)}; "
-            f"the reliability scores and review threshold may not carry over (pass --stage_a_tile "
-            f"{','.join(map(str, tile))}, or calibrate again with clips-reliability)"
+            f"stage-A tiles {tuple(options.stage_a_tile)}: the weights' reliability calibration ({SETTINGS_FILE}) "
+            f"was fixed with {problem}; its scores and review threshold may not carry over"
         ),
         stacklevel=2,
     )

@@ -49,7 +49,8 @@ SETTINGS_FILE = "reliability.json"
 def read_settings(weights_dir: str | Path) -> dict:
     """The weights directory's `reliability.json`, or {} when absent.
 
-    Raises WeightsError naming the file when it is unreadable or its temperature / threshold are invalid."""
+    Raises WeightsError naming the file when it is unreadable or its temperature / threshold / stage-A tiling
+    (`tile_shape`, `tile_step`: 3 positive integers, the tile divisible by 16) are invalid."""
     path = Path(weights_dir) / SETTINGS_FILE
     if not path.is_file():
         return {}
@@ -61,6 +62,14 @@ def read_settings(weights_dir: str | Path) -> dict:
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (t, thr))
     if not (numbers and t > 0 and 0 <= thr <= 1):
         raise WeightsError(f"{path}: need temperature > 0 and review_threshold in [0, 1]; fix or delete it")
+    for key in ("tile_shape", "tile_step"):
+        v = doc.get(key)
+        ok = isinstance(v, list) and len(v) == 3 and all(isinstance(n, int) and n > 0 for n in v)
+        if v is not None and not ok:
+            raise WeightsError(f"{path}: {key} must be 3 positive integers (z, y, x voxels); fix or delete it")
+    tile = doc.get("tile_shape")
+    if tile is not None and any(n % 16 for n in tile):
+        raise WeightsError(f"{path}: tile_shape {tile} must be divisible by 16 (the U-Net); fix or delete it")
     return doc
 
 

@@ -2,6 +2,7 @@
 
 * Four fake CPU devices (set before jax is imported) so data-parallel code is exercised on any machine.
 * absl flags marked as parsed: grain worker processes read absl flags and crash otherwise.
+* glibc's allocator left as it comes (`CLIPS_MALLOC=default`; tools called in-process would change it).
 * Quiet absl logging (orbax logs ~50 INFO lines per save).
 """
 
@@ -10,6 +11,10 @@ import os
 _flag = "--xla_force_host_platform_device_count=4"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+# The tools set glibc to keep freed memory (clips_jax.host_memory); many tests call a tool's main() in-process,
+# which would switch the whole test worker for good. Tests run with glibc as it comes unless told otherwise.
+os.environ.setdefault("CLIPS_MALLOC", "default")
 
 from absl import flags, logging  # noqa: E402
 

@@ -577,18 +577,26 @@ def test_the_lesion_region_is_fixed_by_the_unscaled_probability():
     assert fixed["expected_dice"] > 5 * lifted["expected_dice"]
 
 
-def test_predict_takes_the_calibrated_stage_a_tile_and_warns_on_another():
-    from clips_jax.errors import DataWarning
+def test_predict_takes_the_calibrated_stage_a_tile_and_warns_on_another(tmp_path):
+    import json
+
+    from clips_jax.errors import DataWarning, WeightsError
     from clips_jax.predict import Options, calibrated_stage_a_tile
+    from clips_jax.reliability_report import read_settings
 
     settings = {"temperature": 1.0, "review_threshold": 0.5, "tile_shape": [32, 32, 32], "tile_step": [16, 16, 16]}
     opts = Options()
     assert calibrated_stage_a_tile(opts, settings, explicit=False).stage_a_tile == (32, 32, 32)
     assert calibrated_stage_a_tile(opts, {}, explicit=False) is opts  # nothing recorded: the default stays
-    off = Options(reliability=False)
-    assert calibrated_stage_a_tile(off, settings, explicit=False) is off  # no scores, nothing to match
+    off = Options(reliability=False)  # the tile belongs to the weights: the masks must not depend on the flag
+    assert calibrated_stage_a_tile(off, settings, explicit=False).stage_a_tile == (32, 32, 32)
     with pytest.warns(DataWarning, match=r"fixed with tiles \(32, 32, 32\).*--stage_a_tile 32,32,32"):
         assert calibrated_stage_a_tile(opts, settings, explicit=True).stage_a_tile == (128, 96, 96)
     other_step = dict(settings, tile_step=[24, 24, 24])  # a step clips-predict cannot run: keep, and say so
-    with pytest.warns(DataWarning, match="step"):
-        assert calibrated_stage_a_tile(opts, other_step, explicit=False).stage_a_tile == (128, 96, 96)
+    for o in (opts, Options(stage_a_tile=(32, 32, 32))):
+        with pytest.warns(DataWarning, match=r"step \(24, 24, 24\).*calibrate again"):
+            assert calibrated_stage_a_tile(o, other_step, explicit=False).stage_a_tile == o.stage_a_tile
+    for bad in ("128,96,96", [32, None, 32], [32, 32], [24, 32, 32]):
+        (tmp_path / "reliability.json").write_text(json.dumps(dict(settings, tile_shape=bad)))
+        with pytest.raises(WeightsError, match="reliability.json: tile_shape"):
+            read_settings(tmp_path)
