@@ -255,6 +255,35 @@ def test_run_defaults_respect_command_line_config_keys():
     assert cfg3.steps == 50 and cfg3.eval.every_steps == cfg3.checkpoint.every_steps == 25
 
 
+def test_archive_keeps_what_the_comparison_reads(tmp_path):
+    from clips_jax.experiments import archive
+
+    run, dest, back = tmp_path / "run", tmp_path / "arch" / "runs" / "none" / "seed0", tmp_path / "back"
+    rows = [
+        {"kind": "curriculum", "step": 0, "n_eff": 3.0, "weights": [0.5, 0.25, 0.25]},
+        {"kind": "train", "step": 1, "loss": 2.5, "lr": 0.1, "cases": ["a", "b"], "case_losses": [2.0, 3.0]},
+        {"kind": "eval", "step": 1, "val_dice": 0.25, "cases": [{"id": "a", "dice": 0.25}]},
+        {"kind": "other", "step": 1},
+    ]
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    with pytest.raises(ConfigError, match="summary.json: missing"):
+        archive.save_run(run, dest)
+    (run / "summary.json").write_text('{"steps": 1}')
+    (run / "test_metrics.csv").write_text("case,dice\na,0.5\n")
+    archive.save_run(run, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["metrics.jsonl.gz", "summary.json", "test_metrics.csv"]
+    assert archive.restore(tmp_path / "arch", back, ["none", "cbs"], 2) == ["none/seed0"]
+    got = [json.loads(line) for line in (back / "runs/none/seed0/metrics.jsonl").read_text().splitlines()]
+    assert got == [
+        {"kind": "curriculum", "step": 0, "n_eff": 3.0},
+        {"kind": "train", "step": 1, "loss": 2.5, "lr": 0.1},
+        rows[2],
+    ]
+    assert (back / "runs/none/seed0/test_metrics.csv").read_text() == "case,dice\na,0.5\n"
+    assert archive.restore(tmp_path / "arch", back, ["none"], 1) == []  # a finished run is not overwritten
+
+
 # ---- end to end ------------------------------------------------------------------------------------------
 
 
@@ -366,6 +395,28 @@ def test_end_to_end_interrupt_and_resume(tmp_path):
         cc.run_comparison(_tiny(cache), wd, names, seeds=1, resume=False, log=logs.append)
     assert (base_run / "summary.json").is_file()
 
+    # --archive: the finished runs' small records (and the teacher's model) survive the loss of the workdir and
+    # of the phantom cache; a fresh workdir restores them, skips both runs and gives the same results
+    arch = tmp_path / "archive"
+    out = cc.run_comparison(_tiny(cache), wd, names, seeds=1, archive=arch, log=logs.append)
+    assert out["runs"] == {"none": {0: "skipped"}, "transfer_teacher": {0: "skipped"}}
+    assert (arch / "runs/none/seed0/checkpoints/best").is_dir()
+    assert not (arch / "runs/transfer_teacher/seed0/checkpoints").exists()
+    assert (arch / "results.csv").is_file() and (arch / "runs/none/seed0/metrics.jsonl.gz").is_file()
+    assert str(tmp_path) not in (arch / "archive.json").read_text()  # no machine path in what may be committed
+    logs.clear()
+    wd2 = tmp_path / "exp_fresh"
+    out2 = cc.run_comparison(_tiny(tmp_path / "cache_fresh"), wd2, names, seeds=1, archive=arch, log=logs.append)
+    assert out2["runs"] == {"none": {0: "skipped"}, "transfer_teacher": {0: "skipped"}}
+    assert any("restored 2 finished run(s)" in line for line in logs)
+    for f in ("results.csv", "plateau.csv"):
+        assert _read_csv(wd2 / f) == _read_csv(wd / f), f
+    # an archive of other settings is refused before anything runs
+    other = _tiny(cache)
+    other.optim.lr = 0.5
+    with pytest.raises(ConfigError, match="other settings.*optim.lr"):
+        cc.run_comparison(other, tmp_path / "exp_other", names, seeds=1, archive=arch, log=logs.append)
+
 
 # ---- the absl entry point ----------------------------------------------------------------------------------
 
@@ -376,11 +427,12 @@ import json
 import sys
 from clips_jax.experiments import compare_curricula as cc
 
-def recorder(cfg, workdir, curricula, seeds, data, resume, controls, hardness):
+def recorder(cfg, workdir, curricula, seeds, data, resume, controls, hardness, archive):
     print("CALL " + json.dumps({"steps": cfg.steps, "eval_every": cfg.eval.every_steps,
         "ckpt_every": cfg.checkpoint.every_steps, "log_every": cfg.log_every, "eval_at_start": cfg.eval.at_start,
         "batch": cfg.data.batch_size, "quiet": cfg.quiet, "workdir": str(workdir), "curricula": list(curricula),
-        "seeds": seeds, "data": data, "resume": resume, "controls": controls, "hardness": hardness}))
+        "seeds": seeds, "data": data, "resume": resume, "controls": controls, "hardness": hardness,
+        "archive": archive}))
 
 cc.run_comparison = recorder
 sys.exit(cc.main(sys.argv))
@@ -418,6 +470,8 @@ def test_command_line_reaches_run_comparison(tmp_path):
             "--controls",
             "--hardness",
             "manifest:tmtv_ml",
+            "--archive",
+            "results/study",
         ]
     )
     assert r.returncode == 0, r.stderr
@@ -431,7 +485,7 @@ def test_command_line_reaches_run_comparison(tmp_path):
         False,
     )
     assert c["steps"] == 40 and c["quiet"] is True
-    assert c["controls"] is True and c["hardness"] == "manifest:tmtv_ml"
+    assert c["controls"] is True and c["hardness"] == "manifest:tmtv_ml" and c["archive"] == "results/study"
     assert c["batch"] == 3 and c["eval_every"] == 7  # --config.KEY wins
     assert c["ckpt_every"] == math.ceil(40 / presets.EVALS_PER_RUN)  # experiment default
     assert c["log_every"] == presets.RUN_OVERRIDES["log_every"]
@@ -443,7 +497,7 @@ def test_command_line_reaches_run_comparison(tmp_path):
     assert r.returncode == 0, r.stderr
     c = calls[0]
     assert c["curricula"] == list(presets.DEFAULT_CURRICULA) and c["seeds"] == 3 and c["resume"] is True
-    assert c["controls"] is False and c["hardness"] == "auto"
+    assert c["controls"] is False and c["hardness"] == "auto" and c["archive"] == ""
     assert (c["steps"], c["eval_every"], c["ckpt_every"], c["log_every"], c["batch"]) == (
         base.steps,
         base.eval.every_steps,

@@ -5,6 +5,8 @@ Examples:
     clips-compare --curricula none,cbs,self_paced_hard --seeds 5 --controls --workdir runs/study
     clips-compare --config default:tiny --steps 40 --seeds 2 --workdir /tmp/cmp    # a quick check
     clips-compare --data cache/autopet --hardness weights:weights/tmtv-net --workdir runs/autopet
+    clips-compare --config curriculum_study --steps 0 --seeds 5 --controls --workdir /scratch/study \
+        --archive results/study                      # finished runs' records survive a wiped /scratch
 
 For every experiment of `--curricula` (named settings of `presets.py`; `--controls` adds a negative and a
 positive control) and every seed 0..`--seeds`-1 it
@@ -22,7 +24,10 @@ positive control) and every seed 0..`--seeds`-1 it
    exists);
 3. checks whether the run plateaued (`plateau.py`: the best validation Dice of its last 20 % of steps at most
    0.01 above the best before, with at least 5 validations), kept in `WORKDIR/plateau.csv`;
-4. writes `WORKDIR/results.csv`, `WORKDIR/results.md`, `WORKDIR/learning_curves.png` and
+4. with `--archive DIR`, keeps the run's small records (summary, test metrics, reduced metric log; the
+   transfer teacher's model) in DIR, and at the start copies into the workdir the archived runs it lacks, so a
+   study survives the loss of its workdir (`archive.py`);
+5. writes `WORKDIR/results.csv`, `WORKDIR/results.md`, `WORKDIR/learning_curves.png` and
    `WORKDIR/boxplots.png` (`results.py`): per curriculum the mean +- s.d. over seeds of Dice, NSD, |TMTV error|,
    lesion sensitivity and FP volume on all test cases and on the hard third, and, against the baseline, the
    difference in Dice and in |TMTV error| with its 95 % interval, p-value and Holm-adjusted p-value from a
@@ -53,6 +58,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from clips_jax.errors import ConfigError, DataError
+from clips_jax.experiments import archive as archive_lib
 from clips_jax.experiments import hardness as hardness_lib
 from clips_jax.experiments import plateau, presets
 from clips_jax.experiments.results import (
@@ -265,6 +271,7 @@ def _settings_key(cfg) -> str:
     for k in ("seed", "quiet", "debug"):  # not part of the experiment's settings (debug: simulated interruptions)
         d.pop(k, None)
     d.get("data", {}).pop("store", None)
+    d.get("data", {}).get("phantoms", {}).pop("cache", None)  # where the phantoms are cached, not what they are
     return json.dumps(d, sort_keys=True, default=str)
 
 
@@ -329,16 +336,34 @@ def open_experiment(base, workdir: Path, store, names: Sequence[str], seeds: int
     )
 
 
+def _open_archive(archive, base, store, names, seeds, hardness: str, workdir: Path, log) -> Path:
+    """Open (or create) the comparison's archive (`archive.open_archive`: refused when it holds other settings)
+    and restore into `workdir` the archived runs it lacks."""
+    settings = {
+        "settings_key": _settings_key(base),
+        "store": store.cache_dir.name,
+        "curricula": list(names),
+        "seeds": int(seeds),
+        "hardness": hardness,
+    }
+    arch = archive_lib.open_archive(archive, settings, settings_conflicts)
+    restored = archive_lib.restore(arch, workdir, names, seeds)
+    if restored:
+        log(f"archive {arch}: restored {len(restored)} finished run(s) into {workdir} ({', '.join(restored)})")
+    return arch
+
+
 class _Runner:
     """Trains and evaluates the runs of one comparison (seed-major), remembering what it did."""
 
-    def __init__(self, base, workdir: Path, store, log: Callable[[str], None]):
-        self.base, self.workdir, self.store, self.log = base, workdir, store, log
+    def __init__(self, base, workdir: Path, store, log: Callable[[str], None], archive: Path | None = None):
+        self.base, self.workdir, self.store, self.log, self.archive = base, workdir, store, log, archive
         self.status: dict[str, dict[int, str]] = {}
         self.rows: dict[str, dict[int, list[dict]]] = {}
         self.curves: dict[str, list[list[dict]]] = {}
         self.plateau: dict[str, dict[int, dict]] = {}
         self.teacher: str | None = None
+        self.teacher_needed = False  # set by run_comparison: a transfer-teacher experiment is compared
 
     def train(self, name: str, seed: int, store_dir, teacher: str = "") -> tuple[Any, Path, str]:
         """Train (or skip, when finished) one run; returns (config, run folder, "trained"|"skipped")."""
@@ -384,6 +409,10 @@ class _Runner:
             f"[{name} seed {seed}] test Dice {seed_means(rows)['dice']:.4f} over {len(rows)} cases; plateau: "
             + ("yes" if plat["plateaued"] else f"no ({plat['reason']})")
         )
+        dest = None if self.archive is None else self.archive / "runs" / name / f"seed{seed}"
+        if dest is not None and not (dest / "summary.json").is_file():  # also runs finished before --archive
+            teacher_run = name == presets.BASELINE and seed == first_seed and self.teacher_needed
+            archive_lib.save_run(run_dir, dest, checkpoint=teacher_run)
 
 
 def write_report(
@@ -433,6 +462,7 @@ def run_comparison(
     *,
     controls: bool = False,
     hardness: str = "auto",
+    archive: str | os.PathLike = "",
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train, evaluate and compare; the whole of `python -m clips_jax.experiments.compare_curricula`.
@@ -448,6 +478,8 @@ def run_comparison(
       controls: also run the negative and positive controls (`presets.CONTROLS`, and the baseline).
       hardness: source of the test cases' hardness (`hardness.resolve`: auto, baseline, phantom[:DIR],
         run:DIR, weights:DIR, manifest:KEY, csv:PATH).
+      archive: "" or a folder that keeps the finished runs' small records and the outputs (`archive.py`);
+        archived runs the workdir lacks are restored into it first (and then skipped as finished).
       log: progress printer.
     Returns: {"rows": results rows, "notes": [...], "runs": {curriculum: {seed: "trained"|"skipped"}},
       "wall_s": seconds, "hardness": the resolved source}.
@@ -475,11 +507,15 @@ def run_comparison(
     hard = hardness_lib.resolve(
         hardness, store, workdir, log=log, phantom_raw=None if data else trainer.phantom_dirs(base_config)[0]
     )
-    runner = _Runner(base_config, workdir, store, log)
+    arch = _open_archive(archive, base_config, store, names, seeds, hardness, workdir, log) if archive else None
+    runner = _Runner(base_config, workdir, store, log, arch)
+    runner.teacher_needed = any(presets.get_experiment(n).needs_teacher for n in names)
     for seed in range(int(seeds)):  # seed-major: an interrupted comparison has every curriculum of the first seeds
         for name in names:
             runner.run(name, seed, first_seed=0)
     rows, notes = write_report(runner, names, seeds, hard, time.time() - t0)
+    if arch is not None:
+        archive_lib.save_outputs(workdir, arch)
     wall = time.time() - t0
     log(f"results: {workdir / 'results.md'} ({wall:.0f} s)")
     return {"rows": rows, "notes": notes, "runs": runner.status, "wall_s": wall, "hardness": hard.spec}
@@ -585,6 +621,13 @@ def define_flags(fv) -> None:
         "baseline (the baseline's first run picks them and is left out of the hard-case test).",
         flag_values=fv,
     )
+    flags.DEFINE_string(
+        "archive",
+        "",
+        "Folder that keeps each finished run's small records and the results (archive.py), so that a study "
+        "survives the loss of its workdir; archived runs the workdir lacks are restored and skipped.",
+        flag_values=fv,
+    )
     flags.DEFINE_integer(
         "steps",
         presets.DEFAULT_STEPS,
@@ -616,6 +659,7 @@ def run_from_flags(fv, argv: Sequence[str]) -> int:
         resume=fv["resume"].value,
         controls=fv["controls"].value,
         hardness=fv["hardness"].value,
+        archive=fv["archive"].value,
     )
     return 0
 
