@@ -82,15 +82,23 @@ def _copy_file(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
+#: orbax's marker files in a checkpoint; their text names the folder the checkpoint was written to.
+ORBAX_MARKER = "commit_success.txt"
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> None:
+    """Copy an orbax checkpoint folder atomically, with the text of its commit markers (informational: orbax
+    reads only that they exist) replaced by one that names no machine path."""
     with atomic_dir(dst, overwrite=True) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
+        for marker in tmp.rglob(ORBAX_MARKER):
+            marker.write_text("Checkpoint commit was successful (copied by clips_jax.experiments.archive)")
 
 
 def save_run(run_dir: str | os.PathLike, dest: str | os.PathLike, *, checkpoint: bool = False) -> None:
     """Archive one finished run: `RUN_FILES`, the reduced metric log (`METRICS_GZ`) and, with `checkpoint`,
-    its `checkpoints/best` folder. Each file is written atomically; summary.json last, so an archived run
-    whose summary is present is complete.
+    its `checkpoints/best` folder (`_copy_checkpoint`). Each file is written atomically; summary.json last, so
+    an archived run whose summary is present is complete.
 
     Args: run_dir: the run's workdir (a finished run: summary.json, test_metrics.csv, metrics.jsonl);
       dest: its folder in the archive (`DIR/runs/<experiment>/seed<k>`).
@@ -105,7 +113,7 @@ def save_run(run_dir: str | os.PathLike, dest: str | os.PathLike, *, checkpoint:
         with gzip.GzipFile(tmp, "wb", mtime=0) as f:  # mtime 0: the same run gives the same bytes
             f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
     if checkpoint:
-        _copy_tree(run_dir / "checkpoints" / "best", dest / "checkpoints" / "best")
+        _copy_checkpoint(run_dir / "checkpoints" / "best", dest / "checkpoints" / "best")
     _copy_file(run_dir / "test_metrics.csv", dest / "test_metrics.csv")
     _copy_file(run_dir / "summary.json", dest / "summary.json")
 
@@ -117,7 +125,7 @@ def restore_run(src: str | os.PathLike, run_dir: str | os.PathLike) -> None:
     with gzip.open(src / METRICS_GZ, "rt") as f:
         write_text_atomic(run_dir / "metrics.jsonl", f.read())
     if (src / "checkpoints" / "best").is_dir():
-        _copy_tree(src / "checkpoints" / "best", run_dir / "checkpoints" / "best")
+        _copy_checkpoint(src / "checkpoints" / "best", run_dir / "checkpoints" / "best")
     _copy_file(src / "test_metrics.csv", run_dir / "test_metrics.csv")
     _copy_file(src / "summary.json", run_dir / "summary.json")
 
