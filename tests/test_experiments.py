@@ -271,9 +271,15 @@ def test_archive_keeps_what_the_comparison_reads(tmp_path):
         archive.save_run(run, dest)
     (run / "summary.json").write_text('{"steps": 1}')
     (run / "test_metrics.csv").write_text("case,dice\na,0.5\n")
-    archive.save_run(run, dest)
+    assert archive.save_run(run, dest, checkpoint=True) is False  # no checkpoints/best in this run
     assert sorted(p.name for p in dest.iterdir()) == ["metrics.jsonl.gz", "summary.json", "test_metrics.csv"]
-    assert archive.restore(tmp_path / "arch", back, ["none", "cbs"], 2) == ["none/seed0"]
+    first = (dest / "metrics.jsonl.gz").read_bytes()
+    archive.save_run(run, dest)
+    assert (dest / "metrics.jsonl.gz").read_bytes() == first  # the same run gives the same bytes
+    assert b"tmp" not in first[:64]  # no temporary file name in the gzip header
+    wanted = [("none", 0), ("cbs", 0), ("none", 1)]
+    assert archive.restore(tmp_path / "arch", back, wanted, needs_checkpoint=[("none", 0)]) == []  # no model
+    assert archive.restore(tmp_path / "arch", back, wanted) == ["none/seed0"]
     got = [json.loads(line) for line in (back / "runs/none/seed0/metrics.jsonl").read_text().splitlines()]
     assert got == [
         {"kind": "curriculum", "step": 0, "n_eff": 3.0},
@@ -281,7 +287,7 @@ def test_archive_keeps_what_the_comparison_reads(tmp_path):
         rows[2],
     ]
     assert (back / "runs/none/seed0/test_metrics.csv").read_text() == "case,dice\na,0.5\n"
-    assert archive.restore(tmp_path / "arch", back, ["none"], 1) == []  # a finished run is not overwritten
+    assert archive.restore(tmp_path / "arch", back, wanted) == []  # a run folder there is left as it is
 
 
 # ---- end to end ------------------------------------------------------------------------------------------
@@ -304,7 +310,7 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_end_to_end_interrupt_and_resume(tmp_path):
+def test_end_to_end_interrupt_and_resume(tmp_path, monkeypatch):
     cache, wd = tmp_path / "cache", tmp_path / "exp"
     names = ["none", "transfer_teacher"]
     logs = []
@@ -398,14 +404,14 @@ def test_end_to_end_interrupt_and_resume(tmp_path):
     # --archive: the finished runs' small records (and the teacher's model) survive the loss of the workdir and
     # of the phantom cache; a fresh workdir restores them, skips both runs and gives the same results
     arch = tmp_path / "archive"
+    monkeypatch.chdir(tmp_path)  # paths inside the current folder are written relative to it in the archive
     out = cc.run_comparison(_tiny(cache), wd, names, seeds=1, archive=arch, log=logs.append)
     assert out["runs"] == {"none": {0: "skipped"}, "transfer_teacher": {0: "skipped"}}
     assert (arch / "runs/none/seed0/checkpoints/best").is_dir()
     assert not (arch / "runs/transfer_teacher/seed0/checkpoints").exists()
     assert (arch / "results.csv").is_file() and (arch / "runs/none/seed0/metrics.jsonl.gz").is_file()
-    # no machine path in the archive's own records (orbax's markers name their folder; results.md names the
-    # store as the config gave it, here an absolute path)
-    for f in [arch / "archive.json", *(arch / "runs").rglob("*")]:
+    assert "phantom:cache/" in (arch / "hardness.json").read_text()
+    for f in arch.rglob("*"):  # no machine path (orbax's markers name their folder; results.md the store)
         assert not f.is_file() or str(tmp_path).encode() not in f.read_bytes(), f
     logs.clear()
     wd2 = tmp_path / "exp_fresh"

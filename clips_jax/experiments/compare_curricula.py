@@ -336,34 +336,62 @@ def open_experiment(base, workdir: Path, store, names: Sequence[str], seeds: int
     )
 
 
-def _open_archive(archive, base, store, names, seeds, hardness: str, workdir: Path, log) -> Path:
-    """Open (or create) the comparison's archive (`archive.open_archive`: refused when it holds other settings)
-    and restore into `workdir` the archived runs it lacks."""
+def store_fingerprint(store) -> str:
+    """A short hash of a case store's case ids per split (train / val / test): two stores with the same folder
+    name but other cases or splits differ."""
+    import hashlib
+
+    splits = {k: sorted(store.ids[int(i)] for i in store.split_indices(k)) for k in ("train", "val", "test")}
+    return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _open_archive(archive, base, store) -> Path:
+    """Open (or create) the comparison's archive (`archive.open_archive`: refused when it holds other settings
+    or another store)."""
     settings = {
         "settings_key": _settings_key(base),
         "store": store.cache_dir.name,
-        "curricula": list(names),
-        "seeds": int(seeds),
-        "hardness": hardness,
+        "store_cases": store_fingerprint(store),
     }
-    arch = archive_lib.open_archive(archive, settings, settings_conflicts)
-    restored = archive_lib.restore(arch, workdir, names, seeds)
+    return archive_lib.open_archive(archive, settings, settings_conflicts)
+
+
+def _restore_archive(arch: Path, workdir: Path, names, seeds, log) -> None:
+    """Restore into `workdir` the archived runs it lacks (with the transfer teacher's run when a curriculum needs
+    it, restored only with its model)."""
+    runs = [(n, k) for k in range(int(seeds)) for n in names]
+    teacher = [(presets.BASELINE, 0)] if _needs_teacher(names) else []
+    restored = archive_lib.restore(arch, workdir, runs + teacher, needs_checkpoint=teacher)
     if restored:
         log(f"archive {arch}: restored {len(restored)} finished run(s) into {workdir} ({', '.join(restored)})")
-    return arch
+
+
+def _needs_teacher(names: Sequence[str]) -> bool:
+    return any(presets.get_experiment(n).needs_teacher for n in names)
 
 
 class _Runner:
-    """Trains and evaluates the runs of one comparison (seed-major), remembering what it did."""
+    """Trains and evaluates the runs of one comparison (seed-major), remembering what it did.
 
-    def __init__(self, base, workdir: Path, store, log: Callable[[str], None], archive: Path | None = None):
+    `archive`: None, or the archive folder where each finished run's records go (`archive.save_run`);
+    `teacher_needed`: a transfer-teacher curriculum is compared (the baseline's first run keeps its model)."""
+
+    def __init__(
+        self,
+        base,
+        workdir: Path,
+        store,
+        log: Callable[[str], None],
+        archive: Path | None = None,
+        teacher_needed: bool = False,
+    ):
         self.base, self.workdir, self.store, self.log, self.archive = base, workdir, store, log, archive
+        self.teacher_needed = teacher_needed
         self.status: dict[str, dict[int, str]] = {}
         self.rows: dict[str, dict[int, list[dict]]] = {}
         self.curves: dict[str, list[list[dict]]] = {}
         self.plateau: dict[str, dict[int, dict]] = {}
         self.teacher: str | None = None
-        self.teacher_needed = False  # set by run_comparison: a transfer-teacher experiment is compared
 
     def train(self, name: str, seed: int, store_dir, teacher: str = "") -> tuple[Any, Path, str]:
         """Train (or skip, when finished) one run; returns (config, run folder, "trained"|"skipped")."""
@@ -409,10 +437,17 @@ class _Runner:
             f"[{name} seed {seed}] test Dice {seed_means(rows)['dice']:.4f} over {len(rows)} cases; plateau: "
             + ("yes" if plat["plateaued"] else f"no ({plat['reason']})")
         )
-        dest = None if self.archive is None else self.archive / "runs" / name / f"seed{seed}"
-        if dest is not None and not (dest / "summary.json").is_file():  # also runs finished before --archive
-            teacher_run = name == presets.BASELINE and seed == first_seed and self.teacher_needed
-            archive_lib.save_run(run_dir, dest, checkpoint=teacher_run)
+        self.archive_run(name, seed, run_dir, teacher_run=name == presets.BASELINE and seed == first_seed)
+
+    def archive_run(self, name: str, seed: int, run_dir: Path, teacher_run: bool) -> None:
+        """Keep a finished run's records in the archive (if any) unless they are there: also runs finished
+        before `--archive` was given, and the teacher's model when it is needed and not yet archived."""
+        if self.archive is None:
+            return
+        dest = self.archive / "runs" / name / f"seed{seed}"
+        keep_model = teacher_run and self.teacher_needed
+        if not (dest / "summary.json").is_file() or (keep_model and not archive_lib.has_checkpoint(dest)):
+            archive_lib.save_run(run_dir, dest, checkpoint=keep_model)
 
 
 def write_report(
@@ -503,13 +538,14 @@ def run_comparison(
     store = CaseStore(data) if data else trainer.ensure_store(base_config, log)
     if len(store.split_indices("test")) == 0:
         raise ConfigError(f"case store {store.cache_dir}: no 'test' cases; prepare it with a test split")
+    arch = _open_archive(archive, base_config, store) if archive else None
     open_experiment(base_config, workdir, store, names, seeds, hardness)
+    if arch is not None:
+        _restore_archive(arch, workdir, names, seeds, log)
     hard = hardness_lib.resolve(
         hardness, store, workdir, log=log, phantom_raw=None if data else trainer.phantom_dirs(base_config)[0]
     )
-    arch = _open_archive(archive, base_config, store, names, seeds, hardness, workdir, log) if archive else None
-    runner = _Runner(base_config, workdir, store, log, arch)
-    runner.teacher_needed = any(presets.get_experiment(n).needs_teacher for n in names)
+    runner = _Runner(base_config, workdir, store, log, arch, teacher_needed=_needs_teacher(names))
     for seed in range(int(seeds)):  # seed-major: an interrupted comparison has every curriculum of the first seeds
         for name in names:
             runner.run(name, seed, first_seed=0)
