@@ -244,7 +244,8 @@ def test_refiner_gets_its_stage_a_channel(native_store):
     np.testing.assert_array_equal(prob, direct)
     # the comparison's predict_cases now feeds it too (it failed with 5 vs 6 channels before)
     ((_, prob_cc),) = list(cc.predict_cases(refiner, native_store, [i], cfg))
-    np.testing.assert_array_equal(prob_cc, prob)
+    # the same model and cases; float32 rounding may differ between the two paths on some CPUs (1.8e-7 seen)
+    np.testing.assert_allclose(prob_cc, prob, rtol=0, atol=1e-6)
 
 
 # ---- the three users ----------------------------------------------------------------------------------------

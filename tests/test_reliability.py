@@ -459,7 +459,9 @@ def test_predict_report_review_flag_mip_and_batch_list(tmp_path, predict_weights
     prob = np.asarray(nib.load(out / "a_PROB.nii.gz").dataobj)
     mask = np.asarray(nib.load(out / "a_SEG.nii.gz").dataobj)
     assert prob.shape == mask.shape and prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
-    np.testing.assert_array_equal(prob > 0.5, mask > 0)  # T = 2 changes the confidence, never the mask
+    # T = 2 changes the confidence, never the mask (up to float32 rounding at p = 0.5: one voxel seen on one CPU)
+    sure = np.abs(prob - 0.5) > 1e-5
+    np.testing.assert_array_equal((prob > 0.5)[sure], (mask > 0)[sure])
     with_panel = PIL.Image.open(out / "a_mip.png").size[0]
     # --noreliability: no record, no panel (a narrower figure); the threshold option overrides the weights'
     assert predict.main([*argv, "--noreliability", "--overwrite", "--out", str(tmp_path / "o2")]) == 0
