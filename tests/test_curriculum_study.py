@@ -6,6 +6,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 
 from clips_jax.configs import config_path, names
@@ -184,6 +185,23 @@ def test_run_plateau_reads_the_run_folder_and_reports(tmp_path):
     assert "| none | 1/2 |" in md and "none seed 1: still improving" in md
     csv_text = plateau.plateau_csv(records).splitlines()
     assert csv_text[0] == ",".join(plateau.PLATEAU_COLUMNS) and csv_text[1].startswith("none,0,1,5,")
+    assert rec["last_change"] == pytest.approx(0.452 - 0.45) and csv_text[1].endswith(",0.002")
+
+
+def test_pooled_plateau_paragraph_gives_the_mean_gain_interval_and_end_jitter():
+    # five runs whose last part gains 0.00, +0.02, +0.005, -0.01, +0.03 over a best-before of 0.5
+    gains = [0.0, 0.02, 0.005, -0.01, 0.03]
+    recs = [plateau.plateau_check(_curve([0.3, 0.4, 0.5, 0.5, 0.5 + g - 0.01, 0.5 + g]), 600) for g in gains]
+    assert [r["last_change"] for r in recs] == pytest.approx([0.01] * 5)
+    (text, blank) = plateau.pooled_plateau_lines(recs)
+    half = 2.7764451 * np.std(gains, ddof=1) / np.sqrt(5)  # t(0.975, 4 d.f.)
+    assert blank == "" and "All 5 runs together: 3 plateaued" in text
+    mean = np.mean(gains)
+    assert f"{mean:+.3f} on average (95 % t interval {mean - half:+.3f} to {mean + half:+.3f}" in text
+    assert "is not excluded" in text and "changed by 0.000" in text  # upper end > 0.01; equal last changes
+    flat = [plateau.plateau_check(_curve([0.3, 0.4, 0.5, 0.5, 0.5, 0.5 + g]), 600) for g in (0.0, 0.001, -0.001)]
+    assert "gained less than the tolerance" in plateau.pooled_plateau_lines(flat)[0]
+    assert plateau.pooled_plateau_lines(recs[:1]) == []  # one run: no interval
 
 
 # ---- planning: the power table --------------------------------------------------------------------------

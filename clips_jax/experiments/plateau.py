@@ -10,8 +10,8 @@ where they end. The criterion (docs/experiments.md, "A powered, controlled study
 `plateau_check(curve, steps)` applies it to a validation curve [(step, Dice), ...]; `run_plateau(run_dir)`
 reads a run's curve from its `metrics.jsonl` (`clips_jax.trainer.read_metrics`, the "eval" rows; the untrained
 model's step-0 validation is not counted) and its length from `config.json`. `plateau_lines` gives the section
-of the comparison's results.md (`clips_jax.experiments.compare_curricula` keeps one record per run, also in
-`WORKDIR/plateau.csv`).
+of the comparison's results.md: per experiment, then all runs pooled (`pooled_plateau_lines`).
+`clips_jax.experiments.compare_curricula` keeps one record per run, also in `WORKDIR/plateau.csv`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ PLATEAU_COLUMNS = (
     "gain",
     "boundary_step",
     "reason",
+    "last_change",
 )
 
 
@@ -62,7 +63,9 @@ def plateau_check(
     Returns:
       {"plateaued": bool, "n_evals": validations counted, "boundary_step": steps * (1 - last_fraction)
       (validations after it are "last"), "best_before", "best_last": the best Dice of each part (NaN when the
-      part is empty), "gain": best_last - best_before, "reason": "" when plateaued, else why not}.
+      part is empty), "gain": best_last - best_before, "reason": "" when plateaued, else why not,
+      "last_change": the last validation's Dice minus the one before it (NaN with fewer than 2): how much the
+      validation Dice still moves between checkpoints at the end of the run, to set a single run's gain against}.
     """
     if int(steps) <= 0:
         raise ValueError(f"plateau_check: steps={steps} must be > 0")
@@ -89,6 +92,7 @@ def plateau_check(
         "best_last": best_last,
         "gain": gain,
         "reason": reason,
+        "last_change": pts[-1][1] - pts[-2][1] if len(pts) >= 2 else float("nan"),
     }
 
 
@@ -143,7 +147,49 @@ def plateau_lines(records: Mapping[str, Mapping[int, Mapping]]) -> list[str]:
         out += ["Runs that did not plateau:", "", *failures, ""]
     else:
         out += ["Every run plateaued.", ""]
-    return out
+    return out + pooled_plateau_lines([r for by_seed in records.values() for r in by_seed.values()])
+
+
+def pooled_plateau_lines(recs: Sequence[Mapping]) -> list[str]:
+    """One paragraph on all runs together (results.md, after the per-experiment table), or [] with < 2 gains.
+
+    A run's gain is one difference of validation maxima, so a few runs cross the tolerance by chance when the
+    validation Dice still moves between checkpoints at the end of training. This paragraph gives what the
+    per-run verdicts cannot: the mean gain over the runs with its 95 % t interval (runs are independent; the
+    interval mixes the experiments, so it describes the design, not one curriculum), and the s.d. over runs of
+    each run's last checkpoint-to-checkpoint change (`last_change`), the scale a single run's gain compares with.
+
+    Args: recs: `plateau_check` dicts, one per run.
+    """
+    import numpy as np
+    from scipy import stats
+
+    gains = np.array([r["gain"] for r in recs if math.isfinite(r["gain"])], float)
+    changes = np.array([r.get("last_change", float("nan")) for r in recs], float)
+    changes = changes[np.isfinite(changes)]
+    if gains.size < 2:
+        return []
+    half = stats.t.ppf(0.975, gains.size - 1) * gains.std(ddof=1) / math.sqrt(gains.size)
+    lo, hi = gains.mean() - half, gains.mean() + half
+    ok = sum(bool(r["plateaued"]) for r in recs)
+    verdict = (
+        f"so on average the last part gained less than the tolerance ({TOLERANCE})"
+        if hi <= TOLERANCE
+        else f"so an average gain above the tolerance ({TOLERANCE}) is not excluded: the runs may be too short"
+    )
+    jitter = (
+        f" Between each run's last two validations the validation Dice changed by {changes.std(ddof=1):.3f} "
+        f"(s.d. over {changes.size} runs; mean {changes.mean():+.3f}): a single run's gain that exceeds the "
+        "tolerance by about that much can be checkpoint-to-checkpoint variation rather than further learning."
+        if changes.size >= 2
+        else ""
+    )
+    return [
+        f"All {len(recs)} runs together: {ok} plateaued. The gain of the last {100 * LAST_FRACTION:g} % is "
+        f"{gains.mean():+.3f} on average (95 % t interval {lo:+.3f} to {hi:+.3f}, median {np.median(gains):+.3f}), "
+        f"{verdict}.{jitter}",
+        "",
+    ]
 
 
 def plateau_csv(records: Mapping[str, Mapping[int, Mapping]]) -> str:
@@ -160,6 +206,6 @@ def plateau_csv(records: Mapping[str, Mapping[int, Mapping]]) -> str:
             num = lambda v: "nan" if not math.isfinite(v) else f"{v:.6g}"  # noqa: E731
             w.writerow(
                 [name, k, int(bool(r["plateaued"])), r["n_evals"], num(r["best_before"]), num(r["best_last"])]
-                + [num(r["gain"]), f"{r['boundary_step']:g}", r["reason"]]
+                + [num(r["gain"]), f"{r['boundary_step']:g}", r["reason"], num(r.get("last_change", float("nan")))]
             )
     return buf.getvalue()
