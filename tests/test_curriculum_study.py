@@ -189,19 +189,35 @@ def test_run_plateau_reads_the_run_folder_and_reports(tmp_path):
 
 
 def test_pooled_plateau_paragraph_gives_the_mean_gain_interval_and_end_jitter():
-    # five runs whose last part gains 0.00, +0.02, +0.005, -0.01, +0.03 over a best-before of 0.5
-    gains = [0.0, 0.02, 0.005, -0.01, 0.03]
-    recs = [plateau.plateau_check(_curve([0.3, 0.4, 0.5, 0.5, 0.5 + g - 0.01, 0.5 + g]), 600) for g in gains]
-    assert [r["last_change"] for r in recs] == pytest.approx([0.01] * 5)
-    (text, blank) = plateau.pooled_plateau_lines(recs)
-    half = 2.7764451 * np.std(gains, ddof=1) / np.sqrt(5)  # t(0.975, 4 d.f.)
-    assert blank == "" and "All 5 runs together: 3 plateaued" in text
-    mean = np.mean(gains)
-    assert f"{mean:+.3f} on average (95 % t interval {mean - half:+.3f} to {mean + half:+.3f}" in text
-    assert "is not excluded" in text and "changed by 0.000" in text  # upper end > 0.01; equal last changes
-    flat = [plateau.plateau_check(_curve([0.3, 0.4, 0.5, 0.5, 0.5, 0.5 + g]), 600) for g in (0.0, 0.001, -0.001)]
-    assert "gained less than the tolerance" in plateau.pooled_plateau_lines(flat)[0]
-    assert plateau.pooled_plateau_lines(recs[:1]) == []  # one run: no interval
+    # two experiments x three seeds; each run gains g over a best-before of 0.5, its last step changing by c
+    gains = {"a": [0.0, 0.02, 0.005], "b": [-0.01, 0.03, 0.003]}
+    last = {"a": [0.01, 0.02, 0.005], "b": [0.015, 0.0, 0.03]}
+    records = {
+        e: {
+            k: plateau.plateau_check(_curve([0.3, 0.4, 0.5, 0.5, 0.5 + g - c, 0.5 + g]), 600)
+            for k, (g, c) in enumerate(zip(gains[e], last[e]))
+        }
+        for e in gains
+    }
+    assert [r["last_change"] for r in records["b"].values()] == pytest.approx(last["b"])
+    (text, blank) = plateau.pooled_plateau_lines(records)
+    seed_means = (np.array(gains["a"]) + np.array(gains["b"])) / 2  # runs of one seed share their initialisation
+    half = 4.3026527 * np.std(seed_means, ddof=1) / np.sqrt(3)  # t(0.975, 2 d.f.)
+    mean, changes = np.mean(seed_means), last["a"] + last["b"]
+    assert blank == "" and "All 6 runs together: 4 plateaued; 1 of the 6 runs with a gain lost ground" in text
+    assert f"{mean:+.3f} on average (median {np.median(gains['a'] + gains['b']):+.3f})" in text
+    assert (
+        f"over the 3 seeds (gains averaged within each seed first) is {mean - half:+.3f} to {mean + half:+.3f}" in text
+    )
+    assert "not below the tolerance" in text and f"changed by {np.std(changes, ddof=1):.3f} (s.d. over 6 runs" in text
+    flat = {
+        "a": {
+            k: plateau.plateau_check(_curve([0.3, 0.4, 0.5, 0.5, 0.5, 0.5 + g]), 600)
+            for k, g in enumerate((0.0, 0.001, -0.001))
+        }
+    }
+    assert "below the tolerance (0.01): the mean gain" in plateau.pooled_plateau_lines(flat)[0]
+    assert plateau.pooled_plateau_lines({"a": {0: records["a"][0]}, "b": {0: records["b"][0]}}) == []  # one seed
 
 
 # ---- planning: the power table --------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def plateau_check(
     if int(steps) <= 0:
         raise ValueError(f"plateau_check: steps={steps} must be > 0")
     boundary = float(steps) * (1.0 - float(last_fraction))
-    pts = [(int(s), float(d)) for s, d in curve if int(s) > 0 and d is not None and math.isfinite(float(d))]
+    pts = sorted((int(s), float(d)) for s, d in curve if int(s) > 0 and d is not None and math.isfinite(float(d)))
     before = [d for s, d in pts if s <= boundary]
     last = [d for s, d in pts if s > boundary]
     best_before = max(before) if before else float("nan")
@@ -147,47 +147,58 @@ def plateau_lines(records: Mapping[str, Mapping[int, Mapping]]) -> list[str]:
         out += ["Runs that did not plateau:", "", *failures, ""]
     else:
         out += ["Every run plateaued.", ""]
-    return out + pooled_plateau_lines([r for by_seed in records.values() for r in by_seed.values()])
+    return out + pooled_plateau_lines(records)
 
 
-def pooled_plateau_lines(recs: Sequence[Mapping]) -> list[str]:
-    """One paragraph on all runs together (results.md, after the per-experiment table), or [] with < 2 gains.
+def pooled_plateau_lines(records: Mapping[str, Mapping[int, Mapping]]) -> list[str]:
+    """One paragraph on all runs together (results.md, after the per-experiment table), or [] with < 2 seeds.
 
     A run's gain is one difference of validation maxima, so a few runs cross the tolerance by chance when the
-    validation Dice still moves between checkpoints at the end of training. This paragraph gives what the
-    per-run verdicts cannot: the mean gain over the runs with its 95 % t interval (runs are independent; the
-    interval mixes the experiments, so it describes the design, not one curriculum), and the s.d. over runs of
-    each run's last checkpoint-to-checkpoint change (`last_change`), the scale a single run's gain compares with.
+    validation Dice still moves between checkpoints at the end of training; at a true plateau the gain tends to
+    be negative (the best of the last validations against the best of more before). This paragraph gives what
+    the per-run verdicts cannot: how many runs lost ground, the mean and median gain, a 95 % t interval for the
+    mean gain over seeds (the gains are first averaged within each seed, because the runs of one seed share
+    their initialisation; it mixes the experiments, so it describes the design, not one curriculum), and the
+    s.d. over runs of each run's last checkpoint-to-checkpoint change (`last_change`), the scale a single run's
+    gain compares with.
 
-    Args: recs: `plateau_check` dicts, one per run.
+    Args: records: experiment -> seed -> `plateau_check` dict.
     """
     import numpy as np
     from scipy import stats
 
-    gains = np.array([r["gain"] for r in recs if math.isfinite(r["gain"])], float)
-    changes = np.array([r.get("last_change", float("nan")) for r in recs], float)
-    changes = changes[np.isfinite(changes)]
-    if gains.size < 2:
+    recs = [r for by_seed in records.values() for r in by_seed.values()]
+    by_seed: dict[int, list[float]] = {}
+    for by in records.values():
+        for k, r in by.items():
+            if math.isfinite(r["gain"]):
+                by_seed.setdefault(int(k), []).append(float(r["gain"]))
+    if len(by_seed) < 2:
         return []
-    half = stats.t.ppf(0.975, gains.size - 1) * gains.std(ddof=1) / math.sqrt(gains.size)
-    lo, hi = gains.mean() - half, gains.mean() + half
+    gains = np.array([g for v in by_seed.values() for g in v])
+    seed_means = np.array([np.mean(v) for v in by_seed.values()])
+    half = stats.t.ppf(0.975, seed_means.size - 1) * seed_means.std(ddof=1) / math.sqrt(seed_means.size)
+    lo, hi = seed_means.mean() - half, seed_means.mean() + half
     ok = sum(bool(r["plateaued"]) for r in recs)
     verdict = (
-        f"so on average the last part gained less than the tolerance ({TOLERANCE})"
-        if hi <= TOLERANCE
-        else f"so an average gain above the tolerance ({TOLERANCE}) is not excluded: the runs may be too short"
+        f"below the tolerance ({TOLERANCE}): the mean gain of the last part is smaller than the tolerance"
+        if hi < TOLERANCE
+        else f"not below the tolerance ({TOLERANCE}): a mean gain above it is not excluded, the runs may be too short"
     )
+    changes = np.array([r.get("last_change", float("nan")) for r in recs], float)
+    changes = changes[np.isfinite(changes)]
     jitter = (
         f" Between each run's last two validations the validation Dice changed by {changes.std(ddof=1):.3f} "
         f"(s.d. over {changes.size} runs; mean {changes.mean():+.3f}): a single run's gain that exceeds the "
-        "tolerance by about that much can be checkpoint-to-checkpoint variation rather than further learning."
+        "tolerance by about that much is comparable to the checkpoint-to-checkpoint change at the end of training."
         if changes.size >= 2
         else ""
     )
     return [
-        f"All {len(recs)} runs together: {ok} plateaued. The gain of the last {100 * LAST_FRACTION:g} % is "
-        f"{gains.mean():+.3f} on average (95 % t interval {lo:+.3f} to {hi:+.3f}, median {np.median(gains):+.3f}), "
-        f"{verdict}.{jitter}",
+        f"All {len(recs)} runs together: {ok} plateaued; {int((gains < 0).sum())} of the {gains.size} runs with a "
+        f"gain lost ground in their last {100 * LAST_FRACTION:g} %. The gain is {gains.mean():+.3f} on average "
+        f"(median {np.median(gains):+.3f}); the 95 % t interval of the mean gain over the {seed_means.size} seeds "
+        f"(gains averaged within each seed first) is {lo:+.3f} to {hi:+.3f}, {verdict}.{jitter}",
         "",
     ]
 
