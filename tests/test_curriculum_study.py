@@ -204,7 +204,7 @@ def test_pooled_plateau_paragraph_gives_the_mean_gain_interval_and_end_jitter():
     seed_means = (np.array(gains["a"]) + np.array(gains["b"])) / 2  # runs of one seed share their initialisation
     half = 4.3026527 * np.std(seed_means, ddof=1) / np.sqrt(3)  # t(0.975, 2 d.f.)
     mean, changes = np.mean(seed_means), last["a"] + last["b"]
-    assert blank == "" and "All 6 runs together: 4 plateaued; 1 of the 6 runs with a gain lost ground" in text
+    assert blank == "" and "All 6 runs together: 4 plateaued; 1 of the 6 runs with a measured gain lost ground" in text
     assert f"{mean:+.3f} on average (median {np.median(gains['a'] + gains['b']):+.3f})" in text
     assert (
         f"over the 3 seeds (gains averaged within each seed first) is {mean - half:+.3f} to {mean + half:+.3f}" in text

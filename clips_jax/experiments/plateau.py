@@ -196,7 +196,8 @@ def pooled_plateau_lines(records: Mapping[str, Mapping[int, Mapping]]) -> list[s
     )
     return [
         f"All {len(recs)} runs together: {ok} plateaued; {int((gains < 0).sum())} of the {gains.size} runs with a "
-        f"gain lost ground in their last {100 * LAST_FRACTION:g} %. The gain is {gains.mean():+.3f} on average "
+        f"measured gain lost ground (a negative gain) in their last {100 * LAST_FRACTION:g} %. "
+        f"The gain is {gains.mean():+.3f} on average "
         f"(median {np.median(gains):+.3f}); the 95 % t interval of the mean gain over the {seed_means.size} seeds "
         f"(gains averaged within each seed first) is {lo:+.3f} to {hi:+.3f}, {verdict}.{jitter}",
         "",
