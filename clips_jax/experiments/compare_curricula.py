@@ -80,6 +80,7 @@ def learning_curves_png(curves: Mapping[str, Sequence[Sequence[Mapping]]], path:
 
     Args: curves: curriculum -> one `trainer.read_metrics(run)` row list per seed.
     The train loss is smoothed by a running mean over 10 steps; seeds are averaged at the steps they share.
+    Curricula take the 10 default colours in order, then the same colours dashed (the study has 11).
     """
     import matplotlib
 
@@ -89,7 +90,8 @@ def learning_curves_png(curves: Mapping[str, Sequence[Sequence[Mapping]]], path:
     from clips_jax.fileio import atomic_path
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, runs in curves.items():
+    for i, (name, runs) in enumerate(curves.items()):
+        style = {"color": f"C{i % 10}", "linestyle": ("-", "--", ":")[(i // 10) % 3]}
         for kind, ax, key in (("train", ax1, "loss"), ("eval", ax2, "val_dice")):
             by_step: dict[int, list[float]] = {}
             for rows in runs:
@@ -103,7 +105,7 @@ def learning_curves_png(curves: Mapping[str, Sequence[Sequence[Mapping]]], path:
             if kind == "train" and y.size >= 10:
                 y = np.convolve(y, np.ones(10) / 10, mode="valid")
                 steps = steps[9:]
-            ax.plot(steps, y, label=name, marker="o" if kind == "eval" else None, ms=3)
+            ax.plot(steps, y, label=name, marker="o" if kind == "eval" else None, ms=3, **style)
     ax1.set(title="train loss (running mean of 10 steps, mean over seeds)", xlabel="step", ylabel="loss")
     ax2.set(title="validation Dice (mean over seeds)", xlabel="step", ylabel="Dice")
     for ax in (ax1, ax2):
