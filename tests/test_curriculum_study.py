@@ -4,6 +4,7 @@ that every run of a comparison reports."""
 
 import json
 import math
+import pathlib
 import random
 
 import numpy as np
@@ -13,6 +14,8 @@ from clips_jax.configs import config_path, names
 from clips_jax.data import cohort
 from clips_jax.errors import ConfigError
 from clips_jax.experiments import plateau
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _load(spec: str):
@@ -133,6 +136,30 @@ def test_study_config_loads_by_name_and_makes_sense():
     assert phantom_dirs(c)[1].name.endswith("_study40+8v12")
     with pytest.raises(ValueError, match="unknown variant"):
         _load("curriculum_study:nope")
+
+
+def test_the_first_study_variant_differs_only_in_length():
+    """`curriculum_study:first` reproduces the first recorded study: half the steps, validated twice as often,
+    every other setting the same (so its archive's settings still match)."""
+    c, first = _load("curriculum_study").to_dict(), _load("curriculum_study:first").to_dict()
+    assert (first["steps"], first["eval"]["every_steps"], first["checkpoint"]["every_steps"]) == (1500, 150, 150)
+    assert c["steps"] == 2 * first["steps"] and c["eval"]["every_steps"] == 2 * first["eval"]["every_steps"]
+    for d in (c, first):
+        d.pop("steps"), d["eval"].pop("every_steps"), d["checkpoint"].pop("every_steps")
+    assert c == first
+
+
+def test_the_first_study_archive_matches_its_variant():
+    """The committed archive of the first study (docs/results/curriculum_study_2026-12) was made with the settings
+    `--config curriculum_study:first --steps 0` gives today: its runs can still be restored from it."""
+    from clips_jax.experiments.compare_curricula import _settings_key, apply_run_defaults, settings_conflicts
+
+    archive = REPO / "docs" / "results" / "curriculum_study_2026-12" / "archive.json"
+    cfg = _load("curriculum_study:first")
+    with cfg.unlocked():
+        apply_run_defaults(cfg, 0, overrides=True)  # as clips-compare does by default (--experiment_defaults)
+    old = json.loads(json.loads(archive.read_text())["settings_key"])
+    assert settings_conflicts(old, json.loads(_settings_key(cfg))) == []
 
 
 # ---- the plateau check ----------------------------------------------------------------------------------
