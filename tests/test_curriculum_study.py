@@ -149,17 +149,28 @@ def test_the_first_study_variant_differs_only_in_length():
     assert c == first
 
 
-def test_the_first_study_archive_matches_its_variant():
-    """The committed archive of the first study (docs/results/curriculum_study_2026-12) was made with the settings
-    `--config curriculum_study:first --steps 0` gives today: its runs can still be restored from it."""
-    from clips_jax.experiments.compare_curricula import _settings_key, apply_run_defaults, settings_conflicts
+@pytest.mark.parametrize(
+    ("variant", "archive_dir"), [("first", "curriculum_study_2026-12"), ("", "curriculum_study_3000")]
+)
+def test_each_study_archive_matches_its_variant(study_truths, variant, archive_dir):
+    """The committed archive of each study (docs/results/<archive_dir>) was made with the settings and the cohort
+    that `--config curriculum_study[:variant] --steps 0` gives today, so its runs can still be restored from it:
+    no setting differs (`settings_conflicts`, as clips-compare checks) and the store's folder name and per-split
+    case ids (`store_fingerprint`'s hash, here from the split made in memory) are the same."""
+    import hashlib
 
-    archive = REPO / "docs" / "results" / "curriculum_study_2026-12" / "archive.json"
-    cfg = _load("curriculum_study:first")
+    from clips_jax.experiments.compare_curricula import _settings_key, apply_run_defaults, settings_conflicts
+    from clips_jax.trainer import phantom_dirs
+
+    archive = json.loads((REPO / "docs" / "results" / archive_dir / "archive.json").read_text())
+    cfg = _load(f"curriculum_study:{variant}" if variant else "curriculum_study")
     with cfg.unlocked():
         apply_run_defaults(cfg, 0, overrides=True)  # as clips-compare does by default (--experiment_defaults)
-    old = json.loads(json.loads(archive.read_text())["settings_key"])
-    assert settings_conflicts(old, json.loads(_settings_key(cfg))) == []
+    assert settings_conflicts(json.loads(archive["settings_key"]), json.loads(_settings_key(cfg))) == []
+    assert archive["store"] == phantom_dirs(cfg)[1].name
+    split = cohort.study_split(study_truths, **cohort.study_counts(cfg.data.phantoms))
+    ids = {k: sorted(split[k]) for k in ("train", "val", "test")}
+    assert archive["store_cases"] == hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---- the plateau check ----------------------------------------------------------------------------------
