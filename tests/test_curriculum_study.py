@@ -156,10 +156,14 @@ def test_each_study_archive_matches_its_variant(study_truths, variant, archive_d
     """The committed archive of each study (docs/results/<archive_dir>) was made with the settings and the cohort
     that `--config curriculum_study[:variant] --steps 0` gives today, so its runs can still be restored from it:
     no setting differs (`settings_conflicts`, as clips-compare checks) and the store's folder name and per-split
-    case ids (`store_fingerprint`'s hash, here from the split made in memory) are the same."""
-    import hashlib
-
-    from clips_jax.experiments.compare_curricula import _settings_key, apply_run_defaults, settings_conflicts
+    case ids (`split_fingerprint`, the hash `store_fingerprint` stores, here from the split made in memory) are
+    the same."""
+    from clips_jax.experiments.compare_curricula import (
+        _settings_key,
+        apply_run_defaults,
+        settings_conflicts,
+        split_fingerprint,
+    )
     from clips_jax.trainer import phantom_dirs
 
     archive = json.loads((REPO / "docs" / "results" / archive_dir / "archive.json").read_text())
@@ -169,8 +173,7 @@ def test_each_study_archive_matches_its_variant(study_truths, variant, archive_d
     assert settings_conflicts(json.loads(archive["settings_key"]), json.loads(_settings_key(cfg))) == []
     assert archive["store"] == phantom_dirs(cfg)[1].name
     split = cohort.study_split(study_truths, **cohort.study_counts(cfg.data.phantoms))
-    ids = {k: sorted(split[k]) for k in ("train", "val", "test")}
-    assert archive["store_cases"] == hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()[:16]
+    assert archive["store_cases"] == split_fingerprint({k: split[k] for k in ("train", "val", "test")})
 
 
 # ---- the plateau check ----------------------------------------------------------------------------------

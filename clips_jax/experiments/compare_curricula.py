@@ -338,13 +338,19 @@ def open_experiment(base, workdir: Path, store, names: Sequence[str], seeds: int
     )
 
 
-def store_fingerprint(store) -> str:
-    """A short hash of a case store's case ids per split (train / val / test): two stores with the same folder
-    name but other cases or splits differ."""
+def split_fingerprint(ids: dict) -> str:
+    """A short hash (16 hex characters of sha256) of the case ids per split, `{"train": [str], "val": [str],
+    "test": [str]}`; the order of ids inside a split does not matter (they are sorted)."""
     import hashlib
 
-    splits = {k: sorted(store.ids[int(i)] for i in store.split_indices(k)) for k in ("train", "val", "test")}
+    splits = {k: sorted(ids[k]) for k in ("train", "val", "test")}
     return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def store_fingerprint(store) -> str:
+    """A short hash of a case store's case ids per split (train / val / test; `split_fingerprint`): two stores
+    with the same folder name but other cases or splits differ."""
+    return split_fingerprint({k: [store.ids[int(i)] for i in store.split_indices(k)] for k in ("train", "val", "test")})
 
 
 def _open_archive(archive, base, store) -> Path:
