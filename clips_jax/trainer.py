@@ -422,6 +422,15 @@ STREAM_KEYS = (
 )
 
 
+def curriculum_settings(curriculum) -> dict:
+    """The `curriculum` section of a config (ConfigDict or the dict of a run's config.json) as plain JSON values:
+    name, options, steps_per_epoch, stage_steps. A run's summary.json records it, so that a finished run can be
+    checked against the settings a comparison would train it with (`compare_curricula.check_run_curriculum`)."""
+    if hasattr(curriculum, "to_json_best_effort"):
+        return json.loads(curriculum.to_json_best_effort(sort_keys=True))
+    return json.loads(json.dumps(curriculum, sort_keys=True))
+
+
 def stream_settings(config, teacher: str | None = None) -> dict:
     """{dotted key: JSON value} of `STREAM_KEYS` plus `curriculum.options` (absent keys give None) and
     "data.teacher": the teacher whose scores the case table holds (`teacher`: `data.teacher` resolved to the
@@ -468,7 +477,10 @@ class _Run:
     def __init__(self, config, workdir: Path):
         self.config, self.workdir = config, workdir
         self.writer = MetricsWriter(workdir, quiet=bool(config.get("quiet", False)))
-        self.summary: dict[str, Any] = {"curriculum": config.curriculum.name}
+        self.summary: dict[str, Any] = {
+            "curriculum": config.curriculum.name,
+            "curriculum_settings": curriculum_settings(config.curriculum),
+        }
         self.steps_done, self.t0 = 0, time.time()
 
     # -- set-up steps ---------------------------------------------------------------------------------------

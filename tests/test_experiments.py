@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from clips_jax import curricula
+from clips_jax.curricula.smoothing import cbs_sigma
 from clips_jax.errors import ConfigError
 from clips_jax.experiments import compare_curricula as cc
 from clips_jax.experiments import presets, results, statistics
@@ -221,6 +222,22 @@ def test_presets_cover_every_family_and_build():
     assert presets.curriculum_options("random", 60, 10, 7)["seed"] == 7
     cbs = presets.curriculum_options("cbs", 60, 10, 0)
     assert 1.0 * cbs["sigma_decay"] ** 3 == pytest.approx(presets.CBS_SIGMA_AT_GROW)
+
+
+@pytest.mark.parametrize("steps", [60, 300, 1500, 3000, 30000])
+def test_cbs_sigma_falls_to_its_target_at_half_the_run_not_before(steps):
+    # The first studies' 3000-step runs had sigma < 0.2 after 5 % of the run (decay 0.9 every epoch of 10 steps):
+    # smoothing must last until about GROW_FRACTION of the run, whatever its length.
+    opts = presets.curriculum_options("cbs", steps, 10, 0)
+    grow_step = int(steps * presets.GROW_FRACTION)
+
+    def sigma(step):
+        return float(cbs_sigma(step, 1.0, opts["sigma_decay"], opts["sigma_every_epochs"], 10))
+
+    assert sigma(grow_step) <= presets.CBS_SIGMA_AT_GROW + 1e-6
+    assert sigma(int(0.8 * grow_step)) > presets.CBS_SIGMA_AT_GROW
+    if steps >= 1500:  # long runs keep the paper's decay factor
+        assert opts["sigma_decay"] == presets.CBS_PAPER_DECAY
     with pytest.raises(ConfigError):
         presets.get_experiment("nope")
 
@@ -525,3 +542,28 @@ def test_command_line_errors_are_clear(tmp_path):
     assert not wd.exists()  # nothing written
     r, _ = _entry(["--workdir", str(wd), "stray"], driver=False)
     assert r.returncode != 0 and "stray" in r.stderr
+
+
+def test_a_finished_run_of_other_curriculum_settings_is_refused_not_counted(tmp_path):
+    # A preset changed after a run finished (CBS's schedule did): the run must not be counted under the new one.
+    base = default_config.get_config("tiny")
+    cfg = cc.run_config(base, "cbs", 0, tmp_path / "store")
+    run = tmp_path / "runs" / "cbs" / "seed0"
+    run.mkdir(parents=True)
+    summary = {"steps": int(cfg.steps), "curriculum": "cbs"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    cc.check_run_curriculum(run, cfg)  # no recorded settings (an old archived run): cannot be checked, passes
+    from clips_jax import trainer
+
+    settings = trainer.curriculum_settings(cfg.curriculum)
+    (run / "summary.json").write_text(json.dumps({**summary, "curriculum_settings": settings}))
+    cc.check_run_curriculum(run, cfg)  # the same settings pass
+    old = {**settings, "options": {**settings["options"], "sigma_every_epochs": 1, "sigma_decay": 0.5}}
+    (run / "summary.json").write_text(json.dumps({**summary, "curriculum_settings": old}))
+    with pytest.raises(ConfigError, match=r"cbs/seed0.*other curriculum settings \(options"):
+        cc.check_run_curriculum(run, cfg)
+    # a workdir run without the summary key is checked against its config.json
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "config.json").write_text(json.dumps({"curriculum": old}))
+    with pytest.raises(ConfigError, match="remove the run folder"):
+        cc.check_run_curriculum(run, cfg)

@@ -156,6 +156,35 @@ def run_finished(run_dir: str | os.PathLike, steps: int) -> bool:
         return False
 
 
+def check_run_curriculum(run_dir: str | os.PathLike, cfg) -> None:
+    """Refuse a finished run whose curriculum settings differ from those `cfg` would train it with.
+
+    The settings (name, options, steps_per_epoch, stage_steps: `trainer.curriculum_settings`) are read from the
+    run's summary.json ("curriculum_settings"), else from its config.json; a run with neither (archived before
+    summaries recorded them) cannot be checked and passes. A difference means the run was made by another
+    version of a preset (`presets.curriculum_options`): counting it would mix two curricula under one name.
+    Raises: ConfigError naming the run folder and the differing setting.
+    """
+    from clips_jax import trainer
+
+    run_dir = Path(run_dir)
+    recorded = None
+    try:
+        recorded = json.loads((run_dir / "summary.json").read_text()).get("curriculum_settings")
+        if recorded is None and (run_dir / "config.json").is_file():
+            recorded = trainer.curriculum_settings(json.loads((run_dir / "config.json").read_text())["curriculum"])
+    except (OSError, ValueError, KeyError):
+        recorded = None
+    wanted = trainer.curriculum_settings(cfg.curriculum)
+    if recorded is not None and recorded != wanted:
+        diff = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+        raise ConfigError(
+            f"{run_dir}: this finished run was trained with other curriculum settings ({', '.join(diff)}: "
+            f"{[recorded.get(k) for k in diff]} instead of {[wanted.get(k) for k in diff]}); remove the run folder "
+            "(and its copy in --archive) to train it again with the current settings, or use another --workdir"
+        )
+
+
 def load_trained_model(cfg, run_dir: str | os.PathLike):
     """The trained model of a run: parameters of the best-validation checkpoint (`checkpoints/best`), else of
     the latest `checkpoints/last` (`clips_jax.runs.load_run_model` with the run's config `cfg`).
@@ -408,6 +437,7 @@ class _Runner:
         cfg = run_config(self.base, name, seed, store_dir, teacher)
         run_dir = self.workdir / "runs" / name / f"seed{seed}"
         if run_finished(run_dir, cfg.steps):
+            check_run_curriculum(run_dir, cfg)
             self.log(f"[{name} seed {seed}] finished earlier: skipped")
             return cfg, run_dir, "skipped"
         self.log(

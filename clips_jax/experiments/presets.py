@@ -177,6 +177,33 @@ def exp3s_eta(rounds: int, num_buckets: int = 5) -> float:
     return float(min(1.0, math.sqrt(math.log(k) / (k * max(1, int(rounds))))))
 
 
+#: CBS's decay factor per period in Sinha et al. 2020 (and their code's default).
+CBS_PAPER_DECAY = 0.9
+
+
+def cbs_schedule(grow_epochs: float, sigma0: float = 1.0) -> tuple[float, int]:
+    """CBS (sigma_decay, sigma_every_epochs) for sigma to fall to CBS_SIGMA_AT_GROW by epoch `grow_epochs`.
+
+    sigma(e) = sigma0 * decay^floor(e / period) (`clips_jax.curricula.smoothing.cbs_sigma`, e in whole epochs).
+    When the run is long enough, the paper's decay 0.9 with the longest period whose decays reach
+    CBS_SIGMA_AT_GROW by `grow_epochs` (n = 16 decays from sigma0 = 1: 0.9^16 = 0.185); sigma stays above it
+    until the last of those decays, i.e. for the first ~(n - 1)/n of `grow_epochs`. Otherwise (fewer than n whole
+    epochs) a decay every epoch, faster than the paper's, that reaches CBS_SIGMA_AT_GROW exactly at
+    floor(grow_epochs).
+
+    Args: grow_epochs: epochs (float, > 0) by which sigma should have fallen to CBS_SIGMA_AT_GROW; sigma0: the
+      initial sigma (voxels, > 0).
+    Returns: (decay in (0, 1], period in whole epochs >= 1).
+    """
+    epochs = max(1, math.floor(grow_epochs))
+    if sigma0 <= CBS_SIGMA_AT_GROW:  # already there: keep the paper's decay, once per epoch
+        return CBS_PAPER_DECAY, 1
+    needed = math.ceil(math.log(CBS_SIGMA_AT_GROW / sigma0) / math.log(CBS_PAPER_DECAY))
+    if epochs >= needed:
+        return CBS_PAPER_DECAY, epochs // needed
+    return float((CBS_SIGMA_AT_GROW / sigma0) ** (1.0 / epochs)), 1
+
+
 def curriculum_options(
     name: str, steps: int, steps_per_epoch: int, seed: int, stage_steps: int | None = None
 ) -> dict[str, Any]:
@@ -195,8 +222,8 @@ def curriculum_options(
           pacing (steps between stages instead of epochs) `step_length_steps` such that the last stage starts
           by GROW_FRACTION of the run;
         seeded: `seed`;
-        smoothing: `sigma_every_epochs = 1` and `sigma_decay` such that sigma0 * decay^(grow epochs) =
-          CBS_SIGMA_AT_GROW (decay = 0.9, the paper's, if the run is long enough for that);
+        smoothing: `sigma_decay` and `sigma_every_epochs` of `cbs_schedule(grow_epochs, sigma0)`: sigma
+          reaches CBS_SIGMA_AT_GROW at about GROW_FRACTION of the run, not before;
         stage_rounds: `eta = exp3s_eta(steps // stage_steps)` unless the experiment fixes eta.
     Raises: ConfigError for an unknown name or non-positive steps / steps_per_epoch.
     """
@@ -216,10 +243,8 @@ def curriculum_options(
     if exp.seeded:
         opts["seed"] = int(seed)
     if exp.smoothing:
-        decays = max(1, math.floor(grow_epochs))
-        sigma0 = float(PRESETS[exp.preset].get("sigma0", 1.0))
-        opts["sigma_every_epochs"] = 1
-        opts["sigma_decay"] = float(min(0.9, (CBS_SIGMA_AT_GROW / sigma0) ** (1.0 / decays)))
+        sigma0 = float({**PRESETS[exp.preset], **exp.options}.get("sigma0", 1.0))
+        opts["sigma_decay"], opts["sigma_every_epochs"] = cbs_schedule(grow_epochs, sigma0)
     if exp.stage_rounds and "eta" not in opts:
         rounds = int(steps) // max(1, int(stage_steps or steps_per_epoch))
         buckets = {**PRESETS[exp.preset], **exp.options}.get("num_buckets", 5)
