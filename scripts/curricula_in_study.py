@@ -1,0 +1,90 @@
+"""What each curriculum did inside a comparison's own runs, read back from their metric logs.
+
+    .venv/bin/python scripts/curricula_in_study.py docs/results/curriculum_study_3000 [SEED]
+
+`scripts/curricula_in_loop.py` shows each curriculum in short tiny runs; schedules that depend on the run
+length (pacing, CBS's sigma, the bandit's eta: `clips_jax.experiments.presets.curriculum_options`) can only be
+checked at a study's own length, in its own runs. This reads the "curriculum" rows (one per sampling stage)
+of `RUNS/runs/<experiment>/seed<SEED>/metrics.jsonl[.gz]` (a comparison's workdir or its `--archive` folder;
+SEED default 0) and prints per experiment, at fractions of the run:
+
+- support: training cases with non-zero sampling weight (of all training cases, lesion-free ones included);
+- n_eff: effective number of cases 1 / sum(w^2);
+- easy30 / hard30: sampling mass on the easiest / hardest three difficulty deciles of the lesion cases
+  (uniform sampling: about 0.22 each on the phantom study, lesion-free cases taking the rest);
+- sigma: CBS's smoothing width (voxels; 0 for curricula without smoothing);
+
+and, for a bandit that draws one difficulty bucket per stage (Exp3.S in "bucket" mode), how often each of the
+5 buckets (easiest first) was drawn in each quarter of the run. What to expect is in the module docstring of
+`scripts/curricula_in_loop.py` and in docs/curricula.md.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+FRACTIONS = (0.0, 0.1, 0.25, 0.4, 0.5, 0.75, 1.0)
+
+
+def curriculum_rows(run: Path) -> list[dict]:
+    """The "curriculum" rows of a run's metrics.jsonl (workdir) or metrics.jsonl.gz (archive), in step order."""
+    plain, packed = run / "metrics.jsonl", run / "metrics.jsonl.gz"
+    if plain.is_file():
+        lines = plain.read_text().splitlines()
+    elif packed.is_file():
+        with gzip.open(packed, "rt") as f:
+            lines = f.read().splitlines()
+    else:
+        return []
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return sorted((r for r in rows if r.get("kind") == "curriculum"), key=lambda r: r["step"])
+
+
+def stage_table(rows: list[dict]) -> list[str]:
+    """One line per fraction of the run: step, support, n_eff, easy30, hard30, sigma."""
+    lines = []
+    for f in FRACTIONS:
+        r = rows[min(len(rows) - 1, int(f * len(rows)))]
+        mass = r["decile_mass"]
+        lines.append(
+            f"  {f:4.0%} step {r['step']:5d}  support {r['n_support']:3d}  n_eff {r['n_eff']:5.1f}  "
+            f"easy30 {sum(mass[:3]):.2f}  hard30 {sum(mass[-3:]):.2f}  sigma {r.get('sigma', 0.0):.3f}"
+        )
+    return lines
+
+
+def bucket_draws(rows: list[dict], buckets: int = 5) -> list[list[int]]:
+    """Per quarter of the run, how many stages drew each difficulty bucket (the bucket of the decile holding
+    the most mass; meaningful only for a curriculum that samples one bucket per stage)."""
+    drawn = [int(np.argmax(r["decile_mass"])) * buckets // len(r["decile_mass"]) for r in rows]
+    q = max(1, len(drawn) // 4)
+    return [np.bincount(drawn[i * q : (i + 1) * q], minlength=buckets).tolist() for i in range(4)]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    root, seed = Path(argv[1]), int(argv[2]) if len(argv) > 2 else 0
+    runs = root / "runs"
+    if not runs.is_dir():
+        print(f"{root}: no runs/ folder; give a comparison's workdir or its --archive folder", file=sys.stderr)
+        return 1
+    for exp in sorted(p.name for p in runs.iterdir() if p.is_dir()):
+        rows = curriculum_rows(runs / exp / f"seed{seed}")
+        if not rows:
+            continue
+        print(f"{exp} (seed {seed}, {len(rows)} stages)")
+        print("\n".join(stage_table(rows)))
+        if exp.startswith("exp3s"):
+            print("  bucket draws per quarter (easiest bucket first):", bucket_draws(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
