@@ -6,7 +6,8 @@
 length (pacing, CBS's sigma, the bandit's eta: `clips_jax.experiments.presets.curriculum_options`) can only be
 checked at a study's own length, in its own runs. This reads the "curriculum" rows (one per sampling stage)
 of `RUNS/runs/<experiment>/seed<SEED>/metrics.jsonl[.gz]` (a comparison's workdir or its `--archive` folder;
-SEED default 0) and prints per experiment, at fractions of the run:
+SEED default 0; a stage logged twice, by a resumed run, counts once) and prints per experiment, at fractions
+of the run (the first stage at or after that fraction of the last stage's step):
 
 - support: training cases with non-zero sampling weight (of all training cases, lesion-free ones included);
 - n_eff: effective number of cases 1 / sum(w^2);
@@ -41,15 +42,18 @@ def curriculum_rows(run: Path) -> list[dict]:
             lines = f.read().splitlines()
     else:
         return []
-    rows = [json.loads(line) for line in lines if line.strip()]
-    return sorted((r for r in rows if r.get("kind") == "curriculum"), key=lambda r: r["step"])
+    by_step = {}  # the last row per step: a resumed run logs again the stages after its last checkpoint
+    for line in lines:
+        if line.strip() and (r := json.loads(line)).get("kind") == "curriculum":
+            by_step[r["step"]] = r
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def stage_table(rows: list[dict]) -> list[str]:
-    """One line per fraction of the run: step, support, n_eff, easy30, hard30, sigma."""
-    lines = []
+    """One line per fraction f of the run: the first stage row at or after step f * (last stage's step)."""
+    lines, last = [], rows[-1]["step"]
     for f in FRACTIONS:
-        r = rows[min(len(rows) - 1, int(f * len(rows)))]
+        r = next(r for r in rows if r["step"] >= f * last)
         mass = r["decile_mass"]
         lines.append(
             f"  {f:4.0%} step {r['step']:5d}  support {r['n_support']:3d}  n_eff {r['n_eff']:5.1f}  "
@@ -59,11 +63,15 @@ def stage_table(rows: list[dict]) -> list[str]:
 
 
 def bucket_draws(rows: list[dict], buckets: int = 5) -> list[list[int]]:
-    """Per quarter of the run, how many stages drew each difficulty bucket (the bucket of the decile holding
-    the most mass; meaningful only for a curriculum that samples one bucket per stage)."""
-    drawn = [int(np.argmax(r["decile_mass"])) * buckets // len(r["decile_mass"]) for r in rows]
-    q = max(1, len(drawn) // 4)
-    return [np.bincount(drawn[i * q : (i + 1) * q], minlength=buckets).tolist() for i in range(4)]
+    """Per quarter of the run (by step; every stage counted once), how many stages drew each difficulty bucket
+    (the bucket of the decile holding the most mass; meaningful only for a curriculum that samples one bucket
+    per stage)."""
+    last = rows[-1]["step"] + 1
+    out = [[0] * buckets for _ in range(4)]
+    for r in rows:
+        bucket = int(np.argmax(r["decile_mass"])) * buckets // len(r["decile_mass"])
+        out[min(3, 4 * r["step"] // last)][bucket] += 1
+    return out
 
 
 def main(argv: list[str]) -> int:

@@ -27,12 +27,14 @@ def test_curricula_in_study_reads_archived_stage_rows(tmp_path, capsys):
             {"kind": "curriculum", "step": 10 * stage, "stage": stage, "decile_mass": mass, "n_eff": 20.0 + stage}
             | {"n_support": 30 + stage, "sigma": 0.0}
         )
+    rows.append({**rows[-1], "n_support": 99})  # a resumed run logs its last stage again: the later row counts
     with gzip.open(run / "metrics.jsonl.gz", "wt") as f:
-        f.write("\n".join(json.dumps(r) for r in rows[::-1]) + "\n")  # out of order: sorted by step on reading
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     assert cis.main(["prog", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "exp3s (seed 0, 8 stages)" in out
-    assert "0% step     0  support  30" in out and "100% step    70  support  37" in out
+    assert "0% step     0  support  30" in out and "100% step    70  support  99" in out
+    assert "10% step    10  support  31" in out  # the first stage at or after 10 % of the last stage's step
     assert "hard30 0.70" in out and "easy30 0.70" in out
     assert "[[0, 0, 0, 0, 2], [0, 0, 0, 0, 2], [2, 0, 0, 0, 0], [2, 0, 0, 0, 0]]" in out
     assert cis.main(["prog", str(tmp_path / "nothing")]) == 1

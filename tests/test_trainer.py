@@ -308,6 +308,8 @@ def test_default_config_end_to_end_cli(phantom_cache, tmp_path):
     assert s["steps"] == 6 and "initial" in s and "final" in s
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["model"]["channels"] == [4, 4, 8, 8]
+    # the summary records the curriculum settings a comparison checks a finished run against
+    assert s["curriculum_settings"] == cfg["curriculum"] and s["curriculum_settings"]["steps_per_epoch"] == 2
     assert (tmp_path / "run" / "checkpoints" / "best").is_dir()
 
 

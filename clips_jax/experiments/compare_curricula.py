@@ -157,13 +157,16 @@ def run_finished(run_dir: str | os.PathLike, steps: int) -> bool:
 
 
 def check_run_curriculum(run_dir: str | os.PathLike, cfg) -> None:
-    """Refuse a finished run whose curriculum settings differ from those `cfg` would train it with.
+    """Refuse a finished run whose curriculum differs from the one `cfg` would train it with.
 
     The settings (name, options, steps_per_epoch, stage_steps: `trainer.curriculum_settings`) are read from the
-    run's summary.json ("curriculum_settings"), else from its config.json; a run with neither (archived before
-    summaries recorded them) cannot be checked and passes. A difference means the run was made by another
-    version of a preset (`presets.curriculum_options`): counting it would mix two curricula under one name.
-    Raises: ConfigError naming the run folder and the differing setting.
+    run's summary.json ("curriculum_settings"), else from its config.json, and compared key by key
+    (`settings_conflicts`: a key recorded on one side only is not a difference). A run with neither (archived
+    before summaries recorded them) is checked, for a smoothing curriculum, by the sigma its metric log records
+    against the schedule of `cfg` (`_sigma_conflicts`); otherwise it passes. A difference means the run was made
+    by another version of a preset (`presets.curriculum_options`): counting it would mix two curricula under one
+    name.
+    Raises: ConfigError naming the run folder and what differs.
     """
     from clips_jax import trainer
 
@@ -176,13 +179,40 @@ def check_run_curriculum(run_dir: str | os.PathLike, cfg) -> None:
     except (OSError, ValueError, KeyError):
         recorded = None
     wanted = trainer.curriculum_settings(cfg.curriculum)
-    if recorded is not None and recorded != wanted:
-        diff = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+    if recorded is not None:
+        diff = settings_conflicts(recorded, wanted)
+        old, new = [_dotted(recorded, k) for k in diff], [_dotted(wanted, k) for k in diff]
+        what = f"{', '.join(diff)}: {old} instead of {new}"
+    else:
+        diff = _sigma_conflicts(run_dir, cfg)
+        what = f"smoothing sigma {diff[0]}" if diff else ""
+    if diff:
         raise ConfigError(
-            f"{run_dir}: this finished run was trained with other curriculum settings ({', '.join(diff)}: "
-            f"{[recorded.get(k) for k in diff]} instead of {[wanted.get(k) for k in diff]}); remove the run folder "
-            "(and its copy in --archive) to train it again with the current settings, or use another --workdir"
+            f"{run_dir}: this finished run was trained with other curriculum settings ({what}); remove the run "
+            "folder (and its copy in --archive) to train it again with the current settings, or use another --workdir"
         )
+
+
+def _dotted(d: Mapping, key: str):
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, Mapping) else None
+    return d
+
+
+def _sigma_conflicts(run_dir: Path, cfg, checks: int = 20) -> list[str]:
+    """For a smoothing curriculum: the first of up to `checks` logged training steps whose recorded sigma differs
+    from the schedule of `cfg` (as "at step S: logged L, expected E"), else []. Logged step k ran at step k - 1."""
+    from clips_jax import curricula, runs
+
+    cur = curricula.get_curriculum(cfg.curriculum.name, **curricula.options_from_config(cfg))
+    if not cur.smooths:
+        return []
+    rows = [r for r in runs.read_metrics(run_dir, "train") if "sigma" in r]
+    for r in rows[:: max(1, len(rows) // checks)]:
+        expected = float(cur.sigma(None, int(r["step"]) - 1))  # the CBS schedule depends on the step alone
+        if not np.isclose(float(r["sigma"]), expected, rtol=1e-4, atol=1e-7):
+            return [f"at step {r['step']}: logged {float(r['sigma']):.4g}, expected {expected:.4g}"]
+    return []
 
 
 def load_trained_model(cfg, run_dir: str | os.PathLike):

@@ -182,26 +182,31 @@ CBS_PAPER_DECAY = 0.9
 
 
 def cbs_schedule(grow_epochs: float, sigma0: float = 1.0) -> tuple[float, int]:
-    """CBS (sigma_decay, sigma_every_epochs) for sigma to fall to CBS_SIGMA_AT_GROW by epoch `grow_epochs`.
+    """CBS (sigma_decay, sigma_every_epochs) for sigma to fall to CBS_SIGMA_AT_GROW near epoch `grow_epochs`.
 
     sigma(e) = sigma0 * decay^floor(e / period) (`clips_jax.curricula.smoothing.cbs_sigma`, e in whole epochs).
-    When the run is long enough, the paper's decay 0.9 with the longest period whose decays reach
-    CBS_SIGMA_AT_GROW by `grow_epochs` (n = 16 decays from sigma0 = 1: 0.9^16 = 0.185); sigma stays above it
-    until the last of those decays, i.e. for the first ~(n - 1)/n of `grow_epochs`. Otherwise (fewer than n whole
-    epochs) a decay every epoch, faster than the paper's, that reaches CBS_SIGMA_AT_GROW exactly at
-    floor(grow_epochs).
+    With G = floor(grow_epochs) (at least 1) and n = the number of the paper's 0.9 decays that take sigma0 to
+    CBS_SIGMA_AT_GROW or below (16 from sigma0 = 1: 0.9^16 = 0.185):
+      * G >= n: period p = G // n; the paper's decay 0.9 when its n-th decay (epoch n * p) comes after 80 % of
+        G, else (p steps too coarse, e.g. G = 31) the decay that reaches CBS_SIGMA_AT_GROW exactly at epoch
+        p * (G // p), the last period boundary by G (0.904-0.947);
+      * G < n: a decay every epoch that reaches CBS_SIGMA_AT_GROW exactly at epoch G (faster than the paper's).
+    Either way sigma > CBS_SIGMA_AT_GROW up to 80 % of G, and <= it from G on (tested for 60-40 000-step runs).
 
     Args: grow_epochs: epochs (float, > 0) by which sigma should have fallen to CBS_SIGMA_AT_GROW; sigma0: the
-      initial sigma (voxels, > 0).
+      initial sigma (voxels, >= 0; at or below CBS_SIGMA_AT_GROW the paper's decay every epoch is returned).
     Returns: (decay in (0, 1], period in whole epochs >= 1).
     """
     epochs = max(1, math.floor(grow_epochs))
     if sigma0 <= CBS_SIGMA_AT_GROW:  # already there: keep the paper's decay, once per epoch
         return CBS_PAPER_DECAY, 1
     needed = math.ceil(math.log(CBS_SIGMA_AT_GROW / sigma0) / math.log(CBS_PAPER_DECAY))
-    if epochs >= needed:
-        return CBS_PAPER_DECAY, epochs // needed
-    return float((CBS_SIGMA_AT_GROW / sigma0) ** (1.0 / epochs)), 1
+    if epochs < needed:
+        return float((CBS_SIGMA_AT_GROW / sigma0) ** (1.0 / epochs)), 1
+    period = epochs // needed
+    if needed * period > 0.8 * epochs:
+        return CBS_PAPER_DECAY, period
+    return float((CBS_SIGMA_AT_GROW / sigma0) ** (1.0 / (epochs // period))), period
 
 
 def curriculum_options(
