@@ -584,3 +584,32 @@ def test_a_finished_run_of_other_curriculum_settings_is_refused_not_counted(tmp_
     runner = cc._Runner(base, tmp_path, store=None, log=lambda line: None)
     with pytest.raises(ConfigError, match="other curriculum settings"):
         runner.train("cbs", 0, tmp_path / "store")
+
+
+def test_plateaued_only_sensitivity_leaves_out_the_runs_that_had_not_plateaued():
+    rng = np.random.default_rng(3)
+    n_cases, n_runs = 24, 4
+    case = rng.normal(0.6, 0.15, n_cases)
+    hardness = -case
+
+    def table(shift=0.0, run_shift=(0.0, 0.0, 0.0, 0.0)):
+        run = np.asarray(run_shift)[:, None] + rng.normal(0, 0.01, (n_runs, 1))
+        return np.clip(case + shift + run + rng.normal(0, 0.02, (n_runs, n_cases)), 0, 1)
+
+    # "late" gains only through its one run that had not plateaued (seed 3: +0.3); without it, no difference
+    per_run = {"none": _runs(table()), "late": _runs(table(0.0, (0, 0, 0, 0.3))), "same": _runs(table())}
+    ids = [f"c{j}" for j in range(n_cases)]
+    every = {n: {k: True for k in range(n_runs)} for n in per_run}
+    assert results.plateaued_only_lines(per_run, every, ids, hardness) == []
+    flags = {**every, "late": {0: True, 1: True, 2: True, 3: False}}
+    md = "\n".join(results.plateaued_only_lines(per_run, flags, ids, hardness))
+    assert "## Sensitivity: plateaued runs only" in md and "1 runs that had not plateaued" in md
+    line = next(x for x in md.splitlines() if x.startswith("| late |"))
+    assert "| 3 of 4 |" in line
+    rows, _, _ = cc.summarise(per_run, ids, hardness)
+    full = next(r for r in rows if r["curriculum"] == "late" and r["subset"] == "all")
+    kept = float(line.split("|")[6].split()[0])  # ΔDice all with the run left out
+    assert full["dice_diff"] == pytest.approx(0.075, abs=0.02) and abs(kept) < 0.02
+    assert "| none | baseline | 4 of 4 | — | — | — | — |" in md
+    no_hardness = results.plateaued_only_lines(per_run, flags, ids, None)
+    assert "Not computed (no hardness fixed before the runs)." in no_hardness

@@ -32,8 +32,8 @@ positive control) and every seed 0..`--seeds`-1 it
    lesion sensitivity and FP volume on all test cases and on the hard third, and, against the baseline, the
    difference in Dice and in |TMTV error| with its 95 % interval, p-value and Holm-adjusted p-value from a
    mixed model whose unit is the patient and which accounts for run-to-run variance (`statistics.py`,
-   docs/statistics.md); the minimal detectable effect; whether the controls behaved as expected; and which
-   runs plateaued.
+   docs/statistics.md); the minimal detectable effect; whether the controls behaved as expected; which
+   runs plateaued; and, when some did not, the Dice tests again without them (a sensitivity analysis).
 
 The transfer-teacher (bootstrapping) curriculum ranks the training cases by the soft-Dice loss of the first
 seed's baseline model (`none`, trained first, without curriculum): those scores are stored in the comparison's
@@ -66,6 +66,7 @@ from clips_jax.experiments.results import (
     SUMMARY_METRICS,  # noqa: F401 - re-exported
     case_summary_values,  # noqa: F401
     mean_sd,  # noqa: F401 - re-exported
+    plateaued_only_lines,
     results_markdown,
     seed_means,
     summarise,
@@ -548,10 +549,12 @@ def write_report(
         f"- this invocation: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall ({count('trained')} runs "
         f"trained, {count('skipped')} skipped)",
     ]
-    write_text_atomic(
-        workdir / "results.md",
-        results_markdown(rows, notes, header, design, hard.description, plateau.plateau_lines(runner.plateau)),
-    )
+    plateaued = {n: {k: bool(p["plateaued"]) for k, p in v.items()} for n, v in runner.plateau.items()}
+    sections = [
+        *plateau.plateau_lines(runner.plateau),
+        *plateaued_only_lines(runner.rows, plateaued, case_ids, hard.array(case_ids)),
+    ]
+    write_text_atomic(workdir / "results.md", results_markdown(rows, notes, header, design, hard.description, sections))
     return rows, notes
 
 

@@ -192,6 +192,48 @@ def summarise(
     )
 
 
+def plateaued_only_lines(
+    per_run_rows: Mapping[str, Mapping[int, Sequence[Mapping]]],
+    plateaued: Mapping[str, Mapping[int, bool]],
+    case_ids: Sequence[str],
+    hardness: np.ndarray | None,
+    baseline: str = presets.BASELINE,
+) -> list[str]:
+    """results.md section: the Dice tests again with only the runs that plateaued (a sensitivity analysis).
+
+    A run that was still improving at its end may compare its learning speed, not where its curriculum ends
+    (`plateau.py`); if the answer holds without such runs, it does not hinge on them. Left out after the runs
+    were seen, so read it beside the main tables, never instead of them.
+
+    Args: per_run_rows: as `summarise`; plateaued: curriculum -> seed -> did the run plateau (a run missing
+      counts as plateaued); case_ids, hardness: as `summarise` (without a fixed hardness the baseline's runs
+      choose the hard cases, so nothing is recomputed); baseline: the reference curriculum.
+    Returns: markdown lines (empty when every run plateaued).
+    """
+    kept = {n: {k: v for k, v in runs.items() if plateaued.get(n, {}).get(k, True)} for n, runs in per_run_rows.items()}
+    dropped = sum(len(per_run_rows[n]) - len(kept[n]) for n in kept)
+    if dropped == 0:
+        return []
+    out = ["## Sensitivity: plateaued runs only", ""]
+    if hardness is None or len(kept.get(baseline, {})) < 2:
+        why = "no hardness fixed before the runs" if hardness is None else "fewer than 2 plateaued baseline runs"
+        return out + [f"Not computed ({why}).", ""]
+    rows, _, _ = summarise({n: r for n, r in kept.items() if r}, case_ids, hardness, baseline=baseline)
+    by = {(r["curriculum"], r["subset"]): r for r in rows}
+    out += [
+        f"The Dice tests with the {dropped} runs that had not plateaued left out (chosen after the runs: a check "
+        "of the main tables, not a replacement).",
+        "",
+        "| curriculum | role | runs kept | ΔDice hard [95 % CI] | p (Holm) | ΔDice all [95 % CI] | p (Holm) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, runs in per_run_rows.items():
+        hard, every = by.get((n, "hard")), by.get((n, "all"))
+        cells = [_effect(r, "dice", 3) + " | " + _p(r, "dice") if r else "— | —" for r in (hard, every)]
+        out.append(f"| {n} | {role_of(n, baseline)} | {len(kept[n])} of {len(runs)} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def _summary_row(name, presets_used, subset, runs, cases, baseline, skip_first=False) -> dict[str, Any]:
     seeds = sorted(runs)[1 if skip_first else 0 :]
     means = [seed_means(runs[k], cases) for k in seeds]
