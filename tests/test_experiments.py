@@ -554,7 +554,8 @@ def test_a_finished_run_of_other_curriculum_settings_is_refused_not_counted(tmp_
     run.mkdir(parents=True)
     summary = {"steps": int(cfg.steps), "curriculum": "cbs"}
     (run / "summary.json").write_text(json.dumps(summary))
-    cc.check_run_curriculum(run, cfg)  # no recorded settings (an old archived run): cannot be checked, passes
+    with pytest.raises(ConfigError, match=r"none logged"):  # no recorded settings and no sigma logged for a cbs run
+        cc.check_run_curriculum(run, cfg)
     from clips_jax import trainer
 
     settings = trainer.curriculum_settings(cfg.curriculum)
@@ -563,6 +564,11 @@ def test_a_finished_run_of_other_curriculum_settings_is_refused_not_counted(tmp_
     old = {**settings, "options": {**settings["options"], "sigma_every_epochs": 1, "sigma_decay": 0.5}}
     (run / "summary.json").write_text(json.dumps({**summary, "curriculum_settings": old}))
     with pytest.raises(ConfigError, match=r"cbs/seed0.*other curriculum settings \(options"):
+        cc.check_run_curriculum(run, cfg)
+    # an option set on one side only counts as the family default it stands for (cbs: 0.9 every 5 epochs)
+    partial = {**settings, "options": {}}
+    (run / "summary.json").write_text(json.dumps({**summary, "curriculum_settings": partial}))
+    with pytest.raises(ConfigError, match=r"other curriculum settings \(options"):
         cc.check_run_curriculum(run, cfg)
     # a workdir run without the summary key is checked against its config.json
     (run / "summary.json").write_text(json.dumps(summary))
@@ -591,25 +597,37 @@ def test_plateaued_only_sensitivity_leaves_out_the_runs_that_had_not_plateaued()
     n_cases, n_runs = 24, 4
     case = rng.normal(0.6, 0.15, n_cases)
     hardness = -case
+    hard = hardness >= np.sort(hardness)[-8]  # the 8 hardest (ceil(24 / 3))
 
-    def table(shift=0.0, run_shift=(0.0, 0.0, 0.0, 0.0)):
-        run = np.asarray(run_shift)[:, None] + rng.normal(0, 0.01, (n_runs, 1))
-        return np.clip(case + shift + run + rng.normal(0, 0.02, (n_runs, n_cases)), 0, 1)
+    def table(hard_gain=(0.0, 0.0, 0.0, 0.0)):  # per-run gain on the hard cases only
+        gain = np.asarray(hard_gain)[:, None] * hard[None, :]
+        return np.clip(case + gain + rng.normal(0, 0.01, (n_runs, 1)) + rng.normal(0, 0.02, (n_runs, n_cases)), 0, 1)
 
-    # "late" gains only through its one run that had not plateaued (seed 3: +0.3); without it, no difference
-    per_run = {"none": _runs(table()), "late": _runs(table(0.0, (0, 0, 0, 0.3))), "same": _runs(table())}
+    # "late" gains (on the hard cases) only through its one run that had not plateaued; "lost" keeps one run
+    per_run = {n: _runs(table()) for n in ("none", "same", "lost")}
+    per_run["late"] = _runs(table((0, 0, 0, 0.3)))
+    per_run["hardgain"] = _runs(table((0.15,) * 4))  # a real gain on the hard cases, all runs plateaued
     ids = [f"c{j}" for j in range(n_cases)]
     every = {n: {k: True for k in range(n_runs)} for n in per_run}
     assert results.plateaued_only_lines(per_run, every, ids, hardness) == []
-    flags = {**every, "late": {0: True, 1: True, 2: True, 3: False}}
+    flags = {**every, "late": {0: True, 1: True, 2: True, 3: False}, "lost": {0: True, 1: False, 2: False, 3: False}}
     md = "\n".join(results.plateaued_only_lines(per_run, flags, ids, hardness))
-    assert "## Sensitivity: plateaued runs only" in md and "1 runs that had not plateaued" in md
-    line = next(x for x in md.splitlines() if x.startswith("| late |"))
-    assert "| 3 of 4 |" in line
+    assert "## Sensitivity: plateaued runs only" in md and "without the 4 run(s) that had not plateaued" in md
+    cols = {x.split("|")[1].strip(): [c.strip() for c in x.split("|")[2:-1]] for x in md.splitlines() if x[:2] == "| "}
+    assert cols["late"][1] == "3 of 4" and cols["lost"][1] == "1 of 4" and cols["lost"][3] == "—"  # 1 run: no test
     rows, _, _ = cc.summarise(per_run, ids, hardness)
-    full = next(r for r in rows if r["curriculum"] == "late" and r["subset"] == "all")
-    kept = float(line.split("|")[6].split()[0])  # ΔDice all with the run left out
-    assert full["dice_diff"] == pytest.approx(0.075, abs=0.02) and abs(kept) < 0.02
-    assert "| none | baseline | 4 of 4 | — | — | — | — |" in md
-    no_hardness = results.plateaued_only_lines(per_run, flags, ids, None)
-    assert "Not computed (no hardness fixed before the runs)." in no_hardness
+    full = {r["subset"]: r["dice_diff"] for r in rows if r["curriculum"] == "late"}
+    assert full["hard"] == pytest.approx(0.075, abs=0.02) and full["all"] == pytest.approx(0.025, abs=0.01)
+    assert abs(float(cols["late"][2].split()[0])) < 0.02 and abs(float(cols["late"][4].split()[0])) < 0.02
+    hg_hard, hg_all = float(cols["hardgain"][2].split()[0]), float(cols["hardgain"][4].split()[0])
+    assert hg_hard == pytest.approx(0.15, abs=0.03) and hg_all == pytest.approx(0.05, abs=0.015)  # columns in place
+    # Holm over the same 4 curricula as the main tables, "lost" (no test) counting as p = 1
+    raw = [float(cols[n][3].split()[0]) for n in ("same", "late", "hardgain")] + [1.0]
+    holm_late = float(cols["late"][3].split("(")[1].rstrip(")"))
+    assert holm_late == pytest.approx(statistics.holm(raw)[1], rel=0.02, abs=2e-3)
+    assert holm_late > statistics.holm(raw[:3])[1] * 1.2  # a family shrunk to the tested 3 would adjust less
+    assert cols["none"][1:] == ["4 of 4", "—", "—", "—", "—"]
+    section = lambda f, h=hardness: "".join(results.plateaued_only_lines(per_run, f, ids, h))  # noqa: E731
+    assert "Not computed (no hardness fixed before the runs)." in section(flags, None)
+    assert "could not judge 1 run(s)" in section({**flags, "same": {0: None, 1: True, 2: True, 3: True}})
+    assert "1 plateaued baseline run(s), need 2" in section({**flags, "none": {0: True, 1: False, 2: False, 3: False}})

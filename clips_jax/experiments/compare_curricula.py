@@ -162,9 +162,11 @@ def check_run_curriculum(run_dir: str | os.PathLike, cfg) -> None:
 
     The settings (name, options, steps_per_epoch, stage_steps: `trainer.curriculum_settings`) are read from the
     run's summary.json ("curriculum_settings"), else from its config.json, and compared key by key
-    (`settings_conflicts`: a key recorded on one side only is not a difference). A run with neither (archived
-    before summaries recorded them) is checked, for a smoothing curriculum, by the sigma its metric log records
-    against the schedule of `cfg` (`_sigma_conflicts`); otherwise it passes. A difference means the run was made
+    (`settings_conflicts`), then as the curriculum config they build with every family default filled in (an
+    option set on one side only differs when it is not the default). A run with neither (archived
+    before summaries recorded them) is checked by the smoothing sigma its metric log records at every step against
+    what `cfg` gives (0 without smoothing; `_sigma_conflicts`), which tells CBS schedules apart but not other
+    option changes of such old runs. A difference means the run was made
     by another version of a preset (`presets.curriculum_options`): counting it would mix two curricula under one
     name.
     Raises: ConfigError naming the run folder and what differs.
@@ -182,6 +184,8 @@ def check_run_curriculum(run_dir: str | os.PathLike, cfg) -> None:
     wanted = trainer.curriculum_settings(cfg.curriculum)
     if recorded is not None:
         diff = settings_conflicts(recorded, wanted)
+        if not diff and _resolved(cfg, recorded) != _resolved(cfg, wanted):  # an option set on one side only
+            diff = ["options"]
         old, new = [_dotted(recorded, k) for k in diff], [_dotted(wanted, k) for k in diff]
         what = f"{', '.join(diff)}: {old} instead of {new}"
     else:
@@ -194,26 +198,49 @@ def check_run_curriculum(run_dir: str | os.PathLike, cfg) -> None:
         )
 
 
+def _resolved(cfg, settings: Mapping):
+    """The curriculum config that `settings` (`trainer.curriculum_settings`) gives with `cfg`'s other values:
+    the family's config dataclass(es) with every default filled in, or the error text if it cannot be built."""
+    import ml_collections
+
+    from clips_jax import curricula
+
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    for key in ("name", "steps_per_epoch", "stage_steps"):
+        if key in settings:
+            c.curriculum[key] = settings[key]
+    c.curriculum.options = ml_collections.ConfigDict(dict(settings.get("options") or {}))
+    try:
+        return curricula.get_curriculum(c.curriculum.name, **curricula.options_from_config(c)).config
+    except ConfigError as exc:
+        return f"cannot be built now: {exc}"
+
+
 def _dotted(d: Mapping, key: str):
     for part in key.split("."):
         d = d.get(part) if isinstance(d, Mapping) else None
     return d
 
 
-def _sigma_conflicts(run_dir: Path, cfg, checks: int = 20) -> list[str]:
-    """For a smoothing curriculum: the first of up to `checks` logged training steps whose recorded sigma differs
-    from the schedule of `cfg` (as "at step S: logged L, expected E"), else []. Logged step k ran at step k - 1."""
+def _sigma_conflicts(run_dir: Path, cfg) -> list[str]:
+    """The first logged training step whose recorded smoothing sigma differs from what `cfg`'s curriculum gives
+    (as "at step S: logged L, expected E"; 0 for a curriculum without smoothing), or "no sigma logged" for a
+    smoothing curriculum whose log has none; [] when all agree. Logged step k ran at step k - 1."""
     from clips_jax import curricula, runs
 
     cur = curricula.get_curriculum(cfg.curriculum.name, **curricula.options_from_config(cfg))
-    if not cur.smooths:
-        return []
     rows = [r for r in runs.read_metrics(run_dir, "train") if "sigma" in r]
-    for r in rows[:: max(1, len(rows) // checks)]:
-        expected = float(cur.sigma(None, int(r["step"]) - 1))  # the CBS schedule depends on the step alone
-        if not np.isclose(float(r["sigma"]), expected, rtol=1e-4, atol=1e-7):
-            return [f"at step {r['step']}: logged {float(r['sigma']):.4g}, expected {expected:.4g}"]
-    return []
+    if not rows:
+        return ["(none logged)"] if cur.smooths else []
+    steps = np.array([int(r["step"]) for r in rows])
+    logged = np.array([float(r["sigma"]) for r in rows])
+    # the CBS schedule depends on the step alone (its sigma ignores the state); vectorised over all logged steps
+    expected = np.asarray(cur.sigma(None, steps - 1), np.float64) if cur.smooths else np.zeros_like(logged)
+    bad = np.flatnonzero(~np.isclose(logged, expected, rtol=1e-4, atol=1e-7))
+    if bad.size == 0:
+        return []
+    k = int(bad[0])
+    return [f"at step {steps[k]}: logged {logged[k]:.4g}, expected {expected[k]:.4g}"]
 
 
 def load_trained_model(cfg, run_dir: str | os.PathLike):
@@ -549,7 +576,7 @@ def write_report(
         f"- this invocation: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall ({count('trained')} runs "
         f"trained, {count('skipped')} skipped)",
     ]
-    plateaued = {n: {k: bool(p["plateaued"]) for k, p in v.items()} for n, v in runner.plateau.items()}
+    plateaued = {n: {k: plateau.verdict(p) for k, p in v.items()} for n, v in runner.plateau.items()}
     sections = [
         *plateau.plateau_lines(runner.plateau),
         *plateaued_only_lines(runner.rows, plateaued, case_ids, hard.array(case_ids)),

@@ -96,6 +96,14 @@ def plateau_check(
     }
 
 
+def verdict(record: Mapping) -> bool | None:
+    """A `plateau_check` record as True (plateaued), False (still improving) or None (the check could not judge
+    the run: too few validations, or none before or in its last part)."""
+    if record["plateaued"]:
+        return True
+    return False if str(record["reason"]).startswith("still improving") else None
+
+
 def validation_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
     """[(step, val_dice), ...] of a run, from its metrics.jsonl (`clips_jax.trainer.read_metrics`, "eval" rows)."""
     from clips_jax.trainer import read_metrics

@@ -194,44 +194,73 @@ def summarise(
 
 def plateaued_only_lines(
     per_run_rows: Mapping[str, Mapping[int, Sequence[Mapping]]],
-    plateaued: Mapping[str, Mapping[int, bool]],
+    plateaued: Mapping[str, Mapping[int, bool | None]],
     case_ids: Sequence[str],
     hardness: np.ndarray | None,
     baseline: str = presets.BASELINE,
 ) -> list[str]:
-    """results.md section: the Dice tests again with only the runs that plateaued (a sensitivity analysis).
+    """results.md section: the Dice tests again with only the runs that plateaued (a post-hoc sensitivity check).
 
-    A run that was still improving at its end may compare its learning speed, not where its curriculum ends
-    (`plateau.py`); if the answer holds without such runs, it does not hinge on them. Left out after the runs
-    were seen, so read it beside the main tables, never instead of them.
+    A run still improving at its end may compare learning speed, not where its curriculum ends (`plateau.py`).
+    Whether a run plateaus is itself an outcome that the curriculum affects, and the runs are left out after they
+    were seen: the runs kept are a selected subset, their differences are not unbiased effect estimates, and with
+    fewer runs a non-significant result says little. Holm is over the same curricula as the main tables (a
+    curriculum with no test here counts as p = 1), so the family does not shrink with the exclusions.
 
-    Args: per_run_rows: as `summarise`; plateaued: curriculum -> seed -> did the run plateau (a run missing
-      counts as plateaued); case_ids, hardness: as `summarise` (without a fixed hardness the baseline's runs
-      choose the hard cases, so nothing is recomputed); baseline: the reference curriculum.
-    Returns: markdown lines (empty when every run plateaued).
+    Args: per_run_rows: as `summarise`; plateaued: curriculum -> seed -> True (plateaued), False (still
+      improving: left out) or None (the check could not judge it, e.g. too few validations; a run missing
+      counts as True); case_ids, hardness: as `summarise` (without a fixed hardness the baseline's runs choose
+      the hard cases, so nothing is recomputed); baseline: the reference curriculum.
+    Returns: markdown lines (empty when no run was left out).
     """
-    kept = {n: {k: v for k, v in runs.items() if plateaued.get(n, {}).get(k, True)} for n, runs in per_run_rows.items()}
+    flags = {n: {k: plateaued.get(n, {}).get(k, True) for k in runs} for n, runs in per_run_rows.items()}
+    undetermined = sum(f is None for v in flags.values() for f in v.values())
+    kept = {n: {k: r for k, r in runs.items() if flags[n][k] is not False} for n, runs in per_run_rows.items()}
     dropped = sum(len(per_run_rows[n]) - len(kept[n]) for n in kept)
     if dropped == 0:
         return []
     out = ["## Sensitivity: plateaued runs only", ""]
-    if hardness is None or len(kept.get(baseline, {})) < 2:
-        why = "no hardness fixed before the runs" if hardness is None else "fewer than 2 plateaued baseline runs"
+    why = (
+        f"the plateau check could not judge {undetermined} run(s)"
+        if undetermined
+        else "no hardness fixed before the runs"
+        if hardness is None
+        else f"{len(kept.get(baseline, {}))} plateaued baseline run(s), need 2"
+        if len(kept.get(baseline, {})) < 2
+        else ""
+    )
+    if why:
         return out + [f"Not computed ({why}).", ""]
     rows, _, _ = summarise({n: r for n, r in kept.items() if r}, case_ids, hardness, baseline=baseline)
     by = {(r["curriculum"], r["subset"]): r for r in rows}
+    _holm_over(by, [n for n in per_run_rows if role_of(n, baseline) == "curriculum"])
     out += [
-        f"The Dice tests with the {dropped} runs that had not plateaued left out (chosen after the runs: a check "
-        "of the main tables, not a replacement).",
+        f"The Dice tests again without the {dropped} run(s) that had not plateaued. Whether a run plateaus is an "
+        "outcome the curriculum itself affects, and the runs were left out after they were seen: the runs kept "
+        "are a selected subset, these differences are not unbiased effect estimates, and with fewer runs a "
+        "non-significant result here says little. Holm is over the same curricula as the main tables (no test "
+        "counts as p = 1). Read it beside the main tables, never instead of them.",
         "",
         "| curriculum | role | runs kept | ΔDice hard [95 % CI] | p (Holm) | ΔDice all [95 % CI] | p (Holm) |",
         "|---|---|---|---|---|---|---|",
     ]
     for n, runs in per_run_rows.items():
-        hard, every = by.get((n, "hard")), by.get((n, "all"))
-        cells = [_effect(r, "dice", 3) + " | " + _p(r, "dice") if r else "— | —" for r in (hard, every)]
+        cells = []
+        for subset in ("hard", "all"):
+            r = by.get((n, subset))
+            cells.append("— | —" if r is None else _effect(r, "dice", 3) + " | " + _p(r, "dice"))
         out.append(f"| {n} | {role_of(n, baseline)} | {len(kept[n])} of {len(runs)} | " + " | ".join(cells) + " |")
     return out + [""]
+
+
+def _holm_over(by: dict, family: Sequence[str]) -> None:
+    """Holm-adjust the Dice p of `by[(curriculum, subset)]` over `family` for each subset, a missing test = p 1."""
+    for subset in SUBSETS:
+        ps = [by[(n, subset)]["dice_p"] if (n, subset) in by else float("nan") for n in family]
+        adjusted = statistics.holm([1.0 if math.isnan(p) else p for p in ps])
+        for n, p, adj in zip(family, ps, adjusted):
+            if (n, subset) in by:
+                by[(n, subset)]["dice_p_holm"] = float("nan") if math.isnan(p) else float(adj)
 
 
 def _summary_row(name, presets_used, subset, runs, cases, baseline, skip_first=False) -> dict[str, Any]:
