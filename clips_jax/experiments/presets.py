@@ -191,7 +191,8 @@ def cbs_schedule(grow_epochs: float, sigma0: float = 1.0) -> tuple[float, int]:
         G, else (p steps too coarse, e.g. G = 31) the decay that reaches CBS_SIGMA_AT_GROW exactly at epoch
         p * (G // p), the last period boundary by G (0.923-0.949 from sigma0 = 1);
       * G < n: a decay every epoch that reaches CBS_SIGMA_AT_GROW exactly at epoch G (faster than the paper's).
-    Either way sigma > CBS_SIGMA_AT_GROW up to 80 % of G, and <= it from G on (tested for 60-40 000-step runs).
+    Either way sigma > CBS_SIGMA_AT_GROW up to 80 % of G, and <= it from G on (tested: 60-40 000-step runs, 10-step
+    epochs).
 
     Args: grow_epochs: epochs (float, > 0) by which sigma should have fallen to CBS_SIGMA_AT_GROW; sigma0: the
       initial sigma (voxels, >= 0; at or below CBS_SIGMA_AT_GROW the paper's decay every epoch is returned).
