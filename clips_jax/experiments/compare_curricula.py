@@ -217,6 +217,7 @@ def _resolved(cfg, settings: Mapping):
 
 
 def _dotted(d: Mapping, key: str):
+    """The value at dotted `key` ("options.sigma_decay") of nested dicts `d`, None where a level is missing."""
     for part in key.split("."):
         d = d.get(part) if isinstance(d, Mapping) else None
     return d
@@ -224,7 +225,7 @@ def _dotted(d: Mapping, key: str):
 
 def _sigma_conflicts(run_dir: Path, cfg) -> list[str]:
     """The first logged training step whose recorded smoothing sigma differs from what `cfg`'s curriculum gives
-    (as "at step S: logged L, expected E"; 0 for a curriculum without smoothing), or "no sigma logged" for a
+    (as "at step S: logged L, expected E"; 0 for a curriculum without smoothing), or "(none logged)" for a
     smoothing curriculum whose log has none; [] when all agree. Logged step k ran at step k - 1."""
     from clips_jax import curricula, runs
 
