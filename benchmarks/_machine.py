@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import os
-import platform
 import resource
 from pathlib import Path
 
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (Linux) or platform."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from clips_jax.runs import cpu_model  # noqa: F401  (re-exported: the benchmarks' machine line)
 
 
 def status_gib(key: str) -> float | None:

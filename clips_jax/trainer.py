@@ -686,6 +686,7 @@ class _Run:
                 "processes": jax.process_count(),
                 "best_checkpoint_step": self.best_mgr.best_step(),
                 "pipeline": self.pipeline,
+                "provenance": runs.provenance(),  # of the process that finished the run (see start_step)
             }
         )
         runs.write_json(self.workdir, "summary.json", s)
@@ -830,7 +831,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     restore the last checkpoint if there is one; validate the untrained model (optional); train with the device
     or the host data path (`choose_pipeline`); write the summary. Returns the summary dict (also
     `workdir/summary.json`): steps, skipped updates, wall time, step rate, initial, final and best validation
-    metrics, curriculum name and settings (`curriculum_settings`), data path.
+    metrics, curriculum name and settings (`curriculum_settings`), data path, and the machine, versions and
+    commit of the process that finished it (`runs.provenance`).
     """
     if config.model.get("require_init_weights", False) and not config.model.get("init_weights", ""):
         build_training_model(config)  # raises the explanatory ConfigError before any data work

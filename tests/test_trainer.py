@@ -310,6 +310,13 @@ def test_default_config_end_to_end_cli(phantom_cache, tmp_path):
     assert cfg["model"]["channels"] == [4, 4, 8, 8]
     # the summary records the curriculum settings a comparison checks a finished run against
     assert s["curriculum_settings"] == cfg["curriculum"] and s["curriculum_settings"]["steps_per_epoch"] == 2
+    # and where it was trained: the machine, the stack's versions and, from this git checkout, the commit
+    prov = s["provenance"]
+    assert prov["cores"] >= 1 and prov["backend"] == "cpu" and prov["versions"]["jax"] == jax.__version__
+    assert prov["cpu"] and isinstance(prov["cpu"], str)
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a source checkout (CI clones one); an installed wheel has no commit to record
+        assert prov["commit"] == head.stdout.strip() and isinstance(prov["dirty"], bool)
     assert (tmp_path / "run" / "checkpoints" / "best").is_dir()
 
 
