@@ -151,14 +151,15 @@ def cpu_model() -> str:
 
 def code_commit() -> dict:
     """The git commit of this package's source, when it runs from a git checkout: {"commit": 40 hex digits,
-    "dirty": True when tracked files differ from it}; {} for an installed wheel or where git is absent."""
+    "dirty": True when the package's tracked files differ from it (documents and results elsewhere in the
+    checkout do not count)}; {} for an installed wheel or where git is absent."""
     src = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return {}
         diff = subprocess.run(
-            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "--", "."],
             capture_output=True,
             text=True,
             timeout=10,
