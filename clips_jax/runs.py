@@ -5,7 +5,8 @@ Layout of a run folder (`python -m clips_jax.train --workdir W`, `trainer.train_
     W/run.json             {"format": RUN_FORMAT, "created": date, ...}: the folder's format version
     W/config.json          the full config of the run (reproduces it)
     W/metrics.jsonl        one JSON object per line: kind "train" (per step), "eval", "curriculum" (per stage)
-    W/summary.json         written when the run finishes (steps, wall time, validation metrics, curriculum settings)
+    W/summary.json         written when the run finishes (steps, wall time, validation metrics, curriculum settings,
+                           the machine, versions and commit that finished it: `provenance`)
     W/checkpoints/last/S/  orbax, every `checkpoint.every_steps`: items "state" (parameters, optimizer state,
                            step, counters), "curriculum" (the curriculum's state pytree), "meta" (JSON: step,
                            stage, stage weights, data-stream state and settings, the PRNG key of the device path)
