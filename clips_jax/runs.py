@@ -150,10 +150,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def code_commit() -> dict:
     """The git commit of this package's source, when it runs from a git checkout: {"commit": 40 hex digits,
     "dirty": True when the package's tracked files differ from it (documents and results elsewhere in the
-    checkout do not count)}; {} for an installed wheel or where git is absent."""
+    checkout do not count)}; {} for an installed wheel or where git is absent. Asked once per process (the
+    trainer asks when a run starts, just after the code was imported), so a commit made while a long process
+    runs is not credited with the code that process had already loaded."""
     src = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

@@ -480,6 +480,7 @@ class _Run:
         self.summary: dict[str, Any] = {
             "curriculum": config.curriculum.name,
             "curriculum_settings": curriculum_settings(config.curriculum),
+            "provenance": runs.provenance(),  # of the process that trains (and finishes) it; see start_step
         }
         self.steps_done, self.t0 = 0, time.time()
 
@@ -686,7 +687,6 @@ class _Run:
                 "processes": jax.process_count(),
                 "best_checkpoint_step": self.best_mgr.best_step(),
                 "pipeline": self.pipeline,
-                "provenance": runs.provenance(),  # of the process that finished the run (see start_step)
             }
         )
         runs.write_json(self.workdir, "summary.json", s)
