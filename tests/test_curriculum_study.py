@@ -251,6 +251,10 @@ def test_pooled_plateau_paragraph_gives_the_mean_gain_interval_and_end_jitter():
         f"over the 3 seeds (gains averaged within each seed first) is {mean - half:+.3f} to {mean + half:+.3f}" in text
     )
     assert "not below the tolerance" in text and f"changed by {np.std(changes, ddof=1):.3f} (s.d. over 6 runs" in text
+    # the reference rate of a noise-only plateau (steps 100-400 before, 500 and 600 in the last part) against 2 of 6
+    rate = plateau.noise_only_failure_rate(4, 2, float(np.std(changes, ddof=1)))
+    assert f"about {100 * rate:.0f} % of runs still improving (4 validations before and 2 in the last part" in text
+    assert "it called 2 of 6 (33 %)" in text
     flat = {
         "a": {
             k: plateau.plateau_check(_curve([0.3, 0.4, 0.5, 0.5, 0.5, 0.5 + g]), 600)
@@ -259,6 +263,23 @@ def test_pooled_plateau_paragraph_gives_the_mean_gain_interval_and_end_jitter():
     }
     assert "below the tolerance (0.01): the mean gain" in plateau.pooled_plateau_lines(flat)[0]
     assert plateau.pooled_plateau_lines({"a": {0: records["a"][0]}, "b": {0: records["b"][0]}}) == []  # one seed
+
+
+def test_noise_only_failure_rate_matches_its_closed_form_and_grows_with_the_wobble():
+    from scipy import stats
+
+    # one validation on each side: the gain is one normal difference of s.d. change_sd
+    for sd in (0.005, 0.01, 0.03):
+        exact = 1.0 - stats.norm.cdf(plateau.TOLERANCE / sd)
+        assert plateau.noise_only_failure_rate(1, 1, sd, n_sim=200_000) == pytest.approx(exact, abs=0.005)
+    assert plateau.noise_only_failure_rate(8, 2, 0.0) == 0.0  # no wobble, no false alarm
+    rates = [plateau.noise_only_failure_rate(8, 2, sd) for sd in (0.005, 0.01, 0.02, 0.05)]
+    assert rates == sorted(rates) and rates[0] < 0.01 and rates[-1] > 0.05
+    # more validations before the last part make a chance win of the last part rarer
+    assert plateau.noise_only_failure_rate(8, 2, 0.02) < plateau.noise_only_failure_rate(2, 2, 0.02)
+    assert plateau.noise_only_failure_rate(8, 2, 0.02, seed=3) == plateau.noise_only_failure_rate(8, 2, 0.02, seed=3)
+    with pytest.raises(ValueError):
+        plateau.noise_only_failure_rate(0, 2, 0.01)
 
 
 # ---- planning: the power table --------------------------------------------------------------------------

@@ -62,7 +62,8 @@ def plateau_check(
       last_fraction, tolerance, min_evals: the criterion's parameters.
     Returns:
       {"plateaued": bool, "n_evals": validations counted, "boundary_step": steps * (1 - last_fraction)
-      (validations after it are "last"), "best_before", "best_last": the best Dice of each part (NaN when the
+      (validations after it are "last"; "n_last" of them), "best_before", "best_last": the best Dice of each
+      part (NaN when the
       part is empty), "gain": best_last - best_before, "reason": "" when plateaued, else why not,
       "last_change": the last validation's Dice minus the one before it (NaN with fewer than 2): how much the
       validation Dice still moves between checkpoints at the end of the run, to set a single run's gain against}.
@@ -91,6 +92,7 @@ def plateau_check(
         "best_before": best_before,
         "best_last": best_last,
         "gain": gain,
+        "n_last": len(last),
         "reason": reason,
         "last_change": pts[-1][1] - pts[-2][1] if len(pts) >= 2 else float("nan"),
     }
@@ -199,6 +201,7 @@ def pooled_plateau_lines(records: Mapping[str, Mapping[int, Mapping]]) -> list[s
         f" Between each run's last two validations the validation Dice changed by {changes.std(ddof=1):.3f} "
         f"(s.d. over {changes.size} runs; mean {changes.mean():+.3f}): a single run's gain that exceeds the "
         "tolerance by about that much is comparable to the checkpoint-to-checkpoint change at the end of training."
+        + _wobble_sentence(recs, float(changes.std(ddof=1)))
         if changes.size >= 2
         else ""
     )
@@ -210,6 +213,60 @@ def pooled_plateau_lines(records: Mapping[str, Mapping[int, Mapping]]) -> list[s
         f"(gains averaged within each seed first) is {lo:+.3f} to {hi:+.3f}, {verdict}.{jitter}",
         "",
     ]
+
+
+def noise_only_failure_rate(
+    n_before: int,
+    n_last: int,
+    change_sd: float,
+    *,
+    tolerance: float = TOLERANCE,
+    n_sim: int = 20000,
+    seed: int = 0,
+) -> float:
+    """How often the per-run rule would call a run "still improving" if it had truly plateaued and its validation
+    Dice only wobbled from checkpoint to checkpoint: the fraction of `n_sim` simulated runs whose best of
+    `n_last` validations exceeds the best of `n_before` by more than `tolerance`, each validation being one
+    plateau value plus independent normal noise of s.d. change_sd / sqrt(2) (so that the change between two
+    validations has s.d. `change_sd`, Dice units).
+
+    A reference for the pooled paragraph, not a test: it treats the checkpoint-to-checkpoint change at the end
+    of the runs as pure noise (real late learning in that change makes the rate an overestimate) and the
+    validations as independent (successive checkpoints of one run are correlated, which it ignores; that can
+    move the rate either way). Exact for n_before = n_last = 1: 1 - Phi(tolerance / change_sd). Deterministic
+    in `seed`. Returns a float in [0, 1].
+    """
+    import numpy as np
+
+    if n_before < 1 or n_last < 1 or not change_sd >= 0:
+        raise ValueError(
+            f"noise_only_failure_rate: need n_before, n_last >= 1 and change_sd >= 0 (got "
+            f"{n_before}, {n_last}, {change_sd})"
+        )
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(0.0, change_sd / math.sqrt(2.0), size=(int(n_sim), int(n_before) + int(n_last)))
+    gain = noise[:, n_before:].max(axis=1) - noise[:, :n_before].max(axis=1)
+    return float(np.mean(gain > tolerance))
+
+
+def _wobble_sentence(recs: Sequence[Mapping], change_sd: float) -> str:
+    """The pooled paragraph's reference rate (`noise_only_failure_rate`) for the runs' most common numbers of
+    validations before and in the last part, against the share of runs the rule actually called still
+    improving; "" when no judged run records `n_last`."""
+    from collections import Counter
+
+    judged = [r for r in recs if verdict(r) is not None and "n_last" in r]
+    if not judged:
+        return ""
+    (n_last, n_evals), _ = Counter((int(r["n_last"]), int(r["n_evals"])) for r in judged).most_common(1)[0]
+    rate = noise_only_failure_rate(n_evals - n_last, n_last, change_sd)
+    failed = sum(verdict(r) is False for r in judged)
+    return (
+        f" If every run had truly plateaued and its validation Dice only wobbled by that much, independently "
+        f"from checkpoint to checkpoint, the rule would still call about {100 * rate:.0f} % of runs still improving "
+        f"({n_evals - n_last} validations before and {n_last} in the last part; `plateau.noise_only_failure_rate`, "
+        f"a rough reference); it called {failed} of {len(judged)} ({100 * failed / len(judged):.0f} %)."
+    )
 
 
 def plateau_csv(records: Mapping[str, Mapping[int, Mapping]]) -> str:
