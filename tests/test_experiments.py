@@ -192,6 +192,24 @@ def test_soft_dice_loss_closed_form():
     assert math.isnan(cc.soft_dice_of_probs(p, np.zeros_like(t)))
 
 
+def test_provenance_line_counts_runs_per_machine_and_commit():
+    a = {
+        "cpu": "CPU A",
+        "cores": 2,
+        "backend": "cpu",
+        "versions": {"jax": "0.1"},
+        "commit": "abcdef0123",
+        "dirty": False,
+    }
+    b = dict(a, cpu="CPU B", dirty=True)
+    line = cc.provenance_line({"none": {0: a, 1: a, 2: {}}, "random": {0: b, 1: a}})
+    assert line == (
+        "- trained on: 3 runs CPU A, 2 cores, cpu, jax 0.1, commit abcdef0; 1 run not recorded (runs trained "
+        "before summary.json recorded it); 1 run CPU B, 2 cores, cpu, jax 0.1, commit abcdef0 (modified)"
+    )
+    assert cc.provenance_line({"none": {0: dict(a, commit="")}}).endswith("no git commit")
+
+
 # ---- presets ---------------------------------------------------------------------------------------------
 
 
@@ -414,6 +432,14 @@ def test_end_to_end_interrupt_and_resume(tmp_path, monkeypatch):
         ("transfer_teacher", "0", "0"),
     ]
     assert "need >= 5" in plat[0]["reason"] and "## Plateau" in (wd / "results.md").read_text()
+    # and where the runs were trained (each run's summary.json provenance)
+    from clips_jax import runs as runs_lib
+
+    here = runs_lib.provenance()
+    assert (
+        f"- trained on: 2 runs {here['cpu']}, {here['cores']} cores, cpu, jax {here['versions']['jax']}"
+        in (wd / "results.md").read_text()
+    )
 
     # --noresume refuses an existing experiment (nothing deleted)
     with pytest.raises(ConfigError, match="noresume"):

@@ -487,6 +487,7 @@ class _Runner:
         self.rows: dict[str, dict[int, list[dict]]] = {}
         self.curves: dict[str, list[list[dict]]] = {}
         self.plateau: dict[str, dict[int, dict]] = {}
+        self.provenance: dict[str, dict[int, dict]] = {}  # summary.json "provenance" ({} for older runs)
         self.teacher: str | None = None
 
     def train(self, name: str, seed: int, store_dir, teacher: str = "") -> tuple[Any, Path, str]:
@@ -530,6 +531,8 @@ class _Runner:
         self.rows.setdefault(name, {})[seed] = rows
         self.curves.setdefault(name, []).append(trainer.read_metrics(run_dir))
         plat = self.plateau.setdefault(name, {})[seed] = plateau.run_plateau(run_dir, int(cfg.steps))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        self.provenance.setdefault(name, {})[seed] = summary.get("provenance", {})
         self.log(
             f"[{name} seed {seed}] test Dice {seed_means(rows)['dice']:.4f} over {len(rows)} cases; plateau: "
             + ("yes" if plat["plateaued"] else f"no ({plat['reason']})")
@@ -545,6 +548,28 @@ class _Runner:
         keep_model = teacher_run and self.teacher_needed
         if not (dest / "summary.json").is_file() or (keep_model and not archive_lib.has_checkpoint(dest)):
             archive_lib.save_run(run_dir, dest, checkpoint=keep_model)
+
+
+def provenance_line(provenance: Mapping[str, Mapping[int, Mapping]]) -> str:
+    """results.md's header line on where the runs were trained, from each run's summary.json `provenance`
+    (`clips_jax.runs.provenance`): the runs per machine (CPU model and cores), JAX version and code commit, most
+    first, and how many predate the record. A seed's result differs between machines (float rounding), so a
+    comparison whose arms ran on different machines should say so.
+
+    Args: provenance: experiment -> seed -> provenance dict ({} when the run did not record one).
+    """
+    from collections import Counter
+
+    def where(p: Mapping) -> str:
+        if not p:
+            return "not recorded (runs trained before summary.json recorded it)"
+        commit = p.get("commit", "")
+        code = f"commit {commit[:7]}{' (modified)' if p.get('dirty') else ''}" if commit else "no git commit"
+        jax_version = p.get("versions", {}).get("jax", "?")
+        return f"{p.get('cpu', '?')}, {p.get('cores', '?')} cores, {p.get('backend', '?')}, jax {jax_version}, {code}"
+
+    counts = Counter(where(p) for by_seed in provenance.values() for p in by_seed.values())
+    return "- trained on: " + "; ".join(f"{n} run{'s' * (n != 1)} {w}" for w, n in counts.most_common())
 
 
 def write_report(
@@ -576,6 +601,7 @@ def write_report(
         f"- hardness: {hard.spec}",
         f"- this invocation: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall ({count('trained')} runs "
         f"trained, {count('skipped')} skipped)",
+        provenance_line(runner.provenance),
     ]
     plateaued = {n: {k: plateau.verdict(p) for k, p in v.items()} for n, v in runner.plateau.items()}
     sections = [
