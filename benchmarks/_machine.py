@@ -6,7 +6,7 @@ import os
 import resource
 from pathlib import Path
 
-from clips_jax.runs import cpu_model  # noqa: F401  (re-exported: the benchmarks' machine line)
+from clips_jax.provenance import cpu_model  # noqa: F401  (re-exported; imports no JAX, see its module)
 
 
 def status_gib(key: str) -> float | None:

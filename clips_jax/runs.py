@@ -6,7 +6,7 @@ Layout of a run folder (`python -m clips_jax.train --workdir W`, `trainer.train_
     W/config.json          the full config of the run (reproduces it)
     W/metrics.jsonl        one JSON object per line: kind "train" (per step), "eval", "curriculum" (per stage)
     W/summary.json         written when the run finishes (steps, wall time, validation metrics, curriculum settings,
-                           the machine, versions and commit that finished it: `provenance`)
+                           the machine, versions and commit that trained its last part: `provenance.run_provenance`)
     W/checkpoints/last/S/  orbax, every `checkpoint.every_steps`: items "state" (parameters, optimizer state,
                            step, counters), "curriculum" (the curriculum's state pytree), "meta" (JSON: step,
                            stage, stage weights, data-stream state and settings, the PRNG key of the device path)
@@ -26,8 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -136,70 +134,6 @@ def read_metrics(workdir: str | os.PathLike, kind: str | None = None) -> list[di
             if kind is None or r.get("kind") == kind:
                 rows[(r.get("kind"), r.get("step"))] = r
     return sorted(rows.values(), key=lambda r: (r.get("step", 0), str(r.get("kind"))))
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo ("model name", Linux), else `platform.processor()` or the
-    architecture; a run's or a benchmark's record says where it was measured with it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-@functools.cache
-def code_commit() -> dict:
-    """The git commit of this package's source, when it runs from a git checkout: {"commit": 40 hex digits,
-    "dirty": True when the package's tracked files differ from it (documents and results elsewhere in the
-    checkout do not count)}; {} for an installed wheel or where git is absent. Asked once per process (the
-    trainer asks when a run starts, just after the code was imported), so a commit made while a long process
-    runs is not credited with the code that process had already loaded."""
-    src = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return {}
-        diff = subprocess.run(
-            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "--", "."],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"commit": head.stdout.strip(), "dirty": bool(diff.stdout.strip())}
-
-
-def provenance() -> dict:
-    """What produced a result: the machine (CPU model, core count, OS), the JAX backend and device kind, the
-    versions of the numerical stack and, from a git checkout, the commit (`code_commit`). Written into each
-    run's summary.json: the same config and seed give bit-identical runs on one machine and commit, not across
-    machines (float rounding differs by CPU; docs/experiments.md, *What the study could detect*)."""
-    import flax
-    import optax
-
-    from clips_jax import __version__
-
-    d = jax.devices()[0]
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "backend": d.platform,
-        "device_kind": d.device_kind,
-        "device_count": jax.device_count(),
-        "versions": {
-            "clips_jax": __version__,
-            "jax": jax.__version__,
-            "flax": flax.__version__,
-            "optax": optax.__version__,
-        },
-        **code_commit(),
-    }
 
 
 def write_json(workdir: str | os.PathLike, name: str, doc: Any) -> None:

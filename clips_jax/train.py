@@ -94,6 +94,9 @@ def resolve_config_args(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
+    from clips_jax.provenance import code_commit
+
+    code_commit()  # the commit of the code just imported, cached for the runs' summaries (run_provenance)
     argv = list(sys.argv if argv is None else argv)
     return cli.run_tool(resolve_config_args(argv), define_flags, run_from_flags, __doc__)
 

@@ -50,6 +50,7 @@ from clips_jax.fileio import write_text_atomic
 from clips_jax.metrics import finite_mean
 from clips_jax.model import Refiner, UNet, load_model, read_weights_meta
 from clips_jax.model.layers import COMPUTE_DTYPES, model_dtype
+from clips_jax.provenance import run_provenance
 from clips_jax.runs import MetricsWriter, read_metrics  # noqa: F401 - re-exported (tests, scripts)
 
 
@@ -480,7 +481,7 @@ class _Run:
         self.summary: dict[str, Any] = {
             "curriculum": config.curriculum.name,
             "curriculum_settings": curriculum_settings(config.curriculum),
-            "provenance": runs.provenance(),  # of the process that trains (and finishes) it; see start_step
+            "provenance": run_provenance(),  # of the process that trains its last part; see start_step
         }
         self.steps_done, self.t0 = 0, time.time()
 
@@ -832,7 +833,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     or the host data path (`choose_pipeline`); write the summary. Returns the summary dict (also
     `workdir/summary.json`): steps, skipped updates, wall time, step rate, initial, final and best validation
     metrics, curriculum name and settings (`curriculum_settings`), data path, and the machine, versions and
-    commit of the process that finished it (`runs.provenance`).
+    commit of the process that trained its last part (`provenance.run_provenance`).
     """
     if config.model.get("require_init_weights", False) and not config.model.get("init_weights", ""):
         build_training_model(config)  # raises the explanatory ConfigError before any data work

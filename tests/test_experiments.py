@@ -204,10 +204,14 @@ def test_provenance_line_counts_runs_per_machine_and_commit():
     b = dict(a, cpu="CPU B", dirty=True)
     line = cc.provenance_line({"none": {0: a, 1: a, 2: {}}, "random": {0: b, 1: a}})
     assert line == (
-        "- trained on: 3 runs CPU A, 2 cores, cpu, jax 0.1, commit abcdef0; 1 run not recorded (runs trained "
-        "before summary.json recorded it); 1 run CPU B, 2 cores, cpu, jax 0.1, commit abcdef0 (modified)"
+        "- trained on (each run's last training part): 3 runs CPU A, 2 cores, cpu, jax 0.1, commit abcdef0; 1 run "
+        "not recorded (trained by code before summary.json recorded it); 1 run CPU B, 2 cores, cpu, jax 0.1, "
+        "commit abcdef0 (modified)"
     )
     assert cc.provenance_line({"none": {0: dict(a, commit="")}}).endswith("no git commit")
+    gpu = dict(a, backend="gpu", device_kind="NVIDIA H200", device_count=1)
+    assert "1 run CPU A, 2 cores, gpu 1 x NVIDIA H200, jax 0.1" in cc.provenance_line({"none": {0: gpu}})
+    assert cc.provenance_line({}).endswith(": no runs")
 
 
 # ---- presets ---------------------------------------------------------------------------------------------
@@ -433,12 +437,12 @@ def test_end_to_end_interrupt_and_resume(tmp_path, monkeypatch):
     ]
     assert "need >= 5" in plat[0]["reason"] and "## Plateau" in (wd / "results.md").read_text()
     # and where the runs were trained (each run's summary.json provenance)
-    from clips_jax import runs as runs_lib
+    from clips_jax.provenance import run_provenance
 
-    here = runs_lib.provenance()
+    here = run_provenance()
     assert (
-        f"- trained on: 2 runs {here['cpu']}, {here['cores']} cores, cpu, jax {here['versions']['jax']}"
-        in (wd / "results.md").read_text()
+        f"- trained on (each run's last training part): 2 runs {here['cpu']}, {here['cores']} cores, cpu, "
+        f"jax {here['versions']['jax']}" in (wd / "results.md").read_text()
     )
 
     # --noresume refuses an existing experiment (nothing deleted)

@@ -76,3 +76,42 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
     with atomic_dir(tmp_path / "d") as d:
         (d / "f").write_text("x")
     assert (tmp_path / "d" / "f").read_text() == "x"
+
+
+# ---- provenance of runs: the git commit and its fallbacks ---------------------------------------------------
+
+
+def test_code_commit_is_empty_without_git_or_outside_a_checkout(monkeypatch):
+    import subprocess
+
+    from clips_jax import provenance
+
+    provenance._code_commit.cache_clear()
+    try:
+        here = provenance.code_commit()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=provenance.Path(provenance.__file__).parent,
+            capture_output=True,
+            text=True,
+        )
+        if head.returncode == 0:  # a source checkout (CI clones one)
+            assert here["commit"] == head.stdout.strip() and isinstance(here["dirty"], bool)
+        here["commit"] = "changed by the caller"
+        assert provenance.code_commit() != here  # each call gets its own copy of the cached record
+
+        def no_git(*args, **kwargs):
+            raise FileNotFoundError("git")
+
+        provenance._code_commit.cache_clear()
+        monkeypatch.setattr(provenance.subprocess, "run", no_git)
+        assert provenance.code_commit() == {}
+
+        def untracked(cmd, **kwargs):  # e.g. a wheel installed inside a checkout: git answers, the file is not its
+            return subprocess.CompletedProcess(cmd, 1 if "ls-files" in cmd else 0, "0" * 40, "")
+
+        provenance._code_commit.cache_clear()
+        monkeypatch.setattr(provenance.subprocess, "run", untracked)
+        assert provenance.code_commit() == {}
+    finally:
+        provenance._code_commit.cache_clear()

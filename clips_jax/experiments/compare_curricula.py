@@ -552,9 +552,11 @@ class _Runner:
 
 def provenance_line(provenance: Mapping[str, Mapping[int, Mapping]]) -> str:
     """results.md's header line on where the runs were trained, from each run's summary.json `provenance`
-    (`clips_jax.runs.provenance`): the runs per machine (CPU model and cores), JAX version and code commit, most
-    first, and how many predate the record. A seed's result differs between machines (float rounding), so a
-    comparison whose arms ran on different machines should say so.
+    (`clips_jax.provenance.run_provenance`, the process that trained the run's last part): the runs per machine
+    (CPU model and cores; the device kind and count on an accelerator), JAX version and code commit, most
+    first, and how many predate the record. Runs of one seed were observed to differ between machines and
+    commits (docs/experiments.md, *What the study could detect*), so a comparison whose arms ran on different
+    ones should say so.
 
     Args: provenance: experiment -> seed -> provenance dict ({} when the run did not record one).
     """
@@ -562,14 +564,18 @@ def provenance_line(provenance: Mapping[str, Mapping[int, Mapping]]) -> str:
 
     def where(p: Mapping) -> str:
         if not p:
-            return "not recorded (runs trained before summary.json recorded it)"
+            return "not recorded (trained by code before summary.json recorded it)"
         commit = p.get("commit", "")
         code = f"commit {commit[:7]}{' (modified)' if p.get('dirty') else ''}" if commit else "no git commit"
+        backend = p.get("backend", "?")
+        if backend != "cpu":
+            backend += f" {p.get('device_count', '?')} x {p.get('device_kind', '?')}"
         jax_version = p.get("versions", {}).get("jax", "?")
-        return f"{p.get('cpu', '?')}, {p.get('cores', '?')} cores, {p.get('backend', '?')}, jax {jax_version}, {code}"
+        return f"{p.get('cpu', '?')}, {p.get('cores', '?')} cores, {backend}, jax {jax_version}, {code}"
 
     counts = Counter(where(p) for by_seed in provenance.values() for p in by_seed.values())
-    return "- trained on: " + "; ".join(f"{n} run{'s' * (n != 1)} {w}" for w, n in counts.most_common())
+    runs_where = "; ".join(f"{n} run{'s' * (n != 1)} {w}" for w, n in counts.most_common()) or "no runs"
+    return f"- trained on (each run's last training part): {runs_where}"
 
 
 def write_report(
@@ -828,8 +834,10 @@ def run_from_flags(fv, argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """`clips-compare`; `argv` as `sys.argv` (None = sys.argv). Returns the exit status."""
     from clips_jax import cli
+    from clips_jax.provenance import code_commit
     from clips_jax.train import resolve_config_args
 
+    code_commit()  # the commit of the code just imported, cached for every run's summary (run_provenance)
     argv = resolve_config_args(list(sys.argv if argv is None else argv))
     return cli.run_tool(argv, define_flags, lambda fv: run_from_flags(fv, argv), __doc__)
 
