@@ -38,3 +38,70 @@ def test_curricula_in_study_reads_archived_stage_rows(tmp_path, capsys):
     assert "hard30 0.70" in out and "easy30 0.70" in out
     assert "[[0, 0, 0, 0, 2], [0, 0, 0, 0, 2], [2, 0, 0, 0, 0], [2, 0, 0, 0, 0]]" in out
     assert cis.main(["prog", str(tmp_path / "nothing")]) == 1
+
+
+def test_paired_change_gives_the_mean_se_and_t_interval():
+    from scipy import stats
+
+    plg = _load("plateau_late_gain")
+    before = [0.5, 0.6, float("nan"), 0.7, 0.4]
+    after = [0.6, 0.6, 0.9, 0.75, 0.5]  # the NaN case (lesion-free) is left out
+    d = [0.1, 0.0, 0.05, 0.1]
+    se = stats.tstd(d) / 2
+    half = stats.t.ppf(0.975, 3) * se
+    text = plg.paired_change(before, after)
+    assert text.startswith(f"{sum(d) / 4:+.4f} (s.e. {se:.4f}, 95 % CI {sum(d) / 4 - half:+.4f} to ")
+    assert text.endswith(f"{sum(d) / 4 + half:+.4f}, 4 cases)")
+    assert plg.paired_change([0.5, float("nan")], [0.6, 0.7]).startswith("not estimable (1 case")
+
+
+TINY_STUDY = """
+import importlib.util
+from clips_jax.configs import default_path
+
+_spec = importlib.util.spec_from_file_location("clips_default_config", default_path())
+_default = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_default)
+
+
+def get_config():
+    c = _default.get_config("tiny")
+    c.steps = 10
+    c.num_devices = 1
+    c.eval.every_steps = 2
+    c.checkpoint.every_steps = 2
+    c.data.phantoms.cache = CACHE
+    return c
+"""
+
+
+def test_plateau_late_gain_evaluates_every_checkpoint_on_both_sets(tmp_path, capsys):
+    """A tiny run (5 validations): every kept checkpoint is evaluated again, on the run's validation split
+    (the same Dice the trainer logged while training) and on a cohort of another phantom seed."""
+    from clips_jax.runs import read_metrics
+
+    plg = _load("plateau_late_gain")
+    cfg_file = tmp_path / "tiny_study.py"
+    cfg_file.write_text(TINY_STUDY.replace("CACHE", repr(str(tmp_path / "cache"))))
+    work = tmp_path / "work"
+    assert plg.main(["prog", str(work), "none", "0", str(cfg_file)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((work / "late_gain_none_seed0.json").read_text())
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10]
+    logged = {r["step"]: r["val_dice"] for r in read_metrics(work / "runs" / "none" / "seed0", "eval")}
+    for r in rows:
+        assert abs(r["val"] - logged[r["step"]]) < 1e-5  # the restored checkpoint is the model validated
+        assert len(r["independent_cases"]) >= 1
+    assert "val: plateau rule gain" in out and "independent: plateau rule gain" in out
+    assert "from step 8 to 10" in out
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith("phantoms")) == [
+        "phantoms_small_s0",
+        "phantoms_small_s1",
+    ]
+    log = work / "runs" / "none" / "seed0" / "metrics.jsonl"
+    n_lines = len(log.read_text().splitlines())
+    assert plg.main(["prog", str(work), "none", "0", str(cfg_file)]) == 0
+    assert len(log.read_text().splitlines()) == n_lines  # finished: not trained again
+    again = json.loads((work / "late_gain_none_seed0.json").read_text())
+    assert [(r["step"], r["val"]) for r in again] == [(r["step"], r["val"]) for r in rows]
+    assert plg.main(["prog", str(work)]) == 2
