@@ -21,7 +21,7 @@ cure the second. This script tells them apart for one run:
    error and 95 % t interval over cases (the unit is the case: one run, so this says nothing about seeds).
 
 Writes WORKDIR/late_gain_EXPERIMENT_seedSEED.json (per checkpoint: step, both means, the per-case Dice).
-Time on the 2-core development VM: about 11 min of training (beside another process) and 5 min of evaluation
+Time on the 2-core development VM: about 11 min of training (beside another process) and 5-10 min of evaluation
 per run of the study config.
 """
 
