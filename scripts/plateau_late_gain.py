@@ -10,17 +10,24 @@ cure the second. This script tells them apart for one run:
 
 1. trains the run (EXPERIMENT, SEED) as the comparison trains it (`compare_curricula.run_config` over the
    config with `apply_run_defaults(cfg, 0, True)`, i.e. `--steps 0`), but keeps every checkpoint; a run
-   finished earlier in WORKDIR/runs/EXPERIMENT/seedSEED is not trained again (an interrupted one resumes);
+   finished earlier in WORKDIR/runs/EXPERIMENT/seedSEED is not trained again (an interrupted one resumes), and
+   is refused when it was trained with other curriculum settings or lacks a checkpoint of a validation step
+   (a `clips-compare` workdir keeps only the last 3: use a workdir of its own);
 2. builds an independent phantom cohort: the same generator and settings with phantom seed
    `INDEPENDENT_SEED` (cases the study never saw), whose test and validation lesion cases (52 for the study
-   config) are the independent set;
+   config) are the independent set (built-in phantoms only: a config with `data.store` is refused);
 3. evaluates every kept checkpoint on the run's own validation split and on the independent set (the
    trainer's validation: `clips_jax.trainer.evaluate_cases`, Dice per lesion case);
-4. prints, per checkpoint, both mean Dice; the plateau rule on both curves; and the paired per-case change
-   of Dice from the last checkpoint before the run's last 20 % to the first one in it, with its standard
-   error and 95 % t interval over cases (the unit is the case: one run, so this says nothing about seeds).
+4. prints, per checkpoint, both mean Dice; then for each case set the plateau rule on its curve and two
+   paired per-case changes of Dice, each with its standard error and 95 % t interval over cases: between the
+   rule's own two checkpoints (the best before the last 20 % and the best in it: what the rule's gain
+   compares), and from the last checkpoint before the last 20 % to the first one in it (which a dip at the
+   boundary checkpoint inflates). The unit is the case: one run, so this says nothing about seeds.
 
-Writes WORKDIR/late_gain_EXPERIMENT_seedSEED.json (per checkpoint: step, both means, the per-case Dice).
+Writes WORKDIR/late_gain_EXPERIMENT_seedSEED.json: a list, one entry per checkpoint in step order, with
+"step", "val" and "independent" (mean Dice over the lesion cases), "val_cases" and "independent_cases" (the
+Dice per case in the stores' split order, test before validation for the independent set; null for a
+lesion-free case).
 Time on the 2-core development VM: about 11 min of training (beside another process) and 5-10 min of evaluation
 per run of the study config.
 """
@@ -65,16 +72,42 @@ def train_run(base, experiment: str, seed: int, run_dir: Path):
 
     store = trainer.ensure_store(base, print)
     cfg = cc.run_config(base, experiment, seed, store.cache_dir.absolute())
-    if not cc.run_finished(run_dir, cfg.steps):
+    if cc.run_finished(run_dir, cfg.steps):
+        cc.check_run_curriculum(run_dir, cfg)
+    else:
         trainer.train_and_evaluate(cfg, run_dir)
     return cfg, store
+
+
+def checkpoint_steps(run_dir: Path, cfg) -> list[int]:
+    """The kept checkpoint steps of `run_dir/checkpoints/last`; ConfigError naming the run when a validation
+    step has none."""
+    import orbax.checkpoint as ocp
+
+    from clips_jax.errors import ConfigError
+
+    kept = sorted(ocp.CheckpointManager(run_dir / "checkpoints" / "last").all_steps())
+    every = int(cfg.eval.every_steps)
+    missing = [s for s in range(every, int(cfg.steps) + 1, every) if s not in kept]
+    if missing:
+        raise ConfigError(
+            f"{run_dir}: no checkpoint of validation step(s) {missing} (kept: {kept}); this script needs every "
+            "one: give it a workdir of its own (it keeps them all), not a clips-compare workdir"
+        )
+    return kept
 
 
 def independent_cases(base):
     """(store, indices) of the independent set: test + validation cases of the cohort with phantom seed
     INDEPENDENT_SEED (lesion-free ones have no Dice and are left out of the means)."""
     from clips_jax import trainer
+    from clips_jax.errors import ConfigError
 
+    if base.data.store:
+        raise ConfigError(
+            f"data.store={base.data.store!r}: the independent set is a cohort of the built-in phantoms; use a "
+            "config without data.store"
+        )
     other = base.copy_and_resolve_references()
     with other.unlocked():
         other.data.phantoms.seed = INDEPENDENT_SEED
@@ -114,7 +147,7 @@ def paired_change(before: list[float], after: list[float]) -> str:
     """Mean per-case change after - before over cases with a Dice in both, its s.e. and 95 % t interval."""
     from scipy import stats
 
-    d = np.asarray(after) - np.asarray(before)
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)  # None (null) -> NaN
     d = d[np.isfinite(d)]
     if d.size < 2:
         return f"not estimable ({d.size} case(s) with a Dice at both steps)"
@@ -124,42 +157,61 @@ def paired_change(before: list[float], after: list[float]) -> str:
 
 
 def checkpoint_rows(run_dir: Path, cfg, store, ind_store, ind_idx) -> list[dict]:
-    """Per kept checkpoint: {"step", "val" / "independent": mean Dice, "val_cases" / "independent_cases": per
-    case}; printed as they come."""
-    import orbax.checkpoint as ocp
-
+    """Per checkpoint of a validation step: {"step", "val" / "independent": mean Dice, "val_cases" /
+    "independent_cases": per case, None for a lesion-free case}; printed as they come."""
     rows = []
-    for step in sorted(ocp.CheckpointManager(run_dir / "checkpoints" / "last").all_steps()):
+    for step in checkpoint_steps(run_dir, cfg):
         model = checkpoint_model(run_dir, cfg, step)
         own = dice_per_case(model, store, store.split_indices("val"), cfg)
         ind = dice_per_case(model, ind_store, ind_idx, cfg)
         row = {"step": step, "val": float(np.nanmean(own)), "independent": float(np.nanmean(ind))}
-        rows.append({**row, "val_cases": own, "independent_cases": ind})
+        rows.append({**row, "val_cases": _nulls(own), "independent_cases": _nulls(ind)})
         n_ind = int(np.isfinite(ind).sum())
         print(f"step {step:5d}  validation ({len(own)} cases) {row['val']:.4f}  ", end="")
         print(f"independent ({n_ind} lesion cases) {row['independent']:.4f}", flush=True)
     return rows
 
 
-def report(rows: list[dict], steps: int) -> None:
-    """Print the plateau rule on both curves and the paired change across the last 20 %'s boundary."""
-    from clips_jax.experiments.plateau import LAST_FRACTION, plateau_check
+def _nulls(values: list[float]) -> list[float | None]:
+    """NaN -> None, so that the JSON written is standard (null)."""
+    return [v if math.isfinite(v) else None for v in values]
 
-    before = [i for i, r in enumerate(rows) if r["step"] <= steps * (1 - LAST_FRACTION)]
+
+def rule_checkpoints(rows: list[dict], key: str, steps: int) -> tuple[int, int] | None:
+    """Row indices of the two checkpoints the plateau rule compares on curve `key`: the best before the last
+    20 % of steps and the best in it (None when a part is empty)."""
+    from clips_jax.experiments.plateau import LAST_FRACTION
+
+    boundary = steps * (1 - LAST_FRACTION)
+    before = [i for i, r in enumerate(rows) if r["step"] <= boundary and math.isfinite(r[key])]
+    last = [i for i, r in enumerate(rows) if r["step"] > boundary and math.isfinite(r[key])]
+    if not before or not last:
+        return None
+    return max(before, key=lambda i: rows[i][key]), max(last, key=lambda i: rows[i][key])
+
+
+def report(rows: list[dict], steps: int) -> None:
+    """Print, per case set, the plateau rule on its curve and the paired per-case changes (module docstring,
+    point 4)."""
+    from clips_jax.experiments.plateau import plateau_check
+
     for key in ("val", "independent"):
         rule = plateau_check([(r["step"], r[key]) for r in rows], steps)
         verdict = "plateaued" if rule["plateaued"] else f"not plateaued: {rule['reason']}"
         print(f"{key}: plateau rule gain {rule['gain']:+.4f} ({verdict})")
-        if before and before[-1] + 1 < len(rows):
-            a, b = rows[before[-1]], rows[before[-1] + 1]
-            change = paired_change(a[f"{key}_cases"], b[f"{key}_cases"])
-            print(f"  change of Dice per case from step {a['step']} to {b['step']}: {change}")
+        pair = rule_checkpoints(rows, key, steps)
+        if pair is None:
+            continue
+        boundary = max(i for i, r in enumerate(rows) if r["step"] <= rule["boundary_step"])
+        for label, (i, j) in (("the rule's checkpoints", pair), ("across the boundary", (boundary, boundary + 1))):
+            change = paired_change(rows[i][f"{key}_cases"], rows[j][f"{key}_cases"])
+            print(f"  change of Dice per case, {label}, step {rows[i]['step']} to {rows[j]['step']}: {change}")
 
 
 def main(argv: list[str]) -> int:
     """Train, evaluate every checkpoint, print and write the comparison (module docstring). Returns 0, or 2
-    (usage printed) for a wrong number of arguments."""
-    if len(argv) not in (4, 5):
+    (usage printed) for a wrong number of arguments or a SEED that is not a whole number."""
+    if len(argv) not in (4, 5) or not argv[3].isdigit():
         print(__doc__)
         return 2
     workdir, experiment, seed = Path(argv[1]), argv[2], int(argv[3])

@@ -1,4 +1,5 @@
-"""The maintenance scripts of scripts/ on small fabricated inputs (they read records; nothing is trained)."""
+"""The maintenance scripts of scripts/: on small fabricated records, and plateau_late_gain.py on a tiny run it
+trains (10 steps)."""
 
 import gzip
 import importlib.util
@@ -78,7 +79,14 @@ def get_config():
 def test_plateau_late_gain_evaluates_every_checkpoint_on_both_sets(tmp_path, capsys):
     """A tiny run (5 validations): every kept checkpoint is evaluated again, on the run's validation split
     (the same Dice the trainer logged while training) and on a cohort of another phantom seed."""
-    from clips_jax.runs import read_metrics
+    import shutil
+
+    import numpy as np
+    import pytest
+
+    from clips_jax.data.store import CaseStore
+    from clips_jax.errors import ConfigError
+    from clips_jax.runs import read_config, read_metrics
 
     plg = _load("plateau_late_gain")
     cfg_file = tmp_path / "tiny_study.py"
@@ -89,19 +97,38 @@ def test_plateau_late_gain_evaluates_every_checkpoint_on_both_sets(tmp_path, cap
     rows = json.loads((work / "late_gain_none_seed0.json").read_text())
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10]
     logged = {r["step"]: r["val_dice"] for r in read_metrics(work / "runs" / "none" / "seed0", "eval")}
+    (other,) = (tmp_path / "cache").glob("store_*_s1_*")  # the independent cohort's store (phantom seed 1)
+    other = CaseStore(other)
+    n_other = len(other.split_indices("test")) + len(other.split_indices("val"))
     for r in rows:
         assert abs(r["val"] - logged[r["step"]]) < 1e-5  # the restored checkpoint is the model validated
-        assert len(r["independent_cases"]) >= 1
+        assert len(r["independent_cases"]) == n_other
+        ind = np.array(r["independent_cases"], dtype=float)  # null (lesion-free) -> NaN
+        assert np.isfinite(ind).any() and r["independent"] == pytest.approx(np.nanmean(ind))
+    run_dir = work / "runs" / "none" / "seed0"
+    cfg = read_config(run_dir)
+    last = plg.checkpoint_model(run_dir, cfg, 10)
+    idx = np.concatenate([other.split_indices("test"), other.split_indices("val")])
+    expected = [None if d != d else d for d in plg.dice_per_case(last, other, idx, cfg)]  # NaN -> None
+    assert rows[-1]["independent_cases"] == pytest.approx(expected)  # the seed-1 cases, test then validation
+    i, j = plg.rule_checkpoints(rows, "val", 10)
+    assert rows[i]["step"] <= 8 < rows[j]["step"] and rows[i]["val"] == max(r["val"] for r in rows[:4])
+    change = plg.paired_change(rows[i]["val_cases"], rows[j]["val_cases"])
+    assert f"the rule's checkpoints, step {rows[i]['step']} to {rows[j]['step']}: {change}" in out
     assert "val: plateau rule gain" in out and "independent: plateau rule gain" in out
-    assert "from step 8 to 10" in out
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith("phantoms")) == [
-        "phantoms_small_s0",
-        "phantoms_small_s1",
-    ]
+    assert "across the boundary, step 8 to 10" in out
     log = work / "runs" / "none" / "seed0" / "metrics.jsonl"
     n_lines = len(log.read_text().splitlines())
     assert plg.main(["prog", str(work), "none", "0", str(cfg_file)]) == 0
     assert len(log.read_text().splitlines()) == n_lines  # finished: not trained again
     again = json.loads((work / "late_gain_none_seed0.json").read_text())
     assert [(r["step"], r["val"]) for r in again] == [(r["step"], r["val"]) for r in rows]
-    assert plg.main(["prog", str(work)]) == 2
+    shutil.rmtree(work / "runs" / "none" / "seed0" / "checkpoints" / "last" / "4")  # as a clips-compare workdir
+    with pytest.raises(ConfigError, match=r"no checkpoint of validation step\(s\) \[4\]"):
+        plg.main(["prog", str(work), "none", "0", str(cfg_file)])
+    assert plg.main(["prog", str(work)]) == 2 and plg.main(["prog", str(work), "none", "x"]) == 2
+    base = plg.study_config(str(cfg_file))
+    with base.unlocked():
+        base.data.store = str(tmp_path / "a_store")
+    with pytest.raises(ConfigError, match="built-in phantoms"):
+        plg.independent_cases(base)
