@@ -1,6 +1,6 @@
 """Is a study run's late validation gain real, or the noise of its small validation split?
 
-    .venv/bin/python scripts/plateau_late_gain.py WORKDIR EXPERIMENT SEED [CONFIG]
+    .venv/bin/python scripts/plateau_late_gain.py WORKDIR EXPERIMENT SEED [CONFIG] [--average=K]
 
 e.g. `scripts/plateau_late_gain.py runs/late_gain none 3` (CONFIG default `curriculum_study`, a file of
 `clips_jax/configs/`, optionally `name:variant`). Why: the plateau rule (`clips_jax/experiments/plateau.py`)
@@ -24,7 +24,11 @@ cure the second. This script tells them apart for one run:
    compares), and from the last checkpoint before the last 20 % to the first one in it (which a dip at the
    boundary checkpoint inflates). The unit is the case: one run, so this says nothing about seeds.
 
-Writes WORKDIR/late_gain_EXPERIMENT_seedSEED.json: a list, one entry per checkpoint in step order, with
+`--average=K` (K >= 2): evaluate instead, at each validation step from the K-th on, the mean of the weights of
+the K checkpoints up to it (a running checkpoint average; the first K - 1 steps are left out), to see whether
+averaging weights steadies the end of a run without training it again; the file name gets `_avgK`.
+
+Writes WORKDIR/late_gain_EXPERIMENT_seedSEED[_avgK].json: a list, one entry per checkpoint in step order, with
 "step", "val" and "independent" (mean Dice over the lesion cases), "val_cases" and "independent_cases" (the
 Dice per case in the stores' split order, test before validation for the independent set; null for a
 lesion-free case).
@@ -136,6 +140,23 @@ def checkpoint_model(run_dir: Path, cfg, step: int):
     return nnx.merge(graphdef, jax.device_get(st.state["params"]), jax.device_get(st.state["rest"]))
 
 
+def average_models(models: list):
+    """A model whose floating-point weights are the mean of `models`' (same architecture); integer and other
+    leaves are taken from the last model."""
+    import jax
+    from flax import nnx
+
+    graphdefs, states = zip(*(nnx.split(m) for m in models))
+
+    def mean(*leaves):
+        last = np.asarray(leaves[-1])
+        if not np.issubdtype(last.dtype, np.floating):
+            return leaves[-1]
+        return (sum(np.asarray(x, np.float64) for x in leaves) / len(leaves)).astype(last.dtype)
+
+    return nnx.merge(graphdefs[-1], jax.tree.map(mean, *states))
+
+
 def dice_per_case(model, store, indices, cfg) -> list[float]:
     """Dice of each case (NaN for lesion-free ones), by the trainer's validation."""
     from clips_jax import trainer
@@ -156,12 +177,16 @@ def paired_change(before: list[float], after: list[float]) -> str:
     return f"{d.mean():+.4f} (s.e. {se:.4f}, 95 % CI {d.mean() - half:+.4f} to {d.mean() + half:+.4f}, {d.size} cases)"
 
 
-def checkpoint_rows(run_dir: Path, cfg, store, ind_store, ind_idx) -> list[dict]:
-    """Per checkpoint of a validation step: {"step", "val" / "independent": mean Dice, "val_cases" /
-    "independent_cases": per case, None for a lesion-free case}; printed as they come."""
-    rows = []
+def checkpoint_rows(run_dir: Path, cfg, store, ind_store, ind_idx, average: int = 1) -> list[dict]:
+    """Per checkpoint of a validation step (with `average` > 1: per running average of that many, from the
+    `average`-th step on): {"step", "val" / "independent": mean Dice, "val_cases" / "independent_cases": per
+    case, None for a lesion-free case}; printed as they come."""
+    rows, recent = [], []
     for step in checkpoint_steps(run_dir, cfg):
-        model = checkpoint_model(run_dir, cfg, step)
+        recent = (recent + [checkpoint_model(run_dir, cfg, step)])[-average:]
+        if len(recent) < average:
+            continue
+        model = recent[0] if average == 1 else average_models(recent)
         own = dice_per_case(model, store, store.split_indices("val"), cfg)
         ind = dice_per_case(model, ind_store, ind_idx, cfg)
         row = {"step": step, "val": float(np.nanmean(own)), "independent": float(np.nanmean(ind))}
@@ -210,17 +235,20 @@ def report(rows: list[dict], steps: int) -> None:
 
 def main(argv: list[str]) -> int:
     """Train, evaluate every checkpoint, print and write the comparison (module docstring). Returns 0, or 2
-    (usage printed) for a wrong number of arguments or a SEED that is not a whole number."""
-    if len(argv) not in (4, 5) or not argv[3].isdigit():
+    (usage printed) for a wrong number of arguments, a SEED that is not a whole number or a bad --average."""
+    opts = [a for a in argv[1:] if a.startswith("--average=")]
+    args = [a for a in argv[1:] if not a.startswith("--average=")]
+    average = opts[-1].split("=", 1)[1] if opts else "1"
+    if len(args) not in (3, 4) or not args[2].isdigit() or not average.isdigit() or int(average) < 1:
         print(__doc__)
         return 2
-    workdir, experiment, seed = Path(argv[1]), argv[2], int(argv[3])
-    base = study_config(argv[4] if len(argv) == 5 else "curriculum_study")
+    workdir, experiment, seed, average = Path(args[0]), args[1], int(args[2]), int(average)
+    base = study_config(args[3] if len(args) == 4 else "curriculum_study")
     run_dir = workdir / "runs" / experiment / f"seed{seed}"
     cfg, store = train_run(base, experiment, seed, run_dir)
     ind_store, ind_idx = independent_cases(base)
-    rows = checkpoint_rows(run_dir, cfg, store, ind_store, ind_idx)
-    out = workdir / f"late_gain_{experiment}_seed{seed}.json"
+    rows = checkpoint_rows(run_dir, cfg, store, ind_store, ind_idx, average)
+    out = workdir / f"late_gain_{experiment}_seed{seed}{f'_avg{average}' if average > 1 else ''}.json"
     out.write_text(json.dumps(rows))
     report(rows, int(cfg.steps))
     print(f"written: {out}")

@@ -123,6 +123,14 @@ def test_plateau_late_gain_evaluates_every_checkpoint_on_both_sets(tmp_path, cap
     assert len(log.read_text().splitlines()) == n_lines  # finished: not trained again
     again = json.loads((work / "late_gain_none_seed0.json").read_text())
     assert [(r["step"], r["val"]) for r in again] == [(r["step"], r["val"]) for r in rows]
+    # --average=2: from the second validation step on, the mean weights of that checkpoint and the one before
+    assert plg.main(["prog", str(work), "none", "0", str(cfg_file), "--average=2"]) == 0
+    avg = json.loads((work / "late_gain_none_seed0_avg2.json").read_text())
+    assert [r["step"] for r in avg] == [4, 6, 8, 10]
+    pair = plg.average_models([plg.checkpoint_model(run_dir, cfg, s) for s in (2, 4)])
+    own = CaseStore(cfg.data.store)  # the run's store (its validation split)
+    assert avg[0]["val"] == pytest.approx(np.nanmean(plg.dice_per_case(pair, own, own.split_indices("val"), cfg)))
+    assert plg.main(["prog", str(work), "none", "0", "--average=0"]) == 2
     shutil.rmtree(work / "runs" / "none" / "seed0" / "checkpoints" / "last" / "4")  # as a clips-compare workdir
     with pytest.raises(ConfigError, match=r"no checkpoint of validation step\(s\) \[4\]"):
         plg.main(["prog", str(work), "none", "0", str(cfg_file)])
@@ -132,3 +140,23 @@ def test_plateau_late_gain_evaluates_every_checkpoint_on_both_sets(tmp_path, cap
         base.data.store = str(tmp_path / "a_store")
     with pytest.raises(ConfigError, match="built-in phantoms"):
         plg.independent_cases(base)
+
+
+def test_average_models_means_float_weights_and_keeps_other_leaves():
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    plg = _load("plateau_late_gain")
+
+    class Tiny(nnx.Module):
+        def __init__(self, seed: int):
+            self.lin = nnx.Linear(3, 2, rngs=nnx.Rngs(seed))
+            self.count = nnx.Variable(jnp.array(seed, jnp.int32))
+
+    models = [Tiny(0), Tiny(1), Tiny(2)]
+    avg = plg.average_models(models)
+    want = np.mean([np.asarray(m.lin.kernel[...]) for m in models], axis=0)
+    np.testing.assert_allclose(np.asarray(avg.lin.kernel[...]), want, rtol=1e-6)
+    assert avg.lin.kernel[...].dtype == models[0].lin.kernel[...].dtype
+    assert int(avg.count[...]) == 2  # not averaged: the last model's
