@@ -223,7 +223,9 @@ def read_config(run_dir: str | os.PathLike):
         raise ConfigError(f"{path}: unreadable run config ({e})") from e
 
 
-def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None) -> tuple[Any, dict]:
+def load_run_model(
+    run_dir: str | os.PathLike, which: str = "best", config=None, step: int | None = None
+) -> tuple[Any, dict]:
     """The trained network of a training run (any format: only its parameters are read).
 
     Args:
@@ -231,11 +233,12 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None)
       which: "best": the best-validation checkpoint `checkpoints/best`, or the latest of `checkpoints/last` when
         the run has no best one (it never validated); "last": the latest of `checkpoints/last`.
       config: the run's ConfigDict; default: read from `run_dir/config.json`.
+      step: with which="last", that kept training step of `checkpoints/last` instead of the latest.
     Returns:
       (nnx model with the restored parameters, info `{"checkpoint": "best"|"last", "checkpoint_step": int}`).
     Raises:
       ConfigError for an unknown `which`, a missing or unreadable `config.json`, or a run without the requested
-      checkpoint (naming the folder).
+      checkpoint (naming the folder and, for a `step` not kept, the steps that are).
     """
     from flax import nnx
     from jax.sharding import NamedSharding
@@ -243,8 +246,8 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None)
 
     from clips_jax import trainer
 
-    if which not in ("best", "last"):
-        raise ConfigError(f"which={which!r}: use 'best' or 'last'")
+    if which not in ("best", "last") or (step is not None and which != "last"):
+        raise ConfigError(f"which={which!r}, step={step!r}: use 'best', or 'last' with an optional step")
     run_dir = Path(run_dir).absolute()
     config = read_config(run_dir) if config is None else config
     model, trainable = trainer.build_training_model(config)
@@ -260,7 +263,9 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None)
         step = mgr.best_step() if mgr.best_step() is not None else mgr.latest_step()
     elif latest(last_dir) is not None:
         mgr, kind = ocp.CheckpointManager(last_dir), "last"
-        step = mgr.latest_step()
+        if step is not None and int(step) not in mgr.all_steps():
+            raise ConfigError(f"{last_dir}: no checkpoint of step {step} (kept: {sorted(mgr.all_steps())})")
+        step = mgr.latest_step() if step is None else int(step)
     else:
         raise ConfigError(
             f"{run_dir}: no {'checkpoint' if which == 'best' else 'last checkpoint'} to load; "

@@ -120,24 +120,11 @@ def independent_cases(base):
 
 
 def checkpoint_model(run_dir: Path, cfg, step: int):
-    """The model of checkpoint `step` of `run_dir/checkpoints/last` (parameters only)."""
-    import jax
-    import orbax.checkpoint as ocp
-    from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
+    """The model of checkpoint `step` of `run_dir/checkpoints/last` (parameters only;
+    `clips_jax.runs.load_run_model`)."""
+    from clips_jax.runs import load_run_model
 
-    from clips_jax import trainer
-    from clips_jax.model.checkpoint import abstract_arrays
-
-    model, trainable = trainer.build_training_model(cfg)
-    graphdef, params, rest = nnx.split(model, trainable, ...)
-    target = abstract_arrays({"params": params, "rest": rest}, sharding=NamedSharding(trainer.make_mesh(1), P()))
-    args = ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
-    )
-    st = ocp.CheckpointManager(run_dir / "checkpoints" / "last").restore(step, args=ocp.args.Composite(state=args))
-    return nnx.merge(graphdef, jax.device_get(st.state["params"]), jax.device_get(st.state["rest"]))
+    return load_run_model(run_dir, "last", config=cfg, step=step)[0]
 
 
 def average_models(models: list):

@@ -131,6 +131,8 @@ def test_plateau_late_gain_evaluates_every_checkpoint_on_both_sets(tmp_path, cap
     own = CaseStore(cfg.data.store)  # the run's store (its validation split)
     assert avg[0]["val"] == pytest.approx(np.nanmean(plg.dice_per_case(pair, own, own.split_indices("val"), cfg)))
     assert plg.main(["prog", str(work), "none", "0", "--average=0"]) == 2
+    with pytest.raises(ConfigError, match=r"no checkpoint of step 3 \(kept: \[2, 4, 6, 8, 10\]\)"):
+        plg.checkpoint_model(run_dir, cfg, 3)  # clips_jax.runs.load_run_model(..., "last", step=3)
     shutil.rmtree(work / "runs" / "none" / "seed0" / "checkpoints" / "last" / "4")  # as a clips-compare workdir
     with pytest.raises(ConfigError, match=r"no checkpoint of validation step\(s\) \[4\]"):
         plg.main(["prog", str(work), "none", "0", str(cfg_file)])
