@@ -8,9 +8,11 @@ Layout of a run folder (`python -m clips_jax.train --workdir W`, `trainer.train_
     W/summary.json         written when the run finishes (steps, wall time, validation metrics, curriculum settings,
                            the machine, versions and commit that trained its last part: `provenance.run_provenance`)
     W/checkpoints/last/S/  orbax, every `checkpoint.every_steps`: items "state" (parameters, optimizer state,
-                           step, counters), "curriculum" (the curriculum's state pytree), "meta" (JSON: step,
-                           stage, stage weights, data-stream state and settings, the PRNG key of the device path)
-    W/checkpoints/best/S/  orbax, the best validation Dice: item "state" with "params" and "rest" only
+                           step, counters, and "ema", the weight average, when `optim.ema_decay` > 0),
+                           "curriculum" (the curriculum's state pytree), "meta" (JSON: step, stage, stage
+                           weights, data-stream state and settings, `ema_decay`)
+    W/checkpoints/best/S/  orbax, the best validation Dice: item "state" with "params" and "rest" only (the
+                           weights validation used: the weight average when the run keeps one)
 
 Formats: 1 = folders written before run.json existed (2026-11-26 and earlier): their curriculum states of
 Exp3.S and self-paced learning have another layout, so they are not resumed (the message says what to do),
@@ -180,6 +182,11 @@ def save_last(mgr: ocp.CheckpointManager, step: int, state, cur_state, meta: dic
     )
 
 
+def read_last_meta(mgr: ocp.CheckpointManager) -> dict:
+    """The "meta" item (JSON) of the latest `last` checkpoint, without reading its arrays."""
+    return mgr.restore(mgr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
 def restore_last(mgr: ocp.CheckpointManager, state_like, cur_like, sharding) -> tuple[Any, Any, dict]:
     """(state, curriculum state, meta) of the latest `last` checkpoint, placed with `sharding`."""
     restored = mgr.restore(
@@ -193,11 +200,12 @@ def restore_last(mgr: ocp.CheckpointManager, state_like, cur_like, sharding) -> 
     return restored.state, restored.curriculum, restored.meta
 
 
-def save_best(mgr: ocp.CheckpointManager, step: int, state, val_dice: float) -> None:
-    """Save the model part of `state` as a best-validation candidate (orbax keeps the best one)."""
+def save_best(mgr: ocp.CheckpointManager, step: int, weights: dict, val_dice: float) -> None:
+    """Save `weights` ({"params", "rest"}: the weights that scored `val_dice`) as a best-validation candidate
+    (orbax keeps the best one)."""
     mgr.save(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]})),
+        args=ocp.args.Composite(state=ocp.args.StandardSave({"params": weights["params"], "rest": weights["rest"]})),
         metrics={"val_dice": float(val_dice)},
         force=True,
     )
@@ -224,7 +232,7 @@ def read_config(run_dir: str | os.PathLike):
 
 
 def load_run_model(
-    run_dir: str | os.PathLike, which: str = "best", config=None, step: int | None = None
+    run_dir: str | os.PathLike, which: str = "best", config=None, step: int | None = None, raw: bool = False
 ) -> tuple[Any, dict]:
     """The trained network of a training run (any format: only its parameters are read).
 
@@ -234,8 +242,12 @@ def load_run_model(
         the run has no best one (it never validated); "last": the latest of `checkpoints/last`.
       config: the run's ConfigDict; default: read from `run_dir/config.json`.
       step: with which="last", that kept training step of `checkpoints/last` instead of the latest.
+      raw: with which="last", the trained weights even when the run keeps a weight average.
     Returns:
-      (nnx model with the restored parameters, info `{"checkpoint": "best"|"last", "checkpoint_step": int}`).
+      (nnx model with the restored parameters, info `{"checkpoint": "best"|"last", "checkpoint_step": int,
+      "weights": "average"|"trained"}`). The weights are those validation used: for a run trained with
+      `optim.ema_decay` > 0, the bias-corrected weight average (`trainer.averaged_params`; the best checkpoint
+      holds it already), unless `raw`.
     Raises:
       ConfigError for an unknown `which`, a missing or unreadable `config.json`, or a run without the requested
       checkpoint (naming the folder and, for a `step` not kept, the steps that are).
@@ -246,8 +258,10 @@ def load_run_model(
 
     from clips_jax import trainer
 
-    if which not in ("best", "last") or (step is not None and which != "last"):
-        raise ConfigError(f"which={which!r}, step={step!r}: use 'best', or 'last' with an optional step")
+    if which not in ("best", "last") or ((step is not None or raw) and which != "last"):
+        raise ConfigError(
+            f"which={which!r}, step={step!r}, raw={raw!r}: use 'best', or 'last' with an optional step and raw"
+        )
     run_dir = Path(run_dir).absolute()
     config = read_config(run_dir) if config is None else config
     model, trainable = trainer.build_training_model(config)
@@ -273,7 +287,12 @@ def load_run_model(
         )
     # Only the model part is read (a partial restore of the "state" item), so optimizer or curriculum states of
     # other formats do not matter.
-    target = abstract_arrays({"params": params, "rest": rest}, sharding=repl)
+    decay = trainer.ema_decay_of(config)
+    average = kind == "last" and decay > 0 and not raw
+    model_part = {"params": params, "rest": rest}
+    if average:
+        model_part["ema"] = trainer.weight_average(decay).init(params)
+    target = abstract_arrays(model_part, sharding=repl)
     restored = mgr.restore(
         step,
         args=ocp.args.Composite(
@@ -283,5 +302,7 @@ def load_run_model(
         ),
     )
     st = restored.state
-    model = nnx.merge(graphdef, jax.device_get(st["params"]), jax.device_get(st["rest"]))
-    return model, {"checkpoint": kind, "checkpoint_step": int(step)}
+    weights = trainer.averaged_params(st["params"], st["ema"], decay) if average else st["params"]
+    model = nnx.merge(graphdef, jax.device_get(weights), jax.device_get(st["rest"]))
+    info = {"checkpoint": kind, "checkpoint_step": int(step)}
+    return model, {**info, "weights": "average" if average or (kind == "best" and decay > 0) else "trained"}

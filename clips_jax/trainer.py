@@ -15,7 +15,9 @@
    (a traced argument: never recompiles), and is updated after every step with the per-case losses (and, for
    the bandit, the prediction gain measured by a second forward pass on the same batch).
 5. Validation every `eval.every_steps` steps by whole-volume tiled inference on the validation split
-   (Dice, TMTV error, FP/FN volumes); metrics as JSON lines in `workdir/metrics.jsonl`.
+   (Dice, TMTV error, FP/FN volumes); metrics as JSON lines in `workdir/metrics.jsonl`. With
+   `optim.ema_decay` > 0 the step also keeps an exponential moving average of the weights
+   (`weight_average`), and validation and the best checkpoint use that average instead of the last weights.
 6. Orbax checkpoints in `workdir/checkpoints/last` (the last `checkpoint.keep`) and
    `workdir/checkpoints/best` (best validation Dice): parameters, optimizer state, step, curriculum state,
    data-iterator state and stage. Re-running the same command resumes exactly where the last checkpoint was.
@@ -197,9 +199,12 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return cosine_restarts_schedule(o.lr, o.restart_steps or config.steps, o.restart_decay, o.warmup_steps)
 
 
-def init_train_state(model: nnx.Module, trainable, tx: optax.GradientTransformation) -> tuple[Any, dict]:
+def init_train_state(
+    model: nnx.Module, trainable, tx: optax.GradientTransformation, ema_decay: float = 0.0
+) -> tuple[Any, dict]:
     """Split the model into (graphdef, state). `state` is the pytree the step donates and checkpoints:
-    `{"params": trainable params, "rest": everything else, "opt_state", "step", "nonfinite", "skipped"}`."""
+    `{"params": trainable params, "rest": everything else, "opt_state", "step", "nonfinite", "skipped"}`, plus
+    "ema" (an `optax.EmaState` over the trainable params) when `ema_decay` > 0 (`weight_average`)."""
     graphdef, params, rest = nnx.split(model, trainable, ...)
     state = {
         "params": params,
@@ -209,7 +214,47 @@ def init_train_state(model: nnx.Module, trainable, tx: optax.GradientTransformat
         "nonfinite": jnp.zeros((), jnp.int32),
         "skipped": jnp.zeros((), jnp.int32),
     }
+    if ema_decay > 0:
+        state["ema"] = weight_average(ema_decay).init(params)
     return graphdef, state
+
+
+def ema_decay_of(config) -> float:
+    """`config.optim.ema_decay` (0.0 when absent: configs and runs written before it existed); ConfigError
+    outside [0, 1)."""
+    decay = float(config.optim.get("ema_decay", 0.0) or 0.0)
+    if not 0.0 <= decay < 1.0:
+        raise ConfigError(f"optim.ema_decay={decay}: use 0 (no weight average) or a decay in (0, 1), e.g. 0.998")
+    return decay
+
+
+def weight_average(decay: float) -> optax.GradientTransformation:
+    """The exponential moving average of the trained weights kept when `optim.ema_decay` > 0: `optax.ema`
+    applied to the parameters after each update, `ema <- decay * ema + (1 - decay) * params` from zeros, read
+    out bias-corrected (`averaged_params`). Polyak averaging in its exponential form (Polyak & Juditsky 1992;
+    e.g. Izmailov et al. 2018 on averaged weights generalising better): the weights seen by validation, the best
+    checkpoint and `clips_jax.runs.load_run_model` then move less from one validation to the next than the
+    last iterate, whose batch-2 gradient noise moves them by several Dice points late in a run
+    (docs/experiments.md, "Are the late gains real?"). Its time constant is 1 / (1 - decay) steps."""
+    return optax.ema(decay, debias=True)
+
+
+def averaged_params(params, ema_state, decay: float):
+    """The bias-corrected moving average of an `optax.EmaState` (`weight_average`): the mean of the weights
+    after each of the `ema_state.count` updates so far, weighted by decay**age and renormalised; `params`
+    (the current weights, same tree) before the first update (count 0). Same tree, shapes and dtypes as
+    `params`."""
+    count = ema_state.count
+    corrected = optax.tree.bias_correction(ema_state.ema, decay, jnp.maximum(count, 1))
+    return jax.tree.map(lambda a, p: jnp.where(count > 0, a, p).astype(p.dtype), corrected, params)
+
+
+def eval_params(state: dict, decay: float):
+    """The trainable weights that validation and the best checkpoint use: the moving average
+    (`averaged_params`) when the state keeps one (`optim.ema_decay` > 0), else the trained weights."""
+    if "ema" not in state:
+        return state["params"]
+    return averaged_params(state["params"], state["ema"], decay)
 
 
 def supervised_loss(per_sample: jax.Array, terms: dict, config: ml_collections.ConfigDict, deep: bool) -> jax.Array:
@@ -265,10 +310,12 @@ def make_train_step(
     "supervised" (B,) supervised losses (`supervised_loss`); with `with_gain` also "gain" (B,): the
     per-sample prediction gain of the supervised loss, L(x; theta) - L(x; theta') on the same batch before and
     after the update (Graves et al. 2017, section 3.1).
-    A non-finite loss or gradient norm leaves params and optimizer state unchanged (the step still counts).
+    A non-finite loss or gradient norm leaves params, optimizer state and the weight average (state "ema", when
+    `optim.ema_decay` > 0: `weight_average`) unchanged (the step still counts).
     """
     loss_fn = make_loss_fn(graphdef, config, use_sigma)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    average = weight_average(ema_decay_of(config))
 
     def step(state, batch, sigma):
         (loss, (per_sample, supervised)), grads = grad_fn(state["params"], state["rest"], batch, sigma)
@@ -280,6 +327,8 @@ def make_train_step(
         new = dict(state)
         new["params"] = keep(params, state["params"])
         new["opt_state"] = keep(opt_state, state["opt_state"])
+        if "ema" in state:  # the weight average (`weight_average`) takes in the new weights
+            new["ema"] = keep(average.update(params, state["ema"])[1], state["ema"])
         new["step"] = state["step"] + 1
         new["nonfinite"] = jnp.where(finite, 0, state["nonfinite"] + 1)
         new["skipped"] = state["skipped"] + (~finite).astype(jnp.int32)
@@ -529,33 +578,21 @@ class _Run:
         self.repl, self.dsh = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
         model, trainable = build_training_model(c)
         self.tx, self.schedule = make_optimizer(c), make_schedule(c)
-        self.graphdef, state = init_train_state(model, trainable, self.tx)
+        self.ema_decay = ema_decay_of(c)
+        self.graphdef, state = init_train_state(model, trainable, self.tx, self.ema_decay)
         self.state = jax.device_put(state, self.repl)
         self.cur_state = jax.device_put(self.cur_state, self.repl)
         self.step_fn = make_train_step(self.graphdef, c, self.tx, self.cur.smooths, self.cur.needs_gain)
 
     def restore(self, pipeline: str) -> dict | None:
-        """Resume from the latest `last` checkpoint, if any; returns its meta (None for a fresh run)."""
+        """Resume from the latest `last` checkpoint, if any; returns its meta (None for a fresh run). The
+        checkpoint's settings are checked (`check_resumable`) before its state is read."""
         self.last_mgr, self.best_mgr = runs.checkpoint_managers(self.workdir, int(self.config.checkpoint.keep))
         self.step = 0
         meta = None
         if self.last_mgr.latest_step() is not None:
+            self.check_resumable(runs.read_last_meta(self.last_mgr), pipeline)
             self.state, self.cur_state, meta = runs.restore_last(self.last_mgr, self.state, self.cur_state, self.repl)
-            saved = meta.get("stream")
-            now = json.loads(json.dumps(stream_settings(self.config, self.teacher)))
-            if meta.get("pipeline", "host") != pipeline:
-                raise ConfigError(
-                    f"{self.workdir}: its checkpoint was written by the {meta.get('pipeline', 'host')} "
-                    f"data path and this run would use the {pipeline} one (data.pipeline): resume "
-                    "with the same data.pipeline, or use a new --workdir"
-                )
-            changed = [k for k in sorted(saved or {}) if saved[k] != now.get(k)]  # keys an older run lacks: unchecked
-            if changed:
-                diff = ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in changed)
-                raise ConfigError(
-                    f"{self.workdir}: its checkpoint was trained with other data/curriculum settings "
-                    f"({diff}); resume with the same settings, or use a new --workdir"
-                )
             self.step = int(meta["step"])
             self.writer.log(f"resumed from {self.workdir / 'checkpoints' / 'last'} at step {self.step}")
         self.start_step = self.summary["start_step"] = self.step
@@ -563,13 +600,44 @@ class _Run:
             write_text_atomic(self.workdir / "config.json", self.config.to_json_best_effort(indent=1, sort_keys=True))
         return meta
 
+    def check_resumable(self, meta: dict, pipeline: str) -> None:
+        """ConfigError unless a checkpoint with `meta` can be resumed by this run: the same data path, the same
+        data-stream and curriculum settings (`stream_settings`; keys an older checkpoint lacks are not checked)
+        and the same weight average (`optim.ema_decay`, 0 for checkpoints that do not record it)."""
+        if meta.get("pipeline", "host") != pipeline:
+            raise ConfigError(
+                f"{self.workdir}: its checkpoint was written by the {meta.get('pipeline', 'host')} "
+                f"data path and this run would use the {pipeline} one (data.pipeline): resume "
+                "with the same data.pipeline, or use a new --workdir"
+            )
+        saved = meta.get("stream")
+        now = json.loads(json.dumps(stream_settings(self.config, self.teacher)))
+        changed = [k for k in sorted(saved or {}) if saved[k] != now.get(k)]
+        if changed:
+            diff = ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in changed)
+            raise ConfigError(
+                f"{self.workdir}: its checkpoint was trained with other data/curriculum settings "
+                f"({diff}); resume with the same settings, or use a new --workdir"
+            )
+        saved_decay = float(meta.get("ema_decay", 0.0))
+        if saved_decay != self.ema_decay:
+            raise ConfigError(
+                f"{self.workdir}: its checkpoint keeps {'no weight average' if not saved_decay else 'a weight average'}"
+                f" (optim.ema_decay={saved_decay:g}) and this run asks for optim.ema_decay={self.ema_decay:g}; "
+                "resume with the same optim.ema_decay, or use a new --workdir"
+            )
+
     # -- shared by both loops -------------------------------------------------------------------------------
-    def model_for_eval(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, jax.device_get(self.state["params"]), jax.device_get(self.state["rest"]))
+    def eval_weights(self) -> dict:
+        """{"params", "rest"} on the host: the weights validation and the best checkpoint use (`eval_params`)."""
+        params = eval_params(self.state, self.ema_decay)
+        return {"params": jax.device_get(params), "rest": jax.device_get(self.state["rest"])}
 
     def evaluate(self, step_no: int, initial: bool = False) -> None:
         """Validate, log, and keep the best checkpoint."""
-        ev = evaluate_cases(self.model_for_eval(), self.store, self.val_idx, self.config)
+        weights = self.eval_weights()
+        model = nnx.merge(self.graphdef, weights["params"], weights["rest"])
+        ev = evaluate_cases(model, self.store, self.val_idx, self.config)
         self.writer.write({"kind": "eval", "step": step_no, **ev})
         head = {k: v for k, v in ev.items() if k != "cases"}
         if initial:
@@ -586,7 +654,7 @@ class _Run:
         if np.isfinite(ev["val_dice"]) and ev["val_dice"] > self.summary.get("best", {}).get("val_dice", -1.0):
             self.summary["best"] = {"step": step_no, **head}
         if np.isfinite(ev["val_dice"]) and int(jax.device_get(self.state["nonfinite"])) == 0:
-            runs.save_best(self.best_mgr, step_no, self.state, ev["val_dice"])
+            runs.save_best(self.best_mgr, step_no, weights, ev["val_dice"])
 
     def save(self, meta: dict) -> None:
         """Checkpoint the whole state (never during a non-finite streak)."""
@@ -596,6 +664,7 @@ class _Run:
             "step": self.step,
             "curriculum": self.config.curriculum.name,
             "stream": stream_settings(self.config, self.teacher),
+            "ema_decay": self.ema_decay,
             **meta,
         }
         runs.save_last(self.last_mgr, self.step, self.state, self.cur_state, meta)

@@ -1,6 +1,6 @@
 """Is a study run's late validation gain real, or the noise of its small validation split?
 
-    .venv/bin/python scripts/plateau_late_gain.py WORKDIR EXPERIMENT SEED [CONFIG] [--average=K]
+    .venv/bin/python scripts/plateau_late_gain.py WORKDIR EXPERIMENT SEED [CONFIG] [--average=K] [--raw]
 
 e.g. `scripts/plateau_late_gain.py runs/late_gain none 3` (CONFIG default `curriculum_study`, a file of
 `clips_jax/configs/`, optionally `name:variant`). Why: the plateau rule (`clips_jax/experiments/plateau.py`)
@@ -27,6 +27,11 @@ cure the second. This script tells them apart for one run:
 `--average=K` (K >= 2): evaluate instead, at each validation step from the K-th on, the mean of the weights of
 the K checkpoints up to it (a running checkpoint average; the first K - 1 steps are left out), to see whether
 averaging weights steadies the end of a run without training it again; the file name gets `_avgK`.
+
+`--raw`: for a config that keeps a weight average during training (`optim.ema_decay` > 0, e.g.
+`curriculum_study:ema`), evaluate the trained weights of each checkpoint instead of their average (what the
+trainer validated); the file name gets `_raw`. Training is the same with or without the average, so the two
+files of one run compare the average with the weights it averages, on the same trajectory.
 
 Writes WORKDIR/late_gain_EXPERIMENT_seedSEED[_avgK].json: a list, one entry per checkpoint in step order, with
 "step", "val" and "independent" (mean Dice over the lesion cases), "val_cases" and "independent_cases" (the
@@ -119,12 +124,13 @@ def independent_cases(base):
     return store, np.concatenate([store.split_indices("test"), store.split_indices("val")])
 
 
-def checkpoint_model(run_dir: Path, cfg, step: int):
+def checkpoint_model(run_dir: Path, cfg, step: int, raw: bool = False):
     """The model of checkpoint `step` of `run_dir/checkpoints/last` (parameters only;
-    `clips_jax.runs.load_run_model`)."""
+    `clips_jax.runs.load_run_model`): the weights validation used (the weight average when the run keeps one),
+    or with `raw` the trained weights."""
     from clips_jax.runs import load_run_model
 
-    return load_run_model(run_dir, "last", config=cfg, step=step)[0]
+    return load_run_model(run_dir, "last", config=cfg, step=step, raw=raw)[0]
 
 
 def average_models(models: list):
@@ -164,13 +170,13 @@ def paired_change(before: list[float], after: list[float]) -> str:
     return f"{d.mean():+.4f} (s.e. {se:.4f}, 95 % CI {d.mean() - half:+.4f} to {d.mean() + half:+.4f}, {d.size} cases)"
 
 
-def checkpoint_rows(run_dir: Path, cfg, store, ind_store, ind_idx, average: int = 1) -> list[dict]:
+def checkpoint_rows(run_dir: Path, cfg, store, ind_store, ind_idx, average: int = 1, raw: bool = False) -> list[dict]:
     """Per checkpoint of a validation step (with `average` > 1: per running average of that many, from the
-    `average`-th step on): {"step", "val" / "independent": mean Dice, "val_cases" / "independent_cases": per
-    case, None for a lesion-free case}; printed as they come."""
+    `average`-th step on; `raw`: `checkpoint_model`'s): {"step", "val" / "independent": mean Dice, "val_cases" /
+    "independent_cases": per case, None for a lesion-free case}; printed as they come."""
     rows, recent = [], []
     for step in checkpoint_steps(run_dir, cfg):
-        recent = (recent + [checkpoint_model(run_dir, cfg, step)])[-average:]
+        recent = (recent + [checkpoint_model(run_dir, cfg, step, raw)])[-average:]
         if len(recent) < average:
             continue
         model = recent[0] if average == 1 else average_models(recent)
@@ -222,20 +228,31 @@ def report(rows: list[dict], steps: int) -> None:
 
 def main(argv: list[str]) -> int:
     """Train, evaluate every checkpoint, print and write the comparison (module docstring). Returns 0, or 2
-    (usage printed) for a wrong number of arguments, a SEED that is not a whole number or a bad --average."""
+    (usage printed) for a wrong number of arguments, a SEED that is not a whole number, a bad --average, or
+    --raw with a config that keeps no weight average."""
+    from clips_jax.trainer import ema_decay_of
+
     opts = [a for a in argv[1:] if a.startswith("--average=")]
-    args = [a for a in argv[1:] if not a.startswith("--average=")]
+    raw = "--raw" in argv[1:]
+    args = [a for a in argv[1:] if not a.startswith("--average=") and a != "--raw"]
     average = opts[-1].split("=", 1)[1] if opts else "1"
     if len(args) not in (3, 4) or not args[2].isdigit() or not average.isdigit() or int(average) < 1:
         print(__doc__)
         return 2
     workdir, experiment, seed, average = Path(args[0]), args[1], int(args[2]), int(average)
     base = study_config(args[3] if len(args) == 4 else "curriculum_study")
+    if raw and not ema_decay_of(base):
+        print(
+            "--raw: this config keeps no weight average (optim.ema_decay = 0): its checkpoints are the trained "
+            f"weights\n{__doc__}"
+        )
+        return 2
     run_dir = workdir / "runs" / experiment / f"seed{seed}"
     cfg, store = train_run(base, experiment, seed, run_dir)
     ind_store, ind_idx = independent_cases(base)
-    rows = checkpoint_rows(run_dir, cfg, store, ind_store, ind_idx, average)
-    out = workdir / f"late_gain_{experiment}_seed{seed}{f'_avg{average}' if average > 1 else ''}.json"
+    rows = checkpoint_rows(run_dir, cfg, store, ind_store, ind_idx, average, raw)
+    suffix = (f"_avg{average}" if average > 1 else "") + ("_raw" if raw else "")
+    out = workdir / f"late_gain_{experiment}_seed{seed}{suffix}.json"
     out.write_text(json.dumps(rows))
     report(rows, int(cfg.steps))
     print(f"written: {out}")

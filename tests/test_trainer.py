@@ -463,3 +463,97 @@ def test_device_path_scan_chunks_equal_single_steps(phantom_cache, tmp_path):
     a, b = trainer.read_metrics(tmp_path / "k1", "train"), trainer.read_metrics(tmp_path / "k3", "train")
     assert [r["cases"] for r in a] == [r["cases"] for r in b]
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=2e-4)
+
+
+def _tiny_batch(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.random((2, 32, 16, 16, 5), dtype=np.float32),
+        "label": (rng.random((2, 32, 16, 16)) > 0.8).astype(np.int32),
+        "labeled": np.array([True, True]),
+    }
+
+
+def test_weight_average_is_the_debiased_ema_of_the_updated_weights():
+    cfg = default_config.get_config("tiny")
+    decay = 0.6
+    cfg.optim.ema_decay = decay
+    model = UNet(5, 2, channels=(4, 4, 8, 8), init_channels=4, bottleneck_kernel=3, rngs=nnx.Rngs(0))
+    tx = optax.sgd(0.5)
+    graphdef, state = trainer.init_train_state(model, nnx.Param, tx, decay)
+    # Before any update the average is the weights themselves.
+    for a, b in zip(jax.tree.leaves(trainer.eval_params(state, decay)), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(a, b)
+    step = jax.jit(trainer.make_train_step(graphdef, cfg, tx, use_sigma=False, with_gain=False))
+    history = []
+    for i in range(3):
+        state, _ = step(state, _tiny_batch(i), jnp.float32(0.0))
+        history.append(jax.device_get(state["params"]))
+    # A non-finite step changes neither the weights nor their average.
+    poisoned = dict(_tiny_batch(9), image=np.full((2, 32, 16, 16, 5), np.nan, np.float32))
+    state, metrics = step(state, poisoned, jnp.float32(0.0))
+    assert not bool(metrics["finite"]) and int(state["ema"].count) == 3
+    # sum_i (1 - d) d^(n - i) p_i / (1 - d^n) over the n = 3 updated weights, computed here in float64.
+    n = len(history)
+    expected = jax.tree.map(
+        lambda *ps: sum((1 - decay) * decay ** (n - 1 - i) * np.asarray(p, np.float64) for i, p in enumerate(ps))
+        / (1 - decay**n),
+        *history,
+    )
+    got = jax.device_get(trainer.eval_params(state, decay))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # ... and it is not simply the last weights.
+    diff = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(history[-1]))]
+    assert max(diff) > 1e-4
+    cfg.optim.ema_decay = 1.0  # an average that never moves
+    with pytest.raises(trainer.ConfigError, match="ema_decay"):
+        trainer.ema_decay_of(cfg)
+
+
+def _leaves_close(a, b) -> bool:
+    return all(np.allclose(x, y, rtol=1e-6, atol=1e-7) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_weight_average_run_validates_keeps_best_and_resumes_the_average(phantom_cache, tmp_path):
+    from clips_jax import runs
+
+    over = {"optim.ema_decay": 0.5}
+    plain = tmp_path / "plain"
+    trainer.train_and_evaluate(tiny_config(phantom_cache), plain)
+    full = tmp_path / "full"
+    trainer.train_and_evaluate(tiny_config(phantom_cache, **over), full)
+    # The average does not change training: the same losses step by step.
+    a, b = losses_by_step(plain), losses_by_step(full)
+    np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=1e-6, atol=0)
+    cfg = tiny_config(phantom_cache, **over)
+    avg, info = runs.load_run_model(full, "last", config=cfg)
+    raw, raw_info = runs.load_run_model(full, "last", config=cfg, raw=True)
+    best, best_info = runs.load_run_model(full, "best", config=cfg)
+    assert (info["weights"], raw_info["weights"], best_info["weights"]) == ("average", "trained", "average")
+    assert best_info["checkpoint_step"] == info["checkpoint_step"] == 6  # the only validation, the last step
+    # The best checkpoint holds the average validated, not the last weights; the plain run's last weights are
+    # this run's trained ones.
+    assert _leaves_close(nnx.state(best, nnx.Param), nnx.state(avg, nnx.Param))
+    assert not _leaves_close(nnx.state(avg, nnx.Param), nnx.state(raw, nnx.Param))
+    plain_last, plain_info = runs.load_run_model(plain, "last")
+    assert plain_info["weights"] == "trained"
+    assert _leaves_close(nnx.state(plain_last, nnx.Param), nnx.state(raw, nnx.Param))
+    # The logged validation is the average's.
+    store = trainer.ensure_store(cfg, lambda _: None)
+    ev = trainer.evaluate_cases(avg, store, store.split_indices("val"), cfg)
+    logged = trainer.read_metrics(full, "eval")[-1]
+    assert logged["val_tmtv_abs_err_ml"] == pytest.approx(ev["val_tmtv_abs_err_ml"], rel=1e-5, abs=1e-6)
+    # Killed at step 3 and resumed (from step 2): the same average; resuming without it, or it without one, refused.
+    broken = tmp_path / "broken"
+    with pytest.raises(SystemExit):
+        trainer.train_and_evaluate(tiny_config(phantom_cache, **over, **{"debug.stop_after_steps": 3}), broken)
+    with pytest.raises(trainer.ConfigError, match="optim.ema_decay"):
+        trainer.train_and_evaluate(tiny_config(phantom_cache), broken)
+    with pytest.raises(trainer.ConfigError, match="optim.ema_decay"):
+        trainer.train_and_evaluate(tiny_config(phantom_cache, **over), plain)
+    assert trainer.train_and_evaluate(tiny_config(phantom_cache, **over), broken)["start_step"] == 2
+    resumed, _ = runs.load_run_model(broken, "last", config=cfg)
+    assert _leaves_close(nnx.state(resumed, nnx.Param), nnx.state(avg, nnx.Param))
+    with pytest.raises(trainer.ConfigError, match="raw"):
+        runs.load_run_model(full, "best", config=cfg, raw=True)

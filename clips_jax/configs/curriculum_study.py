@@ -8,7 +8,11 @@ study on phantoms", has the pilot, the time it takes and where its results go.) 
 * "" (the default): 3000-step runs, validated every 300 steps; the longer study (2026-12-01/02,
   `docs/results/curriculum_study_3000/`; docs/experiments.md, "The longer study");
 * "first": the first recorded study (2026-12-01, `docs/results/curriculum_study_2026-12/`): 1500-step runs
-  validated every 150 steps, too short for cbs and self_paced_hard (below). Everything else is the same.
+  validated every 150 steps, too short for cbs and self_paced_hard (below). Everything else is the same;
+* "ema": the default with a moving average of the weights (`optim.ema_decay` = EMA_DECAY,
+  `clips_jax.trainer.weight_average`) validated and kept as the best checkpoint instead of the last weights;
+  training itself is unchanged. A pilot of whether the average makes every run plateau (docs/experiments.md,
+  "A weight average").
 
 What differs from `default.py` (the small U-Net, 32^3 patches, batch 2 and the loss stay):
 
@@ -47,15 +51,23 @@ _spec.loader.exec_module(default)
 #: Validations (and checkpoints) per run: at least 5 are needed by the plateau check, 2 of them in the last 20 %.
 EVALS = 10
 
+#: The "ema" variant's decay: a time constant of 1 / (1 - 0.998) = 500 steps, a sixth of a run.
+EMA_DECAY = 0.998
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    """The study config (module docstring); `variant` "" (3000-step runs) or "first" (the first study's 1500)."""
-    if variant not in ("", "first"):
-        raise ValueError(f"unknown variant {variant!r} of clips_jax/configs/curriculum_study.py (use '' or 'first')")
+    """The study config (module docstring); `variant` "" (3000-step runs), "first" (the first study's 1500) or
+    "ema" (3000-step runs validating a weight average)."""
+    if variant not in ("", "first", "ema"):
+        raise ValueError(
+            f"unknown variant {variant!r} of clips_jax/configs/curriculum_study.py (use '', 'first' or 'ema')"
+        )
     c = default.get_config()
     c.steps = 1500 if variant == "first" else 3000
     c.log_every = 50
     c.optim.lr = 3e-3
+    if variant == "ema":
+        c.optim.ema_decay = EMA_DECAY
 
     c.data.spacing_mm = 3.0
     ph = c.data.phantoms

@@ -74,6 +74,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.optim.restart_steps = 0  # cosine warm-restart period (0 = the whole run)
     c.optim.restart_decay = 0.9
     c.optim.warmup_steps = 0
+    c.optim.ema_decay = 0.0  # > 0: validate and keep the best of a moving average of the weights (e.g. 0.998;
+    # time constant 1 / (1 - decay) steps; trainer.weight_average). 0 = the trained weights themselves
 
     c.curriculum = ml_collections.ConfigDict()
     c.curriculum.name = "none"  # a preset of clips_jax.curricula.PRESETS (see docs/curricula.md)
