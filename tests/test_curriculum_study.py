@@ -149,6 +149,19 @@ def test_the_first_study_variant_differs_only_in_length():
     assert c == first
 
 
+def test_the_pilot_variants_differ_only_by_the_weight_average_and_length():
+    """`curriculum_study:ema` is the study config plus a weight average; `:long` is that with runs twice as long."""
+    c, ema, long = (_load(f"curriculum_study{v}").to_dict() for v in ("", ":ema", ":long"))
+    assert c["optim"]["ema_decay"] == 0 and ema["optim"]["ema_decay"] == long["optim"]["ema_decay"] > 0.99
+    assert (long["steps"], long["eval"]["every_steps"], long["checkpoint"]["every_steps"]) == (6000, 600, 600)
+    for d in (c, ema, long):
+        d["optim"].pop("ema_decay")
+    for d in (ema, long):
+        d.pop("steps"), d["eval"].pop("every_steps"), d["checkpoint"].pop("every_steps")
+    c.pop("steps"), c["eval"].pop("every_steps"), c["checkpoint"].pop("every_steps")
+    assert c == ema == long
+
+
 @pytest.mark.parametrize(
     ("variant", "archive_dir"), [("first", "curriculum_study_2026-12"), ("", "curriculum_study_3000")]
 )

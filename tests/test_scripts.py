@@ -162,3 +162,36 @@ def test_average_models_means_float_weights_and_keeps_other_leaves():
     np.testing.assert_allclose(np.asarray(avg.lin.kernel[...]), want, rtol=1e-6)
     assert avg.lin.kernel[...].dtype == models[0].lin.kernel[...].dtype
     assert int(avg.count[...]) == 2  # not averaged: the last model's
+
+
+def test_plateau_late_gain_raw_evaluates_the_trained_weights_of_an_averaging_run(tmp_path, capsys):
+    """With a config that keeps a weight average, the default rows are the average the trainer validated and
+    `--raw` rows the trained weights of the same checkpoints; `--raw` without an average is refused."""
+    import numpy as np
+    import pytest
+
+    from clips_jax.data.store import CaseStore
+    from clips_jax.runs import load_run_model, read_config, read_metrics
+
+    plg = _load("plateau_late_gain")
+    plain_file = tmp_path / "tiny_study.py"
+    plain_file.write_text(TINY_STUDY.replace("CACHE", repr(str(tmp_path / "cache"))))
+    assert plg.main(["prog", str(tmp_path / "w0"), "none", "0", str(plain_file), "--raw"]) == 2
+    assert "keeps no weight average" in capsys.readouterr().out
+    cfg_file = tmp_path / "tiny_ema.py"
+    cfg_file.write_text(plain_file.read_text().replace("    return c", "    c.optim.ema_decay = 0.5\n    return c"))
+    work = tmp_path / "work"
+    assert plg.main(["prog", str(work), "none", "0", str(cfg_file)]) == 0
+    assert plg.main(["prog", str(work), "none", "0", str(cfg_file), "--raw"]) == 0
+    avg = json.loads((work / "late_gain_none_seed0.json").read_text())
+    raw = json.loads((work / "late_gain_none_seed0_raw.json").read_text())
+    run_dir = work / "runs" / "none" / "seed0"
+    logged = {r["step"]: r["val_dice"] for r in read_metrics(run_dir, "eval")}
+    assert [r["step"] for r in avg] == [r["step"] for r in raw] == sorted(logged) == [2, 4, 6, 8, 10]
+    for r in avg:
+        assert abs(r["val"] - logged[r["step"]]) < 1e-5  # the trainer validated the average
+    cfg = read_config(run_dir)
+    model, info = load_run_model(run_dir, "last", config=cfg, step=10, raw=True)
+    assert info["weights"] == "trained"
+    own = CaseStore(cfg.data.store)
+    assert raw[-1]["val"] == pytest.approx(np.nanmean(plg.dice_per_case(model, own, own.split_indices("val"), cfg)))

@@ -12,7 +12,9 @@ study on phantoms", has the pilot, the time it takes and where its results go.) 
 * "ema": the default with a moving average of the weights (`optim.ema_decay` = EMA_DECAY,
   `clips_jax.trainer.weight_average`) validated and kept as the best checkpoint instead of the last weights;
   training itself is unchanged. A pilot of whether the average makes every run plateau (docs/experiments.md,
-  "A weight average").
+  "A weight average and longer runs");
+* "long": "ema" with 6000-step runs (validated every 600 steps), the same pilot's test of whether runs twice as
+  long plateau.
 
 What differs from `default.py` (the small U-Net, 32^3 patches, batch 2 and the loss stay):
 
@@ -57,16 +59,16 @@ EMA_DECAY = 0.998
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The study config (module docstring); `variant` "" (3000-step runs), "first" (the first study's 1500) or
-    "ema" (3000-step runs validating a weight average)."""
-    if variant not in ("", "first", "ema"):
+    "ema" (3000-step runs validating a weight average) or "long" (6000-step runs validating a weight average)."""
+    if variant not in ("", "first", "ema", "long"):
         raise ValueError(
-            f"unknown variant {variant!r} of clips_jax/configs/curriculum_study.py (use '', 'first' or 'ema')"
+            f"unknown variant {variant!r} of clips_jax/configs/curriculum_study.py (use '', 'first', 'ema' or 'long')"
         )
     c = default.get_config()
-    c.steps = 1500 if variant == "first" else 3000
+    c.steps = {"first": 1500, "long": 6000}.get(variant, 3000)
     c.log_every = 50
     c.optim.lr = 3e-3
-    if variant == "ema":
+    if variant in ("ema", "long"):
         c.optim.ema_decay = EMA_DECAY
 
     c.data.spacing_mm = 3.0
