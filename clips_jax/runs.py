@@ -10,7 +10,7 @@ Layout of a run folder (`python -m clips_jax.train --workdir W`, `trainer.train_
     W/checkpoints/last/S/  orbax, every `checkpoint.every_steps`: items "state" (parameters, optimizer state,
                            step, counters, and "ema", the weight average, when `optim.ema_decay` > 0),
                            "curriculum" (the curriculum's state pytree), "meta" (JSON: step, stage, stage
-                           weights, data-stream state and settings, `ema_decay`)
+                           weights, data-stream and schedule settings, among them `optim.ema_decay`)
     W/checkpoints/best/S/  orbax, the best validation Dice: item "state" with "params" and "rest" only (the
                            weights validation used: the weight average when the run keeps one)
 
@@ -216,6 +216,25 @@ def save_best(mgr: ocp.CheckpointManager, step: int, weights: dict, val_dice: fl
 # ---------------------------------------------------------------------------------------------------------
 
 
+def checkpoint_ema_decay(meta: dict) -> float:
+    """The weight-average decay (`optim.ema_decay`) a `last` checkpoint's meta records: from its "schedule"
+    settings, or a top-level "ema_decay" (checkpoints of the first version of the average, 2026-12-02), else 0
+    (checkpoints from before the average existed hold none)."""
+    return float((meta.get("schedule") or {}).get("optim.ema_decay", meta.get("ema_decay", 0.0)))
+
+
+def _check_checkpoint_decay(mgr: ocp.CheckpointManager, step: int, decay: float, where: Path) -> None:
+    """ConfigError when the `last` checkpoint `step` records another weight-average decay than `decay` (the
+    config's `optim.ema_decay`): its state would lack the average, or hold one the config does not describe.
+    Checkpoints written before the decay was recorded count as 0 (no average)."""
+    saved = checkpoint_ema_decay(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta or {})
+    if saved != decay:
+        raise ConfigError(
+            f"{where}/{step}: checkpoint written with optim.ema_decay={saved:g}, but the config given has "
+            f"{decay:g}; pass the run's own config (its config.json)"
+        )
+
+
 def read_config(run_dir: str | os.PathLike):
     """The ConfigDict of a run (`run_dir/config.json`); ConfigError when missing or unreadable."""
     import ml_collections
@@ -288,6 +307,8 @@ def load_run_model(
     # Only the model part is read (a partial restore of the "state" item), so optimizer or curriculum states of
     # other formats do not matter.
     decay = trainer.ema_decay_of(config)
+    if kind == "last":
+        _check_checkpoint_decay(mgr, step, decay, last_dir)
     average = kind == "last" and decay > 0 and not raw
     model_part = {"params": params, "rest": rest}
     if average:

@@ -231,22 +231,25 @@ def ema_decay_of(config) -> float:
 def weight_average(decay: float) -> optax.GradientTransformation:
     """The exponential moving average of the trained weights kept when `optim.ema_decay` > 0: `optax.ema`
     applied to the parameters after each update, `ema <- decay * ema + (1 - decay) * params` from zeros, read
-    out bias-corrected (`averaged_params`). Polyak averaging in its exponential form (Polyak & Juditsky 1992;
-    e.g. Izmailov et al. 2018 on averaged weights generalising better): the weights seen by validation, the best
-    checkpoint and `clips_jax.runs.load_run_model` then move less from one validation to the next than the
-    last iterate, whose batch-2 gradient noise moves them by several Dice points late in a run
-    (docs/experiments.md, "Are the late gains real?"). Its time constant is 1 / (1 - decay) steps."""
+    out bias-corrected (`averaged_params`). Iterate averaging (Polyak & Juditsky 1992, SIAM J. Control Optim.
+    30:838) in its exponential form (e.g. Morales-Brotons et al. 2024, "Exponential moving average of weights in
+    deep learning: dynamics and benefits", TMLR): validation, the best checkpoint and
+    `clips_jax.runs.load_run_model` see the average, which smooths the step-to-step noise of the weights but
+    lags a model that is still improving by about its time constant, 1 / (1 - decay) steps
+    (docs/experiments.md, "A weight average and longer runs", measures both on the curriculum study)."""
     return optax.ema(decay, debias=True)
 
 
 def averaged_params(params, ema_state, decay: float):
     """The bias-corrected moving average of an `optax.EmaState` (`weight_average`): the mean of the weights
-    after each of the `ema_state.count` updates so far, weighted by decay**age and renormalised; `params`
-    (the current weights, same tree) before the first update (count 0). Same tree, shapes and dtypes as
-    `params`."""
+    after each of the n = `ema_state.count` updates so far, weighted by decay**age and divided by
+    1 - decay**n (computed as -expm1(n * log1p(-(1 - decay))), accurate in float32 for a decay near 1);
+    `params` (the current weights, same tree) before the first update (n = 0). Same tree, shapes and dtypes
+    as `params`."""
     count = ema_state.count
-    corrected = optax.tree.bias_correction(ema_state.ema, decay, jnp.maximum(count, 1))
-    return jax.tree.map(lambda a, p: jnp.where(count > 0, a, p).astype(p.dtype), corrected, params)
+    n = jnp.maximum(count, 1).astype(jnp.float32)
+    norm = -jnp.expm1(n * jnp.log1p(jnp.float32(-(1.0 - decay))))
+    return jax.tree.map(lambda a, p: jnp.where(count > 0, a / norm, p).astype(p.dtype), ema_state.ema, params)
 
 
 def eval_params(state: dict, decay: float):
@@ -315,9 +318,15 @@ def make_train_step(
     """
     loss_fn = make_loss_fn(graphdef, config, use_sigma)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    average = weight_average(ema_decay_of(config))
+    decay = ema_decay_of(config)
+    average = weight_average(decay)
 
     def step(state, batch, sigma):
+        if ("ema" in state) != (decay > 0):
+            raise ConfigError(
+                f"optim.ema_decay={decay:g} but the train state {'holds' if 'ema' in state else 'lacks'} a weight "
+                "average: build it with init_train_state(..., ema_decay=trainer.ema_decay_of(config))"
+            )
         (loss, (per_sample, supervised)), grads = grad_fn(state["params"], state["rest"], batch, sigma)
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
@@ -481,16 +490,40 @@ def curriculum_settings(curriculum) -> dict:
     return json.loads(json.dumps(curriculum, sort_keys=True))
 
 
-def stream_settings(config, teacher: str | None = None) -> dict:
-    """{dotted key: JSON value} of `STREAM_KEYS` plus `curriculum.options` (absent keys give None) and
-    "data.teacher": the teacher whose scores the case table holds (`teacher`: `data.teacher` resolved to the
-    store's default teacher; None when the store has no teacher scores)."""
-    out: dict = {"data.teacher": teacher}
-    for key in STREAM_KEYS:
+#: Config keys of the optimisation a checkpoint continues: resuming with other values would go on along another
+#: learning-rate schedule, or without the weight average the state holds (or with one it lacks), so it is refused.
+SCHEDULE_KEYS = ("steps", "optim.lr", "optim.restart_steps", "optim.restart_decay", "optim.warmup_steps")
+
+
+def _settings(config, keys) -> dict:
+    """{dotted key: JSON value} of `keys` in `config` (a ConfigDict or the dict of a run's config.json; absent
+    keys give None, tuples become lists)."""
+    out = {}
+    for key in keys:
         node = config
         for part in key.split("."):
             node = node.get(part) if node is not None and hasattr(node, "get") else None
         out[key] = list(node) if isinstance(node, tuple) else node
+    return out
+
+
+def schedule_settings(config) -> dict:
+    """{dotted key: JSON value} of `SCHEDULE_KEYS` (absent keys give None) and "optim.ema_decay"
+    (`ema_decay_of`: 0.0 when absent) of a ConfigDict or a run's config.json dict."""
+    return {**_settings(config, SCHEDULE_KEYS), "optim.ema_decay": ema_decay_of(ml_collections.ConfigDict(config))}
+
+
+def settings_changed(saved: Mapping, now: Mapping) -> str:
+    """ "key: saved -> now, ..." for the keys of `saved` whose value differs in `now` ("" when none; keys an older
+    run lacks are not compared)."""
+    return ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in sorted(saved) if saved[k] != now.get(k))
+
+
+def stream_settings(config, teacher: str | None = None) -> dict:
+    """{dotted key: JSON value} of `STREAM_KEYS` plus `curriculum.options` (absent keys give None) and
+    "data.teacher": the teacher whose scores the case table holds (`teacher`: `data.teacher` resolved to the
+    store's default teacher; None when the store has no teacher scores)."""
+    out: dict = {"data.teacher": teacher, **_settings(config, STREAM_KEYS)}
     opts = config.curriculum.get("options")
     out["curriculum.options"] = json.loads(opts.to_json_best_effort(sort_keys=True)) if opts is not None else {}
     return out
@@ -602,30 +635,29 @@ class _Run:
 
     def check_resumable(self, meta: dict, pipeline: str) -> None:
         """ConfigError unless a checkpoint with `meta` can be resumed by this run: the same data path, the same
-        data-stream and curriculum settings (`stream_settings`; keys an older checkpoint lacks are not checked)
-        and the same weight average (`optim.ema_decay`, 0 for checkpoints that do not record it)."""
+        data-stream and curriculum settings (`stream_settings`) and the same schedule and weight average
+        (`schedule_settings`). Keys an older checkpoint lacks are not checked, except `optim.ema_decay`
+        (`runs.checkpoint_ema_decay`: 0 for checkpoints written before it existed, which hold no average)."""
         if meta.get("pipeline", "host") != pipeline:
             raise ConfigError(
                 f"{self.workdir}: its checkpoint was written by the {meta.get('pipeline', 'host')} "
                 f"data path and this run would use the {pipeline} one (data.pipeline): resume "
                 "with the same data.pipeline, or use a new --workdir"
             )
-        saved = meta.get("stream")
-        now = json.loads(json.dumps(stream_settings(self.config, self.teacher)))
-        changed = [k for k in sorted(saved or {}) if saved[k] != now.get(k)]
-        if changed:
-            diff = ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in changed)
-            raise ConfigError(
-                f"{self.workdir}: its checkpoint was trained with other data/curriculum settings "
-                f"({diff}); resume with the same settings, or use a new --workdir"
-            )
-        saved_decay = float(meta.get("ema_decay", 0.0))
-        if saved_decay != self.ema_decay:
-            raise ConfigError(
-                f"{self.workdir}: its checkpoint keeps {'no weight average' if not saved_decay else 'a weight average'}"
-                f" (optim.ema_decay={saved_decay:g}) and this run asks for optim.ema_decay={self.ema_decay:g}; "
-                "resume with the same optim.ema_decay, or use a new --workdir"
-            )
+        for what, saved, now in (
+            ("data/curriculum", meta.get("stream") or {}, stream_settings(self.config, self.teacher)),
+            (
+                "schedule/weight-average",
+                {**(meta.get("schedule") or {}), "optim.ema_decay": runs.checkpoint_ema_decay(meta)},
+                schedule_settings(self.config),
+            ),
+        ):
+            diff = settings_changed(saved, json.loads(json.dumps(now)))
+            if diff:
+                raise ConfigError(
+                    f"{self.workdir}: its checkpoint was trained with other {what} settings ({diff}); resume "
+                    "with the same settings, or use a new --workdir"
+                )
 
     # -- shared by both loops -------------------------------------------------------------------------------
     def eval_weights(self) -> dict:
@@ -664,7 +696,7 @@ class _Run:
             "step": self.step,
             "curriculum": self.config.curriculum.name,
             "stream": stream_settings(self.config, self.teacher),
-            "ema_decay": self.ema_decay,
+            "schedule": schedule_settings(self.config),
             **meta,
         }
         runs.save_last(self.last_mgr, self.step, self.state, self.cur_state, meta)

@@ -11,7 +11,8 @@ cure the second. This script tells them apart for one run:
 1. trains the run (EXPERIMENT, SEED) as the comparison trains it (`compare_curricula.run_config` over the
    config with `apply_run_defaults(cfg, 0, True)`, i.e. `--steps 0`), but keeps every checkpoint; a run
    finished earlier in WORKDIR/runs/EXPERIMENT/seedSEED is not trained again (an interrupted one resumes), and
-   is refused when it was trained with other curriculum settings or lacks a checkpoint of a validation step
+   is refused when it was trained with other curriculum, schedule or weight-average settings or lacks a
+   checkpoint of a validation step
    (a `clips-compare` workdir keeps only the last 3: use a workdir of its own);
 2. builds an independent phantom cohort: the same generator and settings with phantom seed
    `INDEPENDENT_SEED` (cases the study never saw), whose test and validation lesion cases (52 for the study
@@ -83,6 +84,7 @@ def train_run(base, experiment: str, seed: int, run_dir: Path):
     cfg = cc.run_config(base, experiment, seed, store.cache_dir.absolute())
     if cc.run_finished(run_dir, cfg.steps):
         cc.check_run_curriculum(run_dir, cfg)
+        cc.check_run_schedule(run_dir, cfg)
     else:
         trainer.train_and_evaluate(cfg, run_dir)
     return cfg, store

@@ -190,6 +190,7 @@ def test_plateau_late_gain_raw_evaluates_the_trained_weights_of_an_averaging_run
     assert [r["step"] for r in avg] == [r["step"] for r in raw] == sorted(logged) == [2, 4, 6, 8, 10]
     for r in avg:
         assert abs(r["val"] - logged[r["step"]]) < 1e-5  # the trainer validated the average
+    assert any(a["independent_cases"] != r["independent_cases"] for a, r in zip(avg, raw))  # other weights
     cfg = read_config(run_dir)
     model, info = load_run_model(run_dir, "last", config=cfg, step=10, raw=True)
     assert info["weights"] == "trained"

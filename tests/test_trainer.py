@@ -515,12 +515,14 @@ def _leaves_close(a, b) -> bool:
     return all(np.allclose(x, y, rtol=1e-6, atol=1e-7) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_weight_average_run_validates_keeps_best_and_resumes_the_average(phantom_cache, tmp_path):
+@pytest.mark.parametrize("pipeline", ["device", "host"])
+def test_weight_average_run_validates_keeps_best_and_resumes_the_average(phantom_cache, tmp_path, pipeline):
     from clips_jax import runs
+    from clips_jax.experiments import compare_curricula
 
-    over = {"optim.ema_decay": 0.5}
+    over = {"optim.ema_decay": 0.5, "data.pipeline": pipeline}
     plain = tmp_path / "plain"
-    trainer.train_and_evaluate(tiny_config(phantom_cache), plain)
+    trainer.train_and_evaluate(tiny_config(phantom_cache, **{"data.pipeline": pipeline}), plain)
     full = tmp_path / "full"
     trainer.train_and_evaluate(tiny_config(phantom_cache, **over), full)
     # The average does not change training: the same losses step by step.
@@ -548,12 +550,31 @@ def test_weight_average_run_validates_keeps_best_and_resumes_the_average(phantom
     broken = tmp_path / "broken"
     with pytest.raises(SystemExit):
         trainer.train_and_evaluate(tiny_config(phantom_cache, **over, **{"debug.stop_after_steps": 3}), broken)
-    with pytest.raises(trainer.ConfigError, match="optim.ema_decay"):
-        trainer.train_and_evaluate(tiny_config(phantom_cache), broken)
-    with pytest.raises(trainer.ConfigError, match="optim.ema_decay"):
+    with pytest.raises(trainer.ConfigError, match=r"optim.ema_decay: 0.5 -> 0.0"):
+        trainer.train_and_evaluate(tiny_config(phantom_cache, **{"data.pipeline": pipeline}), broken)
+    with pytest.raises(trainer.ConfigError, match=r"optim.ema_decay: 0.0 -> 0.5"):
         trainer.train_and_evaluate(tiny_config(phantom_cache, **over), plain)
+    with pytest.raises(trainer.ConfigError, match=r"steps: 6 -> 8"):  # another learning-rate schedule
+        trainer.train_and_evaluate(tiny_config(phantom_cache, **over, steps=8), broken)
+    # A model loaded with a config that does not match its checkpoint's average is refused.
+    with pytest.raises(trainer.ConfigError, match="the run's own config"):
+        runs.load_run_model(plain, "last", config=cfg)
+    # A finished run is not counted for a comparison asking for another average or schedule.
+    compare_curricula.check_run_schedule(full, cfg)
+    with pytest.raises(trainer.ConfigError, match="optim.ema_decay: 0.5 -> 0.0"):
+        compare_curricula.check_run_schedule(full, tiny_config(phantom_cache))
+    with pytest.raises(trainer.ConfigError, match=r"optim.lr: 0.01 -> 0.02"):
+        compare_curricula.check_run_schedule(full, tiny_config(phantom_cache, **over, **{"optim.lr": 0.02}))
     assert trainer.train_and_evaluate(tiny_config(phantom_cache, **over), broken)["start_step"] == 2
     resumed, _ = runs.load_run_model(broken, "last", config=cfg)
     assert _leaves_close(nnx.state(resumed, nnx.Param), nnx.state(avg, nnx.Param))
     with pytest.raises(trainer.ConfigError, match="raw"):
         runs.load_run_model(full, "best", config=cfg, raw=True)
+
+
+def test_checkpoint_ema_decay_reads_every_meta_version():
+    from clips_jax import runs
+
+    assert runs.checkpoint_ema_decay({"schedule": {"optim.ema_decay": 0.9, "steps": 6}}) == 0.9
+    assert runs.checkpoint_ema_decay({"ema_decay": 0.998}) == 0.998  # the first version of the average
+    assert runs.checkpoint_ema_decay({"stream": {}}) == 0.0  # from before the average: none

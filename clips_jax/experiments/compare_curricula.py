@@ -157,6 +157,28 @@ def run_finished(run_dir: str | os.PathLike, steps: int) -> bool:
         return False
 
 
+def check_run_schedule(run_dir: str | os.PathLike, cfg) -> None:
+    """Refuse a finished run whose optimisation differs from what `cfg` would train it with: the learning-rate
+    schedule and the weight average (`trainer.schedule_settings`: steps, lr, restarts, warm-up, `optim.ema_decay`)
+    read from the run's config.json. Keys its config lacks are not compared, except `optim.ema_decay` (0: runs
+    from before it existed hold no average). Counting such a run would mix two recipes under one name.
+    Raises: ConfigError naming the run folder and what differs; nothing for a run without config.json."""
+    from clips_jax import trainer
+
+    path = Path(run_dir) / "config.json"
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    saved = {k: v for k, v in trainer.schedule_settings(recorded).items() if v is not None}
+    diff = trainer.settings_changed(saved, json.loads(json.dumps(trainer.schedule_settings(cfg))))
+    if diff:
+        raise ConfigError(
+            f"{run_dir}: a finished run trained with another schedule or weight average ({diff}); use a new "
+            "--workdir for these settings"
+        )
+
+
 def check_run_curriculum(run_dir: str | os.PathLike, cfg) -> None:
     """Refuse a finished run whose curriculum differs from the one `cfg` would train it with.
 
@@ -498,6 +520,7 @@ class _Runner:
         run_dir = self.workdir / "runs" / name / f"seed{seed}"
         if run_finished(run_dir, cfg.steps):
             check_run_curriculum(run_dir, cfg)
+            check_run_schedule(run_dir, cfg)
             self.log(f"[{name} seed {seed}] finished earlier: skipped")
             return cfg, run_dir, "skipped"
         self.log(

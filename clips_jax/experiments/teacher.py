@@ -104,11 +104,12 @@ combined_teacher_loss = combined_case_loss
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None) -> tuple[Any, dict]:
-    """The trained network of a training run: `clips_jax.runs.load_run_model` (kept here under its old name)."""
+def load_run_model(run_dir: str | os.PathLike, which: str = "best", config=None, **kwargs) -> tuple[Any, dict]:
+    """The trained network of a training run: `clips_jax.runs.load_run_model` (kept here under its old name;
+    `kwargs`: its `step` and `raw`)."""
     from clips_jax import runs
 
-    return runs.load_run_model(run_dir, which, config)
+    return runs.load_run_model(run_dir, which, config, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
