@@ -280,7 +280,7 @@ def test_run_teacher_best_and_last_checkpoints(world, store_dir, tmp_path):
     t = np.load(store_dir / "cases" / cid / "seg.npy") > 0
     for which, model, step in (("best", best_model, 4), ("last", last_model, 6)):
         loaded, info = T.load_run_model(run, which)
-        assert info == {"checkpoint": which, "checkpoint_step": step}
+        assert info == {"checkpoint": which, "checkpoint_step": step, "weights": "trained"}
         assert T.main(["teacher", "--store", str(store_dir), "--run", str(run), "--which", which]) == 0
         scored = CaseStore(store_dir)
         rec = scored.teachers[scored.default_teacher]

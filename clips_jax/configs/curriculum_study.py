@@ -11,10 +11,14 @@ study on phantoms", has the pilot, the time it takes and where its results go.) 
   validated every 150 steps, too short for cbs and self_paced_hard (below). Everything else is the same;
 * "ema": the default with a moving average of the weights (`optim.ema_decay` = EMA_DECAY,
   `clips_jax.trainer.weight_average`) validated and kept as the best checkpoint instead of the last weights;
-  training itself is unchanged. A pilot of whether the average makes every run plateau (docs/experiments.md,
-  "A weight average and longer runs");
-* "long": "ema" with 6000-step runs (validated every 600 steps), the same pilot's test of whether runs twice as
-  long plateau.
+  training itself is unchanged. Piloted on two runs that had not plateaued: alone, it does not make them
+  plateau (docs/experiments.md, "A weight average and longer runs");
+* "long": "ema" with 6000-step runs (validated every 600 steps). In the same pilot both runs plateaued, peaking
+  at step 3000-3600 and losing ground after; the config of the 6000-step study (docs/experiments.md, "The
+  6000-step study"):
+
+      clips-compare --config curriculum_study:long --steps 0 --seeds 5 --controls \
+          --workdir runs/curriculum_study_6000 --archive docs/results/curriculum_study_6000
 
 What differs from `default.py` (the small U-Net, 32^3 patches, batch 2 and the loss stay):
 
