@@ -34,7 +34,7 @@ averaging weights steadies the end of a run without training it again; the file 
 trainer validated); the file name gets `_raw`. Training is the same with or without the average, so the two
 files of one run compare the average with the weights it averages, on the same trajectory.
 
-Writes WORKDIR/late_gain_EXPERIMENT_seedSEED[_avgK].json: a list, one entry per checkpoint in step order, with
+Writes WORKDIR/late_gain_EXPERIMENT_seedSEED[_avgK][_raw].json: a list, one entry per checkpoint in step order, with
 "step", "val" and "independent" (mean Dice over the lesion cases), "val_cases" and "independent_cases" (the
 Dice per case in the stores' split order, test before validation for the independent set; null for a
 lesion-free case).

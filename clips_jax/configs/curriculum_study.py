@@ -57,7 +57,8 @@ _spec.loader.exec_module(default)
 #: Validations (and checkpoints) per run: at least 5 are needed by the plateau check, 2 of them in the last 20 %.
 EVALS = 10
 
-#: The "ema" variant's decay: a time constant of 1 / (1 - 0.998) = 500 steps, a sixth of a run.
+#: The decay of the "ema" and "long" variants: a time constant of 1 / (1 - 0.998) = 500 steps (a sixth of a
+#: 3000-step run, a twelfth of a 6000-step one).
 EMA_DECAY = 0.998
 
 
