@@ -182,9 +182,11 @@ def save_last(mgr: ocp.CheckpointManager, step: int, state, cur_state, meta: dic
     )
 
 
-def read_last_meta(mgr: ocp.CheckpointManager) -> dict:
-    """The "meta" item (JSON) of the latest `last` checkpoint, without reading its arrays."""
-    return mgr.restore(mgr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+def read_last_meta(mgr: ocp.CheckpointManager, step: int | None = None) -> dict:
+    """The "meta" item (JSON) of `last` checkpoint `step` (default: the latest), without reading its arrays;
+    {} when it has none."""
+    step = mgr.latest_step() if step is None else step
+    return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta or {}
 
 
 def restore_last(mgr: ocp.CheckpointManager, state_like, cur_like, sharding) -> tuple[Any, Any, dict]:
@@ -227,7 +229,7 @@ def _check_checkpoint_decay(mgr: ocp.CheckpointManager, step: int, decay: float,
     """ConfigError when the `last` checkpoint `step` records another weight-average decay than `decay` (the
     config's `optim.ema_decay`): its state would lack the average, or hold one the config does not describe.
     Checkpoints written before the decay was recorded count as 0 (no average)."""
-    saved = checkpoint_ema_decay(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta or {})
+    saved = checkpoint_ema_decay(read_last_meta(mgr, step))
     if saved != decay:
         raise ConfigError(
             f"{where}/{step}: checkpoint written with optim.ema_decay={saved:g}, but the config given has "
