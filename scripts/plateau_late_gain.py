@@ -1,6 +1,6 @@
 """Is a study run's late validation gain real, or the noise of its small validation split?
 
-    .venv/bin/python scripts/plateau_late_gain.py WORKDIR EXPERIMENT SEED [CONFIG] [--average=K] [--raw]
+    .venv/bin/python scripts/plateau_late_gain.py WORKDIR EXPERIMENT SEED [CONFIG] [--average=K] [--raw] [--kept]
 
 e.g. `scripts/plateau_late_gain.py runs/late_gain none 3` (CONFIG default `curriculum_study`, a file of
 `clips_jax/configs/`, optionally `name:variant`). Why: the plateau rule (`clips_jax/experiments/plateau.py`)
@@ -34,10 +34,15 @@ averaging weights steadies the end of a run without training it again; the file 
 trainer validated); the file name gets `_raw`. Training is the same with or without the average, so the two
 files of one run compare the average with the weights it averages, on the same trajectory.
 
-Writes WORKDIR/late_gain_EXPERIMENT_seedSEED[_avgK][_raw].json: a list, one entry per checkpoint in step order, with
-"step", "val" and "independent" (mean Dice over the lesion cases), "val_cases" and "independent_cases" (the
-Dice per case in the stores' split order, test before validation for the independent set; null for a
-lesion-free case).
+`--kept`: evaluate only the checkpoints a finished run kept, e.g. a run of a `clips-compare` workdir (which keeps
+the last 3) that failed the plateau rule, without training it again (an unfinished run is refused). The rule's
+own checkpoints may be gone, so instead of the rule the report gives, per case set, the paired per-case change
+from the first kept checkpoint to each later one; the file name gets `_kept`.
+
+Writes WORKDIR/late_gain_EXPERIMENT_seedSEED[_avgK][_raw][_kept].json: a list, one entry per checkpoint in step
+order, with "step", "val" and "independent" (mean Dice over the lesion cases), "val_cases" and
+"independent_cases" (the Dice per case in the stores' split order, test before validation for the independent
+set; null for a lesion-free case).
 Time on the 2-core development VM: about 11 min of training (beside another process) and 5-10 min of evaluation
 per run of the study config.
 """
@@ -90,14 +95,18 @@ def train_run(base, experiment: str, seed: int, run_dir: Path):
     return cfg, store
 
 
-def checkpoint_steps(run_dir: Path, cfg) -> list[int]:
+def checkpoint_steps(run_dir: Path, cfg, kept_only: bool = False) -> list[int]:
     """The kept checkpoint steps of `run_dir/checkpoints/last`; ConfigError naming the run when a validation
-    step has none."""
+    step has none (unless `kept_only`) or, with `kept_only`, when fewer than 2 are kept."""
     import orbax.checkpoint as ocp
 
     from clips_jax.errors import ConfigError
 
     kept = sorted(ocp.CheckpointManager(run_dir / "checkpoints" / "last").all_steps())
+    if kept_only:
+        if len(kept) < 2:
+            raise ConfigError(f"{run_dir}: --kept needs at least 2 kept checkpoints, found {kept}")
+        return kept
     every = int(cfg.eval.every_steps)
     missing = [s for s in range(every, int(cfg.steps) + 1, every) if s not in kept]
     if missing:
@@ -172,12 +181,15 @@ def paired_change(before: list[float], after: list[float]) -> str:
     return f"{d.mean():+.4f} (s.e. {se:.4f}, 95 % CI {d.mean() - half:+.4f} to {d.mean() + half:+.4f}, {d.size} cases)"
 
 
-def checkpoint_rows(run_dir: Path, cfg, store, ind_store, ind_idx, average: int = 1, raw: bool = False) -> list[dict]:
-    """Per checkpoint of a validation step (with `average` > 1: per running average of that many, from the
-    `average`-th step on; `raw`: `checkpoint_model`'s): {"step", "val" / "independent": mean Dice, "val_cases" /
-    "independent_cases": per case, None for a lesion-free case}; printed as they come."""
+def checkpoint_rows(
+    run_dir: Path, cfg, store, ind_store, ind_idx, average: int = 1, raw: bool = False, kept_only: bool = False
+) -> list[dict]:
+    """Per checkpoint of a validation step (`kept_only`: per kept checkpoint; with `average` > 1: per running
+    average of that many, from the `average`-th step on; `raw`: `checkpoint_model`'s): {"step", "val" /
+    "independent": mean Dice, "val_cases" / "independent_cases": per case, None for a lesion-free case}; printed
+    as they come."""
     rows, recent = [], []
-    for step in checkpoint_steps(run_dir, cfg):
+    for step in checkpoint_steps(run_dir, cfg, kept_only):
         recent = (recent + [checkpoint_model(run_dir, cfg, step, raw)])[-average:]
         if len(recent) < average:
             continue
@@ -228,15 +240,42 @@ def report(rows: list[dict], steps: int) -> None:
             print(f"  change of Dice per case, {label}, step {rows[i]['step']} to {rows[j]['step']}: {change}")
 
 
+def report_kept(rows: list[dict]) -> None:
+    """Print, per case set, the paired per-case change from the first kept checkpoint to each later one (what
+    `--kept` reports instead of the rule, whose checkpoints may be gone)."""
+    for key in ("val", "independent"):
+        for later in rows[1:]:
+            change = paired_change(rows[0][f"{key}_cases"], later[f"{key}_cases"])
+            print(f"{key}: change of Dice per case, step {rows[0]['step']} to {later['step']}: {change}")
+
+
+def finished_run(base, experiment: str, seed: int, run_dir: Path):
+    """(config, store) of a finished run of the comparison in `run_dir` (`--kept`: nothing is trained);
+    ConfigError naming the run when it is not finished."""
+    from clips_jax import trainer
+    from clips_jax.errors import ConfigError
+    from clips_jax.experiments import compare_curricula as cc
+
+    store = trainer.ensure_store(base, print)
+    cfg = cc.run_config(base, experiment, seed, store.cache_dir.absolute())
+    if not cc.run_finished(run_dir, cfg.steps):
+        raise ConfigError(f"{run_dir}: not a finished run of {cfg.steps} steps; --kept evaluates finished runs only")
+    cc.check_run_curriculum(run_dir, cfg)
+    cc.check_run_schedule(run_dir, cfg)
+    return cfg, store
+
+
 def main(argv: list[str]) -> int:
-    """Train, evaluate every checkpoint, print and write the comparison (module docstring). Returns 0, or 2
+    """Train, evaluate every checkpoint (`--kept`: evaluate a finished run's kept ones), print and write the
+    comparison (module docstring). Returns 0, or 2
     (usage printed) for a wrong number of arguments, a SEED that is not a whole number, a bad --average, or
     --raw with a config that keeps no weight average."""
+    from clips_jax.fileio import write_text_atomic
     from clips_jax.trainer import ema_decay_of
 
     opts = [a for a in argv[1:] if a.startswith("--average=")]
-    raw = "--raw" in argv[1:]
-    args = [a for a in argv[1:] if not a.startswith("--average=") and a != "--raw"]
+    raw, kept = "--raw" in argv[1:], "--kept" in argv[1:]
+    args = [a for a in argv[1:] if not a.startswith("--average=") and a not in ("--raw", "--kept")]
     average = opts[-1].split("=", 1)[1] if opts else "1"
     if len(args) not in (3, 4) or not args[2].isdigit() or not average.isdigit() or int(average) < 1:
         print(__doc__)
@@ -250,13 +289,16 @@ def main(argv: list[str]) -> int:
         )
         return 2
     run_dir = workdir / "runs" / experiment / f"seed{seed}"
-    cfg, store = train_run(base, experiment, seed, run_dir)
+    cfg, store = (finished_run if kept else train_run)(base, experiment, seed, run_dir)
     ind_store, ind_idx = independent_cases(base)
-    rows = checkpoint_rows(run_dir, cfg, store, ind_store, ind_idx, average, raw)
-    suffix = (f"_avg{average}" if average > 1 else "") + ("_raw" if raw else "")
+    rows = checkpoint_rows(run_dir, cfg, store, ind_store, ind_idx, average, raw, kept)
+    suffix = (f"_avg{average}" if average > 1 else "") + ("_raw" if raw else "") + ("_kept" if kept else "")
     out = workdir / f"late_gain_{experiment}_seed{seed}{suffix}.json"
-    out.write_text(json.dumps(rows))
-    report(rows, int(cfg.steps))
+    write_text_atomic(out, json.dumps(rows))
+    if kept:
+        report_kept(rows)
+    else:
+        report(rows, int(cfg.steps))
     print(f"written: {out}")
     return 0
 

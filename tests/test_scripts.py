@@ -136,6 +136,18 @@ def test_plateau_late_gain_evaluates_every_checkpoint_on_both_sets(tmp_path, cap
     shutil.rmtree(work / "runs" / "none" / "seed0" / "checkpoints" / "last" / "4")  # as a clips-compare workdir
     with pytest.raises(ConfigError, match=r"no checkpoint of validation step\(s\) \[4\]"):
         plg.main(["prog", str(work), "none", "0", str(cfg_file)])
+    # --kept: the checkpoints a clips-compare workdir kept, nothing trained; first kept one -> each later one
+    capsys.readouterr()
+    assert plg.main(["prog", str(work), "none", "0", str(cfg_file), "--kept"]) == 0
+    out = capsys.readouterr().out
+    kept = json.loads((work / "late_gain_none_seed0_kept.json").read_text())
+    assert [r["step"] for r in kept] == [2, 6, 8, 10] and len(log.read_text().splitlines()) == n_lines
+    assert [(r["step"], r["val"]) for r in kept] == [(r["step"], r["val"]) for r in rows if r["step"] != 4]
+    change = plg.paired_change(kept[0]["independent_cases"], kept[-1]["independent_cases"])
+    assert f"independent: change of Dice per case, step 2 to 10: {change}" in out and "plateau rule" not in out
+    (run_dir / "summary.json").rename(run_dir / "summary.json.bak")  # as an unfinished run
+    with pytest.raises(ConfigError, match="not a finished run of 10 steps"):
+        plg.main(["prog", str(work), "none", "0", str(cfg_file), "--kept"])
     assert plg.main(["prog", str(work)]) == 2 and plg.main(["prog", str(work), "none", "x"]) == 2
     base = plg.study_config(str(cfg_file))
     with base.unlocked():
