@@ -17,8 +17,8 @@ study on phantoms", has the pilot, the time it takes and where its results go.) 
   at step 3000-3600 and losing ground after. The config of the 6000-step study (2026-12-02/03,
   `docs/results/curriculum_study_6000/`; docs/experiments.md, "The 6000-step study"), the project's answer on
   phantoms: 53 of its 55 runs plateaued by the per-run rule below (none seed 4 and baby_step seed 1 were still
-  gaining 0.012 and 0.017), no curriculum differed from the baseline after Holm, and the positive control was
-  detected:
+  gaining 0.012 and 0.017, a real gain on independent cases too), no curriculum differed from the baseline after
+  Holm, and the positive control was detected:
 
       clips-compare --config curriculum_study:long --steps 0 --seeds 5 --controls \
           --workdir runs/curriculum_study_6000 --archive docs/results/curriculum_study_6000
