@@ -80,9 +80,12 @@ def study_config(spec: str):
     return cfg
 
 
-def train_run(base, experiment: str, seed: int, run_dir: Path):
-    """Train (or resume) one run of the comparison in `run_dir`; returns (its config, the study's store)."""
+def train_run(base, experiment: str, seed: int, run_dir: Path, train: bool = True):
+    """Train (or resume) one run of the comparison in `run_dir`; returns (its config, the study's store). A
+    finished run is checked, not trained again; with `train` False (`--kept`) an unfinished run is a
+    ConfigError naming it."""
     from clips_jax import trainer
+    from clips_jax.errors import ConfigError
     from clips_jax.experiments import compare_curricula as cc
 
     store = trainer.ensure_store(base, print)
@@ -90,6 +93,8 @@ def train_run(base, experiment: str, seed: int, run_dir: Path):
     if cc.run_finished(run_dir, cfg.steps):
         cc.check_run_curriculum(run_dir, cfg)
         cc.check_run_schedule(run_dir, cfg)
+    elif not train:
+        raise ConfigError(f"{run_dir}: not a finished run of {cfg.steps} steps; --kept evaluates finished runs only")
     else:
         trainer.train_and_evaluate(cfg, run_dir)
     return cfg, store
@@ -249,27 +254,10 @@ def report_kept(rows: list[dict]) -> None:
             print(f"{key}: change of Dice per case, step {rows[0]['step']} to {later['step']}: {change}")
 
 
-def finished_run(base, experiment: str, seed: int, run_dir: Path):
-    """(config, store) of a finished run of the comparison in `run_dir` (`--kept`: nothing is trained);
-    ConfigError naming the run when it is not finished."""
-    from clips_jax import trainer
-    from clips_jax.errors import ConfigError
-    from clips_jax.experiments import compare_curricula as cc
-
-    store = trainer.ensure_store(base, print)
-    cfg = cc.run_config(base, experiment, seed, store.cache_dir.absolute())
-    if not cc.run_finished(run_dir, cfg.steps):
-        raise ConfigError(f"{run_dir}: not a finished run of {cfg.steps} steps; --kept evaluates finished runs only")
-    cc.check_run_curriculum(run_dir, cfg)
-    cc.check_run_schedule(run_dir, cfg)
-    return cfg, store
-
-
 def main(argv: list[str]) -> int:
-    """Train, evaluate every checkpoint (`--kept`: evaluate a finished run's kept ones), print and write the
-    comparison (module docstring). Returns 0, or 2
-    (usage printed) for a wrong number of arguments, a SEED that is not a whole number, a bad --average, or
-    --raw with a config that keeps no weight average."""
+    """Train, evaluate every checkpoint (`--kept`: a finished run's kept ones), print and write the comparison
+    (module docstring). Returns 0, or 2 (usage printed) for a wrong number of arguments, a SEED that is not a
+    whole number, a bad --average, or --raw with a config that keeps no weight average."""
     from clips_jax.fileio import write_text_atomic
     from clips_jax.trainer import ema_decay_of
 
@@ -289,7 +277,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
     run_dir = workdir / "runs" / experiment / f"seed{seed}"
-    cfg, store = (finished_run if kept else train_run)(base, experiment, seed, run_dir)
+    cfg, store = train_run(base, experiment, seed, run_dir, train=not kept)
     ind_store, ind_idx = independent_cases(base)
     rows = checkpoint_rows(run_dir, cfg, store, ind_store, ind_idx, average, raw, kept)
     suffix = (f"_avg{average}" if average > 1 else "") + ("_raw" if raw else "") + ("_kept" if kept else "")
