@@ -12,8 +12,8 @@ cure the second. This script tells them apart for one run:
    config with `apply_run_defaults(cfg, 0, True)`, i.e. `--steps 0`), but keeps every checkpoint; a run
    finished earlier in WORKDIR/runs/EXPERIMENT/seedSEED is not trained again (an interrupted one resumes), and
    is refused when it was trained with other curriculum, schedule or weight-average settings or lacks a
-   checkpoint of a validation step
-   (a `clips-compare` workdir keeps only the last 3: use a workdir of its own);
+   checkpoint of a validation step (a `clips-compare` workdir keeps only the last 3: use a workdir of its own,
+   or `--kept`, below);
 2. builds an independent phantom cohort: the same generator and settings with phantom seed
    `INDEPENDENT_SEED` (cases the study never saw), whose test and validation lesion cases (52 for the study
    config) are the independent set (built-in phantoms only: a config with `data.store` is refused);
@@ -246,8 +246,9 @@ def report(rows: list[dict], steps: int) -> None:
 
 
 def report_kept(rows: list[dict]) -> None:
-    """Print, per case set, the paired per-case change from the first kept checkpoint to each later one (what
-    `--kept` reports instead of the rule, whose checkpoints may be gone)."""
+    """Print, per case set, the paired per-case change of Dice from the first kept checkpoint to each later one
+    (what `--kept` reports instead of the rule, whose checkpoints may be gone). rows: `checkpoint_rows`' output,
+    in step order."""
     for key in ("val", "independent"):
         for later in rows[1:]:
             change = paired_change(rows[0][f"{key}_cases"], later[f"{key}_cases"])
