@@ -150,16 +150,17 @@ def test_the_first_study_variant_differs_only_in_length():
 
 
 def test_the_pilot_variants_differ_only_by_the_weight_average_and_length():
-    """`curriculum_study:ema` is the study config plus a weight average; `:long` is that with runs twice as long."""
-    c, ema, long = (_load(f"curriculum_study{v}").to_dict() for v in ("", ":ema", ":long"))
+    """`curriculum_study:ema` is the study config plus a weight average; `:long` and `:long9000` are that with runs
+    twice and three times as long, validated 10 times each."""
+    c, ema, long, long9 = (_load(f"curriculum_study{v}").to_dict() for v in ("", ":ema", ":long", ":long9000"))
     assert c["optim"]["ema_decay"] == 0 and ema["optim"]["ema_decay"] == long["optim"]["ema_decay"] > 0.99
+    assert long9["optim"]["ema_decay"] == ema["optim"]["ema_decay"]
     assert (long["steps"], long["eval"]["every_steps"], long["checkpoint"]["every_steps"]) == (6000, 600, 600)
-    for d in (c, ema, long):
+    assert (long9["steps"], long9["eval"]["every_steps"], long9["checkpoint"]["every_steps"]) == (9000, 900, 900)
+    for d in (c, ema, long, long9):
         d["optim"].pop("ema_decay")
-    for d in (ema, long):
         d.pop("steps"), d["eval"].pop("every_steps"), d["checkpoint"].pop("every_steps")
-    c.pop("steps"), c["eval"].pop("every_steps"), c["checkpoint"].pop("every_steps")
-    assert c == ema == long
+    assert c == ema == long == long9
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,11 @@ study on phantoms", has the pilot, the time it takes and where its results go.) 
 
       clips-compare --config curriculum_study:long --steps 0 --seeds 5 --controls \
           --workdir runs/curriculum_study_6000 --archive docs/results/curriculum_study_6000
+* "long9000": "long" with 9000-step runs (validated every 900 steps), for the two runs "long" left rising: a
+  study in progress (docs/experiments.md, "The 9000-step study"):
+
+      clips-compare --config curriculum_study:long9000 --steps 0 --seeds 5 --controls \
+          --workdir runs/curriculum_study_9000 --archive docs/results/curriculum_study_9000
 
 What differs from `default.py` (the small U-Net, 32^3 patches, batch 2 and the loss stay):
 
@@ -61,23 +66,23 @@ _spec.loader.exec_module(default)
 #: Validations (and checkpoints) per run: at least 5 are needed by the plateau check, 2 of them in the last 20 %.
 EVALS = 10
 
-#: The decay of the "ema" and "long" variants: a time constant of 1 / (1 - 0.998) = 500 steps (a sixth of a
-#: 3000-step run, a twelfth of a 6000-step one).
+#: The decay of the "ema", "long" and "long9000" variants: a time constant of 1 / (1 - 0.998) = 500 steps (a sixth
+#: of a 3000-step run, a twelfth of a 6000-step one, an eighteenth of a 9000-step one).
 EMA_DECAY = 0.998
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The study config (module docstring); `variant` "" (3000-step runs), "first" (the first study's 1500) or
-    "ema" (3000-step runs validating a weight average) or "long" (6000-step runs validating a weight average)."""
-    if variant not in ("", "first", "ema", "long"):
-        raise ValueError(
-            f"unknown variant {variant!r} of clips_jax/configs/curriculum_study.py (use '', 'first', 'ema' or 'long')"
-        )
+    "ema" (3000-step runs validating a weight average), "long" or "long9000" (6000- or 9000-step runs validating
+    a weight average)."""
+    variants = ("", "first", "ema", "long", "long9000")
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r} of clips_jax/configs/curriculum_study.py (one of {variants})")
     c = default.get_config()
-    c.steps = {"first": 1500, "long": 6000}.get(variant, 3000)
+    c.steps = {"first": 1500, "long": 6000, "long9000": 9000}.get(variant, 3000)
     c.log_every = 50
     c.optim.lr = 3e-3
-    if variant in ("ema", "long"):
+    if variant in ("ema", "long", "long9000"):
         c.optim.ema_decay = EMA_DECAY
 
     c.data.spacing_mm = 3.0
