@@ -165,7 +165,12 @@ def test_the_pilot_variants_differ_only_by_the_weight_average_and_length():
 
 @pytest.mark.parametrize(
     ("variant", "archive_dir"),
-    [("first", "curriculum_study_2026-12"), ("", "curriculum_study_3000"), ("long", "curriculum_study_6000")],
+    [
+        ("first", "curriculum_study_2026-12"),
+        ("", "curriculum_study_3000"),
+        ("long", "curriculum_study_6000"),
+        ("long9000", "curriculum_study_9000"),
+    ],
 )
 def test_each_study_archive_matches_its_variant(study_truths, variant, archive_dir):
     """The committed archive of each study (docs/results/<archive_dir>) was made with the settings and the cohort
