@@ -26,6 +26,7 @@ scoring, the comparison and the hardness scoring use to get a trained network ba
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import os
 import time
@@ -125,12 +126,19 @@ class MetricsWriter:
 
 def read_metrics(workdir: str | os.PathLike, kind: str | None = None) -> list[dict]:
     """Rows of `workdir/metrics.jsonl` (optionally only `kind` = "train" / "eval"), the last row per
-    (kind, step) kept: a resumed run re-logs the steps after its last checkpoint."""
+    (kind, step) kept: a resumed run re-logs the steps after its last checkpoint. A folder without it but with
+    `metrics.jsonl.gz` (an archived run's reduced log, `clips_jax.experiments.archive`) is read from that; a
+    folder with neither gives []."""
     path = Path(workdir) / "metrics.jsonl"
-    if not path.is_file():
+    gz = path.with_name(path.name + ".gz")
+    if path.is_file():
+        text = path.read_text()
+    elif gz.is_file():
+        text = gzip.decompress(gz.read_bytes()).decode("utf-8")
+    else:
         return []
     rows = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.strip():
             r = json.loads(line)
             if kind is None or r.get("kind") == kind:

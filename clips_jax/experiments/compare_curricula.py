@@ -7,6 +7,8 @@ Examples:
     clips-compare --data cache/autopet --hardness weights:weights/tmtv-net --workdir runs/autopet
     clips-compare --config curriculum_study --steps 0 --seeds 5 --controls --workdir /scratch/study \
         --archive results/study                      # finished runs' records survive a wiped /scratch
+    clips-compare --config curriculum_study --steps 0 --seeds 5 --controls --workdir /scratch/study \
+        --archive results/study --status             # where that study stands (progress.py); trains nothing
 
 For every experiment of `--curricula` (named settings of `presets.py`; `--controls` adds a negative and a
 positive control) and every seed 0..`--seeds`-1 it
@@ -818,6 +820,14 @@ def define_flags(fv) -> None:
         "survives the loss of its workdir; archived runs the workdir lacks are restored and skipped.",
         flag_values=fv,
     )
+    flags.DEFINE_bool(
+        "status",
+        False,
+        "Only report where the comparison given by the other flags stands (progress.py): each run finished, "
+        "training or not started, whether the finished ones plateaued, the training time left. No test "
+        "metric is shown; nothing is trained or written.",
+        flag_values=fv,
+    )
     flags.DEFINE_integer(
         "steps",
         presets.DEFAULT_STEPS,
@@ -828,7 +838,8 @@ def define_flags(fv) -> None:
 
 
 def run_from_flags(fv, argv: Sequence[str]) -> int:
-    """Run the comparison (`run_comparison`); `argv` tells which --config.KEY were given. Returns 0."""
+    """Run the comparison (`run_comparison`), or with --status only report on it (`progress.py`); `argv` tells
+    which --config.KEY were given. Returns 0."""
     from absl import logging
 
     from clips_jax.train import load_config
@@ -840,6 +851,19 @@ def run_from_flags(fv, argv: Sequence[str]) -> int:
             cfg, int(fv["steps"].value), bool(fv["experiment_defaults"].value), keep=config_keys_in_argv(argv)
         )
         cfg.quiet = True
+    if fv["status"].value:
+        from clips_jax.experiments import progress
+
+        records = progress.run_states(
+            fv["workdir"].value,
+            fv["curricula"].value,
+            fv["seeds"].value,
+            int(cfg.steps),
+            controls=fv["controls"].value,
+            archive=fv["archive"].value,
+        )
+        print("\n".join(progress.status_lines(records, int(cfg.steps))))
+        return 0
     run_comparison(
         cfg,
         fv["workdir"].value,

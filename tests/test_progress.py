@@ -1,0 +1,104 @@
+"""`clips-compare --status` (clips_jax/experiments/progress.py): where a comparison stands, read from its run
+folders and archive without training or writing anything."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from clips_jax.experiments import progress
+from clips_jax.runs import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 1000
+
+
+def _log(rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _evals(dice_per_100_steps):
+    """Validation rows at steps 100, 200, ... with the given Dice."""
+    return [{"kind": "eval", "step": 100 * (k + 1), "val_dice": d} for k, d in enumerate(dice_per_100_steps)]
+
+
+def _finished(run_dir: Path, evals, wall_s: float, gz: bool = False) -> None:
+    """A finished run's records: summary.json with the steps, and its metric log (gzip as in an archive)."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"steps": STEPS, "wall_s": wall_s}))
+    rows = [{"kind": "train", "step": s, "loss": 1.0} for s in (1, STEPS)] + evals
+    if gz:
+        (run_dir / "metrics.jsonl.gz").write_bytes(gzip.compress(_log(rows).encode()))
+    else:
+        (run_dir / "metrics.jsonl").write_text(_log(rows))
+
+
+def _study(tmp_path):
+    """A comparison of none and cbs, 2 seeds: none seed 0 finished and flat, cbs seed 0 finished and still
+    rising, none seed 1 only in the archive (flat), cbs seed 1 training at step 250 (resumed: step 250 logged
+    twice)."""
+    wd, arch = tmp_path / "wd", tmp_path / "archive"
+    flat = [0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.69, 0.7]
+    _finished(wd / "runs/none/seed0", _evals(flat), wall_s=600)
+    _finished(wd / "runs/cbs/seed0", _evals([0.3, 0.4, 0.5, 0.55, 0.6, 0.62, 0.64, 0.66, 0.7, 0.74]), wall_s=900)
+    _finished(arch / "runs/none/seed1", _evals(flat), wall_s=700, gz=True)
+    training = wd / "runs/cbs/seed1"
+    training.mkdir(parents=True)
+    (training / "metrics.jsonl").write_text(_log([{"kind": "train", "step": s, "loss": 1.0} for s in (1, 250, 250)]))
+    return wd, arch
+
+
+def test_each_run_is_finished_training_or_not_started_in_training_order(tmp_path):
+    wd, arch = _study(tmp_path)
+    recs = progress.run_states(wd, ["cbs", "none"], 2, STEPS, archive=arch)
+    # seed-major, the baseline first, as run_comparison trains them
+    assert [(r["experiment"], r["seed"]) for r in recs] == [("none", 0), ("cbs", 0), ("none", 1), ("cbs", 1)]
+    assert [(r["state"], r["where"], r["step"]) for r in recs] == [
+        ("finished", "workdir", STEPS),
+        ("finished", "workdir", STEPS),
+        ("finished", "archive", STEPS),
+        ("training", "workdir", 250),
+    ]
+    assert [r["plateau"] and r["plateau"]["plateaued"] for r in recs] == [True, False, True, None]
+    assert abs(recs[1]["plateau"]["gain"] - (0.74 - 0.66)) < 1e-9  # best after step 800 minus best before
+    assert [r["wall_s"] for r in recs] == [600, 900, 700, None]
+    # without the archive, its run has not started; a run of a longer study is not finished
+    assert progress.run_states(wd, ["none"], 2, STEPS)[1]["state"] == "not started"
+    assert {r["state"] for r in progress.run_states(wd, ["none", "cbs"], 1, 2 * STEPS)} == {"training"}
+
+
+def test_the_report_counts_runs_names_failures_and_the_time_left(tmp_path):
+    wd, arch = _study(tmp_path)
+    recs = progress.run_states(wd, ["none", "cbs"], 3, STEPS, archive=arch)
+    text = "\n".join(progress.status_lines(recs, STEPS))
+    assert "| cbs | 0 | finished | 1000 / 1000 | no (+0.080) | 15 |" in text
+    assert "| none | 1 | finished (archive) | 1000 / 1000 | yes (+0.000) | 12 |" in text
+    assert "| cbs | 1 | training | 250 / 1000 |  |  |" in text
+    assert "- finished: 3 of 6 runs; training: 1; not started: 2" in text
+    assert "- plateaued (`plateau.py`): 2 of 3 finished runs; still improving: cbs seed 0" in text
+    # left: 0.75 of cbs seed 1 and two whole runs, at the median 700 s: 1925 s
+    assert "about 0.5 h of one process" in text and "(12 min per run;" in text
+    assert "dice" not in text.lower()  # no test (or validation) metric is shown
+
+
+def test_read_metrics_reads_an_archived_log(tmp_path):
+    _finished(tmp_path / "run", _evals([0.1, 0.2]), wall_s=1, gz=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "eval")] == [100, 200]
+
+
+def test_status_flag_reports_and_writes_nothing(tmp_path):
+    wd, arch = _study(tmp_path)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    args = ["--curricula", "none,cbs", "--seeds", "2", "--workdir", str(wd), "--archive", str(arch)]
+    args += ["--config", "default", "--steps", str(STEPS), "--status"]
+    r = subprocess.run(
+        [sys.executable, "-m", "clips_jax.experiments.compare_curricula", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "- finished: 3 of 4 runs; training: 1; not started: 0" in r.stdout
+    assert sorted(p for p in tmp_path.rglob("*")) == before
