@@ -124,13 +124,17 @@ class MetricsWriter:
             self.echo(line)
 
 
+#: An archived run's reduced metric log (`clips_jax.experiments.archive`), read where metrics.jsonl is absent.
+METRICS_GZ = "metrics.jsonl.gz"
+
+
 def read_metrics(workdir: str | os.PathLike, kind: str | None = None) -> list[dict]:
     """Rows of `workdir/metrics.jsonl` (optionally only `kind` = "train" / "eval"), the last row per
     (kind, step) kept: a resumed run re-logs the steps after its last checkpoint. A folder without it but with
-    `metrics.jsonl.gz` (an archived run's reduced log, `clips_jax.experiments.archive`) is read from that; a
-    folder with neither gives []."""
+    `METRICS_GZ` (an archived run's reduced log, `clips_jax.experiments.archive`) is read from that; a folder
+    with neither gives []."""
     path = Path(workdir) / "metrics.jsonl"
-    gz = path.with_name(path.name + ".gz")
+    gz = Path(workdir) / METRICS_GZ
     if path.is_file():
         text = path.read_text()
     elif gz.is_file():

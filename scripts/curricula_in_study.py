@@ -22,31 +22,20 @@ and, for a bandit that draws one difficulty bucket per stage (Exp3.S in "bucket"
 
 from __future__ import annotations
 
-import gzip
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from clips_jax.runs import read_metrics
+
 FRACTIONS = (0.0, 0.1, 0.25, 0.4, 0.5, 0.75, 1.0)
 
 
 def curriculum_rows(run: Path) -> list[dict]:
-    """The "curriculum" rows of a run's metrics.jsonl (workdir) or metrics.jsonl.gz (archive), in step order."""
-    plain, packed = run / "metrics.jsonl", run / "metrics.jsonl.gz"
-    if plain.is_file():
-        lines = plain.read_text().splitlines()
-    elif packed.is_file():
-        with gzip.open(packed, "rt") as f:
-            lines = f.read().splitlines()
-    else:
-        return []
-    by_step = {}  # the last row per step: a resumed run logs again the stages after its last checkpoint
-    for line in lines:
-        if line.strip() and (r := json.loads(line)).get("kind") == "curriculum":
-            by_step[r["step"]] = r
-    return [by_step[k] for k in sorted(by_step)]
+    """The "curriculum" rows of a run's metrics.jsonl (workdir) or metrics.jsonl.gz (archive), in step order, the
+    last row per step (`clips_jax.runs.read_metrics`)."""
+    return read_metrics(run, "curriculum")
 
 
 def stage_table(rows: list[dict]) -> list[str]:

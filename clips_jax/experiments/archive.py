@@ -39,11 +39,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from clips_jax.errors import ConfigError
 from clips_jax.fileio import atomic_dir, atomic_path, write_text_atomic
+from clips_jax.runs import METRICS_GZ  # the run's metric log in the archive; runs.read_metrics reads it too
 
 #: Files of a finished run copied as they are.
 RUN_FILES = ("summary.json", "test_metrics.csv")
-#: The run's metric log in the archive (gzip of the reduced JSON lines).
-METRICS_GZ = "metrics.jsonl.gz"
 #: Scalar fields kept from "train" rows (the learning curves read "loss"; the rest is cheap context).
 TRAIN_FIELDS = ("kind", "step", "loss", "grad_norm", "finite", "lr", "sigma")
 #: Per-case lists dropped from "curriculum" rows (the per-case sampling weights: 1-2 kB per stage).
@@ -184,6 +183,20 @@ def open_archive(archive: str | os.PathLike, settings: Mapping, conflicts: Calla
     return archive
 
 
+def run_path(root: str | os.PathLike, experiment: str, seed: int) -> Path:
+    """`root/runs/<experiment>/seed<k>`: a run's folder in a comparison's workdir or in its archive."""
+    return Path(root) / "runs" / experiment / f"seed{int(seed)}"
+
+
+def restorable(archive: str | os.PathLike, workdir: str | os.PathLike, experiment: str, seed: int, model: bool) -> bool:
+    """Whether `restore` would copy this run into the workdir: it is archived (summary.json), the workdir has no
+    folder for it (finished or not), and, when `model` (the transfer teacher's run), its model is archived too."""
+    src = run_path(archive, experiment, seed)
+    if not (src / "summary.json").is_file() or run_path(workdir, experiment, seed).exists():
+        return False
+    return has_checkpoint(src) or not model
+
+
 def restore(
     archive: str | os.PathLike,
     workdir: str | os.PathLike,
@@ -199,18 +212,12 @@ def restore(
     Returns: the "<experiment>/seed<k>" restored. A run folder already in the workdir, finished or not, is
       left as it is (an unfinished one resumes from its own checkpoint).
     """
-    archive, workdir = Path(archive), Path(workdir)
     needs = {(n, int(k)) for n, k in needs_checkpoint}
     done = []
     for name, seed in dict.fromkeys((n, int(k)) for n, k in runs):
-        rel = Path(name) / f"seed{seed}"
-        src, dst = archive / "runs" / rel, workdir / "runs" / rel
-        if not (src / "summary.json").is_file() or dst.exists():
-            continue
-        if (name, seed) in needs and not has_checkpoint(src):
-            continue
-        restore_run(src, dst)
-        done.append(rel.as_posix())
+        if restorable(archive, workdir, name, seed, model=(name, seed) in needs):
+            restore_run(run_path(archive, name, seed), run_path(workdir, name, seed))
+            done.append(f"{name}/seed{seed}")
     return done
 
 

@@ -420,6 +420,22 @@ def experiment_names(curricula: Sequence[str], controls: bool = False) -> list[s
     return names
 
 
+def run_order(names: Sequence[str], seeds: int) -> list[tuple[str, int]]:
+    """The (experiment, seed) pairs of a comparison in the order it trains them: seed-major (every experiment's
+    seed 0 first), so an interrupted comparison has every curriculum of its first seeds."""
+    return [(n, k) for k in range(int(seeds)) for n in names]
+
+
+def recorded_conflicts(path: Path, key: str) -> list[str]:
+    """The config keys that differ between the settings recorded in `path` (a comparison's experiment.json or
+    archive.json: its "settings_key") and `key` (`_settings_key` of the config at hand); [] when `path` does not
+    exist. Reads only."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text()).get("settings_key", "{}")
+    return settings_conflicts(json.loads(old), json.loads(key))
+
+
 def open_experiment(base, workdir: Path, store, names: Sequence[str], seeds: int, hardness: str) -> None:
     """Create or re-open `workdir/experiment.json`, refusing one made with other settings or data (results of
     different settings must not be mixed)."""
@@ -427,7 +443,7 @@ def open_experiment(base, workdir: Path, store, names: Sequence[str], seeds: int
     key = _settings_key(base)
     if exp_file.exists():
         old = json.loads(exp_file.read_text())
-        conflicts = settings_conflicts(json.loads(old.get("settings_key", "{}")), json.loads(key))
+        conflicts = recorded_conflicts(exp_file, key)
         if conflicts or old.get("store") != str(store.cache_dir.absolute()):
             what = ", ".join(conflicts[:5]) if conflicts else f"data {old.get('store')}"
             raise ConfigError(
@@ -479,15 +495,20 @@ def _open_archive(archive, base, store) -> Path:
 def _restore_archive(arch: Path, workdir: Path, names, seeds, log) -> None:
     """Restore into `workdir` the archived runs it lacks (with the transfer teacher's run when a curriculum needs
     it, restored only with its model)."""
-    runs = [(n, k) for k in range(int(seeds)) for n in names]
-    teacher = [(presets.BASELINE, 0)] if _needs_teacher(names) else []
-    restored = archive_lib.restore(arch, workdir, runs + teacher, needs_checkpoint=teacher)
+    teacher = teacher_run(names)
+    restored = archive_lib.restore(arch, workdir, run_order(names, seeds) + teacher, needs_checkpoint=teacher)
     if restored:
         log(f"archive {arch}: restored {len(restored)} finished run(s) into {workdir} ({', '.join(restored)})")
 
 
 def _needs_teacher(names: Sequence[str]) -> bool:
     return any(presets.get_experiment(n).needs_teacher for n in names)
+
+
+def teacher_run(names: Sequence[str]) -> list[tuple[str, int]]:
+    """[(baseline, 0)], the run whose model scores the transfer teacher's cases, when one of `names` needs it
+    (its archived copy is restored only with that model); else []."""
+    return [(presets.BASELINE, 0)] if _needs_teacher(names) else []
 
 
 class _Runner:
@@ -519,7 +540,7 @@ class _Runner:
         from clips_jax import trainer
 
         cfg = run_config(self.base, name, seed, store_dir, teacher)
-        run_dir = self.workdir / "runs" / name / f"seed{seed}"
+        run_dir = archive_lib.run_path(self.workdir, name, seed)
         if run_finished(run_dir, cfg.steps):
             check_run_curriculum(run_dir, cfg)
             check_run_schedule(run_dir, cfg)
@@ -569,7 +590,7 @@ class _Runner:
         before `--archive` was given, and the teacher's model when it is needed and not yet archived."""
         if self.archive is None:
             return
-        dest = self.archive / "runs" / name / f"seed{seed}"
+        dest = archive_lib.run_path(self.archive, name, seed)
         keep_model = teacher_run and self.teacher_needed
         if not (dest / "summary.json").is_file() or (keep_model and not archive_lib.has_checkpoint(dest)):
             archive_lib.save_run(run_dir, dest, checkpoint=keep_model)
@@ -702,9 +723,8 @@ def run_comparison(
         hardness, store, workdir, log=log, phantom_raw=None if data else trainer.phantom_dirs(base_config)[0]
     )
     runner = _Runner(base_config, workdir, store, log, arch, teacher_needed=_needs_teacher(names))
-    for seed in range(int(seeds)):  # seed-major: an interrupted comparison has every curriculum of the first seeds
-        for name in names:
-            runner.run(name, seed, first_seed=0)
+    for name, seed in run_order(names, seeds):
+        runner.run(name, seed, first_seed=0)
     rows, notes = write_report(runner, names, seeds, hard, time.time() - t0)
     if arch is not None:
         archive_lib.save_outputs(workdir, arch)
@@ -854,6 +874,7 @@ def run_from_flags(fv, argv: Sequence[str]) -> int:
     if fv["status"].value:
         from clips_jax.experiments import progress
 
+        progress.check_settings(cfg, fv["workdir"].value, fv["archive"].value)
         records = progress.run_states(
             fv["workdir"].value,
             fv["curricula"].value,

@@ -8,9 +8,10 @@ where they end. The criterion (docs/experiments.md, "A powered, controlled study
     the best validation Dice before them, and it validated at least 5 times.
 
 `plateau_check(curve, steps)` applies it to a validation curve [(step, Dice), ...]; `run_plateau(run_dir)`
-reads a run's curve from its `metrics.jsonl` (`clips_jax.trainer.read_metrics`, the "eval" rows; the untrained
-model's step-0 validation is not counted) and its length from `config.json`. `plateau_lines` gives the section
-of the comparison's results.md: per experiment, then all runs pooled (`pooled_plateau_lines`).
+reads a run's curve from its `metrics.jsonl`, or an archived run's `metrics.jsonl.gz`
+(`clips_jax.runs.read_metrics`, the "eval" rows; the untrained model's step-0 validation is not counted) and
+its length from `config.json` unless given. `plateau_lines` gives the section of the comparison's results.md:
+per experiment, then all runs pooled (`pooled_plateau_lines`).
 `clips_jax.experiments.compare_curricula` keeps one record per run, also in `WORKDIR/plateau.csv`.
 """
 
@@ -108,7 +109,8 @@ def verdict(record: Mapping) -> bool | None:
 
 
 def validation_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
-    """[(step, val_dice), ...] of a run, from its metrics.jsonl (`clips_jax.trainer.read_metrics`, "eval" rows)."""
+    """[(step, val_dice), ...] of a run, from its metrics.jsonl or archived metrics.jsonl.gz
+    (`clips_jax.trainer.read_metrics`, "eval" rows)."""
     from clips_jax.trainer import read_metrics
 
     return [(int(r["step"]), r.get("val_dice")) for r in read_metrics(run_dir, "eval")]

@@ -1,12 +1,13 @@
-"""Where a long comparison stands: `clips-compare ... --status` (`run_states`, `status_lines`).
+"""Where a long comparison stands: `clips-compare ... --status` (`check_settings`, `run_states`, `status_lines`).
 
 A powered curriculum study (docs/experiments.md) trains tens of runs over many hours, often as several
 processes sharing one workdir and across work periods. `--status`, given the same flags as the study, answers
 without training, evaluating or writing anything:
 
 * which runs are finished (in the workdir, or only in the `--archive`, to be restored at the next start), which
-  are training and at what step, which have not started, in the order the comparison trains them;
-* whether each finished run plateaued (`plateau.py`: its validation Dice only);
+  are started (a metric log but no finished summary: training now in some process, or waiting for the next
+  start to resume) and at what step, which have not started, in the order the comparison trains them;
+* whether each finished run plateaued (`plateau.py`, which reads its validation Dice);
 * how much training time is left at the pace of the finished runs.
 
 It shows no test metric on purpose: a study's comparisons are read once, when all its runs have finished, so
@@ -23,43 +24,88 @@ import statistics
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from clips_jax.errors import ConfigError
+from clips_jax.experiments import archive as archive_lib
 from clips_jax.experiments import plateau
-from clips_jax.experiments.compare_curricula import experiment_names, run_finished
-from clips_jax.runs import read_metrics
+from clips_jax.experiments.compare_curricula import (
+    _settings_key,
+    experiment_names,
+    recorded_conflicts,
+    run_finished,
+    run_order,
+    teacher_run,
+)
 
 
-def _wall_s(run_dir: Path) -> float | None:
-    """summary.json's training time of the run's last part (seconds), None when unreadable."""
+def check_settings(cfg, workdir: str | os.PathLike, archive: str | os.PathLike = "") -> None:
+    """Refuse to report on a workdir or archive recorded with settings other than `cfg`'s (the run config as
+    the comparison sets it: steps, schedule, data, ...): the report would judge its runs against the wrong
+    length. Reads `workdir/experiment.json` and `archive/archive.json` when they exist; writes nothing.
+    Raises: ConfigError naming the file and the differing keys."""
+    key = _settings_key(cfg)
+    files = [Path(workdir) / "experiment.json"] + ([Path(archive) / "archive.json"] if archive else [])
+    for path in files:
+        diff = recorded_conflicts(path, key)
+        if diff:
+            raise ConfigError(
+                f"{path}: recorded with other settings ({', '.join(diff[:5])}); give --status the study's own "
+                "flags (--config, --steps and any --config.KEY=... it was started with)"
+            )
+
+
+def _summary(run_dir: Path) -> dict:
+    """A run's summary.json ({} when unreadable)."""
     try:
-        return float(json.loads((run_dir / "summary.json").read_text())["wall_s"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _last_step(run_dir: Path) -> int:
-    """The last training step a run logged (0 when it logged none)."""
-    rows = read_metrics(run_dir, "train")
-    return int(rows[-1]["step"]) if rows else 0
+    """The last training step in a run's metrics.jsonl (0 without one). The log may be being appended to by
+    another process: lines that do not parse (a half-written last line) are skipped."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("kind") == "train":
+            return int(row["step"])
+    return 0
 
 
-def run_state(workdir: Path, archive: Path | None, name: str, seed: int, steps: int) -> dict:
-    """The state of one run of a comparison (`run_states` gives every run's).
+def _finished_record(rec: dict, run_dir: Path, where: str, steps: int) -> dict:
+    """`rec` filled in for a finished run read from `run_dir` ("workdir" or "archive")."""
+    summary = _summary(run_dir)
+    rec.update(state="finished", where=where, step=int(steps), plateau=plateau.run_plateau(run_dir, int(steps)))
+    rec.update(wall_s=summary.get("wall_s"), start_step=int(summary.get("start_step", 0)))
+    return rec
 
-    Returns {"experiment": name, "seed": seed, "state": "finished" | "training" | "not started", "where":
-    "workdir" | "archive" | "" (where its records were read), "step": int (the last logged training step;
-    `steps` when finished), "plateau": `plateau.run_plateau`'s record for a finished run, else None,
-    "wall_s": float | None (a finished run's training time in seconds, summary.json)}."""
-    rel = Path("runs") / name / f"seed{seed}"
+
+def run_state(workdir: Path, archive: Path | None, name: str, seed: int, steps: int, model: bool = False) -> dict:
+    """The state of one run of a comparison (`run_states` gives every run's); reads only.
+
+    Args: workdir, archive: the comparison's folders (archive None: none); name, seed: the run; steps: its
+      training steps; model: the run is the transfer teacher's, restored from the archive only with its model.
+    Returns: {"experiment": name, "seed": seed, "state": "finished" | "started" | "not started", "where":
+      "workdir" | "archive" | "" (where its records were read: an archived run is restored at the next start),
+      "step": int (the last logged training step; `steps` when finished), "plateau": `plateau.run_plateau`'s
+      record for a finished run, else None, "wall_s": float | None (summary.json: the training time in seconds
+      of the process that finished the run, from "start_step", 0 unless the run was resumed)}."""
     rec = {"experiment": name, "seed": seed, "state": "not started", "where": "", "step": 0}
-    rec.update(plateau=None, wall_s=None)
-    for where, root in (("workdir", workdir), ("archive", archive)):
-        if root is not None and run_finished(root / rel, steps):
-            rec.update(state="finished", where=where, step=int(steps), wall_s=_wall_s(root / rel))
-            rec["plateau"] = plateau.run_plateau(root / rel, int(steps))
-            return rec
-    step = _last_step(workdir / rel)
-    if step > 0 or (workdir / rel / "metrics.jsonl").is_file():
-        rec.update(state="training", where="workdir", step=step)
+    rec.update(plateau=None, wall_s=None, start_step=0)
+    run_dir = archive_lib.run_path(workdir, name, seed)
+    if run_finished(run_dir, steps):
+        return _finished_record(rec, run_dir, "workdir", steps)
+    src = archive_lib.run_path(archive, name, seed) if archive is not None else None
+    if src is not None and archive_lib.restorable(archive, workdir, name, seed, model) and run_finished(src, steps):
+        return _finished_record(rec, src, "archive", steps)
+    if (run_dir / "metrics.jsonl").is_file():
+        rec.update(state="started", where="workdir", step=min(_last_step(run_dir), int(steps)))
     return rec
 
 
@@ -72,61 +118,66 @@ def run_states(
     controls: bool = False,
     archive: str | os.PathLike = "",
 ) -> list[dict]:
-    """Every run of a comparison (`experiment_names(curricula, controls)` x seeds 0..seeds-1), seed-major as
-    `compare_curricula.run_comparison` trains them; each a `run_state` record. `steps`: the runs' training steps
-    (the config's, as the comparison sets them). Reads only; a missing workdir gives runs that have not started.
-    A "training" run is one with a metric log but no finished summary: it may be training now in another process,
-    or be waiting for the next start to resume."""
+    """Every run of a comparison (`experiment_names(curricula, controls)` x seeds 0..seeds-1) in the order it
+    trains them (`run_order`); each a `run_state` record. `steps`: the runs' training steps (the config's, as
+    the comparison sets them). Reads only; a missing workdir gives runs that have not started."""
     names = experiment_names(curricula, controls)
     arch = Path(archive) if archive else None
-    return [run_state(Path(workdir), arch, n, s, int(steps)) for s in range(int(seeds)) for n in names]
-
-
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h"
+    teacher = set(teacher_run(names))
+    return [run_state(Path(workdir), arch, n, k, int(steps), (n, k) in teacher) for n, k in run_order(names, seeds)]
 
 
 def _run_line(r: Mapping, steps: int) -> str:
     """One run's table row: experiment, seed, state, step, plateau verdict (gain), training time."""
     verdict, minutes = "", ""
     if r["plateau"] is not None:
-        ok = plateau.verdict(r["plateau"])
-        label = {True: "yes", False: "no", None: "cannot judge"}[ok]
+        label = {True: "yes", False: "no", None: "cannot judge"}[plateau.verdict(r["plateau"])]
         gain = r["plateau"]["gain"]
         verdict = f"{label} ({gain:+.3f})" if math.isfinite(gain) else label
     if r["wall_s"] is not None:
-        minutes = f"{r['wall_s'] / 60:.0f}"
+        minutes = f"{r['wall_s'] / 60:.0f}" + (f" (from step {r['start_step']})" if r["start_step"] else "")
     state = r["state"] + (" (archive)" if r["where"] == "archive" else "")
     return f"| {r['experiment']} | {r['seed']} | {state} | {r['step']} / {steps} | {verdict} | {minutes} |"
 
 
+def _time_left_line(records: Sequence[Mapping], steps: int) -> str:
+    """The training time left: the unfinished steps at the median pace of the finished runs (a resumed run's
+    pace from the steps its last process trained)."""
+    paces = [
+        r["wall_s"] / (steps - r["start_step"])
+        for r in records
+        if r["state"] == "finished" and r["wall_s"] is not None and r["start_step"] < steps
+    ]
+    if not paces:
+        return "- training time left: not known until a run has finished"
+    pace = statistics.median(paces)  # seconds per step
+    left = sum(steps - r["step"] for r in records if r["state"] != "finished") * pace
+    return (
+        f"- training time left: about {left / 3600:.1f} h of process time at the finished runs' median pace "
+        f"({pace * steps / 60:.0f} min per run, at the pace of the processes that trained them); with N such "
+        "processes side by side about 1/N of it elapses"
+    )
+
+
 def status_lines(records: Sequence[Mapping], steps: int) -> list[str]:
     """The `--status` report of `run_states` records: a table (one row per run) and a summary (runs finished,
-    plateaued and not, the runs that failed the plateau check, the training time left at the finished runs'
-    median pace). Markdown lines."""
+    plateaued and not, the runs that failed the plateau check, the training time left). Markdown lines."""
     lines = [
-        "| experiment | seed | state | step | plateaued (gain) | training, min |",
+        "| experiment | seed | state | step | plateaued (validation Dice gain) | training, min |",
         "|---|---|---|---|---|---|",
     ]
     lines += [_run_line(r, steps) for r in records]
     done = [r for r in records if r["state"] == "finished"]
     judged = [plateau.verdict(r["plateau"]) for r in done]
     failed = [f"{r['experiment']} seed {r['seed']}" for r, v in zip(done, judged) if v is False]
+    count = {s: sum(r["state"] == s for r in records) for s in ("started", "not started")}
     lines += [
         "",
-        f"- finished: {len(done)} of {len(records)} runs; training: "
-        f"{sum(r['state'] == 'training' for r in records)}; not started: "
-        f"{sum(r['state'] == 'not started' for r in records)}",
+        f"- finished: {len(done)} of {len(records)} runs; started: {count['started']}; not started: "
+        f"{count['not started']}",
         f"- plateaued (`plateau.py`): {judged.count(True)} of {len(done)} finished runs"
         + (f"; still improving: {', '.join(failed)}" if failed else "")
         + (f"; cannot judge: {judged.count(None)}" if None in judged else ""),
+        _time_left_line(records, steps),
     ]
-    walls = [r["wall_s"] for r in done if r["wall_s"] is not None]
-    if walls:
-        pace = statistics.median(walls)
-        left = sum((1 - r["step"] / steps) for r in records if r["state"] != "finished") * pace
-        lines.append(
-            f"- training time left: about {_hours(left)} of one process at the finished runs' median pace "
-            f"({pace / 60:.0f} min per run; processes side by side share the machine's cores)"
-        )
     return lines
