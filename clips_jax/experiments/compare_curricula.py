@@ -495,7 +495,7 @@ def _open_archive(archive, base, store) -> Path:
 def _restore_archive(arch: Path, workdir: Path, names, seeds, log) -> None:
     """Restore into `workdir` the archived runs it lacks (with the transfer teacher's run when a curriculum needs
     it, restored only with its model)."""
-    teacher = teacher_run(names)
+    teacher = teacher_runs(names)
     restored = archive_lib.restore(arch, workdir, run_order(names, seeds) + teacher, needs_checkpoint=teacher)
     if restored:
         log(f"archive {arch}: restored {len(restored)} finished run(s) into {workdir} ({', '.join(restored)})")
@@ -505,7 +505,7 @@ def _needs_teacher(names: Sequence[str]) -> bool:
     return any(presets.get_experiment(n).needs_teacher for n in names)
 
 
-def teacher_run(names: Sequence[str]) -> list[tuple[str, int]]:
+def teacher_runs(names: Sequence[str]) -> list[tuple[str, int]]:
     """[(baseline, 0)], the run whose model scores the transfer teacher's cases, when one of `names` needs it
     (its archived copy is restored only with that model); else []."""
     return [(presets.BASELINE, 0)] if _needs_teacher(names) else []
@@ -844,7 +844,7 @@ def define_flags(fv) -> None:
         "status",
         False,
         "Only report where the comparison given by the other flags stands (progress.py): each run finished, "
-        "training or not started, whether the finished ones plateaued, the training time left. No test "
+        "started or not started, whether the finished ones plateaued, the training time left. No test "
         "metric is shown; nothing is trained or written.",
         flag_values=fv,
     )

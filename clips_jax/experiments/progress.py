@@ -33,7 +33,7 @@ from clips_jax.experiments.compare_curricula import (
     recorded_conflicts,
     run_finished,
     run_order,
-    teacher_run,
+    teacher_runs,
 )
 
 
@@ -123,7 +123,7 @@ def run_states(
     the comparison sets them). Reads only; a missing workdir gives runs that have not started."""
     names = experiment_names(curricula, controls)
     arch = Path(archive) if archive else None
-    teacher = set(teacher_run(names))
+    teacher = set(teacher_runs(names))
     return [run_state(Path(workdir), arch, n, k, int(steps), (n, k) in teacher) for n, k in run_order(names, seeds)]
 
 
