@@ -95,9 +95,10 @@ def run_state(workdir: Path, archive: Path | None, name: str, seed: int, steps: 
       "workdir" | "archive" | "" (where its records were read: an archived run is restored at the next start),
       "step": int (the last logged training step; `steps` when finished), "plateau": `plateau.run_plateau`'s
       record for a finished run, else None, "wall_s": float | None (summary.json: the training time in seconds
-      of the process that finished the run, from "start_step", 0 unless the run was resumed)}."""
-    rec = {"experiment": name, "seed": seed, "state": "not started", "where": "", "step": 0}
-    rec.update(plateau=None, wall_s=None, start_step=0)
+      of the process that finished the run), "start_step": int (the step that process started from: 0 unless
+      the run was resumed)}."""
+    rec = {"experiment": name, "seed": seed, "state": "not started", "where": "", "step": 0, "plateau": None}
+    rec.update(wall_s=None, start_step=0)
     run_dir = archive_lib.run_path(workdir, name, seed)
     if run_finished(run_dir, steps):
         return _finished_record(rec, run_dir, "workdir", steps)
