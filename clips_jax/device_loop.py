@@ -160,7 +160,7 @@ def run(run, meta: dict | None) -> None:
             "stage": (run.step - 1) // int(c.curriculum.stage_steps) if run.step else 0,
         }
 
-    while run.step < int(c.steps):
+    while run.running():
         first = run.step
         length = min(k_max, run.next_stop() - first)
         run.state, run.cur_state, weights, out = chunk_fn(length)(run.state, run.cur_state, weights, key, dstore)

@@ -21,6 +21,9 @@
 6. Orbax checkpoints in `workdir/checkpoints/last` (the last `checkpoint.keep`) and
    `workdir/checkpoints/best` (best validation Dice): parameters, optimizer state, step, curriculum state,
    data-iterator state and stage. Re-running the same command resumes exactly where the last checkpoint was.
+7. Optionally (`stop_at_plateau.enabled`) the run ends early at the first validation, from step
+   `stop_at_plateau.after_steps`, at which it has plateaued by the rule the curriculum comparison judges runs by
+   (`clips_jax.convergence.stop_due`); `steps` is then the most it trains, and summary.json records the step.
 
 Multi-host: call `maybe_initialize_distributed()` first (train.py does); every process runs this same code,
 reads its slice of each global batch and takes part in every checkpoint save.
@@ -44,7 +47,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clips_jax import curricula, evaluation, losses, runs
+from clips_jax import convergence, curricula, evaluation, losses, runs
 from clips_jax.data.pipeline import make_train_iterator
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ClipsError, ConfigError
@@ -491,8 +494,18 @@ def curriculum_settings(curriculum) -> dict:
 
 
 #: Config keys of the optimisation a checkpoint continues: resuming with other values would go on along another
-#: learning-rate schedule, or without the weight average the state holds (or with one it lacks), so it is refused.
-SCHEDULE_KEYS = ("steps", "optim.lr", "optim.restart_steps", "optim.restart_decay", "optim.warmup_steps")
+#: learning-rate schedule, or without the weight average the state holds (or with one it lacks), or end the run by
+#: another rule (`stop_at_plateau`), so it is refused.
+SCHEDULE_KEYS = (
+    "steps",
+    "optim.lr",
+    "optim.restart_steps",
+    "optim.restart_decay",
+    "optim.warmup_steps",
+    "stop_at_plateau.enabled",
+    "stop_at_plateau.after_steps",
+    "stop_at_plateau.min_last_evals",
+)
 
 
 def _settings(config, keys) -> dict:
@@ -527,6 +540,25 @@ def stream_settings(config, teacher: str | None = None) -> dict:
     opts = config.curriculum.get("options")
     out["curriculum.options"] = json.loads(opts.to_json_best_effort(sort_keys=True)) if opts is not None else {}
     return out
+
+
+def check_stop_settings(config) -> None:
+    """ConfigError for `stop_at_plateau` settings a run cannot follow: enabled without validations
+    (`eval.every_steps` 0, or an empty validation split: checked when the data is open), `after_steps` < 0 or
+    `min_last_evals` < 1."""
+    c = config.get("stop_at_plateau")
+    if c is None or not c.enabled:
+        return
+    if int(c.after_steps) < 0 or int(c.min_last_evals) < 1:
+        raise ConfigError(
+            f"stop_at_plateau.after_steps={c.after_steps}, min_last_evals={c.min_last_evals}: use after_steps >= 0 "
+            "and min_last_evals >= 1"
+        )
+    if not int(config.eval.every_steps):
+        raise ConfigError(
+            "stop_at_plateau.enabled needs validations to judge the plateau by: set eval.every_steps > 0 "
+            "(or disable stop_at_plateau)"
+        )
 
 
 def choose_pipeline(config: ml_collections.ConfigDict, store: CaseStore, train_idx: np.ndarray) -> str:
@@ -566,6 +598,8 @@ class _Run:
             "provenance": run_provenance(),  # of the process that trains its last part; see start_step
         }
         self.steps_done, self.t0 = 0, time.time()
+        self.val_curve: list[tuple[int, float]] = []  # (step, validation Dice) of this run so far (resumes too)
+        self.stopped_at: int | None = None  # the step the run stopped at by `stop_at_plateau`
 
     # -- set-up steps ---------------------------------------------------------------------------------------
     def open_data(self) -> None:
@@ -628,6 +662,12 @@ class _Run:
             self.state, self.cur_state, meta = runs.restore_last(self.last_mgr, self.state, self.cur_state, self.repl)
             self.step = int(meta["step"])
             self.writer.log(f"resumed from {self.workdir / 'checkpoints' / 'last'} at step {self.step}")
+            self.val_curve = [
+                (int(r["step"]), r.get("val_dice"))
+                for r in read_metrics(self.workdir, "eval")
+                if 0 < r["step"] <= self.step
+            ]
+            self.check_plateau_stop(self.step)  # a run that had stopped there stays stopped
         self.start_step = self.summary["start_step"] = self.step
         if jax.process_index() == 0:  # after the resume check: a refused resume leaves the run's config.json alone
             write_text_atomic(self.workdir / "config.json", self.config.to_json_best_effort(indent=1, sort_keys=True))
@@ -683,6 +723,7 @@ class _Run:
             f"  FPV {ev['val_fpv_ml']:.1f} ml  FNV {ev['val_fnv_ml']:.1f} ml"
         )
         self.summary["final"] = head
+        self.val_curve.append((step_no, ev["val_dice"]))
         if np.isfinite(ev["val_dice"]) and ev["val_dice"] > self.summary.get("best", {}).get("val_dice", -1.0):
             self.summary["best"] = {"step": step_no, **head}
         if np.isfinite(ev["val_dice"]) and int(jax.device_get(self.state["nonfinite"])) == 0:
@@ -715,11 +756,35 @@ class _Run:
             )
         if c.eval.every_steps and (step_no % int(c.eval.every_steps) == 0 or step_no == total) and len(self.val_idx):
             self.evaluate(step_no)
-        if step_no % int(c.checkpoint.every_steps) == 0 or step_no == total:
+            self.check_plateau_stop(step_no)
+        if step_no % int(c.checkpoint.every_steps) == 0 or step_no == total or self.stopped_at == step_no:
             self.save(save_meta())
         if 0 <= int(c.debug.stop_after_steps) <= step_no - self.start_step:
             self.last_mgr.wait_until_finished()
             raise SystemExit(f"debug.stop_after_steps: stopping at step {step_no} (simulated interruption)")
+
+    def running(self) -> bool:
+        """Whether the loop should train another step: below `steps` and not stopped at a plateau."""
+        return self.step < int(self.config.steps) and self.stopped_at is None
+
+    def check_plateau_stop(self, step_no: int) -> None:
+        """With `stop_at_plateau.enabled`, end the run at `step_no` when `convergence.stop_due` says its validation
+        curve has plateaued there (the last checkpoint is then written at `step_no`)."""
+        c = self.config.get("stop_at_plateau")
+        if c is None or not c.enabled or self.stopped_at is not None:
+            return
+        if convergence.stop_due(
+            self.val_curve,
+            step_no,
+            after_steps=int(c.after_steps),
+            min_last_evals=int(c.min_last_evals),
+            steps=int(self.config.steps),
+        ):
+            self.stopped_at = step_no
+            self.writer.log(
+                f"step {step_no}: validation Dice has plateaued (best of the last {100 * convergence.LAST_FRACTION:g} "
+                f"% of steps at most {convergence.TOLERANCE} above the best before): stopping here (stop_at_plateau)"
+            )
 
     def check_diverged(self, nonfinite: int, step_no: int) -> None:
         """Raise TrainingDiverged when `nonfinite` (non-finite steps in a row up to `step_no`) reached the limit."""
@@ -781,6 +846,7 @@ class _Run:
         s.update(
             {
                 "steps": int(self.config.steps),
+                "stopped_at_plateau": self.stopped_at,
                 "steps_this_run": self.steps_done,
                 "skipped_updates": int(jax.device_get(self.state["skipped"])),
                 "wall_s": round(elapsed, 2),
@@ -818,7 +884,7 @@ def _host_loop(run: _Run, meta: dict | None) -> None:
     step_fn = jax.jit(run.step_fn, donate_argnums=(0,), out_shardings=(run.repl, run.repl))
     stages = _HostStages(run, meta)
     poison = set(int(s) for s in c.debug.poison_steps)
-    while run.step < int(c.steps):
+    while run.running():
         step_no = run.step
         local = next(stages.iterator(step_no))
         if step_no in poison:
@@ -938,12 +1004,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """
     if config.model.get("require_init_weights", False) and not config.model.get("init_weights", ""):
         build_training_model(config)  # raises the explanatory ConfigError before any data work
+    check_stop_settings(config)
     run = _Run(config, runs.open_for_training(workdir))
     run.open_data()
+    if (config.get("stop_at_plateau") or {}).get("enabled") and not len(run.val_idx):
+        raise ConfigError(
+            f"stop_at_plateau.enabled: the store's {config.eval.split!r} split has no cases to validate on; "
+            "use a store with validation cases or disable stop_at_plateau"
+        )
     run.make_curriculum()
     run.make_model()
     run.pipeline = choose_pipeline(config, run.store, run.train_idx)
     meta = run.restore(run.pipeline)
+    if not run.running() and (run.workdir / "summary.json").is_file():
+        run.writer.log(f"{run.workdir}: finished at step {run.step} already; nothing to train (summary.json kept)")
+        return json.loads((run.workdir / "summary.json").read_text())
     if run.step == 0 and config.eval.at_start and len(run.val_idx):
         run.evaluate(0, initial=True)
     run.t0 = time.time()

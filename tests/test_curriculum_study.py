@@ -161,6 +161,23 @@ def test_the_pilot_variants_differ_only_by_the_weight_average_and_length():
         d["optim"].pop("ema_decay")
         d.pop("steps"), d["eval"].pop("every_steps"), d["checkpoint"].pop("every_steps")
     assert c == ema == long == long9
+    assert not c["stop_at_plateau"]["enabled"]
+
+
+def test_the_stop_variant_is_long9000_validated_every_300_steps_and_stopped_at_a_plateau():
+    """`curriculum_study:stop` trains as `:long9000` (same cap, schedule, curricula) and differs only in how often
+    it validates and checkpoints and in ending a run at a plateau, not before every curriculum's pacing is done."""
+    from clips_jax.experiments.presets import GROW_FRACTION
+
+    long9, stop = (_load(f"curriculum_study:{v}").to_dict() for v in ("long9000", "stop"))
+    assert (stop["steps"], stop["eval"]["every_steps"], stop["checkpoint"]["every_steps"]) == (9000, 300, 300)
+    assert stop["stop_at_plateau"] == {"enabled": True, "after_steps": 4500, "min_last_evals": 3}
+    assert stop["stop_at_plateau"]["after_steps"] == GROW_FRACTION * stop["steps"]
+    # from step 4500 on, the last 20 % of the steps holds at least 3 validations every 300 steps
+    assert 0.2 * 4500 // stop["eval"]["every_steps"] >= stop["stop_at_plateau"]["min_last_evals"]
+    for d in (long9, stop):
+        d.pop("stop_at_plateau"), d["eval"].pop("every_steps"), d["checkpoint"].pop("every_steps")
+    assert long9 == stop
 
 
 @pytest.mark.parametrize(
@@ -248,6 +265,56 @@ def test_run_plateau_reads_the_run_folder_and_reports(tmp_path):
     assert csv_text[0] == ",".join(plateau.PLATEAU_COLUMNS) and csv_text[1].startswith("none,0,1,5,")
     assert rec["last_change"] == pytest.approx(0.452 - 0.45) and csv_text[1].endswith(",0.002")
     assert rec["n_last"] == 1 and csv_text[1].split(",")[plateau.PLATEAU_COLUMNS.index("n_last")] == "1"
+
+
+def test_stop_due_stops_at_the_first_step_the_rule_holds_with_enough_last_validations():
+    from clips_jax import convergence
+
+    # flat from the start: validations every 100 steps
+    flat = _curve([0.5] * 20)
+    due = [s for s, _ in flat if convergence.stop_due(flat, s, after_steps=0, min_last_evals=2, steps=5000)]
+    # 500 has 5 validations but only step 500 in its last 20 % (> 400); 600: (480, 600] holds 500 and 600
+    assert due[0] == 600
+    # each validation after it also satisfies the rule; the trainer stops at the first
+    assert due == [s for s, _ in flat if s >= 600]
+    first = lambda curve, **kw: next(  # noqa: E731
+        (s for s, _ in curve if convergence.stop_due(curve, s, **{"steps": 5000, **kw})), None
+    )
+    assert first(flat, after_steps=0, min_last_evals=3) == 1100  # (880, 1100] holds 900, 1000, 1100
+    assert first(flat, after_steps=1500, min_last_evals=2) == 1500  # never before after_steps
+    assert first(flat, after_steps=0, min_last_evals=2, steps=600) is None  # at `steps` the run ends anyway
+    # a rising curve never stops; one that rises and then falls stops once its last 20 % is past the peak
+    rising = _curve([0.01 * k for k in range(1, 21)])
+    assert first(rising, after_steps=0, min_last_evals=2) is None
+    peak = _curve([0.3, 0.5, 0.6, 0.7, 0.72, 0.71, 0.7, 0.69, 0.7, 0.68])
+    stop = first(peak, after_steps=0, min_last_evals=2)
+    assert stop is not None and plateau.plateau_check([p for p in peak if p[0] <= stop], stop)["plateaued"]
+    assert not plateau.plateau_check([p for p in peak if p[0] <= stop - 100], stop - 100)["plateaued"]
+    # only at a validation step, and points after `step` are ignored
+    assert not convergence.stop_due(flat, 650, after_steps=0, min_last_evals=2, steps=5000)
+    assert convergence.stop_due(flat, 600, after_steps=0, min_last_evals=2, steps=5000)
+
+
+def test_run_plateau_of_a_stopped_run_uses_the_step_it_stopped_at(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"steps": 3000}))
+    rows = [{"kind": "eval", "step": s, "val_dice": d} for s, d in _curve([0.2, 0.4, 0.5, 0.5, 0.5, 0.5], 100)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # judged over 3000 steps, the run has no validation in its last 20 %; it stopped at step 600
+    assert "last 20 %" in plateau.run_plateau(run)["reason"]
+    (run / "summary.json").write_text(json.dumps({"steps": 3000, "stopped_at_plateau": 600}))
+    rec = plateau.run_plateau(run)
+    assert rec["plateaued"] and rec["boundary_step"] == pytest.approx(480) and rec["n_last"] == 2
+    assert rec["end_step"] == 600 and rec["stopped"]
+    # results.md says which runs the trainer stopped, and that they plateaued by construction
+    full = {**plateau.plateau_check(_curve([0.5] * 30), 3000), "end_step": 3000, "stopped": False}
+    md = "\n".join(plateau.plateau_lines({"none": {0: rec, 1: full}}))
+    assert "1 of the 2 runs were stopped at a plateau by the trainer" in md and "steps 600 to 600" in md
+    assert "by construction" in md
+    assert "stopped at a plateau" not in "\n".join(plateau.plateau_lines({"none": {1: full}}))
+    (run / "summary.json").write_text(json.dumps({"steps": 3000, "stopped_at_plateau": None}))
+    assert not plateau.run_plateau(run)["plateaued"]
 
 
 def test_pooled_plateau_paragraph_gives_the_mean_gain_interval_and_end_jitter():

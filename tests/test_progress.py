@@ -108,6 +108,20 @@ def test_the_report_counts_runs_names_failures_and_the_time_left(tmp_path):
     assert progress.status_lines([], STEPS)[-1] == "- training time left: not known until a run has finished"
 
 
+def test_a_run_stopped_at_a_plateau_is_finished_at_its_stop_step(tmp_path):
+    wd = tmp_path / "wd"
+    stopped = wd / "runs/none/seed0"
+    _finished(stopped, _evals([0.5, 0.6, 0.7, 0.7, 0.7, 0.7]), wall_s=300)
+    (stopped / "summary.json").write_text(json.dumps({"steps": STEPS, "wall_s": 300, "stopped_at_plateau": 600}))
+    rec = progress.run_states(wd, ["none"], 1, STEPS)[0]
+    # judged over its 600 steps (over 1000 it would have no validation in its last 20 %)
+    assert rec["state"] == "finished" and rec["step"] == 600 and rec["stopped"] and rec["plateau"]["plateaued"]
+    text = "\n".join(progress.status_lines([rec], STEPS))
+    assert "| none | 0 | finished (at a plateau) | 600 / 1000 | yes (+0.000) | 5 |" in text
+    # its pace is 300 s / 600 steps; nothing is left, and the estimate says runs may stop early
+    assert "(8 min per run," in text and "an upper bound" in text
+
+
 def test_read_metrics_reads_an_archived_log(tmp_path):
     _finished(tmp_path / "run", _evals([0.1, 0.2]), wall_s=1, gz=True)
     assert [r["step"] for r in read_metrics(tmp_path / "run", "eval")] == [100, 200]

@@ -127,6 +127,69 @@ def test_kill_and_resume_gives_identical_losses(phantom_cache, tmp_path):
     assert ev_a == pytest.approx(ev_b, abs=1e-6)
 
 
+@pytest.mark.parametrize("pipeline", ["device", "host"])
+def test_stop_at_plateau_ends_the_run_there_and_it_stays_stopped(phantom_cache, tmp_path, pipeline):
+    # learning rate 0: the validation Dice is the same at every step, a plateau as soon as the rule can say so.
+    # Validations every 2 steps from step 10 with 2 of them in the last 20 %: at step 10 only step 10 is in
+    # (8, 10]; at step 12, (9.6, 12] holds steps 10 and 12, so the run stops at 12 of its 40
+    stop = {
+        "steps": 40,
+        "optim.lr": 0.0,
+        "eval.every_steps": 2,
+        "checkpoint.every_steps": 5,  # step 12 is no checkpoint step: the stop writes one
+        "eval.at_start": False,
+        "data.pipeline": pipeline,
+        "stop_at_plateau.enabled": True,
+        "stop_at_plateau.after_steps": 10,
+        "stop_at_plateau.min_last_evals": 2,
+    }
+    run = tmp_path / "run"
+    summary = trainer.train_and_evaluate(tiny_config(phantom_cache, **stop), run)
+    assert summary["stopped_at_plateau"] == 12 and summary["steps_this_run"] == 12 and summary["steps"] == 40
+    assert max(losses_by_step(run)) == 12 and trainer.read_metrics(run, "eval")[-1]["step"] == 12
+    last_mgr, _ = trainer.runs.checkpoint_managers(run, 3)
+    assert last_mgr.latest_step() == 12
+    from clips_jax.experiments import plateau
+
+    rec = plateau.run_plateau(run)
+    assert rec["plateaued"] and rec["n_last"] == 2 and rec["boundary_step"] == pytest.approx(9.6)
+    if pipeline == "host":
+        return
+    # the same command again trains nothing and keeps the summary
+    again = trainer.train_and_evaluate(tiny_config(phantom_cache, **stop), run)
+    assert again == summary and max(losses_by_step(run)) == 12
+    # interrupted after the stop's checkpoint, before its summary: the resumed run stops at once
+    (run / "summary.json").unlink()
+    resumed = trainer.train_and_evaluate(tiny_config(phantom_cache, **stop), run)
+    assert resumed["stopped_at_plateau"] == 12 and resumed["steps_this_run"] == 0 and max(losses_by_step(run)) == 12
+    # another stop rule cannot continue this run
+    with pytest.raises(trainer.ConfigError, match="stop_at_plateau.min_last_evals"):
+        trainer.train_and_evaluate(tiny_config(phantom_cache, **{**stop, "stop_at_plateau.min_last_evals": 3}), run)
+    # and the rule needs validations
+    with pytest.raises(trainer.ConfigError, match="eval.every_steps"):
+        trainer.train_and_evaluate(tiny_config(phantom_cache, **{**stop, "eval.every_steps": 0}), tmp_path / "x")
+
+
+def test_validation_and_checkpoint_periods_do_not_change_training(phantom_cache, tmp_path):
+    # what lets a run stopped at a plateau stand for the first part of a fixed-length run of its seed
+    # (curriculum_study:stop against :long9000): validating (a weight average) and checkpointing more or less
+    # often leaves the batches and updates alone
+    base = {"steps": 8, "optim.ema_decay": 0.9, "eval.at_start": False}
+    a = trainer.train_and_evaluate(
+        tiny_config(phantom_cache, **base, **{"eval.every_steps": 2, "checkpoint.every_steps": 2}), tmp_path / "a"
+    )
+    b = trainer.train_and_evaluate(
+        tiny_config(phantom_cache, **base, **{"eval.every_steps": 4, "checkpoint.every_steps": 3}), tmp_path / "b"
+    )
+    ra, rb = trainer.read_metrics(tmp_path / "a", "train"), trainer.read_metrics(tmp_path / "b", "train")
+    assert [r["cases"] for r in ra] == [r["cases"] for r in rb] and len(ra) == 8
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+    ea = {r["step"]: r["val_dice"] for r in trainer.read_metrics(tmp_path / "a", "eval")}
+    eb = {r["step"]: r["val_dice"] for r in trainer.read_metrics(tmp_path / "b", "eval")}
+    assert sorted(ea) == [2, 4, 6, 8] and sorted(eb) == [4, 8] and all(ea[s] == eb[s] for s in eb)
+    assert a["final"] == b["final"]
+
+
 def test_nonfinite_guard_skips_updates_and_stops(phantom_cache, tmp_path):
     # One poisoned step: skipped, counted, training goes on with finite losses.
     s = trainer.train_and_evaluate(tiny_config(phantom_cache, **{"debug.poison_steps": (3,)}), tmp_path / "one")

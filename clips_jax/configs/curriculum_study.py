@@ -27,6 +27,15 @@ study on phantoms", has the pilot, the time it takes and where its results go.) 
 
       clips-compare --config curriculum_study:long9000 --steps 0 --seeds 5 --controls \
           --workdir runs/curriculum_study_9000 --archive docs/results/curriculum_study_9000
+* "stop": "long9000" validated every 300 steps (30 validations at most) and stopped at a plateau
+  (`stop_at_plateau`): from step 4500, when every curriculum's pacing has reached the whole training set
+  (`clips_jax.experiments.presets.GROW_FRACTION` of the 9000 steps), a run ends at the first validation at which
+  the per-run rule below holds, with at least 3 validations in its last 20 % (900 steps or more). 9000 steps
+  is then the most a run trains; the learning rate's cosine and the curricula's schedules still span all 9000,
+  so a stopped run trained exactly as the first part of a "long9000" run of its seed would (docs/experiments.md,
+  "Runs that stop at a plateau"). Why: in fixed-length runs the rule failed for a few runs of every study
+  (longer runs did not fix it: "long9000"), and a run that is still gaining should go on while one that has
+  stopped gaining should not.
 
 What differs from `default.py` (the small U-Net, 32^3 patches, batch 2 and the loss stay):
 
@@ -58,6 +67,8 @@ import pathlib
 
 import ml_collections
 
+from clips_jax.experiments.presets import GROW_FRACTION
+
 # Load the sibling default config by path (config files are loaded by path, not as a package).
 _spec = importlib.util.spec_from_file_location("clips_default_config", pathlib.Path(__file__).with_name("default.py"))
 default = importlib.util.module_from_spec(_spec)
@@ -65,6 +76,10 @@ _spec.loader.exec_module(default)
 
 #: Validations (and checkpoints) per run: at least 5 are needed by the plateau check, 2 of them in the last 20 %.
 EVALS = 10
+
+#: Validations per run of the "stop" variant (at most: a run stopped at a plateau has fewer), dense enough that
+#: the last 20 % of a run stopped from step 4500 on holds at least 3.
+STOP_EVALS = 30
 
 #: The decay of the "ema", "long" and "long9000" variants: a time constant of 1 / (1 - 0.998) = 500 steps (a sixth
 #: of a 3000-step run, a twelfth of a 6000-step one, an eighteenth of a 9000-step one).
@@ -74,15 +89,15 @@ EMA_DECAY = 0.998
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The study config (module docstring); `variant` "" (3000-step runs), "first" (the first study's 1500) or
     "ema" (3000-step runs validating a weight average), "long" or "long9000" (6000- or 9000-step runs validating
-    a weight average)."""
-    variants = ("", "first", "ema", "long", "long9000")
+    a weight average), "stop" ("long9000" validated every 300 steps and stopped at a plateau)."""
+    variants = ("", "first", "ema", "long", "long9000", "stop")
     if variant not in variants:
         raise ValueError(f"unknown variant {variant!r} of clips_jax/configs/curriculum_study.py (one of {variants})")
     c = default.get_config()
-    c.steps = {"first": 1500, "long": 6000, "long9000": 9000}.get(variant, 3000)
+    c.steps = {"first": 1500, "long": 6000, "long9000": 9000, "stop": 9000}.get(variant, 3000)
     c.log_every = 50
     c.optim.lr = 3e-3
-    if variant in ("ema", "long", "long9000"):
+    if variant in ("ema", "long", "long9000", "stop"):
         c.optim.ema_decay = EMA_DECAY
 
     c.data.spacing_mm = 3.0
@@ -97,6 +112,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.eval.at_start = False  # the untrained model's Dice (~0) is the same for every run
 
-    c.eval.every_steps = c.steps // EVALS
-    c.checkpoint.every_steps = c.steps // EVALS
+    c.eval.every_steps = c.steps // (STOP_EVALS if variant == "stop" else EVALS)
+    c.checkpoint.every_steps = c.eval.every_steps
+    if variant == "stop":
+        c.stop_at_plateau.enabled = True
+        c.stop_at_plateau.after_steps = round(GROW_FRACTION * c.steps)
+        c.stop_at_plateau.min_last_evals = 3
     return c

@@ -94,6 +94,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.eval.tile_step = (24, 24, 24)  # 128 tiles per case, with the evaluator's last tile flush with each axis' end
     c.eval.batch_size = 2
 
+    # Stop at a plateau: end the run at the first validation from step `after_steps` at which the best validation
+    # Dice of the last 20 % of its steps is at most 0.01 above the best before (clips_jax/convergence.py, the rule
+    # the curriculum comparison judges runs by), with at least `min_last_evals` validations in that last 20 %.
+    # `steps` is then the most the run trains (and what the learning-rate schedule spans).
+    c.stop_at_plateau = ml_collections.ConfigDict()
+    c.stop_at_plateau.enabled = False
+    c.stop_at_plateau.after_steps = 0
+    c.stop_at_plateau.min_last_evals = 3
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 3

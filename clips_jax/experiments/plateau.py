@@ -7,11 +7,12 @@ where they end. The criterion (docs/experiments.md, "A powered, controlled study
     a run has plateaued when the best validation Dice of its last 20 % of steps is no more than 0.01 above
     the best validation Dice before them, and it validated at least 5 times.
 
-`plateau_check(curve, steps)` applies it to a validation curve [(step, Dice), ...]; `run_plateau(run_dir)`
-reads a run's curve from its `metrics.jsonl`, or an archived run's `metrics.jsonl.gz`
-(`clips_jax.runs.read_metrics`, the "eval" rows; the untrained model's step-0 validation is not counted) and
-its length from `config.json` unless given. `plateau_lines` gives the section of the comparison's results.md:
-per experiment, then all runs pooled (`pooled_plateau_lines`).
+`plateau_check(curve, steps)` (defined in `clips_jax.convergence`, which the trainer's stop-at-plateau shares)
+applies it to a validation curve [(step, Dice), ...]; `run_plateau(run_dir)` reads a run's curve from its
+`metrics.jsonl`, or an archived run's `metrics.jsonl.gz` (`clips_jax.runs.read_metrics`, the "eval" rows; the
+untrained model's step-0 validation is not counted) and its length: the step it stopped at when the trainer
+stopped it at a plateau (summary.json), else its `config.json` steps. `plateau_lines` gives the section of the
+comparison's results.md: per experiment, then all runs pooled (`pooled_plateau_lines`).
 `clips_jax.experiments.compare_curricula` keeps one record per run, also in `WORKDIR/plateau.csv`.
 """
 
@@ -24,14 +25,13 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-#: The last fraction of the steps whose best validation is compared with the best before it.
-LAST_FRACTION = 0.2
-
-#: How much the best validation Dice of the last fraction may exceed the best before (Dice units).
-TOLERANCE = 0.01
-
-#: Validations (after step 0) a run needs for the check to pass.
-MIN_EVALS = 5
+from clips_jax.convergence import (  # noqa: F401 - the criterion, re-exported (its users read it here)
+    LAST_FRACTION,
+    MIN_EVALS,
+    TOLERANCE,
+    end_step,
+    plateau_check,
+)
 
 #: The columns of WORKDIR/plateau.csv (one row per run).
 PLATEAU_COLUMNS = (
@@ -47,57 +47,6 @@ PLATEAU_COLUMNS = (
     "reason",
     "last_change",
 )
-
-
-def plateau_check(
-    curve: Sequence[tuple[int, float]],
-    steps: int,
-    *,
-    last_fraction: float = LAST_FRACTION,
-    tolerance: float = TOLERANCE,
-    min_evals: int = MIN_EVALS,
-) -> dict:
-    """Apply the plateau criterion (module docstring) to one validation curve.
-
-    Args:
-      curve: (step, validation Dice) pairs; steps <= 0 (the untrained model) and non-finite Dice are ignored.
-      steps: the run's number of training steps (> 0).
-      last_fraction, tolerance, min_evals: the criterion's parameters.
-    Returns:
-      {"plateaued": bool, "n_evals": validations counted, "boundary_step": steps * (1 - last_fraction)
-      (validations after it are "last"; "n_last" of them), "best_before", "best_last": the best Dice of each
-      part (NaN when the part is empty), "gain": best_last - best_before, "reason": "" when plateaued, else why not,
-      "last_change": the last validation's Dice minus the one before it (NaN with fewer than 2): how much the
-      validation Dice still moves between checkpoints at the end of the run, to set a single run's gain against}.
-    """
-    if int(steps) <= 0:
-        raise ValueError(f"plateau_check: steps={steps} must be > 0")
-    boundary = float(steps) * (1.0 - float(last_fraction))
-    pts = sorted((int(s), float(d)) for s, d in curve if int(s) > 0 and d is not None and math.isfinite(float(d)))
-    before = [d for s, d in pts if s <= boundary]
-    last = [d for s, d in pts if s > boundary]
-    best_before = max(before) if before else float("nan")
-    best_last = max(last) if last else float("nan")
-    gain = best_last - best_before
-    if len(pts) < int(min_evals):
-        reason = f"{len(pts)} validations (need >= {int(min_evals)})"
-    elif not before or not last:
-        reason = f"no validation {'before' if not before else 'in the last'} {100 * last_fraction:g} % of the steps"
-    elif gain > float(tolerance):
-        reason = f"still improving: best of the last {100 * last_fraction:g} % is {gain:+.3f} above the best before"
-    else:
-        reason = ""
-    return {
-        "plateaued": reason == "",
-        "n_evals": len(pts),
-        "boundary_step": boundary,
-        "best_before": best_before,
-        "best_last": best_last,
-        "gain": gain,
-        "n_last": len(last),
-        "reason": reason,
-        "last_change": pts[-1][1] - pts[-2][1] if len(pts) >= 2 else float("nan"),
-    }
 
 
 def verdict(record: Mapping) -> bool | None:
@@ -117,11 +66,19 @@ def validation_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
 
 
 def run_plateau(run_dir: str | os.PathLike, steps: int | None = None, **criterion) -> dict:
-    """`plateau_check` of a run folder's validation curve; `steps` defaults to the run's `config.json` steps.
-    `criterion`: last_fraction / tolerance / min_evals overrides."""
+    """`plateau_check` of a run folder's validation curve over the run's length: `steps` (default: the run's
+    `config.json` steps), or the step the run stopped at when its summary.json says it stopped at a plateau
+    (`clips_jax.convergence.end_step`). `criterion`: last_fraction / tolerance / min_evals overrides.
+    Returns: the `plateau_check` record plus "end_step" (int: the length it was judged over) and "stopped" (bool:
+    the trainer stopped the run at a plateau before `steps`)."""
     if steps is None:
         steps = int(json.loads((Path(run_dir) / "config.json").read_text())["steps"])
-    return plateau_check(validation_curve(run_dir), int(steps), **criterion)
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    end = end_step(summary, int(steps))
+    return {**plateau_check(validation_curve(run_dir), end, **criterion), "end_step": end, "stopped": end < int(steps)}
 
 
 def plateau_lines(records: Mapping[str, Mapping[int, Mapping]]) -> list[str]:
@@ -160,7 +117,24 @@ def plateau_lines(records: Mapping[str, Mapping[int, Mapping]]) -> list[str]:
         out += ["Runs that did not plateau:", "", *failures, ""]
     else:
         out += ["Every run plateaued.", ""]
-    return out + pooled_plateau_lines(records)
+    return out + _stopped_lines(records) + pooled_plateau_lines(records)
+
+
+def _stopped_lines(records: Mapping[str, Mapping[int, Mapping]]) -> list[str]:
+    """A paragraph on the runs the trainer stopped at a plateau (`stop_at_plateau`; `run_plateau`'s "stopped"),
+    or [] when none was: how many, and at which steps. They pass the rule by construction: it is what stopped
+    them."""
+    recs = [r for by_seed in records.values() for r in by_seed.values()]
+    ends = sorted(int(r["end_step"]) for r in recs if r.get("stopped"))
+    if not ends:
+        return []
+    median = ends[len(ends) // 2] if len(ends) % 2 else (ends[len(ends) // 2 - 1] + ends[len(ends) // 2]) / 2
+    return [
+        f"{len(ends)} of the {len(recs)} runs were stopped at a plateau by the trainer (`stop_at_plateau`), at steps "
+        f"{ends[0]} to {ends[-1]} (median {median:g}); they plateaued by construction, since this rule stopped them "
+        "(judged over the steps they trained). The other runs trained their full length and were judged over it.",
+        "",
+    ]
 
 
 def pooled_plateau_lines(records: Mapping[str, Mapping[int, Mapping]]) -> list[str]:

@@ -81,8 +81,9 @@ def _last_step(run_dir: Path) -> int:
 def _finished_record(rec: dict, run_dir: Path, where: str, steps: int) -> dict:
     """`rec` filled in for a finished run read from `run_dir` ("workdir" or "archive")."""
     summary = _summary(run_dir)
-    rec.update(state="finished", where=where, step=int(steps), plateau=plateau.run_plateau(run_dir, int(steps)))
-    rec.update(wall_s=summary.get("wall_s"), start_step=int(summary.get("start_step", 0)))
+    end = plateau.end_step(summary, int(steps))
+    rec.update(state="finished", where=where, step=end, plateau=plateau.run_plateau(run_dir, int(steps)))
+    rec.update(wall_s=summary.get("wall_s"), start_step=int(summary.get("start_step", 0)), stopped=end < int(steps))
     return rec
 
 
@@ -93,12 +94,13 @@ def run_state(workdir: Path, archive: Path | None, name: str, seed: int, steps: 
       training steps; model: the run is the transfer teacher's, restored from the archive only with its model.
     Returns: {"experiment": name, "seed": seed, "state": "finished" | "started" | "not started", "where":
       "workdir" | "archive" | "" (where its records were read: an archived run is restored at the next start),
-      "step": int (the last logged training step; `steps` when finished), "plateau": `plateau.run_plateau`'s
-      record for a finished run, else None, "wall_s": float | None (summary.json: the training time in seconds
-      of the process that finished the run), "start_step": int (the step that process started from: 0 unless
-      the run was resumed)}."""
+      "step": int (the last logged training step; when finished, `steps` or the step it stopped at by
+      `stop_at_plateau`: `plateau.end_step`), "stopped": bool (finished before `steps` at a plateau),
+      "plateau": `plateau.run_plateau`'s record for a finished run, else None, "wall_s": float | None
+      (summary.json: the training time in seconds of the process that finished the run), "start_step": int (the
+      step that process started from: 0 unless the run was resumed)}."""
     rec = {"experiment": name, "seed": seed, "state": "not started", "where": "", "step": 0, "plateau": None}
-    rec.update(wall_s=None, start_step=0)
+    rec.update(wall_s=None, start_step=0, stopped=False)
     run_dir = archive_lib.run_path(workdir, name, seed)
     if run_finished(run_dir, steps):
         return _finished_record(rec, run_dir, "workdir", steps)
@@ -137,17 +139,18 @@ def _run_line(r: Mapping, steps: int) -> str:
         verdict = f"{label} ({gain:+.3f})" if math.isfinite(gain) else label
     if r["wall_s"] is not None:
         minutes = f"{r['wall_s'] / 60:.0f}" + (f" (from step {r['start_step']})" if r["start_step"] else "")
-    state = r["state"] + (" (archive)" if r["where"] == "archive" else "")
+    state = r["state"] + (" (archive)" if r["where"] == "archive" else "") + (" (at a plateau)" if r["stopped"] else "")
     return f"| {r['experiment']} | {r['seed']} | {state} | {r['step']} / {steps} | {verdict} | {minutes} |"
 
 
 def _time_left_line(records: Sequence[Mapping], steps: int) -> str:
     """The training time left: the unfinished steps at the median pace of the finished runs (a resumed run's
-    pace from the steps its last process trained)."""
+    pace from the steps its last process trained; a run stopped at a plateau from the steps it trained). Runs
+    that may stop at a plateau make it an upper bound, said so once a finished run has stopped early."""
     paces = [
-        r["wall_s"] / (steps - r["start_step"])
+        r["wall_s"] / (r["step"] - r["start_step"])
         for r in records
-        if r["state"] == "finished" and r["wall_s"] is not None and r["start_step"] < steps
+        if r["state"] == "finished" and r["wall_s"] is not None and r["start_step"] < r["step"]
     ]
     if not paces:
         return "- training time left: not known until a run has finished"
@@ -157,6 +160,11 @@ def _time_left_line(records: Sequence[Mapping], steps: int) -> str:
         f"- training time left: about {left / 3600:.1f} h of process time at the finished runs' median pace "
         f"({pace * steps / 60:.0f} min per run, at the pace of the processes that trained them); with N such "
         "processes side by side about 1/N of it elapses"
+        + (
+            "; an upper bound, since runs stop at a plateau before their last step"
+            if any(r["stopped"] for r in records)
+            else ""
+        )
     )
 
 
