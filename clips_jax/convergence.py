@@ -95,14 +95,24 @@ def stop_due(
       min_last_evals: validations the last 20 % of [0, step] must hold (>= 1): how long the run must have
         stayed flat; with validations every p steps the run has been flat for at least (min_last_evals - 1) * p.
       steps: the run's configured length; a run at `steps` ends anyway and is not "stopped".
-    Returns: True when `step` < `steps`, `step` >= `after_steps`, the last point of `curve` is at `step`, and
-      `plateau_check(curve, step)` holds with at least `min_last_evals` validations in its last part.
+    Returns: True when `step` < `steps`, `step` >= `after_steps`, the last point of `curve` is a finite Dice at
+      `step`, and `plateau_check(curve, step)` holds with at least `min_last_evals` validations in its last part.
     """
-    pts = [(int(s), d) for s, d in curve if 0 < int(s) <= int(step)]
+    pts = [(int(s), float(d)) for s, d in curve if 0 < int(s) <= int(step) and d is not None and math.isfinite(d)]
     if not pts or max(s for s, _ in pts) != int(step) or not int(after_steps) <= int(step) < int(steps):
         return False
     rec = plateau_check(pts, int(step))
     return bool(rec["plateaued"]) and rec["n_last"] >= max(1, int(min_last_evals))
+
+
+def can_stop(steps: int, every_steps: int, *, after_steps: int, min_last_evals: int) -> bool:
+    """Whether `stop_due` can ever stop a run of `steps` steps validated every `every_steps` steps: does a flat
+    validation curve stop at some validation step before `steps`? (False: the settings can never stop a run,
+    e.g. `after_steps` >= `steps`, or too few validations for the rule's 5 or for `min_last_evals`.)"""
+    if int(every_steps) <= 0:
+        return False
+    flat = [(s, 0.5) for s in range(int(every_steps), int(steps), int(every_steps))]
+    return any(stop_due(flat, s, after_steps=after_steps, min_last_evals=min_last_evals, steps=steps) for s, _ in flat)
 
 
 def end_step(summary: Mapping, steps: int) -> int:

@@ -543,9 +543,10 @@ def stream_settings(config, teacher: str | None = None) -> dict:
 
 
 def check_stop_settings(config) -> None:
-    """ConfigError for `stop_at_plateau` settings a run cannot follow: enabled without validations
-    (`eval.every_steps` 0, or an empty validation split: checked when the data is open), `after_steps` < 0 or
-    `min_last_evals` < 1."""
+    """ConfigError for `stop_at_plateau` settings a run cannot follow or that could never stop it: `after_steps`
+    < 0, `min_last_evals` < 1, no validations (`eval.every_steps` 0; an empty validation split is checked when
+    the data is open), or validations too sparse or too late for the rule before `steps`
+    (`convergence.can_stop`)."""
     c = config.get("stop_at_plateau")
     if c is None or not c.enabled:
         return
@@ -554,10 +555,14 @@ def check_stop_settings(config) -> None:
             f"stop_at_plateau.after_steps={c.after_steps}, min_last_evals={c.min_last_evals}: use after_steps >= 0 "
             "and min_last_evals >= 1"
         )
-    if not int(config.eval.every_steps):
+    every, steps = int(config.eval.every_steps), int(config.steps)
+    if not convergence.can_stop(steps, every, after_steps=int(c.after_steps), min_last_evals=int(c.min_last_evals)):
         raise ConfigError(
-            "stop_at_plateau.enabled needs validations to judge the plateau by: set eval.every_steps > 0 "
-            "(or disable stop_at_plateau)"
+            f"stop_at_plateau.enabled, but with validations every {every} steps (eval.every_steps) from step "
+            f"{c.after_steps} (after_steps) a run of {steps} steps could never stop: the rule needs "
+            f"{convergence.MIN_EVALS} validations and {c.min_last_evals} (min_last_evals) in the last "
+            f"{100 * convergence.LAST_FRACTION:g} % of the steps before `steps`. Validate more often, lower "
+            "after_steps or min_last_evals, or disable stop_at_plateau"
         )
 
 
@@ -662,16 +667,28 @@ class _Run:
             self.state, self.cur_state, meta = runs.restore_last(self.last_mgr, self.state, self.cur_state, self.repl)
             self.step = int(meta["step"])
             self.writer.log(f"resumed from {self.workdir / 'checkpoints' / 'last'} at step {self.step}")
-            self.val_curve = [
-                (int(r["step"]), r.get("val_dice"))
-                for r in read_metrics(self.workdir, "eval")
-                if 0 < r["step"] <= self.step
-            ]
+            self.restore_validations()
             self.check_plateau_stop(self.step)  # a run that had stopped there stays stopped
         self.start_step = self.summary["start_step"] = self.step
         if jax.process_index() == 0:  # after the resume check: a refused resume leaves the run's config.json alone
             write_text_atomic(self.workdir / "config.json", self.config.to_json_best_effort(indent=1, sort_keys=True))
         return meta
+
+    def restore_validations(self) -> None:
+        """After a resume: the validation curve up to the restored step (for `stop_at_plateau`) and the summary's
+        "initial", "final" and "best" validations, from the run's metrics.jsonl (rows after the step, logged
+        before an interruption, are dropped; they are logged again)."""
+        rows = [r for r in read_metrics(self.workdir, "eval") if int(r["step"]) <= self.step]
+        heads = {int(r["step"]): {k: v for k, v in r.items() if k not in ("kind", "step", "cases")} for r in rows}
+        self.val_curve = [(s, h.get("val_dice")) for s, h in sorted(heads.items()) if s > 0]
+        if 0 in heads:
+            self.summary["initial"] = heads[0]
+        if self.val_curve:
+            self.summary["final"] = heads[self.val_curve[-1][0]]
+            finite = [(s, d) for s, d in self.val_curve if d is not None and np.isfinite(d)]
+            if finite:
+                best = max(finite, key=lambda p: p[1])[0]  # the first of equal maxima, as `evaluate` keeps it
+                self.summary["best"] = {"step": best, **heads[best]}
 
     def check_resumable(self, meta: dict, pipeline: str) -> None:
         """ConfigError unless a checkpoint with `meta` can be resumed by this run: the same data path, the same
@@ -773,13 +790,17 @@ class _Run:
         c = self.config.get("stop_at_plateau")
         if c is None or not c.enabled or self.stopped_at is not None:
             return
-        if convergence.stop_due(
+        # never during a non-finite streak (no checkpoint could be written at the stop)
+        due = int(jax.device_get(self.state["nonfinite"])) == 0 and convergence.stop_due(
             self.val_curve,
             step_no,
             after_steps=int(c.after_steps),
             min_last_evals=int(c.min_last_evals),
             steps=int(self.config.steps),
-        ):
+        )
+        if jax.process_count() > 1:  # process 0's decision (it alone reads metrics.jsonl after a resume)
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        if due:
             self.stopped_at = step_no
             self.writer.log(
                 f"step {step_no}: validation Dice has plateaued (best of the last {100 * convergence.LAST_FRACTION:g} "

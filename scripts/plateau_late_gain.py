@@ -100,6 +100,16 @@ def train_run(base, experiment: str, seed: int, run_dir: Path, train: bool = Tru
     return cfg, store
 
 
+def run_end(run_dir: Path, cfg) -> int:
+    """The step a finished run ended at: `cfg.steps`, or the step the trainer stopped it at a plateau
+    (summary.json's `stopped_at_plateau`; `clips_jax.convergence.end_step`)."""
+    from clips_jax.convergence import end_step
+
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return end_step(summary, int(cfg.steps))
+
+
 def checkpoint_steps(run_dir: Path, cfg, kept_only: bool = False) -> list[int]:
     """The kept checkpoint steps of `run_dir/checkpoints/last`; ConfigError naming the run when a validation
     step has none (unless `kept_only`) or, with `kept_only`, when fewer than 2 are kept."""
@@ -113,7 +123,7 @@ def checkpoint_steps(run_dir: Path, cfg, kept_only: bool = False) -> list[int]:
             raise ConfigError(f"{run_dir}: --kept needs at least 2 kept checkpoints, found {kept}")
         return kept
     every = int(cfg.eval.every_steps)
-    missing = [s for s in range(every, int(cfg.steps) + 1, every) if s not in kept]
+    missing = [s for s in range(every, run_end(run_dir, cfg) + 1, every) if s not in kept]
     if missing:
         raise ConfigError(
             f"{run_dir}: no checkpoint of validation step(s) {missing} (kept: {kept}); this script needs every "
@@ -287,7 +297,7 @@ def main(argv: list[str]) -> int:
     if kept:
         report_kept(rows)
     else:
-        report(rows, int(cfg.steps))
+        report(rows, run_end(run_dir, cfg))
     print(f"written: {out}")
     return 0
 

@@ -293,6 +293,18 @@ def test_stop_due_stops_at_the_first_step_the_rule_holds_with_enough_last_valida
     # only at a validation step, and points after `step` are ignored
     assert not convergence.stop_due(flat, 650, after_steps=0, min_last_evals=2, steps=5000)
     assert convergence.stop_due(flat, 600, after_steps=0, min_last_evals=2, steps=5000)
+    # never at a step whose validation Dice is not finite
+    nan_at_600 = [(s, float("nan") if s == 600 else d) for s, d in flat]
+    assert not convergence.stop_due(nan_at_600, 600, after_steps=0, min_last_evals=2, steps=5000)
+    # nor counted: at 700 the last 20 %, (560, 700], holds one finite validation; at 800 two
+    assert not convergence.stop_due(nan_at_600, 700, after_steps=0, min_last_evals=2, steps=5000)
+    assert convergence.stop_due(nan_at_600, 800, after_steps=0, min_last_evals=2, steps=5000)
+    # settings that can stop some run, and settings that never can
+    assert convergence.can_stop(9000, 300, after_steps=4500, min_last_evals=3)
+    assert not convergence.can_stop(9000, 900, after_steps=4500, min_last_evals=3)  # 1 validation in (3600, 4500]
+    assert not convergence.can_stop(9000, 300, after_steps=9000, min_last_evals=1)  # at 9000 the run ends anyway
+    assert not convergence.can_stop(400, 100, after_steps=0, min_last_evals=1)  # 3 validations before step 400
+    assert not convergence.can_stop(9000, 0, after_steps=0, min_last_evals=1)
 
 
 def test_run_plateau_of_a_stopped_run_uses_the_step_it_stopped_at(tmp_path):

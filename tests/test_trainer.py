@@ -158,16 +158,29 @@ def test_stop_at_plateau_ends_the_run_there_and_it_stays_stopped(phantom_cache, 
     # the same command again trains nothing and keeps the summary
     again = trainer.train_and_evaluate(tiny_config(phantom_cache, **stop), run)
     assert again == summary and max(losses_by_step(run)) == 12
-    # interrupted after the stop's checkpoint, before its summary: the resumed run stops at once
+    # interrupted after the stop's checkpoint, before its summary: the resumed run stops at once, and its
+    # summary keeps the validations from metrics.jsonl
     (run / "summary.json").unlink()
     resumed = trainer.train_and_evaluate(tiny_config(phantom_cache, **stop), run)
     assert resumed["stopped_at_plateau"] == 12 and resumed["steps_this_run"] == 0 and max(losses_by_step(run)) == 12
+    assert resumed["final"] == summary["final"] and resumed["best"] == summary["best"]
+    # interrupted before the stop (last checkpoint at step 10): the curve is rebuilt from metrics.jsonl, so the
+    # resumed run stops at 12 as the uninterrupted one did (with only its own validations it would need 5 more
+    # and stop at 20)
+    broken = tmp_path / "broken"
+    with pytest.raises(SystemExit):
+        trainer.train_and_evaluate(tiny_config(phantom_cache, **{**stop, "debug.stop_after_steps": 11}), broken)
+    assert max(losses_by_step(broken)) == 11
+    again = trainer.train_and_evaluate(tiny_config(phantom_cache, **stop), broken)
+    assert again["start_step"] == 10 and again["stopped_at_plateau"] == 12 and max(losses_by_step(broken)) == 12
+    assert again["best"] == summary["best"]
     # another stop rule cannot continue this run
     with pytest.raises(trainer.ConfigError, match="stop_at_plateau.min_last_evals"):
         trainer.train_and_evaluate(tiny_config(phantom_cache, **{**stop, "stop_at_plateau.min_last_evals": 3}), run)
-    # and the rule needs validations
-    with pytest.raises(trainer.ConfigError, match="eval.every_steps"):
-        trainer.train_and_evaluate(tiny_config(phantom_cache, **{**stop, "eval.every_steps": 0}), tmp_path / "x")
+    # and settings that could never stop a run are refused: no validations, or none from after_steps on
+    for bad in ({"eval.every_steps": 0}, {"stop_at_plateau.after_steps": 40}):
+        with pytest.raises(trainer.ConfigError, match="could never stop"):
+            trainer.train_and_evaluate(tiny_config(phantom_cache, **{**stop, **bad}), tmp_path / "x")
 
 
 def test_validation_and_checkpoint_periods_do_not_change_training(phantom_cache, tmp_path):

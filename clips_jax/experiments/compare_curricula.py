@@ -82,8 +82,9 @@ def learning_curves_png(curves: Mapping[str, Sequence[Sequence[Mapping]]], path:
     """Train loss and validation Dice vs step per curriculum (mean over seeds), as a PNG (atomic).
 
     Args: curves: curriculum -> one `trainer.read_metrics(run)` row list per seed.
-    The train loss is smoothed by a running mean over 10 steps; seeds are averaged at each step over the runs that
-    reached it (a run stopped at a plateau, `stop_at_plateau`, leaves the means after its last step).
+    The train loss is smoothed by a running mean over 10 steps; seeds are averaged at the steps they share, so a
+    curriculum's curves end at its earliest run's last step when runs stopped at a plateau (`stop_at_plateau`): a
+    mean over the runs still training after that would drift towards the runs that had not stopped.
     Curricula take the 10 default colours in order, then the same colours dashed (the study has 11).
     """
     import matplotlib
@@ -102,7 +103,7 @@ def learning_curves_png(curves: Mapping[str, Sequence[Sequence[Mapping]]], path:
                 for r in rows:
                     if r.get("kind") == kind and r.get(key) is not None:
                         by_step.setdefault(int(r["step"]), []).append(float(r[key]))
-            steps = sorted(by_step)
+            steps = sorted(s for s, v in by_step.items() if len(v) == len(runs))
             if not steps:
                 continue
             y = np.array([np.mean(by_step[s]) for s in steps])

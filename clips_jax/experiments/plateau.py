@@ -78,7 +78,8 @@ def run_plateau(run_dir: str | os.PathLike, steps: int | None = None, **criterio
     except (OSError, ValueError):
         summary = {}
     end = end_step(summary, int(steps))
-    return {**plateau_check(validation_curve(run_dir), end, **criterion), "end_step": end, "stopped": end < int(steps)}
+    curve = [(s, d) for s, d in validation_curve(run_dir) if s <= end]  # no stale rows of a resume past its end
+    return {**plateau_check(curve, end, **criterion), "end_step": end, "stopped": end < int(steps)}
 
 
 def plateau_lines(records: Mapping[str, Mapping[int, Mapping]]) -> list[str]:
