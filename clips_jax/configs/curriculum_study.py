@@ -33,9 +33,9 @@ study on phantoms", has the pilot, the time it takes and where its results go.) 
   the per-run rule below holds, with at least 3 validations in its last 20 % (900 steps or more). 9000 steps
   is then the most a run trains; the learning rate's cosine and the curricula's schedules still span all 9000,
   so a stopped run trained as the first part of a "long9000" run of its seed did (except transfer_teacher, whose
-  teacher checkpoint other validations can change; docs/experiments.md, "Runs that stop at a plateau"). Why: in fixed-length runs the rule failed for a few runs of every study
-  (longer runs did not fix it: "long9000"), and a run that is still gaining should go on while one that has
-  stopped gaining should not.
+  teacher checkpoint other validations can change; docs/experiments.md, "Runs that stop at a plateau"). Why: in
+  fixed-length runs the rule failed for a few runs of every study (longer runs did not fix it: "long9000"), and
+  a run that is still gaining should go on while one that has stopped gaining need not;
 
 What differs from `default.py` (the small U-Net, 32^3 patches, batch 2 and the loss stay):
 
