@@ -35,7 +35,7 @@ study on phantoms", has the pilot, the time it takes and where its results go.) 
   so a stopped run trained as the first part of a "long9000" run of its seed did (except transfer_teacher, whose
   teacher checkpoint other validations can change; docs/experiments.md, "Runs that stop at a plateau"). Why: in
   fixed-length runs the rule failed for a few runs of every study (longer runs did not fix it: "long9000"), and
-  a run that is still gaining should go on while one that has stopped gaining need not;
+  a run that is still gaining should go on while one that has stopped gaining need not.
 
 What differs from `default.py` (the small U-Net, 32^3 patches, batch 2 and the loss stay):
 
