@@ -41,6 +41,46 @@ def test_curricula_in_study_reads_archived_stage_rows(tmp_path, capsys):
     assert cis.main(["prog", str(tmp_path / "nothing")]) == 1
 
 
+def _fake_run(root, name, seed, evals: dict, steps: int, stopped: int | None, gz: bool = True):
+    """A finished run's records: summary.json and its validation rows {step: Dice} (gzip as in an archive)."""
+    run = root / "runs" / name / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"steps": steps, "stopped_at_plateau": stopped}))
+    text = "".join(json.dumps({"kind": "eval", "step": s, "val_dice": d}) + "\n" for s, d in evals.items())
+    if gz:
+        (run / "metrics.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    else:
+        (run / "metrics.jsonl").write_text(text)
+
+
+def test_stop_continuation_flags_runs_their_continuation_would_have_improved(tmp_path, capsys):
+    sc = _load("stop_continuation")
+    stop, long = tmp_path / "stop", tmp_path / "long"
+    # the stopped runs validate every 100 steps and stop at 600 of 900; the long runs validate every 300
+    curve = {100: 0.5, 200: 0.6, 300: 0.7, 400: 0.7, 500: 0.71, 600: 0.69}
+    for name in ("none", "cbs", "random", "transfer_teacher"):
+        _fake_run(stop, name, 0, curve, 900, 600)
+    _fake_run(stop, "anti", 0, {300 * k: 0.5 for k in range(1, 4)}, 900, None, gz=False)
+    later = {"none": 0.725, "cbs": 0.715, "random": 0.75, "transfer_teacher": 0.9, "anti": 0.6}
+    for name, last in later.items():
+        shared = {300: 0.7, 600: 0.65 if name == "random" else 0.69}
+        _fake_run(long, name, 0, {**shared, 900: last}, 900, None)
+    rec = sc.compare(stop / "runs/none/seed0", long / "runs/none/seed0")
+    assert rec["end"] == 600 and rec["best"] == 0.71 and rec["shared"] == 2 and rec["max_diff"] == 0
+    assert rec["later"] == 0.725 and abs(rec["gain"] - 0.015) < 1e-12 and rec["too_early"]
+    assert sc.compare(stop / "runs/cbs/seed0", long / "runs/cbs/seed0")["too_early"] is False  # +0.005
+    assert sc.compare(stop / "runs/none/seed0", None)["too_early"] is None
+    assert sc.main(["prog", str(stop), str(long)]) == 0
+    out = capsys.readouterr().out
+    assert "| none | 0 | 600 | 0.7100 | 2, 0 | 0.7250 | +0.0150 | yes |" in out
+    assert "| cbs | 0 | 600 | 0.7100 | 2, 0 | 0.7150 | +0.0050 | no |" in out
+    assert "| transfer_teacher | 0 | 600 |" in out and "not judged (no continuation)" in out
+    assert "| anti | 0 | 900 |" in out and "trained all its steps" in out
+    assert "- judged: 3 stopped runs with a continuation; stopped too early: 2 (none seed 0, random seed 0)" in out
+    assert "differ from the stopped run's: 1 (random seed 0)" in out
+    assert sc.main(["prog", str(tmp_path / "nothing"), str(long)]) == 1
+
+
 def test_paired_change_gives_the_mean_se_and_t_interval():
     from scipy import stats
 
