@@ -103,11 +103,9 @@ def train_run(base, experiment: str, seed: int, run_dir: Path, train: bool = Tru
 def run_end(run_dir: Path, cfg) -> int:
     """The step a finished run ended at: `cfg.steps`, or the step the trainer stopped it at a plateau
     (summary.json's `stopped_at_plateau`; `clips_jax.convergence.end_step`)."""
-    from clips_jax.convergence import end_step
+    from clips_jax.experiments.plateau import run_end_step
 
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return end_step(summary, int(cfg.steps))
+    return run_end_step(run_dir, int(cfg.steps))
 
 
 def checkpoint_steps(run_dir: Path, cfg, kept_only: bool = False) -> list[int]:

@@ -32,8 +32,8 @@ import math
 import sys
 from pathlib import Path
 
-from clips_jax.convergence import TOLERANCE, end_step
-from clips_jax.experiments.plateau import validation_curve
+from clips_jax.convergence import TOLERANCE
+from clips_jax.experiments.plateau import run_end_step, validation_curve
 
 #: Experiments whose stopped runs are not continuations of their long runs (module docstring).
 NOT_CONTINUATIONS = ("transfer_teacher",)
@@ -57,12 +57,12 @@ def compare(stop_run: Path, long_run: Path | None, tolerance: float = TOLERANCE)
     """One stopped run against its continuation (module docstring). Returns {"end", "stopped" (bool), "best",
     "shared" (int), "max_diff", "later", "gain", "too_early" (bool | None: None when not judged)}; NaN where a
     value is not defined (no long run, or no validation after `end`)."""
-    summary = json.loads((stop_run / "summary.json").read_text())
-    end = end_step(summary, int(summary["steps"]))
+    steps = int(json.loads((stop_run / "summary.json").read_text())["steps"])
+    end = run_end_step(stop_run, steps)
     mine = dict(_finite(validation_curve(stop_run)))
     mine = {s: d for s, d in mine.items() if s <= end}
     best = max(mine.values(), default=float("nan"))
-    rec = {"end": end, "stopped": end < int(summary["steps"]), "best": best, "shared": 0, "max_diff": float("nan")}
+    rec = {"end": end, "stopped": end < steps, "best": best, "shared": 0, "max_diff": float("nan")}
     rec.update(later=float("nan"), gain=float("nan"), too_early=None)
     if long_run is None:
         return rec

@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -65,6 +66,16 @@ def validation_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
     return [(int(r["step"]), r.get("val_dice")) for r in read_metrics(run_dir, "eval")]
 
 
+def run_end_step(run_dir: str | os.PathLike, steps: int) -> int:
+    """The step a run folder's run ended at (int): the step its summary.json says the trainer stopped it at a
+    plateau, else `steps`, its configured length (also without a readable summary.json)."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    return end_step(summary, int(steps))
+
+
 def run_plateau(run_dir: str | os.PathLike, steps: int | None = None, **criterion) -> dict:
     """`plateau_check` of a run folder's validation curve over the run's length: `steps` (default: the run's
     `config.json` steps), or the step the run stopped at when its summary.json says it stopped at a plateau
@@ -73,11 +84,7 @@ def run_plateau(run_dir: str | os.PathLike, steps: int | None = None, **criterio
     the trainer stopped the run at a plateau before `steps`)."""
     if steps is None:
         steps = int(json.loads((Path(run_dir) / "config.json").read_text())["steps"])
-    try:
-        summary = json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        summary = {}
-    end = end_step(summary, int(steps))
+    end = run_end_step(run_dir, int(steps))
     curve = [(s, d) for s, d in validation_curve(run_dir) if s <= end]  # no stale rows of a resume past its end
     return {**plateau_check(curve, end, **criterion), "end_step": end, "stopped": end < int(steps)}
 
@@ -129,7 +136,7 @@ def _stopped_lines(records: Mapping[str, Mapping[int, Mapping]]) -> list[str]:
     ends = sorted(int(r["end_step"]) for r in recs if r.get("stopped"))
     if not ends:
         return []
-    median = ends[len(ends) // 2] if len(ends) % 2 else (ends[len(ends) // 2 - 1] + ends[len(ends) // 2]) / 2
+    median = statistics.median(ends)
     return [
         f"{len(ends)} of the {len(recs)} runs were stopped at a plateau by the trainer (`stop_at_plateau`), at steps "
         f"{ends[0]} to {ends[-1]} (median {median:g}); they plateaued by construction, since this rule stopped them "

@@ -81,9 +81,9 @@ def _last_step(run_dir: Path) -> int:
 def _finished_record(rec: dict, run_dir: Path, where: str, steps: int) -> dict:
     """`rec` filled in for a finished run read from `run_dir` ("workdir" or "archive")."""
     summary = _summary(run_dir)
-    end = plateau.end_step(summary, int(steps))
-    rec.update(state="finished", where=where, step=end, plateau=plateau.run_plateau(run_dir, int(steps)))
-    rec.update(wall_s=summary.get("wall_s"), start_step=int(summary.get("start_step", 0)), stopped=end < int(steps))
+    plat = plateau.run_plateau(run_dir, int(steps))
+    rec.update(state="finished", where=where, step=plat["end_step"], plateau=plat, stopped=plat["stopped"])
+    rec.update(wall_s=summary.get("wall_s"), start_step=int(summary.get("start_step", 0)))
     return rec
 
 
@@ -95,7 +95,7 @@ def run_state(workdir: Path, archive: Path | None, name: str, seed: int, steps: 
     Returns: {"experiment": name, "seed": seed, "state": "finished" | "started" | "not started", "where":
       "workdir" | "archive" | "" (where its records were read: an archived run is restored at the next start),
       "step": int (the last logged training step; when finished, `steps` or the step it stopped at by
-      `stop_at_plateau`: `plateau.end_step`), "stopped": bool (finished before `steps` at a plateau),
+      `stop_at_plateau`: `plateau.run_end_step`), "stopped": bool (finished before `steps` at a plateau),
       "plateau": `plateau.run_plateau`'s record for a finished run, else None, "wall_s": float | None
       (summary.json: the training time in seconds of the process that finished the run), "start_step": int (the
       step that process started from: 0 unless the run was resumed)}."""
