@@ -6,17 +6,20 @@ Usage:
     with atomic_dir("out/ckpt") as tmp_dir:              # a whole directory, renamed at the end
         ...
     write_text_atomic("out/doc.json", json.dumps(json_safe(doc), allow_nan=False))   # strict JSON
+    with exclusive_lock("cache/.store.lock"):           # one process at a time builds what others then reuse
+        ...
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -65,6 +68,30 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, error: Callable[[str, OSError], Exception] | None = None) -> Iterator[None]:
+    """Hold an exclusive advisory lock (`fcntl.flock`) on the file `path` (created if missing, mode 0666 less
+    the umask; never removed) for the duration of the block, waiting while another process holds it.
+
+    For processes of one machine that share a folder: the lock is advisory (only code that takes it waits) and a
+    network file system may not serialise it across machines. When the file cannot be opened (stage "open",
+    e.g. a read-only folder) or locked (stage "lock", e.g. ENOLCK on a file system without locks), raises
+    `error(stage, oserror)` (default: the OSError itself)."""
+    fail = error or (lambda stage, e: e)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise fail("open", e) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            raise fail("lock", e) from e
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _new_temp(parent: Path, prefix: str, suffix: str, *, directory: bool) -> Path:

@@ -51,7 +51,7 @@ from clips_jax import convergence, curricula, evaluation, losses, runs
 from clips_jax.data.pipeline import make_train_iterator
 from clips_jax.data.store import CaseStore
 from clips_jax.errors import ClipsError, ConfigError
-from clips_jax.fileio import write_text_atomic
+from clips_jax.fileio import exclusive_lock, write_text_atomic
 from clips_jax.metrics import finite_mean
 from clips_jax.model import Refiner, UNet, load_model, read_weights_meta
 from clips_jax.model.layers import COMPUTE_DTYPES, model_dtype
@@ -389,24 +389,50 @@ def ensure_store(config: ml_collections.ConfigDict, log: Callable[[str], None]) 
         return CaseStore(d.store)
     ph = d.phantoms
     raw, store_dir = phantom_dirs(config)
-    if not (store_dir / "manifest.json").is_file() or len(CaseStore(store_dir)) < ph.cases:
-        from clips_jax.data.cohort import phantom_split
-        from clips_jax.data.phantoms import write_phantoms
-        from clips_jax.data.prepare import prepare_dataset
-
-        if jax.process_index() == 0:
-            log(f"generating {ph.cases} synthetic PET/CT phantoms ({ph.size}) into {raw} (first run only)")
-            paths = write_phantoms(raw, ph.cases, ph.seed, ph.size)
-            split = phantom_split(ph, raw, [p.name for p in paths])
-            if split is not None:
-                store_dir.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(store_dir / "split.json", json.dumps(split, indent=1))
-            prepare_dataset(
-                raw, store_dir, spacing_mm=d.spacing_mm or "native", seed=ph.seed, split_json=split, log=log
-            )
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("phantoms")
+    if jax.process_index() == 0 and not _store_complete(store_dir, ph.cases):
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        # Processes of this machine that share the cache (e.g. a comparison run as two processes) build the store
+        # one at a time; the others wait here and then find it complete.
+        with exclusive_lock(raw.parent / f".{store_dir.name}.lock", _cache_lock_error(raw.parent)):
+            if not _store_complete(store_dir, ph.cases):
+                _build_phantom_store(config, raw, store_dir, log)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("phantoms")
     return CaseStore(store_dir)
+
+
+def _store_complete(store_dir: Path, cases: int) -> bool:
+    """Whether the phantom store at `store_dir` has its manifest and all `cases` cases."""
+    return (store_dir / "manifest.json").is_file() and len(CaseStore(store_dir)) >= cases
+
+
+def _cache_lock_error(cache: Path) -> Callable[[str, OSError], ClipsError]:
+    """The error `ensure_store` raises when the phantom cache's lock cannot be opened or taken."""
+
+    def error(stage: str, e: OSError) -> ClipsError:
+        what = "is not writable" if stage == "open" else "is on a file system without file locks"
+        return ConfigError(
+            f"{cache}: the phantom cache {what} ({e}); set data.phantoms.cache to a writable local folder"
+        )
+
+    return error
+
+
+def _build_phantom_store(config: ml_collections.ConfigDict, raw: Path, store_dir: Path, log) -> None:
+    """Generate the built-in phantoms into `raw` and prepare them into `store_dir` (both resumable: cases
+    already there are skipped), with the explicit split of `data.phantoms.split` when there is one."""
+    from clips_jax.data.cohort import phantom_split
+    from clips_jax.data.phantoms import write_phantoms
+    from clips_jax.data.prepare import prepare_dataset
+
+    d, ph = config.data, config.data.phantoms
+    log(f"generating {ph.cases} synthetic PET/CT phantoms ({ph.size}) into {raw} (first run only)")
+    paths = write_phantoms(raw, ph.cases, ph.seed, ph.size)
+    split = phantom_split(ph, raw, [p.name for p in paths])
+    if split is not None:
+        store_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(store_dir / "split.json", json.dumps(split, indent=1))
+    prepare_dataset(raw, store_dir, spacing_mm=d.spacing_mm or "native", seed=ph.seed, split_json=split, log=log)
 
 
 # ---------------------------------------------------------------------------------------------------------

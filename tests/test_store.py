@@ -468,12 +468,13 @@ def test_prepare_keeps_derived_data_of_kept_cases_and_drops_it_for_redone_ones(d
 def test_a_file_system_without_locks_is_one_clear_error(tmp_path, monkeypatch):
     import errno
 
+    from clips_jax import fileio
     from clips_jax.data import store as st
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(st.fcntl, "flock", no_locks)
+    monkeypatch.setattr(fileio.fcntl, "flock", no_locks)
     with pytest.raises(DataError, match="cannot lock the store's manifest.*local disk"):
         st.update_manifest(tmp_path / "c", lambda doc: doc.update(x=1), create=True)
     assert not (tmp_path / "c" / "manifest.json").exists()
@@ -482,12 +483,12 @@ def test_a_file_system_without_locks_is_one_clear_error(tmp_path, monkeypatch):
 def test_prepare_stops_at_a_manifest_it_cannot_write_instead_of_failing_every_case(dataset, tmp_path, monkeypatch):
     import errno
 
-    from clips_jax.data import store as st
+    from clips_jax import fileio
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(st.fcntl, "flock", no_locks)
+    monkeypatch.setattr(fileio.fcntl, "flock", no_locks)
     data, paths = dataset
     lines = []
     with pytest.raises(DataError, match="cannot lock the store's manifest"):

@@ -654,3 +654,45 @@ def test_checkpoint_ema_decay_reads_every_meta_version():
     assert runs.checkpoint_ema_decay({"schedule": {"optim.ema_decay": 0.9, "steps": 6}}) == 0.9
     assert runs.checkpoint_ema_decay({"ema_decay": 0.998}) == 0.998  # the first version of the average
     assert runs.checkpoint_ema_decay({"stream": {}}) == 0.0  # from before the average: none
+
+
+_BUILDER = r"""
+import pathlib, sys, time
+from clips_jax import trainer
+from clips_jax.configs import default
+cache, wait_for = sys.argv[1], sys.argv[2]
+cfg = default.get_config("tiny")
+cfg.data.phantoms.cache = cache
+if wait_for:  # start once the other process has written its first phantom, mid-way through its build
+    while not pathlib.Path(wait_for).is_file():
+        time.sleep(0.01)
+print(len(trainer.ensure_store(cfg, lambda m: None)))
+"""
+
+
+def test_two_processes_sharing_a_phantom_cache_build_it_once(tmp_path):
+    """A comparison run as two processes on a fresh machine: the second starts while the first is generating
+    the phantoms. It waits for the first's build and uses it (without the cache lock it generated the same
+    cases at the same time and stopped at the first case the other had just written)."""
+    first = tmp_path / "phantoms_small_s0" / "phantom_s0_0000" / "truth.json"
+    run = [sys.executable, "-c", _BUILDER, str(tmp_path)]
+    a = subprocess.Popen([*run, ""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    b = subprocess.Popen([*run, str(first)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    outs = [p.communicate(timeout=300) for p in (a, b)]
+    assert [p.returncode for p in (a, b)] == [0, 0], [err[-2000:] for _, err in outs]
+    cases = default_config.get_config("tiny").data.phantoms.cases
+    assert [out.split()[-1] for out, _ in outs] == [str(cases)] * 2
+
+
+def test_a_phantom_cache_without_file_locks_is_one_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    from clips_jax import fileio
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fileio.fcntl, "flock", no_locks)
+    with pytest.raises(trainer.ConfigError, match="file system without file locks.*data.phantoms.cache"):
+        trainer.ensure_store(tiny_config(tmp_path / "cache"), lambda m: None)
+    assert not (tmp_path / "cache" / "phantoms_small_s0").exists()  # nothing generated

@@ -63,9 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -75,7 +73,7 @@ from scipy.spatial.distance import pdist
 
 from clips_jax.data.geometry import Geometry
 from clips_jax.errors import ConfigError, DataError
-from clips_jax.fileio import atomic_dir, json_safe, write_text_atomic
+from clips_jax.fileio import atomic_dir, exclusive_lock, json_safe, write_text_atomic
 from clips_jax.metrics.lesions import label_lesions
 
 MANIFEST = "manifest.json"
@@ -224,25 +222,22 @@ def read_manifest(cache_dir: str | Path) -> dict:
 @contextlib.contextmanager
 def manifest_lock(cache_dir: str | Path) -> Iterator[None]:
     """Hold the exclusive lock of a store's manifest (`fcntl.flock` on `CACHE/.manifest.lock`, created if
-    missing) for the duration of the block. DataError if the lock file cannot be opened (e.g. read-only store)."""
+    missing) for the duration of the block. DataError if the lock file cannot be opened (e.g. read-only store)
+    or the file system has no locks."""
     path = Path(cache_dir) / LOCK
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise DataError(
-            f"{path}: cannot open the manifest's lock file ({e}); the store must be writable to update it"
-        ) from e
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as e:  # e.g. some network file systems without lock support (ENOLCK, EOPNOTSUPP)
-            raise DataError(
-                f"{path}: cannot lock the store's manifest ({e}); this file system does not support file "
-                "locks: put the case store on a local disk (or one with lock support) and run again"
-            ) from e
+
+    def error(stage: str, e: OSError) -> DataError:
+        if stage == "open":
+            return DataError(
+                f"{path}: cannot open the manifest's lock file ({e}); the store must be writable to update it"
+            )
+        return DataError(
+            f"{path}: cannot lock the store's manifest ({e}); this file system does not support file "
+            "locks: put the case store on a local disk (or one with lock support) and run again"
+        )
+
+    with exclusive_lock(path, error):
         yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def update_manifest(cache_dir: str | Path, change: Callable[[dict], Any], *, create: bool = False) -> dict:
