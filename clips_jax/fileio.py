@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: outputs are either complete or absent, never half-written.
+"""Atomic file and directory writes (outputs are either complete or absent, never half-written), and the
+exclusive file lock that lets processes of one machine share a folder they write.
 
 Usage:
     with atomic_path("out/case_SEG.nii.gz") as tmp:     # tmp is a sibling temporary path
@@ -79,16 +80,19 @@ def exclusive_lock(path: str | os.PathLike, error: Callable[[str, OSError], Exce
     network file system may not serialise it across machines. When the file cannot be opened (stage "open",
     e.g. a read-only folder) or locked (stage "lock", e.g. ENOLCK on a file system without locks), raises
     `error(stage, oserror)` (default: the OSError itself)."""
-    fail = error or (lambda stage, e: e)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise fail("open", e) from e
+        if error is None:
+            raise
+        raise error("open", e) from e
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:
-            raise fail("lock", e) from e
+            if error is None:
+                raise
+            raise error("lock", e) from e
         yield
     finally:
         os.close(fd)  # closing releases the lock

@@ -378,22 +378,33 @@ def phantom_dirs(config: ml_collections.ConfigDict) -> tuple[Path, Path]:
     return cache / f"phantoms_{ph.size}_s{ph.seed}", cache / store
 
 
+#: The lock file, in `data.phantoms.cache`, held while the built-in phantoms are generated and prepared.
+PHANTOM_CACHE_LOCK = ".phantoms.lock"
+
+
 def ensure_store(config: ml_collections.ConfigDict, log: Callable[[str], None]) -> CaseStore:
     """Open `config.data.store`, or generate + prepare the built-in phantoms (cached) when it is empty.
 
     The phantoms' split: prepare's seeded one, or the explicit split of `data.phantoms.split`
     (`clips_jax.data.cohort.phantom_split`, e.g. "study"), kept in the store folder as `split.json`.
-    Generation and preparation are resumable: phantoms and prepared cases already present are skipped."""
+    Generation and preparation are resumable: phantoms and prepared cases already present are skipped.
+    Processes of one machine that share the cache (e.g. a comparison run as two processes) build one at a time:
+    the others wait for the cache's lock (`PHANTOM_CACHE_LOCK`) and then find the store complete. On several
+    hosts process 0 builds and every process waits at a barrier, so all of them must call this function.
+    ConfigError when the cache cannot be created or locked."""
     d = config.data
     if d.store:
         return CaseStore(d.store)
     ph = d.phantoms
     raw, store_dir = phantom_dirs(config)
     if jax.process_index() == 0 and not _store_complete(store_dir, ph.cases):
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        # Processes of this machine that share the cache (e.g. a comparison run as two processes) build the store
-        # one at a time; the others wait here and then find it complete.
-        with exclusive_lock(raw.parent / f".{store_dir.name}.lock", _cache_lock_error(raw.parent)):
+        cache = raw.parent
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _cache_lock_error(cache)("open", e) from e
+        # One lock for the whole cache: stores of other grids or splits share the raw phantoms folder.
+        with exclusive_lock(cache / PHANTOM_CACHE_LOCK, _cache_lock_error(cache)):
             if not _store_complete(store_dir, ph.cases):
                 _build_phantom_store(config, raw, store_dir, log)
     if jax.process_count() > 1:
@@ -418,7 +429,9 @@ def _cache_lock_error(cache: Path) -> Callable[[str, OSError], ClipsError]:
     return error
 
 
-def _build_phantom_store(config: ml_collections.ConfigDict, raw: Path, store_dir: Path, log) -> None:
+def _build_phantom_store(
+    config: ml_collections.ConfigDict, raw: Path, store_dir: Path, log: Callable[[str], None]
+) -> None:
     """Generate the built-in phantoms into `raw` and prepare them into `store_dir` (both resumable: cases
     already there are skipped), with the explicit split of `data.phantoms.split` when there is one."""
     from clips_jax.data.cohort import phantom_split

@@ -660,28 +660,42 @@ _BUILDER = r"""
 import pathlib, sys, time
 from clips_jax import trainer
 from clips_jax.configs import default
-cache, wait_for = sys.argv[1], sys.argv[2]
+cache, wait_for, spacing = sys.argv[1], sys.argv[2], float(sys.argv[3])
 cfg = default.get_config("tiny")
-cfg.data.phantoms.cache = cache
+cfg.data.phantoms.cache, cfg.data.spacing_mm = cache, spacing
 if wait_for:  # start once the other process has written its first phantom, mid-way through its build
+    deadline = time.monotonic() + 240
     while not pathlib.Path(wait_for).is_file():
+        if time.monotonic() > deadline:
+            sys.exit("the other process wrote no phantom in 240 s")
         time.sleep(0.01)
-print(len(trainer.ensure_store(cfg, lambda m: None)))
+print(len(trainer.ensure_store(cfg, print)))
 """
 
 
-def test_two_processes_sharing_a_phantom_cache_build_it_once(tmp_path):
-    """A comparison run as two processes on a fresh machine: the second starts while the first is generating
-    the phantoms. It waits for the first's build and uses it (without the cache lock it generated the same
-    cases at the same time and stopped at the first case the other had just written)."""
+def test_processes_sharing_a_phantom_cache_build_it_one_at_a_time(tmp_path):
+    """Two more processes start while the first is generating the phantoms: one for the same store (a comparison
+    run as two processes), one for a store on another grid (it shares the raw phantoms). Both wait for the
+    first's build; the first finds the store complete and builds nothing, the second prepares its own store
+    from those phantoms. (Without the cache lock they generated the same cases at the same time and stopped at
+    the first case another had just written.)"""
     first = tmp_path / "phantoms_small_s0" / "phantom_s0_0000" / "truth.json"
     run = [sys.executable, "-c", _BUILDER, str(tmp_path)]
-    a = subprocess.Popen([*run, ""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    b = subprocess.Popen([*run, str(first)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    outs = [p.communicate(timeout=300) for p in (a, b)]
-    assert [p.returncode for p in (a, b)] == [0, 0], [err[-2000:] for _, err in outs]
-    cases = default_config.get_config("tiny").data.phantoms.cases
-    assert [out.split()[-1] for out, _ in outs] == [str(cases)] * 2
+    kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    kw["env"] = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    args = [("", "6"), (str(first), "6"), (str(first), "0")]  # tiny's 6 mm grid, then the native grid
+    procs = [subprocess.Popen([*run, *a], **kw) for a in args]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    cases = str(default_config.get_config("tiny").data.phantoms.cases)
+    assert [out.split()[-1] for out, _ in outs] == [cases] * 3
+    (first_log, _), (same_store, _), (other_grid, _) = outs
+    assert "generating" in first_log and same_store.strip() == cases  # the same store: nothing built again
+    assert "ok," in other_grid  # its own store, prepared from the phantoms the first wrote
 
 
 def test_a_phantom_cache_without_file_locks_is_one_clear_error(tmp_path, monkeypatch):
