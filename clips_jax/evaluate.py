@@ -6,8 +6,9 @@ Examples:
     python -m clips_jax.evaluate --pred results/ --truth data/ --out eval/ --nomips   # without the script
 
 Folder layouts accepted for --truth and --pred (matched by case id):
-    DIR/<case>.nii.gz   DIR/<case>_SEG.nii.gz   DIR/<case>/SEG.nii.gz  (autoPET; nested folders give ids
-    such as "PETCT_x/05-02-2002-NA-PET-CT"); `.nii` works too. For --suv: DIR/<case>_SUV.nii.gz,
+    DIR/<case>.nii.gz   DIR/<case>_SEG.nii.gz   DIR/<case>/SEG.nii.gz  (autoPET; a folder's id is its path
+    under DIR made file-name safe, "/" -> "__": "PETCT_x__05-02-2002-NA-PET-CT", the id clips-predict gives
+    that study's outputs, `clips_jax.data.study.study_id`); `.nii` works too. For --suv: DIR/<case>_SUV.nii.gz,
     DIR/<case>.nii.gz or DIR/<case>/SUV.nii.gz. A voxel is foreground when its value is > 0.5.
 
 Outputs (all written atomically), with one --pred in OUT itself, with several in OUT/<name>/:
@@ -71,10 +72,13 @@ def find_cases(folder: str | Path, role: str = "seg") -> dict[str, Path]:
       role: "seg" (masks: --truth / --pred) or "suv" (--suv).
     Returns:
       {case_id: path}, sorted by case id. `<case>_SEG` (or `_SUV`) and `<case>/SEG` files take precedence
-      over a plain `<case>.nii.gz` with the same id.
+      over a plain `<case>.nii.gz` with the same id. A `SEG` file's id is its folder's `study_id` under
+      `folder` (`PETCT_x/<date>/SEG.nii.gz` -> "PETCT_x__<date>").
     Raises:
       DataError naming the folder when it does not exist or holds no usable NIfTI file.
     """
+    from clips_jax.data.study import study_id
+
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found")
@@ -84,7 +88,7 @@ def find_cases(folder: str | Path, role: str = "seg") -> dict[str, Path]:
     for ext in _NIFTI_EXTS:
         for p in folder.rglob(tag + ext):
             if p.parent != folder and p.is_file():
-                explicit.setdefault(p.parent.relative_to(folder).as_posix(), p)
+                explicit.setdefault(study_id(folder, p.parent), p)
     for p in folder.iterdir():
         stem = _stem(p.name)
         if stem is None or not p.is_file() or stem == tag:

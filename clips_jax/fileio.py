@@ -1,5 +1,6 @@
-"""Atomic file and directory writes (outputs are either complete or absent, never half-written), and the
-exclusive file lock that lets processes of one machine share a folder they write.
+"""Atomic file and directory writes (outputs are either complete or absent, never half-written), the
+exclusive file lock that lets processes of one machine share a folder they write, and `safe_id`, the
+file-name-safe form of a study's name that outputs are named by.
 
 Usage:
     with atomic_path("out/case_SEG.nii.gz") as tmp:     # tmp is a sibling temporary path
@@ -17,6 +18,7 @@ import contextlib
 import fcntl
 import math
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -143,3 +145,10 @@ def _json_key(k: Any) -> Any:
 
 def _finite_or_none(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def safe_id(name: str) -> str:
+    """A file-name-safe id from a folder or study name: characters other than letters, digits, '.', '-', '_'
+    become '_', leading and trailing '.' and '_' are dropped ("study" when nothing is left)."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._")
+    return s or "study"

@@ -14,10 +14,12 @@ PATH is one study folder or a folder of studies (`clips_jax.data.study.find_stud
   * a DICOM study folder: a PET (PT, Bq/ml) and a CT series anywhere below it (converted to SUVbw);
   * an autoPET-style NIfTI folder: CTres.nii.gz (or CT.nii.gz) + SUV.nii.gz (+ optional SEG.nii.gz, drawn
     in green on the MIP figure, and meta.json);
-  * a folder whose immediate sub-folders are such studies (batch mode: one progress line per study, a failing
-    study is reported and the others go on; studies whose outputs all exist are skipped, so re-running a
-    batch resumes; --overwrite redoes them).
-Per study `<id>` (the study folder name) it writes into --out, each file atomically:
+  * a folder whose immediate sub-folders are such studies, or, for NIfTI, hold them (autoPET:
+    DATA/<patient>/<study date>/) (batch mode: one progress line per study, a failing study is reported and
+    the others go on; studies whose outputs all exist are skipped, so re-running a batch resumes; --overwrite
+    redoes them).
+Per study `<id>` (the study folder's path under PATH, "/" -> "__", made file-name safe: `PETCT_x__<date>`; the
+same id clips-prepare and clips-evaluate give it) it writes into --out, each file atomically:
   <id>_SEG.nii.gz     uint8 lesion mask (0/1) on the PET grid (same shape and affine as the PET/SUV image)
   <id>_report.json    TMTV (ml), lesion count, Dmax (mm), SUVmax, SUVmean, TLG, patient meta, model,
                       runtimes per stage, software versions
@@ -48,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import sys
 import time
 import warnings
@@ -60,6 +61,7 @@ import numpy as np
 
 from clips_jax import cli
 from clips_jax.errors import ConfigError, DataError, WeightsError
+from clips_jax.fileio import safe_id
 
 WEIGHTS_HELP = (
     "no --weights given. Get the pretrained TMTV-Net weights: download e_latest.model and r_latest.model from "
@@ -544,12 +546,6 @@ def _dicom_seg_lines(info: dict | None) -> list[str]:
     ]
 
 
-def safe_id(name: str) -> str:
-    """A file-name-safe study id: characters other than letters, digits, '.', '-', '_' become '_'."""
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._")
-    return s or "study"
-
-
 def output_paths(out_dir: str | Path, study_id: str) -> dict[str, Path]:
     """{"seg", "json", "md", "png"} -> path of that output of `study_id` in `out_dir`."""
     return {k: Path(out_dir) / f"{safe_id(study_id)}{v}" for k, v in OUTPUT_SUFFIXES.items()}
@@ -650,6 +646,7 @@ def predict_study(
     models: Models,
     options: Options = Options(),
     progress: Progress | None = None,
+    study_id: str | None = None,
 ) -> dict:
     """Segment one study folder and write its four outputs (atomically) into `out_dir`.
 
@@ -657,6 +654,8 @@ def predict_study(
       study: a NIfTI or DICOM study folder (`clips_jax.data.study.load_study`).
       out_dir: output folder (created).
       models, options, progress: see `segment`.
+      study_id: the id its outputs are named by (`<id>_SEG.nii.gz`, ...); None: the folder's name (`safe_id`).
+        A batch passes `clips_jax.data.study.study_id` (autoPET `PETCT_x/<date>` -> `PETCT_x__<date>`).
     Returns:
       the report dict also written as `<id>_report.json` (keys: study_id, input, outputs (+ "dicom_seg" when
       written), grid, patient, results (`mask_statistics`), model, options, seconds (load, stage_a, stage_b,
@@ -675,7 +674,7 @@ def predict_study(
 
     t0 = time.perf_counter()
     case = load_study(study, allow_partial_ct=options.allow_partial_ct, skip_damaged=options.skip_damaged)
-    study_id = safe_id(case.case_id)
+    study_id = safe_id(case.case_id if study_id is None else study_id)
     paths = output_paths(out_dir, study_id)
     geometry, suv, truth = case.geometry, case.suv, case.seg
     meta = dict(case.meta)
@@ -823,7 +822,7 @@ def run_batch(
     for folder, why in not_studies.items():
         print(f"skipped folder {folder}: {why}", file=err, flush=True)
     progress = _tile_progress(err)
-    by_id = _studies_by_id(studies)
+    by_id = _studies_by_id(input_path, studies)
     records: dict[str, dict | None] = {}
 
     def one_study(sid: str):
@@ -831,7 +830,7 @@ def run_batch(
             records[sid] = _earlier_reliability(out_dir, sid)
             return batch.skipped("skipped (outputs exist; --overwrite to redo)")
         t0 = time.perf_counter()
-        report = predict_study(by_id[sid], out_dir, models, options, progress)
+        report = predict_study(by_id[sid], out_dir, models, options, progress, study_id=sid)
         s, records[sid] = report["results"], report.get("reliability")
         return batch.done(
             f"ok, TMTV {s['tmtv_ml']:.1f} ml, {s['lesion_count']} lesion(s){rr.batch_note(records[sid])}, "
@@ -870,12 +869,14 @@ def _earlier_reliability(out_dir: str | Path, sid: str) -> dict | None:
         return None
 
 
-def _studies_by_id(studies: list[Path]) -> dict[str, Path]:
-    """study id (`safe_id` of the folder name) -> folder; DataError naming both folders when two get one id
-    (their outputs would overwrite each other)."""
+def _studies_by_id(root: str | Path, studies: list[Path]) -> dict[str, Path]:
+    """study id (`clips_jax.data.study.study_id`: the folder's path under `root`, made file-name safe) -> folder;
+    DataError naming both folders when two get one id (their outputs would overwrite each other)."""
+    from clips_jax.data.study import study_id
+
     by_id: dict[str, Path] = {}
     for study in studies:
-        sid = safe_id(study.name)
+        sid = study_id(root, study)
         if sid in by_id:
             raise DataError(
                 f"the studies {by_id[sid]} and {study} get the same study id {sid!r} (and output names); "

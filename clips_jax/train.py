@@ -33,7 +33,8 @@ def define_flags(fv) -> None:
     config_flags.DEFINE_config_file(
         "config",
         default_path(),
-        "Training config: a packaged name (default, default:tiny, tmtv_finetune[:variant]) or a file path[:variant].",
+        "Training config: a packaged name (default, default:tiny, tmtv_finetune[:variant], curriculum_study[:variant]) "
+        "or a file path[:variant].",
         lock_config=True,
         flag_values=fv,
     )

@@ -91,6 +91,26 @@ def test_split_setting_json_file_and_store_tag(tmp_path):
         cohort.split_tag(ph)
 
 
+def test_the_training_command_sets_the_phantom_split_from_the_command_line(monkeypatch):
+    """`clips-train` locks its config, so a setting docs/data.md describes must exist in the default config."""
+    from absl import flags
+
+    from clips_jax import train
+
+    def parse(*args):
+        argv = train.resolve_config_args(["clips-train", "--config=default", *args])
+        monkeypatch.setattr("sys.argv", argv)  # ml_collections reads the overrides from sys.argv, as the command does
+        fv = flags.FlagValues()
+        train.define_flags(fv)
+        fv(argv)
+        return fv.config.data.phantoms
+
+    assert cohort.split_tag(parse("--config.data.phantoms.split=study", "--config.data.phantoms.val_cases=6")) == (
+        "_study40+8v6"
+    )
+    assert cohort.split_tag(parse()) == ""  # the default store keeps prepare's seeded split
+
+
 @pytest.fixture(scope="module")
 def study_truths():
     """The truths of the study config's phantoms, generated in memory (~0.1 s each on the 2-core VM)."""

@@ -400,6 +400,39 @@ def test_batch_with_a_corrupt_study_finishes_the_others_and_resumes(tmp_path, we
     assert (out / "a_good_SEG.nii.gz").stat().st_mtime_ns == before
 
 
+def test_an_autopet_tree_gets_one_id_per_study_in_predict_evaluate_and_prepare(tmp_path, weights, capsys):
+    """autoPET's own layout, DATA/<patient>/<study date>/, with a date folder name holding spaces: every study is
+    found, and clips-predict's outputs, clips-evaluate's cases and clips-prepare's case ids are one id."""
+    from clips_jax import evaluate
+    from clips_jax.data.prepare import prepare_dataset
+    from clips_jax.data.store import CaseStore
+    from clips_jax.metrics.report import read_metrics_csv
+
+    root = tmp_path / "FDG-PET-CT-Lesions"
+    dates = {"PETCT_a": ["03-23-2003-NA-PET-CT Ganzkoerper  primaer"], "PETCT_b": ["2001", "2004"]}
+    for seed, (patient, date) in enumerate((p, d) for p, ds in dates.items() for d in ds):
+        _write_nifti_study(root / patient / date, seed + 1, shape=(24, 32, 32))
+    (root / "PETCT_b" / "notes").mkdir()  # no study: listed, as is an empty patient folder
+    (root / "PETCT_c").mkdir()
+    ids = ["PETCT_a__03-23-2003-NA-PET-CT_Ganzkoerper_primaer", "PETCT_b__2001", "PETCT_b__2004"]
+    out = tmp_path / "out"
+    argv = ["predict", "--input", str(root), "--weights", str(weights / "cascade"), "--out", str(out), *TILES]
+    assert predict.main(argv) == 0
+    captured = capsys.readouterr()
+    assert [line.split(":")[0] for line in captured.out.splitlines()[:3]] == [
+        f"[{k}/3] {s}" for k, s in enumerate(ids, 1)
+    ]
+    assert f"skipped folder {root / 'PETCT_b' / 'notes'}:" in captured.err
+    assert f"skipped folder {root / 'PETCT_c'}:" in captured.err
+    assert all(p.is_file() for sid in ids for p in predict.output_paths(out, sid).values())
+    scored = tmp_path / "eval"
+    assert evaluate.main(["evaluate", "--pred", str(out), "--truth", str(root), "--out", str(scored), "--nomips"]) == 0
+    assert [row["case"] for row in read_metrics_csv(scored / "metrics.csv")] == ids
+    prepare_dataset(root, tmp_path / "store", log=lambda m: None)
+    store = CaseStore(tmp_path / "store")
+    assert sorted(store.ids) == ids and sorted({c["patient"] for c in store.cases}) == ["PETCT_a", "PETCT_b"]
+
+
 def test_weights_errors_exit_with_instructions(tmp_path, weights, capsys):
     study = tmp_path / "s"
     _write_nifti_study(study, 1, shape=(24, 32, 32))

@@ -8,6 +8,8 @@ Everything that changes a result is here; a run's `workdir/config.json` reproduc
 
 import ml_collections
 
+from clips_jax.data import cohort
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The training config; `variant` "" (the default job) or "tiny" (`--config default:tiny`)."""
@@ -42,6 +44,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.data.phantoms.seed = 0
     c.data.phantoms.size = "full"
     c.data.phantoms.cache = "cache"
+    # their split: "" = prepare's seeded 70/15/15; "study" = the difficulty-stratified split of
+    # clips_jax/data/cohort.py with the three counts below (lesion-bearing test, lesion-free test, validation cases);
+    # or the path of a split JSON file {"train": [ids], "val": [...], "test": [...]} (docs/data.md)
+    c.data.phantoms.split = ""
+    for key, count in cohort.STUDY_DEFAULTS.items():
+        c.data.phantoms[key] = count
 
     c.model = ml_collections.ConfigDict()
     c.model.kind = "unet"  # "unet" | "stacking" | "refiner"

@@ -21,9 +21,10 @@ the refiner (stage B) trains on, after `python -m clips_jax.stage_a` has added t
 A store is built for one grid: re-running into an existing store with another spacing is a ConfigError (use a
 new output folder).
 
-Case ids and patients: a study folder at `DATA/A/B` gets the id `A__B` (its path relative to DATA with "/"
-replaced by "__"); its patient is the first component `A` (autoPET: `PETCT_xxx/<date>` -> patient
-`PETCT_xxx`; phantoms: one folder per case -> patient = case).
+Case ids and patients: a study folder at `DATA/A/B` gets the id `A__B` (`study.study_id`: its path relative to
+DATA, each component made file-name safe, joined with "__"; the id `clips-predict` gives its outputs); its patient
+is the first component `A` (autoPET: `PETCT_xxx/<date>` -> patient `PETCT_xxx`; phantoms: one folder per case ->
+patient = case).
 
 Splits (recomputed on every run over all studies found, so stable for a fixed dataset):
 * default: patients sorted, permuted with `np.random.default_rng(seed)`, then cut at round(0.7 P) and
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -53,11 +53,13 @@ DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 
 
 def study_id(root: str | Path, study: str | Path) -> tuple[str, str]:
-    """(case id, patient id) of a study folder (see the module docstring); DATA itself -> its own name."""
-    rel = Path(study).resolve().relative_to(Path(root).resolve())
-    parts = rel.parts or (Path(root).resolve().name,)
-    cid = "__".join(re.sub(r"[^A-Za-z0-9._-]+", "_", p) for p in parts)
-    return cid, re.sub(r"[^A-Za-z0-9._-]+", "_", parts[0])
+    """(case id, patient id) of a study folder (see the module docstring): the case id is `study.study_id`, the
+    id `clips-predict` and `clips-evaluate` give the same study; the patient id is its first component."""
+    from clips_jax.data import study as study_mod
+    from clips_jax.fileio import safe_id
+
+    first = (Path(study).resolve().relative_to(Path(root).resolve()).parts or (Path(root).resolve().name,))[0]
+    return study_mod.study_id(root, study), safe_id(first)
 
 
 def assign_splits(

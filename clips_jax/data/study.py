@@ -24,6 +24,7 @@ from clips_jax.data.dicom import CT_OUTSIDE_HU, dicom_modalities, read_dicom_stu
 from clips_jax.data.nifti import load_nifti
 from clips_jax.data.resample import resample_to_grid
 from clips_jax.errors import DataError
+from clips_jax.fileio import safe_id
 
 CT_NAMES = ("CTres.nii.gz", "CT.nii.gz", "CTres.nii", "CT.nii")
 SUV_NAMES = ("SUV.nii.gz", "SUV.nii")
@@ -154,25 +155,34 @@ def why_not_a_study(folder: str | os.PathLike) -> str | None:
     return "no DICOM or NIfTI study files"
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    """The visible sub-folders of `folder`, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def skipped_folders(root: str | os.PathLike, studies: list[Path]) -> list[tuple[Path, str]]:
-    """The immediate sub-folders of a batch `root` that are not among `studies` (what `find_studies(root)`
-    returned), with the reason (`why_not_a_study`), so batch commands can list every folder they skip. Empty
-    when `root` itself is the study."""
+    """The folders of a batch `root` that `find_studies(root)` looked at and did not return (`studies`), with
+    the reason (`why_not_a_study`), so batch commands can list every folder they skip: the immediate
+    sub-folders that neither are nor hold a study, and the other sub-folders of those that hold NIfTI studies
+    (autoPET's patient folders). Sorted by path; empty when `root` itself is the study."""
     root = Path(root)
     if studies == [root]:
         return []
-    subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [(p, why_not_a_study(p)) for p in subs if p not in studies]
+    holders = {p.parent for p in studies if p.parent != root}
+    looked_at = [p for p in _subfolders(root) if p not in holders] + [q for h in holders for q in _subfolders(h)]
+    return [(p, why_not_a_study(p)) for p in sorted(looked_at) if p not in studies]
 
 
 def find_studies(root: str | os.PathLike) -> list[Path]:
-    """Study folders under `root`: `root` itself if it is a study, else its immediate sub-folders that are.
+    """Study folders under `root`: `root` itself if it is a study, else the studies among its sub-folders and,
+    for NIfTI, their sub-folders (autoPET: `DATA/<patient>/<study date>/`).
 
     Rules: a NIfTI study `root` -> [root]. Otherwise the immediate sub-folders that are studies (NIfTI, or
-    DICOM with both PT and CT files somewhere below), sorted by name, if there are at least two. A DICOM
+    DICOM with both PT and CT files somewhere below) and the NIfTI studies one level further down in the
+    sub-folders that are not studies themselves, sorted by path, if there are at least two. A DICOM
     `root` whose PT/CT files are spread over its sub-folders (e.g. root/PT, root/CT) -> [root]; so is a
-    DICOM root with a single study sub-folder (one wrapper level). A single non-DICOM study sub-folder ->
-    [that sub-folder].
+    DICOM root with a single study sub-folder (one wrapper level). A single non-DICOM study -> [that study].
+    Each study's id in every command's outputs is `study_id(root, study)`.
 
     Raises:
       DataError if `root` is not a directory or no study is found (message says the expected layout).
@@ -182,15 +192,31 @@ def find_studies(root: str | os.PathLike) -> list[Path]:
         raise DataError(f"{root}: not a directory; {LAYOUT_HELP}")
     if is_nifti_study(root):
         return [root]
-    subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subs = _subfolders(root)
     studies = [p for p in subs if is_nifti_study(p) or is_dicom_study(p)]
+    studies = sorted(studies + [q for p in subs if p not in studies for q in _subfolders(p) if is_nifti_study(q)])
     if len(studies) >= 2:
         return studies
     if is_dicom_study(root):
         return [root]
     if studies:
         return studies
-    raise DataError(f"no study found in {root}: {LAYOUT_HELP}, either {root} itself or its immediate sub-folders")
+    raise DataError(
+        f"no study found in {root}: {LAYOUT_HELP}, either {root} itself, its immediate sub-folders or, for NIfTI, "
+        "their sub-folders (autoPET: DATA/<patient>/<study date>/)"
+    )
+
+
+def study_id(root: str | os.PathLike, study: str | os.PathLike) -> str:
+    """The id of a study folder found under the batch folder `root` (`find_studies`): its path relative to
+    `root`, each component made safe (`clips_jax.fileio.safe_id`) and joined with "__" (autoPET
+    `PETCT_0af7/08-12-2002-NA-PET-CT Ganzkoerper` -> `PETCT_0af7__08-12-2002-NA-PET-CT_Ganzkoerper`); `root`
+    itself -> its own name, made safe.
+    `clips-predict` names its outputs, `clips-prepare` its cases and `clips-evaluate` the cases of a nested
+    folder by it, so one study has one id in all three."""
+    root, study = Path(root).resolve(), Path(study).resolve()
+    parts = study.relative_to(root).parts or (root.name,)
+    return "__".join(safe_id(p) for p in parts)
 
 
 def input_notes(meta: dict) -> list[str]:
