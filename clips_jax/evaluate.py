@@ -43,7 +43,7 @@ import numpy as np
 from clips_jax.data.geometry import Geometry
 from clips_jax.data.nifti import load_nifti
 from clips_jax.errors import ConfigError, DataError
-from clips_jax.fileio import write_text_atomic
+from clips_jax.fileio import safe_id, write_text_atomic
 from clips_jax.metrics.lesions import dmax_mm
 from clips_jax.metrics.report import case_metrics, case_report_text, summarise, summary_markdown, write_metrics_csv
 
@@ -72,10 +72,12 @@ def find_cases(folder: str | Path, role: str = "seg") -> dict[str, Path]:
       role: "seg" (masks: --truth / --pred) or "suv" (--suv).
     Returns:
       {case_id: path}, sorted by case id. `<case>_SEG` (or `_SUV`) and `<case>/SEG` files take precedence
-      over a plain `<case>.nii.gz` with the same id. A `SEG` file's id is its folder's `study_id` under
-      `folder` (`PETCT_x/<date>/SEG.nii.gz` -> "PETCT_x__<date>").
+      over a plain `<case>.nii.gz` with the same id. Ids are those clips-predict names its outputs by: a
+      `SEG` file's id is its folder's `study_id` under `folder` (`PETCT_x/<date>/SEG.nii.gz` ->
+      "PETCT_x__<date>"), a file's is its stem made file-name safe (`safe_id`).
     Raises:
-      DataError naming the folder when it does not exist or holds no usable NIfTI file.
+      DataError naming the folder when it does not exist or holds no usable NIfTI file, or when two different
+      names give one case id (`a b/` and `a_b/`: one case would hide the other).
     """
     from clips_jax.data.study import study_id
 
@@ -85,18 +87,28 @@ def find_cases(folder: str | Path, role: str = "seg") -> dict[str, Path]:
     tag = _ROLE_FILE[role]
     explicit: dict[str, Path] = {}
     plain: dict[str, Path] = {}
+    named: dict[str, str] = {}  # case id -> the name it came from (a sub-folder path or a file stem)
+
+    def claim(found: dict[str, Path], name: str, cid: str, path: Path) -> None:
+        if named.setdefault(cid, name) != name:
+            raise DataError(
+                f"{folder}: {named[cid]!r} and {name!r} both give the case id {cid!r} (names are made file-name "
+                "safe, sub-folders joined with '__'); rename one"
+            )
+        found.setdefault(cid, path)
+
     for ext in _NIFTI_EXTS:
-        for p in folder.rglob(tag + ext):
+        for p in sorted(folder.rglob(tag + ext)):
             if p.parent != folder and p.is_file():
-                explicit.setdefault(study_id(folder, p.parent), p)
-    for p in folder.iterdir():
+                claim(explicit, p.parent.relative_to(folder).as_posix(), study_id(folder, p.parent), p)
+    for p in sorted(folder.iterdir()):
         stem = _stem(p.name)
         if stem is None or not p.is_file() or stem == tag:
             continue
         if stem.endswith("_" + tag):
-            explicit.setdefault(stem[: -len(tag) - 1], p)
+            claim(explicit, stem[: -len(tag) - 1], safe_id(stem[: -len(tag) - 1]), p)
         elif "_" not in stem or stem.rsplit("_", 1)[1] not in _OTHER_SUFFIXES:
-            plain.setdefault(stem, p)
+            claim(plain, stem, safe_id(stem), p)
     found = {**plain, **explicit}
     if not found:
         raise DataError(

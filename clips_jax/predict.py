@@ -14,7 +14,7 @@ PATH is one study folder or a folder of studies (`clips_jax.data.study.find_stud
   * a DICOM study folder: a PET (PT, Bq/ml) and a CT series anywhere below it (converted to SUVbw);
   * an autoPET-style NIfTI folder: CTres.nii.gz (or CT.nii.gz) + SUV.nii.gz (+ optional SEG.nii.gz, drawn
     in green on the MIP figure, and meta.json);
-  * a folder whose immediate sub-folders are such studies, or, for NIfTI, hold them (autoPET:
+  * a folder whose immediate sub-folders are such studies, or, when none is, hold NIfTI studies (autoPET:
     DATA/<patient>/<study date>/) (batch mode: one progress line per study, a failing study is reported and
     the others go on; studies whose outputs all exist are skipped, so re-running a batch resumes; --overwrite
     redoes them).

@@ -127,6 +127,28 @@ def test_find_studies_and_layout_errors(tmp_path):
         load_nifti_study(tmp_path / "half")
 
 
+def test_find_studies_reads_autopets_tree_and_names_each_study_once(tmp_path):
+    from clips_jax.data.study import skipped_folders, study_id
+
+    root = tmp_path / "FDG-PET-CT-Lesions"
+    for patient, date in (("PETCT_b", "2004"), ("PETCT_a", "03-23-2003 PET"), ("PETCT_b", "2001")):
+        make_nifti_study(root / patient / date)
+    (root / "PETCT_b" / "notes").mkdir()
+    studies = find_studies(root)
+    assert studies == [root / "PETCT_a" / "03-23-2003 PET", root / "PETCT_b" / "2001", root / "PETCT_b" / "2004"]
+    assert [study_id(root, s) for s in studies] == ["PETCT_a__03-23-2003_PET", "PETCT_b__2001", "PETCT_b__2004"]
+    assert [p for p, _ in skipped_folders(root, studies)] == [root / "PETCT_b" / "notes"]
+    # a flat batch stays flat: a study one level further down is not one of its studies (a copy, an archive)
+    flat = tmp_path / "flat"
+    for name in ("a", "b", "old/a"):
+        make_nifti_study(flat / name)
+    assert find_studies(flat) == [flat / "a", flat / "b"]
+    assert [p for p, _ in skipped_folders(flat, find_studies(flat))] == [flat / "old"]
+    # a linked study folder keeps the name it has in the batch; a study given directly is named as given
+    (flat / "linked").symlink_to(tmp_path / "FDG-PET-CT-Lesions" / "PETCT_b" / "2001", target_is_directory=True)
+    assert study_id(flat, flat / "linked") == "linked" and study_id(flat / "linked", flat / "linked") == "linked"
+
+
 def test_case_validation_names_the_case():
     z = np.zeros(PET.shape, np.float32)
     with pytest.raises(DataError, match="case X: suv has shape"):

@@ -66,6 +66,18 @@ def test_find_cases_layouts(dataset):
         find_cases(dataset["root"] / "nope")
 
 
+def test_find_cases_ids_are_predicts_and_two_names_for_one_id_are_refused(tmp_path):
+    """A case's id is the one clips-predict writes (`a b/SEG` -> "a_b", `P/d/SEG` -> "P__d"), so a plain
+    prediction `a b.nii.gz` still meets its truth folder; two names that give one id are an error, not a merge."""
+    save_nifti(tmp_path / "truth" / "a b" / "SEG.nii.gz", np.zeros(SHAPE, np.uint8), GEOM)
+    save_nifti(tmp_path / "truth" / "P" / "d" / "SEG.nii.gz", np.zeros(SHAPE, np.uint8), GEOM)
+    save_nifti(tmp_path / "pred" / "a b.nii.gz", np.zeros(SHAPE, np.uint8), GEOM)
+    assert list(find_cases(tmp_path / "truth")) == ["P__d", "a_b"] and list(find_cases(tmp_path / "pred")) == ["a_b"]
+    save_nifti(tmp_path / "truth" / "a_b" / "SEG.nii.gz", np.zeros(SHAPE, np.uint8), GEOM)
+    with pytest.raises(DataError, match="'a b' and 'a_b' both give the case id 'a_b'"):
+        find_cases(tmp_path / "truth")
+
+
 def _empty(root):
     d = root / "empty"
     d.mkdir()

@@ -23,7 +23,7 @@ class Case:
     """A PET/CT study on one voxel grid.
 
     Attributes:
-      case_id: identifier used in messages and output names (folder name for NIfTI studies).
+      case_id: identifier used in messages (the folder's name); batches name outputs by `study.study_id`.
       ct: (z, y, x) float32 CT in Hounsfield units, on `geometry`.
       suv: (z, y, x) float32 body-weight SUV, on `geometry`.
       seg: (z, y, x) uint8 lesion mask with values {0, 1}, or None when no ground truth is known.

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,7 +59,8 @@ def study_id(root: str | Path, study: str | Path) -> tuple[str, str]:
     from clips_jax.data import study as study_mod
     from clips_jax.fileio import safe_id
 
-    first = (Path(study).resolve().relative_to(Path(root).resolve()).parts or (Path(root).resolve().name,))[0]
+    root, study = Path(os.path.abspath(root)), Path(os.path.abspath(study))  # as study_id: links not followed
+    first = (study.relative_to(root).parts or (root.name,))[0]
     return study_mod.study_id(root, study), safe_id(first)
 
 
@@ -198,7 +200,7 @@ def prepare_dataset(
         meas = st.difficulty_measures(case.seg, case.suv, case.ct, native.spacing_mm)
         rs = case if native_grid else resample_fn(case, spacing_mm)
         st.write_case_arrays(out, cid, rs.ct, rs.suv, rs.seg, dtype=dtype)
-        source = Path(path).resolve().relative_to(Path(input_dir).resolve()).as_posix()
+        source = Path(os.path.abspath(path)).relative_to(os.path.abspath(input_dir)).as_posix()
         entry = _case_entry(cid, ids[path][1], source, case.seg is not None, rs.geometry, native, meas)
         fresh[cid] = {**entry, "input_notes": _input_notes(case.meta)}
         return batch.done(f"ok, {rs.geometry.shape} voxels, {_lesion_text(meas)} ({time.time() - t0:.0f} s)")

@@ -174,12 +174,12 @@ def skipped_folders(root: str | os.PathLike, studies: list[Path]) -> list[tuple[
 
 
 def find_studies(root: str | os.PathLike) -> list[Path]:
-    """Study folders under `root`: `root` itself if it is a study, else the studies among its sub-folders and,
-    for NIfTI, their sub-folders (autoPET: `DATA/<patient>/<study date>/`).
+    """Study folders under `root`: `root` itself if it is a study, else the studies among its sub-folders or,
+    when none is, the NIfTI studies among theirs (autoPET: `DATA/<patient>/<study date>/`).
 
     Rules: a NIfTI study `root` -> [root]. Otherwise the immediate sub-folders that are studies (NIfTI, or
-    DICOM with both PT and CT files somewhere below) and the NIfTI studies one level further down in the
-    sub-folders that are not studies themselves, sorted by path, if there are at least two. A DICOM
+    DICOM with both PT and CT files somewhere below), sorted by name, if there are at least two; when none
+    is, the NIfTI studies among their sub-folders (autoPET), sorted by path, if there are at least two. A DICOM
     `root` whose PT/CT files are spread over its sub-folders (e.g. root/PT, root/CT) -> [root]; so is a
     DICOM root with a single study sub-folder (one wrapper level). A single non-DICOM study -> [that study].
     Each study's id in every command's outputs is `study_id(root, study)`.
@@ -194,7 +194,8 @@ def find_studies(root: str | os.PathLike) -> list[Path]:
         return [root]
     subs = _subfolders(root)
     studies = [p for p in subs if is_nifti_study(p) or is_dicom_study(p)]
-    studies = sorted(studies + [q for p in subs if p not in studies for q in _subfolders(p) if is_nifti_study(q)])
+    if not studies:  # autoPET's tree: patient folders holding one NIfTI study folder per study date
+        studies = [q for p in subs for q in _subfolders(p) if is_nifti_study(q)]
     if len(studies) >= 2:
         return studies
     if is_dicom_study(root):
@@ -211,10 +212,11 @@ def study_id(root: str | os.PathLike, study: str | os.PathLike) -> str:
     """The id of a study folder found under the batch folder `root` (`find_studies`): its path relative to
     `root`, each component made safe (`clips_jax.fileio.safe_id`) and joined with "__" (autoPET
     `PETCT_0af7/08-12-2002-NA-PET-CT Ganzkoerper` -> `PETCT_0af7__08-12-2002-NA-PET-CT_Ganzkoerper`); `root`
-    itself -> its own name, made safe.
+    itself -> its own name, made safe. Paths are made absolute without following links, so a linked study
+    folder keeps the name it has under `root`.
     `clips-predict` names its outputs, `clips-prepare` its cases and `clips-evaluate` the cases of a nested
     folder by it, so one study has one id in all three."""
-    root, study = Path(root).resolve(), Path(study).resolve()
+    root, study = Path(os.path.abspath(root)), Path(os.path.abspath(study))
     parts = study.relative_to(root).parts or (root.name,)
     return "__".join(safe_id(p) for p in parts)
 
