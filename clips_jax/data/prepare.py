@@ -57,11 +57,8 @@ def study_id(root: str | Path, study: str | Path) -> tuple[str, str]:
     """(case id, patient id) of a study folder (see the module docstring): the case id is `study.study_id`, the
     id `clips-predict` and `clips-evaluate` give the same study; the patient id is its first component."""
     from clips_jax.data import study as study_mod
-    from clips_jax.fileio import safe_id
 
-    root, study = Path(os.path.abspath(root)), Path(os.path.abspath(study))  # as study_id: links not followed
-    first = (study.relative_to(root).parts or (root.name,))[0]
-    return study_mod.study_id(root, study), safe_id(first)
+    return study_mod.study_id(root, study), study_mod.id_parts(root, study)[0]
 
 
 def assign_splits(

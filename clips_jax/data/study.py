@@ -216,9 +216,14 @@ def study_id(root: str | os.PathLike, study: str | os.PathLike) -> str:
     folder keeps the name it has under `root`.
     `clips-predict` names its outputs, `clips-prepare` its cases and `clips-evaluate` the cases of a nested
     folder by it, so one study has one id in all three."""
+    return "__".join(id_parts(root, study))
+
+
+def id_parts(root: str | os.PathLike, study: str | os.PathLike) -> tuple[str, ...]:
+    """The components of `study_id(root, study)`, each made safe; the first names the patient in autoPET's tree
+    (`clips-prepare` keeps a patient's studies in one split)."""
     root, study = Path(os.path.abspath(root)), Path(os.path.abspath(study))
-    parts = study.relative_to(root).parts or (root.name,)
-    return "__".join(safe_id(p) for p in parts)
+    return tuple(safe_id(p) for p in study.relative_to(root).parts or (root.name,))
 
 
 def input_notes(meta: dict) -> list[str]:
